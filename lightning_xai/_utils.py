@@ -1,0 +1,278 @@
+"""Shared pure-torch helpers: argument messages, model-state guards, layer and target resolution.
+
+Every core (``attribution``, ``probes``, ``featvis``, ``shortcuts``) builds on these so that the
+"do no harm" contract lives in one place: gradient work happens in :func:`gradient_context`, module
+flags are restored by :func:`preserve_modes`, hooks are removed by :class:`HookSet`, and nothing here
+touches ``param.grad`` or the global RNG.
+
+This module imports torch only (no Lightning), like every core package.
+"""
+from __future__ import annotations
+
+import fnmatch
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+Target = Union[None, int, Tensor, Callable[[Tensor], Tensor]]
+
+
+# --------------------------------------------------------------------------- messages
+def expected(name: str, what: str, got: Any) -> str:
+    """Return the house error message: ``Expected `name` to be what, but got got.``."""
+    if isinstance(got, Tensor):
+        got = f"a tensor of shape {tuple(got.shape)} and dtype {got.dtype}"
+    elif isinstance(got, str):
+        got = repr(got)
+    return f"Expected `{name}` to be {what}, but got {got}."
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``value`` is a positive int (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(expected(name, "a positive int" + (" or None" if allow_none else ""), value))
+    if value <= 0:
+        raise ValueError(expected(name, "a positive int" + (" or None" if allow_none else ""), value))
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(expected(name, "one of " + ", ".join(repr(c) for c in choices), value))
+
+
+# --------------------------------------------------------------------------- state guards
+@contextmanager
+def gradient_context() -> Iterator[None]:
+    """Enable autograd even inside Lightning's ``torch.inference_mode()`` evaluation loops.
+
+    Tensors created in inference mode must still be cloned inside this context before they can
+    take part in autograd (see :func:`grad_input`).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def grad_input(inputs: Tensor) -> Tensor:
+    """A fresh leaf copy of ``inputs`` that requires grad; call it inside :func:`gradient_context`."""
+    return inputs.detach().clone().requires_grad_(True)
+
+
+@contextmanager
+def preserve_modes(model: Any, eval_mode: bool = True) -> Iterator[None]:
+    """Put every submodule of ``model`` in eval mode and restore each ``training`` flag on exit.
+
+    Flags are written back directly (not through ``.train()``), so overridden ``train`` methods and
+    frozen submodules keep exactly the state they had, also when the body raises.
+    """
+    modules: List[nn.Module] = list(model.modules()) if isinstance(model, nn.Module) else []
+    flags = [m.training for m in modules]
+    try:
+        if eval_mode:
+            for m in modules:
+                m.training = False
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
+
+
+@contextmanager
+def frozen_params(model: Any) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter for the body and restore each flag after.
+
+    Saves the work of computing parameter gradients when only input gradients are needed.
+    """
+    params = list(model.parameters()) if isinstance(model, nn.Module) else []
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+class HookSet:
+    """Collects ``RemovableHandle`` objects and removes all of them on exit, even on error.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> with HookSet() as hooks:
+        ...     hooks.add(layer.register_forward_hook(lambda m, i, o: None))
+        >>> len(layer._forward_hooks)
+        0
+    """
+
+    def __init__(self) -> None:
+        self._handles: List[Any] = []
+
+    def add(self, handle: Any) -> Any:
+        self._handles.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> "HookSet":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+# --------------------------------------------------------------------------- layers
+def layer_names(model: nn.Module) -> List[str]:
+    """Dotted names of all submodules of ``model`` (the root excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def resolve_layer(model: Any, layer: Union[str, nn.Module], name: str = "layer") -> nn.Module:
+    """Return the submodule named by ``layer`` (a dotted name or the module itself).
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` or ``layer`` is neither a str nor a module.
+        ValueError: if the name or module is not part of ``model``; the message lists valid names.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(expected("model", "an nn.Module when a layer is given", type(model).__name__))
+    modules = dict(model.named_modules())
+    if isinstance(layer, nn.Module):
+        if any(m is layer for m in modules.values()):
+            return layer
+        raise ValueError(expected(name, "a submodule of the model", type(layer).__name__))
+    if not isinstance(layer, str):
+        raise TypeError(expected(name, "a dotted layer name (str) or an nn.Module", layer))
+    if layer in modules and layer != "":
+        return modules[layer]
+    raise ValueError(expected(name, "one of the model's layers: " + ", ".join(layer_names(model)), layer))
+
+
+def resolve_layer_patterns(model: nn.Module, patterns: Sequence[str], name: str = "layers") -> List[str]:
+    """Expand dotted names and glob patterns (``"features.*"``) into matching layer names, in model order.
+
+    Raises:
+        ValueError: if a pattern matches no layer; the message lists valid names.
+    """
+    names = layer_names(model)
+    chosen: List[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(expected(name, "a list of layer names or glob patterns", pattern))
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(expected(name, "names or patterns matching the model's layers: " + ", ".join(names), pattern))
+        chosen.extend(h for h in hits if h not in chosen)
+    return [n for n in names if n in chosen]
+
+
+# --------------------------------------------------------------------------- outputs and targets
+def as_logits(output: Any) -> Tensor:
+    """Check that a model output is a ``(N, classes)`` tensor and return it.
+
+    Models returning tuples or dicts must be wrapped (``lambda x: model(x)["logits"]``) or, in a
+    callback, given ``output_key``/``forward``; the error says so.
+    """
+    if isinstance(output, Tensor):
+        if output.ndim == 1:
+            return output.unsqueeze(1)
+        if output.ndim != 2:
+            raise ValueError(expected("model output", "logits of shape (N, classes)", output))
+        return output
+    raise TypeError(
+        expected(
+            "model output",
+            "a tensor of logits (N, classes); for tuple or dict outputs pass a callable such as "
+            "`lambda x: model(x)[0]` (or `output_key` in the callbacks)",
+            type(output).__name__,
+        )
+    )
+
+
+def select_output(output: Any, key: Union[None, int, str]) -> Any:
+    """Pick ``output[key]`` from a tuple/list/dict output (``key=None`` returns ``output``)."""
+    if key is None:
+        return output
+    try:
+        return output[key]
+    except (KeyError, IndexError, TypeError) as err:
+        keys = list(output.keys()) if isinstance(output, Mapping) else (
+            list(range(len(output))) if isinstance(output, (tuple, list)) else "none (a tensor)")
+        raise ValueError(expected("output_key", f"a key of the model output (valid: {keys})", key)) from err
+
+
+def validate_target(target: Target, n: int) -> None:
+    """Validate a target spec for a batch of ``n`` samples."""
+    if target is None or callable(target) and not isinstance(target, Tensor):
+        return
+    if isinstance(target, bool):
+        raise TypeError(expected("target", "an int, a LongTensor (N,), None or a callable", target))
+    if isinstance(target, int):
+        if target < 0:
+            raise ValueError(expected("target", "a non-negative class index", target))
+        return
+    if isinstance(target, Tensor):
+        if target.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
+            raise TypeError(expected("target", "an integer tensor of class indices", target))
+        if target.ndim != 1 or target.shape[0] != n:
+            raise ValueError(expected("target", f"a LongTensor of shape ({n},)", target))
+        return
+    raise TypeError(expected("target", "an int, a LongTensor (N,), None or a callable", type(target).__name__))
+
+
+def resolve_target(forward: Callable[[Tensor], Tensor], inputs: Tensor, target: Target) -> Target:
+    """Turn ``target=None`` into the predicted classes (one no-grad forward); pass others through.
+
+    Integer tensors are moved to the inputs' device as int64.
+    """
+    validate_target(target, inputs.shape[0])
+    if target is None:
+        with torch.no_grad():
+            return as_logits(forward(inputs)).argmax(dim=1)
+    if isinstance(target, Tensor):
+        return target.to(device=inputs.device, dtype=torch.long)
+    return target
+
+
+def target_scores(output: Tensor, target: Target, repeat: int = 1) -> Tensor:
+    """One score per row of ``output`` for ``target``.
+
+    Args:
+        output: logits ``(rows, classes)`` (or, for a callable target, whatever the model returned).
+        target: an int, a LongTensor ``(N,)``, or a callable mapping the output to ``(rows,)``.
+            ``None`` must have been resolved with :func:`resolve_target` first.
+        repeat: rows per sample when the inputs were expanded sample-major, e.g. ``(N * steps)``
+            rows laid out as ``repeat_interleave``; a tensor target is repeated to match.
+    """
+    if callable(target) and not isinstance(target, Tensor):
+        scores = target(output)
+        if not isinstance(scores, Tensor) or scores.ndim != 1 or scores.shape[0] != output.shape[0]:
+            got = scores if isinstance(scores, Tensor) else type(scores).__name__
+            raise ValueError(expected("target(output)", f"a tensor of shape ({output.shape[0]},)", got))
+        return scores
+    logits = as_logits(output)
+    if isinstance(target, int):
+        if target >= logits.shape[1]:
+            raise ValueError(expected("target", f"a class index below {logits.shape[1]}", target))
+        return logits[:, target]
+    if isinstance(target, Tensor):
+        idx = target.repeat_interleave(repeat) if repeat > 1 else target
+        if idx.shape[0] != logits.shape[0]:
+            raise ValueError(expected("target", f"{logits.shape[0] // max(repeat, 1)} class indices", target))
+        if int(idx.max()) >= logits.shape[1] or int(idx.min()) < 0:
+            raise ValueError(expected("target", f"class indices in [0, {logits.shape[1] - 1}]", target))
+        return logits.gather(1, idx.view(-1, 1)).squeeze(1)
+    raise TypeError(expected("target", "an int, a LongTensor (N,) or a callable", type(target).__name__))
+
+
+def chunks(total: int, size: Optional[int]) -> Iterator[Tuple[int, int]]:
+    """Yield ``(start, stop)`` pairs covering ``range(total)`` in pieces of at most ``size``."""
+    size = total if size is None else max(1, size)
+    for start in range(0, total, size):
+        yield start, min(start + size, total)

@@ -1,0 +1,62 @@
+"""Test helpers shared by all test modules: tiny models, seeded data and a hygiene snapshot."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+
+def small_cnn(num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True, dropout: float = 0.0) -> nn.Sequential:
+    """A tiny CNN for 8x8 (digits) or larger images, with named layers ``features.*`` and ``head``."""
+    layers = [nn.Conv2d(in_channels, 8, 3, padding=1)]
+    if batchnorm:
+        layers.append(nn.BatchNorm2d(8))
+    layers += [nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()]
+    head = [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU()]
+    if dropout:
+        head.append(nn.Dropout(dropout))
+    head.append(nn.Linear(32, num_classes))
+    return nn.Sequential(nn.Sequential(*layers), nn.Sequential(*head))
+
+
+def hook_count(model: nn.Module) -> int:
+    """Number of hooks of every kind registered anywhere on ``model``."""
+    total = 0
+    for m in model.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            total += len(getattr(m, attr, {}))
+    for p in model.parameters():
+        total += len(getattr(p, "_backward_hooks", None) or {})
+    return total
+
+
+def snapshot(model: nn.Module) -> Dict[str, Any]:
+    """Everything a side-effect-free call must leave unchanged."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+        "hooks": hook_count(model),
+        "rng": torch.get_rng_state().clone(),
+        "grad_enabled": torch.is_grad_enabled(),
+    }
+
+
+def assert_unchanged(before: Dict[str, Any], model: nn.Module) -> None:
+    """Assert ``model`` and the process are in the state ``before`` recorded (bit for bit)."""
+    after = snapshot(model)
+    assert before["state"].keys() == after["state"].keys()
+    for k in before["state"]:
+        assert torch.equal(before["state"][k], after["state"][k]), f"state entry {k} changed"
+    for g0, g1 in zip(before["grads"], after["grads"]):
+        assert (g0 is None) == (g1 is None), "param.grad was created or cleared"
+        if g0 is not None:
+            assert torch.equal(g0, g1), "param.grad changed"
+    assert before["requires_grad"] == after["requires_grad"], "requires_grad flags changed"
+    assert before["training"] == after["training"], "train/eval flags changed"
+    assert before["hooks"] == after["hooks"], "hooks left behind"
+    assert torch.equal(before["rng"], after["rng"]), "global RNG state changed"
+    assert before["grad_enabled"] == after["grad_enabled"], "grad mode changed"
