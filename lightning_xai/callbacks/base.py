@@ -1,0 +1,446 @@
+"""Shared machinery for every lightning_xai callback.
+
+:class:`XAICallback` holds what each monitor needs and none should write twice: cadence
+(``every_n_epochs``, a run at fit end, sanity-check and ``fast_dev_run`` skipping), the error policy
+(``on_error``), the strategy check, the model's logits function, the "do no harm" context (eval
+mode, gradients enabled even under ``inference_mode``, global RNG forked) and the split of work over
+ranks with results gathered back. :class:`ProbeSetCallback` adds the fixed probe set: chosen once
+(stratified by class from the validation batches Lightning already loads, or given by the user),
+kept in the callback's ``state_dict`` so a resumed run explains the same samples.
+
+A subclass implements ``compute`` (per-sample results on this rank's share of the probe set) and
+``report`` (log images on rank zero, return scalars that every rank logs through ``pl_module.log``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_xai._utils import as_logits, check_choice, check_positive_int, expected, gradient_context, preserve_modes, select_output
+from lightning_xai.logging import log_scalars, logging_step, warn_once
+
+BatchToXY = Callable[[Any], Tuple[Tensor, Optional[Tensor]]]
+_X_KEYS = ("x", "input", "inputs", "image", "images", "data", "input_ids")
+_Y_KEYS = ("y", "label", "labels", "target", "targets")
+
+
+def extract_xy(batch: Any, batch_to_xy: Optional[BatchToXY] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Inputs and labels from a batch: ``(x, y, ...)`` tuples/lists, dicts with common keys, a bare tensor,
+    or whatever ``batch_to_xy(batch)`` returns.
+
+    Raises:
+        ValueError: when the batch format is not understood; the message says how to pass ``batch_to_xy``.
+    """
+    if batch_to_xy is not None:
+        out = batch_to_xy(batch)
+        if isinstance(out, Tensor):
+            return out, None
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor)):
+            raise ValueError(expected("batch_to_xy(batch)", "a tensor or a pair (inputs, labels or None)", type(out).__name__))
+        return out[0], out[1]
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], y
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in _X_KEYS if k in batch and isinstance(batch[k], Tensor)), None)
+        y = next((batch[k] for k in _Y_KEYS if k in batch and isinstance(batch[k], Tensor)), None)
+        if x is not None:
+            return x, y
+        keys = list(batch.keys())
+    else:
+        keys = type(batch).__name__
+    raise ValueError(
+        expected("batch", f"a tensor, a tuple/list (inputs, labels, ...) or a dict with one of the keys {_X_KEYS}; "
+                 "pass `batch_to_xy=lambda batch: (inputs, labels)` for other formats", keys)
+    )
+
+
+def split_rows(n: int, world: int, rank: int) -> Tuple[int, int, int]:
+    """Contiguous share ``[start, stop)`` of ``n`` rows for ``rank``, and the padded share size."""
+    per_rank = -(-n // world)
+    start = min(rank * per_rank, n)
+    return start, min(start + per_rank, n), per_rank
+
+
+def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` (rows may differ per rank) from every rank, rank-major, on every rank."""
+    if trainer.world_size <= 1:
+        return tensor
+    strategy = trainer.strategy
+    size = torch.tensor([tensor.shape[0]], device=strategy.root_device)
+    sizes = strategy.all_gather(size).view(-1).tolist()
+    padded = tensor.new_zeros((int(max(sizes)),) + tuple(tensor.shape[1:])).to(strategy.root_device)
+    padded[: tensor.shape[0]] = tensor.to(strategy.root_device)
+    gathered = strategy.all_gather(padded)  # (world, max_rows, ...)
+    return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes)]).to(tensor.device)
+
+
+class XAICallback(Callback):
+    """Base class of all lightning_xai monitors (see the module docstring).
+
+    Args:
+        every_n_epochs: explain every n-th validation epoch (epoch 0 included).
+        run_on_fit_end: also explain the last validated epoch at the end of ``fit`` if the cadence skipped it.
+        on_error: ``"warn"`` (default) warns once with the exception and skips that epoch's explanation,
+            never losing the training run; ``"raise"`` re-raises.
+        prefix: root of every tag this callback logs (``<prefix>/<area>/...``).
+        output_key: picks the logits from a model returning a tuple/list (an int) or dict (a key).
+        forward: ``forward(pl_module, inputs) -> logits`` for anything else; overrides ``output_key``.
+    """
+
+    supported_strategies = (SingleDeviceStrategy, DDPStrategy)
+    area = "xai"  # tag area below the prefix, e.g. "attribution"
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        run_on_fit_end: bool = True,
+        on_error: str = "warn",
+        prefix: str = "xai",
+        output_key: Union[None, int, str] = None,
+        forward: Optional[Callable[[Any, Tensor], Tensor]] = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_choice("on_error", on_error, ("warn", "raise"))
+        if not isinstance(prefix, str) or not prefix.strip("/"):
+            raise MisconfigurationException(expected("prefix", "a non-empty str", prefix))
+        if forward is not None and not callable(forward):
+            raise MisconfigurationException(expected("forward", "a callable (pl_module, inputs) -> logits", forward))
+        self.every_n_epochs = every_n_epochs
+        self.run_on_fit_end = run_on_fit_end
+        self.on_error = on_error
+        self.prefix = prefix.strip("/")
+        self.output_key = output_key
+        self.forward = forward
+        self.last_explained_epoch: int = -2  # -1 is used for "before training"
+        self.errors: int = 0
+        self._last_validated_epoch: Optional[int] = None
+
+    # ------------------------------------------------------------------ naming and state
+    def tag(self, *parts: Any) -> str:
+        """``<prefix>/<area>/<parts...>``."""
+        return "/".join([self.prefix, self.area] + [str(p) for p in parts if p != ""])
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, area=self.area)
+
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        return {"last_explained_epoch": self.last_explained_epoch, "errors": self.errors}
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.last_explained_epoch = int(state_dict.get("last_explained_epoch", -2))
+        self.errors = int(state_dict.get("errors", 0))
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        strategy = trainer.strategy
+        if type(strategy).__name__.startswith("DeepSpeed") or not isinstance(strategy, self.supported_strategies):
+            raise MisconfigurationException(
+                expected(f"{type(self).__name__}'s strategy",
+                         "a single-device strategy or DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'); sharded "
+                         "strategies (FSDP, DeepSpeed) need every rank in each forward pass and are not supported",
+                         type(strategy).__name__))
+
+    # ------------------------------------------------------------------ model access
+    def logits_fn(self, pl_module: "pl.LightningModule") -> Callable[[Tensor], Tensor]:
+        """``inputs -> logits (N, classes)`` for the unwrapped module, honouring ``forward``/``output_key``."""
+        if self.forward is not None:
+            user = self.forward
+            return lambda x: as_logits(user(pl_module, x))
+        key = self.output_key
+        return lambda x: as_logits(select_output(pl_module(x), key))
+
+    @contextlib.contextmanager
+    def explain_context(self, pl_module: "pl.LightningModule") -> Iterator[None]:
+        """Eval mode with every flag restored, gradients on (even under ``inference_mode``), global RNG forked."""
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), gradient_context(), preserve_modes(pl_module, eval_mode=True):
+            yield
+
+    # ------------------------------------------------------------------ cadence
+    def active(self, trainer: "pl.Trainer") -> bool:
+        """False during the sanity check and under ``fast_dev_run`` (quiet)."""
+        return not trainer.sanity_checking and not trainer.fast_dev_run
+
+    def due(self, trainer: "pl.Trainer") -> bool:
+        """Whether this validation epoch should be explained."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            return True
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
+        return epoch % self.every_n_epochs == 0 or (self.run_on_fit_end and last)
+
+    def guarded(self, fn: Callable[[], Any], what: str, epoch: int) -> Any:
+        """Run ``fn`` under the ``on_error`` policy; returns None when it failed and was skipped."""
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - the policy decides
+            if self.on_error == "raise":
+                raise
+            self.errors += 1
+            warn_once(
+                f"{id(self)}-error",
+                f"{type(self).__name__} failed while {what} at epoch {epoch} and skipped it: "
+                f"{type(err).__name__}: {err}. Training goes on; pass on_error='raise' to stop instead "
+                "(this warning is shown once).",
+            )
+            return None
+
+    # ------------------------------------------------------------------ logging helpers
+    def log_metrics(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", metrics: Mapping[str, Any],
+                    via_module: bool = True) -> None:
+        """Scalars through ``pl_module.log`` (monitorable) or, where that is not allowed, to every logger."""
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not metrics:
+            return
+        if via_module:
+            for name, value in metrics.items():
+                pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False)
+        elif trainer.is_global_zero:
+            log_scalars(trainer, metrics)
+
+    def step(self, trainer: "pl.Trainer") -> int:
+        return logging_step(trainer)
+
+
+class ProbeSetCallback(XAICallback):
+    """An :class:`XAICallback` that explains a fixed probe set.
+
+    Args:
+        probe: ``None`` (default: ``probe_samples`` samples chosen stratified by class from the first
+            validation batches), a tensor of inputs, a pair ``(inputs, labels)``, or a list of indices
+            into the validation dataset.
+        probe_samples: how many samples to choose when ``probe`` is None.
+        batch_to_xy: ``batch -> (inputs, labels)`` for batch formats :func:`extract_xy` does not know.
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see :class:`XAICallback`.
+    """
+
+    def __init__(
+        self,
+        probe: Union[None, Tensor, Tuple[Tensor, Tensor], Sequence[int]] = None,
+        probe_samples: int = 32,
+        batch_to_xy: Optional[BatchToXY] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_positive_int("probe_samples", probe_samples)
+        if batch_to_xy is not None and not callable(batch_to_xy):
+            raise MisconfigurationException(expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
+        self.probe_samples = probe_samples
+        self.batch_to_xy = batch_to_xy
+        self.probe_x: Optional[Tensor] = None
+        self.probe_y: Optional[Tensor] = None
+        self._probe_indices: Optional[List[int]] = None
+        self._candidates: Dict[int, List[Tuple[Tensor, Optional[Tensor]]]] = {}
+        self._collecting = False
+        if probe is not None:
+            self._set_user_probe(probe)
+
+    def _set_user_probe(self, probe: Any) -> None:
+        if isinstance(probe, Tensor):
+            x, y = probe, None
+        elif isinstance(probe, (tuple, list)) and len(probe) == 2 and isinstance(probe[0], Tensor):
+            x, y = probe
+        elif isinstance(probe, (tuple, list, range)) and all(isinstance(i, int) and not isinstance(i, bool) for i in probe):
+            if len(probe) == 0:
+                raise MisconfigurationException(expected("probe", "a non-empty list of dataset indices", list(probe)))
+            self._probe_indices = list(probe)
+            return
+        else:
+            raise MisconfigurationException(
+                expected("probe", "None, a tensor of inputs, a pair (inputs, labels) or a list of dataset indices",
+                         type(probe).__name__))
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise MisconfigurationException(expected("probe", "inputs with a batch dimension and at least one sample", x))
+        if not (x.is_floating_point() or self.accepts_integer_inputs):
+            raise MisconfigurationException(expected("probe", "floating-point inputs", x))
+        if y is not None and (not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0]):
+            raise MisconfigurationException(expected("probe labels", f"a tensor of shape ({x.shape[0]},)", y))
+        self.probe_x = x.detach().clone().cpu()
+        self.probe_y = None if y is None else y.detach().clone().long().cpu()
+
+    accepts_integer_inputs = False  # token-id models override
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["probe_x"] = self.probe_x
+        state["probe_y"] = self.probe_y
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("probe_x") is not None:
+            self.probe_x = state_dict["probe_x"]
+            self.probe_y = state_dict.get("probe_y")
+
+    # ------------------------------------------------------------------ collecting the probe set
+    @property
+    def has_probe(self) -> bool:
+        return self.probe_x is not None
+
+    def _collect(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int) -> None:
+        if self.has_probe or trainer.sanity_checking or dataloader_idx != 0 or self._probe_indices is not None:
+            return
+        x, y = extract_xy(batch, self.batch_to_xy)
+        x = x.detach().cpu()
+        labels = [None] * x.shape[0] if y is None else y.detach().view(-1).long().cpu().tolist()
+        for i, label in enumerate(labels):
+            key = -1 if label is None else int(label)
+            bucket = self._candidates.setdefault(key, [])
+            if len(bucket) < self.probe_samples:
+                bucket.append((x[i].clone(), None if label is None else torch.tensor(key)))
+
+    @override
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect(trainer, batch, dataloader_idx)
+
+    @override
+    def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect(trainer, batch, dataloader_idx)
+
+    def _local_candidates(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """Stratified choice: round-robin over sorted classes, each class in loading order."""
+        buckets = [self._candidates[k] for k in sorted(self._candidates)]
+        chosen: List[Tuple[Tensor, Optional[Tensor]]] = []
+        depth = 0
+        while len(chosen) < self.probe_samples and any(depth < len(b) for b in buckets):
+            chosen.extend(b[depth] for b in buckets if depth < len(b))
+            depth += 1
+        chosen = chosen[: self.probe_samples]
+        if not chosen:
+            return torch.empty(0), None
+        has_y = chosen[0][1] is not None
+        order = sorted(range(len(chosen)), key=lambda i: int(chosen[i][1]) if has_y else i)  # rows grouped by class
+        x = torch.stack([chosen[i][0] for i in order])
+        y = torch.stack([chosen[i][1] for i in order]) if has_y else None
+        return x, y
+
+    def finalize_probe(self, trainer: "pl.Trainer") -> bool:
+        """Fix the probe set (once); identical on every rank. Returns False if there is nothing to explain."""
+        if self.has_probe:
+            return True
+        if self._probe_indices is not None:
+            self._load_indices(trainer)
+            return True
+        x, y = self._local_candidates()
+        if trainer.world_size > 1:
+            # every rank saw a different shard: gather all candidates and choose again, identically everywhere
+            n = torch.tensor([x.shape[0]], device=trainer.strategy.root_device)
+            if int(trainer.strategy.reduce(n, reduce_op="sum").item()) == 0:
+                x = None
+            else:
+                x_all = gather_rows(trainer, x)
+                y_all = gather_rows(trainer, y if y is not None else torch.full((x.shape[0],), -1, dtype=torch.long))
+                self._candidates = {}
+                for i in range(x_all.shape[0]):
+                    key = int(y_all[i])
+                    bucket = self._candidates.setdefault(key, [])
+                    if len(bucket) < self.probe_samples:
+                        bucket.append((x_all[i], None if key < 0 else y_all[i]))
+                x, y = self._local_candidates()
+        if x is None or x.numel() == 0:
+            warn_once(f"{id(self)}-empty", f"{type(self).__name__}: the validation data gave no samples to explain; "
+                                           "nothing is logged until it does (or pass `probe=`).")
+            return False
+        self.probe_x, self.probe_y = x, y
+        self._candidates = {}
+        return True
+
+    def _load_indices(self, trainer: "pl.Trainer") -> None:
+        loaders = trainer.val_dataloaders if trainer.state.fn != TrainerFn.TESTING else trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            raise MisconfigurationException("`probe` was given as dataset indices, but no validation dataset was found.")
+        size = len(dataset)
+        bad = [i for i in self._probe_indices if not -size <= i < size]
+        if bad:
+            raise MisconfigurationException(expected("probe", f"indices into the validation dataset of {size} samples", bad))
+        from torch.utils.data import default_collate
+
+        x, y = extract_xy(default_collate([dataset[i] for i in self._probe_indices]), self.batch_to_xy)
+        self.probe_x = x.detach().clone().cpu()
+        self.probe_y = None if y is None else y.detach().clone().long().view(-1).cpu()
+
+    # ------------------------------------------------------------------ the run
+    def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
+        """Per-sample results for rows ``x`` (this rank's share); every value has ``x.shape[0]`` rows."""
+        raise NotImplementedError
+
+    def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
+               results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
+        """Log images/text (rank zero only) and return the scalars to log; called on every rank."""
+        raise NotImplementedError
+
+    def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
+        """Split the probe set over ranks, compute, gather, report; under the error policy."""
+        epoch = trainer.current_epoch
+        if not via_module and self._last_validated_epoch is not None:
+            epoch = self._last_validated_epoch
+        if not self.finalize_probe(trainer):
+            return
+        x_all = self.probe_x.to(pl_module.device)
+        y_all = None if self.probe_y is None else self.probe_y.to(pl_module.device)
+        world, rank = max(trainer.world_size, 1), trainer.global_rank
+        start, stop, _ = split_rows(x_all.shape[0], world, rank)
+
+        def _compute() -> Dict[str, Tensor]:
+            with self.explain_context(pl_module):
+                return self.compute(pl_module, x_all[start:stop], None if y_all is None else y_all[start:stop])
+
+        results = self.guarded(_compute, "explaining the probe samples", epoch)
+        if world > 1:  # all ranks agree to skip when any failed, so no rank waits in a gather
+            failed = torch.tensor([0.0 if results is not None else 1.0], device=trainer.strategy.root_device)
+            if float(trainer.strategy.reduce(failed, reduce_op="sum").item()) > 0:
+                return
+            results = {k: gather_rows(trainer, v) for k, v in results.items()}
+        if results is None:
+            return
+        metrics = self.guarded(lambda: self.report(trainer, pl_module, x_all, y_all, results, epoch), "logging", epoch)
+        if metrics:
+            self.log_metrics(trainer, pl_module, metrics, via_module=via_module)
+        self.last_explained_epoch = epoch
+
+    def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.active(trainer):
+            return
+        self._last_validated_epoch = trainer.current_epoch
+        if self.due(trainer):
+            self.explain(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._on_eval_epoch_end(trainer, pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._on_eval_epoch_end(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
+                and self._last_validated_epoch != self.last_explained_epoch):
+            self.explain(trainer, pl_module, via_module=False)

@@ -1,0 +1,143 @@
+"""One place for output: images, text and scalars to every logger of a Trainer.
+
+TensorBoard gets ``add_image``/``add_text``/``add_custom_scalars``; W&B gets ``log_image``/``log_text``;
+loggers that cannot take images (CSV, custom ones) are skipped, and when no logger can take an image
+it is written as a PNG under the run's log directory with a single warning. Scalars go to every
+logger. Call these on global rank zero only; nothing here runs a collective operation.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
+
+try:  # W&B is an optional extra
+    from pytorch_lightning.loggers import WandbLogger
+except ImportError:  # pragma: no cover
+    WandbLogger = None  # type: ignore[assignment,misc]
+
+_warned: set = set()
+
+
+def warn_once(key: str, message: str, category: type = RuntimeWarning) -> None:
+    """``rank_zero_warn`` a message once per process and key."""
+    if key not in _warned:
+        _warned.add(key)
+        rank_zero_warn(message, category=category)
+
+
+def logging_step(trainer: Any) -> int:
+    """The step Lightning uses for ``self.log`` scalars, so images and scalars line up in TensorBoard."""
+    try:
+        return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    except AttributeError:  # pragma: no cover - defensive for custom loops
+        return int(trainer.global_step)
+
+
+def _is_tensorboard(logger: Logger) -> bool:
+    return isinstance(logger, TensorBoardLogger)
+
+
+def _is_wandb(logger: Logger) -> bool:
+    return WandbLogger is not None and isinstance(logger, WandbLogger)
+
+
+def image_loggers(trainer: Any) -> List[Logger]:
+    """The loggers of ``trainer`` that can take images."""
+    return [lg for lg in trainer.loggers if _is_tensorboard(lg) or _is_wandb(lg)]
+
+
+def tensorboard_writers(trainer: Any) -> List[Any]:
+    """``SummaryWriter`` objects of every TensorBoard logger of ``trainer``."""
+    return [lg.experiment for lg in trainer.loggers if _is_tensorboard(lg)]
+
+
+def fallback_dir(trainer: Any) -> str:
+    """Where PNG/text files go when no logger takes images (no collective call, unlike ``trainer.log_dir``)."""
+    for lg in trainer.loggers:
+        path = getattr(lg, "log_dir", None)
+        if path:
+            return os.path.join(path, "xai")
+    return os.path.join(trainer.default_root_dir, "xai")
+
+
+def _file_name(tag: str, step: int, ext: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag.strip("/"))
+    return f"{safe}_step{step:07d}.{ext}"
+
+
+def _to_uint8_hwc(image: Tensor) -> Any:
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def log_image(trainer: Any, tag: str, image: Tensor, step: Optional[int] = None) -> List[str]:
+    """Send an image ``(3, H, W)`` in ``[0, 1]`` to every image-capable logger.
+
+    Returns:
+        The file paths written when no logger could take it (empty otherwise).
+    """
+    step = logging_step(trainer) if step is None else step
+    image = image.detach().float().clamp(0, 1).cpu()
+    loggers = image_loggers(trainer)
+    for lg in loggers:
+        if _is_tensorboard(lg):
+            lg.experiment.add_image(tag, image, global_step=step, dataformats="CHW")
+        else:
+            lg.log_image(key=tag, images=[_to_uint8_hwc(image)], step=step)
+    if loggers:
+        return []
+    import matplotlib.image
+
+    folder = fallback_dir(trainer)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, _file_name(tag, step, "png"))
+    matplotlib.image.imsave(path, _to_uint8_hwc(image))
+    warn_once(
+        "no-image-logger",
+        "No logger that can take images (TensorBoardLogger or WandbLogger) is attached; lightning_xai writes "
+        f"its images as PNG files under {folder!r} instead.",
+    )
+    return [path]
+
+
+def log_text(trainer: Any, tag: str, text: str, step: Optional[int] = None) -> None:
+    """Send markdown text to TensorBoard/W&B loggers, or to a ``.md`` file beside the PNG fallback."""
+    step = logging_step(trainer) if step is None else step
+    loggers = image_loggers(trainer)
+    for lg in loggers:
+        if _is_tensorboard(lg):
+            lg.experiment.add_text(tag, text, global_step=step)
+        else:
+            lg.log_text(key=tag, columns=["text"], data=[[text]], step=step)
+    if not loggers:
+        folder = fallback_dir(trainer)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, _file_name(tag, step, "md")), "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+
+def log_scalars(trainer: Any, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+    """Write scalars to every logger directly (for hooks where ``pl_module.log`` is not allowed)."""
+    step = logging_step(trainer) if step is None else step
+    clean: Dict[str, float] = {k: float(v) for k, v in metrics.items()}
+    for lg in trainer.loggers:
+        lg.log_metrics(clean, step=step)
+
+
+def add_custom_scalars(trainer: Any, layout: Dict[str, Dict[str, list]]) -> None:
+    """Register a TensorBoard custom-scalars layout (``{category: {chart: ["Multiline", [tags]]}}``)."""
+    for writer in tensorboard_writers(trainer):
+        writer.add_custom_scalars(layout)
+
+
+def markdown_table(header: List[str], rows: List[List[Any]]) -> str:
+    """A small markdown table (TensorBoard's text plugin renders it)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
