@@ -60,3 +60,78 @@ def assert_unchanged(before: Dict[str, Any], model: nn.Module) -> None:
     assert before["hooks"] == after["hooks"], "hooks left behind"
     assert torch.equal(before["rng"], after["rng"]), "global RNG state changed"
     assert before["grad_enabled"] == after["grad_enabled"], "grad mode changed"
+
+
+# --------------------------------------------------------------------------- Lightning fixtures
+import pytorch_lightning as pl  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+
+class DigitsModule(pl.LightningModule):
+    """A tiny classifier LightningModule (default: :func:`small_cnn`) for integration tests."""
+
+    def __init__(self, net: nn.Module = None, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.net = net if net is not None else small_cnn()
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def digits_data(n_train: int = 256, n_val: int = 64):
+    """(train, val) TensorDatasets of 8x8 digits in [0, 1]."""
+    from lightning_xai.datasets import load_digits_tensors
+
+    x, y = load_digits_tensors()
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:n_train + n_val], y[n_train:n_train + n_val])
+
+
+def digits_loaders(n_train: int = 256, n_val: int = 64, batch_size: int = 32):
+    """Train (shuffled) and validation loaders over :func:`digits_data`."""
+    train, val = digits_data(n_train, n_val)
+    return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(val, batch_size=batch_size)
+
+
+def tiny_trainer(tmp_path, callbacks=(), logger=True, **kwargs) -> pl.Trainer:
+    """A fast CPU Trainer writing under ``tmp_path`` (TensorBoard logger unless ``logger`` is given)."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    if logger is True:
+        logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    opts = dict(default_root_dir=str(tmp_path), max_epochs=2, accelerator="cpu", devices=1, logger=logger,
+                callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, num_sanity_val_steps=0, deterministic=True)
+    opts.update(kwargs)
+    return pl.Trainer(**opts)
+
+
+def read_events(log_dir: str):
+    """An EventAccumulator over every event file under ``log_dir`` (images and text kept in full)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def trained_weights(module: nn.Module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
