@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from helpers import DigitsModule, assert_unchanged, digits_loaders, hook_count, read_events, small_cnn, snapshot, tiny_trainer
-from lightning_xai.projections import capture_activations, class_separation, pca, reduce_activations, silhouette_score, variance_ratio
+from lightning_xai.projections import capture_activations, class_separation, pca, silhouette_score, variance_ratio
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -73,31 +73,22 @@ def test_separation_grows_with_distance_and_handles_one_class():
 
 
 # --------------------------------------------------------------------------- capture
-def test_reduce_activations_shapes():
-    assert reduce_activations(torch.randn(4, 3, 5, 5)).shape == (4, 75)
-    assert reduce_activations(torch.randn(4, 3, 5, 5), "spatial_mean").shape == (4, 3)
-    seq = torch.randn(4, 7, 6)
-    torch.testing.assert_close(reduce_activations(seq, "tokens_mean"), seq.mean(1))
-    with pytest.raises(ValueError, match="tokens_mean"):
-        reduce_activations(torch.randn(4, 3, 5, 5), "tokens_mean")
-    with pytest.raises(ValueError, match="Expected `reduce`"):
-        reduce_activations(seq, "max")
-
-
 def test_capture_matches_manual_forward_and_batching():
     net = small_cnn().eval()
     x = torch.rand(10, 1, 8, 8)
-    acts = capture_activations(net, x, ["0.3", "1.3"])
+    acts = capture_activations(net, x, ["1.3", "0.3"], reduce="flatten")
     with torch.no_grad():
         manual = net[1][:4](net[0](x))
     torch.testing.assert_close(acts["1.3"], manual)
     assert acts["0.3"].shape == (10, 16 * 8 * 8)
+    assert list(acts) == ["0.3", "1.3"]  # model order
+    assert capture_activations(net, x, ["0.3"])["0.3"].shape == (10, 16)  # "auto": global average pooling
     chunked = capture_activations(net, x, ["1.3"], batch_size=3)
     torch.testing.assert_close(chunked["1.3"], acts["1.3"])
 
 
 def test_capture_unknown_layer_lists_names():
-    with pytest.raises(ValueError, match=r"one of the model's layers: 0, 0\.0"):
+    with pytest.raises(ValueError, match=r"matching the model.s layers: 0, 0\.0"):
         capture_activations(small_cnn(), torch.rand(2, 1, 8, 8), ["nope"])
 
 
@@ -142,7 +133,7 @@ def _fit(tmp_path, callbacks, seed=0, epochs=2):
 def test_projection_monitor_writes_projector_images_and_scalars(tmp_path):
     from lightning_xai.callbacks.projections import ProjectionMonitor
 
-    monitor = ProjectionMonitor(layers=["net.0.3", "net.1.3"], probe_samples=20)
+    monitor = ProjectionMonitor(layers=["net.0.3", "net.1.3"], reduce="flatten", probe_samples=20)
     _, trainer = _fit(tmp_path, [monitor])
     log_dir = os.path.join(str(tmp_path), "tb", "version_0")
     config = open(os.path.join(log_dir, "projector_config.pbtxt")).read()

@@ -10,7 +10,7 @@ The maths lives in :mod:`lightning_xai.projections`; this file only composes and
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +22,8 @@ from typing_extensions import override
 from lightning_xai._utils import check_positive_int, expected, resolve_layer_patterns
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image, tensorboard_writers, warn_once
-from lightning_xai.projections import REDUCTIONS, SEPARATION_METHODS, capture_activations, class_separation, pca
+from lightning_xai.probes import make_reducer
+from lightning_xai.projections import SEPARATION_METHODS, capture_activations, class_separation, pca
 from lightning_xai.projections.plot import scatter_image
 
 
@@ -31,9 +32,11 @@ class ProjectionMonitor(ProbeSetCallback):
 
     Args:
         layers: dotted layer names or glob patterns (``"encoder.layers.*"``) of the LightningModule.
-        reduce: how a layer's activations become one row per sample: ``"flatten"`` (default),
-            ``"spatial_mean"`` (global average pooling of ``(N, C, H, W)``), ``"tokens_mean"`` (mean over
-            the tokens of ``(N, T, E)``) or a callable ``(N, ...) -> (N, D)``.
+        reduce: how a layer's activations become one row per sample, the probes' reducer specs:
+            ``"auto"`` (default: global average pooling of ``(N, C, H, W)`` maps, mean over the tokens of
+            ``(N, T, E)`` sequences, 2-D outputs as they are up to 1024 wide, else a seeded random
+            projection), ``"flatten"``, ``"gap"``, ``"tokens_mean"``, ``"pool<s>"``, ``("rproj", k)`` or a
+            :class:`~lightning_xai.probes.Reducer`.
         separation: class-separation score, ``"silhouette"`` (default, in ``[-1, 1]``) or
             ``"variance_ratio"`` (Calinski-Harabasz), computed on the reduced activations with the
             labels (the predictions when the probe set has no labels).
@@ -67,7 +70,7 @@ class ProjectionMonitor(ProbeSetCallback):
     def __init__(
         self,
         layers: Sequence[str],
-        reduce: Union[str, Callable[[Tensor], Tensor]] = "flatten",
+        reduce: Any = "auto",
         separation: str = "silhouette",
         projector: bool = True,
         scatter: bool = True,
@@ -82,9 +85,10 @@ class ProjectionMonitor(ProbeSetCallback):
             layers = [layers]
         if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers):
             raise MisconfigurationException(expected("layers", "a non-empty list of layer names or glob patterns", layers))
-        if not callable(reduce) and reduce not in REDUCTIONS:
-            raise MisconfigurationException(
-                expected("reduce", "a callable or one of " + ", ".join(repr(r) for r in REDUCTIONS), reduce))
+        try:
+            make_reducer(reduce)
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(str(err)) from err
         if separation not in SEPARATION_METHODS:
             raise MisconfigurationException(
                 expected("separation", "one of " + ", ".join(repr(s) for s in SEPARATION_METHODS), separation))
