@@ -1,0 +1,242 @@
+r"""The feature-visualisation loop: gradient ascent on an image parametrisation, all targets as one batch.
+
+.. math:: X^*_k = \arg\max_{X_k}\; \mathbb{E}_{T}\big[\,o_k(f(T(X_k)))\big] - \sum_r \lambda_r R_r(X_k)
+
+for objectives :math:`o_k` (a channel, neuron, class logit, ...), random transforms :math:`T` and
+regularisers :math:`R_r` (Erhan et al., 2009; Simonyan et al., 2013, https://arxiv.org/abs/1312.6034;
+Olah et al., 2017, https://distill.pub/2017/feature-visualization/).
+
+Do no harm: the model (and a generator prior) runs in eval mode with every ``training`` flag
+restored afterwards, its parameters are frozen so no parameter gradient is ever computed (gradients
+are taken with ``torch.autograd.grad`` with respect to the parametrisation only), forward hooks are
+removed even on error, randomness comes from a private ``torch.Generator``, and the loop works inside
+``torch.inference_mode()`` (Lightning's ``validate``/``test``).
+
+This module imports torch only.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_xai._utils import (HookSet, check_positive_int, expected, frozen_params, gradient_context,
+                                  preserve_modes, resolve_layer)
+from lightning_xai.featvis.objectives import OUTPUT, Activations, Objective, class_logit
+from lightning_xai.featvis.param import Parametrization, _range_tensors, make_param
+from lightning_xai.featvis.transforms import (Compose, RegularizerLike, Transform, default_regularizers,
+                                              default_transforms)
+
+ObjectiveLike = Union[Objective, int]
+
+
+class FeatureVisResult(NamedTuple):
+    """What :func:`render` returns (unpacks as ``images, activations, history``).
+
+    Attributes:
+        images: ``(K, C, H, W)`` in the value range, one per objective.
+        activations: ``(K,)`` each objective on its final image, untransformed.
+        history: ``{"objective": (steps, K), "loss": (steps,)}``; objective values on the transformed
+            image at each step, before that step's update.
+    """
+
+    images: Tensor
+    activations: Tensor
+    history: Dict[str, Tensor]
+
+
+def _as_objectives(objectives: Any) -> List[Objective]:
+    items = [objectives] if isinstance(objectives, (Objective, int)) else objectives
+    if not isinstance(items, (list, tuple, range)) or len(items) == 0:
+        raise ValueError(expected("objectives", "an Objective, a class index, or a non-empty list of them",
+                                  type(objectives).__name__))
+    out: List[Objective] = []
+    for item in items:
+        if isinstance(item, Objective):
+            out.append(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            out.append(class_logit(item))
+        else:
+            raise ValueError(expected("objectives", "Objective instances or non-negative class indices", repr(item)))
+    return out
+
+
+def _render_validate_args(model: Any, objectives: Any, input_shape: Any, steps: Any, lr: Any, value_range: Any,
+                          forward: Any) -> Tuple[List[Objective], Tuple[int, int, int]]:
+    if not callable(model):
+        raise TypeError(expected("model", "an nn.Module (or a callable when no layer is named)", type(model).__name__))
+    if forward is not None and not callable(forward):
+        raise TypeError(expected("forward", "a callable inputs -> model output", type(forward).__name__))
+    objs = _as_objectives(objectives)
+    if (not isinstance(input_shape, (tuple, list, torch.Size)) or len(input_shape) != 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape)):
+        raise ValueError(expected("input_shape", "(C, H, W) with positive ints", repr(input_shape)))
+    check_positive_int("steps", steps)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise ValueError(expected("lr", "a positive float", lr))
+    if not (isinstance(value_range, (tuple, list)) and len(value_range) == 2):
+        raise ValueError(expected("value_range", "a pair (lo, hi)", repr(value_range)))
+    return objs, tuple(int(s) for s in input_shape)
+
+
+def _model_device_dtype(model: Any) -> Tuple[torch.device, torch.dtype]:
+    if isinstance(model, nn.Module):
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _first_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(expected("layer output", "a tensor (or a tuple starting with one)", type(output).__name__))
+
+
+def render(
+    model: Any,
+    objectives: Union[ObjectiveLike, Sequence[ObjectiveLike]],
+    input_shape: Sequence[int],
+    steps: int = 256,
+    lr: float = 0.05,
+    param: Union[str, Parametrization] = "fourier",
+    transforms: Optional[Sequence[Transform]] = None,
+    regularizers: Optional[Sequence[RegularizerLike]] = None,
+    generator: Optional[torch.Generator] = None,
+    seed: int = 0,
+    value_range: Tuple[Any, Any] = (0.0, 1.0),
+    forward: Optional[Callable[[Tensor], Any]] = None,
+) -> FeatureVisResult:
+    """Optimise one image per objective, as one batch, and return images, final activations and history.
+
+    Args:
+        model: the network (an ``nn.Module`` whenever an objective names a layer).
+        objectives: :class:`Objective` s (image ``k`` maximises objective ``k``) or class indices (their logits).
+        input_shape: ``(C, H, W)`` of one model input.
+        steps: optimiser steps.
+        lr: Adam learning rate on the parametrisation.
+        param: ``"fourier"`` (default, 1/f-scaled spectrum), ``"pixel"``, or a :class:`Parametrization`
+            such as ``GeneratorParam(decoder, code_shape)``.
+        transforms: random transforms applied before each forward pass; ``None`` picks
+            :func:`default_transforms` for the image size, ``[]`` disables them.
+        regularizers: penalties on the image (rescaled to ``[0, 1]``); ``None`` = ``[L1(0.05), TotalVariation(0.05)]``,
+            ``[]`` disables them.
+        generator: a ``torch.Generator`` (CPU) for the random start and transforms; its state advances.
+        seed: seeds a fresh private generator when ``generator`` is None.
+        value_range: ``(lo, hi)`` of the model's inputs (floats, or per-channel tensors ``(C,)``).
+        forward: maps inputs to the model output used by class objectives (e.g. ``lambda x: model(x)["logits"]``);
+            hooks for layer objectives stay on ``model``.
+
+    Returns:
+        :class:`FeatureVisResult` ``(images (K, C, H, W), activations (K,), history)``.
+
+    Raises:
+        ValueError, TypeError: for invalid arguments; an unknown layer name lists the valid ones.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+        >>> _ = net(torch.zeros(1, 1, 8, 8))
+        >>> images, acts, history = render(net, [0, 1, 2], (1, 8, 8), steps=8)
+        >>> images.shape, acts.shape, history["objective"].shape
+        (torch.Size([3, 1, 8, 8]), torch.Size([3]), torch.Size([8, 3]))
+    """
+    objs, shape = _render_validate_args(model, objectives, input_shape, steps, lr, value_range, forward)
+    if generator is None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(expected("seed", "an int", seed))
+        generator = torch.Generator().manual_seed(seed)
+    elif not isinstance(generator, torch.Generator):
+        raise TypeError(expected("generator", "a torch.Generator", type(generator).__name__))
+    parametrization = make_param(param)
+    transform = Compose(default_transforms(shape[1], shape[2]) if transforms is None else list(transforms))
+    regs = default_regularizers() if regularizers is None else list(regularizers)
+    for r in regs:
+        if not callable(r):
+            raise TypeError(expected("regularizers", "callables images -> (K,)", type(r).__name__))
+    layers = _resolve_layers(model, objs)
+    return _render_compute(model, objs, shape, steps, float(lr), parametrization, transform, regs, generator,
+                           value_range, forward, layers)
+
+
+def _resolve_layers(model: Any, objs: Sequence[Objective]) -> Dict[Any, nn.Module]:
+    """``{key used by the objectives: module}`` for every layer except the model output."""
+    out: Dict[Any, nn.Module] = {}
+    for obj in objs:
+        for key in obj.layers:
+            if key == OUTPUT or key in out:
+                continue
+            out[key] = resolve_layer(model, key, "layer")
+    return out
+
+
+def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, int], steps: int, lr: float,
+                    param: Parametrization, transform: Compose, regs: List[RegularizerLike],
+                    generator: torch.Generator, value_range: Tuple[Any, Any], forward: Optional[Callable],
+                    layers: Dict[Any, nn.Module]) -> FeatureVisResult:
+    k = len(objs)
+    device, dtype = _model_device_dtype(model)
+    needs_output = any(key == OUTPUT for obj in objs for key in obj.layers)
+    run = forward if forward is not None else model
+    acts: Activations = {}
+    objective_hist: List[Tensor] = []
+    loss_hist: List[Tensor] = []
+
+    def capture(key: Any) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            acts[key] = _first_tensor(output)
+        return hook
+
+    def evaluate(x: Tensor) -> Tensor:
+        acts.clear()
+        out = run(x)
+        if needs_output:
+            acts[OUTPUT] = out
+        scores = [obj(acts) for obj in objs]  # each (B,)
+        for j, s in enumerate(scores):
+            if not isinstance(s, Tensor) or s.shape != (k,):
+                raise ValueError(expected(f"objective {objs[j]!r} output", f"a tensor of shape ({k},)",
+                                          s if isinstance(s, Tensor) else type(s).__name__))
+        acts.clear()
+        return torch.stack([s[j] for j, s in enumerate(scores)])  # (K,): objective k on image k
+
+    with ExitStack() as stack:
+        stack.enter_context(gradient_context())
+        for m in [model] + param.modules():
+            stack.enter_context(preserve_modes(m, eval_mode=True))
+            stack.enter_context(frozen_params(m))
+        hooks = stack.enter_context(HookSet())
+        for key, module in layers.items():
+            hooks.add(module.register_forward_hook(capture(key)))
+
+        lo, hi = _range_tensors(value_range, shape[0], device, dtype)
+        param.build((k,) + shape, value_range, generator, device, dtype)
+        tensors = param.parameters()
+        optimizer = torch.optim.Adam(tensors, lr=lr)
+        for _ in range(steps):
+            images = param()  # (K, C, H, W)
+            scores = evaluate(transform(images, generator))
+            loss_k = -scores
+            if regs:
+                unit = (images - lo) / (hi - lo)
+                for r in regs:
+                    loss_k = loss_k + r(unit)
+            loss = loss_k.sum()
+            grads = torch.autograd.grad(loss, tensors)
+            for t, g in zip(tensors, grads):
+                t.grad = g
+            optimizer.step()
+            with torch.no_grad():
+                param.after_step()
+            objective_hist.append(scores.detach())
+            loss_hist.append(loss.detach())
+        with torch.no_grad():
+            images = param().detach()
+            final = evaluate(images).detach()
+        for t in tensors:
+            t.grad = None
+    history = {"objective": torch.stack(objective_hist), "loss": torch.stack(loss_hist)}
+    return FeatureVisResult(images, final, history)

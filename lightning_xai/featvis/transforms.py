@@ -1,0 +1,261 @@
+"""Random transforms (robustness priors) and regularisers (image priors) for feature visualisation.
+
+Transforms are applied to the image before each forward pass, so the optimum must survive small
+shifts, scalings and rotations; this removes most adversarial high-frequency patterns (Olah et al.,
+2017). Each transform is a callable ``t(images, generator) -> images`` that draws its randomness from
+the private ``torch.Generator`` it is given (never the global RNG); geometric ones use
+``F.affine_grid`` / ``F.grid_sample`` and keep the image size, one random draw per image.
+
+Regularisers see the image rescaled to ``[0, 1]`` by the value range (so ``L1`` pulls towards the
+range's low end, e.g. black) and return one penalty per image ``(K,)``, already weighted and averaged
+over pixels, so a weight means the same for any value range and at 8x8 or 224x224:
+
+.. math:: \mathcal{L} = -\text{objective}(T(X)) + \sum_r \lambda_r R_r(X)
+
+This module imports torch only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_xai._utils import expected
+
+Transform = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, like: Tensor) -> Tensor:
+    u = torch.rand(n, generator=generator, dtype=torch.float32)
+    return (lo + (hi - lo) * u).to(device=like.device, dtype=like.dtype)
+
+
+def _affine(images: Tensor, theta: Tensor, padding_mode: str) -> Tensor:
+    """Resample ``images (K, C, H, W)`` with per-image affine matrices ``theta (K, 2, 3)``."""
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def _identity_theta(k: int, like: Tensor) -> Tensor:
+    return torch.eye(2, 3, device=like.device, dtype=like.dtype).unsqueeze(0).repeat(k, 1, 1)
+
+
+def _check_padding_mode(mode: str) -> None:
+    if mode not in ("zeros", "border", "reflection"):
+        raise ValueError(expected("padding_mode", "one of 'zeros', 'border', 'reflection'", mode))
+
+
+class Jitter:
+    """Shift each image by a random whole number of pixels in ``[-pixels, pixels]`` along each axis."""
+
+    def __init__(self, pixels: int = 1, padding_mode: str = "reflection") -> None:
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+            raise ValueError(expected("pixels", "a non-negative int", pixels))
+        _check_padding_mode(padding_mode)
+        self.pixels = pixels
+        self.padding_mode = padding_mode
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        if self.pixels == 0:
+            return images
+        k, _, h, w = images.shape
+        shifts = torch.randint(-self.pixels, self.pixels + 1, (k, 2), generator=generator).to(images)  # (K, 2) px
+        theta = _identity_theta(k, images)
+        theta[:, 0, 2] = shifts[:, 0] * 2.0 / w  # normalised coordinates span 2
+        theta[:, 1, 2] = shifts[:, 1] * 2.0 / h
+        return _affine(images, theta, self.padding_mode)
+
+    def __repr__(self) -> str:
+        return f"Jitter({self.pixels})"
+
+
+class RandomScale:
+    """Zoom each image by a random factor in ``scales = (lo, hi)`` about its centre."""
+
+    def __init__(self, scales: Tuple[float, float] = (0.9, 1.1), padding_mode: str = "reflection") -> None:
+        if not (isinstance(scales, (tuple, list)) and len(scales) == 2 and 0 < scales[0] <= scales[1]):
+            raise ValueError(expected("scales", "a pair 0 < lo <= hi", scales))
+        _check_padding_mode(padding_mode)
+        self.scales = (float(scales[0]), float(scales[1]))
+        self.padding_mode = padding_mode
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        k = images.shape[0]
+        s = _uniform(k, *self.scales, generator, images)
+        theta = _identity_theta(k, images)
+        theta[:, 0, 0] = 1.0 / s
+        theta[:, 1, 1] = 1.0 / s
+        return _affine(images, theta, self.padding_mode)
+
+    def __repr__(self) -> str:
+        return f"RandomScale({self.scales})"
+
+
+class RandomRotate:
+    """Rotate each image by a random angle in ``[-degrees, degrees]`` about its centre."""
+
+    def __init__(self, degrees: float = 10.0, padding_mode: str = "reflection") -> None:
+        if not isinstance(degrees, (int, float)) or degrees < 0:
+            raise ValueError(expected("degrees", "a non-negative float", degrees))
+        _check_padding_mode(padding_mode)
+        self.degrees = float(degrees)
+        self.padding_mode = padding_mode
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        k = images.shape[0]
+        a = _uniform(k, -self.degrees, self.degrees, generator, images) * (math.pi / 180.0)
+        cos, sin = a.cos(), a.sin()
+        theta = _identity_theta(k, images)
+        theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
+        theta[:, 1, 0], theta[:, 1, 1] = sin, cos
+        return _affine(images, theta, self.padding_mode)
+
+    def __repr__(self) -> str:
+        return f"RandomRotate({self.degrees})"
+
+
+class Pad:
+    """Pad every side by ``pixels`` with a constant ``value`` (or ``mode="reflect"``); the image grows.
+
+    Use it before jitter so the optimised content can move towards the border; the model must accept
+    the larger input (e.g. it ends in global pooling).
+    """
+
+    def __init__(self, pixels: int, value: float = 0.5, mode: str = "constant") -> None:
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+            raise ValueError(expected("pixels", "a non-negative int", pixels))
+        if mode not in ("constant", "reflect", "replicate"):
+            raise ValueError(expected("mode", "one of 'constant', 'reflect', 'replicate'", mode))
+        self.pixels, self.value, self.mode = pixels, float(value), mode
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        p = self.pixels
+        if p == 0:
+            return images
+        if self.mode == "constant":
+            return F.pad(images, (p, p, p, p), mode="constant", value=self.value)
+        return F.pad(images, (p, p, p, p), mode=self.mode)
+
+    def __repr__(self) -> str:
+        return f"Pad({self.pixels})"
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        for t in transforms:
+            if not callable(t):
+                raise TypeError(expected("transforms", "callables (images, generator) -> images", type(t).__name__))
+        self.transforms = list(transforms)
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        for t in self.transforms:
+            images = t(images, generator)
+        return images
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms})"
+
+
+def default_transforms(height: int, width: int) -> List[Transform]:
+    """Transforms sized to the image: 1-pixel jitter below 16 px; lucid-like jitter, scale and rotation above."""
+    side = min(height, width)
+    if side < 16:
+        return [Jitter(1)]
+    return [Jitter(max(1, side // 16)), RandomScale((0.95, 1.05)), RandomRotate(5.0), Jitter(max(1, side // 32))]
+
+
+# --------------------------------------------------------------------------- regularisers
+class Regularizer:
+    """Base class: ``penalty(images (K, C, H, W) in [0, 1]) -> (K,)``, multiplied by ``weight``."""
+
+    def __init__(self, weight: float) -> None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(expected("weight", "a non-negative float", weight))
+        self.weight = float(weight)
+
+    def penalty(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.weight * self.penalty(images)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.weight})"
+
+
+class L1(Regularizer):
+    r"""Sparsity, :math:`\frac{1}{CHW}\sum |X - c|` (the lecture's prior :math:`R(X) = -\sum |X_{ij}|`, with ``c = 0``)."""
+
+    def __init__(self, weight: float = 0.05, center: float = 0.0) -> None:
+        super().__init__(weight)
+        self.center = float(center)
+
+    def penalty(self, images: Tensor) -> Tensor:
+        return (images - self.center).abs().flatten(1).mean(1)
+
+
+class L2(Regularizer):
+    r"""L2 decay, :math:`\frac{1}{CHW}\sum (X - c)^2` (Yosinski et al., 2015)."""
+
+    def __init__(self, weight: float = 0.05, center: float = 0.0) -> None:
+        super().__init__(weight)
+        self.center = float(center)
+
+    def penalty(self, images: Tensor) -> Tensor:
+        return (images - self.center).pow(2).flatten(1).mean(1)
+
+
+class TotalVariation(Regularizer):
+    r"""Anisotropic total variation, :math:`\frac{1}{CHW}\sum |X_{i+1,j} - X_{ij}| + |X_{i,j+1} - X_{ij}|`."""
+
+    def __init__(self, weight: float = 0.05) -> None:
+        super().__init__(weight)
+
+    def penalty(self, images: Tensor) -> Tensor:
+        dy = (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().flatten(1).sum(1)
+        dx = (images[:, :, :, 1:] - images[:, :, :, :-1]).abs().flatten(1).sum(1)
+        return (dx + dy) / images[0].numel()
+
+
+def gaussian_blur(images: Tensor, sigma: float = 0.5) -> Tensor:
+    """Separable Gaussian blur (3-sigma kernel, reflect padding) of ``(K, C, H, W)``."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = images.shape[1]
+    pad_mode = "reflect" if min(images.shape[-2:]) > radius else "replicate"
+    x = F.pad(images, (radius, radius, radius, radius), mode=pad_mode)
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+class Blur(Regularizer):
+    r"""Pull the image towards its own blur, :math:`\frac{1}{2CHW}\sum (X - \mathrm{sg}[G_\sigma * X])^2`.
+
+    Its gradient, ``X - blur(X)``, is the step of Yosinski et al.'s periodic Gaussian blur, applied
+    smoothly at every step.
+    """
+
+    def __init__(self, weight: float = 0.1, sigma: float = 0.5) -> None:
+        super().__init__(weight)
+        if not isinstance(sigma, (int, float)) or sigma <= 0:
+            raise ValueError(expected("sigma", "a positive float", sigma))
+        self.sigma = float(sigma)
+
+    def penalty(self, images: Tensor) -> Tensor:
+        target = gaussian_blur(images.detach(), self.sigma)
+        return 0.5 * (images - target).pow(2).flatten(1).mean(1)
+
+
+def default_regularizers() -> List[Regularizer]:
+    """L1 towards the value range's low end plus total variation (the digits run in the design notes)."""
+    return [L1(0.05), TotalVariation(0.05)]
+
+
+RegularizerLike = Union[Regularizer, Callable[[Tensor], Tensor]]
