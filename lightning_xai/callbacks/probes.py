@@ -1,0 +1,512 @@
+"""LinearProbeMonitor: linear probes on every chosen layer, each validation epoch, with baselines.
+
+Alain & Bengio (2016, https://arxiv.org/abs/1610.01644) plotted linear-probe accuracy per layer as
+training goes on; Hewitt & Liang (2019, https://arxiv.org/abs/1909.03368) showed raw probe accuracy
+misleads without controls (on digits raw pixels already probe at 0.92, an untrained CNN at 0.93, and
+flattened conv maps memorise shuffled labels). So next to each layer's held-out accuracy this monitor
+logs a control task (shuffled labels, same probe capacity), the selectivity (accuracy minus control
+accuracy), a probe on the raw input and one on the untrained model, and warns when a probe memorises.
+
+Features are captured by forward hooks during the validation passes Lightning runs anyway (no extra
+forward pass; the untrained baseline costs one extra forward of the first probed epoch), reduced at
+once to a bounded size, and the streamed ridge statistics are summed over processes under DDP.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torchmetrics.functional.classification import multiclass_accuracy
+from typing_extensions import override
+
+from lightning_xai._utils import check_choice, check_positive_int, expected, preserve_modes
+from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy, gather_rows
+from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
+from lightning_xai.probes import ActivationCapture, Reducer, input_reducer
+from lightning_xai.probes.epoch import EpochProbe, control_table
+from lightning_xai.probes.reduce import ReduceSpec
+from lightning_xai.render import apply_colormap
+
+LABEL = "label"
+INPUT = "input"
+UNTRAINED = "untrained/"
+METRICS = ("accuracy", "selectivity", "control_accuracy")
+
+
+class LinearProbeMonitor(XAICallback):
+    """Per-layer linear probes with controls and baselines, logged every validation epoch.
+
+    Args:
+        layers: dotted layer names or glob patterns (``"net.0.*"``) of the LightningModule; an
+            unknown name fails at ``setup`` and lists the valid names.
+        reduce: feature reducer for every layer, or ``{layer: spec}``: ``"auto"`` (conv maps -> global
+            average pool, sequences -> token mean, vectors wider than ``max_dim`` -> random projection),
+            ``"gap"``, ``"gap+max"``, ``"pool2"``/``("pool", s)``, ``("rproj", k, seed)``, ``"tokens_mean"``,
+            ``"flatten"``.
+        concepts: extra per-sample properties to probe, ``{name: batch -> LongTensor (N,)}`` (e.g.
+            "has a watermark"); each gets the same metrics under ``<layer>/<name>/...``.
+        batch_to_xy: ``batch -> (inputs, labels)`` for batch formats
+            :func:`~lightning_xai.callbacks.base.extract_xy` does not know.
+        solver: ``"ridge"`` (streamed closed form, default) or ``"logistic"`` (a few L-BFGS steps).
+        alphas: ridge strengths to choose from (``None``: a grid relative to the feature scale).
+        cv: how the ridge strength is chosen: ``"gcv"`` or ``k`` folds.
+        holdout_every: every n-th validation sample (by index) is held out for scoring the probe.
+        input_baseline: also probe the raw input (computed on the first probed epoch, logged every epoch).
+        untrained_baseline: also probe the model as it was at fit start (one extra forward pass over the
+            validation data, on the first probed epoch only).
+        memorization_threshold: warn (once per layer) when the control probe's accuracy on its own
+            training rows reaches this.
+        max_dim: widest feature kept without projection by ``"auto"``.
+        seed: seed of random projections and of the control-label permutation (private generators).
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
+            :class:`~lightning_xai.callbacks.base.XAICallback` (``forward(pl_module, x)`` is also how the
+            untrained copy is run).
+
+    Tags (``prefix="xai"``), per layer and for ``input``:
+        ``xai/probe/<layer>/accuracy``, ``.../selectivity``, ``.../control_accuracy``,
+        ``.../control_train_accuracy``, ``.../untrained_accuracy``, ``.../untrained_selectivity``,
+        ``xai/probe/<layer>/<concept>/...``; images ``xai/probe/heatmap`` (rows: input then layers;
+        columns: untrained, then epochs) and ``xai/probe/heatmap_selectivity``; text ``xai/probe/table``.
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> monitor = LinearProbeMonitor(layers=["net.0.*"])
+        >>> trainer = Trainer(callbacks=[monitor], max_epochs=3)  # doctest: +SKIP
+    """
+
+    area = "probe"
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        reduce: Union[ReduceSpec, Mapping[str, ReduceSpec]] = "auto",
+        concepts: Optional[Mapping[str, Callable[[Any], Tensor]]] = None,
+        batch_to_xy: Optional[BatchToXY] = None,
+        solver: str = "ridge",
+        alphas: Optional[Sequence[float]] = None,
+        cv: Union[str, int] = "gcv",
+        holdout_every: int = 5,
+        input_baseline: bool = True,
+        untrained_baseline: bool = True,
+        memorization_threshold: float = 0.9,
+        max_dim: int = 1024,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) for n in layers):
+            raise MisconfigurationException(expected("layers", "a non-empty list of layer names or glob patterns", layers))
+        concepts = dict(concepts or {})
+        for name, fn in concepts.items():
+            if not isinstance(name, str) or not name or name == LABEL or "/" in name or not callable(fn):
+                raise MisconfigurationException(
+                    expected("concepts", f"a mapping of names (not {LABEL!r}, no '/') to callables batch -> LongTensor (N,)",
+                             name))
+        if batch_to_xy is not None and not callable(batch_to_xy):
+            raise MisconfigurationException(expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
+        check_choice("solver", solver, ("ridge", "logistic"))
+        check_positive_int("holdout_every", holdout_every)
+        check_positive_int("max_dim", max_dim)
+        if holdout_every < 2:
+            raise MisconfigurationException(expected("holdout_every", "an int >= 2", holdout_every))
+        if not 0 < memorization_threshold <= 1:
+            raise MisconfigurationException(expected("memorization_threshold", "a float in (0, 1]", memorization_threshold))
+        EpochProbe(alphas=alphas, cv=cv)  # validates alphas and cv now rather than at the first epoch
+        self.layer_patterns = list(layers)
+        self.reduce = reduce
+        self.concepts = concepts
+        self.batch_to_xy = batch_to_xy
+        self.solver, self.alphas, self.cv, self.holdout_every = solver, alphas, cv, holdout_every
+        self.input_baseline, self.untrained_baseline = input_baseline, untrained_baseline
+        self.memorization_threshold = memorization_threshold
+        self.max_dim, self.seed = max_dim, seed
+        # results kept in the state_dict: {source: {epoch: {metric: value}}} and {source: {metric: value}}
+        self.history: Dict[str, Dict[int, Dict[str, float]]] = {}
+        self.baselines: Dict[str, Dict[str, float]] = {}
+        self.layers: List[str] = []
+        self._capture: Optional[ActivationCapture] = None
+        self._untrained: Optional[nn.Module] = None
+        self._untrained_capture: Optional[ActivationCapture] = None
+        self._input_reducer: Optional[Reducer] = None
+        self._probes: Dict[str, EpochProbe] = {}
+        self._seen = 0
+        self._collecting = False
+        self._layout_done = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, area=self.area, layers=tuple(self.layer_patterns))
+
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["history"] = {k: {int(e): dict(m) for e, m in v.items()} for k, v in self.history.items()}
+        state["baselines"] = {k: dict(v) for k, v in self.baselines.items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = {k: {int(e): dict(m) for e, m in v.items()} for k, v in state_dict.get("history", {}).items()}
+        self.baselines = {k: dict(v) for k, v in state_dict.get("baselines", {}).items()}
+
+    # ------------------------------------------------------------------ setup and teardown
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        try:
+            self._capture = ActivationCapture(pl_module, self.layer_patterns, self.reduce, max_dim=self.max_dim, seed=self.seed)
+        except ValueError as err:
+            raise MisconfigurationException(f"LinearProbeMonitor: {err}") from err
+        self._capture.raise_errors = self.on_error == "raise"
+        self.layers = list(self._capture.names)
+        if INPUT in self.layers:
+            raise MisconfigurationException(expected("layers", f"names other than {INPUT!r} (used by the input baseline)", INPUT))
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.untrained_baseline or trainer.fast_dev_run or trainer.ckpt_path is not None:
+            return
+        if any(k.startswith(UNTRAINED) for k in self.baselines):
+            return
+        # the weights as they are before any optimizer step; the trainer is shared, not copied
+        self._untrained = copy.deepcopy(pl_module, memo={id(trainer): trainer})
+        for p in self._untrained.parameters():
+            p.requires_grad_(False)
+        self._untrained_capture = ActivationCapture(self._untrained, self.layers, self._reducers_for_copy(),
+                                                    max_dim=self.max_dim, seed=self.seed)
+
+    def _reducers_for_copy(self) -> Dict[str, Reducer]:
+        return dict(self._capture.reducers)  # same reducers, so projections match the trained layers
+
+    def _release(self) -> None:
+        for cap in (self._capture, self._untrained_capture):
+            if cap is not None:
+                cap.detach()
+        self._collecting = False
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._release()
+        self._probes = {}
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._release()
+        self._probes = {}
+        self._untrained = self._untrained_capture = None
+
+    # ------------------------------------------------------------------ collecting
+    def _wants_input(self) -> bool:
+        return self.input_baseline and INPUT not in self.baselines
+
+    def _wants_untrained(self) -> bool:
+        return self._untrained is not None and not any(k.startswith(UNTRAINED) for k in self.baselines)
+
+    def _start(self, trainer: "pl.Trainer") -> None:
+        if self._capture is None or not self.active(trainer) or not self.due(trainer):
+            return
+        self._probes = {}
+        self._seen = 0
+        self._capture.attach()
+        if self._wants_untrained():
+            self._untrained_capture.attach()
+        self._collecting = True
+
+    def _new_probe(self) -> EpochProbe:
+        return EpochProbe(alphas=self.alphas, cv=self.cv, holdout_every=self.holdout_every, solver=self.solver)
+
+    def _batch_start(self) -> None:
+        if self._collecting:
+            self._capture.clear()  # drop features from forwards outside validation_step (e.g. other callbacks)
+
+    def _batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, dataloader_idx: int) -> None:
+        if not self._collecting:
+            return
+        if dataloader_idx != 0:
+            self._capture.clear()
+            return
+        ok = self.guarded(lambda: self._collect(trainer, pl_module, batch) or True, "capturing activations",
+                          trainer.current_epoch)
+        if not ok:  # give up on this epoch's probes, keep training
+            self._release()
+            self._probes = {}
+
+    def _collect(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
+        if self._capture.error is not None:
+            err, self._capture.error = self._capture.error, None
+            raise err
+        x, y = extract_xy(batch, self.batch_to_xy)
+        n = x.shape[0]
+        feats = self._capture.pop(rows=n)
+        missing = [name for name in self.layers if name not in feats]
+        labels: Dict[str, Tensor] = {} if y is None else {LABEL: y}
+        for name, fn in self.concepts.items():
+            labels[name] = self._concept(fn, batch, name, n)
+        # global index, as a DistributedSampler(shuffle=False) interleaves samples over ranks
+        world, rank = max(trainer.world_size, 1), trainer.global_rank
+        index = (torch.arange(self._seen, self._seen + n, device=x.device) * world + rank).long()
+        self._seen += n
+        if missing or not labels:
+            why = (f"the layers {missing} did not run (or ran with another batch size) in validation_step"
+                   if missing else "the batches carry no labels and no `concepts` were given")
+            warn_once(f"{id(self)}-skip", f"LinearProbeMonitor skipped validation batches: {why}.")
+            return
+        if self._wants_untrained():
+            feats.update(self._run_untrained(pl_module, x))
+        if self._wants_input():
+            if x.is_floating_point():
+                if self._input_reducer is None:
+                    self._input_reducer = input_reducer(tuple(x.shape), max_dim=self.max_dim, seed=self.seed)
+                feats[INPUT] = self._input_reducer(x).float()
+            else:
+                warn_once(f"{id(self)}-int-input", "LinearProbeMonitor: integer inputs (token ids) have no input baseline.")
+        for key, f in feats.items():
+            self._probes.setdefault(key, self._new_probe()).add(f, labels, index)
+
+    def _concept(self, fn: Callable[[Any], Tensor], batch: Any, name: str, n: int) -> Tensor:
+        out = fn(batch)
+        if not isinstance(out, Tensor) or out.shape != (n,) or out.is_floating_point():
+            raise ValueError(expected(f"concepts[{name!r}](batch)", f"an integer tensor of shape ({n},)",
+                                      out if isinstance(out, Tensor) else type(out).__name__))
+        return out
+
+    def _run_untrained(self, pl_module: "pl.LightningModule", x: Tensor) -> Dict[str, Tensor]:
+        model = self._untrained.to(x.device)
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), preserve_modes(model, eval_mode=True):
+            self._untrained_capture.clear()
+            if self.forward is not None:
+                self.forward(model, x)
+            else:
+                model(x)
+            feats = self._untrained_capture.pop(rows=x.shape[0])
+        return {UNTRAINED + k: v for k, v in feats.items()}
+
+    # ------------------------------------------------------------------ fitting and logging
+    def _finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._collecting:
+            return
+        self._release()
+        epoch = trainer.current_epoch
+        probes, self._probes = self._probes, {}
+        if self._untrained is not None and any(k.startswith(UNTRAINED) for k in probes):
+            self._untrained = self._untrained_capture = None  # used once; free the copy
+        results = self.guarded(lambda: self._fit(trainer, probes), "fitting probes", epoch)
+        if not results:
+            return
+        metrics = self.guarded(lambda: self._report(trainer, results, epoch), "logging probes", epoch)
+        if metrics:
+            self.log_metrics(trainer, pl_module, metrics)
+        self.last_explained_epoch = epoch
+
+    def _sum(self, trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
+        if trainer.world_size <= 1:
+            return tensor
+        return trainer.strategy.reduce(tensor.to(trainer.strategy.root_device), reduce_op="sum").to(tensor.device)
+
+    def _fit(self, trainer: "pl.Trainer", probes: Dict[str, EpochProbe]) -> Dict[str, Dict[str, Dict[str, float]]]:
+        """``{source: {target: {metric: value}}}`` for every source probed this epoch."""
+        world = max(trainer.world_size, 1)
+        reference = probes.get(self.layers[0]) if self.layers else None
+        if reference is None or (world == 1 and reference.n_train < 2):
+            warn_once(f"{id(self)}-empty", "LinearProbeMonitor: too few labelled validation samples to fit probes.")
+            return {}
+        # every source saw the same rows: take labels once, gather them over ranks, build the control task
+        index, labels = reference.labels()
+        names = sorted(labels)
+        rows = torch.stack([index] + [labels[k] for k in names], dim=1)  # (N, 1 + targets)
+        if world > 1:
+            rows = gather_rows(trainer, rows)
+        size = int(rows[:, 0].max()) + 1
+        num_classes, tables = {}, {}
+        for j, name in enumerate(names):
+            table = torch.full((size,), -1, dtype=torch.long, device=rows.device)
+            table[rows[:, 0]] = rows[:, 1 + j]
+            num_classes[name] = max(int(table.max()) + 1, 2)
+            tables[name] = control_table(table, seed=self.seed)
+        keys = sorted(probes)
+        for key in keys:
+            probes[key].prepare(num_classes, tables)
+        if world > 1:  # one all-reduce for every source's statistics
+            packs = [probes[k].pack() for k in keys]
+            total = self._sum(trainer, torch.cat(packs))
+            offset = 0
+            for k, p in zip(keys, packs):
+                probes[k].unpack(total[offset: offset + p.numel()])
+                offset += p.numel()
+        gather = (lambda t: gather_rows(trainer, t)) if world > 1 else None
+        splits = ("holdout", "train", "control_holdout", "control_train")
+        counts, layout = [], []
+        for key in keys:
+            preds = probes[key].predict(gather)
+            for name in names:
+                for split in splits:
+                    pred, true = preds[name][split]
+                    if true.numel():
+                        acc = multiclass_accuracy(pred, true, num_classes=num_classes[name], average="micro")
+                        counts += [torch.round(acc.double() * true.numel()), torch.tensor(float(true.numel()), dtype=torch.float64)]
+                    else:
+                        counts += [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+                    layout.append((key, name, split))
+        totals = self._sum(trainer, torch.stack([c.to(rows.device).double() for c in counts])).view(-1, 2).cpu()
+        out: Dict[str, Dict[str, Dict[str, float]]] = {}
+        for (key, name, split), (correct, n) in zip(layout, totals.tolist()):
+            out.setdefault(key, {}).setdefault(name, {})[split] = correct / n if n else float("nan")
+        for key in keys:
+            for name in names:
+                m = out[key][name]
+                m["alpha"] = probes[key].alphas[name]
+        return out
+
+    def _metric_tag(self, source: str, target: str, metric: str) -> str:
+        return self.tag(source, metric) if target == LABEL else self.tag(source, target, metric)
+
+    def _report(self, trainer: "pl.Trainer", results: Dict[str, Dict[str, Dict[str, float]]], epoch: int) -> Dict[str, float]:
+        for key, per_target in results.items():
+            flat = {}
+            for target, m in per_target.items():
+                prefix = "" if target == LABEL else target + "/"
+                flat[prefix + "accuracy"] = m["holdout"]
+                flat[prefix + "control_accuracy"] = m["control_holdout"]
+                flat[prefix + "selectivity"] = m["holdout"] - m["control_holdout"]
+                flat[prefix + "train_accuracy"] = m["train"]
+                flat[prefix + "control_train_accuracy"] = m["control_train"]
+                flat[prefix + "alpha"] = m["alpha"]
+                if m["control_train"] >= self.memorization_threshold:
+                    src = key[len(UNTRAINED):] + " (untrained)" if key.startswith(UNTRAINED) else key
+                    warn_once(
+                        f"{id(self)}-memorize-{key}-{target}",
+                        f"LinearProbeMonitor: the probe on {src!r} memorises shuffled labels of {target!r} "
+                        f"(control train accuracy {m['control_train']:.2f} >= {self.memorization_threshold}); its "
+                        "accuracy says little about the representation. Reduce the features (reduce='gap' or "
+                        "('rproj', k)), probe more validation samples, or raise the ridge strength.",
+                    )
+            if key == INPUT or key.startswith(UNTRAINED):
+                self.baselines[key] = flat
+            else:
+                self.history.setdefault(key, {})[epoch] = flat
+        metrics: Dict[str, float] = {}
+        targets = [LABEL] + sorted(self.concepts)
+        shown = ("accuracy", "selectivity", "control_accuracy", "control_train_accuracy")
+        for key in [INPUT] + self.layers:
+            for target in targets:
+                p = "" if target == LABEL else target + "/"
+                if key == INPUT and key in self.baselines:
+                    for m in shown:
+                        if p + m in self.baselines[key]:
+                            metrics[self._metric_tag(key, target, m)] = self.baselines[key][p + m]
+                elif epoch in self.history.get(key, {}):
+                    for m in shown:
+                        if p + m in self.history[key][epoch]:
+                            metrics[self._metric_tag(key, target, m)] = self.history[key][epoch][p + m]
+                base = self.baselines.get(UNTRAINED + key)
+                if base and p + "accuracy" in base:
+                    metrics[self._metric_tag(key, target, "untrained_accuracy")] = base[p + "accuracy"]
+                    metrics[self._metric_tag(key, target, "untrained_selectivity")] = base[p + "selectivity"]
+        if trainer.is_global_zero:
+            self._log_layout(trainer, metrics)
+            self._log_figures(trainer, epoch)
+        return metrics
+
+    def _log_layout(self, trainer: "pl.Trainer", metrics: Mapping[str, float]) -> None:
+        if self._layout_done:
+            return
+        charts: Dict[str, list] = {}
+        for metric in METRICS + ("untrained_accuracy",):
+            tags = sorted(t for t in metrics if t.endswith("/" + metric) and t.count("/") == self.tag("x", metric).count("/"))
+            if tags:
+                charts[metric] = ["Multiline", [re.escape(t) for t in tags]]
+        add_custom_scalars(trainer, {self.tag(): charts})
+        self._layout_done = True
+
+    def heatmap_values(self, metric: str = "accuracy") -> Tuple[Tensor, List[str], List[str]]:
+        """The Alain-Bengio figure as numbers: ``(rows, cols)`` values, row names (input, layers), column names.
+
+        Columns are ``"untrained"`` (when available) and then the probed epochs; missing cells are NaN.
+        """
+        epochs = sorted({e for v in self.history.values() for e in v})
+        has_untrained = any(k.startswith(UNTRAINED) for k in self.baselines)
+        cols = (["untrained"] if has_untrained else []) + [str(e) for e in epochs]
+        rows = ([INPUT] if INPUT in self.baselines else []) + self.layers
+        values = torch.full((len(rows), len(cols)), float("nan"))
+        for i, row in enumerate(rows):
+            for j, col in enumerate(cols):
+                if row == INPUT:
+                    values[i, j] = self.baselines[INPUT].get(metric, float("nan"))
+                elif col == "untrained":
+                    values[i, j] = self.baselines.get(UNTRAINED + row, {}).get(metric, float("nan"))
+                else:
+                    values[i, j] = self.history.get(row, {}).get(int(col), {}).get(metric, float("nan"))
+        return values, rows, cols
+
+    def _log_figures(self, trainer: "pl.Trainer", epoch: int) -> None:
+        cell = 16
+        for metric, tag in (("accuracy", self.tag("heatmap")), ("selectivity", self.tag("heatmap_selectivity"))):
+            values, rows, cols = self.heatmap_values(metric)
+            if values.numel() == 0:
+                continue
+            grid = torch.nan_to_num(values, nan=0.0).clamp(0, 1)
+            grid = grid.repeat_interleave(cell, 0).repeat_interleave(cell, 1)  # (rows * cell, cols * cell)
+            log_image(trainer, tag, apply_colormap(grid[None], cmap="viridis")[0])
+        values, rows, cols = self.heatmap_values("accuracy")
+        sel, _, _ = self.heatmap_values("selectivity")
+        table = [[r] + [f"{float(values[i, j]):.3f} ({float(sel[i, j]):+.3f})" for j in range(len(cols))]
+                 for i, r in enumerate(rows)]
+        log_text(trainer, self.tag("table"),
+                 "Held-out probe accuracy (selectivity) per layer (rows, as in the heatmap) and epoch (columns).\n\n"
+                 + markdown_table(["layer"] + cols, table))
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._start(trainer)
+
+    @override
+    def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_start()
+
+    @override
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_end(trainer, pl_module, batch, dataloader_idx)
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        try:
+            self._finish(trainer, pl_module)
+        finally:
+            self._release()
+
+    @override
+    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._start(trainer)
+
+    @override
+    def on_test_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                            batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_start()
+
+    @override
+    def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_end(trainer, pl_module, batch, dataloader_idx)
+
+    @override
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        try:
+            self._finish(trainer, pl_module)
+        finally:
+            self._release()

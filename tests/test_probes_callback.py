@@ -1,0 +1,176 @@
+"""LinearProbeMonitor in a real Trainer: tags and values read back from TensorBoard, baselines,
+memorisation warning, do-no-harm, hook hygiene, configuration errors, state."""
+import io
+import re
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from helpers import DigitsModule, digits_loaders, hook_count, read_events, tiny_trainer, trained_weights
+from lightning_xai.callbacks.probes import LinearProbeMonitor
+
+LAYERS = ["net.0.2", "net.0.4", "net.1.3"]
+
+
+def _fit(tmp_path, callbacks, n_train=256, n_val=400, max_epochs=2, logger=True, module=None, **kwargs):
+    pl.seed_everything(0)
+    train, val = digits_loaders(n_train, n_val, batch_size=64)
+    module = module or DigitsModule()
+    trainer = tiny_trainer(tmp_path, callbacks=callbacks, logger=logger, max_epochs=max_epochs, **kwargs)
+    trainer.fit(module, train, val)
+    return trainer, module
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("probes")
+    monitor = LinearProbeMonitor(layers=LAYERS, concepts={"big": lambda batch: (batch[1] >= 5).long()}, on_error="raise")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, module = _fit(tmp_path, [monitor])
+    return monitor, trainer, module, read_events(tmp_path / "tb" / "version_0"), caught
+
+
+def test_scalars_reach_tensorboard(fitted):
+    monitor, _, _, events, _ = fitted
+    tags = set(events.Tags()["scalars"])
+    for layer in ["input"] + LAYERS:
+        for metric in ("accuracy", "selectivity", "control_accuracy"):
+            assert f"xai/probe/{layer}/{metric}" in tags
+            assert f"xai/probe/{layer}/big/{metric}" in tags
+    for layer in LAYERS:
+        assert f"xai/probe/{layer}/untrained_accuracy" in tags
+    for layer in LAYERS:
+        acc = [e.value for e in events.Scalars(f"xai/probe/{layer}/accuracy")]
+        ctrl = [e.value for e in events.Scalars(f"xai/probe/{layer}/control_accuracy")]
+        sel = [e.value for e in events.Scalars(f"xai/probe/{layer}/selectivity")]
+        assert len(acc) == 2  # one value per epoch
+        assert sel == pytest.approx([a - c for a, c in zip(acc, ctrl)], abs=1e-6)
+        assert all(c < 0.3 for c in ctrl)  # shuffled labels: near chance (0.1) on held-out samples
+
+
+def test_input_baseline_on_digits(fitted):
+    monitor, _, _, events, _ = fitted
+    acc = [e.value for e in events.Scalars("xai/probe/input/accuracy")]
+    assert acc[0] == pytest.approx(0.92, abs=0.05)  # raw pixels already probe well (reference: 0.92)
+    assert monitor.baselines["input"]["accuracy"] == pytest.approx(acc[0])
+    assert 0.8 < monitor.baselines["input"]["big/accuracy"] <= 1.0
+
+
+def test_heatmap_custom_scalars_and_table(fitted):
+    monitor, _, _, events, _ = fitted
+    images = events.Images("xai/probe/heatmap")
+    assert len(images) == 2
+    values, rows, cols = monitor.heatmap_values()
+    assert rows == ["input"] + LAYERS and cols == ["untrained", "0", "1"]
+    assert (images[-1].height, images[-1].width) == (16 * len(rows), 16 * len(cols))
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
+    layout = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0].decode("latin-1")
+    assert "xai/probe/net\\.0\\.4/selectivity" in layout
+    assert "xai/probe/table/text_summary" in events.Tags()["tensors"]
+
+
+def test_untrained_baseline_is_the_model_at_fit_start(fitted):
+    monitor, _, _, _, _ = fitted
+    # the trained first conv layer must not be scored from the untrained copy's features
+    for layer in LAYERS:
+        base = monitor.baselines["untrained/" + layer]
+        assert 0.0 <= base["control_accuracy"] < 0.3 and 0.1 < base["accuracy"] <= 1.0
+    # layers are probed each epoch and every epoch is in the history
+    assert sorted(monitor.history["net.0.4"]) == [0, 1]
+
+
+def test_hooks_removed_after_validation(fitted):
+    _, _, module, _, _ = fitted
+    assert hook_count(module) == 0
+
+
+def test_state_dict_holds_plain_types_and_round_trips(fitted):
+    monitor, _, _, _, _ = fitted
+    state = monitor.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    other = LinearProbeMonitor(layers=LAYERS)
+    other.load_state_dict(loaded)
+    assert other.history == monitor.history and other.baselines == monitor.baselines
+
+
+def test_memorisation_warning_on_flattened_maps(tmp_path):
+    monitor = LinearProbeMonitor(layers=["net.0.4", "net.1.3"], reduce={"net.0.4": "flatten"}, untrained_baseline=False)
+    with pytest.warns(RuntimeWarning, match=r"'net\.0\.4' memorises shuffled labels"):
+        _fit(tmp_path, [monitor], n_val=320, max_epochs=1, logger=False)
+    assert monitor.history["net.0.4"][0]["control_train_accuracy"] >= 0.9
+    assert monitor.history["net.1.3"][0]["control_train_accuracy"] < 0.9
+
+
+def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
+    _, plain = _fit(tmp_path / "a", [], logger=False)
+    monitor = LinearProbeMonitor(layers=["net.0.*", "net.1.*"], concepts={"big": lambda b: (b[1] >= 5).long()})
+    _, probed = _fit(tmp_path / "b", [monitor], logger=False)
+    assert monitor.history  # it did run
+    a, b = trained_weights(plain), trained_weights(probed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert all(p.grad is None or torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), probed.parameters()))
+    assert [m.training for m in plain.modules()] == [m.training for m in probed.modules()]
+    assert hook_count(probed) == 0
+
+
+class _Failing(DigitsModule):
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            raise RuntimeError("forced failure in validation_step")
+        return super().validation_step(batch, batch_idx)
+
+
+def test_hooks_removed_after_exception_in_validation(tmp_path):
+    module = _Failing()
+    monitor = LinearProbeMonitor(layers=["net.0.*"])
+    with pytest.raises(RuntimeError, match="forced failure"):
+        _fit(tmp_path, [monitor], module=module, max_epochs=1, logger=False)
+    assert hook_count(module) == 0
+    assert not monitor._capture.attached
+
+
+def test_unknown_layer_fails_at_setup_listing_valid_names(tmp_path):
+    monitor = LinearProbeMonitor(layers=["net.0.4", "features.9"])
+    with pytest.raises(MisconfigurationException, match=re.escape("net.0.0, net.0.1")):
+        _fit(tmp_path, [monitor], max_epochs=1, logger=False)
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(layers=[]), id="no-layers"),
+    pytest.param(dict(layers=["a"], solver="svm"), id="solver"),
+    pytest.param(dict(layers=["a"], holdout_every=1), id="holdout"),
+    pytest.param(dict(layers=["a"], concepts={"label": len}), id="concept-name"),
+    pytest.param(dict(layers=["a"], cv=1), id="cv"),
+    pytest.param(dict(layers=["a"], reduce="median"), id="reduce"),
+])
+def test_bad_arguments_fail_early(kwargs):
+    with pytest.raises((MisconfigurationException, ValueError, TypeError)):
+        monitor = LinearProbeMonitor(**kwargs)
+        monitor.setup(tiny_trainer("/tmp/unused", logger=False), DigitsModule(), "fit")
+
+
+def test_quiet_under_fast_dev_run(tmp_path):
+    monitor = LinearProbeMonitor(layers=["net.0.4"])
+    _fit(tmp_path, [monitor], fast_dev_run=True, logger=False)
+    assert monitor.history == {} and monitor.baselines == {}
+
+
+def test_validate_only_runs_under_inference_mode(tmp_path):
+    pl.seed_everything(0)
+    _, val = digits_loaders(64, 200, batch_size=50)
+    module = DigitsModule()
+    monitor = LinearProbeMonitor(layers=["net.0.4"], solver="logistic")
+    trainer = tiny_trainer(tmp_path, callbacks=[monitor], logger=False)
+    metrics = trainer.validate(module, val, verbose=False)[0]
+    assert "xai/probe/net.0.4/accuracy" in metrics and "xai/probe/input/accuracy" in metrics
+    assert "untrained/net.0.4" not in monitor.baselines  # no fit, no untrained snapshot
+    assert hook_count(module) == 0
