@@ -1,0 +1,38 @@
+"""Attribution maps in pure torch: gradients, SmoothGrad, Integrated Gradients, occlusion, Grad-CAM and LIME.
+
+Every method is called as ``method(model, inputs, target=None, **options)`` and returns a detached
+tensor shaped like ``inputs`` (Grad-CAM: ``(N, 1, H, W)``). The calls have no side effects: no
+``param.grad``, no hooks left behind, module flags and the global RNG untouched, ``inputs`` never
+modified; they work under ``torch.no_grad()`` and ``torch.inference_mode()``; and the rows per
+forward pass are capped by an argument that does not change the result.
+
+This package imports torch only (no Lightning, TensorBoard or matplotlib); Captum is imported
+lazily by :func:`from_captum`.
+"""
+from lightning_xai.attribution._common import DEFAULT_MAX_ROWS
+from lightning_xai.attribution.grad_cam import grad_cam
+from lightning_xai.attribution.gradient import input_x_gradient, saliency, smoothgrad
+from lightning_xai.attribution.integrated_gradients import gaussian_blur, integrated_gradients, quadrature
+from lightning_xai.attribution.lime import grid_segments, lime
+from lightning_xai.attribution.occlusion import occlusion, occlusion_windows
+from lightning_xai.attribution.registry import METHODS, CaptumMethod, from_captum, get_method, is_signed
+
+__all__ = [
+    "DEFAULT_MAX_ROWS",
+    "METHODS",
+    "CaptumMethod",
+    "from_captum",
+    "gaussian_blur",
+    "get_method",
+    "grad_cam",
+    "grid_segments",
+    "input_x_gradient",
+    "integrated_gradients",
+    "is_signed",
+    "lime",
+    "occlusion",
+    "occlusion_windows",
+    "quadrature",
+    "saliency",
+    "smoothgrad",
+]

@@ -1,0 +1,229 @@
+"""Plumbing shared by the attribution methods: argument checks, state guards and chunked passes.
+
+Every method follows the same contract, and this module is where it lives:
+
+* gradients come from ``torch.autograd.grad`` on a private copy of the inputs, never ``backward``,
+  so ``param.grad`` is never touched and ``inputs`` (and its ``requires_grad``) stay as they were;
+* the model's ``training`` flags are restored but never changed (the caller picks eval or train);
+* parameters are frozen for the call, which skips parameter gradients without changing results;
+* randomness comes from a private ``torch.Generator``, never the global RNG;
+* every forward pass sees at most a capped number of rows, and results do not depend on the cap;
+* everything runs inside ``inference_mode(False)``, so the cores work under Lightning's
+  ``torch.inference_mode()`` evaluation loops and return normal, detached tensors.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_xai._utils import (
+    Target,
+    as_logits,
+    chunks,
+    expected,
+    frozen_params,
+    gradient_context,
+    preserve_modes,
+    resolve_target,
+    target_scores,
+    validate_target,
+)
+
+#: Default cap on rows per forward pass (``batch_size``/``internal_batch_size`` = None). Measured in
+#: ``bench/attribution.py``: on CPU under glibc malloc, passes of 64-128 rows are fastest; bigger
+#: fused batches are slower (large buffers are mmap'd and unmapped on every call) and use memory
+#: linearly in the row count.
+DEFAULT_MAX_ROWS = 128
+
+Generator = Union[None, int, torch.Generator]
+
+
+# --------------------------------------------------------------------------- argument checks
+def check_model(model: Any) -> None:
+    """Raise ``TypeError`` unless ``model`` is callable."""
+    if not callable(model):
+        raise TypeError(expected("model", "an nn.Module or a callable returning logits (N, classes)",
+                                 type(model).__name__))
+
+
+def check_inputs(inputs: Any, min_ndim: int = 2) -> None:
+    """Raise unless ``inputs`` is a floating-point tensor ``(N, ...)`` with at least ``min_ndim`` dims."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(expected("inputs", "a floating-point tensor (N, ...)", type(inputs).__name__))
+    if not inputs.is_floating_point():
+        raise TypeError(expected("inputs", "a floating-point tensor (N, ...)", inputs))
+    if inputs.ndim < min_ndim or inputs.shape[0] == 0:
+        shape = "(N, C, H, W)" if min_ndim == 4 else "(N, ...)" if min_ndim <= 2 else f"a tensor with {min_ndim} dims"
+        raise ValueError(expected("inputs", f"a non-empty batch {shape}", inputs))
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``TypeError`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(expected(name, "a bool", value))
+
+
+def check_non_negative_float(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a finite real number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(expected(name, "a non-negative float", value))
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(expected(name, "a non-negative float", value))
+
+
+def check_positive_float(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a finite real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(expected(name, "a positive float", value))
+    if not value > 0 or value == float("inf"):
+        raise ValueError(expected(name, "a positive float", value))
+
+
+def check_common(model: Any, inputs: Any, target: Target, min_ndim: int = 2) -> None:
+    """The checks every method starts with: model, inputs and target."""
+    check_model(model)
+    check_inputs(inputs, min_ndim)
+    validate_target(target, inputs.shape[0])
+
+
+def make_generator(generator: Generator, device: torch.device) -> torch.Generator:
+    """A private generator: ``None`` -> seeded with 0, an int -> that seed, a Generator -> itself.
+
+    A fresh generator is created on ``device`` so the global RNG is never read or advanced.
+    """
+    if generator is None or (isinstance(generator, int) and not isinstance(generator, bool)):
+        seed = 0 if generator is None else generator
+        if seed < 0:
+            raise ValueError(expected("generator", "a torch.Generator, a non-negative int seed or None", generator))
+        return torch.Generator(device=device).manual_seed(seed)
+    if isinstance(generator, torch.Generator):
+        if generator.device.type != device.type:
+            raise ValueError(expected("generator", f"a torch.Generator on the inputs' device ({device.type})",
+                                      f"a generator on {generator.device.type}"))
+        return generator
+    raise TypeError(expected("generator", "a torch.Generator, a non-negative int seed or None", type(generator).__name__))
+
+
+def as_baseline(baseline: Any, inputs: Tensor, name: str = "baseline") -> Tensor:
+    """A scalar or a tensor broadcastable to ``inputs`` -> a tensor of ``inputs``' shape, dtype and device."""
+    if isinstance(baseline, bool):
+        raise TypeError(expected(name, "a number or a tensor broadcastable to the inputs", baseline))
+    if isinstance(baseline, (int, float)):
+        return torch.full_like(inputs, float(baseline))
+    if isinstance(baseline, Tensor):
+        try:
+            return baseline.detach().to(device=inputs.device, dtype=inputs.dtype).expand_as(inputs).clone()
+        except RuntimeError as err:
+            raise ValueError(expected(name, f"a tensor broadcastable to the inputs' shape {tuple(inputs.shape)}",
+                                      baseline)) from err
+    raise TypeError(expected(name, "a number or a tensor broadcastable to the inputs", type(baseline).__name__))
+
+
+# --------------------------------------------------------------------------- models and guards
+def module_of(model: Any) -> Optional[nn.Module]:
+    """The ``nn.Module`` behind ``model``: itself, a bound method's owner, a partial's function, or
+    the single module captured in a closure (e.g. ``lambda x: module(x)["logits"]``); else None.
+    """
+    seen = 0
+    while seen < 4:
+        seen += 1
+        if isinstance(model, nn.Module):
+            return model
+        owner = getattr(model, "__self__", None)
+        if isinstance(owner, nn.Module):
+            return owner
+        if hasattr(model, "func") and hasattr(model, "args"):  # functools.partial
+            model = model.func
+            continue
+        cells = getattr(model, "__closure__", None) or ()
+        found = []
+        for cell in cells:
+            try:
+                value = cell.cell_contents
+            except ValueError:  # empty cell
+                continue
+            if isinstance(value, nn.Module):
+                found.append(value)
+        if len(found) == 1:
+            return found[0]
+        return None
+    return None
+
+
+@contextmanager
+def guarded(model: Any, grad: bool = True) -> Iterator[None]:
+    """The state guards around one attribution call.
+
+    Autograd on (``grad=True``; also inside ``inference_mode``) or off (``grad=False``), every
+    ``training`` flag restored but not changed, parameters frozen while input gradients are taken.
+    All restored in ``finally``, also when the model raises.
+    """
+    module = module_of(model)
+    with ExitStack() as stack:
+        if grad:
+            stack.enter_context(gradient_context())
+        else:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.no_grad())
+        if module is not None:
+            stack.enter_context(preserve_modes(module, eval_mode=False))
+            if grad:
+                stack.enter_context(frozen_params(module))
+        yield
+
+
+def private_copy(inputs: Tensor) -> Tensor:
+    """A detached normal (non-inference) copy of ``inputs``; call it inside :func:`guarded`."""
+    return inputs.detach().clone()
+
+
+# --------------------------------------------------------------------------- targets and passes
+def row_target(target: Target, index: Union[slice, Tensor]) -> Target:
+    """The target for a chunk of rows whose sample indices are ``index``."""
+    if isinstance(target, Tensor):
+        return target[index]
+    return target
+
+
+def resolve_target_chunked(model: Callable[[Tensor], Any], x: Tensor, target: Target, max_rows: int) -> Target:
+    """:func:`resolve_target` run over chunks of at most ``max_rows`` rows (one no-grad pass in all)."""
+    if target is not None:
+        return resolve_target(model, x, target)
+    parts = [resolve_target(model, x[a:b], None) for a, b in chunks(x.shape[0], max_rows)]
+    return torch.cat(parts)  # type: ignore[arg-type]
+
+
+def scores_of(output: Any, target: Target) -> Tensor:
+    """One score per row; ``target=None`` means each row's own predicted class."""
+    if target is None:
+        target = as_logits(output).detach().argmax(dim=1)
+    return target_scores(output, target)
+
+
+def input_grad(model: Callable[[Tensor], Any], rows: Tensor, target: Target) -> Tuple[Tensor, Tensor]:
+    """Gradient of the summed target scores with respect to ``rows`` (a fresh leaf), and the scores.
+
+    Call it inside :func:`guarded` with ``grad=True``. Rows are independent in eval mode, so the
+    gradient of the sum is each row's own input gradient.
+    """
+    leaf = rows.detach().requires_grad_(True)  # rows are our private copy, never the caller's tensor
+    scores = scores_of(model(leaf), target)
+    (grad,) = torch.autograd.grad(scores.sum(), leaf)
+    return grad, scores.detach()
+
+
+def forward_scores(model: Callable[[Tensor], Any], x: Tensor, target: Target, max_rows: int) -> Tensor:
+    """Target scores of ``x`` (no grad), computed in chunks of at most ``max_rows`` rows."""
+    parts = []
+    with torch.no_grad():
+        for a, b in chunks(x.shape[0], max_rows):
+            parts.append(scores_of(model(x[a:b]), row_target(target, slice(a, b))).detach())
+    return torch.cat(parts)
+
+
+def spatial_view(v: Tensor, ndim: int) -> Tensor:
+    """``v`` of shape ``(rows,)`` reshaped to ``(rows, 1, ..., 1)`` to broadcast over ``ndim``-dim rows."""
+    return v.view(-1, *([1] * (ndim - 1)))

@@ -1,0 +1,264 @@
+"""Method registry (names -> functions), method specs for callbacks, sign flags and the Captum adapter."""
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lightning_xai._utils import Target, expected
+from lightning_xai.attribution._common import guarded, private_copy, resolve_target_chunked, DEFAULT_MAX_ROWS
+from lightning_xai.attribution.grad_cam import grad_cam
+from lightning_xai.attribution.gradient import input_x_gradient, saliency, smoothgrad
+from lightning_xai.attribution.integrated_gradients import integrated_gradients
+from lightning_xai.attribution.lime import lime
+from lightning_xai.attribution.occlusion import occlusion
+
+AttributionFn = Callable[..., Any]
+
+#: Built-in methods by name; each is called as ``fn(model, inputs, target, **options)``.
+METHODS: Dict[str, AttributionFn] = {
+    "saliency": saliency,
+    "input_x_gradient": input_x_gradient,
+    "smoothgrad": smoothgrad,
+    "integrated_gradients": integrated_gradients,
+    "occlusion": occlusion,
+    "grad_cam": grad_cam,
+    "lime": lime,
+}
+
+# signedness of methods that are not built in (adapters, user callables), recorded by get_method
+_CUSTOM_SIGNED: Dict[str, bool] = {}
+
+
+def _option_names(fn: AttributionFn) -> Optional[Tuple[str, ...]]:
+    """Keyword options ``fn`` accepts after ``(model, inputs, target)``; None if it takes ``**kwargs``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _check_options(name: str, fn: AttributionFn, options: Any) -> Dict[str, Any]:
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise TypeError(expected(f"options of {name!r}", "a dict of keyword arguments", type(options).__name__))
+    accepted = _option_names(fn)
+    if accepted is not None:
+        unknown = [k for k in options if k not in accepted]
+        if unknown:
+            raise ValueError(expected(f"options of {name!r}", "among " + ", ".join(accepted),
+                                      ", ".join(repr(k) for k in unknown)))
+    return dict(options)
+
+
+def _is_captum_attribution(obj: Any) -> bool:
+    module = type(obj).__module__ or ""
+    return module.startswith("captum.") and callable(getattr(obj, "attribute", None))
+
+
+def _is_captum_class(obj: Any) -> bool:
+    return inspect.isclass(obj) and (obj.__module__ or "").startswith("captum.") and hasattr(obj, "attribute")
+
+
+def _valid_specs() -> str:
+    return ("a method name (" + ", ".join(repr(n) for n in METHODS) + "), a (name, options) pair, a Captum "
+            "Attribution object, a from_captum(...) adapter or a callable (model, inputs, target, **options)")
+
+
+def get_method(spec: Any) -> Tuple[str, AttributionFn, Dict[str, Any]]:
+    """Resolve a method spec to ``(name, fn, options)``; call it as ``fn(model, inputs, target, **options)``.
+
+    Accepted specs:
+
+    * a name from :data:`METHODS`, e.g. ``"integrated_gradients"``;
+    * a ``(name, options)`` pair, e.g. ``("smoothgrad", {"samples": 32})``; option names are checked
+      against the function's signature;
+    * a Captum ``Attribution`` object (or class), or a ``(captum_object, attribute_kwargs)`` pair, wrapped
+      with :func:`from_captum` (named ``captum_<class_name>``);
+    * a :func:`from_captum` adapter or any callable ``(model, inputs, target, **options) -> Tensor``,
+      named after its ``name`` or ``__name__`` attribute.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the valid names) or unknown options.
+        TypeError: for a spec of another type.
+
+    Example:
+        >>> name, fn, options = get_method(("integrated_gradients", {"steps": 16}))
+        >>> name, fn is integrated_gradients, options
+        ('integrated_gradients', True, {'steps': 16})
+    """
+    if isinstance(spec, str):
+        if spec not in METHODS:
+            raise ValueError(expected("method", _valid_specs(), spec))
+        return spec, METHODS[spec], {}
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], Mapping):
+        head, options = spec
+        if isinstance(head, str):
+            name, fn, _ = get_method(head)
+            return name, fn, _check_options(name, fn, options)
+        if _is_captum_attribution(head) or _is_captum_class(head):
+            adapter = from_captum(head, **dict(options))
+            _CUSTOM_SIGNED[adapter.name] = adapter.signed
+            return adapter.name, adapter, {}
+        name, fn, _ = get_method(head)
+        return name, fn, _check_options(name, fn, options)
+    if _is_captum_attribution(spec) or _is_captum_class(spec):
+        spec = from_captum(spec)
+    if isinstance(spec, CaptumMethod):
+        _CUSTOM_SIGNED[spec.name] = spec.signed
+        return spec.name, spec, {}
+    if callable(spec) and not isinstance(spec, Tensor):
+        for name, fn in METHODS.items():
+            if spec is fn:
+                return name, fn, {}
+        name = getattr(spec, "name", None) or getattr(spec, "__name__", None) or type(spec).__name__
+        if not isinstance(name, str):
+            name = type(spec).__name__
+        signed = getattr(spec, "signed", None)
+        if isinstance(signed, bool):
+            _CUSTOM_SIGNED[name] = signed
+        return name, spec, {}
+    raise TypeError(expected("method", _valid_specs(), type(spec).__name__))
+
+
+def is_signed(name: Any, options: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether maps of this method (with these options) carry a sign, for choosing a colour map.
+
+    Unsigned: ``saliency`` with ``abs=True`` (default), ``smoothgrad`` unless ``kind="smoothgrad"``
+    and ``abs=False``, ``grad_cam`` with ``relu=True`` (default). Signed: ``input_x_gradient``,
+    ``integrated_gradients``, ``occlusion``, ``lime``. Captum adapters and callables carry their own
+    flag (a ``signed`` attribute); anything unknown counts as signed.
+
+    Example:
+        >>> is_signed("saliency"), is_signed("saliency", {"abs": False}), is_signed("integrated_gradients")
+        (False, True, True)
+    """
+    options = dict(options or {})
+    if not isinstance(name, str):
+        signed = getattr(name, "signed", None)
+        return signed if isinstance(signed, bool) else True
+    if name == "saliency":
+        return not options.get("abs", True)
+    if name == "smoothgrad":
+        return options.get("kind", "smoothgrad") == "smoothgrad" and not options.get("abs", True)
+    if name == "grad_cam":
+        return not options.get("relu", True)
+    if name in ("input_x_gradient", "integrated_gradients", "occlusion", "lime"):
+        return True
+    return _CUSTOM_SIGNED.get(name, True)
+
+
+# --------------------------------------------------------------------------- Captum adapter
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def _captum_signed(obj: Any, kwargs: Mapping[str, Any]) -> bool:
+    cls = obj.__name__ if inspect.isclass(obj) else type(obj).__name__
+    if cls == "Saliency":
+        return not kwargs.get("abs", True)
+    if cls == "LayerGradCam":
+        return not kwargs.get("relu_attributions", False)
+    if cls == "NoiseTunnel":
+        if kwargs.get("nt_type", "smoothgrad") != "smoothgrad":
+            return False
+        inner = getattr(obj, "attribution_method", None)
+        return True if inner is None else _captum_signed(inner, kwargs)
+    return True
+
+
+class CaptumMethod:
+    """A Captum attribution with this package's call signature ``(model, inputs, target, **options)``.
+
+    Made by :func:`from_captum`. On each call the Captum object is re-bound to ``model`` (a shallow
+    copy with ``forward_func`` replaced, also inside ``NoiseTunnel``); a class is instantiated with
+    ``model`` (and ``layer=`` from the options for layer methods). ``target=None`` becomes the predicted
+    class, a callable target is folded into the forward function. The call runs under the same guards
+    as the built-in methods (gradients enabled even in ``inference_mode``, flags restored, inputs
+    copied) and inside ``torch.random.fork_rng`` so Captum's use of the global RNG (``NoiseTunnel``)
+    leaves it untouched.
+    """
+
+    def __init__(self, attribution: Any, attribute_kwargs: Dict[str, Any], signed: Optional[bool] = None) -> None:
+        self.attribution = attribution
+        self.attribute_kwargs = attribute_kwargs
+        cls = attribution.__name__ if inspect.isclass(attribution) else type(attribution).__name__
+        inner = getattr(attribution, "attribution_method", None)
+        suffix = "_" + _snake(type(inner).__name__) if cls == "NoiseTunnel" and inner is not None else ""
+        self.name = "captum_" + _snake(cls) + suffix
+        self.signed = _captum_signed(attribution, attribute_kwargs) if signed is None else signed
+
+    def __repr__(self) -> str:
+        return f"CaptumMethod({self.name}, {self.attribute_kwargs})"
+
+    def _bind(self, forward: Callable, options: Dict[str, Any]) -> Any:
+        import copy
+
+        obj = self.attribution
+        if inspect.isclass(obj):
+            init = inspect.signature(obj.__init__).parameters
+            ctor = {k: options.pop(k) for k in list(options) if k in init and k != "self"}
+            return obj(forward, **ctor)
+        obj = copy.copy(obj)
+        inner = getattr(obj, "attribution_method", None)
+        if inner is not None:  # NoiseTunnel
+            inner = copy.copy(inner)
+            inner.forward_func = forward
+            obj.attribution_method = inner
+        obj.forward_func = forward
+        return obj
+
+    def __call__(self, model: Callable[[Tensor], Any], inputs: Tensor, target: Target = None, **options: Any) -> Any:
+        opts = {**self.attribute_kwargs, **options}
+        with torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else []), guarded(model):
+            x = private_copy(inputs)
+            target = resolve_target_chunked(model, x, target, DEFAULT_MAX_ROWS)
+            forward = model
+            if callable(target) and not isinstance(target, Tensor):
+                score = target
+                forward, target = (lambda z: score(model(z))), None
+            obj = self._bind(forward, opts)
+            out = obj.attribute(x, target=target, **opts)
+        if isinstance(out, tuple):
+            return tuple(o.detach() for o in out)
+        return out.detach()
+
+
+def from_captum(attribution: Any, signed: Optional[bool] = None, **attribute_kwargs: Any) -> CaptumMethod:
+    """Wrap a Captum attribution object (or class) as a method with the signature ``(model, inputs, target, **options)``.
+
+    Args:
+        attribution: e.g. ``captum.attr.Saliency(model)``, ``NoiseTunnel(Saliency(model))`` or the class
+            ``captum.attr.IntegratedGradients`` (instantiated with the model on each call; constructor
+            arguments such as ``layer`` may be given in ``attribute_kwargs``).
+        signed: whether its maps are signed (for rendering); None guesses from the class and kwargs.
+        **attribute_kwargs: passed to ``.attribute(...)`` on every call, e.g. ``n_steps=50``.
+
+    Returns:
+        A :class:`CaptumMethod`; ``get_method`` accepts it (and raw Captum objects) wherever a name is accepted.
+
+    Raises:
+        ImportError: if captum is not installed.
+        TypeError: if ``attribution`` has no ``attribute`` method.
+
+    Example:
+        >>> from captum.attr import Saliency
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> method = from_captum(Saliency(model), abs=False)
+        >>> method(model, torch.rand(2, 1, 4, 4), 0).shape
+        torch.Size([2, 1, 4, 4])
+    """
+    try:
+        import captum.attr  # noqa: F401
+    except ImportError as err:  # pragma: no cover - captum is a test dependency
+        raise ImportError("from_captum needs captum: `pip install captum` (or use the built-in methods: "
+                          + ", ".join(METHODS) + ").") from err
+    if not callable(getattr(attribution, "attribute", None)):
+        raise TypeError(expected("attribution", "a Captum Attribution object or class (with an `attribute` method)",
+                                 type(attribution).__name__))
+    return CaptumMethod(attribution, dict(attribute_kwargs), signed)
