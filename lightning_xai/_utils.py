@@ -263,6 +263,9 @@ def target_scores(output: Tensor, target: Target, repeat: int = 1) -> Tensor:
         return logits[:, target]
     if isinstance(target, Tensor):
         idx = target.repeat_interleave(repeat) if repeat > 1 else target
+        if idx.is_inference():  # a label tensor from Lightning's inference_mode loop cannot be saved for backward
+            with torch.inference_mode(False):
+                idx = idx.clone()
         if idx.shape[0] != logits.shape[0]:
             raise ValueError(expected("target", f"{logits.shape[0] // max(repeat, 1)} class indices", target))
         if int(idx.max()) >= logits.shape[1] or int(idx.min()) < 0:

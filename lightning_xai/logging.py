@@ -99,7 +99,7 @@ def log_image(trainer: Any, tag: str, image: Tensor, step: Optional[int] = None)
     path = os.path.join(folder, _file_name(tag, step, "png"))
     matplotlib.image.imsave(path, _to_uint8_hwc(image))
     warn_once(
-        "no-image-logger",
+        f"no-image-logger-{id(trainer)}",
         "No logger that can take images (TensorBoardLogger or WandbLogger) is attached; lightning_xai writes "
         f"its images as PNG files under {folder!r} instead.",
     )

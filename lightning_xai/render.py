@@ -112,8 +112,9 @@ def attribution_grid(
     alpha: float = 0.6,
     min_side: int = 64,
     padding: int = 2,
+    show_raw: bool = True,
 ) -> Tensor:
-    """A grid with a row per sample: the input, then each map overlaid on it.
+    """A grid with a row per sample: the input, then for each map the heatmap alone (``show_raw``) and overlaid.
 
     Args:
         inputs: images ``(N, C, H, W)``.
@@ -124,6 +125,7 @@ def attribution_grid(
         alpha: heatmap weight in the overlay.
         min_side: cells are upscaled (nearest) so their short side is at least this.
         padding: pixels between cells.
+        show_raw: add a column with the coloured map alone before each overlay.
 
     Returns:
         ``(3, H', W')`` in ``[0, 1]``.
@@ -134,6 +136,8 @@ def attribution_grid(
         if attr.shape[-2:] != inputs.shape[-2:]:
             attr = F.interpolate(attr.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
         heat = apply_colormap(normalize_maps(attr, is_signed, outlier_perc), DIVERGING_CMAP if is_signed else SEQUENTIAL_CMAP)
+        if show_raw:
+            columns.append(heat)
         columns.append(overlay(base, heat, alpha))
     cells = torch.stack([upscale(c, min_side) for c in columns], dim=1)  # (N, cols, 3, H, W)
     return make_grid(cells, padding=padding)

@@ -135,3 +135,9 @@ def read_events(log_dir: str):
 
 def trained_weights(module: nn.Module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def read_text(acc, tag: str) -> str:
+    """The newest text logged under ``tag`` (TensorBoard stores it as ``<tag>/text_summary``)."""
+    name = tag if tag in acc.Tags()["tensors"] else f"{tag}/text_summary"
+    return acc.Tensors(name)[-1].tensor_proto.string_val[0].decode()

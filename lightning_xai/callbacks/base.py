@@ -128,6 +128,7 @@ class XAICallback(Callback):
         self.last_explained_epoch: int = -2  # -1 is used for "before training"
         self.errors: int = 0
         self._last_validated_epoch: Optional[int] = None
+        self._last_attempted_epoch: Optional[int] = None
 
     # ------------------------------------------------------------------ naming and state
     def tag(self, *parts: Any) -> str:
@@ -400,10 +401,12 @@ class ProbeSetCallback(XAICallback):
         epoch = trainer.current_epoch
         if not via_module and self._last_validated_epoch is not None:
             epoch = self._last_validated_epoch
+        self._last_attempted_epoch = epoch
         if not self.finalize_probe(trainer):
             return
-        x_all = self.probe_x.to(pl_module.device)
-        y_all = None if self.probe_y is None else self.probe_y.to(pl_module.device)
+        with torch.inference_mode(False):  # normal tensors, usable by autograd even in validate()/test()
+            x_all = self.probe_x.to(pl_module.device).clone()
+            y_all = None if self.probe_y is None else self.probe_y.to(pl_module.device).clone()
         world, rank = max(trainer.world_size, 1), trainer.global_rank
         start, stop, _ = split_rows(x_all.shape[0], world, rank)
 
@@ -442,5 +445,5 @@ class ProbeSetCallback(XAICallback):
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
-                and self._last_validated_epoch != self.last_explained_epoch):
+                and self._last_validated_epoch != self._last_attempted_epoch):
             self.explain(trainer, pl_module, via_module=False)
