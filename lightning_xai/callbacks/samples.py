@@ -1,0 +1,382 @@
+"""SampleInfluenceMonitor: which training samples support each prediction, which look mislabelled,
+which validation samples the training data barely covers.
+
+After TrustAI's sample-level analysis tools. Every ``every_n_epochs`` validation epochs (and at fit end)
+it reads the first ``max_train_samples`` training samples by dataset index, captures their penultimate
+features with a forward hook, and logs:
+
+* ``neighbours``: each probe sample next to its ``k`` most similar training samples (cosine of features),
+* ``representers``: each probe next to the training samples that push its predicted logit up the most and
+  down the most (representer points, Yeh et al. 2018),
+* ``suspects``: the training samples with the largest ``|alpha_{i, y_i}|``, likely label errors,
+* ``sparse``: the probe samples with the lowest support (mean cosine of their nearest training features).
+
+Images get a coloured frame per training cell: green when its label is the probe's predicted class, red
+otherwise; the labels and values are in a markdown table logged beside each image.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_xai._utils import check_choice, check_positive_int, expected
+from lightning_xai.callbacks.base import ProbeSetCallback, extract_xy
+from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
+from lightning_xai.render import make_grid, to_display, upscale
+from lightning_xai.samples import (
+    RepresenterFit,
+    capture_features,
+    cosine_topk,
+    dataset_features,
+    first_samples,
+    read_samples,
+    representer_points,
+    resolve_feature_layer,
+    support,
+    suspect_scores,
+)
+from lightning_xai.samples.representer import SUSPECT_MODES
+
+_GREEN = (0.1, 0.7, 0.2)
+_RED = (0.85, 0.1, 0.1)
+_GREY = (0.6, 0.6, 0.6)
+
+
+def _framed(images: Tensor, colours: Sequence[Tuple[float, float, float]], width: int = 3) -> Tensor:
+    """Draw a coloured frame of ``width`` pixels into RGB cells ``(N, 3, H, W)`` (a new tensor)."""
+    out = images.clone()
+    for i, colour in enumerate(colours):
+        c = torch.tensor(colour, dtype=out.dtype).view(3, 1, 1)
+        out[i, :, :width, :] = c
+        out[i, :, -width:, :] = c
+        out[i, :, :, :width] = c
+        out[i, :, :, -width:] = c
+    return out
+
+
+def _train_dataset(trainer: "pl.Trainer") -> Optional[Any]:
+    """The dataset behind the trainer's (first) train dataloader, also under ``validate``/``test`` if defined."""
+    loaders = getattr(trainer, "train_dataloader", None)
+    if loaders is None:
+        source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+        try:
+            loaders = source.dataloader() if source is not None and source.is_defined() else None
+        except Exception:  # noqa: BLE001 - a module without train data under validate()/test()
+            loaders = None
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    elif isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    return getattr(loaders, "dataset", None)
+
+
+class SampleInfluenceMonitor(ProbeSetCallback):
+    """Logs sample-level explanations: supporting neighbours, representer points, suspect labels and sparse samples.
+
+    Args:
+        layer: dotted name of the feature layer (relative to the LightningModule, e.g. ``"net.1.3"``); default:
+            the last ``nn.Linear``, whose *input* is taken. An unknown name lists the valid ones.
+        capture: ``"input"`` or ``"output"`` of ``layer`` (default: input for the automatic layer, output for a
+            named one).
+        k: training neighbours shown per probe sample.
+        support_k: neighbours averaged into a probe's support (sparse samples have low support).
+        num_representers: excitatory and inhibitory training samples shown per probe (each).
+        num_suspects: training samples shown in the suspect grid and table.
+        num_sparse: lowest-support probe samples shown.
+        lam: L2 strength of the representer refit.
+        suspect_mode: ``"label"`` ranks by ``|alpha_{i, y_i}|`` of a refit on the given labels (the paper's
+            label-error setting); ``"norm"`` by ``||alpha_i||`` (used automatically when there are no labels).
+        max_train_samples: training samples used: the first ``n`` of the train dataset by index (deterministic;
+            the train DataLoader is never iterated).
+        train_data: a ``Dataset`` or an ``(inputs, labels)`` pair to use instead of the trainer's train dataset
+            (needed under ``trainer.validate()``/``test()`` when the module defines no ``train_dataloader``).
+        batch_size: samples per forward pass over the training data.
+        denormalize: maps normalised inputs back to display values.
+        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
+        every_n_epochs: cadence (default 5: each run is a pass over up to ``max_train_samples`` samples).
+        run_on_fit_end, on_error, prefix, output_key, forward: see :class:`~lightning_xai.callbacks.base.XAICallback`.
+
+    Tags (with the default ``prefix="xai"``):
+        images ``xai/samples/neighbours``, ``xai/samples/representers``, ``xai/samples/suspects``,
+        ``xai/samples/sparse``; text tables under the same tags plus ``/table``; scalars
+        ``xai/samples/mean_support``, ``xai/samples/min_support``, ``xai/samples/neighbour_agreement``
+        (share of neighbours labelled with the probe's prediction), ``xai/samples/refit_agreement`` (the
+        refit layer's predictions on the training samples agree with the model's) and
+        ``xai/samples/decomposition_gap`` (max ``|Theta f_t - sum_i alpha_i f_i^T f_t|`` over the probes).
+
+    Attributes:
+        suspects: dataset indices of the training samples ranked most suspicious at the last run (LongTensor).
+        suspect_values: their scores.
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> monitor = SampleInfluenceMonitor(k=8, max_train_samples=2000, every_n_epochs=5)
+        >>> trainer = Trainer(callbacks=[monitor], max_epochs=10)  # doctest: +SKIP
+    """
+
+    area = "samples"
+
+    def __init__(
+        self,
+        layer: Optional[str] = None,
+        capture: Optional[str] = None,
+        k: int = 8,
+        support_k: int = 10,
+        num_representers: int = 4,
+        num_suspects: int = 32,
+        num_sparse: int = 8,
+        lam: float = 1e-3,
+        suspect_mode: str = "label",
+        max_train_samples: Optional[int] = 2000,
+        train_data: Union[None, Dataset, Tuple[Tensor, Tensor]] = None,
+        batch_size: int = 256,
+        denormalize: Optional[Callable[[Tensor], Tensor]] = None,
+        probe_samples: int = 16,
+        every_n_epochs: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(probe_samples=probe_samples, every_n_epochs=every_n_epochs, **kwargs)
+        try:
+            for name, value in (("k", k), ("support_k", support_k), ("num_representers", num_representers),
+                                ("num_suspects", num_suspects), ("num_sparse", num_sparse), ("batch_size", batch_size)):
+                check_positive_int(name, value)
+            check_positive_int("max_train_samples", max_train_samples, allow_none=True)
+            check_choice("suspect_mode", suspect_mode, SUSPECT_MODES)
+            if capture is not None:
+                check_choice("capture", capture, ("input", "output"))
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(str(err)) from err
+        if layer is not None and not isinstance(layer, str):
+            raise MisconfigurationException(expected("layer", "a dotted layer name (str) or None", type(layer).__name__))
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
+            raise MisconfigurationException(expected("lam", "a positive float", lam))
+        if denormalize is not None and not callable(denormalize):
+            raise MisconfigurationException(expected("denormalize", "a callable inputs -> display values", denormalize))
+        if isinstance(train_data, (tuple, list)):
+            if not (len(train_data) == 2 and all(isinstance(t, Tensor) for t in train_data)
+                    and train_data[0].shape[0] == train_data[1].shape[0]):
+                raise MisconfigurationException(expected("train_data", "a Dataset or a pair (inputs, labels) of tensors "
+                                                         "with the same number of rows", type(train_data).__name__))
+            train_data = TensorDataset(*train_data)
+        elif train_data is not None and not hasattr(train_data, "__getitem__"):
+            raise MisconfigurationException(expected("train_data", "a Dataset or a pair (inputs, labels)",
+                                                     type(train_data).__name__))
+        self.layer = layer
+        self.capture = capture
+        self.k = k
+        self.support_k = support_k
+        self.num_representers = num_representers
+        self.num_suspects = num_suspects
+        self.num_sparse = num_sparse
+        self.lam = float(lam)
+        self.suspect_mode = suspect_mode
+        self.max_train_samples = max_train_samples
+        self.train_data = train_data
+        self.batch_size = batch_size
+        self.denormalize = denormalize
+        self.suspects: Optional[Tensor] = None
+        self.suspect_values: Optional[Tensor] = None
+        self._layer: Optional[Tuple[str, str]] = None
+        self._dataset: Optional[Any] = None
+        self._bank: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["suspects"] = self.suspects
+        state["suspect_values"] = self.suspect_values
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.suspects = state_dict.get("suspects")
+        self.suspect_values = state_dict.get("suspect_values")
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        try:
+            self._layer = resolve_feature_layer(pl_module, self.layer, self.capture)
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(str(err)) from err
+
+    # ------------------------------------------------------------------ the run
+    @override
+    def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
+        dataset = self.train_data if self.train_data is not None else _train_dataset(trainer)
+        if dataset is None or len(dataset) == 0:
+            warn_once(f"{id(self)}-notrain", "SampleInfluenceMonitor found no training data to compare with (under "
+                                             "validate()/test() pass `train_data=`); nothing is logged.")
+            return
+        if self.k > len(dataset) or self.support_k > len(dataset):
+            warn_once(f"{id(self)}-small", f"SampleInfluenceMonitor: `k`/`support_k` exceed the {len(dataset)} training "
+                                           "samples; they are reduced to fit.")
+        self._dataset = dataset
+        try:
+            super().explain(trainer, pl_module, via_module)
+        finally:
+            self._dataset = None
+            self._bank = {}
+
+    def _to_xy(self, batch: Any) -> Tuple[Tensor, Optional[Tensor]]:
+        return extract_xy(batch, self.batch_to_xy)
+
+    def _train_bank(self, pl_module: "pl.LightningModule") -> Dict[str, Any]:
+        """Features, labels, model predictions and the two representer refits of the training subset."""
+        layer, capture = self._layer or resolve_feature_layer(pl_module, self.layer, self.capture)
+        indices = first_samples(self._dataset, self.max_train_samples)
+        feats, logits, labels = dataset_features(pl_module, layer, self._dataset, indices, self._to_xy,
+                                                 forward=self.logits_fn(pl_module), capture=capture,
+                                                 batch_size=self.batch_size, device=pl_module.device)
+        probs = logits.float().softmax(1)
+        # the paper's refit: the model's probabilities as targets, so the decomposition explains the model
+        fit = representer_points(feats, probs, lam=self.lam)
+        if labels is not None and self.suspect_mode == "label":
+            # label errors: refit on the given labels; a label the smooth refit cannot reproduce gets a large |alpha|
+            fit_labels = representer_points(feats, labels, lam=self.lam, num_classes=probs.shape[1])
+            scores = suspect_scores(fit_labels.alpha, labels.clamp(0, probs.shape[1] - 1), mode="label")
+            refit_pred = fit_labels.logits(feats).argmax(1)
+        else:
+            scores = suspect_scores(fit.alpha, mode="norm")
+            refit_pred = fit.logits(feats).argmax(1)
+        order = scores.argsort(descending=True)[: self.num_suspects]
+        return {"indices": torch.tensor(indices, dtype=torch.long), "features": feats, "labels": labels,
+                "pred": logits.argmax(1), "fit": fit, "suspects": order, "suspect_scores": scores[order],
+                "suspect_refit_pred": refit_pred[order],
+                "refit_agreement": float((fit.logits(feats).argmax(1) == logits.argmax(1)).double().mean())}
+
+    @override
+    def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
+        layer, capture = self._layer or resolve_feature_layer(pl_module, self.layer, self.capture)
+        with torch.no_grad():
+            bank = self._train_bank(pl_module)
+            self._bank = bank
+            feats, logits = capture_features(pl_module, layer, x, forward=self.logits_fn(pl_module), capture=capture,
+                                             batch_size=self.batch_size)
+            probs = logits.float().softmax(1)
+            conf, pred = probs.max(1)
+            n_train = bank["features"].shape[0]
+            nn_sim, nn_idx = cosine_topk(feats, bank["features"], min(self.k, n_train))
+            sup = support(feats, bank["features"], min(self.support_k, n_train))
+            fit: RepresenterFit = bank["fit"]
+            values = fit.values(feats, target=pred)  # (M, N): alpha_{i, pred} f_i^T f_t
+            refit_logit = fit.logits(feats).gather(1, pred.view(-1, 1)).squeeze(1)
+            gap = (refit_logit - values.sum(1)).abs()
+            r = min(self.num_representers, n_train)
+            pos_val, pos_idx = values.topk(r, dim=1)
+            neg_val, neg_idx = (-values).topk(r, dim=1)
+        return {"pred": pred, "conf": conf, "nn_idx": nn_idx, "nn_sim": nn_sim, "support": sup,
+                "pos_idx": pos_idx, "pos_val": pos_val.float(), "neg_idx": neg_idx, "neg_val": (-neg_val).float(),
+                "refit_logit": refit_logit.float(), "gap": gap.double()}
+
+    # ------------------------------------------------------------------ report
+    def _train_images(self, rows: Tensor) -> Tensor:
+        """Training inputs for subset rows (dataset indices; the subset is the first n), read under a forked RNG."""
+        flat = rows.reshape(-1).tolist()
+        with torch.random.fork_rng(devices=[]):
+            x, _ = read_samples(self._dataset, flat, self._to_xy, batch_size=self.batch_size)
+        return x.reshape(tuple(rows.shape) + tuple(x.shape[1:]))
+
+    def _cells(self, images: Tensor) -> Tensor:
+        """Display cells ``(N, 3, H', W')`` upscaled so a frame fits."""
+        return upscale(to_display(images.cpu(), self.denormalize), 48)
+
+    def _label_of(self, rows: Tensor) -> List[Optional[int]]:
+        labels = self._bank.get("labels")
+        return [None if labels is None else int(labels[i]) for i in rows.reshape(-1).tolist()]
+
+    def _row_image(self, probe_x: Tensor, pred: Tensor, groups: Sequence[Tensor]) -> Tensor:
+        """One grid row per probe: the probe, then the training samples of each group (framed by label agreement)."""
+        rows = []
+        for i in range(probe_x.shape[0]):
+            cells = [_framed(self._cells(probe_x[i:i + 1]), [_GREY])]
+            for group in groups:
+                train_x = self._train_images(group[i])
+                colours = [_GREY if lab is None else (_GREEN if lab == int(pred[i]) else _RED)
+                           for lab in self._label_of(group[i])]
+                cells.append(_framed(self._cells(train_x), colours))
+            rows.append(torch.cat(cells))
+        return make_grid(torch.stack(rows))  # (3, H', W')
+
+    @override
+    def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
+               results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
+        bank = self._bank
+        pred, sup = results["pred"].cpu(), results["support"].cpu()
+        nn_idx, pos_idx, neg_idx = results["nn_idx"].cpu(), results["pos_idx"].cpu(), results["neg_idx"].cpu()
+        nn_labels = torch.tensor([[-1 if v is None else v for v in self._label_of(row)] for row in nn_idx])
+        self.suspects = bank["indices"][bank["suspects"].cpu()].clone()
+        self.suspect_values = bank["suspect_scores"].detach().float().cpu().clone()
+        metrics = {
+            self.tag("mean_support"): float(sup.mean()),
+            self.tag("min_support"): float(sup.min()),
+            self.tag("refit_agreement"): bank["refit_agreement"],
+            self.tag("decomposition_gap"): float(results["gap"].max()),
+        }
+        if bank["labels"] is not None:
+            metrics[self.tag("neighbour_agreement")] = float((nn_labels == pred.view(-1, 1)).double().mean())
+        if not trainer.is_global_zero:
+            return metrics
+        step = self.step(trainer)
+        ylab = [None] * x.shape[0] if y is None else y.cpu().tolist()
+        images = x.ndim == 4 and x.is_floating_point()
+        x_cpu = x.detach().cpu()
+
+        # neighbours
+        rows = [[i, ylab[i], int(pred[i]), f"{float(results['conf'][i]):.2f}", f"{float(sup[i]):.3f}",
+                 ", ".join(f"#{int(j)}:{lab} ({float(s):.2f})" for j, lab, s in
+                           zip(nn_idx[i], self._label_of(nn_idx[i]), results["nn_sim"][i].cpu()))]
+                for i in range(x.shape[0])]
+        log_text(trainer, self.tag("neighbours", "table"), markdown_table(
+            ["probe", "label", "pred", "conf", "support", "nearest training samples #index:label (cosine)"], rows), step)
+        if images:
+            log_image(trainer, self.tag("neighbours"), self._row_image(x_cpu, pred, [nn_idx]), step)
+
+        # representers
+        rows = [[i, ylab[i], int(pred[i]), f"{float(results['refit_logit'][i]):.3f}",
+                 ", ".join(f"#{int(j)}:{lab} ({float(v):+.3f})" for j, lab, v in
+                           zip(pos_idx[i], self._label_of(pos_idx[i]), results["pos_val"][i].cpu())),
+                 ", ".join(f"#{int(j)}:{lab} ({float(v):+.3f})" for j, lab, v in
+                           zip(neg_idx[i], self._label_of(neg_idx[i]), results["neg_val"][i].cpu()))]
+                for i in range(x.shape[0])]
+        log_text(trainer, self.tag("representers", "table"), markdown_table(
+            ["probe", "label", "pred", "refit logit", "excitatory #index:label (value)",
+             "inhibitory #index:label (value)"], rows), step)
+        if images:
+            log_image(trainer, self.tag("representers"), self._row_image(x_cpu, pred, [pos_idx, neg_idx]), step)
+
+        # suspects
+        sus = bank["suspects"].cpu()
+        rows = [[rank, int(bank["indices"][j]), lab, int(bank["pred"][j]), int(bank["suspect_refit_pred"][r]),
+                 f"{float(bank['suspect_scores'][r]):.4g}"]
+                for r, (rank, j, lab) in enumerate(zip(range(1, len(sus) + 1), sus.tolist(), self._label_of(sus)))]
+        log_text(trainer, self.tag("suspects", "table"), markdown_table(
+            ["rank", "index", "given label", "model pred", "refit pred", "|alpha|"], rows), step)
+        if images:
+            cells = self._cells(self._train_images(sus))
+            colours = [_GREY if lab is None else (_GREEN if lab == int(bank["pred"][j]) else _RED)
+                       for j, lab in zip(sus.tolist(), self._label_of(sus))]
+            cells = _framed(cells, colours)
+            ncols = min(len(sus), 8)
+            blank = torch.ones((-(-len(sus) // ncols) * ncols - len(sus),) + tuple(cells.shape[1:]))
+            grid = torch.cat([cells, blank]).view(-1, ncols, *cells.shape[1:])
+            log_image(trainer, self.tag("suspects"), make_grid(grid), step)
+
+        # sparse
+        low = sup.argsort()[: self.num_sparse]
+        rows = [[int(i), ylab[int(i)], int(pred[i]), f"{float(sup[i]):.3f}"] for i in low]
+        log_text(trainer, self.tag("sparse", "table"), markdown_table(["probe", "label", "pred", "support"], rows), step)
+        if images:
+            log_image(trainer, self.tag("sparse"), self._row_image(x_cpu[low], pred[low], [nn_idx[low]]), step)
+        return metrics
