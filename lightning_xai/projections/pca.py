@@ -85,10 +85,10 @@ def pca(features: Tensor, n_components: int = 2) -> PCAResult:
         ValueError: if ``features`` is not ``(N, D)`` with two or more rows, or ``n_components`` is not positive.
 
     Example:
-        >>> x = torch.tensor([[0.0, 0.0], [2.0, 0.1], [4.0, -0.1]])
+        >>> x = torch.tensor([[0.0, 0.0], [-2.0, 0.0], [-4.0, 0.0]])
         >>> res = pca(x, n_components=1)
-        >>> [round(v, 3) for v in res.components[0].tolist()]
-        [1.0, -0.0]
+        >>> res.components[0].tolist(), res.projected[:, 0].tolist()
+        ([1.0, 0.0], [2.0, 0.0, -2.0])
     """
     _pca_validate_args(features, n_components)
     return _pca_compute(features, n_components)

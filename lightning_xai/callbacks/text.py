@@ -1,0 +1,207 @@
+"""TokenAttributionMonitor: which tokens a sequence classifier relies on, every validation epoch.
+
+Token attributions are taken at the embedding layer (see :mod:`lightning_xai.text`) and logged to
+TensorBoard's text tab as a table of the probe sentences with each token's share of the attribution::
+
+    trainer = Trainer(callbacks=[TokenAttributionMonitor(embedding_layer="embedding", vocab=itos,
+                                                         watch_tokens=["zz"])])
+
+With ``watch_tokens`` it also logs, per token, the mean share of attribution the token receives in
+the probe sentences that contain it: a scalar that rises when the model learns a spurious token.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_xai._utils import check_positive_int, expected, resolve_layer
+from lightning_xai.callbacks.base import ProbeSetCallback
+from lightning_xai.logging import log_text, warn_once
+from lightning_xai.text import BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions, token_share
+from lightning_xai.text.render import Vocab
+
+_TARGETS = ("label", "prediction")
+
+
+class TokenAttributionMonitor(ProbeSetCallback):
+    """Logs token attributions of a fixed probe set of token-id sequences.
+
+    Args:
+        embedding_layer: dotted name (or the module) of the layer whose output is the token
+            embeddings ``(N, T, E)``, e.g. ``"model.embeddings.word_embeddings"``.
+        vocab: a list mapping ids to token strings, or a callable ``id -> str``.
+        method: ``"integrated_gradients"`` (default), ``"saliency"``, ``"input_x_gradient"`` or ``"smoothgrad"``.
+        options: keyword options for the method, e.g. ``{"steps": 32}`` for Integrated Gradients.
+        target: the class explained per sample: ``"label"`` (default), ``"prediction"`` or a class index.
+        baseline: Integrated Gradients baseline: ``"pad"`` (default), ``"zero"``, or token ids ``(T,)``.
+        pad_token_id: padding id: used by ``baseline="pad"`` and left out of the rendered sentences.
+        watch_tokens: tokens (strings or ids) whose attribution share is logged as a scalar.
+        top_k: tokens shown in bold per sentence.
+        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
+            :class:`~lightning_xai.callbacks.base.XAICallback` (``forward(pl_module, input_ids)`` must
+            run the embedding layer).
+
+    Tags (with the default ``prefix="xai"``):
+        ``xai/text/<method>`` (text), ``xai/text/<method>/share/<token>`` (scalar per watched token) and,
+        for Integrated Gradients, ``xai/text/integrated_gradients/completeness_gap`` (median of
+        ``|sum of attributions - (f(x) - f(baseline))| / |f(x) - f(baseline)|``).
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> monitor = TokenAttributionMonitor("embedding", vocab=["<pad>", "zz", "good", "bad"], watch_tokens=["zz"])
+        >>> trainer = Trainer(callbacks=[monitor], max_epochs=3)  # doctest: +SKIP
+    """
+
+    area = "text"
+    accepts_integer_inputs = True
+
+    def __init__(
+        self,
+        embedding_layer: Union[str, nn.Module],
+        vocab: Vocab,
+        method: str = "integrated_gradients",
+        options: Optional[Mapping[str, Any]] = None,
+        target: Union[str, int] = "label",
+        baseline: Union[str, Tensor] = "pad",
+        pad_token_id: int = 0,
+        watch_tokens: Sequence[Union[str, int]] = (),
+        top_k: int = 3,
+        probe_samples: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(probe_samples=probe_samples, **kwargs)
+        if not isinstance(embedding_layer, (str, nn.Module)) or embedding_layer == "":
+            raise MisconfigurationException(expected("embedding_layer", "a dotted layer name or an nn.Module", embedding_layer))
+        if not (callable(vocab) or (isinstance(vocab, (list, tuple)) and vocab and all(isinstance(v, str) for v in vocab))):
+            raise MisconfigurationException(expected("vocab", "a non-empty list of str or a callable id -> str",
+                                                     type(vocab).__name__))
+        if method not in TOKEN_METHODS:
+            raise MisconfigurationException(expected("method", "one of " + ", ".join(repr(m) for m in TOKEN_METHODS), method))
+        if options is not None and not isinstance(options, Mapping):
+            raise MisconfigurationException(expected("options", "a dict of keyword options", type(options).__name__))
+        if not (target in _TARGETS or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
+            raise MisconfigurationException(expected("target", "'label', 'prediction' or a class index (int >= 0)", target))
+        if not (isinstance(baseline, Tensor) and not baseline.is_floating_point() or baseline in BASELINES):
+            raise MisconfigurationException(expected("baseline", "'pad', 'zero' or a LongTensor of token ids", baseline))
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+            raise MisconfigurationException(expected("pad_token_id", "an int", pad_token_id))
+        if isinstance(watch_tokens, (str, int)):
+            watch_tokens = [watch_tokens]
+        if not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in watch_tokens):
+            raise MisconfigurationException(expected("watch_tokens", "a list of token strings or ids", watch_tokens))
+        try:
+            check_positive_int("top_k", top_k)
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(str(err)) from err
+        self.embedding_layer = embedding_layer
+        self.vocab = vocab
+        self.method = method
+        self.options = dict(options or {})
+        self.target = target
+        self.baseline = baseline
+        self.pad_token_id = pad_token_id
+        self.watch_tokens = list(watch_tokens)
+        self.top_k = top_k
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, area=self.area, method=self.method)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        try:
+            resolve_layer(pl_module, self.embedding_layer, name="embedding_layer")
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(str(err)) from err
+        if self.probe_x is not None:
+            self.check_ids(self.probe_x)
+
+    @staticmethod
+    def check_ids(x: Tensor) -> None:
+        """Raise a clear error for probe inputs that are not token ids ``(N, T)``."""
+        if x.ndim != 2 or x.is_floating_point():
+            raise MisconfigurationException(
+                expected("TokenAttributionMonitor's probe inputs", "integer token ids of shape (N, T); for images use "
+                         "AttributionMonitor, for tabular rows TabularAttributionMonitor", x))
+
+    # ------------------------------------------------------------------ compute / report
+    def _targets(self, preds: Tensor, y: Optional[Tensor]) -> Tensor:
+        if isinstance(self.target, int):
+            return torch.full_like(preds, self.target)
+        if self.target == "label" and y is not None:
+            return y
+        if self.target == "label":
+            warn_once(f"{id(self)}-nolabel", "TokenAttributionMonitor(target='label') found no labels in the probe set; "
+                                             "explaining the predicted class instead.")
+        return preds
+
+    @override
+    def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
+        self.check_ids(x)
+        forward = self.logits_fn(pl_module)
+        with torch.no_grad():
+            preds = forward(x).argmax(1)
+        target = self._targets(preds, y)
+        ig = self.method == "integrated_gradients"
+        options = dict(self.options)
+        if ig:
+            options.setdefault("return_delta", True)
+            options["baseline"] = self.baseline
+        out = token_attributions(pl_module, x, target, embedding_layer=self.embedding_layer, method=self.method,
+                                 pad_token_id=self.pad_token_id, forward=forward, **options)
+        results = {"pred": preds, "target": target}
+        if ig and options["return_delta"]:
+            attr, delta = out
+            results["gap"] = delta.abs() / (attr.sum(1) - delta).abs().clamp_min(1e-12)  # |δ| / |f(x) − f(b)|
+        else:
+            attr = out
+        results["attr"] = attr
+        return results
+
+    def _watch_ids(self, x: Tensor) -> Dict[str, int]:
+        """``{token string: id}`` for the watched tokens (strings are looked up among the probe set's ids)."""
+        present = sorted(set(int(i) for i in x.view(-1).tolist()))
+        names = dict(zip(present, decode_tokens(present, self.vocab)))
+        out: Dict[str, int] = {}
+        for tok in self.watch_tokens:
+            if isinstance(tok, int):
+                out[decode_tokens([tok], self.vocab)[0]] = tok
+                continue
+            ids = [i for i, name in names.items() if name == tok]
+            if not ids and isinstance(self.vocab, (list, tuple)) and tok in self.vocab:
+                ids = [list(self.vocab).index(tok)]
+            if ids:
+                out[tok] = ids[0]
+            else:
+                warn_once(f"{id(self)}-watch-{tok}", f"TokenAttributionMonitor: watched token {tok!r} is not in the "
+                                                     "vocabulary or the probe set; its share is not logged.")
+        return out
+
+    @override
+    def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
+               results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
+        attr, x_cpu = results["attr"].cpu(), x.cpu()
+        metrics: Dict[str, float] = {}
+        for name, token_id in self._watch_ids(x_cpu).items():
+            share = token_share(attr, x_cpu, token_id)
+            if bool(torch.isfinite(share).any()):
+                metrics[self.tag(self.method, "share", name)] = float(share.nanmean())
+        if "gap" in results:
+            metrics[self.tag(self.method, "completeness_gap")] = float(results["gap"].nanmedian())
+        if trainer.is_global_zero:
+            header = (f"Epoch {epoch}, {self.method}: each token with its signed share of the sentence's total "
+                      f"|attribution|; the top {self.top_k} in bold (explained class: {self.target}).")
+            text = attribution_markdown(x_cpu, attr, self.vocab, labels=y, preds=results["pred"],
+                                        skip_ids=[self.pad_token_id], top_k=self.top_k, header=header)
+            log_text(trainer, self.tag(self.method), text)
+        return metrics
