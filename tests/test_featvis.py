@@ -1,0 +1,375 @@
+"""Tests of the pure feature-visualisation core (lightning_xai.featvis)."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import assert_unchanged, small_cnn, snapshot
+from lightning_xai.featvis import (L1, L2, Blur, FourierParam, GeneratorParam, Jitter, Objective, Pad, PixelParam,
+                                   RandomRotate, RandomScale, TotalVariation, channel, class_logit, color_correlation,
+                                   direction, diversity, layer_objective, neuron, objectives_from_spec, render)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Rendering runs many tiny ops: on a shared 2-core machine one intra-op thread is far faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- data and models
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    return x, torch.tensor(d.target)
+
+
+def flat_cnn() -> nn.Sequential:
+    """Two convs and a linear head over the whole 8x8 map, so the class evidence keeps its layout.
+
+    (``small_cnn`` pools each 4x4 quadrant to one value: its class images are quadrant textures that
+    satisfy the classifier but need not resemble the class means.)
+    """
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 64, 10))
+
+
+def _train(model: nn.Module, x, y, epochs: int = 12, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), 64):
+                idx = perm[i:i + 64]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    for p in model.parameters():
+        p.grad = None
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return _digits()
+
+
+@pytest.fixture(scope="module")
+def digits_net(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    net = _train(flat_cnn(), x, y)
+    with torch.no_grad():
+        assert (net(x).argmax(1) == y).float().mean() > 0.95
+    return net
+
+
+def _corr(a, b):
+    a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
+    b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+
+
+# --------------------------------------------------------------------------- acceptance on digits
+def test_digits_class_images_are_their_class(digits, digits_net):
+    x, y = digits
+    images, acts, history = render(digits_net, list(range(10)), (1, 8, 8))  # the defaults
+    assert images.shape == (10, 1, 8, 8) and acts.shape == (10,)
+    assert images.min() >= 0 and images.max() <= 1
+    with torch.no_grad():
+        p = F.softmax(digits_net(images), 1)[torch.arange(10), torch.arange(10)]
+    assert int((p >= 0.99).sum()) >= 9, p
+    means = torch.stack([x[y == c].mean(0) for c in range(10)])
+    nearest = _corr(images, means).argmax(1)
+    assert int((nearest == torch.arange(10)).sum()) >= 9, nearest
+    torch.testing.assert_close(acts, digits_net(images).detach()[torch.arange(10), torch.arange(10)])
+
+
+def test_objective_rises_tenfold():
+    net = _gabor_bank([0.0, math.pi / 3, 2 * math.pi / 3])
+    objs = [channel("1", c) for c in range(3)]
+    _, acts, history = render(net, objs, (1, 24, 24), steps=64)
+    start = history["objective"][0]
+    assert bool((start > 0).all()), start
+    assert bool((acts >= 10 * start).all()), (start, acts)
+    assert history["objective"].shape == (64, 3) and history["loss"].shape == (64,)
+
+
+def test_seed_reproduces_exactly(digits_net):
+    kw = dict(steps=16, transforms=[Jitter(1), RandomScale(), RandomRotate(10)])
+    a = render(digits_net, [3, 5], (1, 8, 8), seed=7, **kw)
+    b = render(digits_net, [3, 5], (1, 8, 8), seed=7, **kw)
+    c = render(digits_net, [3, 5], (1, 8, 8), seed=8, **kw)
+    assert torch.equal(a.images, b.images) and torch.equal(a.activations, b.activations)
+    assert not torch.equal(a.images, c.images)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(render(digits_net, 2, (1, 8, 8), steps=8, generator=g1).images,
+                       render(digits_net, 2, (1, 8, 8), steps=8, generator=g2).images)
+
+
+def _high_freq_fraction(images, cutoff=0.25):
+    x = images - images.mean((2, 3), keepdim=True)
+    power = torch.fft.fft2(x).abs().pow(2).sum((0, 1))
+    h, w = power.shape
+    f = (torch.fft.fftfreq(h).view(-1, 1) ** 2 + torch.fft.fftfreq(w).view(1, -1) ** 2).sqrt()
+    return float(power[f > cutoff].sum() / power.sum())
+
+
+def test_fourier_leaves_less_high_frequency_energy_than_pixels():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    objs = [channel("2", c) for c in range(4)]
+    kw = dict(steps=48, regularizers=[], transforms=[])
+    fourier = render(net, objs, (3, 32, 32), param="fourier", **kw)
+    pixel = render(net, objs, (3, 32, 32), param="pixel", **kw)
+    assert _high_freq_fraction(fourier.images) < 0.75 * _high_freq_fraction(pixel.images)
+    assert bool((fourier.activations > fourier.history["objective"][0]).all())
+
+
+def _gabor_bank(thetas, size=9, freq=0.2, sigma=2.5):
+    r = torch.arange(size, dtype=torch.float32) - size // 2
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    kernels = []
+    for t in thetas:
+        g = torch.exp(-(xx ** 2 + yy ** 2) / (2 * sigma ** 2)) * torch.cos(2 * math.pi * freq * (xx * math.cos(t) + yy * math.sin(t)))
+        kernels.append(g - g.mean())  # zero mean: a flat image gives no response
+    conv = nn.Conv2d(1, len(thetas), size, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.stack(kernels).unsqueeze(1))
+    return nn.Sequential(conv, nn.ReLU())
+
+
+def test_gabor_filter_orientation_and_frequency_recovered():
+    thetas = [0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4]
+    freq, n = 0.2, 32
+    net = _gabor_bank(thetas, freq=freq)
+    images, _, _ = render(net, [channel("1", i) for i in range(4)], (1, n, n), steps=256, param="pixel")
+    for k, theta in enumerate(thetas):
+        x = images[k, 0] - images[k, 0].mean()
+        power = torch.fft.fft2(x).abs()
+        iy, ix = divmod(int(power.argmax()), n)
+        peak = torch.tensor([ix if ix <= n // 2 else ix - n, iy if iy <= n // 2 else iy - n], dtype=torch.float32)
+        ideal = freq * n * torch.tensor([math.cos(theta), math.sin(theta)])  # (kx, ky) of the filter's wave
+        off = torch.minimum((peak - ideal).abs().max(), (peak + ideal).abs().max())  # the spectrum is symmetric
+        assert off <= 1.0, (k, peak, ideal)  # within one FFT bin on each axis
+
+
+def test_shortcut_mark_follows_planted_code(digits):
+    from scipy.stats import spearmanr
+
+    x, y = digits
+    xs = x.clone()
+    code = (y.float() + 1) / 10  # class c -> corner brightness (c + 1) / 10
+    xs[:, 0, :2, :2] = code.view(-1, 1, 1)
+    torch.manual_seed(0)
+    net = _train(flat_cnn(), xs, y, epochs=10)
+    images, _, _ = render(net, list(range(10)), (1, 8, 8))
+    mark = images[:, 0, :2, :2].mean((1, 2))
+    rho = spearmanr(mark.numpy(), code.unique().numpy()).correlation
+    assert abs(rho) >= 0.9, (rho, mark)
+
+
+def test_generator_prior_decodes_to_target_class(digits, digits_net):
+    x, _ = digits
+    flat = x.flatten(1)
+    mean = flat.mean(0)
+    _, s, vt = torch.linalg.svd(flat - mean, full_matrices=False)
+    k = 12
+    basis = vt[:k] * (s[:k] / math.sqrt(len(flat))).view(-1, 1)  # unit-variance codes
+
+    def decoder(z):  # a fixed PCA decoder: codes (K, 12) -> images (K, 1, 8, 8)
+        return (mean + z @ basis).view(-1, 1, 8, 8)
+
+    param = GeneratorParam(decoder, (k,), sd=0.5, decay=0.99, clip=(-3.0, 3.0))
+    images, acts, _ = render(digits_net, list(range(10)), (1, 8, 8), param=param, steps=128, lr=0.1, regularizers=[])
+    assert param.code.abs().max() <= 3.0
+    recon = decoder(param.code.detach()).clamp(0, 1)
+    torch.testing.assert_close(images, recon)
+    with torch.no_grad():
+        pred = digits_net(images).argmax(1)
+    assert int((pred == torch.arange(10)).sum()) >= 9, pred
+
+
+# --------------------------------------------------------------------------- objectives and parts
+def test_objective_algebra():
+    acts = {"a": torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 2, 2), "logits": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    c0 = channel("a", 0)
+    torch.testing.assert_close(c0(acts), torch.tensor([1.5, 13.5]))
+    torch.testing.assert_close(channel("a", 0, "sum")(acts), torch.tensor([6.0, 54.0]))
+    combo = 2 * c0 - class_logit(1) + 1.0
+    torch.testing.assert_close(combo(acts), torch.tensor([2 * 1.5 - 2 + 1, 2 * 13.5 - 4 + 1]))
+    assert set(combo.layers) == {"a", "logits"}
+    torch.testing.assert_close(neuron("a", 1, 0, 1)(acts), torch.tensor([5.0, 17.0]))
+    torch.testing.assert_close(layer_objective("a")(acts), acts["a"].flatten(1).pow(2).mean(1))
+    torch.testing.assert_close(direction("a", torch.tensor([1.0, 0.0, 0.0]))(acts), c0(acts))
+    div = diversity("a")(acts)
+    assert div.shape == (2,) and bool((div <= 0).all())
+    with pytest.raises(ValueError, match="Expected `reduction`"):
+        channel("a", 0, "max")
+
+
+def test_objectives_from_spec():
+    name, objs = objectives_from_spec(("logits", range(3)))
+    assert name == "logits" and len(objs) == 3
+    name, objs = objectives_from_spec(("features.3", "channels", range(8)))
+    assert name == "features.3" and len(objs) == 8 and objs[0].layers == ("features.3",)
+    assert len(objectives_from_spec(("0", "layer"))[1]) == 1
+    assert len(objectives_from_spec(("mine", [channel("0", 1)]))[1]) == 1
+    with pytest.raises(ValueError, match="Expected `targets`"):
+        objectives_from_spec(("features.3", "filters", [1]))
+
+
+def test_diversity_lowers_feature_similarity():
+    net = _gabor_bank([0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4])
+    base = [channel("1", 0)] * 4
+    kw = dict(steps=48, seed=0, param="pixel")
+    same = render(net, base, (1, 16, 16), **kw).images
+    spread = render(net, [o + 1.0 * diversity("1") for o in base], (1, 16, 16), **kw).images
+    with torch.no_grad():
+        div = diversity("1")
+        assert div({"1": net(spread)}).mean() > div({"1": net(same)}).mean() + 0.05
+
+
+def test_regularizers_and_transforms_shapes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    for t in (Jitter(2), RandomScale((0.8, 1.2)), RandomRotate(20)):
+        assert t(x, g).shape == x.shape
+    assert Pad(2)(x, g).shape == (3, 3, 20, 20)
+    torch.testing.assert_close(Jitter(0)(x, g), x)
+    for r in (L1(1.0), L2(1.0), TotalVariation(1.0), Blur(1.0)):
+        assert r(x).shape == (3,) and bool((r(x) >= 0).all())
+    assert float(TotalVariation(1.0)(torch.ones(1, 1, 4, 4))) == 0.0
+    m = color_correlation(x)
+    torch.testing.assert_close(m @ m.T, torch.cov(x.transpose(0, 1).flatten(1)), atol=1e-4, rtol=1e-3)
+
+
+def test_value_range_grayscale_and_colour():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    lo, hi = torch.tensor([-1.0, -2.0, 0.0]), torch.tensor([1.0, 0.0, 3.0])
+    imgs = render(net, [channel("1", 0)], (3, 12, 12), steps=4, value_range=(lo, hi)).images
+    assert bool((imgs >= lo.view(1, 3, 1, 1)).all() and (imgs <= hi.view(1, 3, 1, 1)).all())
+    gray = render(net, [channel("1", 1)], (3, 12, 12), steps=4, param=PixelParam(grayscale=True)).images
+    torch.testing.assert_close(gray[:, 0], gray[:, 2])
+    dec = render(net, [channel("1", 1)], (3, 12, 12), steps=4, param=FourierParam(color_matrix=torch.eye(3))).images
+    assert dec.shape == (1, 3, 12, 12)
+
+
+def test_inference_mode_and_forward_callable(digits_net):
+    with torch.inference_mode():
+        out = render(lambda x: {"logits": digits_net(x)}, [1, 2], (1, 8, 8), steps=8,
+                     forward=lambda x: digits_net(x))
+    assert out.images.shape == (2, 1, 8, 8)
+    wrapped = lambda x: (digits_net(x), None)  # noqa: E731
+    out = render(digits_net, [1], (1, 8, 8), steps=4, forward=lambda x: wrapped(x)[0])
+    assert out.activations.shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        pytest.param(dict(steps=0), ValueError, "Expected `steps` to be a positive int", id="steps"),
+        pytest.param(dict(lr=-1.0), ValueError, "Expected `lr`", id="lr"),
+        pytest.param(dict(input_shape=(8, 8)), ValueError, "Expected `input_shape`", id="shape"),
+        pytest.param(dict(param="wavelet"), ValueError, "Expected `param` to be 'fourier', 'pixel'", id="param"),
+        pytest.param(dict(objectives=[]), ValueError, "Expected `objectives`", id="empty"),
+        pytest.param(dict(objectives=[channel("features.9", 0)]), ValueError, "layers: 0, 0.0, 0.1", id="unknown-layer"),
+        pytest.param(dict(value_range=(1.0, 0.0)), ValueError, "Expected `value_range`", id="range"),
+    ],
+)
+def test_invalid_arguments(kwargs, err, match):
+    args = dict(objectives=[0], input_shape=(1, 8, 8))
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        render(small_cnn(), args.pop("objectives"), args.pop("input_shape"), **args)
+
+
+# --------------------------------------------------------------------------- hygiene
+def _bn_model_with_grads():
+    model = small_cnn(batchnorm=True, dropout=0.5)
+    model.train()
+    model[1].eval()  # a mixed train/eval state to restore exactly
+    model[0][0].weight.requires_grad_(False)  # and a mixed requires_grad state
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize("param", ["fourier", "pixel"])
+def test_render_leaves_model_and_process_unchanged(param):
+    model = _bn_model_with_grads()
+    before = snapshot(model)
+    objs = [class_logit(1), channel("0.3", 2), neuron("0.0", 1) + 0.1 * diversity("0.0")]
+    render(model, objs, (1, 8, 8), steps=6, param=param)
+    assert_unchanged(before, model)
+
+
+def test_generator_param_leaves_generator_unchanged():
+    model = _bn_model_with_grads()
+    gen_net = nn.Sequential(nn.Linear(4, 64), nn.BatchNorm1d(64), nn.Unflatten(1, (1, 8, 8)))
+    gen_net.train()
+    before, before_g = snapshot(model), snapshot(gen_net)
+    render(model, [1, 2], (1, 8, 8), steps=5, param=GeneratorParam(gen_net, (4,), decay=0.9, clip=(-2, 2)))
+    assert_unchanged(before, model)
+    assert_unchanged(before_g, gen_net)
+
+
+class _Boom(nn.Module):
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.calls, self.after = 0, after
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("boom")
+        return x
+
+
+def test_render_restores_state_after_exception():
+    model = _bn_model_with_grads()
+    model[0].insert(1, _Boom(after=3))
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        render(model, [0, 1], (1, 8, 8), steps=10, param="pixel")
+    assert_unchanged(before, model)
+
+
+_CHILD = """
+import importlib.util, os, sys, types
+# The package root re-exports the callbacks (which need Lightning); replace it by an empty package of the
+# same path, so this checks what featvis itself (and _utils) imports.
+path = os.path.dirname(importlib.util.find_spec("lightning_xai").origin)
+pkg = types.ModuleType("lightning_xai")
+pkg.__path__ = [path]
+sys.modules["lightning_xai"] = pkg
+import lightning_xai.featvis
+bad = [m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")]
+print(bad[:5])
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_core_does_not_import_lightning():
+    res = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_objective_class_rejects_non_callables():
+    with pytest.raises(TypeError, match="Expected `fn`"):
+        Objective(3)  # type: ignore[arg-type]
