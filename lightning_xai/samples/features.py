@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from lightning_xai._utils import HookSet, check_choice, check_positive_int, chunks, expected, resolve_layer
+from lightning_xai._utils import HookSet, check_choice, check_positive_int, chunks, expected, preserve_modes, resolve_layer
 
 CAPTURE = ("input", "output")
 
@@ -61,11 +61,12 @@ def capture_features(
     forward: Optional[Callable[[Tensor], Tensor]] = None,
     capture: str = "input",
     batch_size: Optional[int] = 256,
+    eval_mode: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """Run ``forward`` on ``inputs`` in batches and return the layer's flattened features and the outputs.
 
-    Call it in eval mode under ``no_grad`` (the callbacks' explain context does both); the hook is
-    removed before returning, also when the forward raises.
+    The model runs in eval mode (every ``training`` flag restored after, so BatchNorm buffers are not
+    updated); call it under ``no_grad``. The hook is removed before returning, also when the forward raises.
 
     Args:
         model: the module that holds ``layer``.
@@ -74,6 +75,7 @@ def capture_features(
         forward: ``inputs -> outputs`` (default ``model``); e.g. a logits function.
         capture: ``"input"`` (the first positional input of the layer) or ``"output"``.
         batch_size: samples per forward (None: all at once).
+        eval_mode: put every submodule in eval mode for the call (restored after).
 
     Returns:
         ``(features (N, D) float32, outputs (N, ...))``, both detached.
@@ -92,7 +94,7 @@ def capture_features(
             store.append(_first_tensor(out).detach())
 
     feats, outs = [], []
-    with HookSet() as hooks:
+    with HookSet() as hooks, preserve_modes(model, eval_mode=eval_mode):
         hooks.add(module.register_forward_pre_hook(hook) if capture == "input" else module.register_forward_hook(hook))
         for start, stop in chunks(inputs.shape[0], batch_size):
             store.clear()
