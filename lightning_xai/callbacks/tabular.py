@@ -1,0 +1,190 @@
+"""TabularAttributionMonitor: which input features a model on tabular rows relies on, every epoch.
+
+Per validation epoch, an attribution method (Integrated Gradients by default) explains a fixed probe
+set of rows ``(N, F)``; the mean ``|attribution|`` per feature, overall and per class, is drawn as a
+horizontal bar chart and logged as one scalar per feature::
+
+    trainer = Trainer(callbacks=[TabularAttributionMonitor(feature_names=["age", "income", ...])])
+
+The attribution maths is :mod:`lightning_xai.attribution`'s; the chart is drawn by
+:func:`lightning_xai.projections.plot.barh_image`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_xai._utils import check_positive_int, expected
+from lightning_xai.attribution import get_method
+from lightning_xai.callbacks.base import ProbeSetCallback
+from lightning_xai.logging import log_image, warn_once
+from lightning_xai.projections.plot import barh_image
+
+_TARGETS = ("label", "prediction")
+_IMAGE_ONLY = ("grad_cam",)
+
+
+def feature_importance(attributions: Tensor, classes: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], List[int]]:
+    r"""Mean absolute attribution per feature, overall and per class.
+
+    :math:`I_f = \frac{1}{N}\sum_i |A_{i,f}|` and :math:`I_{c,f}` the same mean over the rows of class :math:`c`.
+
+    Args:
+        attributions: ``(N, F)``.
+        classes: ``(N,)`` class per row (labels or predictions), or None.
+
+    Returns:
+        ``(overall (F,), per_class (C, F) or None, the class values in order)``. Non-finite values count as 0.
+
+    Example:
+        >>> overall, per_class, cls = feature_importance(torch.tensor([[1.0, -2.0], [3.0, 0.0]]), torch.tensor([0, 1]))
+        >>> overall.tolist(), per_class.tolist(), cls
+        ([2.0, 1.0], [[1.0, 2.0], [3.0, 0.0]], [0, 1])
+    """
+    mag = torch.nan_to_num(attributions.detach().float().abs(), nan=0.0, posinf=0.0, neginf=0.0)  # (N, F)
+    overall = mag.mean(0)
+    if classes is None:
+        return overall, None, []
+    values = sorted(set(int(c) for c in classes.view(-1).tolist()))
+    per_class = torch.stack([mag[classes.view(-1) == c].mean(0) for c in values])  # (C, F)
+    return overall, per_class, values
+
+
+class TabularAttributionMonitor(ProbeSetCallback):
+    """Logs per-feature attributions of a fixed probe set of tabular rows as a bar chart and scalars.
+
+    Args:
+        feature_names: one name per input column ``F``.
+        method: an attribution method spec of :func:`lightning_xai.attribution.get_method`: a name
+            (``"integrated_gradients"`` default, ``"saliency"``, ``"input_x_gradient"``, ``"smoothgrad"``,
+            ``"occlusion"``, ``"lime"``), a ``(name, options)`` pair or a Captum ``Attribution`` object.
+        target: the class explained per row: ``"label"`` (default), ``"prediction"`` or a class index.
+        per_class: also draw a bar per class (explained with the same ``target``; classes are the
+            labels, or the predictions when the probe set has none); at most ``max_classes`` of them.
+        max_classes: above this many classes only the overall bars are drawn.
+        max_features: the chart shows the features with the largest overall bars, at most this many
+            (every feature still gets its scalar).
+        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
+            :class:`~lightning_xai.callbacks.base.XAICallback`.
+
+    Tags (with the default ``prefix="xai"``):
+        ``xai/tabular/<method>`` (bar-chart image) and ``xai/tabular/<method>/<feature>`` (mean
+        ``|attribution|`` of each feature over the probe set; ``/`` in names becomes ``_``).
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> monitor = TabularAttributionMonitor(feature_names=["age", "income", "debt"])
+        >>> trainer = Trainer(callbacks=[monitor], max_epochs=3)  # doctest: +SKIP
+    """
+
+    area = "tabular"
+
+    def __init__(
+        self,
+        feature_names: Sequence[str],
+        method: Any = "integrated_gradients",
+        target: Union[str, int] = "label",
+        per_class: bool = True,
+        max_classes: int = 10,
+        max_features: int = 30,
+        probe_samples: int = 128,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(probe_samples=probe_samples, **kwargs)
+        if isinstance(feature_names, str) or not isinstance(feature_names, (list, tuple)) or not feature_names \
+                or not all(isinstance(f, str) and f for f in feature_names):
+            raise MisconfigurationException(expected("feature_names", "a non-empty list of non-empty str", feature_names))
+        if len(set(feature_names)) != len(feature_names):
+            raise MisconfigurationException(expected("feature_names", "distinct names", list(feature_names)))
+        try:
+            self.method_name, self.method_fn, self.method_options = get_method(method)
+        except (ValueError, TypeError, ImportError) as err:
+            raise MisconfigurationException(str(err)) from err
+        if self.method_name in _IMAGE_ONLY:
+            raise MisconfigurationException(expected("method", "a method that works on (N, F) rows (not Grad-CAM)",
+                                                     self.method_name))
+        if not (target in _TARGETS or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
+            raise MisconfigurationException(expected("target", "'label', 'prediction' or a class index (int >= 0)", target))
+        try:
+            check_positive_int("max_classes", max_classes)
+            check_positive_int("max_features", max_features)
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(str(err)) from err
+        self.feature_names = list(feature_names)
+        self.target = target
+        self.per_class = bool(per_class)
+        self.max_classes = max_classes
+        self.max_features = max_features
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, area=self.area, method=self.method_name)
+
+    def check_rows(self, x: Tensor) -> None:
+        """Raise a clear error unless ``x`` is float rows ``(N, F)`` with one column per feature name."""
+        if x.ndim != 2 or not x.is_floating_point() or x.shape[1] != len(self.feature_names):
+            raise MisconfigurationException(
+                expected("TabularAttributionMonitor's probe inputs",
+                         f"float rows of shape (N, {len(self.feature_names)}), one column per feature name", x))
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.probe_x is not None:
+            self.check_rows(self.probe_x)
+
+    # ------------------------------------------------------------------ compute / report
+    def _targets(self, preds: Tensor, y: Optional[Tensor]) -> Tensor:
+        if isinstance(self.target, int):
+            return torch.full_like(preds, self.target)
+        if self.target == "label" and y is not None:
+            return y
+        if self.target == "label":
+            warn_once(f"{id(self)}-nolabel", "TabularAttributionMonitor(target='label') found no labels in the probe "
+                                             "set; explaining the predicted class instead.")
+        return preds
+
+    @override
+    def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
+        self.check_rows(x)
+        forward = self.logits_fn(pl_module)
+        with torch.no_grad():
+            preds = forward(x).argmax(1)
+        target = self._targets(preds, y)
+        attr = self.method_fn(forward, x, target, **self.method_options)
+        if isinstance(attr, tuple):  # (attributions, delta) when the options ask for the gap
+            attr = attr[0]
+        return {"attr": attr.detach().float(), "pred": preds}
+
+    def _scalar_name(self, feature: str) -> str:
+        return re.sub(r"/+", "_", feature)
+
+    @override
+    def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
+               results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
+        classes = (y if y is not None else results["pred"]).cpu()
+        overall, per_class, values = feature_importance(results["attr"].cpu(), classes if self.per_class else None)
+        metrics = {self.tag(self.method_name, self._scalar_name(f)): float(v)
+                   for f, v in zip(self.feature_names, overall.tolist())}
+        if trainer.is_global_zero:
+            order = overall.argsort(descending=True)[: self.max_features]
+            names = [self.feature_names[i] for i in order.tolist()]
+            rows, series = overall[order].unsqueeze(0), ["all"]
+            if per_class is not None and len(values) <= self.max_classes:
+                rows = torch.cat([rows, per_class[:, order]])
+                series += [f"class {c}" for c in values]
+            what = "label" if y is not None else "prediction"
+            image = barh_image(rows, names, title=f"{self.method_name}, epoch {epoch}: mean |attribution| per feature",
+                               xlabel=f"mean |attribution| (classes by {what})", series=series)
+            log_image(trainer, self.tag(self.method_name), image)
+        return metrics
