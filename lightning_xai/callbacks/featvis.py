@@ -1,0 +1,253 @@
+"""FeatureVisMonitor: the model draws what its filters detect and what each class looks like to it.
+
+Every few validation epochs (and at the end of ``fit``) the callback runs activation maximisation for
+each target set and logs one image grid per set, so TensorBoard's step slider shows the filters and
+class images forming over training::
+
+    trainer = Trainer(callbacks=[FeatureVisMonitor(targets=[("logits", range(10)),
+                                                            ("features.3", "channels", range(8))])])
+
+The maths lives in :mod:`lightning_xai.featvis`; this file only composes and logs.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_xai._utils import check_positive_int, expected, resolve_layer
+from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy
+from lightning_xai.featvis import OUTPUT, Objective, make_param, objectives_from_spec, render
+from lightning_xai.logging import log_image, warn_once
+from lightning_xai.render import image_grid
+
+
+class FeatureVisMonitor(XAICallback):
+    """Logs activation-maximisation images of class logits, channels or neurons while the model trains.
+
+    Args:
+        targets: target sets, each logged as one grid. Forms: ``("logits", [0, ..., 9])`` (class logits
+            of the model output), ``(layer, "channels", indices)``, ``(layer, "neurons", indices)``
+            (centre unit of each channel), ``(layer, "layer")`` (DeepDream), or ``(label, [Objective, ...])``.
+            Layer names are dotted names of the LightningModule's submodules.
+        every_n_epochs: render every n-th validation epoch (default 5: rendering is slow on CPU), and
+            at the end of ``fit``.
+        steps: optimiser steps per render.
+        lr: Adam learning rate.
+        param: ``"fourier"`` (default), ``"pixel"`` or a :class:`~lightning_xai.featvis.Parametrization`.
+        transforms: random transforms (``None``: sized to the input, see
+            :func:`~lightning_xai.featvis.default_transforms`; ``[]``: none).
+        regularizers: image penalties (``None``: ``[L1(0.05), TotalVariation(0.05)]``; ``[]``: none).
+        input_shape: ``(C, H, W)`` of one input; ``None`` takes it from the first validation batch.
+        value_range: ``(lo, hi)`` of the inputs (floats or per-channel tensors); ``None`` takes the
+            min and max of the first validation batch.
+        seed: seed of the private generator; the same start every epoch, so changes between epochs
+            come from the model.
+        batch_to_xy: ``batch -> (inputs, labels)`` for batch formats the base does not know.
+        ncols: images per grid row (default: up to 10).
+        min_side: cells are upscaled (nearest) so their short side is at least this many pixels.
+        run_on_fit_end, on_error, prefix, output_key, forward: see
+            :class:`~lightning_xai.callbacks.base.XAICallback`.
+
+    Tags (with the default ``prefix="xai"``):
+        ``xai/featvis/<label>`` (image grid, one cell per target) and ``xai/featvis/<label>/activation``
+        (scalar, the mean objective reached over the set, via ``pl_module.log``), where ``<label>`` is
+        ``logits`` or the layer name.
+
+    Raises:
+        MisconfigurationException: for bad arguments, or (in ``setup``) layer names the model does not
+            have; the message lists the valid names.
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> monitor = FeatureVisMonitor(targets=[("logits", range(10))], every_n_epochs=5)
+        >>> trainer = Trainer(callbacks=[monitor], max_epochs=20)  # doctest: +SKIP
+    """
+
+    area = "featvis"
+
+    def __init__(
+        self,
+        targets: Sequence[Any] = (("logits", tuple(range(10))),),
+        every_n_epochs: int = 5,
+        steps: int = 256,
+        lr: float = 0.05,
+        param: Any = "fourier",
+        transforms: Optional[Sequence[Any]] = None,
+        regularizers: Optional[Sequence[Any]] = None,
+        input_shape: Optional[Sequence[int]] = None,
+        value_range: Optional[Tuple[Any, Any]] = None,
+        seed: int = 0,
+        batch_to_xy: Optional[BatchToXY] = None,
+        ncols: Optional[int] = None,
+        min_side: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, **kwargs)
+        if isinstance(targets, tuple) and targets and isinstance(targets[0], str):
+            targets = [targets]  # a single spec
+        if not isinstance(targets, (list, tuple)) or not targets:
+            raise MisconfigurationException(expected("targets", "a non-empty list of target specs", repr(targets)))
+        self.target_sets: List[Tuple[str, List[Objective]]] = []
+        try:
+            for spec in targets:
+                self.target_sets.append(objectives_from_spec(spec))
+            check_positive_int("steps", steps)
+            check_positive_int("ncols", ncols, allow_none=True)
+            check_positive_int("min_side", min_side)
+            make_param(param)
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(str(err)) from err
+        labels = [label for label, _ in self.target_sets]
+        if len(set(labels)) != len(labels):
+            raise MisconfigurationException(expected("targets", "target sets with distinct labels (layer names)", labels))
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise MisconfigurationException(expected("lr", "a positive float", lr))
+        if input_shape is not None and (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3
+                                        or not all(isinstance(s, int) and s > 0 for s in input_shape)):
+            raise MisconfigurationException(expected("input_shape", "(C, H, W) with positive ints or None", repr(input_shape)))
+        if value_range is not None and not (isinstance(value_range, (tuple, list)) and len(value_range) == 2):
+            raise MisconfigurationException(expected("value_range", "a pair (lo, hi) or None", repr(value_range)))
+        if batch_to_xy is not None and not callable(batch_to_xy):
+            raise MisconfigurationException(expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
+        self.steps, self.lr, self.param, self.seed = steps, float(lr), param, seed
+        self.transforms = None if transforms is None else list(transforms)
+        self.regularizers = None if regularizers is None else list(regularizers)
+        self.input_shape: Optional[Tuple[int, int, int]] = None if input_shape is None else tuple(input_shape)
+        self.value_range = value_range
+        self._user_shape, self._user_range = input_shape is not None, value_range is not None
+        self.batch_to_xy = batch_to_xy
+        self.ncols, self.min_side = ncols, min_side
+        self.last_activations: Dict[str, Tensor] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, area=self.area, targets=[lb for lb, _ in self.target_sets])
+
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["input_shape"] = None if self.input_shape is None else list(self.input_shape)
+        state["value_range"] = None if self.value_range is None else [_plain(v) for v in self.value_range]
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if not self._user_shape and state_dict.get("input_shape") is not None:
+            self.input_shape = tuple(state_dict["input_shape"])
+        if not self._user_range and state_dict.get("value_range") is not None:
+            self.value_range = tuple(state_dict["value_range"])
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        for _, objs in self.target_sets:
+            for obj in objs:
+                for layer in obj.layers:
+                    if layer == OUTPUT:
+                        continue
+                    try:
+                        resolve_layer(pl_module, layer, "targets")
+                    except (TypeError, ValueError) as err:
+                        raise MisconfigurationException(str(err)) from err
+
+    # ------------------------------------------------------------------ input shape and range from the data
+    def _observe(self, batch: Any, dataloader_idx: int) -> None:
+        if dataloader_idx != 0 or (self.input_shape is not None and self.value_range is not None):
+            return
+        x, _ = extract_xy(batch, self.batch_to_xy)
+        if x.ndim < 2:
+            return
+        if self.input_shape is None:
+            self.input_shape = tuple(int(s) for s in x.shape[1:])
+        if self.value_range is None:
+            lo, hi = float(x.detach().min()), float(x.detach().max())
+            self.value_range = (lo, hi if hi > lo else lo + 1.0)
+
+    @override
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._observe(batch, dataloader_idx)
+
+    @override
+    def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._observe(batch, dataloader_idx)
+
+    # ------------------------------------------------------------------ the run
+    def _render_all(self, pl_module: "pl.LightningModule") -> Dict[str, Any]:
+        forward = self.logits_fn(pl_module)
+        results = {}
+        with self.explain_context(pl_module):
+            for label, objs in self.target_sets:
+                results[label] = render(pl_module, objs, self.input_shape, steps=self.steps, lr=self.lr,
+                                        param=self.param, transforms=self.transforms, regularizers=self.regularizers,
+                                        seed=self.seed, value_range=self.value_range, forward=forward)
+        return results
+
+    def _report(self, trainer: "pl.Trainer", results: Dict[str, Any]) -> Dict[str, float]:
+        metrics = {self.tag(label, "activation"): float(res.activations.mean()) for label, res in results.items()}
+        self.last_activations = {label: res.activations.detach().cpu() for label, res in results.items()}
+        if trainer.is_global_zero:
+            step = self.step(trainer)
+            c = self.input_shape[0]
+            lo, hi = (torch.as_tensor(v, dtype=torch.float32).reshape(-1).view(1, -1, 1, 1).expand(1, c, 1, 1)
+                      for v in self.value_range)
+            for label, res in results.items():
+                images = ((res.images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)  # (K, C, H, W) in [0, 1]
+                grid = image_grid(images, ncols=self.ncols, min_side=self.min_side)
+                log_image(trainer, self.tag(label), grid, step=step)
+        return metrics
+
+    def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
+        """Render every target set (on every rank: identical, no collective), log on rank zero."""
+        epoch = trainer.current_epoch
+        if not via_module and self._last_validated_epoch is not None:
+            epoch = self._last_validated_epoch
+        if self.input_shape is None or self.value_range is None:
+            warn_once(f"{id(self)}-noshape", "FeatureVisMonitor: no validation batch was seen, so the input shape and "
+                                             "range are unknown; pass `input_shape=` and `value_range=`. Skipping.")
+            return
+        results = self.guarded(lambda: self._render_all(pl_module), "rendering feature visualisations", epoch)
+        if results is None:
+            return
+        metrics = self.guarded(lambda: self._report(trainer, results), "logging", epoch)
+        if metrics:
+            self.log_metrics(trainer, pl_module, metrics, via_module=via_module)
+        self.last_explained_epoch = epoch
+
+    def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.active(trainer):
+            return
+        self._last_validated_epoch = trainer.current_epoch
+        if self.due(trainer):
+            self.explain(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._on_eval_epoch_end(trainer, pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._on_eval_epoch_end(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
+                and self._last_validated_epoch != self.last_explained_epoch):
+            self.explain(trainer, pl_module, via_module=False)
+
+
+def _plain(v: Any) -> Union[float, List[float]]:
+    if isinstance(v, Tensor):
+        return v.detach().cpu().reshape(-1).tolist() if v.numel() > 1 else float(v)
+    return float(v)

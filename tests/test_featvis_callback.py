@@ -1,0 +1,214 @@
+"""Tests of FeatureVisMonitor in a real Trainer: TensorBoard round trip, do no harm, errors, validate()."""
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from helpers import assert_unchanged, small_cnn, snapshot
+from lightning_xai.callbacks.featvis import FeatureVisMonitor
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_data():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:320], dtype=torch.float32).unsqueeze(1) / 16.0
+    return x, torch.tensor(d.target[:320])
+
+
+class DigitsModule(pl.LightningModule):
+    def __init__(self, x, y, fail: bool = False):
+        super().__init__()
+        self.net = small_cnn()
+        self.x, self.y = x, y
+        self.fail_when_eval = fail
+
+    def forward(self, x):
+        if self.fail_when_eval and not self.training and torch.is_grad_enabled():
+            raise RuntimeError("boom in forward")
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=64, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.x[:128], self.y[:128]), batch_size=64)
+
+    test_dataloader = val_dataloader
+
+
+def _trainer(tmp_path, callbacks, logger=True, **kw):
+    args = dict(default_root_dir=tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=2,
+                enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                num_sanity_val_steps=1, callbacks=callbacks, deterministic=True)
+    if logger:
+        args["logger"] = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
+    else:
+        args["logger"] = False
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+def _events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = glob.glob(os.path.join(str(tmp_path), "tb", "version_0", "events.out.tfevents.*"))
+    assert files
+    acc = EventAccumulator(os.path.dirname(files[0]), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_round_trip(tmp_path, digits_data):
+    monitor = FeatureVisMonitor(targets=[("logits", range(10)), ("net.0.4", "channels", range(4))],
+                                every_n_epochs=5, steps=24)
+    model = DigitsModule(*digits_data)
+    trainer = _trainer(tmp_path, [monitor], max_epochs=3)
+    trainer.fit(model)
+    acc = _events(tmp_path)
+    tags = acc.Tags()
+    assert {"xai/featvis/logits", "xai/featvis/net.0.4"} <= set(tags["images"])
+    assert {"xai/featvis/logits/activation", "xai/featvis/net.0.4/activation"} <= set(tags["scalars"])
+    logits_imgs = acc.Images("xai/featvis/logits")
+    assert len(logits_imgs) == 2  # epoch 0 (cadence) and epoch 2 (the last), not epoch 1
+    assert logits_imgs[0].step < logits_imgs[1].step
+    assert (logits_imgs[0].width, logits_imgs[0].height) == (10 * 66 + 2, 66 + 2)  # 10 cells of 64 px, padding 2
+    feat = acc.Images("xai/featvis/net.0.4")[-1]
+    assert (feat.width, feat.height) == (4 * 66 + 2, 66 + 2)
+    scalars = acc.Scalars("xai/featvis/logits/activation")
+    assert len(scalars) == 2 and all(torch.isfinite(torch.tensor(s.value)) for s in scalars)
+    assert monitor.input_shape == (1, 8, 8) and monitor.value_range == (0.0, 1.0)
+    assert monitor.last_explained_epoch == 2
+    assert monitor.last_activations["logits"].shape == (10,)
+
+
+def _fit_weights(tmp_path, digits_data, callbacks):
+    pl.seed_everything(123, workers=True)
+    model = DigitsModule(*digits_data)
+    trainer = _trainer(tmp_path, callbacks, logger=False, max_epochs=2)
+    trainer.fit(model)
+    return model
+
+
+def test_do_no_harm_bit_identical_weights(tmp_path, digits_data):
+    plain = _fit_weights(tmp_path / "a", digits_data, [])
+    monitor = FeatureVisMonitor(targets=[("logits", range(10)), ("net.0.1", "channels", [0, 1])], every_n_epochs=1,
+                                steps=8, param="pixel")
+    watched = _fit_weights(tmp_path / "b", digits_data, [monitor])
+    assert monitor.last_explained_epoch == 1
+    for (k, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(a, b), k  # includes BatchNorm running stats
+    assert all(p.requires_grad for p in watched.parameters())
+
+
+def test_explain_leaves_module_unchanged(tmp_path, digits_data):
+    model = DigitsModule(*digits_data)
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    monitor = FeatureVisMonitor(targets=[("logits", [0, 1]), ("net.0.4", "neurons", [2])], steps=4,
+                                input_shape=(1, 8, 8), value_range=(0.0, 1.0))
+    trainer = _trainer(tmp_path, [monitor], logger=False)
+    before = snapshot(model)
+    monitor.explain(trainer, model, via_module=False)
+    assert_unchanged(before, model)
+
+
+def test_error_policy_warns_and_training_continues(tmp_path, digits_data):
+    model = DigitsModule(*digits_data, fail=True)
+    monitor = FeatureVisMonitor(targets=[("logits", [0])], every_n_epochs=1, steps=4)
+    with pytest.warns(RuntimeWarning, match="boom in forward"):
+        _trainer(tmp_path, [monitor], logger=False, max_epochs=1).fit(model)
+    assert monitor.errors >= 1 and monitor.last_explained_epoch == -2
+    raising = FeatureVisMonitor(targets=[("logits", [0]), ("net.0.4", "channels", [1])], steps=4, on_error="raise",
+                                input_shape=(1, 8, 8), value_range=(0.0, 1.0))
+    model = DigitsModule(*digits_data, fail=True)
+    model.net[1].eval()  # mixed train/eval flags
+    with pytest.raises(RuntimeError, match="boom in forward"):
+        _trainer(tmp_path, [raising], logger=False, max_epochs=1).fit(model)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom in forward"):
+        raising.explain(_trainer(tmp_path, [raising], logger=False), model, via_module=False)
+    assert_unchanged(before, model)  # the forced exception left no hook, flag, grad or buffer change behind
+
+
+def test_unknown_layer_lists_valid_names(tmp_path, digits_data):
+    monitor = FeatureVisMonitor(targets=[("net.features.3", "channels", range(2))])
+    with pytest.raises(MisconfigurationException, match=r"one of the model's layers: net, net\.0, net\.0\.0"):
+        _trainer(tmp_path, [monitor], logger=False).fit(DigitsModule(*digits_data))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param(dict(targets=[]), "Expected `targets`", id="empty"),
+        pytest.param(dict(targets=[("net.0", "filters", [1])]), "Expected `targets`", id="kind"),
+        pytest.param(dict(targets=[("logits", [0]), ("logits", [1])]), "distinct labels", id="duplicate"),
+        pytest.param(dict(steps=0), "Expected `steps`", id="steps"),
+        pytest.param(dict(param="wavelet"), "Expected `param`", id="param"),
+        pytest.param(dict(input_shape=(8, 8)), "Expected `input_shape`", id="shape"),
+        pytest.param(dict(every_n_epochs=0), "Expected `every_n_epochs`", id="cadence"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises((MisconfigurationException, ValueError, TypeError), match=match):
+        FeatureVisMonitor(**kwargs)
+
+
+def test_validate_under_inference_mode_and_fast_dev_run(tmp_path, digits_data):
+    model = DigitsModule(*digits_data)
+    monitor = FeatureVisMonitor(targets=("logits", range(3)), steps=4)  # a single spec is accepted too
+    trainer = _trainer(tmp_path, [monitor])
+    trainer.validate(model, verbose=False)
+    assert monitor.last_explained_epoch == 0
+    assert "xai/featvis/logits/activation" in trainer.callback_metrics
+    quiet = FeatureVisMonitor(targets=[("logits", [0])], every_n_epochs=1, steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        pl.Trainer(default_root_dir=tmp_path, fast_dev_run=True, callbacks=[quiet], enable_progress_bar=False,
+                   enable_model_summary=False).fit(DigitsModule(*digits_data))
+    assert quiet.last_explained_epoch == -2
+
+
+def test_state_dict_round_trip():
+    monitor = FeatureVisMonitor(targets=[("logits", [0, 1])])
+    monitor.input_shape, monitor.value_range, monitor.last_explained_epoch = (1, 8, 8), (0.0, 1.0), 4
+    state = monitor.state_dict()
+    assert all(isinstance(v, (int, float, list, type(None))) for v in state.values())
+    fresh = FeatureVisMonitor(targets=[("logits", [0, 1])])
+    fresh.load_state_dict(state)
+    assert fresh.input_shape == (1, 8, 8) and tuple(fresh.value_range) == (0.0, 1.0)
+    assert fresh.last_explained_epoch == 4
+    assert "featvis" in fresh.state_key and "logits" in fresh.state_key
