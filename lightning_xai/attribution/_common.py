@@ -190,6 +190,8 @@ def row_target(target: Target, index: Union[slice, Tensor]) -> Target:
 
 def resolve_target_chunked(model: Callable[[Tensor], Any], x: Tensor, target: Target, max_rows: int) -> Target:
     """:func:`resolve_target` run over chunks of at most ``max_rows`` rows (one no-grad pass in all)."""
+    if isinstance(target, Tensor):  # a private normal copy (the caller's may be an inference tensor)
+        return resolve_target(model, x, target).clone()  # type: ignore[union-attr]
     if target is not None:
         return resolve_target(model, x, target)
     parts = [resolve_target(model, x[a:b], None) for a, b in chunks(x.shape[0], max_rows)]

@@ -81,7 +81,7 @@ def _grad_cam_compute(model: Callable, inputs: Tensor, target: Target, layer: nn
                 raise ValueError(expected("upsample", f"False for a layer with {spatial} spatial dims and inputs "
                                                       f"with {inputs.ndim - 2}", True))
             cam = F.interpolate(cam, size=tuple(inputs.shape[2:]), mode=_INTERPOLATION[spatial], align_corners=False)
-    return cam.detach()
+        return cam.detach()
 
 
 def grad_cam(

@@ -31,8 +31,9 @@ def _gradient_validate_args(model: Any, inputs: Tensor, target: Target, batch_si
     check_positive_int("batch_size", batch_size, allow_none=True)
 
 
-def _gradient_compute(model: Callable, inputs: Tensor, target: Target, batch_size: Optional[int]) -> Tensor:
-    """Input gradients of the target scores, ``batch_size`` rows per pass."""
+def _gradient_compute(model: Callable, inputs: Tensor, target: Target, batch_size: Optional[int],
+                      post: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``post(x, grads)`` of the input gradients of the target scores, ``batch_size`` rows per pass."""
     cap = batch_size or DEFAULT_MAX_ROWS
     with guarded(model):
         x = private_copy(inputs)
@@ -41,7 +42,7 @@ def _gradient_compute(model: Callable, inputs: Tensor, target: Target, batch_siz
         grads = torch.empty_like(x)
         for a, b in chunks(x.shape[0], cap):
             grads[a:b] = input_grad(model, x[a:b], row_target(target, slice(a, b)))[0]
-    return grads
+        return post(x, grads).detach()  # inside the guards: a normal tensor even under inference_mode
 
 
 def saliency(
@@ -79,8 +80,7 @@ def saliency(
     """
     _gradient_validate_args(model, inputs, target, batch_size)
     check_bool("abs", abs)
-    grads = _gradient_compute(model, inputs, target, batch_size)
-    return (grads.abs() if abs else grads).detach()
+    return _gradient_compute(model, inputs, target, batch_size, lambda x, g: g.abs() if abs else g)
 
 
 def input_x_gradient(
@@ -110,8 +110,7 @@ def input_x_gradient(
         torch.Size([2, 1, 4, 4])
     """
     _gradient_validate_args(model, inputs, target, batch_size)
-    grads = _gradient_compute(model, inputs, target, batch_size)
-    return (inputs.detach().to(grads) * grads).detach()
+    return _gradient_compute(model, inputs, target, batch_size, lambda x, g: x * g)
 
 
 # --------------------------------------------------------------------------- SmoothGrad family
@@ -153,13 +152,13 @@ def _smoothgrad_compute(model: Callable, inputs: Tensor, target: Target, samples
             total.index_add_(0, i, grad)
             if total_sq is not None:
                 total_sq.index_add_(0, i, grad * grad)
-    mean = total / samples
-    if kind == "smoothgrad":
-        return mean.detach()
-    mean_sq = total_sq / samples  # type: ignore[operator]
-    if kind == "smoothgrad_sq":
-        return mean_sq.detach()
-    return (mean_sq - mean * mean).detach()
+        mean = total / samples
+        if kind == "smoothgrad":
+            return mean.detach()
+        mean_sq = total_sq / samples  # type: ignore[operator]
+        if kind == "smoothgrad_sq":
+            return mean_sq.detach()
+        return (mean_sq - mean * mean).detach()
 
 
 def smoothgrad(

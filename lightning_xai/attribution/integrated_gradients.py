@@ -157,7 +157,7 @@ def _integrated_gradients_compute(model: Callable, inputs: Tensor, target: Targe
             return attr.detach()
         gap = forward_scores(model, x, target, cap) - forward_scores(model, base, target, cap)
         delta = attr.flatten(1).sum(1) - gap
-    return attr.detach(), delta.detach()
+        return attr.detach(), delta.detach()
 
 
 def integrated_gradients(

@@ -131,7 +131,7 @@ def _lime_compute(model: Callable, inputs: Tensor, target: Target, segments: Opt
             y[a:b] = scores_of(model(rows), target[i] if isinstance(target, Tensor) else target)
         coef = fit_surrogate(z, y.view(samples, n).t(), valid, kernel_width, alpha)  # (N, S)
         attr = coef.gather(1, labels.flatten(1)).view(n, 1, h, w).to(x.dtype).expand_as(x)
-    return attr.contiguous().detach()
+        return attr.contiguous().detach()
 
 
 def lime(

@@ -114,7 +114,7 @@ def _occlusion_compute(model: Callable, inputs: Tensor, target: Target, win: Tup
             for j, sl in enumerate(slices[a:b]):
                 total[(slice(None),) + sl] += drop[j * n:(j + 1) * n]
                 counts[sl] += 1
-    return (total / counts).detach()
+        return (total / counts).detach()
 
 
 def occlusion(

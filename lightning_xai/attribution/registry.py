@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -51,8 +52,8 @@ def _check_options(name: str, fn: AttributionFn, options: Any) -> Dict[str, Any]
     if accepted is not None:
         unknown = [k for k in options if k not in accepted]
         if unknown:
-            raise ValueError(expected(f"options of {name!r}", "among " + ", ".join(accepted),
-                                      ", ".join(repr(k) for k in unknown)))
+            raise ValueError(expected("options", f"keyword options of {name!r} ({', '.join(accepted)})",
+                                      unknown[0] if len(unknown) == 1 else unknown))
     return dict(options)
 
 
@@ -223,10 +224,12 @@ class CaptumMethod:
                 score = target
                 forward, target = (lambda z: score(model(z))), None
             obj = self._bind(forward, opts)
-            out = obj.attribute(x, target=target, **opts)
-        if isinstance(out, tuple):
-            return tuple(o.detach() for o in out)
-        return out.detach()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*required_grads has been set automatically.*")
+                out = obj.attribute(x, target=target, **opts)
+            if isinstance(out, tuple):
+                return tuple(o.detach().clone() for o in out)
+            return out.detach().clone()
 
 
 def from_captum(attribution: Any, signed: Optional[bool] = None, **attribute_kwargs: Any) -> CaptumMethod:
