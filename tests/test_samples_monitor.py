@@ -1,0 +1,162 @@
+"""SampleInfluenceMonitor in a real Trainer: TensorBoard output, do no harm, hygiene, errors, resume, validate()."""
+import warnings
+
+import pytest
+import torch
+from pytorch_lightning import Callback, Trainer, seed_everything
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from helpers import DigitsModule, assert_unchanged, digits_data, digits_loaders, hook_count, read_events, snapshot, \
+    tiny_trainer, trained_weights
+from lightning_xai.callbacks.samples import SampleInfluenceMonitor
+
+_TAGS = ("neighbours", "representers", "suspects", "sparse")
+
+
+def _monitor(**kw):
+    opts = dict(every_n_epochs=1, probe_samples=4, k=3, support_k=3, num_representers=2, num_suspects=6, num_sparse=2,
+                max_train_samples=96, on_error="raise")
+    opts.update(kw)
+    return SampleInfluenceMonitor(**opts)
+
+
+class _Guard(Callback):
+    """Snapshots the module before the monitor's validation-end hook and checks it after (placed around it)."""
+
+    def __init__(self, shared, check):
+        self.shared, self.check = shared, check
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not self.check:
+            self.shared["before"] = snapshot(pl_module)
+        else:
+            assert_unchanged(self.shared["before"], pl_module)
+            self.shared["checked"] = self.shared.get("checked", 0) + 1
+
+
+def _fit(tmp_path, callbacks, name, max_epochs=2):
+    seed_everything(0)
+    train, val = digits_loaders(128, 48)
+    module = DigitsModule()
+    trainer = tiny_trainer(tmp_path / name, callbacks=callbacks, max_epochs=max_epochs)
+    trainer.fit(module, train, val)
+    return trainer, module
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("samples")
+    shared = {}
+    monitor = _monitor()
+    trainer, module = _fit(tmp, [_Guard(shared, False), monitor, _Guard(shared, True)], "with")
+    _, baseline = _fit(tmp, [], "without")
+    return dict(tmp=tmp, monitor=monitor, trainer=trainer, module=module, baseline=baseline, shared=shared,
+                events=read_events(tmp / "with" / "tb" / "version_0"))
+
+
+def test_tensorboard_images_tables_and_scalars(runs):
+    acc = runs["events"]
+    tags = acc.Tags()
+    for name in _TAGS:
+        assert f"xai/samples/{name}" in tags["images"]
+        assert f"xai/samples/{name}/table/text_summary" in tags["tensors"]
+    images = acc.Images("xai/samples/neighbours")
+    assert len(images) == 2  # epochs 0 and 1
+    # 4 probe rows, 1 + k cells each, 48-pixel cells with 2-pixel padding
+    assert (images[-1].height, images[-1].width) == (2 + 4 * 50, 2 + 4 * 50)
+    rep = acc.Images("xai/samples/representers")[-1]
+    assert rep.width == 2 + (1 + 2 * 2) * 50
+    gap = acc.Scalars("xai/samples/decomposition_gap")[-1].value
+    assert gap < 1e-8
+    for name in ("mean_support", "min_support", "refit_agreement", "neighbour_agreement"):
+        value = acc.Scalars(f"xai/samples/{name}")[-1].value
+        assert -1.0 <= value <= 1.0
+    from tensorboard.util import tensor_util
+
+    text = tensor_util.make_ndarray(acc.Tensors("xai/samples/suspects/table/text_summary")[-1].tensor_proto).item().decode()
+    assert "| rank | index | given label |" in text and text.count("\n") == 1 + 6
+
+
+def test_suspects_come_from_the_first_training_samples(runs):
+    monitor = runs["monitor"]
+    assert monitor.suspects.shape == (6,) and int(monitor.suspects.max()) < 96
+    assert torch.all(monitor.suspect_values[:-1] >= monitor.suspect_values[1:])
+
+
+def test_do_no_harm_bit_identical_weights(runs):
+    w_with, w_without = trained_weights(runs["module"]), trained_weights(runs["baseline"])
+    assert w_with.keys() == w_without.keys()
+    for key in w_with:
+        assert torch.equal(w_with[key], w_without[key]), key
+
+
+def test_state_unchanged_around_each_explanation(runs):
+    assert runs["shared"]["checked"] == 2
+    assert hook_count(runs["module"]) == 0
+
+
+def test_error_is_contained_and_leaves_no_trace(tmp_path):
+    def boom(pl_module, x):
+        pl_module(x)  # the feature hook fires, then the forward fails
+        raise RuntimeError("boom")
+
+    shared = {}
+    monitor = _monitor(forward=boom, on_error="warn")
+    with pytest.warns(RuntimeWarning, match="failed while explaining the probe samples.*boom"):
+        _, module = _fit(tmp_path, [_Guard(shared, False), monitor, _Guard(shared, True)], "warn", max_epochs=1)
+    assert monitor.errors >= 1 and shared["checked"] == 1 and hook_count(module) == 0
+
+    raising = _monitor(forward=boom, on_error="raise")
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(tmp_path, [raising], "raise", max_epochs=1)
+
+
+def test_resume_keeps_probe_set_and_suspects(tmp_path):
+    seed_everything(0)
+    train, val = digits_loaders(128, 48)
+    first = _monitor(run_on_fit_end=False, every_n_epochs=1)
+    trainer = tiny_trainer(tmp_path, callbacks=[first], max_epochs=1)
+    module = DigitsModule()
+    trainer.fit(module, train, val)
+    ckpt = str(tmp_path / "last.ckpt")
+    trainer.save_checkpoint(ckpt)
+
+    second = _monitor(run_on_fit_end=False, every_n_epochs=5)  # epoch 1 is not due: nothing recomputed
+    other_val, _ = digits_loaders(48, 1)  # different validation samples: a re-chosen probe set would differ
+    trainer = tiny_trainer(tmp_path, callbacks=[second], max_epochs=2)
+    trainer.fit(DigitsModule(), train, other_val, ckpt_path=ckpt)
+    assert torch.equal(second.probe_x, first.probe_x) and torch.equal(second.probe_y, first.probe_y)
+    assert torch.equal(second.suspects, first.suspects)
+
+
+def test_validate_needs_train_data_or_uses_given(tmp_path):
+    train_ds, val_ds = digits_data(96, 32)
+    from torch.utils.data import DataLoader
+
+    val = DataLoader(val_ds, batch_size=16)
+    monitor = _monitor(max_train_samples=None)
+    trainer = tiny_trainer(tmp_path / "none", callbacks=[monitor])
+    with pytest.warns(RuntimeWarning, match="found no training data"):
+        trainer.validate(DigitsModule(), val)
+
+    monitor = _monitor(train_data=train_ds.tensors, layer="net.1.3")
+    trainer = tiny_trainer(tmp_path / "given", callbacks=[monitor])
+    trainer.validate(DigitsModule(), val)
+    acc = read_events(tmp_path / "given" / "tb" / "version_0")
+    assert "xai/samples/suspects" in acc.Tags()["images"]
+    assert int(monitor.suspects.max()) < 96
+
+
+def test_configuration_errors():
+    with pytest.raises(MisconfigurationException, match="Expected `k` to be a positive int"):
+        SampleInfluenceMonitor(k=0)
+    with pytest.raises(MisconfigurationException, match="Expected `lam` to be a positive float"):
+        SampleInfluenceMonitor(lam=-1.0)
+    with pytest.raises(MisconfigurationException, match="Expected `suspect_mode`"):
+        SampleInfluenceMonitor(suspect_mode="loss")
+    with pytest.raises(MisconfigurationException, match="Expected `train_data`"):
+        SampleInfluenceMonitor(train_data=(torch.zeros(3, 2), torch.zeros(4)))
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(MisconfigurationException, match=r"Expected `layer` to be one of the model's layers: net, net\.0"):
+        SampleInfluenceMonitor(layer="head").setup(trainer, DigitsModule(), "fit")
