@@ -247,3 +247,22 @@ def test_token_attribution_monitor_bad_config(tmp_path):
         TokenAttributionMonitor("net.embedding", vocab="abc")
     with pytest.raises(MisconfigurationException, match="one of the model's layers"):
         _fit_text(tmp_path, [TokenAttributionMonitor("net.embed", vocab=list(VOCAB))], epochs=1)
+
+
+def test_monitors_work_under_validate_inference_mode(tmp_path):
+    """trainer.validate() runs under torch.inference_mode(); the probe ids are inference tensors there."""
+    from lightning_xai.callbacks.projections import ProjectionMonitor
+    from lightning_xai.callbacks.text import TokenAttributionMonitor
+
+    val = DataLoader(TensorDataset(*spurious_token_data(32, shortcut="random", seed=1).tensors()), batch_size=32)
+    callbacks = [TokenAttributionMonitor("net.embedding", vocab=list(VOCAB), watch_tokens=[1], options={"steps": 8},
+                                         probe_samples=8, on_error="raise"),
+                 ProjectionMonitor(layers=["net.encoder"], on_error="raise", projector=False)]
+    module = TextModule()
+    before = snapshot(module)
+    metrics = tiny_trainer(tmp_path, callbacks=callbacks).validate(module, val, verbose=False)[0]
+    assert 0 <= metrics["xai/text/integrated_gradients/share/zz"] <= 1
+    assert metrics["xai/text/integrated_gradients/completeness_gap"] < 0.05
+    assert "xai/projection/net.encoder/separation" in metrics
+    before["rng"] = torch.get_rng_state()  # the DataLoader iterator draws its base seed from the global RNG
+    assert_unchanged(before, module)
