@@ -362,7 +362,7 @@ class SampleInfluenceMonitor(ProbeSetCallback):
                  f"{float(bank['suspect_scores'][r]):.4g}"]
                 for r, (rank, j, lab) in enumerate(zip(range(1, len(sus) + 1), sus.tolist(), self._label_of(sus)))]
         log_text(trainer, self.tag("suspects", "table"), markdown_table(
-            ["rank", "index", "given label", "model pred", "refit pred", "|alpha|"], rows), step)
+            ["rank", "index", "given label", "model pred", "refit pred", "abs(alpha)"], rows), step)
         if images:
             cells = self._cells(self._train_images(sus))
             colours = [_GREY if lab is None else (_GREEN if lab == int(bank["pred"][j]) else _RED)
