@@ -180,6 +180,14 @@ def test_projection_monitor_writes_projector_images_and_scalars(tmp_path):
         assert 0 < acc.Scalars(f"xai/projection/{layer}/pca_variance")[-1].value <= 1
     assert trainer.callback_metrics["xai/projection/net.1.3/separation"] is not None
 
+    # a resumed run explains the same probe set: the state is plain tensors and loads with weights_only
+    path = os.path.join(str(tmp_path), "state.pt")
+    torch.save(monitor.state_dict(), path)
+    fresh = ProjectionMonitor(layers=["net.0.3", "net.1.3"])
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(fresh.probe_x, monitor.probe_x) and torch.equal(fresh.probe_y, monitor.probe_y)
+    assert fresh.state_key == monitor.state_key != ProjectionMonitor(layers=["net.0.3"]).state_key
+
 
 def test_projection_monitor_does_no_harm(tmp_path):
     from lightning_xai.callbacks.projections import ProjectionMonitor
