@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from helpers import DigitsModule, assert_unchanged, digits_loaders, hook_count, read_events, small_cnn, snapshot, tiny_trainer
 from lightning_xai.projections import capture_activations, class_separation, pca, silhouette_score, variance_ratio
