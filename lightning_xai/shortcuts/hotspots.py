@@ -1,0 +1,97 @@
+"""Input-independent hotspots: places every class attends to, proposed as candidate shortcut regions.
+
+An object's evidence sits in different places for different classes (a 0's ring, a 1's stroke); a
+shortcut sits in the same place whatever the class (the corner mark, the source tag). So per class
+the absolute attribution maps are normalised to sum 1 and averaged, expressed relative to a uniform
+map (1 = its area share), and the per-pixel *consistency* is the geometric mean over classes:
+
+.. math:: S_p = \\exp\\big(\\tfrac{1}{|C|} \\textstyle\\sum_c \\log \\max(HW\\,\\bar a_{c,p}, \\epsilon)\\big)
+
+A hotspot is the 4-connected component around the peak of ``S`` of pixels with
+``S_p >= rel_threshold * max S``, kept when ``max S >= min_score`` and its area is at most
+``max_area`` of the image. It is only a *candidate*: the intervention check
+(:mod:`.interventions`, :mod:`.alarm`) decides whether the model relies on it. Maps from Input x
+Gradient or Occlusion concentrate on a bright mark where plain saliency may not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_xai._utils import expected
+from lightning_xai.shortcuts.spray import downsample_maps
+
+
+@dataclass
+class HotspotResult:
+    """``mask (H, W)`` bool or None when nothing qualifies; ``score (h, w)`` the consistency map; ``peak`` its max."""
+
+    mask: Optional[Tensor]
+    score: Tensor
+    peak: float
+
+
+def consistency_map(maps: Tensor, labels: Tensor, size: int = 32, eps: float = 1e-2) -> Tensor:
+    """The geometric mean over classes of class-mean attribution relative to uniform ``(h, w)`` (see module docstring)."""
+    if labels.ndim != 1 or labels.shape[0] != maps.shape[0]:
+        raise ValueError(expected("labels", f"a tensor of shape ({maps.shape[0]},)", labels))
+    small = downsample_maps(maps, size)  # (N, h, w), each sums to 1
+    hw = small.shape[-1] * small.shape[-2]
+    logs = [torch.log((small[labels == c].mean(0) * hw).clamp_min(eps)) for c in sorted(set(labels.tolist()))]
+    return torch.stack(logs).mean(0).exp()
+
+
+def _component(seed_mask: Tensor, start: int) -> Tensor:
+    """4-connected component of ``seed_mask (h, w)`` containing flat index ``start``."""
+    comp = torch.zeros_like(seed_mask)
+    comp.view(-1)[start] = True
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    while True:
+        grown = (F.conv2d(comp.float()[None, None], kernel, padding=1)[0, 0] > 0) & seed_mask
+        if torch.equal(grown, comp):
+            return comp
+        comp = grown
+
+
+def find_hotspot(maps: Tensor, labels: Tensor, size: int = 32, rel_threshold: float = 0.5, min_score: float = 2.0,
+                 max_area: float = 0.25, min_classes: int = 2) -> HotspotResult:
+    """Propose one candidate region where attribution is high for every class.
+
+    Args:
+        maps: attribution maps ``(N, C, H, W)`` or ``(N, H, W)`` of the probe samples.
+        labels: class (label or prediction) of each sample ``(N,)``.
+        size: long side of the maps while scoring (the mask is upsampled back to ``(H, W)``).
+        rel_threshold: pixels scoring at least this share of the peak join the hotspot.
+        min_score: smallest peak consistency (times the uniform level) that counts.
+        max_area: largest hotspot, as a share of the image.
+        min_classes: fewest distinct classes needed (one class cannot show input-independence).
+
+    Returns:
+        :class:`HotspotResult`; ``mask`` is None when no pixel qualifies.
+
+    Example:
+        >>> maps = torch.rand(40, 8, 8, generator=torch.Generator().manual_seed(0)); maps[:, :2, :2] += 5
+        >>> find_hotspot(maps, torch.arange(40) % 4).mask[:3, :3].int()
+        tensor([[1, 1, 0],
+                [1, 1, 0],
+                [0, 0, 0]], dtype=torch.int32)
+    """
+    if not 0 < rel_threshold <= 1:
+        raise ValueError(expected("rel_threshold", "a float in (0, 1]", rel_threshold))
+    if not 0 < max_area <= 1:
+        raise ValueError(expected("max_area", "a float in (0, 1]", max_area))
+    h, w = maps.shape[-2:]
+    score = consistency_map(maps, labels, size)
+    peak = float(score.max())
+    if len(set(labels.tolist())) < min_classes or peak < min_score:
+        return HotspotResult(None, score, peak)
+    comp = _component(score >= rel_threshold * peak, int(score.argmax()))
+    if float(comp.float().mean()) > max_area:
+        return HotspotResult(None, score, peak)
+    if comp.shape != (h, w):
+        comp = F.interpolate(comp.float()[None, None], size=(h, w), mode="nearest")[0, 0] > 0
+    return HotspotResult(comp, score, peak)

@@ -1,0 +1,234 @@
+"""Interventions, the ground truth of reliance: replace a region and see whether predictions change.
+
+For each sample the region is filled (``"mean"``: the probe set's mean image there; ``"blur"``: a
+Gaussian blur of the sample itself; ``"swap"``: another probe sample's region, see :func:`transplant`) and the model
+is run again. The same fill is applied to *control regions*: equal-area copies of the region placed
+elsewhere (:func:`~lightning_xai.shortcuts.regions.translates`). With ``placement="matched"`` (the
+default) the controls of a sample are the placements where the fill changes the input by about as
+much as it does in the region, so "the region flips more predictions than its controls" means the
+model is more sensitive there per unit of input change, not that the region happens to hold more
+ink. ``"random"`` draws the placements uniformly.
+
+Swap partners: sample ``i`` receives the region of the probe sample whose content there differs most
+from its own (the "paste the watermark onto a car" test of Lapuschkin et al. 2019,
+https://www.nature.com/articles/s41467-019-08987-4); controls of ``i`` use the same partner.
+All randomness (control placement, tie breaks) comes from the ``generator`` passed in.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_xai._utils import as_logits, check_choice, check_positive_int, chunks, expected
+from lightning_xai.attribution import gaussian_blur
+from lightning_xai.shortcuts.regions import translates
+
+FILLS = ("mean", "blur", "swap")
+PLACEMENTS = ("matched", "random")
+
+
+def region_contents(x: Tensor, masks: Tensor) -> Optional[Tensor]:
+    """Each sample's pixels inside its region in raster order ``(N, C, A)``, or None when the areas differ."""
+    areas = masks.flatten(1).sum(1)
+    if not bool((areas == areas[0]).all()):
+        return None
+    n, c = x.shape[:2]
+    return x.flatten(2).transpose(1, 2)[masks.flatten(1)].view(n, -1, c).transpose(1, 2)  # (N, C, A)
+
+
+def transplant(x: Tensor, masks: Tensor, partners: Tensor) -> Tensor:
+    """Images whose region holds the partner's region content ``(N, C, H, W)``.
+
+    With equal areas (one shared mask, or same-size boxes in different places) pixel ``k`` of sample
+    ``i``'s region, in raster order, gets pixel ``k`` of partner ``j``'s region, so a mark in another
+    corner moves with its layout intact; otherwise the region gets ``j``'s pixels at the same positions.
+    """
+    contents = region_contents(x, masks)
+    if contents is None:
+        return torch.where(masks.unsqueeze(1), x[partners], x)
+    out = x.flatten(2).transpose(1, 2).clone()  # (N, HW, C)
+    out[masks.flatten(1)] = contents[partners].transpose(1, 2).reshape(-1, x.shape[1])
+    return out.transpose(1, 2).reshape(x.shape)
+
+
+def swap_partners(x: Tensor, masks: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """For each sample, the index of the other sample whose region content differs most from its own ``(N,)``.
+
+    Region contents are compared as :func:`transplant` would move them (raster order for equal areas,
+    same positions otherwise). Ties (e.g. identical blank regions) are broken at random with
+    ``generator``. A single sample is its own partner (the swap changes nothing).
+    """
+    n = x.shape[0]
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=x.device)
+    contents = region_contents(x, masks)
+    if contents is not None:
+        flat = contents.flatten(1).double()  # (N, C * A)
+        dist = torch.cdist(flat, flat) ** 2
+    else:
+        flat = x.flatten(2).double()  # (N, C, HW)
+        m = masks.flatten(1).double()  # (N, HW)
+        # dist[i, j] = sum_{p in R_i} ||x_i[p] - x_j[p]||^2, computed without an (N, N, HW) tensor
+        sq = (flat ** 2).sum(1)  # (N, HW)
+        dist = (sq * m).sum(1, keepdim=True) + m @ sq.T - 2 * torch.einsum("icp,jcp,ip->ij", flat, flat, m)
+    jitter = torch.rand(n, n, generator=generator, dtype=torch.float64).to(x.device) * 1e-6 * (dist.abs().max() + 1e-12)
+    dist = dist + jitter
+    dist.fill_diagonal_(-float("inf"))
+    return dist.argmax(1)
+
+
+def fill_source(x: Tensor, fill: str, partners: Optional[Tensor] = None, reference: Optional[Tensor] = None,
+                sigma: Optional[float] = None) -> Tensor:
+    """What a region is filled with, as full images ``(N, C, H, W)`` (only pixels inside the region are used).
+
+    Args:
+        x: images ``(N, C, H, W)``.
+        fill: ``"mean"`` (``reference`` ``(C, H, W)``, default the mean of ``x``), ``"blur"`` (Gaussian, ``sigma``
+            default ``max(1, min(H, W) / 16)``) or ``"swap"`` (``x[partners]``).
+    """
+    check_choice("fill", fill, FILLS)
+    if fill == "mean":
+        ref = x.mean(0) if reference is None else reference.to(x)
+        return ref.unsqueeze(0).expand_as(x)
+    if fill == "blur":
+        return gaussian_blur(x, sigma if sigma is not None else max(1.0, min(x.shape[-2:]) / 16))
+    if partners is None:
+        raise ValueError(expected("partners", "a LongTensor (N,) of swap partners for fill='swap'", None))
+    return x[partners]
+
+
+def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placement: str = "matched",
+                  generator: Optional[torch.Generator] = None, max_candidates: int = 64,
+                  region_change: Optional[Tensor] = None) -> Tensor:
+    """Control regions ``(N, K, H, W)``: equal-area placements of each sample's region elsewhere.
+
+    Args:
+        masks: region masks ``(N, H, W)``.
+        change_map: per-pixel squared input change the fill causes ``(N, H, W)`` (used by ``"matched"``).
+        num_controls: ``K``.
+        placement: ``"matched"`` picks, per sample, the candidates whose input change is closest to the
+            region's; ``"random"`` picks at random. With fewer than ``K`` candidates they are reused.
+        region_change: the region's own input change ``(N,)`` (default: ``change_map`` summed over the region).
+    """
+    check_choice("placement", placement, PLACEMENTS)
+    n, h, w = masks.shape
+    out = torch.zeros(n, num_controls, h, w, dtype=torch.bool, device=masks.device)
+    unique, inverse = torch.unique(masks.flatten(1), dim=0, return_inverse=True)
+    for u in range(unique.shape[0]):
+        cands = translates(unique[u].view(h, w).cpu(), max_candidates, generator).to(masks.device)  # (S, H, W)
+        rows = (inverse == u).nonzero().view(-1)
+        if cands.shape[0] == 0:
+            continue
+        cf = cands.flatten(1).to(change_map.dtype)  # (S, HW)
+        for i in rows.tolist():
+            noise = torch.rand(cands.shape[0], generator=generator).to(masks.device)
+            if placement == "matched":
+                cm = change_map[i].flatten()
+                target = (cm * masks[i].flatten()).sum() if region_change is None else region_change[i].to(cm)
+                score = (cf @ cm - target).abs()
+                score = score + noise * 1e-6 * (score.max() + 1e-12)  # random tie breaks
+            else:
+                score = noise
+            order = score.argsort()
+            pick = order[torch.arange(num_controls, device=order.device) % order.numel()]
+            out[i] = cands[pick]
+    return out
+
+
+def _predict(forward: Callable[[Tensor], Tensor], x: Tensor, batch_size: Optional[int]) -> Tensor:
+    probs = []
+    with torch.no_grad():
+        for a, b in chunks(x.shape[0], batch_size):
+            probs.append(as_logits(forward(x[a:b])).float().softmax(1))
+    return torch.cat(probs)
+
+
+def intervene(
+    forward: Callable[[Tensor], Tensor],
+    x: Tensor,
+    masks: Tensor,
+    y: Optional[Tensor] = None,
+    fill: str = "swap",
+    num_controls: int = 8,
+    placement: str = "matched",
+    generator: Optional[torch.Generator] = None,
+    reference: Optional[Tensor] = None,
+    sigma: Optional[float] = None,
+    batch_size: Optional[int] = 256,
+    max_candidates: int = 64,
+) -> Dict[str, Tensor]:
+    """Replace the region (and its controls) in every sample and record what the model does.
+
+    Forward-only: ``N * (2 + K)`` rows in batches of ``batch_size``, under ``torch.no_grad``.
+
+    Args:
+        forward: ``inputs -> logits (N, classes)``.
+        x: images ``(N, C, H, W)``; masks: the region ``(N, H, W)`` bool; y: labels ``(N,)`` or None.
+        fill, reference, sigma: see :func:`fill_source`. num_controls, placement, max_candidates: see
+            :func:`control_masks`. generator: private randomness (tie breaks, placements).
+
+    Returns:
+        Per-sample tensors: ``pred (N,)`` the prediction on the intact input, ``flip (N,)`` whether it changed
+        when the region was filled, ``prob_drop (N,)`` the drop of the originally predicted class'
+        probability, ``change (N,)`` the squared input change, ``control_flip (N, K)`` and
+        ``control_prob_drop (N, K)`` the same for the controls, ``partner (N,)`` (swap only, else -1);
+        with labels also ``correct (N,)``, ``region_correct (N,)`` and ``control_correct (N, K)``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> x, masks = torch.rand(6, 1, 4, 4), torch.zeros(6, 4, 4, dtype=torch.bool)
+        >>> masks[:, :2, :2] = True
+        >>> out = intervene(net, x, masks, num_controls=2, generator=torch.Generator().manual_seed(0))
+        >>> out["control_flip"].shape
+        torch.Size([6, 2])
+    """
+    check_choice("fill", fill, FILLS)
+    check_positive_int("num_controls", num_controls)
+    if x.ndim != 4:
+        raise ValueError(expected("x", "images of shape (N, C, H, W)", x))
+    n, _, h, w = x.shape
+    if masks.shape != (n, h, w) or masks.dtype != torch.bool:
+        raise ValueError(expected("masks", f"a boolean tensor of shape ({n}, {h}, {w})", masks))
+    x = x.detach()
+    partners = swap_partners(x, masks, generator) if fill == "swap" else None
+    source = fill_source(x, fill, partners, reference, sigma)  # (N, C, H, W), position by position
+    change_map = ((source - x) ** 2).sum(1)  # (N, H, W)
+    region_edit = transplant(x, masks, partners) if fill == "swap" else torch.where(masks.unsqueeze(1), source, x)
+    region_change = ((region_edit - x) ** 2).flatten(1).sum(1)  # (N,)
+    controls = control_masks(masks, change_map, num_controls, placement, generator, max_candidates,
+                             region_change)  # (N, K, H, W)
+    k1 = num_controls + 1
+    edited = torch.where(controls.unsqueeze(2), source.unsqueeze(1), x.unsqueeze(1))  # (N, K, C, H, W)
+    edited = torch.cat([region_edit.unsqueeze(1), edited], 1)  # (N, 1 + K, C, H, W)
+    batch = torch.cat([x, edited.flatten(0, 1)])  # (N + N * (1 + K), C, H, W)
+    probs = _predict(forward, batch, batch_size)
+    base, after = probs[:n], probs[n:].view(n, k1, -1)  # (N, classes), (N, 1 + K, classes)
+    pred = base.argmax(1)
+    pred_after = after.argmax(2)  # (N, 1 + K)
+    flip = (pred_after != pred.unsqueeze(1)).float()
+    p0 = base.gather(1, pred.view(-1, 1))  # (N, 1)
+    drop = p0 - after.gather(2, pred.view(-1, 1, 1).expand(n, k1, 1)).squeeze(2)
+    out = {"pred": pred, "flip": flip[:, 0], "prob_drop": drop[:, 0], "control_flip": flip[:, 1:],
+           "control_prob_drop": drop[:, 1:], "change": region_change,
+           "partner": partners if partners is not None else torch.full((n,), -1, dtype=torch.long, device=x.device)}
+    if y is not None:
+        y = y.to(pred.device).long()
+        correct = (pred_after == y.unsqueeze(1)).float()
+        out.update(correct=(pred == y).float(), region_correct=correct[:, 0], control_correct=correct[:, 1:])
+    return out
+
+
+def intervention_summary(results: Dict[str, Tensor]) -> Dict[str, float]:
+    """Probe-set figures from :func:`intervene` outputs: ``flip_rate``, ``control_flip_rate``, ``prob_drop``,
+    ``control_prob_drop`` and, with labels, ``acc``, ``acc_drop`` and ``control_acc_drop`` (accuracy before
+    minus after; positive when the fill hurts)."""
+    out = {"flip_rate": float(results["flip"].mean()), "control_flip_rate": float(results["control_flip"].mean()),
+           "prob_drop": float(results["prob_drop"].mean()),
+           "control_prob_drop": float(results["control_prob_drop"].mean())}
+    if "correct" in results:
+        acc = float(results["correct"].mean())
+        out.update(acc=acc, acc_drop=acc - float(results["region_correct"].mean()),
+                   control_acc_drop=acc - float(results["control_correct"].mean()))
+    return out

@@ -1,0 +1,198 @@
+"""Region specs to masks: user masks, boxes, named presets, callables, and control regions of equal area.
+
+A *region* says where a suspected shortcut lives. Every spec becomes a boolean mask ``(N, H, W)``
+for a batch of images ``(N, C, H, W)``:
+
+* a tensor ``(H, W)`` (shared) or ``(N, H, W)`` (per sample); non-zero entries are inside;
+* a box ``(top, left, height, width)`` in pixels;
+* a preset name: ``"border"`` (a ring of width ``max(1, round(min(H, W) / 8))``), ``"corners"`` (four
+  squares of side ``max(1, round(min(H, W) / 4))``), ``"top_left"``, ``"top_right"``,
+  ``"bottom_left"``, ``"bottom_right"`` (one such square) or ``"center"`` (a centred square of half
+  the short side);
+* a callable ``inputs (N, C, H, W) -> masks (H, W) or (N, H, W)``.
+
+Control regions are the same shape moved elsewhere (:func:`translates`): every in-bounds shift of
+the mask that does not overlap it. Where none exists (a border, a large background) they are random
+pixel sets of equal area drawn from outside the region first (:func:`scattered`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from lightning_xai._utils import expected
+
+RegionSpec = Union[Tensor, Tuple[int, int, int, int], str, Callable[[Tensor], Tensor]]
+PRESETS = ("border", "corners", "top_left", "top_right", "bottom_left", "bottom_right", "center")
+
+
+def preset_mask(name: str, size: Tuple[int, int]) -> Tensor:
+    """The mask ``(H, W)`` of a named preset (see the module docstring for the sizes).
+
+    Raises:
+        ValueError: for an unknown name; the message lists the presets.
+
+    Example:
+        >>> preset_mask("top_left", (8, 8)).sum().item()
+        4
+    """
+    if name not in PRESETS:
+        raise ValueError(expected("region", "a box, a mask, a callable or one of the presets " + ", ".join(map(repr, PRESETS)), name))
+    h, w = size
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    side = max(1, round(min(h, w) / 4))
+    if name == "border":
+        b = max(1, round(min(h, w) / 8))
+        mask[:b, :] = mask[-b:, :] = mask[:, :b] = mask[:, -b:] = True
+    elif name == "center":
+        s = max(1, min(h, w) // 2)
+        top, left = (h - s) // 2, (w - s) // 2
+        mask[top:top + s, left:left + s] = True
+    else:
+        corners = {"top_left": (0, 0), "top_right": (0, w - side), "bottom_left": (h - side, 0),
+                   "bottom_right": (h - side, w - side)}
+        chosen = corners.values() if name == "corners" else [corners[name]]
+        for top, left in chosen:
+            mask[top:top + side, left:left + side] = True
+    return mask
+
+
+def box_mask(box: Tuple[int, int, int, int], size: Tuple[int, int]) -> Tensor:
+    """The mask ``(H, W)`` of a box ``(top, left, height, width)``, clipped to the image."""
+    top, left, bh, bw = (int(v) for v in box)
+    h, w = size
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[max(top, 0):max(min(top + bh, h), 0), max(left, 0):max(min(left + bw, w), 0)] = True
+    return mask
+
+
+def _is_box(spec: Any) -> bool:
+    return (isinstance(spec, (tuple, list)) and len(spec) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in spec))
+
+
+def validate_region(name: str, spec: Any) -> None:
+    """Check a region spec without data (shape checks need the inputs and happen in :func:`region_masks`).
+
+    Raises:
+        ValueError / TypeError: with the house message naming the region and the accepted kinds.
+    """
+    what = "a mask tensor (H, W) or (N, H, W), a box (top, left, height, width), a preset name or a callable"
+    if isinstance(spec, Tensor):
+        if spec.ndim not in (2, 3) or spec.numel() == 0:
+            raise ValueError(expected(f"region {name!r}", what, spec))
+        if not bool((spec != 0).any()):
+            raise ValueError(expected(f"region {name!r}", "a mask with at least one pixel inside", "an empty mask"))
+    elif _is_box(spec):
+        if spec[2] <= 0 or spec[3] <= 0:
+            raise ValueError(expected(f"region {name!r}", "a box with positive height and width", tuple(spec)))
+    elif isinstance(spec, str):
+        preset_mask(spec, (8, 8))  # raises for unknown names
+    elif not callable(spec):
+        raise TypeError(expected(f"region {name!r}", what, type(spec).__name__))
+
+
+def normalize_regions(regions: Any) -> Dict[str, RegionSpec]:
+    """``None`` -> ``{}``; a dict ``name -> spec`` is validated; a preset name is named after itself; any
+    other single spec is named ``"region"``.
+    """
+    if regions is None:
+        return {}
+    if isinstance(regions, Mapping):
+        out: Dict[str, RegionSpec] = {}
+        for name, spec in regions.items():
+            if not isinstance(name, str) or not name or "/" in name:
+                raise ValueError(expected("region name", "a non-empty str without '/'", name))
+            validate_region(name, spec)
+            out[name] = spec
+        if not out:
+            raise ValueError(expected("regions", "None or a non-empty dict name -> region", "an empty dict"))
+        return out
+    name = regions if isinstance(regions, str) else "region"
+    validate_region(name, regions)
+    return {name: regions}
+
+
+def region_masks(spec: RegionSpec, inputs: Tensor, name: str = "region") -> Tensor:
+    """Boolean masks ``(N, H, W)`` of ``spec`` for images ``inputs (N, C, H, W)``.
+
+    Raises:
+        ValueError: when a mask's shape does not fit the inputs.
+    """
+    if inputs.ndim != 4:
+        raise ValueError(expected("inputs", "images of shape (N, C, H, W)", inputs))
+    n, _, h, w = inputs.shape
+    if isinstance(spec, str):
+        mask = preset_mask(spec, (h, w))
+    elif _is_box(spec):
+        mask = box_mask(tuple(spec), (h, w))
+    elif isinstance(spec, Tensor):
+        mask = spec
+    elif callable(spec):
+        mask = spec(inputs)
+        if not isinstance(mask, Tensor):
+            raise ValueError(expected(f"region {name!r}(inputs)", "a mask tensor (H, W) or (N, H, W)", type(mask).__name__))
+    else:
+        raise TypeError(expected(f"region {name!r}", "a mask, a box, a preset name or a callable", type(spec).__name__))
+    mask = mask.detach().to(inputs.device) != 0
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0).expand(n, h, w)
+    if mask.ndim != 3 or tuple(mask.shape) != (n, h, w):
+        raise ValueError(expected(f"region {name!r}", f"a mask of shape ({h}, {w}) or ({n}, {h}, {w})", mask))
+    return mask.contiguous()
+
+
+def shift_mask(mask: Tensor, dy: int, dx: int) -> Tensor:
+    """``mask (H, W)`` moved by ``(dy, dx)`` pixels; what leaves the image is dropped."""
+    h, w = mask.shape
+    out = torch.zeros_like(mask)
+    src = mask[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    out[max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
+    return out
+
+
+def translates(mask: Tensor, max_candidates: int = 64, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Control regions for ``mask (H, W)``: shifted copies of equal area that do not overlap it ``(S, H, W)``.
+
+    All in-bounds shifts are enumerated and at most ``max_candidates`` are kept (a random subset drawn
+    from ``generator``). When no shift fits, :func:`scattered` pixel sets are returned instead.
+    """
+    h, w = mask.shape
+    rows = mask.any(1).nonzero().view(-1)
+    cols = mask.any(0).nonzero().view(-1)
+    if rows.numel() == 0:
+        return mask.new_zeros((0, h, w))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    shifts = [(dy, dx) for dy in range(-r0, h - r1) for dx in range(-c0, w - c1) if (dy, dx) != (0, 0)]
+    keep = [s for s in shifts if not bool((shift_mask(mask, *s) & mask).any())]
+    if not keep:
+        return scattered(mask, max_candidates, generator)
+    if len(keep) > max_candidates:
+        order = torch.randperm(len(keep), generator=generator)[:max_candidates].tolist()
+        keep = [keep[i] for i in sorted(order)]
+    return torch.stack([shift_mask(mask, *s) for s in keep])
+
+
+def scattered(mask: Tensor, count: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``count`` random pixel sets ``(count, H, W)`` of the same area as ``mask``, outside it where possible."""
+    h, w = mask.shape
+    flat = mask.view(-1)
+    area = int(flat.sum())
+    outside, inside = (~flat).nonzero().view(-1), flat.nonzero().view(-1)
+    out = torch.zeros(count, h * w, dtype=torch.bool, device=mask.device)
+    for k in range(count):
+        pick_out = outside[torch.randperm(outside.numel(), generator=generator)[:area].to(outside.device)]
+        rest = area - pick_out.numel()
+        pick_in = inside[torch.randperm(inside.numel(), generator=generator)[:rest].to(inside.device)]
+        out[k, pick_out] = True
+        out[k, pick_in] = True
+    return out.view(count, h, w)
+
+
+def iou(a: Tensor, b: Tensor) -> float:
+    """Intersection over union of two boolean masks of the same shape."""
+    a, b = a.bool(), b.bool()
+    union = int((a | b).sum())
+    return float(int((a & b).sum()) / union) if union else 0.0

@@ -1,0 +1,254 @@
+"""Pure-torch shortcut core: region specs, metrics against hand-computed values, interventions on hand-built
+models, the alarm rule, SpRAy, hotspots and the randomisation check."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_unchanged, snapshot, small_cnn
+from lightning_xai.shortcuts.alarm import shortcut_alarm
+from lightning_xai.shortcuts.hotspots import find_hotspot
+from lightning_xai.shortcuts.interventions import control_masks, intervene, intervention_summary, swap_partners
+from lightning_xai.shortcuts.metrics import attribution_share, pointing_game, region_metrics, relevance_rank, share_ratio
+from lightning_xai.shortcuts.regions import iou, normalize_regions, preset_mask, region_masks, translates
+from lightning_xai.shortcuts.sanity import randomisation_check, spearman
+from lightning_xai.shortcuts.spray import spray
+
+
+_CHILD = """
+import importlib.util, os, sys, types
+# The package root re-exports the callbacks (which need Lightning); replace it by an empty package of the
+# same path, so this checks what the shortcuts core itself imports.
+path = os.path.dirname(importlib.util.find_spec("lightning_xai").origin)
+pkg = types.ModuleType("lightning_xai")
+pkg.__path__ = [path]
+sys.modules["lightning_xai"] = pkg
+import lightning_xai.shortcuts
+bad = [m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")]
+print(bad[:5])
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_core_does_not_import_lightning():
+    res = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- regions
+@pytest.mark.parametrize("spec, expected_sum", [
+    pytest.param("border", 28, id="border"),
+    pytest.param("corners", 16, id="corners"),
+    pytest.param("top_left", 4, id="top_left"),
+    pytest.param("center", 16, id="center"),
+    pytest.param((1, 2, 3, 2), 6, id="box"),
+    pytest.param(torch.eye(8), 8, id="tensor"),
+    pytest.param(lambda x: x[:, 0] > 0.5, None, id="callable"),
+])
+def test_region_masks(spec, expected_sum):
+    x = torch.rand(3, 1, 8, 8)
+    masks = region_masks(spec, x)
+    assert masks.shape == (3, 8, 8) and masks.dtype == torch.bool
+    if expected_sum is not None:
+        assert int(masks[0].sum()) == expected_sum
+    else:
+        assert torch.equal(masks, x[:, 0] > 0.5)
+
+
+def test_region_errors():
+    with pytest.raises(ValueError, match="presets"):
+        preset_mask("nowhere", (8, 8))
+    with pytest.raises(ValueError, match="Expected `region 'a'`"):
+        normalize_regions({"a": torch.zeros(8, 8)})
+    with pytest.raises(TypeError):
+        normalize_regions(3.0)
+    with pytest.raises(ValueError, match="shape"):
+        region_masks(torch.ones(5, 8, 8), torch.rand(3, 1, 8, 8))
+    assert list(normalize_regions("border")) == ["border"]
+    assert list(normalize_regions((0, 0, 2, 2))) == ["region"]
+
+
+def test_translates_equal_area_and_disjoint():
+    mask = preset_mask("top_left", (8, 8))
+    cands = translates(mask, max_candidates=100)
+    assert cands.shape[0] == 49 - 4  # 7x7 in-bounds shifts minus the 4 (incl. no shift) that overlap the 2x2
+    assert bool((cands.flatten(1).sum(1) == 4).all())
+    assert not bool((cands & mask).any())
+    ring = translates(preset_mask("border", (8, 8)), max_candidates=5, generator=torch.Generator().manual_seed(0))
+    assert ring.shape[0] == 5 and bool((ring.flatten(1).sum(1) == 28).all())  # scattered fallback, equal area
+
+
+# --------------------------------------------------------------------------- metrics
+def test_metrics_hand_computed():
+    maps = torch.tensor([[[4.0, 1.0, 0.0, 0.0],
+                          [1.0, 2.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 2.0]]]).unsqueeze(1)  # (1, 1, 4, 4), total 10
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, :2, :2] = True  # holds 4 + 1 + 1 + 2 = 8
+    assert attribution_share(maps, mask).item() == pytest.approx(0.8)
+    assert share_ratio(maps, mask).item() == pytest.approx(0.8 / (4 / 16))
+    # top-4 pixels: 4, 2 (in), 2 (out, at (3,3)), then one of the 1s (in): ties resolved by pixel order
+    assert relevance_rank(maps, mask).item() == pytest.approx(0.75)
+    assert pointing_game(maps, mask).item() == 1.0
+    assert pointing_game(maps, ~mask).item() == 0.0
+    empty = torch.zeros(1, 4, 4, dtype=torch.bool)
+    assert torch.isnan(attribution_share(maps, empty)).all()
+    out = region_metrics(-maps, mask)  # absolute relevance: the sign does not matter
+    assert out["share"].item() == pytest.approx(0.8)
+
+
+# --------------------------------------------------------------------------- interventions
+class CornerModel(nn.Module):
+    """Hand-built: class = brightness of the top-left 2x2 corner (``uses=True``) or of the centre (``uses=False``)."""
+
+    def __init__(self, uses: bool) -> None:
+        super().__init__()
+        self.uses = uses
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        v = x[:, 0, :2, :2].mean((1, 2)) if self.uses else x[:, 0, 3:5, 3:5].mean((1, 2))
+        centres = torch.linspace(0, 1, 5, device=x.device)
+        return -self.scale * (v.unsqueeze(1) - centres) ** 2 * 50
+
+
+def corner_data(n=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.2
+    y = torch.arange(n) % 5
+    level = y.float() / 4
+    x[:, 0, :2, :2] = level.view(-1, 1, 1)
+    x[:, 0, 3:5, 3:5] = level.view(-1, 1, 1)  # the "object" encodes the class too
+    return x, y
+
+
+@pytest.mark.parametrize("fill", ["swap", "mean"])
+def test_intervention_on_model_using_region(fill):
+    x, y = corner_data()
+    masks = region_masks("top_left", x)
+    model = CornerModel(uses=True)
+    before = snapshot(model)
+    out = intervene(model, x, masks, y, fill=fill, num_controls=4, generator=torch.Generator().manual_seed(0))
+    assert_unchanged(before, model)
+    summary = intervention_summary(out)
+    assert summary["acc"] == 1.0
+    assert summary["flip_rate"] >= 0.7 and summary["acc_drop"] >= 0.7
+    assert summary["control_flip_rate"] == 0.0  # the controls never touch the corner
+    assert shortcut_alarm(out["flip"], out["control_flip"]).fired
+
+
+def test_intervention_on_model_ignoring_region():
+    x, y = corner_data()
+    masks = region_masks("top_left", x)
+    out = intervene(CornerModel(uses=False), x, masks, y, num_controls=8, placement="matched",
+                    generator=torch.Generator().manual_seed(0))
+    summary = intervention_summary(out)
+    assert summary["flip_rate"] == 0.0 and summary["acc_drop"] == 0.0
+    assert summary["control_flip_rate"] > 0.0  # matched controls land on the centre, which the model reads
+    assert not shortcut_alarm(out["flip"], out["control_flip"]).fired
+
+
+def test_swap_partner_differs_most():
+    x = torch.zeros(3, 1, 4, 4)
+    x[0, 0, 0, 0], x[1, 0, 0, 0], x[2, 0, 0, 0] = 0.0, 0.4, 1.0
+    masks = region_masks((0, 0, 1, 1), x)
+    assert swap_partners(x, masks).tolist() == [2, 2, 0]
+
+
+def test_controls_matched_and_private_rng():
+    x, _ = corner_data(10)
+    masks = region_masks("top_left", x)
+    change = torch.zeros(10, 8, 8)
+    change[:, 6:, 6:] = 1.0  # only the bottom-right 2x2 changes as much as the region
+    change[:, :2, :2] = 1.0
+    rng = torch.get_rng_state()
+    ctrl = control_masks(masks, change, 3, "matched", torch.Generator().manual_seed(0))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert bool(ctrl[:, 0, 6:, 6:].all())  # best match first
+    assert not bool((ctrl & masks.unsqueeze(1)).any())
+
+
+# --------------------------------------------------------------------------- alarm
+def test_alarm_rule():
+    n = 100
+    strong = (torch.arange(n) < 50).float()
+    assert shortcut_alarm(strong, torch.zeros(n, 4)).fired
+    # an effect no larger than the controls' does not fire
+    assert not shortcut_alarm(strong, strong.view(-1, 1).repeat(1, 4)).fired
+    assert not shortcut_alarm(strong, torch.full((n, 4), 0.5)).fired
+    # a small excess does not fire, nor a large one on too few samples
+    assert not shortcut_alarm((torch.arange(n) < 5).float(), torch.zeros(n, 4)).fired
+    assert not shortcut_alarm(torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3, 2)).fired
+    d = shortcut_alarm(strong, torch.zeros(n, 4))
+    assert d.excess == pytest.approx(0.5) and d.flip_rate == 0.5 and d.control_flip_rate == 0.0
+    with pytest.raises(ValueError, match="control_flip"):
+        shortcut_alarm(strong, torch.zeros(n + 1, 4))
+
+
+def test_attribution_concentration_without_effect_does_not_fire():
+    """Input x Gradient-style mass sits on a bright corner the model ignores: no alarm, the intervention decides."""
+    x, y = corner_data()
+    x[:, 0, :2, :2] = 1.0  # bright, constant patch
+    model = CornerModel(uses=False)
+    masks = region_masks("top_left", x)
+    fake_maps = x.clone()  # "attribution" proportional to the input: concentrated on the patch
+    assert float(share_ratio(fake_maps, masks).mean()) > 2
+    out = intervene(model, x, masks, y, generator=torch.Generator().manual_seed(0))
+    assert not shortcut_alarm(out["flip"], out["control_flip"]).fired
+
+
+# --------------------------------------------------------------------------- SpRAy and hotspots
+def test_spray_two_strategies_and_one():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(30, 8, 8, generator=g) * 0.1
+    a[:15, :2, :2] += 1.0
+    a[15:, 5:, 5:] += 1.0
+    res = spray(a, generator=torch.Generator().manual_seed(0))
+    assert res.n_clusters == 2
+    assert len(set(res.labels[:15].tolist())) == 1 and len(set(res.labels[15:].tolist())) == 1
+    assert res.labels[0] != res.labels[-1]
+    one = spray(torch.rand(30, 8, 8, generator=g) * 0.1 + 1.0, generator=torch.Generator().manual_seed(0))
+    assert one.n_clusters == 1
+
+
+def test_hotspot_found_and_absent():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    maps = torch.rand(40, 1, 8, 8, generator=g) * 0.2
+    for c in range(4):  # each class attends to its own place ...
+        maps[labels == c, 0, 2 + c % 2 * 2: 4 + c % 2 * 2, 2 + c // 2 * 2: 4 + c // 2 * 2] += 1.0
+    assert find_hotspot(maps, labels).mask is None
+    maps[:, 0, 6:, :2] += 1.5  # ... and all of them to the bottom-left corner
+    found = find_hotspot(maps, labels).mask
+    truth = torch.zeros(8, 8, dtype=torch.bool)
+    truth[6:, :2] = True
+    assert iou(found, truth) >= 0.5
+
+
+# --------------------------------------------------------------------------- randomisation check
+def test_spearman_hand_computed():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert spearman(a, a).item() == pytest.approx(1.0)
+    assert spearman(a, -a).item() == pytest.approx(-1.0)
+    assert spearman(a, torch.tensor([[1.0, 3.0, 2.0, 4.0]])).item() == pytest.approx(0.8)
+
+
+def test_randomisation_check_hygiene_and_values():
+    from lightning_xai.attribution import saliency
+
+    model = small_cnn(batchnorm=True)
+    model.train()
+    x = torch.rand(6, 1, 8, 8)
+    before = snapshot(model)
+    res = randomisation_check(model, saliency, x, target=torch.arange(6) % 10, layers=2)
+    assert_unchanged(before, model)
+    assert -1.0 <= res.correlation <= 1.0 and res.layers == ["1.2", "1.4"]
+
+    def constant_method(m, inputs, target=None):  # ignores the model: the check must flag it
+        return inputs.clone()
+
+    res = randomisation_check(model, constant_method, x, target=0, layers=2)
+    assert res.correlation == pytest.approx(1.0) and res.insensitive
