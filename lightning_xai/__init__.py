@@ -2,24 +2,34 @@
 
 Callbacks (``Trainer(callbacks=[...])``) are thin layers over pure-torch cores:
 ``lightning_xai.attribution``, ``probes``, ``featvis``, ``shortcuts``, ``samples``, ``projections``, ``text``.
+The callbacks are imported lazily (PEP 562), so importing a core never loads Lightning.
 """
-from lightning_xai.callbacks.attribution import AttributionMonitor
-from lightning_xai.callbacks.featvis import FeatureVisMonitor
-from lightning_xai.callbacks.probes import LinearProbeMonitor
-from lightning_xai.callbacks.projections import ProjectionMonitor
-from lightning_xai.callbacks.samples import SampleInfluenceMonitor
-from lightning_xai.callbacks.tabular import TabularAttributionMonitor
-from lightning_xai.callbacks.text import TokenAttributionMonitor
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttributionMonitor",
-    "FeatureVisMonitor",
-    "LinearProbeMonitor",
-    "ProjectionMonitor",
-    "SampleInfluenceMonitor",
-    "TabularAttributionMonitor",
-    "TokenAttributionMonitor",
-    "__version__",
-]
+_CALLBACKS = {
+    "AttributionMonitor": "lightning_xai.callbacks.attribution",
+    "FeatureVisMonitor": "lightning_xai.callbacks.featvis",
+    "LinearProbeMonitor": "lightning_xai.callbacks.probes",
+    "ProjectionMonitor": "lightning_xai.callbacks.projections",
+    "SampleInfluenceMonitor": "lightning_xai.callbacks.samples",
+    "ShortcutMonitor": "lightning_xai.callbacks.shortcuts",
+    "TabularAttributionMonitor": "lightning_xai.callbacks.tabular",
+    "TokenAttributionMonitor": "lightning_xai.callbacks.text",
+}
+
+__all__ = sorted(_CALLBACKS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        value = getattr(import_module(_CALLBACKS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_xai' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(list(globals()) + list(_CALLBACKS))
