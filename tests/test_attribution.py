@@ -19,7 +19,10 @@ from lightning_xai.attribution import (
     smoothgrad,
 )
 
-captum_attr = pytest.importorskip("captum.attr")
+
+@pytest.fixture
+def captum_attr():
+    return pytest.importorskip("captum.attr")
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +63,7 @@ def test_saliency_equals_autograd(cnn, batch):
     assert torch.equal(input_x_gradient(cnn, batch, t), batch * ref)
 
 
-def test_saliency_equals_captum(cnn, batch):
+def test_saliency_equals_captum(captum_attr, cnn, batch):
     t = _target(cnn, batch)
     assert torch.equal(saliency(cnn, batch, t), captum_attr.Saliency(cnn).attribute(batch, target=t))
     ref = captum_attr.InputXGradient(cnn).attribute(batch, target=t)
@@ -74,7 +77,7 @@ def test_saliency_equals_captum(cnn, batch):
     pytest.param("riemann_middle", id="middle"),
 ])
 @pytest.mark.parametrize("baseline", [pytest.param(0.0, id="zero"), pytest.param(0.5, id="grey")])
-def test_integrated_gradients_matches_captum(cnn, batch, method, baseline):
+def test_integrated_gradients_matches_captum(captum_attr, cnn, batch, method, baseline):
     t = _target(cnn, batch)
     ours, delta = integrated_gradients(cnn, batch, t, baseline=baseline, steps=24, method=method, return_delta=True)
     ref, ref_delta = captum_attr.IntegratedGradients(cnn).attribute(
@@ -88,7 +91,7 @@ def test_integrated_gradients_matches_captum(cnn, batch, method, baseline):
     pytest.param(5, 3, (1, 5, 5), (1, 3, 3), id="5x5-s3-cropped-border"),
     pytest.param((3, 6), (3, 4), (1, 3, 6), (1, 3, 4), id="3x6-s3x4"),
 ])
-def test_occlusion_matches_captum(cnn, batch, window, stride, captum_window, captum_stride):
+def test_occlusion_matches_captum(captum_attr, cnn, batch, window, stride, captum_window, captum_stride):
     t = _target(cnn, batch)
     ours = occlusion(cnn, batch, t, window=window, stride=stride, baseline=0.25)
     ref = captum_attr.Occlusion(cnn).attribute(batch, sliding_window_shapes=captum_window, strides=captum_stride,
@@ -96,7 +99,7 @@ def test_occlusion_matches_captum(cnn, batch, window, stride, captum_window, cap
     assert (ours - ref).abs().max() <= 1e-6
 
 
-def test_occlusion_per_channel_window_matches_captum():
+def test_occlusion_per_channel_window_matches_captum(captum_attr):
     torch.manual_seed(0)
     model = small_cnn(in_channels=3).eval()
     x = torch.rand(3, 3, 10, 10)
@@ -121,7 +124,7 @@ def test_occlusion_non_overlapping_patch_is_score_drop(cnn, batch):
 
 @pytest.mark.parametrize("relu", [pytest.param(True, id="relu"), pytest.param(False, id="signed")])
 @pytest.mark.parametrize("layer", [pytest.param("0.3", id="last-conv"), pytest.param("0.2", id="relu-layer")])
-def test_grad_cam_matches_captum(cnn, batch, relu, layer):
+def test_grad_cam_matches_captum(captum_attr, cnn, batch, relu, layer):
     t = _target(cnn, batch)
     module = dict(cnn.named_modules())[layer]
     raw = captum_attr.LayerGradCam(cnn, module).attribute(batch, target=t, relu_attributions=relu)
@@ -135,7 +138,7 @@ def test_grad_cam_default_layer_is_last_conv(cnn, batch):
     assert torch.equal(grad_cam(cnn, batch, t), grad_cam(cnn, batch, t, layer="0.3"))
 
 
-def test_smoothgrad_zero_noise_equals_saliency(cnn, batch):
+def test_smoothgrad_zero_noise_equals_saliency(captum_attr, cnn, batch):
     t = _target(cnn, batch)
     for abs_ in (True, False):
         ref = saliency(cnn, batch, t, abs=abs_)

@@ -1,9 +1,7 @@
 """Attribution cores, layer 3 and API: no side effects (also after a forced exception), grad/inference
 contexts, target forms, argument errors, the method registry, the Captum adapter and import isolation."""
-import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -26,20 +24,7 @@ from lightning_xai.attribution import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*required_grads has been set automatically.*")
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def cnn():
-    torch.manual_seed(0)
-    return small_cnn().eval()
+from test_attribution import _one_thread, cnn  # noqa: F401,E402  (shared fixtures; see the report: conftest)
 
 
 @pytest.fixture
@@ -335,16 +320,5 @@ def _loaded_after(code: str):
     return done.stdout.strip()
 
 
-def test_attribution_core_imports_torch_only():
-    """The core's own imports, with the parent package's ``__init__`` stubbed out."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    stub = ("import sys, types; pkg = types.ModuleType('lightning_xai'); "
-            f"pkg.__path__ = [{os.path.join(root, 'lightning_xai')!r}]; sys.modules['lightning_xai'] = pkg; "
-            "import lightning_xai.attribution")
-    assert _loaded_after(stub) == "[]"
-
-
-@pytest.mark.xfail(reason="lightning_xai/__init__.py imports the callbacks eagerly (pytorch_lightning, matplotlib); "
-                          "a lazy PEP 562 __getattr__ there would make this pass", strict=False)
 def test_import_does_not_load_lightning_or_plotting():
     assert _loaded_after("import lightning_xai.attribution") == "[]"

@@ -226,6 +226,18 @@ def forward_scores(model: Callable[[Tensor], Any], x: Tensor, target: Target, ma
     return torch.cat(parts)
 
 
+def expanded_chunks(repeats: int, n: int, max_rows: int, device: torch.device) -> Iterator[Tuple[int, int, Tensor, Tensor]]:
+    """Chunks of the ``repeats * n`` rows of an expanded batch laid out repeat-major (``row = k * n + i``).
+
+    Yields ``(start, stop, k, i)``: the row range and, per row, its repeat index ``k`` (step, noise
+    draw, mask) and sample index ``i``; at most ``max_rows`` rows per chunk. Rows are built chunk by
+    chunk, so the expanded batch never exists in full.
+    """
+    for a, b in chunks(repeats * n, max_rows):
+        rows = torch.arange(a, b, device=device)
+        yield a, b, rows // n, rows % n
+
+
 def spatial_view(v: Tensor, ndim: int) -> Tensor:
     """``v`` of shape ``(rows,)`` reshaped to ``(rows, 1, ..., 1)`` to broadcast over ``ndim``-dim rows."""
     return v.view(-1, *([1] * (ndim - 1)))

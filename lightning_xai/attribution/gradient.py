@@ -13,6 +13,7 @@ from lightning_xai.attribution._common import (
     check_bool,
     check_common,
     check_non_negative_float,
+    expanded_chunks,
     guarded,
     input_grad,
     make_generator,
@@ -142,9 +143,7 @@ def _smoothgrad_compute(model: Callable, inputs: Tensor, target: Target, samples
         eps = torch.randn((samples,) + tuple(x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
         total = torch.zeros_like(x)
         total_sq = torch.zeros_like(x) if kind != "smoothgrad" else None
-        for a, b in chunks(samples * n, cap):
-            rows_idx = torch.arange(a, b, device=x.device)
-            s, i = rows_idx // n, rows_idx % n  # sample-major rows: row = s * N + i
+        for _, _, s, i in expanded_chunks(samples, n, cap, x.device):  # row = s * N + i
             rows = x[i] + sigma[i] * eps[s]  # (rows, *inputs.shape[1:])
             grad = input_grad(model, rows, row_target(target, i))[0]
             if abs:

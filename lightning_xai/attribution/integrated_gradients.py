@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_xai._utils import Target, check_choice, check_positive_int, chunks, expected
+from lightning_xai._utils import Target, check_choice, check_positive_int, expected
 from lightning_xai.attribution._common import (
     DEFAULT_MAX_ROWS,
     Generator,
     as_baseline,
     check_bool,
     check_common,
+    expanded_chunks,
     forward_scores,
     guarded,
     input_grad,
@@ -145,10 +146,8 @@ def _integrated_gradients_compute(model: Callable, inputs: Tensor, target: Targe
         target = resolve_target_chunked(model, x, target, cap)
         diff = x - base
         total = torch.zeros_like(x)  # sum_k w_k * grad f(b + alpha_k (x - b)), per sample
-        for a, b in chunks(steps * n, cap):
-            rows_idx = torch.arange(a, b, device=x.device)
-            k, i = rows_idx // n, rows_idx % n  # step-major rows: row = k * N + i
-            shape = (-1,) + (1,) * (x.ndim - 1)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        for _, _, k, i in expanded_chunks(steps, n, cap, x.device):  # step-major rows: row = k * N + i
             rows = base[i] + alphas[k].view(shape) * diff[i]  # (rows, *inputs.shape[1:])
             grad = input_grad(model, rows, row_target(target, i))[0]
             total.index_add_(0, i, grad * weights[k].view(shape))

@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from lightning_xai._utils import Target, check_positive_int, chunks, expected
+from lightning_xai._utils import Target, check_positive_int, expected
 from lightning_xai.attribution._common import (
     DEFAULT_MAX_ROWS,
     Generator,
@@ -14,6 +14,7 @@ from lightning_xai.attribution._common import (
     check_common,
     check_non_negative_float,
     check_positive_float,
+    expanded_chunks,
     guarded,
     make_generator,
     private_copy,
@@ -123,9 +124,7 @@ def _lime_compute(model: Callable, inputs: Tensor, target: Target, segments: Opt
         z = torch.ones(samples, s, dtype=torch.bool, device=x.device)
         z[1:] = torch.rand((samples - 1, s), generator=generator, device=x.device) < 0.5
         y = torch.empty(samples * n, dtype=x.dtype, device=x.device)
-        for a, b in chunks(samples * n, cap):
-            rows_idx = torch.arange(a, b, device=x.device)
-            k, i = rows_idx // n, rows_idx % n  # mask-major rows: row = k * N + i
+        for a, b, k, i in expanded_chunks(samples, n, cap, x.device):  # mask-major rows: row = k * N + i
             keep = z[k.view(-1, 1), labels[i].flatten(1)].view(-1, 1, h, w).to(x.dtype)  # (rows, 1, H, W)
             rows = base[i] + keep * (x[i] - base[i])
             y[a:b] = scores_of(model(rows), target[i] if isinstance(target, Tensor) else target)
