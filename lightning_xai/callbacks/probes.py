@@ -37,6 +37,7 @@ LABEL = "label"
 INPUT = "input"
 UNTRAINED = "untrained/"
 METRICS = ("accuracy", "selectivity", "control_accuracy")
+INPUT_MAX_DIM = 256  # raw inputs wider than this are average-pooled (images) or projected for the input baseline
 
 
 class LinearProbeMonitor(XAICallback):
@@ -57,7 +58,8 @@ class LinearProbeMonitor(XAICallback):
         alphas: ridge strengths to choose from (``None``: a grid relative to the feature scale).
         cv: how the ridge strength is chosen: ``"gcv"`` or ``k`` folds.
         holdout_every: every n-th validation sample (by index) is held out for scoring the probe.
-        input_baseline: also probe the raw input (computed on the first probed epoch, logged every epoch).
+        input_baseline: also probe the raw input (computed on the first probed epoch, logged every epoch);
+            inputs wider than 256 values are average-pooled (images) or randomly projected first.
         untrained_baseline: also probe the model as it was at fit start (one extra forward pass over the
             validation data, on the first probed epoch only).
         memorization_threshold: warn (once per layer) when the control probe's accuracy on its own
@@ -268,7 +270,8 @@ class LinearProbeMonitor(XAICallback):
         if self._wants_input():
             if x.is_floating_point():
                 if self._input_reducer is None:
-                    self._input_reducer = input_reducer(tuple(x.shape), max_dim=self.max_dim, seed=self.seed)
+                    self._input_reducer = input_reducer(tuple(x.shape), max_dim=min(self.max_dim, INPUT_MAX_DIM),
+                                                         seed=self.seed)
                 feats[INPUT] = self._input_reducer(x).float()
             else:
                 warn_once(f"{id(self)}-int-input", "LinearProbeMonitor: integer inputs (token ids) have no input baseline.")
