@@ -373,3 +373,15 @@ def test_core_does_not_import_lightning():
 def test_objective_class_rejects_non_callables():
     with pytest.raises(TypeError, match="Expected `fn`"):
         Objective(3)  # type: ignore[arg-type]
+
+
+def test_num_threads_is_restored():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = render(small_cnn(), [0], (1, 8, 8), steps=2, num_threads=1)
+        assert torch.get_num_threads() == 2 and out.images.shape == (1, 1, 8, 8)
+        with pytest.raises(ValueError, match="Expected `num_threads`"):
+            render(small_cnn(), [0], (1, 8, 8), steps=2, num_threads=0)
+    finally:
+        torch.set_num_threads(threads)

@@ -51,6 +51,8 @@ class FeatureVisMonitor(XAICallback):
         batch_to_xy: ``batch -> (inputs, labels)`` for batch formats the base does not know.
         ncols: images per grid row (default: up to 10).
         min_side: cells are upscaled (nearest) so their short side is at least this many pixels.
+        num_threads: CPU intra-op threads while rendering (restored after); ``1`` is much faster for
+            small models on a busy CPU. ``None`` leaves the setting alone.
         run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
@@ -87,6 +89,7 @@ class FeatureVisMonitor(XAICallback):
         batch_to_xy: Optional[BatchToXY] = None,
         ncols: Optional[int] = None,
         min_side: int = 64,
+        num_threads: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
@@ -101,6 +104,7 @@ class FeatureVisMonitor(XAICallback):
             check_positive_int("steps", steps)
             check_positive_int("ncols", ncols, allow_none=True)
             check_positive_int("min_side", min_side)
+            check_positive_int("num_threads", num_threads, allow_none=True)
             make_param(param)
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(str(err)) from err
@@ -123,7 +127,7 @@ class FeatureVisMonitor(XAICallback):
         self.value_range = value_range
         self._user_shape, self._user_range = input_shape is not None, value_range is not None
         self.batch_to_xy = batch_to_xy
-        self.ncols, self.min_side = ncols, min_side
+        self.ncols, self.min_side, self.num_threads = ncols, min_side, num_threads
         self.last_activations: Dict[str, Tensor] = {}
 
     @property
@@ -191,7 +195,8 @@ class FeatureVisMonitor(XAICallback):
             for label, objs in self.target_sets:
                 results[label] = render(pl_module, objs, self.input_shape, steps=self.steps, lr=self.lr,
                                         param=self.param, transforms=self.transforms, regularizers=self.regularizers,
-                                        seed=self.seed, value_range=self.value_range, forward=forward)
+                                        seed=self.seed, value_range=self.value_range, forward=forward,
+                                        num_threads=self.num_threads)
         return results
 
     def _report(self, trainer: "pl.Trainer", results: Dict[str, Any]) -> Dict[str, float]:
