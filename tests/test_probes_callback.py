@@ -11,6 +11,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from helpers import DigitsModule, digits_loaders, hook_count, read_events, tiny_trainer, trained_weights
 from lightning_xai.callbacks.probes import LinearProbeMonitor
+from lightning_xai.probes import Reducer
 
 LAYERS = ["net.0.2", "net.0.4", "net.1.3"]
 
@@ -164,13 +165,35 @@ def test_quiet_under_fast_dev_run(tmp_path):
     assert monitor.history == {} and monitor.baselines == {}
 
 
-def test_validate_only_runs_under_inference_mode(tmp_path):
+@pytest.mark.parametrize("options", [pytest.param(dict(solver="logistic"), id="logistic"),
+                                     pytest.param(dict(cv=3, reduce="gap+max"), id="ridge-3fold")])
+def test_validate_only_runs_under_inference_mode(tmp_path, options):
     pl.seed_everything(0)
     _, val = digits_loaders(64, 200, batch_size=50)
     module = DigitsModule()
-    monitor = LinearProbeMonitor(layers=["net.0.4"], solver="logistic")
+    monitor = LinearProbeMonitor(layers=["net.0.4"], **options)
     trainer = tiny_trainer(tmp_path, callbacks=[monitor], logger=False)
     metrics = trainer.validate(module, val, verbose=False)[0]
     assert "xai/probe/net.0.4/accuracy" in metrics and "xai/probe/input/accuracy" in metrics
     assert "untrained/net.0.4" not in monitor.baselines  # no fit, no untrained snapshot
+    assert hook_count(module) == 0
+
+
+class _BrokenReducer(Reducer):
+    def __call__(self, act):
+        raise RuntimeError("reducer exploded")
+
+
+def test_a_failing_probe_warns_and_never_stops_training(tmp_path):
+    pl.seed_everything(0)
+    _, val = digits_loaders(64, 100, batch_size=50)
+    module = DigitsModule()
+    monitor = LinearProbeMonitor(layers=["net.0.4"], reduce=_BrokenReducer())
+    trainer = tiny_trainer(tmp_path, callbacks=[monitor], logger=False)
+    with pytest.warns(RuntimeWarning, match="reducer exploded"):
+        trainer.validate(module, val, verbose=False)
+    assert monitor.errors == 1 and monitor.history == {} and hook_count(module) == 0
+    with pytest.raises(RuntimeError, match="reducer exploded"):
+        tiny_trainer(tmp_path, logger=False, callbacks=[
+            LinearProbeMonitor(layers=["net.0.4"], reduce=_BrokenReducer(), on_error="raise")]).validate(module, val, verbose=False)
     assert hook_count(module) == 0
