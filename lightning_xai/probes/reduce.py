@@ -36,7 +36,8 @@ class Reducer:
         - ``"rproj"`` (``k``, ``seed``): flatten, then multiply by a fixed Gaussian matrix
           :math:`R \in \mathbb{R}^{D \times k}`, :math:`R_{ij} \sim \mathcal{N}(0, 1/k)`, which keeps
           distances within :math:`1 \pm \epsilon` for :math:`k = O(\log N / \epsilon^2)`
-          (Johnson-Lindenstrauss).
+          (Johnson-Lindenstrauss). The matrix itself holds ``D * k`` floats (128 MiB for a 32x64x64 map
+          and ``k=256``), so for large conv maps prefer ``"gap"``/``"pool"``, or pool before projecting.
         - ``"tokens_mean"``: mean over tokens, ``(N, T, D) -> (N, D)``.
         - ``"flatten"`` / ``"identity"``: all values (only for small layers: the probe can memorise).
         - ``"auto"``: 4-D and 5-D maps -> ``gap``; 3-D sequences -> ``tokens_mean``; 2-D -> ``identity``
