@@ -96,8 +96,8 @@ def main() -> None:
                 old = _rep._NEWTON_MAX_PARAMS
                 _rep._NEWTON_MAX_PARAMS = 0  # the L-BFGS path, for comparison
                 try:
-                    t_lbfgs, fit_lbfgs = timed(lambda: representer_points(feats, y, lam=args.lam, num_classes=10, tol=1e-9),
-                                               repeat=1)
+                    t_lbfgs, fit_lbfgs = timed(
+                        lambda: representer_points(feats, y, lam=args.lam, num_classes=10, tol=1e-9), repeat=1)
                 finally:
                     _rep._NEWTON_MAX_PARAMS = old
             loss = F.cross_entropy(logits, y, reduction="none")

@@ -155,7 +155,8 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(str(err)) from err
         if layer is not None and not isinstance(layer, str):
-            raise MisconfigurationException(expected("layer", "a dotted layer name (str) or None", type(layer).__name__))
+            raise MisconfigurationException(expected("layer", "a dotted layer name (str) or None",
+                                                     type(layer).__name__))
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
             raise MisconfigurationException(expected("lam", "a positive float", lam))
         if denormalize is not None and not callable(denormalize):
@@ -163,8 +164,9 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         if isinstance(train_data, (tuple, list)):
             if not (len(train_data) == 2 and all(isinstance(t, Tensor) for t in train_data)
                     and train_data[0].shape[0] == train_data[1].shape[0]):
-                raise MisconfigurationException(expected("train_data", "a Dataset or a pair (inputs, labels) of tensors "
-                                                         "with the same number of rows", type(train_data).__name__))
+                raise MisconfigurationException(expected(
+                    "train_data", "a Dataset or a pair (inputs, labels) of tensors with the same number of rows",
+                    type(train_data).__name__))
             train_data = TensorDataset(*train_data)
         elif train_data is not None and not hasattr(train_data, "__getitem__"):
             raise MisconfigurationException(expected("train_data", "a Dataset or a pair (inputs, labels)",
@@ -220,8 +222,8 @@ class SampleInfluenceMonitor(ProbeSetCallback):
                                              "validate()/test() pass `train_data=`); nothing is logged.")
             return
         if self.k > len(dataset) or self.support_k > len(dataset):
-            warn_once(f"{id(self)}-small", f"SampleInfluenceMonitor: `k`/`support_k` exceed the {len(dataset)} training "
-                                           "samples; they are reduced to fit.")
+            warn_once(f"{id(self)}-small", f"SampleInfluenceMonitor: `k`/`support_k` exceed the {len(dataset)} "
+                                           "training samples; they are reduced to fit.")
         self._dataset = dataset
         try:
             super().explain(trainer, pl_module, via_module)
@@ -339,7 +341,8 @@ class SampleInfluenceMonitor(ProbeSetCallback):
                            zip(nn_idx[i], self._label_of(nn_idx[i]), results["nn_sim"][i].cpu()))]
                 for i in range(x.shape[0])]
         log_text(trainer, self.tag("neighbours", "table"), markdown_table(
-            ["probe", "label", "pred", "conf", "support", "nearest training samples #index:label (cosine)"], rows), step)
+            ["probe", "label", "pred", "conf", "support", "nearest training samples #index:label (cosine)"], rows),
+            step)
         if images:
             log_image(trainer, self.tag("neighbours"), self._row_image(x_cpu, pred, [nn_idx]), step)
 
@@ -376,7 +379,8 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         # sparse
         low = sup.argsort()[: self.num_sparse]
         rows = [[int(i), ylab[int(i)], int(pred[i]), f"{float(sup[i]):.3f}"] for i in low]
-        log_text(trainer, self.tag("sparse", "table"), markdown_table(["probe", "label", "pred", "support"], rows), step)
+        log_text(trainer, self.tag("sparse", "table"), markdown_table(["probe", "label", "pred", "support"], rows),
+                 step)
         if images:
             log_image(trainer, self.tag("sparse"), self._row_image(x_cpu[low], pred[low], [nn_idx[low]]), step)
         return metrics

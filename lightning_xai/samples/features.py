@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from lightning_xai._utils import HookSet, check_choice, check_positive_int, chunks, expected, preserve_modes, resolve_layer
+from lightning_xai._utils import (HookSet, check_choice, check_positive_int, chunks, expected, preserve_modes,
+                                  resolve_layer)
 
 CAPTURE = ("input", "output")
 
@@ -32,7 +33,8 @@ def last_linear(model: nn.Module) -> str:
     return names[-1]
 
 
-def resolve_feature_layer(model: nn.Module, layer: Optional[str] = None, capture: Optional[str] = None) -> Tuple[str, str]:
+def resolve_feature_layer(model: nn.Module, layer: Optional[str] = None,
+                          capture: Optional[str] = None) -> Tuple[str, str]:
     """``(layer name, "input" | "output")``: by default the input of the last ``nn.Linear``; a named layer's output.
 
     Raises:

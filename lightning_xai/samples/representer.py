@@ -68,9 +68,11 @@ def _check_float_matrix(name: str, value: Tensor) -> None:
 def _representer_points_validate_args(features: Tensor, targets: Tensor, lam: float, max_iter: int, tol: float) -> None:
     _check_float_matrix("features", features)
     if not isinstance(targets, Tensor):
-        raise TypeError(expected("targets", "a tensor of probabilities (N, C) or class indices (N,)", type(targets).__name__))
+        raise TypeError(expected("targets", "a tensor of probabilities (N, C) or class indices (N,)",
+                                 type(targets).__name__))
     if targets.shape[0] != features.shape[0] or targets.ndim not in (1, 2):
-        raise ValueError(expected("targets", f"probabilities ({features.shape[0]}, C) or class indices ({features.shape[0]},)",
+        n = features.shape[0]
+        raise ValueError(expected("targets", f"probabilities ({n}, C) or class indices ({n},)",
                                   targets))
     if targets.ndim == 2 and not targets.is_floating_point():
         raise ValueError(expected("targets", "float probabilities when 2-D", targets))
@@ -199,7 +201,11 @@ def representer_points(
 
     .. math:: \frac{1}{n} \sum_i \mathrm{CE}(\mathrm{softmax}(\Theta f_i), p_i) + \lambda \lVert \Theta \rVert^2,
 
-    then sets :math:`\alpha_i = -\frac{1}{2 \lambda n} \frac{\partial L}{\partial z_i} = \frac{p_i - \mathrm{softmax}(z_i)}{2 \lambda n}`
+    then sets
+
+    .. math:: \alpha_i = -\frac{1}{2 \lambda n} \frac{\partial L}{\partial z_i}
+              = \frac{p_i - \mathrm{softmax}(z_i)}{2 \lambda n}
+
     with :math:`z_i = \Theta f_i`. At the stationary point :math:`\Theta = \sum_i \alpha_i f_i^\top`, so each
     logit of a test sample decomposes exactly as :math:`\Theta f_t = \sum_i \alpha_i\, f_i^\top f_t`
     (Yeh et al., 2018, https://arxiv.org/abs/1811.09720). The decomposition needs a layer without a
