@@ -112,9 +112,11 @@ def test_representer_rejects_bad_args():
 
 def test_representer_works_under_inference_mode():
     f = torch.randn(40, 3, generator=_gen(12))
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
     with torch.inference_mode():
         fit = representer_points(f, (f[:, 0] > 0).long(), lam=1e-2)
-    assert fit.grad_norm < 1e-10
+    assert fit.grad_norm < 1e-10 and not fit.alpha.is_inference()
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
 
 
 # --------------------------------------------------------------------------- planted label errors and sparse samples
