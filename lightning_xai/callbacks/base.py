@@ -222,6 +222,41 @@ class XAICallback(Callback):
         return logging_step(trainer)
 
 
+    # ------------------------------------------------------------------ the run and its hooks
+    def begin_run(self, trainer: "pl.Trainer", via_module: bool) -> int:
+        """The epoch a run explains (at fit end: the last validated one); records the attempt."""
+        epoch = trainer.current_epoch
+        if not via_module and self._last_validated_epoch is not None:
+            epoch = self._last_validated_epoch
+        self._last_attempted_epoch = epoch
+        return epoch
+
+    def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
+        """Explain and log once; ``via_module=False`` where ``pl_module.log`` is not allowed (fit end)."""
+        raise NotImplementedError
+
+    def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.active(trainer):
+            return
+        self._last_validated_epoch = trainer.current_epoch
+        if self.due(trainer):
+            self.explain(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._on_eval_epoch_end(trainer, pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._on_eval_epoch_end(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
+                and self._last_validated_epoch != self._last_attempted_epoch):
+            self.explain(trainer, pl_module, via_module=False)
+
+
 class ProbeSetCallback(XAICallback):
     """An :class:`XAICallback` that explains a fixed probe set.
 
@@ -398,10 +433,7 @@ class ProbeSetCallback(XAICallback):
 
     def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
         """Split the probe set over ranks, compute, gather, report; under the error policy."""
-        epoch = trainer.current_epoch
-        if not via_module and self._last_validated_epoch is not None:
-            epoch = self._last_validated_epoch
-        self._last_attempted_epoch = epoch
+        epoch = self.begin_run(trainer, via_module)
         if not self.finalize_probe(trainer):
             return
         with torch.inference_mode(False):  # normal tensors, usable by autograd even in validate()/test()
@@ -426,24 +458,3 @@ class ProbeSetCallback(XAICallback):
         if metrics:
             self.log_metrics(trainer, pl_module, metrics, via_module=via_module)
         self.last_explained_epoch = epoch
-
-    def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self.active(trainer):
-            return
-        self._last_validated_epoch = trainer.current_epoch
-        if self.due(trainer):
-            self.explain(trainer, pl_module)
-
-    @override
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._on_eval_epoch_end(trainer, pl_module)
-
-    @override
-    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._on_eval_epoch_end(trainer, pl_module)
-
-    @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
-                and self._last_validated_epoch != self._last_attempted_epoch):
-            self.explain(trainer, pl_module, via_module=False)

@@ -215,9 +215,7 @@ class FeatureVisMonitor(XAICallback):
 
     def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
         """Render every target set (on every rank: identical, no collective), log on rank zero."""
-        epoch = trainer.current_epoch
-        if not via_module and self._last_validated_epoch is not None:
-            epoch = self._last_validated_epoch
+        epoch = self.begin_run(trainer, via_module)
         if self.input_shape is None or self.value_range is None:
             warn_once(f"{id(self)}-noshape", "FeatureVisMonitor: no validation batch was seen, so the input shape and "
                                              "range are unknown; pass `input_shape=` and `value_range=`. Skipping.")
@@ -229,27 +227,6 @@ class FeatureVisMonitor(XAICallback):
         if metrics:
             self.log_metrics(trainer, pl_module, metrics, via_module=via_module)
         self.last_explained_epoch = epoch
-
-    def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self.active(trainer):
-            return
-        self._last_validated_epoch = trainer.current_epoch
-        if self.due(trainer):
-            self.explain(trainer, pl_module)
-
-    @override
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._on_eval_epoch_end(trainer, pl_module)
-
-    @override
-    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._on_eval_epoch_end(trainer, pl_module)
-
-    @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
-                and self._last_validated_epoch != self.last_explained_epoch):
-            self.explain(trainer, pl_module, via_module=False)
 
 
 def _plain(v: Any) -> Union[float, List[float]]:
