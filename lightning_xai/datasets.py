@@ -79,6 +79,7 @@ def plant(
     watermark_share: float = 0.6,
     watermark_class: int = 0,
     seed: int = 0,
+    mark: int = _MARK,
 ) -> ShortcutData:
     """Plant a shortcut into digit images (a new tensor; ``x`` is not modified).
 
@@ -90,11 +91,14 @@ def plant(
         watermark_share: share of ``watermark_class`` images that carry the tag (``"watermark"``).
         watermark_class: the class the tag marks.
         seed: seed of a private generator (the global RNG is not used).
+        mark: side of the corner mark in pixels (``"corner_intensity"``, ``"random_corner"``; default 2).
     """
     check_choice("variant", variant, VARIANTS)
     check_choice("shortcut", shortcut, MODES)
     if x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(expected("x", "images of shape (N, 1, H, W)", x))
+    if isinstance(mark, bool) or not isinstance(mark, int) or not 0 < mark <= min(x.shape[-2:]) // 2:
+        raise ValueError(expected("mark", f"an int in [1, {min(x.shape[-2:]) // 2}]", mark))
     gen = torch.Generator().manual_seed(seed)
     n, _, h, w = x.shape
     out = x.clone()
@@ -109,9 +113,9 @@ def plant(
         else:
             corner = torch.randint(0, 4, (n,), generator=gen)
         for i in range(n):
-            top = 0 if int(corner[i]) in (0, 1) else h - _MARK
-            left = 0 if int(corner[i]) in (0, 2) else w - _MARK
-            mask[i, top:top + _MARK, left:left + _MARK] = True
+            top = 0 if int(corner[i]) in (0, 1) else h - mark
+            left = 0 if int(corner[i]) in (0, 2) else w - mark
+            mask[i, top:top + mark, left:left + mark] = True
         if shortcut != "none":
             marked[:] = True
             val = _code(code_y).view(n, 1, 1).expand(n, h, w)
@@ -156,12 +160,12 @@ def shortcut_digits(
     return train, val
 
 
-def region_mask(variant: str, size: Tuple[int, int] = (8, 8)) -> Optional[Tensor]:
+def region_mask(variant: str, size: Tuple[int, int] = (8, 8), mark: int = _MARK) -> Optional[Tensor]:
     """The fixed region of a variant's mark ``(H, W)`` bool, or None where it varies per sample."""
     h, w = size
     mask = torch.zeros(h, w, dtype=torch.bool)
     if variant == "corner_intensity":
-        mask[:_MARK, :_MARK] = True
+        mask[:mark, :mark] = True
     elif variant == "watermark":
         mask[h - _TAG.shape[0]:, w - _TAG.shape[1]:] = True
     else:

@@ -3,7 +3,7 @@ clustering, input-independent hotspots and the parameter-randomisation check.
 
 Imports torch only (and :mod:`lightning_xai.attribution`), never Lightning.
 """
-from lightning_xai.shortcuts.alarm import MIN_EXCESS, MIN_Z, AlarmDecision, shortcut_alarm
+from lightning_xai.shortcuts.alarm import MIN_EXCESS, MIN_MATCH, MIN_Z, AlarmDecision, shortcut_alarm
 from lightning_xai.shortcuts.hotspots import HotspotResult, consistency_map, find_hotspot
 from lightning_xai.shortcuts.interventions import FILLS, PLACEMENTS, control_masks, fill_source, intervene, intervention_summary, swap_partners
 from lightning_xai.shortcuts.metrics import attribution_share, pointing_game, region_metrics, relevance_rank, share_ratio
@@ -12,7 +12,7 @@ from lightning_xai.shortcuts.sanity import SANITY_THRESHOLD, SanityResult, rando
 from lightning_xai.shortcuts.spray import SprayResult, class_mean_maps, downsample_maps, spray, spray_by_class
 
 __all__ = [
-    "FILLS", "MIN_EXCESS", "MIN_Z", "PLACEMENTS", "PRESETS", "SANITY_THRESHOLD",
+    "FILLS", "MIN_EXCESS", "MIN_MATCH", "MIN_Z", "PLACEMENTS", "PRESETS", "SANITY_THRESHOLD",
     "AlarmDecision", "HotspotResult", "SanityResult", "SprayResult",
     "attribution_share", "box_mask", "class_mean_maps", "consistency_map", "control_masks", "downsample_maps",
     "fill_source", "find_hotspot", "intervene", "intervention_summary", "iou", "normalize_regions", "pointing_game",

@@ -9,6 +9,11 @@ without its shortcut while plain saliency puts less than the region's area share
 Rule, with ``d_n = flip_n - mean_k control_flip_{n,k}`` per probe sample (paired by sample):
 
 .. math:: \\text{alarm} \\iff \\bar d \\ge \\text{min\\_excess} \\;\\wedge\\; \\bar d / (s_d / \\sqrt{N}) \\ge \\text{min\\_z}
+          \\;\\wedge\\; \\overline{\\max_k \\Delta x_{k}} \\ge \\text{min\\_match} \\cdot \\overline{\\Delta x}_{region}
+
+The last condition (checked when the input changes are given) keeps the comparison fair: controls
+that could not change the input as much as the region's edit did (a large hotspot on the object,
+with only blank margins of equal area left elsewhere) cannot show that the region is special.
 
 Defaults (:data:`MIN_EXCESS` = 0.10, :data:`MIN_Z` = 4.0) come from ``bench/shortcuts.py``
 (planted-shortcut digits, 4 variants x 3 seeds x shortcut in / out of validation, 128 probe
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -29,6 +34,7 @@ from lightning_xai._utils import expected
 
 MIN_EXCESS = 0.10
 MIN_Z = 4.0
+MIN_MATCH = 0.25
 
 
 @dataclass
@@ -40,10 +46,11 @@ class AlarmDecision:
     z: float
     flip_rate: float
     control_flip_rate: float
+    match: float = float("nan")
 
     def as_dict(self) -> Dict[str, float]:
         return {"alarm": float(self.fired), "excess": self.excess, "z": self.z, "flip_rate": self.flip_rate,
-                "control_flip_rate": self.control_flip_rate}
+                "control_flip_rate": self.control_flip_rate, "match": self.match}
 
 
 def _shortcut_alarm_validate_args(flip: Tensor, control_flip: Tensor, min_excess: float, min_z: float) -> None:
@@ -57,7 +64,9 @@ def _shortcut_alarm_validate_args(flip: Tensor, control_flip: Tensor, min_excess
         raise ValueError(expected("min_z", "a float >= 0", min_z))
 
 
-def shortcut_alarm(flip: Tensor, control_flip: Tensor, min_excess: float = MIN_EXCESS, min_z: float = MIN_Z) -> AlarmDecision:
+def shortcut_alarm(flip: Tensor, control_flip: Tensor, min_excess: float = MIN_EXCESS, min_z: float = MIN_Z,
+                   change: Optional[Tensor] = None, control_change: Optional[Tensor] = None,
+                   min_match: float = MIN_MATCH) -> AlarmDecision:
     """Decide whether a region is a shortcut from per-sample intervention outcomes.
 
     Args:
@@ -66,6 +75,11 @@ def shortcut_alarm(flip: Tensor, control_flip: Tensor, min_excess: float = MIN_E
         min_excess: smallest mean excess of the region's flip rate over its controls'.
         min_z: smallest paired z-score of that excess (its standard error is ``s_d / sqrt(N)``,
             floored at ``1 / N`` so that identical outcomes do not divide by zero).
+        change, control_change: the input change ``(N,)`` and ``(N, K)`` the fills made (from
+            :func:`~lightning_xai.shortcuts.interventions.intervene`). When given, the comparison counts
+            only if the best-matched controls changed the input at least ``min_match`` times as much as
+            the region did (``match`` = mean over samples of the largest control change / mean region
+            change); otherwise no alarm: a larger region edit flipping more says nothing about a shortcut.
 
     Returns:
         :class:`AlarmDecision` (``fired``, ``excess``, ``z``, ``flip_rate``, ``control_flip_rate``).
@@ -83,5 +97,8 @@ def shortcut_alarm(flip: Tensor, control_flip: Tensor, min_excess: float = MIN_E
     excess = float(d.mean())
     se = max(float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0, 1.0 / n)
     z = excess / se
-    fired = excess >= min_excess and z >= min_z
-    return AlarmDecision(bool(fired), excess, z, float(flip.double().mean()), float(control_flip.double().mean()))
+    match = float("nan")
+    if change is not None and control_change is not None:
+        match = float(control_change.double().amax(1).mean()) / max(float(change.double().mean()), 1e-12)
+    fired = excess >= min_excess and z >= min_z and not match < min_match
+    return AlarmDecision(bool(fired), excess, z, float(flip.double().mean()), float(control_flip.double().mean()), match)

@@ -7,7 +7,9 @@ map (1 = its area share), and the per-pixel *consistency* is the geometric mean 
 
 .. math:: S_p = \\exp\\big(\\tfrac{1}{|C|} \\textstyle\\sum_c \\log \\max(HW\\,\\bar a_{c,p}, \\epsilon)\\big)
 
-A hotspot is the 4-connected component around the peak of ``S`` of pixels with
+With the inputs given, ``S`` is multiplied by ``1 - eta^2``, the share of the inputs' variance at
+the pixel that the class does *not* explain, so the object, whose content distinguishes the classes,
+is not proposed. A hotspot is the 4-connected component around the peak of ``S`` of pixels with
 ``S_p >= rel_threshold * max S``, kept when ``max S >= min_score`` and its area is at most
 ``max_area`` of the image. It is only a *candidate*: the intervention check
 (:mod:`.interventions`, :mod:`.alarm`) decides whether the model relies on it. Maps from Input x
@@ -45,6 +47,26 @@ def consistency_map(maps: Tensor, labels: Tensor, size: int = 32, eps: float = 1
     return torch.stack(logs).mean(0).exp()
 
 
+def class_eta2(inputs: Tensor, labels: Tensor, size: int = 32) -> Tensor:
+    """Per pixel, the share of the inputs' variance explained by the class (eta squared) ``(h, w)``.
+
+    High where the input content itself tells the classes apart (the object), near 0 where it does not.
+    Channels are summed; images are area-pooled like the maps.
+    """
+    x = inputs.detach().float().sum(1)  # (N, H, W)
+    h, w = x.shape[-2:]
+    scale = max(h, w) / size
+    if scale > 1:
+        x = F.adaptive_avg_pool2d(x.unsqueeze(1), (max(1, round(h / scale)), max(1, round(w / scale)))).squeeze(1)
+    total = x.var(0, unbiased=False)
+    mean = x.mean(0)
+    between = torch.zeros_like(mean)
+    for c in sorted(set(labels.tolist())):
+        sel = labels == c
+        between += sel.float().mean() * (x[sel].mean(0) - mean) ** 2
+    return (between / total.clamp_min(1e-12)).clamp(0, 1)
+
+
 def _component(seed_mask: Tensor, start: int) -> Tensor:
     """4-connected component of ``seed_mask (h, w)`` containing flat index ``start``."""
     comp = torch.zeros_like(seed_mask)
@@ -58,7 +80,7 @@ def _component(seed_mask: Tensor, start: int) -> Tensor:
 
 
 def find_hotspot(maps: Tensor, labels: Tensor, size: int = 32, rel_threshold: float = 0.5, min_score: float = 2.0,
-                 max_area: float = 0.25, min_classes: int = 2) -> HotspotResult:
+                 max_area: float = 0.15, min_classes: int = 2, inputs: Optional[Tensor] = None) -> HotspotResult:
     """Propose one candidate region where attribution is high for every class.
 
     Args:
@@ -69,6 +91,9 @@ def find_hotspot(maps: Tensor, labels: Tensor, size: int = 32, rel_threshold: fl
         min_score: smallest peak consistency (times the uniform level) that counts.
         max_area: largest hotspot, as a share of the image.
         min_classes: fewest distinct classes needed (one class cannot show input-independence).
+        inputs: the probe images ``(N, C, H, W)``; when given, the consistency is multiplied by
+            ``1 - eta^2`` (:func:`class_eta2`), so places whose input content tells the classes apart
+            (the object) are not proposed.
 
     Returns:
         :class:`HotspotResult`; ``mask`` is None when no pixel qualifies.
@@ -86,6 +111,8 @@ def find_hotspot(maps: Tensor, labels: Tensor, size: int = 32, rel_threshold: fl
         raise ValueError(expected("max_area", "a float in (0, 1]", max_area))
     h, w = maps.shape[-2:]
     score = consistency_map(maps, labels, size)
+    if inputs is not None:
+        score = score * (1 - class_eta2(inputs, labels, size))
     peak = float(score.max())
     if len(set(labels.tolist())) < min_classes or peak < min_score:
         return HotspotResult(None, score, peak)

@@ -172,8 +172,8 @@ def intervene(
     Returns:
         Per-sample tensors: ``pred (N,)`` the prediction on the intact input, ``flip (N,)`` whether it changed
         when the region was filled, ``prob_drop (N,)`` the drop of the originally predicted class'
-        probability, ``change (N,)`` the squared input change, ``control_flip (N, K)`` and
-        ``control_prob_drop (N, K)`` the same for the controls, ``partner (N,)`` (swap only, else -1);
+        probability, ``change (N,)`` the squared input change, ``control_flip (N, K)``,
+        ``control_prob_drop (N, K)`` and ``control_change (N, K)`` the same for the controls, ``partner (N,)`` (swap only, else -1);
         with labels also ``correct (N,)``, ``region_correct (N,)`` and ``control_correct (N, K)``.
 
     Example:
@@ -210,8 +210,9 @@ def intervene(
     flip = (pred_after != pred.unsqueeze(1)).float()
     p0 = base.gather(1, pred.view(-1, 1))  # (N, 1)
     drop = p0 - after.gather(2, pred.view(-1, 1, 1).expand(n, k1, 1)).squeeze(2)
+    control_change = (change_map.unsqueeze(1) * controls).flatten(2).sum(2)  # (N, K)
     out = {"pred": pred, "flip": flip[:, 0], "prob_drop": drop[:, 0], "control_flip": flip[:, 1:],
-           "control_prob_drop": drop[:, 1:], "change": region_change,
+           "control_prob_drop": drop[:, 1:], "change": region_change, "control_change": control_change,
            "partner": partners if partners is not None else torch.full((n,), -1, dtype=torch.long, device=x.device)}
     if y is not None:
         y = y.to(pred.device).long()

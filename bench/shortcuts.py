@@ -1,0 +1,162 @@
+"""Does ShortcutMonitor's rule catch planted shortcuts, and stay quiet on clean models?
+
+For each planted-digits variant (lightning_xai.datasets) and seed, a small CNN is trained twice with a
+plain torch loop: on the planted split (a *shortcut model*) and on the same images whose mark carries a
+random code (a *clean model*: the mark is there but useless). After every epoch the monitor's rule runs
+on 128 stratified probe samples of two validation splits: shortcut *absent* (random code) and
+*present* (planted, as PASCAL's watermark is in its test images), in two modes:
+
+* known region: the variant's mark region (the top-left 2x2, the per-sample corner, the bottom-right
+  3x3 tag box, the per-sample background) -> intervention -> alarm;
+* unknown region: Input x Gradient maps -> input-independent hotspot -> intervention -> alarm.
+
+Printed per variant and mode: detection rate on shortcut models, false-alarm rate on clean models,
+the epochs of the first alarm, and the epochs the shortcut's validation gap appears (first epoch with
+accuracy on the present split >= 0.05 above the absent split). Also the excess/z of clean models
+(largest seen) and of shortcut models at their last epoch, which is how the thresholds were chosen.
+
+    python bench/shortcuts.py              # 4 variants x 3 seeds, about 5-10 min on 2 busy cores
+    python bench/shortcuts.py --seeds 1 --variants corner_intensity
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_xai.attribution import input_x_gradient
+from lightning_xai.datasets import VARIANTS, region_mask, shortcut_digits
+from lightning_xai.shortcuts import MIN_EXCESS, MIN_Z, find_hotspot, intervene, shortcut_alarm
+
+GAP = 0.05
+# Generator settings per variant, tuned so that each shortcut is learned within a few epochs: pixel noise makes
+# the digits harder than the mark; the random-corner mark is 3x3; the tag is on every class-0 training image.
+NOISE = {"corner_intensity": 0.15, "random_corner": 0.3, "watermark": 0.3, "background": 0.15}
+PLANT = {"random_corner": {"mark": 3}, "watermark": {"watermark_share": 1.0}}
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def stratified(data, n: int, seed: int):
+    """``n`` probe rows, round-robin over classes (as ProbeSetCallback chooses them)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(data), generator=g)
+    buckets = {c: [int(i) for i in perm if int(data.y[i]) == c] for c in range(10)}
+    rows, depth = [], 0
+    while len(rows) < n:
+        rows += [b[depth] for b in buckets.values() if depth < len(b)]
+        depth += 1
+    idx = torch.tensor(rows[:n])
+    return data.x[idx], data.y[idx], data.mask[idx]
+
+
+def known_masks(variant: str, mask):
+    """The region a user would name: the fixed mark box, or per sample the marked corner / the background pixels."""
+    fixed = region_mask(variant, tuple(mask.shape[-2:]))
+    return fixed.expand_as(mask).contiguous() if fixed is not None else mask
+
+
+def check(model, x, y, masks, args):
+    out = intervene(model, x, masks, y, fill=args.fill, num_controls=args.controls,
+                    generator=torch.Generator().manual_seed(0))
+    return shortcut_alarm(out["flip"], out["control_flip"], args.min_excess, args.min_z, out["change"], out["control_change"])
+
+
+def run(variant: str, kind: str, seed: int, args, record) -> None:
+    train_code = "planted" if kind == "shortcut" else "random"
+    noise = NOISE[variant] if args.noise is None else args.noise
+    opts = PLANT.get(variant, {})
+    train, val_out = shortcut_digits(variant, train_code, "random", noise=noise, seed=seed, **opts)
+    _, val_in = shortcut_digits(variant, train_code, "planted", noise=noise, seed=seed, **opts)
+    probes = {"absent": stratified(val_out, args.probe, seed), "present": stratified(val_in, args.probe, seed)}
+    torch.manual_seed(seed)
+    model = cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(train), generator=gen)
+        for i in range(0, len(train), args.batch):
+            b = perm[i:i + args.batch]
+            loss = F.cross_entropy(model(train.x[b]), train.y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            acc = {m: float((model(d.x).argmax(1) == d.y).float().mean()) for m, d in (("absent", val_out), ("present", val_in))}
+        record["acc"][(variant, kind, seed)].append(acc)
+        for mode, (x, y, mask) in probes.items():
+            known = check(model, x, y, known_masks(variant, mask), args)
+            maps = input_x_gradient(model, x, y)
+            spot = find_hotspot(maps, y, inputs=x)
+            unknown = check(model, x, y, spot.mask.expand(x.shape[0], -1, -1).contiguous(), args) if spot.mask is not None else None
+            record["known"][(variant, mode, kind, seed)].append(known)
+            record["unknown"][(variant, mode, kind, seed)].append(unknown)
+
+
+def first(flags):
+    return next((e for e, f in enumerate(flags) if f), None)
+
+
+def fmt_epochs(values):
+    return ",".join("-" if v is None else str(v) for v in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--noise", type=float, default=None, help="pixel noise (default: per variant, see NOISE)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--probe", type=int, default=128)
+    parser.add_argument("--controls", type=int, default=8)
+    parser.add_argument("--fill", default="swap")
+    parser.add_argument("--min-excess", type=float, default=MIN_EXCESS)
+    parser.add_argument("--min-z", type=float, default=MIN_Z)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # faster than 2 for a model this small, and kinder to a shared machine
+    record = {"acc": defaultdict(list), "known": defaultdict(list), "unknown": defaultdict(list)}
+    start = time.time()
+    for variant in args.variants:
+        for seed in range(args.seeds):
+            for kind in ("shortcut", "clean"):
+                run(variant, kind, seed, args, record)
+        print(f"# {variant}: done after {time.time() - start:.0f} s", flush=True)
+    seeds = range(args.seeds)
+    print(f"\nnoise={args.noise or NOISE} epochs={args.epochs} probe={args.probe} fill={args.fill} controls={args.controls} "
+          f"min_excess={args.min_excess} min_z={args.min_z} seeds={args.seeds}\n")
+    print("| variant | val split | mode | detected (shortcut) | false alarms (clean) | first alarm epoch per seed | "
+          "gap epoch per seed | clean max excess / z / match | shortcut last excess / z |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant in args.variants:
+        gaps = []
+        for s in seeds:
+            accs = record["acc"][(variant, "shortcut", s)]
+            gaps.append(first([a["present"] - a["absent"] >= GAP for a in accs]))
+        for mode in ("absent", "present"):
+            for kind in ("known", "unknown"):
+                rec = record[kind]
+                det = [first([d is not None and d.fired for d in rec[(variant, mode, "shortcut", s)]]) for s in seeds]
+                fa = [any(d is not None and d.fired for d in rec[(variant, mode, "clean", s)]) for s in seeds]
+                clean = [d for s in seeds for d in rec[(variant, mode, "clean", s)] if d is not None]
+                cmax = max(clean, key=lambda d: d.excess) if clean else None
+                last = [rec[(variant, mode, "shortcut", s)][-1] for s in seeds]
+                last_txt = " ".join("none" if d is None else f"{d.excess:+.2f}/{d.z:.1f}" for d in last)
+                ctxt = "no candidate" if cmax is None else f"{cmax.excess:+.2f} / {cmax.z:.1f} / {cmax.match:.2f}"
+                print(f"| {variant} | {mode} | {kind} | {sum(d is not None for d in det)}/{len(det)} | "
+                      f"{sum(fa)}/{len(fa)} | {fmt_epochs(det)} | {fmt_epochs(gaps)} | {ctxt} | {last_txt} |")
+    print(f"\ntotal {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

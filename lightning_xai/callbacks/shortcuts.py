@@ -1,0 +1,385 @@
+"""ShortcutMonitor: catch a spurious feature mid-training, with an alarm that rests on interventions.
+
+Every explained validation epoch, on a fixed probe set (default 128 samples, stratified by class):
+
+* **known regions** (``regions=``): attribution share, share over area, relevance rank and pointing game
+  of ``method`` (default saliency) inside each region; then the intervention: the region is filled
+  (default: swapped with the most different probe sample's region) and so are ``num_controls`` control
+  regions of equal area elsewhere; the flip rate and accuracy drop of both are logged and
+  :func:`~lightning_xai.shortcuts.alarm.shortcut_alarm` decides. Attribution figures never raise or
+  veto an alarm.
+* **unknown regions** (``regions=None``, or ``find_regions=True``): per-class mean maps of
+  ``discovery_method`` (default Input x Gradient) are logged as an image; SpRAy counts each class'
+  strategies; an input-independent hotspot, if any, becomes the candidate region ``"hotspot"`` and
+  goes through the same intervention check.
+* **self-check** (``sanity_check=True``): at the first explained epoch, the parameter-randomisation
+  check of each method; a method whose maps barely change is named in a warning.
+
+On an alarm, ``action="warn"`` warns on rank zero (region, epoch, figures), ``"stop"`` also sets
+``trainer.should_stop`` on every rank (like EarlyStopping), ``"log"`` only logs. The ``alarm`` scalar
+of each region is logged every time, through ``pl_module.log``, so EarlyStopping can monitor it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_xai._utils import check_choice, expected
+from lightning_xai.attribution import get_method
+from lightning_xai.callbacks.base import ProbeSetCallback, split_rows
+from lightning_xai.logging import log_image, warn_once
+from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
+from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, class_mean_maps, find_hotspot,
+                                     intervene, intervention_summary, normalize_regions, randomisation_check, region_masks,
+                                     region_metrics, shortcut_alarm, spray_by_class)
+
+ACTIONS = ("warn", "stop", "log")
+HOTSPOT = "hotspot"
+
+
+class ShortcutMonitor(ProbeSetCallback):
+    """Watches for shortcuts (spurious features) while a classifier trains; see the module docstring.
+
+    Args:
+        regions: where a suspected shortcut lives: ``None`` (look for one), a region spec, or a dict
+            ``name -> spec``. A spec is a mask ``(H, W)`` or ``(N, H, W)`` (one per probe sample), a box
+            ``(top, left, height, width)``, a preset (``"border"``, ``"corners"``, ``"top_left"``, ...,
+            ``"center"``) or a callable ``inputs -> masks``.
+        method: attribution method for the region figures (see :func:`lightning_xai.attribution.get_method`).
+        discovery_method: attribution method for class maps, SpRAy and hotspots (unknown-region mode).
+        fill: ``"swap"`` (default), ``"mean"`` or ``"blur"``; see :mod:`lightning_xai.shortcuts.interventions`.
+        num_controls: control regions per sample. placement: ``"matched"`` (default) or ``"random"``.
+        action: ``"warn"`` (default), ``"stop"`` or ``"log"``.
+        min_excess, min_z, min_match: alarm thresholds (defaults documented in :mod:`lightning_xai.shortcuts.alarm`).
+        find_regions: run unknown-region mode; default: when ``regions`` is None.
+        spray: cluster each class' maps (SpRAy) in unknown-region mode. max_clusters: its largest k.
+        sanity_check: run the parameter-randomisation check at the first explained epoch.
+        sanity_layers: top layers re-initialised by the check. sanity_threshold: mean Spearman rho at or
+            above which a method is reported as not explaining the model.
+        seed: seed of the private generator (control placement, tie breaks, k-means).
+        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`);
+            interventions are forward-only, so the default probe set is larger (128).
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
+            :class:`~lightning_xai.callbacks.base.XAICallback`.
+
+    Tags (``prefix="xai"``): per region ``xai/shortcut/<region>/{alarm, excess, z, flip_rate,
+    control_flip_rate, match, acc_drop, control_acc_drop, share, share_ratio, rank, pointing}``; unknown-region
+    mode adds ``xai/shortcut/hotspot/{found, alarm, ...}``, ``xai/shortcut/spray/class_<c>/strategies``,
+    ``xai/shortcut/spray/max_strategies`` and the images ``xai/shortcut/class_maps``,
+    ``xai/shortcut/spray/class_<c>`` and ``xai/shortcut/hotspot/score``; the self-check logs
+    ``xai/shortcut/sanity/<method>/spearman``.
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> monitor = ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, action="stop")
+        >>> trainer = Trainer(callbacks=[monitor], max_epochs=5)  # doctest: +SKIP
+    """
+
+    area = "shortcut"
+
+    def __init__(
+        self,
+        regions: Any = None,
+        method: Any = "saliency",
+        discovery_method: Any = "input_x_gradient",
+        fill: str = "swap",
+        num_controls: int = 8,
+        placement: str = "matched",
+        action: str = "warn",
+        min_excess: float = MIN_EXCESS,
+        min_z: float = MIN_Z,
+        min_match: float = MIN_MATCH,
+        find_regions: Optional[bool] = None,
+        spray: bool = True,
+        max_clusters: int = 4,
+        sanity_check: bool = False,
+        sanity_layers: Union[int, Sequence[str]] = 1,
+        sanity_threshold: float = SANITY_THRESHOLD,
+        seed: int = 0,
+        probe_samples: int = 128,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(probe_samples=probe_samples, **kwargs)
+        try:
+            self.regions = normalize_regions(regions)
+            check_choice("fill", fill, FILLS)
+            check_choice("placement", placement, PLACEMENTS)
+            check_choice("action", action, ACTIONS)
+            self.method = get_method(method)
+            self.discovery_method = get_method(discovery_method)
+        except (ValueError, TypeError) as err:
+            raise MisconfigurationException(str(err)) from err
+        if HOTSPOT in self.regions:
+            raise MisconfigurationException(expected("region names", f"names other than {HOTSPOT!r} (reserved)", HOTSPOT))
+        if isinstance(num_controls, bool) or not isinstance(num_controls, int) or num_controls <= 0:
+            raise MisconfigurationException(expected("num_controls", "a positive int", num_controls))
+        if not (isinstance(min_excess, (int, float)) and 0 < min_excess <= 1):
+            raise MisconfigurationException(expected("min_excess", "a float in (0, 1]", min_excess))
+        if not (isinstance(min_z, (int, float)) and min_z >= 0):
+            raise MisconfigurationException(expected("min_z", "a float >= 0", min_z))
+        if not 0 < sanity_threshold <= 1:
+            raise MisconfigurationException(expected("sanity_threshold", "a float in (0, 1]", sanity_threshold))
+        self.fill, self.num_controls, self.placement, self.action = fill, num_controls, placement, action
+        if not (isinstance(min_match, (int, float)) and min_match >= 0):
+            raise MisconfigurationException(expected("min_match", "a float >= 0", min_match))
+        self.min_excess, self.min_z, self.min_match = float(min_excess), float(min_z), float(min_match)
+        self.last_hotspot: Optional[Tensor] = None  # the latest candidate region of unknown-region mode (H, W)
+        self.find_regions = (not self.regions) if find_regions is None else bool(find_regions)
+        self.use_spray, self.max_clusters = bool(spray), int(max_clusters)
+        self.sanity_check, self.sanity_layers, self.sanity_threshold = bool(sanity_check), sanity_layers, float(sanity_threshold)
+        self.seed = int(seed)
+        self.alarms: List[Dict[str, Any]] = []  # every alarm so far: region, epoch, figures
+        self._sanity_done = False
+        self._rows: Tuple[int, int] = (0, 0)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, area=self.area, regions=sorted(self.regions))
+
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["alarms"] = [dict(a) for a in self.alarms]
+        state["sanity_done"] = self._sanity_done
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.alarms = [dict(a) for a in state_dict.get("alarms", [])]
+        self._sanity_done = bool(state_dict.get("sanity_done", False))
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def check_images(x: Tensor) -> None:
+        if x.ndim != 4 or not x.is_floating_point():
+            raise MisconfigurationException(expected("ShortcutMonitor's probe inputs", "float images of shape (N, C, H, W)", x))
+
+    def _check_region_shapes(self, x: Tensor) -> None:
+        for name, spec in self.regions.items():
+            try:
+                region_masks(spec, x, name)
+            except (ValueError, TypeError) as err:
+                raise MisconfigurationException(f"{err} Per-sample masks (N, H, W) need `probe=` with N samples.") from err
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.probe_x is not None:
+            self.check_images(self.probe_x)
+            self._check_region_shapes(self.probe_x)
+
+    # ------------------------------------------------------------------ compute (this rank's rows)
+    @override
+    def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
+        if self.finalize_probe(trainer):
+            start, stop, _ = split_rows(self.probe_x.shape[0], max(trainer.world_size, 1), trainer.global_rank)
+            self._rows = (start, stop)
+        super().explain(trainer, pl_module, via_module)
+
+    def _masks(self, name: str, x: Tensor, rows: Optional[Tuple[int, int]] = None) -> Tensor:
+        spec = self.regions[name]
+        if isinstance(spec, Tensor) and spec.ndim == 3:  # one mask per probe sample: this rank's rows
+            start, stop = rows if rows is not None else self._rows
+            if spec.shape[0] != self.probe_x.shape[0]:
+                raise MisconfigurationException(expected(f"region {name!r}", f"{self.probe_x.shape[0]} masks, one per probe sample", spec))
+            spec = spec[start:stop]
+        return region_masks(spec, x, name)
+
+    def _generator(self, rank: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1000 + rank)
+
+    def _intervene(self, forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Optional[Tensor],
+                   generator: torch.Generator) -> Dict[str, Tensor]:
+        return intervene(forward, x, masks.to(x.device), y, fill=self.fill, num_controls=self.num_controls,
+                         placement=self.placement, generator=generator)
+
+    @override
+    def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
+        self.check_images(x)
+        forward = self.logits_fn(pl_module)
+        rank = getattr(getattr(pl_module, "_trainer", None), "global_rank", 0) or 0
+        gen = self._generator(rank)
+        with torch.no_grad():
+            pred = forward(x).argmax(1)
+        target = y if y is not None else pred
+        results: Dict[str, Tensor] = {"pred": pred}
+        if self.regions:
+            name, fn, options = self.method
+            maps = fn(forward, x, target, **options).detach()
+            for region in self.regions:
+                masks = self._masks(region, x)
+                for key, value in region_metrics(maps, masks).items():
+                    results[f"{region}/{key}"] = value
+                out = self._intervene(forward, x, masks, y, gen)
+                for key in ("flip", "control_flip", "change", "control_change", "region_correct", "control_correct", "correct"):
+                    if key in out:
+                        results[f"{region}/{key}"] = out[key]
+        if self.find_regions:
+            _, fn, options = self.discovery_method
+            results["discovery"] = fn(forward, x, target, **options).detach().float().abs().sum(1, keepdim=True)
+        if self.sanity_check and not self._sanity_done:
+            for name, fn, options in self._sanity_methods():
+                res = randomisation_check(pl_module, fn, x, target, layers=self.sanity_layers,
+                                          threshold=self.sanity_threshold, seed=self.seed, method_options=options,
+                                          forward=lambda m, inputs: self.logits_fn(m)(inputs))
+                results[f"sanity/{name}"] = res.per_sample.float().to(x.device)
+                self._sanity_layer_names = res.layers
+        return results
+
+    def _sanity_methods(self) -> List[Tuple[str, Callable, Dict[str, Any]]]:
+        methods = [self.method] if self.regions else []
+        if self.find_regions and self.discovery_method[0] not in [m[0] for m in methods]:
+            methods.append(self.discovery_method)
+        return methods
+
+    # ------------------------------------------------------------------ report (all rows, every rank)
+    def _region_figures(self, region: str, results: Dict[str, Tensor]) -> Tuple[Dict[str, float], bool]:
+        decision = shortcut_alarm(results[f"{region}/flip"], results[f"{region}/control_flip"], self.min_excess, self.min_z,
+                                  results[f"{region}/change"], results[f"{region}/control_change"], self.min_match)
+        figures = decision.as_dict()
+        out = {"flip": results[f"{region}/flip"], "control_flip": results[f"{region}/control_flip"]}
+        if f"{region}/correct" in results:
+            out.update(correct=results[f"{region}/correct"], region_correct=results[f"{region}/region_correct"],
+                       control_correct=results[f"{region}/control_correct"])
+        out["prob_drop"] = out["control_prob_drop"] = torch.zeros(1)
+        summary = intervention_summary(out)
+        for key in ("acc_drop", "control_acc_drop"):
+            if key in summary:
+                figures[key] = summary[key]
+        for key in ("share", "share_ratio", "rank", "pointing"):
+            if f"{region}/{key}" in results:
+                figures[key] = float(results[f"{region}/{key}"].nanmean())
+        return figures, decision.fired
+
+    def _agree(self, trainer: "pl.Trainer", fired: bool) -> bool:
+        if trainer.world_size <= 1:
+            return fired
+        flag = torch.tensor([1.0 if fired else 0.0], device=trainer.strategy.root_device)
+        return float(trainer.strategy.reduce(flag, reduce_op="max").item()) > 0
+
+    @override
+    def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
+               results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
+        metrics: Dict[str, float] = {}
+        fired: Dict[str, Dict[str, float]] = {}
+        for region in self.regions:
+            figures, alarm = self._region_figures(region, results)
+            alarm = self._agree(trainer, alarm)
+            figures["alarm"] = float(alarm)
+            metrics.update({self.tag(region, k): v for k, v in figures.items()})
+            if alarm:
+                fired[region] = figures
+        if self.find_regions:
+            labels = y if y is not None else results["pred"]
+            hot = self._discover(trainer, pl_module, x, y, labels, results["discovery"], metrics)
+            if hot is not None:
+                fired[HOTSPOT] = hot
+        sanity = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith("sanity/")}
+        if sanity:
+            self._sanity_done = True
+            for name, rho in sanity.items():
+                mean = float(rho.nanmean())
+                metrics[self.tag("sanity", name, "spearman")] = mean
+                if mean >= self.sanity_threshold:
+                    rank_zero_warn(
+                        f"ShortcutMonitor: the maps of {name!r} barely change when the top layer(s) "
+                        f"{getattr(self, '_sanity_layer_names', [])} are re-initialised (mean Spearman rho {mean:.2f} >= "
+                        f"{self.sanity_threshold}); they show the input more than the model, so do not read its shortcut "
+                        "figures as evidence (Adebayo et al. 2018).", category=RuntimeWarning)
+        for region, figures in fired.items():
+            self._raise_alarm(trainer, region, figures, epoch)
+        return metrics
+
+    def _discover(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
+                  labels: Tensor, maps: Tensor, metrics: Dict[str, float]) -> Optional[Dict[str, float]]:
+        """Class maps, SpRAy and the hotspot check; returns the hotspot's figures when its alarm fired."""
+        gen = torch.Generator().manual_seed(self.seed)
+        maps, labels = maps.cpu(), labels.cpu()
+        means = class_mean_maps(maps, labels)
+        if self.use_spray:
+            clusters = spray_by_class(maps, labels, max_clusters=self.max_clusters, generator=gen)
+            for c, res in clusters.items():
+                metrics[self.tag("spray", f"class_{c}", "strategies")] = float(res.n_clusters)
+            metrics[self.tag("spray", "max_strategies")] = float(max(r.n_clusters for r in clusters.values()))
+        spot = find_hotspot(maps, labels, inputs=x.detach().cpu())
+        self.last_hotspot = spot.mask
+        metrics[self.tag(HOTSPOT, "found")] = float(spot.mask is not None)
+        metrics[self.tag(HOTSPOT, "peak")] = spot.peak
+        result: Optional[Dict[str, float]] = None
+        alarm = False
+        if spot.mask is not None:
+            masks = spot.mask.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous()
+            with self.explain_context(pl_module):  # identical on every rank: the full probe set, the same generator
+                out = self._intervene(self.logits_fn(pl_module), x, masks.to(x.device), y, gen)
+            res = {f"{HOTSPOT}/{k}": v for k, v in out.items()}
+            for key, value in region_metrics(maps, masks).items():
+                res[f"{HOTSPOT}/{key}"] = value
+            figures, alarm = self._region_figures(HOTSPOT, res)
+            figures["area"] = float(spot.mask.float().mean())
+            metrics.update({self.tag(HOTSPOT, k): v for k, v in figures.items() if k != "alarm"})
+            result = figures
+        alarm = self._agree(trainer, alarm)
+        metrics[self.tag(HOTSPOT, "alarm")] = float(alarm)
+        if trainer.is_global_zero:
+            self._log_discovery_images(trainer, means, spot, clusters if self.use_spray else None)
+        if alarm and result is not None:
+            result["alarm"] = 1.0
+            return result
+        return None
+
+    def _log_discovery_images(self, trainer: "pl.Trainer", means: Dict[int, Tensor], spot: Any, clusters: Any) -> None:
+        def heat(stack: Tensor) -> Tensor:  # (K, h, w) -> (K, 3, h', w')
+            return upscale(apply_colormap(normalize_maps(stack, signed=False, outlier_perc=0.0)), 64)
+
+        def row(cells: Tensor) -> Tensor:
+            return make_grid(cells.unsqueeze(0))
+
+        log_image(trainer, self.tag("class_maps"), row(heat(torch.stack([means[c] for c in sorted(means)]))))
+        log_image(trainer, self.tag(HOTSPOT, "score"), row(heat(spot.score.unsqueeze(0))))
+        if clusters:
+            for c, res in clusters.items():
+                log_image(trainer, self.tag("spray", f"class_{c}"), row(heat(res.mean_maps)))
+
+    def _raise_alarm(self, trainer: "pl.Trainer", region: str, figures: Dict[str, float], epoch: int) -> None:
+        record = {"region": region, "epoch": int(epoch), **{k: float(v) for k, v in figures.items()}}
+        self.alarms.append(record)
+        if self.action in ("warn", "stop"):
+            acc = f", accuracy drop {figures['acc_drop']:.2f} vs {figures['control_acc_drop']:.2f}" if "acc_drop" in figures else ""
+            share = f"; attribution share ratio {figures['share_ratio']:.2f}" if "share_ratio" in figures else ""
+            rank_zero_warn(
+                f"ShortcutMonitor: region {region!r} looks like a shortcut at epoch {epoch}: replacing it flips "
+                f"{figures['flip_rate']:.2f} of the probe predictions vs {figures['control_flip_rate']:.2f} for control "
+                f"regions of equal area (excess {figures['excess']:.2f}, z {figures['z']:.1f}){acc}{share}."
+                + (" Stopping training." if self.action == "stop" else ""), category=RuntimeWarning)
+        if self.action == "stop":
+            should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+            trainer.should_stop = trainer.should_stop or should_stop
+
+    # ------------------------------------------------------------------ on demand
+    def run_sanity_check(self, pl_module: "pl.LightningModule", inputs: Optional[Tensor] = None,
+                         target: Any = None) -> Dict[str, float]:
+        """The parameter-randomisation check now, on ``inputs`` (default: the probe set); returns mean rho per method."""
+        x = self.probe_x if inputs is None else inputs
+        if x is None:
+            raise MisconfigurationException("run_sanity_check needs `inputs` (no probe set has been chosen yet).")
+        if target is None and inputs is None and self.probe_y is not None:
+            target = self.probe_y
+        x = x.to(pl_module.device)
+        out: Dict[str, float] = {}
+        with self.explain_context(pl_module):
+            for name, fn, options in self._sanity_methods() or [self.method]:
+                res = randomisation_check(pl_module, fn, x, None if target is None else target.to(x.device) if isinstance(target, Tensor) else target,
+                                          layers=self.sanity_layers, threshold=self.sanity_threshold, seed=self.seed,
+                                          method_options=options, forward=lambda m, inp: self.logits_fn(m)(inp))
+                out[name] = res.correlation
+        return out

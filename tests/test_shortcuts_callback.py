@@ -1,0 +1,178 @@
+"""ShortcutMonitor in a real Trainer: tags read back from TensorBoard, "stop", do-no-harm, hygiene, resume,
+unknown-region mode on a hand-built shortcut model."""
+import warnings
+
+import pytest
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import DigitsModule, assert_unchanged, read_events, small_cnn, snapshot, tiny_trainer, trained_weights
+from lightning_xai.callbacks.shortcuts import ShortcutMonitor
+from lightning_xai.shortcuts.regions import iou
+
+
+def corner_set(n=200, seed=0, random_mark=False):
+    """8x8 images: faint noise, a top-left 2x2 mark coding the class (or a random class), and a class-coded centre blob."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.1
+    y = torch.arange(n) % 5
+    level = 0.2 + 0.2 * y.float()
+    code = torch.randint(0, 5, (n,), generator=g) if random_mark else y
+    x[:, 0, :2, :2] = (0.2 + 0.2 * code.float()).view(-1, 1, 1)
+    x[:, 0, 3:5, 3:5] = level.view(-1, 1, 1)
+    return x, y
+
+
+class Reader(nn.Module):
+    """Hand-built classifier reading the class from the mean of one 2x2 patch (the corner or the centre)."""
+
+    def __init__(self, corner: bool) -> None:
+        super().__init__()
+        self.corner = corner
+        self.lin = nn.Linear(1, 5)
+        with torch.no_grad():  # logits -50 (v - centre_c)^2 expanded: linear in v plus a constant per class
+            centres = 0.2 + 0.2 * torch.arange(5).float()
+            self.lin.weight.copy_((100 * centres).view(5, 1))
+            self.lin.bias.copy_(-50 * centres ** 2)
+
+    def forward(self, x):
+        v = x[:, :, :2, :2].mean((1, 2, 3)) if self.corner else x[:, :, 3:5, 3:5].mean((1, 2, 3))
+        return self.lin(v.unsqueeze(1))
+
+
+class FrozenModule(DigitsModule):
+    """Trains nothing (lr 0) so the hand-built reader stays as built."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def loaders(n=200, random_mark=False):
+    x, y = corner_set(n, random_mark=random_mark)
+    ds = TensorDataset(x, y)
+    return DataLoader(ds, batch_size=50), DataLoader(ds, batch_size=50)
+
+
+def test_bad_arguments():
+    with pytest.raises(MisconfigurationException, match="action"):
+        ShortcutMonitor(regions="border", action="explode")
+    with pytest.raises(MisconfigurationException, match="presets"):
+        ShortcutMonitor(regions="nowhere")
+    with pytest.raises(MisconfigurationException, match="num_controls"):
+        ShortcutMonitor(regions="border", num_controls=0)
+    with pytest.raises(MisconfigurationException, match="method"):
+        ShortcutMonitor(regions="border", method="nope")
+
+
+@pytest.mark.parametrize("corner", [True, False], ids=["uses_corner", "ignores_corner"])
+def test_known_region_alarm_and_tags(tmp_path, corner):
+    train, val = loaders()
+    monitor = ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=100, action="warn")
+    trainer = tiny_trainer(tmp_path, [monitor], max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(FrozenModule(Reader(corner)), train, val)
+    shortcut_warnings = [w for w in caught if "looks like a shortcut" in str(w.message)]
+    acc = read_events(tmp_path / "tb" / "version_0")
+    tags = acc.Tags()["scalars"]
+    for name in ("alarm", "share", "share_ratio", "rank", "pointing", "flip_rate", "acc_drop", "control_flip_rate",
+                 "control_acc_drop", "excess", "z"):
+        assert f"xai/shortcut/corner/{name}" in tags, name
+    alarm = acc.Scalars("xai/shortcut/corner/alarm")[-1].value
+    flip = acc.Scalars("xai/shortcut/corner/flip_rate")[-1].value
+    if corner:
+        assert alarm == 1.0 and flip > 0.5 and len(shortcut_warnings) == 1
+        assert "'corner'" in str(shortcut_warnings[0].message) and "epoch 0" in str(shortcut_warnings[0].message)
+        assert monitor.alarms[0]["region"] == "corner"
+    else:
+        assert alarm == 0.0 and flip == 0.0 and not shortcut_warnings and not monitor.alarms
+
+
+def test_stop_ends_training(tmp_path):
+    train, val = loaders()
+    monitor = ShortcutMonitor(regions="top_left", probe_samples=100, action="stop", find_regions=False)
+    trainer = tiny_trainer(tmp_path, [monitor], max_epochs=5, logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(FrozenModule(Reader(True)), train, val)
+    assert trainer.should_stop and trainer.current_epoch == 1  # stopped after the first epoch
+    assert [a["epoch"] for a in monitor.alarms] == [0]
+
+
+def test_do_no_harm_and_hygiene(tmp_path):
+    from helpers import digits_loaders
+
+    def fit(callbacks, sub):
+        torch.manual_seed(0)
+        train, val = digits_loaders(n_train=128, n_val=64)
+        module = DigitsModule(small_cnn(batchnorm=True, dropout=0.2))
+        trainer = tiny_trainer(tmp_path / sub, callbacks, max_epochs=2, logger=False)
+        trainer.fit(module, train, val)
+        return trained_weights(module)
+
+    monitor = ShortcutMonitor(regions={"corner": "top_left", "box": (5, 5, 3, 3)}, probe_samples=32, find_regions=True,
+                              sanity_check=True, on_error="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with_cb = fit([monitor], "a")
+        without = fit([], "b")
+    for k in without:
+        assert torch.equal(with_cb[k], without[k]), k
+
+    # direct hygiene: compute on a train-mode model with grads present, also after a forced error
+    module = DigitsModule(small_cnn(batchnorm=True))
+    module.train()
+    module(torch.rand(4, 1, 8, 8)).sum().backward()
+    x = torch.rand(16, 1, 8, 8)
+    monitor = ShortcutMonitor(regions="top_left", find_regions=True, probe=(x, torch.arange(16) % 10))
+    monitor._rows = (0, 16)
+    before = snapshot(module)
+    with monitor.explain_context(module):
+        monitor.compute(module, x, torch.arange(16) % 10)
+    assert_unchanged(before, module)
+    bad = ShortcutMonitor(regions=lambda inp: 1 / 0, probe=(x, None))
+    with pytest.raises(ZeroDivisionError):
+        with bad.explain_context(module):
+            bad.compute(module, x, None)
+    assert_unchanged(before, module)
+
+
+def test_resume_keeps_probe_set(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    train, val = loaders()
+    monitor = ShortcutMonitor(regions="top_left", probe_samples=20, action="log")
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = tiny_trainer(tmp_path, [monitor, ckpt], max_epochs=1, logger=False, enable_checkpointing=True)
+    trainer.fit(FrozenModule(Reader(True)), train, val)
+    probe = monitor.probe_x.clone()
+    resumed = ShortcutMonitor(regions="top_left", probe_samples=20, action="log")
+    trainer = tiny_trainer(tmp_path, [resumed], max_epochs=2, logger=False, enable_checkpointing=True)
+    _, other_val = loaders(n=60)  # different validation data: the restored probe set must win
+    trainer.fit(FrozenModule(Reader(True)), train, DataLoader(TensorDataset(*corner_set(60, seed=5)), batch_size=30),
+                ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert torch.equal(resumed.probe_x, probe)
+    assert [a["epoch"] for a in resumed.alarms] == [0, 1]  # the alarm history is restored too
+
+
+def test_unknown_region_finds_mark_and_not_on_clean(tmp_path):
+    """The mark carries a random code in the probe set (the shortcut absent from validation); the centre is the object."""
+    train, val = loaders(random_mark=True)
+    truth = torch.zeros(8, 8, dtype=torch.bool)
+    truth[:2, :2] = True
+    for corner in (True, False):
+        monitor = ShortcutMonitor(probe_samples=100, action="log", discovery_method="input_x_gradient")
+        trainer = tiny_trainer(tmp_path / str(corner), [monitor], max_epochs=1)
+        trainer.fit(FrozenModule(Reader(corner)), train, val)
+        acc = read_events(tmp_path / str(corner) / "tb" / "version_0")
+        assert "xai/shortcut/class_maps" in acc.Tags()["images"]
+        assert "xai/shortcut/spray/max_strategies" in acc.Tags()["scalars"]
+        alarm = acc.Scalars("xai/shortcut/hotspot/alarm")[-1].value
+        if corner:
+            assert alarm == 1.0
+            assert monitor.alarms and monitor.alarms[0]["region"] == "hotspot"
+            assert iou(monitor.last_hotspot, truth) >= 0.5
+        else:
+            assert alarm == 0.0 and not monitor.alarms
