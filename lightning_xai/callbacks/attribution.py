@@ -26,7 +26,6 @@ from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import attribution_grid
 
-_TARGETS = ("label", "prediction")
 
 
 def top_share(maps: Tensor, fraction: float = 0.05) -> Tensor:
@@ -95,8 +94,7 @@ class AttributionMonitor(ProbeSetCallback):
         names = [m[0] for m in self.methods]
         if len(set(names)) != len(names):
             raise MisconfigurationException(expected("methods", "methods with distinct names", names))
-        if not (target in _TARGETS or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
-            raise MisconfigurationException(expected("target", "'label', 'prediction' or a class index (int >= 0)", target))
+        self.check_target(target)
         if denormalize is not None and not callable(denormalize):
             raise MisconfigurationException(expected("denormalize", "a callable inputs -> display values", denormalize))
         if not 0 <= outlier_perc < 50:
@@ -129,16 +127,6 @@ class AttributionMonitor(ProbeSetCallback):
             self.check_images(self.probe_x)
 
     # ------------------------------------------------------------------ compute / report
-    def _targets(self, preds: Tensor, y: Optional[Tensor]) -> Tensor:
-        if isinstance(self.target, int):
-            return torch.full_like(preds, self.target)
-        if self.target == "label" and y is not None:
-            return y
-        if self.target == "label":
-            warn_once(f"{id(self)}-nolabel", "AttributionMonitor(target='label') found no labels in the probe set; "
-                                             "explaining the predicted class instead.")
-        return preds
-
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_images(x)
@@ -146,7 +134,7 @@ class AttributionMonitor(ProbeSetCallback):
         with torch.no_grad():
             probs = forward(x).float().softmax(1)
         conf, preds = probs.max(1)
-        target = self._targets(preds, y)
+        target = self.targets_for(self.target, preds, y)
         results: Dict[str, Tensor] = {"pred": preds, "conf": conf, "target": target,
                                       "target_prob": probs.gather(1, target.view(-1, 1)).squeeze(1)}
         for name, fn, options in self.methods:

@@ -32,6 +32,7 @@ from lightning_xai.logging import log_scalars, logging_step, warn_once
 BatchToXY = Callable[[Any], Tuple[Tensor, Optional[Tensor]]]
 _X_KEYS = ("x", "input", "inputs", "image", "images", "data", "input_ids")
 _Y_KEYS = ("y", "label", "labels", "target", "targets")
+TARGETS = ("label", "prediction")  # besides a class index
 
 
 def extract_xy(batch: Any, batch_to_xy: Optional[BatchToXY] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -314,6 +315,25 @@ class ProbeSetCallback(XAICallback):
         self.probe_y = None if y is None else y.detach().clone().long().cpu()
 
     accepts_integer_inputs = False  # token-id models override
+
+    # ------------------------------------------------------------------ the class explained per sample
+    @staticmethod
+    def check_target(target: Any) -> None:
+        """``target`` must be ``"label"``, ``"prediction"`` or a class index."""
+        if not (target in TARGETS or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
+            raise MisconfigurationException(expected("target", "'label', 'prediction' or a class index (int >= 0)", target))
+
+    def targets_for(self, target: Union[str, int], preds: Tensor, y: Optional[Tensor]) -> Tensor:
+        """Per-sample classes to explain: the labels, the predictions or a fixed class (labels fall back to
+        predictions, with one warning, when the probe set has none)."""
+        if isinstance(target, int):
+            return torch.full_like(preds, target)
+        if target == "label" and y is not None:
+            return y
+        if target == "label":
+            warn_once(f"{id(self)}-nolabel", f"{type(self).__name__}(target='label') found no labels in the probe set; "
+                                             "explaining the predicted class instead.")
+        return preds
 
     # ------------------------------------------------------------------ state
     @override

@@ -24,10 +24,9 @@ from typing_extensions import override
 from lightning_xai._utils import check_positive_int, expected
 from lightning_xai.attribution import get_method
 from lightning_xai.callbacks.base import ProbeSetCallback
-from lightning_xai.logging import log_image, warn_once
+from lightning_xai.logging import log_image
 from lightning_xai.projections.plot import barh_image
 
-_TARGETS = ("label", "prediction")
 _IMAGE_ONLY = ("grad_cam",)
 
 
@@ -112,8 +111,7 @@ class TabularAttributionMonitor(ProbeSetCallback):
         if self.method_name in _IMAGE_ONLY:
             raise MisconfigurationException(expected("method", "a method that works on (N, F) rows (not Grad-CAM)",
                                                      self.method_name))
-        if not (target in _TARGETS or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
-            raise MisconfigurationException(expected("target", "'label', 'prediction' or a class index (int >= 0)", target))
+        self.check_target(target)
         try:
             check_positive_int("max_classes", max_classes)
             check_positive_int("max_features", max_features)
@@ -144,23 +142,13 @@ class TabularAttributionMonitor(ProbeSetCallback):
             self.check_rows(self.probe_x)
 
     # ------------------------------------------------------------------ compute / report
-    def _targets(self, preds: Tensor, y: Optional[Tensor]) -> Tensor:
-        if isinstance(self.target, int):
-            return torch.full_like(preds, self.target)
-        if self.target == "label" and y is not None:
-            return y
-        if self.target == "label":
-            warn_once(f"{id(self)}-nolabel", "TabularAttributionMonitor(target='label') found no labels in the probe "
-                                             "set; explaining the predicted class instead.")
-        return preds
-
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_rows(x)
         forward = self.logits_fn(pl_module)
         with torch.no_grad():
             preds = forward(x).argmax(1)
-        target = self._targets(preds, y)
+        target = self.targets_for(self.target, preds, y)
         attr = self.method_fn(forward, x, target, **self.method_options)
         if isinstance(attr, tuple):  # (attributions, delta) when the options ask for the gap
             attr = attr[0]

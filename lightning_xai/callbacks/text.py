@@ -26,7 +26,6 @@ from lightning_xai.logging import log_text, warn_once
 from lightning_xai.text import BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions, token_share
 from lightning_xai.text.render import Vocab
 
-_TARGETS = ("label", "prediction")
 
 
 class TokenAttributionMonitor(ProbeSetCallback):
@@ -87,8 +86,7 @@ class TokenAttributionMonitor(ProbeSetCallback):
             raise MisconfigurationException(expected("method", "one of " + ", ".join(repr(m) for m in TOKEN_METHODS), method))
         if options is not None and not isinstance(options, Mapping):
             raise MisconfigurationException(expected("options", "a dict of keyword options", type(options).__name__))
-        if not (target in _TARGETS or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
-            raise MisconfigurationException(expected("target", "'label', 'prediction' or a class index (int >= 0)", target))
+        self.check_target(target)
         if not (isinstance(baseline, Tensor) and not baseline.is_floating_point() or baseline in BASELINES):
             raise MisconfigurationException(expected("baseline", "'pad', 'zero' or a LongTensor of token ids", baseline))
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
@@ -135,23 +133,13 @@ class TokenAttributionMonitor(ProbeSetCallback):
                          "AttributionMonitor, for tabular rows TabularAttributionMonitor", x))
 
     # ------------------------------------------------------------------ compute / report
-    def _targets(self, preds: Tensor, y: Optional[Tensor]) -> Tensor:
-        if isinstance(self.target, int):
-            return torch.full_like(preds, self.target)
-        if self.target == "label" and y is not None:
-            return y
-        if self.target == "label":
-            warn_once(f"{id(self)}-nolabel", "TokenAttributionMonitor(target='label') found no labels in the probe set; "
-                                             "explaining the predicted class instead.")
-        return preds
-
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_ids(x)
         forward = self.logits_fn(pl_module)
         with torch.no_grad():
             preds = forward(x).argmax(1)
-        target = self._targets(preds, y)
+        target = self.targets_for(self.target, preds, y)
         ig = self.method == "integrated_gradients"
         options = dict(self.options)
         if ig:
