@@ -10,7 +10,6 @@ import urllib.request
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import pytorch_lightning as pl

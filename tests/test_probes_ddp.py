@@ -1,6 +1,5 @@
 """Two gloo processes on CPU give the same probes as one process on the same validation data."""
 import json
-import os
 
 import pytest
 import pytorch_lightning as pl

@@ -1,5 +1,4 @@
 """SampleInfluenceMonitor in a real Trainer: TensorBoard output, do no harm, hygiene, errors, resume, validate()."""
-import warnings
 
 import pytest
 import torch
