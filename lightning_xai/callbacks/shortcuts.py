@@ -34,7 +34,7 @@ from typing_extensions import override
 from lightning_xai._utils import check_choice, expected
 from lightning_xai.attribution import get_method
 from lightning_xai.callbacks.base import ProbeSetCallback, split_rows
-from lightning_xai.logging import log_image, warn_once
+from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
 from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, class_mean_maps, find_hotspot,
                                      intervene, intervention_summary, normalize_regions, randomisation_check, region_masks,

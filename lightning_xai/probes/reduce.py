@@ -10,7 +10,7 @@ never touched.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 import torch.nn.functional as F

@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-import torch
 from torch import Tensor
 
 from lightning_xai._utils import expected

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from typing import Callable, List, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from lightning_xai._utils import expected
