@@ -54,7 +54,7 @@ def normalize_maps(maps: Tensor, signed: bool, outlier_perc: float = 1.0) -> Ten
     maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
     flat = maps.abs().flatten(1)
     q = 1.0 - outlier_perc / 100.0
-    scale = torch.quantile(flat, q, dim=1).clamp_min(1e-12).view(-1, 1, 1)
+    scale = torch.quantile(flat, q, dim=1, interpolation="lower").clamp_min(1e-12).view(-1, 1, 1)
     scaled = (maps / scale).clamp(-1, 1)
     return scaled * 0.5 + 0.5 if signed else scaled
 

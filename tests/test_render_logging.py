@@ -1,0 +1,89 @@
+"""Rendering (colour maps, clipping, grids) and the logger fan-out, without a Trainer."""
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+from lightning_xai import logging as xlog
+from lightning_xai.render import apply_colormap, attribution_grid, image_grid, make_grid, normalize_maps, to_display
+
+
+def test_normalize_maps_clips_outliers_and_centres_signed_maps():
+    maps = torch.zeros(1, 1, 10, 10)
+    maps[0, 0, 0, 0] = 1000.0  # one outlier
+    maps[0, 0, 1, :] = 1.0
+    out = normalize_maps(maps, signed=False, outlier_perc=1.0)
+    assert out.shape == (1, 10, 10) and float(out.max()) == 1.0
+    assert float(out[0, 1, 5]) == pytest.approx(1.0)  # not washed out by the outlier
+    signed = normalize_maps(torch.tensor([[[[-2.0, 0.0, 2.0]]]]), signed=True, outlier_perc=0.0)
+    assert torch.allclose(signed, torch.tensor([[[0.0, 0.5, 1.0]]]))
+    nan = normalize_maps(torch.tensor([[[[float("nan"), 1.0]]]]), signed=False)
+    assert torch.isfinite(nan).all()
+
+
+def test_colormap_grid_and_display():
+    rgb = apply_colormap(torch.tensor([[[0.0, 1.0]]]), "inferno")
+    assert rgb.shape == (1, 3, 1, 2) and float(rgb[0, :, 0, 0].sum()) < 0.1 and float(rgb[0, :, 0, 1].sum()) > 2
+    cells = torch.rand(2, 3, 3, 4, 5)
+    grid = make_grid(cells, padding=1)
+    assert grid.shape == (3, 2 * 5 + 1, 3 * 6 + 1)
+    assert torch.equal(grid[:, 1:5, 1:6], cells[0, 0])
+    assert torch.equal(to_display(torch.full((1, 1, 2, 2), 0.5)), torch.full((1, 3, 2, 2), 0.5))  # in range: kept
+    scaled = to_display(torch.tensor([[[[-3.0, 5.0]]]]))  # normalised data: min-max scaled
+    assert float(scaled.min()) == 0.0 and float(scaled.max()) == 1.0
+    g = attribution_grid(torch.rand(3, 1, 8, 8), [torch.randn(3, 1, 8, 8)], [True], min_side=16, padding=2)
+    assert g.shape == (3, 3 * 18 + 2, 3 * 18 + 2) and float(g.min()) >= 0 and float(g.max()) <= 1
+    assert image_grid(torch.rand(12, 3, 4, 4), ncols=5, min_side=4, padding=0).shape == (3, 12, 20)
+    with pytest.raises(ValueError, match="cmap"):
+        apply_colormap(torch.zeros(1, 1, 1), "no_such_map")
+
+
+class _FakeWandb(WandbLogger):
+    """A WandbLogger without wandb: records what it is given."""
+
+    def __init__(self):  # noqa: D107 - deliberately skips WandbLogger.__init__ (needs the wandb package)
+        self.images, self.texts = [], []
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.images.append((key, images, step))
+
+    def log_text(self, key, columns=None, data=None, step=None, **kwargs):
+        self.texts.append((key, data, step))
+
+
+def _trainer(tmp_path, loggers):
+    return SimpleNamespace(loggers=loggers, default_root_dir=str(tmp_path),
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=7)))
+
+
+def test_images_and_text_reach_every_image_logger(tmp_path):
+    wandb = _FakeWandb()
+    tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    csv = CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = _trainer(tmp_path, [tb, csv, wandb])
+    image = torch.rand(3, 5, 6)
+    assert xlog.log_image(trainer, "xai/test/img", image) == []  # an image logger took it: no PNG fallback
+    xlog.log_text(trainer, "xai/test/text", "| a |")
+    key, images, step = wandb.images[0]
+    assert key == "xai/test/img" and step == 7
+    assert images[0].dtype == np.uint8 and images[0].shape == (5, 6, 3)
+    assert wandb.texts == [("xai/test/text", [["| a |"]], 7)]
+    tb.experiment.flush()
+    from helpers import read_events
+
+    acc = read_events(tb.log_dir)
+    assert acc.Images("xai/test/img")[0].step == 7
+    assert not os.path.exists(os.path.join(csv.log_dir, "xai"))
+
+
+def test_png_fallback_without_image_logger(tmp_path):
+    csv = CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = _trainer(tmp_path, [csv])
+    with pytest.warns(RuntimeWarning, match="PNG"):
+        paths = xlog.log_image(trainer, "xai/a b/c", torch.ones(3, 4, 4))
+    assert len(paths) == 1 and paths[0].startswith(os.path.join(csv.log_dir, "xai")) and os.path.exists(paths[0])
+    xlog.log_text(trainer, "xai/t", "hello")
+    assert any(f.endswith(".md") for f in os.listdir(os.path.join(csv.log_dir, "xai")))
