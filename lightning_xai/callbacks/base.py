@@ -69,10 +69,17 @@ def extract_xy(batch: Any, batch_to_xy: Optional[BatchToXY] = None) -> Tuple[Ten
 
 
 def split_rows(n: int, world: int, rank: int) -> Tuple[int, int, int]:
-    """Contiguous share ``[start, stop)`` of ``n`` rows for ``rank``, and the padded share size."""
+    """This rank's contiguous share ``[start, stop)`` of ``n`` rows and how many of its results to keep.
+
+    A rank whose share is empty (fewer rows than ranks) still computes one row, the last, so its results
+    have the right shapes for the gather; it keeps none of them.
+    """
     per_rank = -(-n // world)
     start = min(rank * per_rank, n)
-    return start, min(start + per_rank, n), per_rank
+    stop = min(start + per_rank, n)
+    if start == stop and n > 0:
+        return n - 1, n, 0
+    return start, stop, stop - start
 
 
 def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
@@ -460,7 +467,7 @@ class ProbeSetCallback(XAICallback):
             x_all = self.probe_x.to(pl_module.device).clone()
             y_all = None if self.probe_y is None else self.probe_y.to(pl_module.device).clone()
         world, rank = max(trainer.world_size, 1), trainer.global_rank
-        start, stop, _ = split_rows(x_all.shape[0], world, rank)
+        start, stop, keep = split_rows(x_all.shape[0], world, rank)
 
         def _compute() -> Dict[str, Tensor]:
             with self.explain_context(pl_module):
@@ -471,7 +478,7 @@ class ProbeSetCallback(XAICallback):
             failed = torch.tensor([0.0 if results is not None else 1.0], device=trainer.strategy.root_device)
             if float(trainer.strategy.reduce(failed, reduce_op="sum").item()) > 0:
                 return
-            results = {k: gather_rows(trainer, v) for k, v in results.items()}
+            results = {k: gather_rows(trainer, v[:keep]) for k, v in results.items()}
         if results is None:
             return
         metrics = self.guarded(lambda: self.report(trainer, pl_module, x_all, y_all, results, epoch), "logging", epoch)
