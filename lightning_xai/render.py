@@ -64,6 +64,7 @@ def to_display(inputs: Tensor, denormalize: Optional[Callable[[Tensor], Tensor]]
     x = inputs.detach().float()
     if denormalize is not None:
         x = denormalize(x)
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     if x.ndim != 4:
         raise ValueError(expected("inputs", "images of shape (N, C, H, W)", x))
     if x.shape[1] == 1:

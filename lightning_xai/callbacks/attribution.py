@@ -157,6 +157,9 @@ class AttributionMonitor(ProbeSetCallback):
                results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
         metrics: Dict[str, float] = {}
         pct = int(round(self.top_fraction * 100))
+        if not bool(torch.isfinite(x).all()):
+            warn_once(f"{id(self)}-nonfinite-inputs", f"AttributionMonitor: the probe inputs contain NaN/inf at epoch {epoch}; "
+                                                      "they are drawn as 0 and their maps are not meaningful.")
         for name, _, options in self.methods:
             attr = results[f"attr/{name}"]
             finite = torch.isfinite(attr)
