@@ -1,6 +1,5 @@
 """Attribution cores, layers 1-2: oracles (Captum, autograd, closed forms) and properties
 (completeness, chunk-size invariance, per-sample independence, LIME recovery)."""
-import warnings
 
 import pytest
 import torch
@@ -23,17 +22,6 @@ from lightning_xai.attribution import (
 @pytest.fixture
 def captum_attr():
     return pytest.importorskip("captum.attr")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and 2 threads on a busy 2-core box spin badly)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*required_grads has been set automatically.*")
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

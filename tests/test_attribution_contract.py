@@ -24,7 +24,7 @@ from lightning_xai.attribution import (
 )
 
 
-from test_attribution import _one_thread, cnn  # noqa: F401,E402  (shared fixtures; see the report: conftest)
+from test_attribution import cnn  # noqa: F401,E402  (shared fixture; torch threads are set in conftest)
 
 
 @pytest.fixture

@@ -14,15 +14,6 @@ from lightning_xai.featvis import (L1, L2, Blur, FourierParam, GeneratorParam, J
                                    direction, diversity, layer_objective, neuron, objectives_from_spec, render)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Rendering runs many tiny ops: on a shared 2-core machine one intra-op thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- data and models
 def _digits():
     from sklearn.datasets import load_digits

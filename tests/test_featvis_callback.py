@@ -18,14 +18,6 @@ from helpers import assert_unchanged, small_cnn, snapshot
 from lightning_xai.callbacks.featvis import FeatureVisMonitor
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits_data():
     from sklearn.datasets import load_digits

@@ -10,15 +10,6 @@ from lightning_xai.projections import capture_activations, class_separation, pca
 sklearn = pytest.importorskip("sklearn")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- oracles
 @pytest.mark.parametrize("n, d, k", [pytest.param(50, 6, 3, id="tall"), pytest.param(12, 40, 4, id="wide"),
                                      pytest.param(30, 2, 2, id="all-components")])

@@ -15,15 +15,6 @@ from lightning_xai.callbacks.tabular import TabularAttributionMonitor, feature_i
 FEATURES = ["age", "height", "decisive", "noise/a", "noise b", "weight"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(n, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, len(FEATURES), generator=gen)

@@ -11,15 +11,6 @@ from lightning_xai.text import EmbeddingSwap, attribution_markdown, token_attrib
 from lightning_xai.text.synthetic import SPURIOUS, VOCAB, spurious_token_data
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyText(nn.Module):
     """Embedding -> (optional 1-layer transformer encoder) -> mean over tokens -> linear."""
 
