@@ -11,7 +11,7 @@ random) shows the truth. The lightning_xai callbacks explain the model every epo
 * ShortcutMonitor: attribution share on the mark, and the intervention (replace the mark, count the
   flipped predictions) that raises the alarm.
 
-Run ``python examples/shortcut_digits.py`` (about a minute on 2 CPU cores), then
+Run ``python examples/shortcut_digits.py`` (about 15 seconds on 2 CPU cores), then
 ``tensorboard --logdir runs/shortcut_digits``. ``--clean`` trains without the shortcut for comparison.
 """
 from __future__ import annotations
