@@ -53,7 +53,7 @@ class AttributionMonitor(ProbeSetCallback):
         outlier_perc: percentile of the largest ``|values|`` clipped in each heatmap.
         top_fraction: fraction of pixels for the concentration figure (default 5 %).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):

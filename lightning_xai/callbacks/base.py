@@ -14,6 +14,7 @@ A subclass implements ``compute`` (per-sample results on this rank's share of th
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,6 +27,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_xai.callbacks import budget
 from lightning_xai._utils import as_logits, check_choice, check_positive_int, expected, gradient_context, preserve_modes, select_output
 from lightning_xai.logging import log_scalars, logging_step, warn_once
 
@@ -101,6 +103,11 @@ class XAICallback(Callback):
     Args:
         every_n_epochs: explain every n-th validation epoch (epoch 0 included).
         run_on_fit_end: also explain the last validated epoch at the end of ``fit`` if the cadence skipped it.
+        max_overhead: the time budget shared by all lightning_xai callbacks of the Trainer during ``fit``:
+            a scheduled epoch is skipped when explaining it would bring the time spent explaining above
+            ``max_overhead`` times the training time so far (default ``0.1``, or the environment variable
+            ``LIGHTNING_XAI_MAX_OVERHEAD``); ``None`` explains every scheduled epoch whatever it costs.
+            See :mod:`lightning_xai.callbacks.budget`.
         on_error: ``"warn"`` (default) warns once with the exception and skips that epoch's explanation,
             never losing the training run; ``"raise"`` re-raises.
         prefix: root of every tag this callback logs (``<prefix>/<area>/...``).
@@ -119,9 +126,15 @@ class XAICallback(Callback):
         prefix: str = "xai",
         output_key: Union[None, int, str] = None,
         forward: Optional[Callable[[Any, Tensor], Tensor]] = None,
+        max_overhead: Union[None, float, str] = "default",
     ) -> None:
         super().__init__()
         check_positive_int("every_n_epochs", every_n_epochs)
+        try:
+            max_overhead = budget.default_max_overhead() if max_overhead == "default" else \
+                budget.check_max_overhead(max_overhead)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
         check_choice("on_error", on_error, ("warn", "raise"))
         if not isinstance(prefix, str) or not prefix.strip("/"):
             raise MisconfigurationException(expected("prefix", "a non-empty str", prefix))
@@ -133,6 +146,7 @@ class XAICallback(Callback):
         self.prefix = prefix.strip("/")
         self.output_key = output_key
         self.forward = forward
+        self.max_overhead: Optional[float] = max_overhead
         self.last_explained_epoch: int = -2  # -1 is used for "before training"
         self.errors: int = 0
         self._last_validated_epoch: Optional[int] = None
@@ -167,6 +181,23 @@ class XAICallback(Callback):
                          "a single-device strategy or DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'); sharded "
                          "strategies (FSDP, DeepSpeed) need every rank in each forward pass and are not supported",
                          type(strategy).__name__))
+        if stage == "fit":
+            book = budget.ledger(trainer, new_fit=True)
+            book.names[id(self)] = type(self).__name__
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        book = budget.ledger(trainer)
+        if not book.finished:  # the first callback torn down reports for all of them
+            book.finished = True
+            summary = book.summary()
+            if summary:
+                warn_once(f"budget-{id(book)}",
+                          f"lightning_xai kept its explanations within the overhead budget: {summary}. Pass "
+                          "max_overhead=None (or set LIGHTNING_XAI_MAX_OVERHEAD=none) to explain every scheduled "
+                          "epoch, or a larger max_overhead.", category=UserWarning)
 
     # ------------------------------------------------------------------ model access
     def logits_fn(self, pl_module: "pl.LightningModule") -> Callable[[Tensor], Tensor]:
@@ -190,12 +221,39 @@ class XAICallback(Callback):
         return not trainer.sanity_checking and not trainer.fast_dev_run
 
     def due(self, trainer: "pl.Trainer") -> bool:
-        """Whether this validation epoch should be explained."""
+        """Whether this validation epoch should be explained: the cadence says so and the budget allows it."""
         if trainer.state.fn != TrainerFn.FITTING:
             return True
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
-        return epoch % self.every_n_epochs == 0 or (self.run_on_fit_end and last)
+        return (epoch % self.every_n_epochs == 0 or (self.run_on_fit_end and last)) and self.affordable(trainer)
+
+    def affordable(self, trainer: "pl.Trainer", epoch: Optional[int] = None) -> bool:
+        """The overhead budget's verdict for explaining ``epoch`` (default: the current one) now; rank zero
+        decides for every rank."""
+        if self.max_overhead is None or trainer.state.fn != TrainerFn.FITTING:
+            return True
+        book = budget.ledger(trainer)
+        allowed = book.allows(id(self), self.max_overhead)
+        if trainer.world_size > 1:
+            allowed = bool(trainer.strategy.broadcast(allowed, src=0))
+        epoch = trainer.current_epoch if epoch is None else epoch
+        skipped = book.skipped.setdefault(id(self), [])
+        if not allowed and epoch not in skipped:
+            skipped.append(epoch)
+        return allowed
+
+    @contextlib.contextmanager
+    def timed(self, trainer: "pl.Trainer", epoch: Optional[int] = None) -> Iterator[None]:
+        """Charge the enclosed work to the overhead budget (``epoch`` given: a new run starts)."""
+        book = budget.ledger(trainer)
+        if epoch is not None:
+            book.begin(id(self), epoch)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            book.charge(id(self), time.perf_counter() - start)
 
     def guarded(self, fn: Callable[[], Any], what: str, epoch: int) -> Any:
         """Run ``fn`` under the ``on_error`` policy; returns None when it failed and was skipped."""
@@ -248,7 +306,8 @@ class XAICallback(Callback):
             return
         self._last_validated_epoch = trainer.current_epoch
         if self.due(trainer):
-            self.explain(trainer, pl_module)
+            with self.timed(trainer, trainer.current_epoch):
+                self.explain(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -261,8 +320,10 @@ class XAICallback(Callback):
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
-                and self._last_validated_epoch != self._last_attempted_epoch):
-            self.explain(trainer, pl_module, via_module=False)
+                and self._last_validated_epoch != self._last_attempted_epoch
+                and self.affordable(trainer, self._last_validated_epoch)):
+            with self.timed(trainer, self._last_validated_epoch):
+                self.explain(trainer, pl_module, via_module=False)
 
 
 class ProbeSetCallback(XAICallback):
@@ -274,7 +335,7 @@ class ProbeSetCallback(XAICallback):
             into the validation dataset.
         probe_samples: how many samples to choose when ``probe`` is None.
         batch_to_xy: ``batch -> (inputs, labels)`` for batch formats :func:`extract_xy` does not know.
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see :class:`XAICallback`.
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see :class:`XAICallback`.
     """
 
     def __init__(

@@ -26,6 +26,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected, preserve_modes
+from lightning_xai.callbacks import budget
 from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy, gather_rows
 from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
 from lightning_xai.probes import ActivationCapture, Reducer, input_reducer
@@ -66,7 +67,7 @@ class LinearProbeMonitor(XAICallback):
             training rows reaches this.
         max_dim: widest feature kept without projection by ``"auto"``.
         seed: seed of random projections and of the control-label permutation (private generators).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
             :class:`~lightning_xai.callbacks.base.XAICallback` (``forward(pl_module, x)`` is also how the
             untrained copy is run).
 
@@ -205,6 +206,7 @@ class LinearProbeMonitor(XAICallback):
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._release()
         self._probes = {}
         self._untrained = self._untrained_capture = None
@@ -219,6 +221,7 @@ class LinearProbeMonitor(XAICallback):
     def _start(self, trainer: "pl.Trainer") -> None:
         if self._capture is None or not self.active(trainer) or not self.due(trainer):
             return
+        budget.ledger(trainer).begin(id(self), trainer.current_epoch)  # a new run for the overhead budget
         self._probes = {}
         self._seen = 0
         self._capture.attach()
@@ -239,8 +242,9 @@ class LinearProbeMonitor(XAICallback):
         if dataloader_idx != 0:
             self._capture.clear()
             return
-        ok = self.guarded(lambda: self._collect(trainer, pl_module, batch) or True, "capturing activations",
-                          trainer.current_epoch)
+        with self.timed(trainer):
+            ok = self.guarded(lambda: self._collect(trainer, pl_module, batch) or True, "capturing activations",
+                              trainer.current_epoch)
         if not ok:  # give up on this epoch's probes, keep training
             self._release()
             self._probes = {}
@@ -301,6 +305,10 @@ class LinearProbeMonitor(XAICallback):
     def _finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._collecting:
             return
+        with self.timed(trainer):
+            self._finish_run(trainer, pl_module)
+
+    def _finish_run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._release()
         epoch = trainer.current_epoch
         probes, self._probes = self._probes, {}

@@ -46,7 +46,7 @@ class ProjectionMonitor(ProbeSetCallback):
         thumbnail_size: short side, in pixels, of each sprite.
         class_names: names for the class indices in the scatter legend and the projector metadata.
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):

@@ -101,7 +101,7 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         denormalize: maps normalised inputs back to display values.
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
         every_n_epochs: cadence (default 5: each run is a pass over up to ``max_train_samples`` samples).
-        run_on_fit_end, on_error, prefix, output_key, forward: see :class:`~lightning_xai.callbacks.base.XAICallback`.
+        run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
         images ``xai/samples/neighbours``, ``xai/samples/representers``, ``xai/samples/suspects``,

@@ -43,7 +43,7 @@ class TokenAttributionMonitor(ProbeSetCallback):
         watch_tokens: tokens (strings or ids) whose attribution share is logged as a scalar.
         top_k: tokens shown in bold per sentence.
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
             :class:`~lightning_xai.callbacks.base.XAICallback` (``forward(pl_module, input_ids)`` must
             run the embedding layer).
 

@@ -1,0 +1,100 @@
+"""The overhead budget shared by every lightning_xai callback of one Trainer.
+
+Explaining a model costs time, and on a small model explaining every epoch can cost more than the
+training itself. By default (``max_overhead=0.1``) the callbacks of one Trainer *together* spend at most
+about 10 % of the fit's wall time explaining: before a run, a callback checks the shared ledger and
+skips the epoch when the time already spent plus its own last run's cost would exceed
+``max_overhead`` times the time spent training so far. A callback that has never run is charged after
+its first run, so the budget can be overshot by one first run. Validation and test runs
+(``trainer.validate``/``trainer.test``) are never skipped.
+
+The environment variable ``LIGHTNING_XAI_MAX_OVERHEAD`` sets the default for callbacks built without
+``max_overhead``: a float, or ``none`` to explain on every scheduled epoch.
+"""
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from lightning_xai._utils import expected
+
+ENV = "LIGHTNING_XAI_MAX_OVERHEAD"
+DEFAULT_MAX_OVERHEAD = 0.1
+
+
+def check_max_overhead(value: Any) -> Optional[float]:
+    """``None`` or a float in ``(0, inf)``; raises ``ValueError`` naming the value otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(expected("max_overhead", "None (no budget) or a positive float such as 0.1 (10 % of the "
+                                  "training time)", value))
+    return float(value)
+
+
+def default_max_overhead() -> Optional[float]:
+    """``DEFAULT_MAX_OVERHEAD`` unless ``LIGHTNING_XAI_MAX_OVERHEAD`` says otherwise."""
+    raw = os.environ.get(ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX_OVERHEAD
+    if raw.strip().lower() in ("none", "off", "inf"):
+        return None
+    try:
+        return check_max_overhead(float(raw))
+    except ValueError:
+        raise ValueError(expected(f"the environment variable {ENV}", "a positive float or 'none'", raw)) from None
+
+
+@dataclass
+class Ledger:
+    """Time spent explaining during one fit, by all lightning_xai callbacks of a Trainer."""
+
+    start: float = field(default_factory=time.perf_counter)
+    spent: float = 0.0
+    cost: Dict[int, float] = field(default_factory=dict)  # id(callback) -> seconds of its last run
+    runs: Dict[int, List[int]] = field(default_factory=dict)  # id(callback) -> epochs it explained
+    skipped: Dict[int, List[int]] = field(default_factory=dict)  # id(callback) -> epochs the budget skipped
+    names: Dict[int, str] = field(default_factory=dict)
+    finished: bool = False
+
+    def training_seconds(self, now: Optional[float] = None) -> float:
+        """Wall time since the fit started, minus the time spent explaining."""
+        now = time.perf_counter() if now is None else now
+        return max(now - self.start - self.spent, 0.0)
+
+    def allows(self, key: int, max_overhead: float, now: Optional[float] = None) -> bool:
+        """Whether a run of callback ``key`` now keeps explaining within ``max_overhead`` of the training time."""
+        return self.spent + self.cost.get(key, 0.0) <= max_overhead * self.training_seconds(now)
+
+    def begin(self, key: int, epoch: int) -> None:
+        """A run of callback ``key`` starts: its cost is measured afresh."""
+        self.cost[key] = 0.0
+        self.runs.setdefault(key, []).append(epoch)
+
+    def charge(self, key: int, seconds: float) -> None:
+        """Add ``seconds`` of explaining to the total and to the current run of callback ``key``."""
+        self.spent += seconds
+        self.cost[key] = self.cost.get(key, 0.0) + seconds
+
+    def summary(self) -> str:
+        rows = []
+        for key, name in self.names.items():
+            runs, skipped = self.runs.get(key, []), self.skipped.get(key, [])
+            if set(skipped) - set(runs):
+                rows.append(f"{name} explained {len(set(runs))} of {len(set(runs) | set(skipped))} scheduled epochs "
+                            f"(epochs {sorted(set(runs)) if runs else 'none'})")
+        return "; ".join(rows)
+
+
+_LEDGERS: "weakref.WeakKeyDictionary[Any, Ledger]" = weakref.WeakKeyDictionary()
+
+
+def ledger(trainer: Any, new_fit: bool = False) -> Ledger:
+    """The trainer's ledger; ``new_fit=True`` starts a fresh one unless this fit already has one."""
+    book = _LEDGERS.get(trainer)
+    if book is None or (new_fit and book.finished):
+        book = _LEDGERS[trainer] = Ledger()
+    return book

@@ -1,0 +1,108 @@
+"""The overhead budget: callbacks of one Trainer together keep explaining within ``max_overhead`` of training."""
+import time
+import warnings
+
+import pytest
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from helpers import DigitsModule, digits_loaders, tiny_trainer, trained_weights
+from lightning_xai import AttributionMonitor, LinearProbeMonitor
+from lightning_xai.callbacks import budget
+
+
+def slow_forward(seconds):
+    """A ``forward`` that makes each explanation expensive compared with the tiny model's training."""
+    def forward(module, x):
+        time.sleep(seconds)
+        return module(x)
+    return forward
+
+
+def test_ledger_allows_a_run_only_within_the_budget():
+    book = budget.Ledger(start=0.0)
+    assert book.allows(1, 0.1, now=0.0)  # nothing spent, no known cost: the first run may go
+    book.begin(1, epoch=0)
+    book.charge(1, 0.5)
+    assert book.training_seconds(now=2.5) == pytest.approx(2.0)
+    assert not book.allows(1, 0.1, now=2.5)  # 0.5 spent + 0.5 expected > 0.1 * 2.0
+    assert book.allows(1, 0.1, now=10.5)  # 1.0 <= 0.1 * 10.0
+    assert not book.allows(2, 0.1, now=5.0)  # an unknown cost still needs the spent time covered: 0.5 > 0.45
+    assert book.allows(2, 0.1, now=5.5)  # 0.5 <= 0.5
+    book.begin(1, epoch=3)  # a new run measures its cost afresh
+    book.charge(1, 0.2)
+    book.charge(1, 0.1)
+    assert book.cost[1] == pytest.approx(0.3) and book.spent == pytest.approx(0.8)
+    assert book.runs[1] == [0, 3]
+
+
+def test_max_overhead_values_and_the_environment_default(monkeypatch):
+    for bad in (0, -0.1, "lots", True):
+        with pytest.raises(MisconfigurationException, match="max_overhead"):
+            AttributionMonitor(max_overhead=bad)
+    assert AttributionMonitor(max_overhead=0.25).max_overhead == 0.25
+    assert AttributionMonitor(max_overhead=None).max_overhead is None
+    monkeypatch.delenv(budget.ENV, raising=False)
+    assert AttributionMonitor().max_overhead == budget.DEFAULT_MAX_OVERHEAD == 0.1
+    monkeypatch.setenv(budget.ENV, "0.3")
+    assert AttributionMonitor().max_overhead == 0.3
+    monkeypatch.setenv(budget.ENV, "None")
+    assert AttributionMonitor().max_overhead is None
+    monkeypatch.setenv(budget.ENV, "ten percent")
+    with pytest.raises(MisconfigurationException, match="LIGHTNING_XAI_MAX_OVERHEAD"):
+        AttributionMonitor()
+
+
+def _fit(tmp_path, callbacks, epochs=4):
+    torch.manual_seed(0)
+    model = DigitsModule()
+    trainer = tiny_trainer(tmp_path, callbacks=callbacks, max_epochs=epochs, logger=False)
+    train, val = digits_loaders(n_train=128, n_val=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, train, val)
+    return model, trainer, [str(w.message) for w in caught]
+
+
+def test_an_expensive_callback_is_skipped_to_stay_in_budget_and_shares_it(tmp_path):
+    # each explanation sleeps 2 x 0.25 s (prediction + saliency), while 4 epochs of training take well under 2.5 s:
+    # the first run is allowed (nothing spent yet), every later one would exceed 10 % of the training time.
+    slow = AttributionMonitor(methods="saliency", probe_samples=4, forward=slow_forward(0.25), max_overhead=0.1)
+    cheap = AttributionMonitor(methods="saliency", probe_samples=4, max_overhead=0.1, prefix="cheap")
+    model, trainer, messages = _fit(tmp_path, [slow, cheap])
+    book = budget.ledger(trainer)
+    assert book.runs[id(slow)] == [0]
+    assert book.skipped[id(slow)] == [1, 2, 3]
+    assert 0 in book.skipped[id(cheap)]  # the budget is shared: the slow run at epoch 0 left nothing for the cheap one
+    assert book.spent >= 0.5 and book.finished
+    summary = [m for m in messages if "overhead budget" in m]
+    assert len(summary) == 1 and "explained 1 of 4 scheduled epochs" in summary[0] and "max_overhead=None" in summary[0]
+    assert slow.last_explained_epoch == 0
+
+
+def test_the_budget_never_changes_training(tmp_path):
+    budgeted, _, _ = _fit(tmp_path / "a", [AttributionMonitor(methods="saliency", probe_samples=4, max_overhead=0.01),
+                                           LinearProbeMonitor(layers=["net.1"], max_overhead=0.01)])
+    plain, _, _ = _fit(tmp_path / "b", [])
+    after, before = trained_weights(budgeted), trained_weights(plain)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
+
+
+def test_without_a_budget_every_epoch_is_explained(tmp_path):
+    slow = AttributionMonitor(methods="saliency", probe_samples=4, forward=slow_forward(0.05), max_overhead=None)
+    probes = LinearProbeMonitor(layers=["net.1"], max_overhead=None)
+    _, trainer, messages = _fit(tmp_path, [slow, probes], epochs=3)
+    book = budget.ledger(trainer)
+    assert book.runs[id(slow)] == [0, 1, 2] and book.runs[id(probes)] == [0, 1, 2]
+    assert not book.skipped and not [m for m in messages if "overhead budget" in m]
+    assert book.cost[id(slow)] >= 0.1  # the runs were still measured
+
+
+def test_validate_is_never_skipped(tmp_path):
+    monitor = AttributionMonitor(methods="saliency", probe_samples=4, max_overhead=1e-9)
+    trainer = tiny_trainer(tmp_path, callbacks=[monitor], logger=False)
+    _, val = digits_loaders(n_train=32, n_val=16)
+    trainer.validate(DigitsModule(), val)
+    assert monitor.last_explained_epoch == 0
