@@ -7,6 +7,7 @@ logger. Call these on global rank zero only; nothing here runs a collective oper
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from typing import Any, Dict, List, Mapping, Optional
@@ -76,6 +77,24 @@ def _to_uint8_hwc(image: Tensor) -> Any:
     return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
+def _add_tensorboard_image(writer: Any, tag: str, image: Tensor, step: int) -> None:
+    """``writer.add_image`` with a fast PNG encoding (zlib level 1: about half the time of the default level 6,
+    a slightly larger file) for torch's ``SummaryWriter``; other writers get ``add_image``."""
+    file_writer = getattr(writer, "_get_file_writer", None)
+    if not type(writer).__module__.startswith("torch.utils.tensorboard") or file_writer is None:
+        writer.add_image(tag, image, global_step=step, dataformats="CHW")
+        return
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    pixels = _to_uint8_hwc(image)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    height, width, channels = pixels.shape
+    png = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
+    file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
+
+
 def log_image(trainer: Any, tag: str, image: Tensor, step: Optional[int] = None) -> List[str]:
     """Send an image ``(3, H, W)`` in ``[0, 1]`` to every image-capable logger.
 
@@ -87,7 +106,7 @@ def log_image(trainer: Any, tag: str, image: Tensor, step: Optional[int] = None)
     loggers = image_loggers(trainer)
     for lg in loggers:
         if _is_tensorboard(lg):
-            lg.experiment.add_image(tag, image, global_step=step, dataformats="CHW")
+            _add_tensorboard_image(lg.experiment, tag, image, step)
         else:
             lg.log_image(key=tag, images=[_to_uint8_hwc(image)], step=step)
     if loggers:

@@ -1,4 +1,5 @@
 """Rendering (colour maps, clipping, grids) and the logger fan-out, without a Trainer."""
+import io
 import os
 from types import SimpleNamespace
 
@@ -75,7 +76,12 @@ def test_images_and_text_reach_every_image_logger(tmp_path):
     from helpers import read_events
 
     acc = read_events(tb.log_dir)
-    assert acc.Images("xai/test/img")[0].step == 7
+    event = acc.Images("xai/test/img")[0]
+    assert event.step == 7 and (event.height, event.width) == (5, 6)
+    from PIL import Image
+
+    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))  # the fast PNG path is lossless
+    assert np.array_equal(decoded, images[0])
     assert not os.path.exists(os.path.join(csv.log_dir, "xai"))
 
 
@@ -87,3 +93,13 @@ def test_png_fallback_without_image_logger(tmp_path):
     assert len(paths) == 1 and paths[0].startswith(os.path.join(csv.log_dir, "xai")) and os.path.exists(paths[0])
     xlog.log_text(trainer, "xai/t", "hello")
     assert any(f.endswith(".md") for f in os.listdir(os.path.join(csv.log_dir, "xai")))
+
+
+def test_upscale_repeats_each_pixel_like_nearest_interpolation():
+    from lightning_xai.render import upscale
+
+    images = torch.rand(2, 3, 5, 7)
+    big = upscale(images, min_side=12)  # factor ceil(12 / 5) = 3
+    assert big.shape == (2, 3, 15, 21)
+    assert torch.equal(big, torch.nn.functional.interpolate(images, scale_factor=3, mode="nearest"))
+    assert upscale(images, min_side=4) is images

@@ -55,6 +55,7 @@ class Ledger:
     start: float = field(default_factory=time.perf_counter)
     spent: float = 0.0
     cost: Dict[int, float] = field(default_factory=dict)  # id(callback) -> seconds of its last run
+    total: Dict[int, float] = field(default_factory=dict)  # id(callback) -> seconds of all its runs
     runs: Dict[int, List[int]] = field(default_factory=dict)  # id(callback) -> epochs it explained
     skipped: Dict[int, List[int]] = field(default_factory=dict)  # id(callback) -> epochs the budget skipped
     names: Dict[int, str] = field(default_factory=dict)
@@ -78,6 +79,7 @@ class Ledger:
         """Add ``seconds`` of explaining to the total and to the current run of callback ``key``."""
         self.spent += seconds
         self.cost[key] = self.cost.get(key, 0.0) + seconds
+        self.total[key] = self.total.get(key, 0.0) + seconds
 
     def summary(self) -> str:
         rows = []
