@@ -15,12 +15,13 @@ from lightning_xai.attribution.gradient import input_x_gradient, saliency, smoot
 from lightning_xai.attribution.integrated_gradients import gaussian_blur, integrated_gradients, quadrature
 from lightning_xai.attribution.lime import grid_segments, lime
 from lightning_xai.attribution.occlusion import occlusion, occlusion_windows
-from lightning_xai.attribution.registry import METHODS, CaptumMethod, from_captum, get_method, is_signed
+from lightning_xai.attribution.registry import METHODS, CaptumMethod, PinnedOptions, from_captum, get_method, is_signed
 
 __all__ = [
     "DEFAULT_MAX_ROWS",
     "METHODS",
     "CaptumMethod",
+    "PinnedOptions",
     "from_captum",
     "gaussian_blur",
     "get_method",

@@ -182,12 +182,17 @@ class CaptumMethod:
     class, a callable target is folded into the forward function. The call runs under the same guards
     as the built-in methods (gradients enabled even in ``inference_mode``, flags restored, inputs
     copied) and inside ``torch.random.fork_rng`` so Captum's use of the global RNG (``NoiseTunnel``)
-    leaves it untouched.
+    leaves it untouched; inside the fork the RNG is seeded with ``seed``, so every call draws the same
+    noise whatever ran before (an uninterrupted and a resumed run give the same maps).
     """
 
-    def __init__(self, attribution: Any, attribute_kwargs: Dict[str, Any], signed: Optional[bool] = None) -> None:
+    def __init__(self, attribution: Any, attribute_kwargs: Dict[str, Any], signed: Optional[bool] = None,
+                 seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(expected("seed", "a non-negative int", seed))
         self.attribution = attribution
         self.attribute_kwargs = attribute_kwargs
+        self.seed = seed
         cls = attribution.__name__ if inspect.isclass(attribution) else type(attribution).__name__
         inner = getattr(attribution, "attribution_method", None)
         suffix = "_" + _snake(type(inner).__name__) if cls == "NoiseTunnel" and inner is not None else ""
@@ -216,7 +221,12 @@ class CaptumMethod:
 
     def __call__(self, model: Callable[[Tensor], Any], inputs: Tensor, target: Target = None, **options: Any) -> Any:
         opts = {**self.attribute_kwargs, **options}
-        with torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else []), guarded(model):
+        cuda = inputs.device.type == "cuda"
+        with torch.random.fork_rng(devices=[inputs.device] if cuda else []), guarded(model):
+            torch.random.default_generator.manual_seed(self.seed)  # the forked state only
+            if cuda:
+                with torch.cuda.device(inputs.device):
+                    torch.cuda.manual_seed(self.seed)
             x = private_copy(inputs)
             target = resolve_target_chunked(model, x, target, DEFAULT_MAX_ROWS)
             forward = model
@@ -232,7 +242,8 @@ class CaptumMethod:
             return out.detach().clone()
 
 
-def from_captum(attribution: Any, signed: Optional[bool] = None, **attribute_kwargs: Any) -> CaptumMethod:
+def from_captum(attribution: Any, signed: Optional[bool] = None, seed: int = 0,
+                **attribute_kwargs: Any) -> CaptumMethod:
     """Wrap a Captum attribution object (or class) as a method with the signature ``(model, inputs, target, **options)``.
 
     Args:
@@ -240,6 +251,8 @@ def from_captum(attribution: Any, signed: Optional[bool] = None, **attribute_kwa
             ``captum.attr.IntegratedGradients`` (instantiated with the model on each call; constructor
             arguments such as ``layer`` may be given in ``attribute_kwargs``).
         signed: whether its maps are signed (for rendering); None guesses from the class and kwargs.
+        seed: seed of the (forked) global RNG on every call, for methods that draw from it
+            (``NoiseTunnel``).
         **attribute_kwargs: passed to ``.attribute(...)`` on every call, e.g. ``n_steps=50``.
 
     Returns:
@@ -264,4 +277,33 @@ def from_captum(attribution: Any, signed: Optional[bool] = None, **attribute_kwa
     if not callable(getattr(attribution, "attribute", None)):
         raise TypeError(expected("attribution", "a Captum Attribution object or class (with an `attribute` method)",
                                  type(attribution).__name__))
-    return CaptumMethod(attribution, dict(attribute_kwargs), signed)
+    return CaptumMethod(attribution, dict(attribute_kwargs), signed, seed)
+
+
+class PinnedOptions:
+    """Method options whose ``torch.Generator`` values restart, on every call, from their state at construction.
+
+    Calling the object returns a fresh copy of the options. A callback makes one per method and calls it once
+    per run, so a method given ``generator=torch.Generator().manual_seed(s)`` draws the same noise every epoch,
+    as with an int seed, instead of continuing a stream whose position depends on how many epochs ran before
+    (which a run resumed from a checkpoint does not know). The caller's generator is never advanced, and the
+    object pickles (generator states are kept as tensors), as ``ddp_spawn`` needs.
+
+    Example:
+        >>> fresh = PinnedOptions({"samples": 4, "generator": torch.Generator().manual_seed(1)})
+        >>> a, b = fresh()["generator"], fresh()["generator"]
+        >>> torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
+        True
+    """
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = {k: v for k, v in options.items() if not isinstance(v, torch.Generator)}
+        self.states = {k: (str(v.device), v.get_state()) for k, v in options.items() if isinstance(v, torch.Generator)}
+
+    def __call__(self) -> Dict[str, Any]:
+        out = dict(self.options)
+        for key, (device, state) in self.states.items():
+            gen = torch.Generator(device=device)
+            gen.set_state(state)
+            out[key] = gen
+        return out

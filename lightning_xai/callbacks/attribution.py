@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import expected
-from lightning_xai.attribution import get_method, is_signed
+from lightning_xai.attribution import PinnedOptions, get_method, is_signed
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import attribution_grid
@@ -48,6 +48,9 @@ class AttributionMonitor(ProbeSetCallback):
         methods: attribution methods: names (``"saliency"``, ``"input_x_gradient"``, ``"smoothgrad"``,
             ``"integrated_gradients"``, ``"occlusion"``, ``"grad_cam"``, ``"lime"``), ``(name, options)``
             pairs such as ``("grad_cam", {"layer": "features.3"})``, or Captum ``Attribution`` objects.
+            Randomised methods draw the same noise every epoch (seed 0, or the ``generator`` option, which
+            restarts from its state at construction), so maps change only when the model does, and a run
+            resumed from a checkpoint logs what an uninterrupted one would.
         target: the class explained per sample: ``"label"`` (default), ``"prediction"``, or a class index.
         denormalize: maps normalised inputs back to display values (e.g. undo ImageNet normalisation).
         outlier_perc: percentile of the largest ``|values|`` clipped in each heatmap.
@@ -101,6 +104,8 @@ class AttributionMonitor(ProbeSetCallback):
             raise MisconfigurationException(expected("outlier_perc", "a float in [0, 50)", outlier_perc))
         if not 0 < top_fraction < 1:
             raise MisconfigurationException(expected("top_fraction", "a float in (0, 1)", top_fraction))
+        # a torch.Generator in the options restarts every epoch, so no figure depends on the epochs before it
+        self._fresh_options = {name: PinnedOptions(options) for name, _, options in self.methods}
         self.target = target
         self.denormalize = denormalize
         self.outlier_perc = outlier_perc
@@ -137,8 +142,8 @@ class AttributionMonitor(ProbeSetCallback):
         target = self.targets_for(self.target, preds, y)
         results: Dict[str, Tensor] = {"pred": preds, "conf": conf, "target": target,
                                       "target_prob": probs.gather(1, target.view(-1, 1)).squeeze(1)}
-        for name, fn, options in self.methods:
-            opts = dict(options)
+        for name, fn, _ in self.methods:
+            opts = self._fresh_options[name]()
             wants_delta = name == "integrated_gradients" and "return_delta" not in opts
             if wants_delta:
                 opts["return_delta"] = True

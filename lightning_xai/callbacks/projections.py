@@ -10,6 +10,7 @@ The maths lives in :mod:`lightning_xai.projections`; this file only composes and
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -180,6 +181,8 @@ class ProjectionMonitor(ProbeSetCallback):
         else:
             header, metadata = None, [self._name(int(p)) for p in preds]
         sprites = self._sprites(x)
+        for writer in writers:
+            _continue_projector_config(writer, step)
         for name in self.layers:
             feats = results[f"act/{name}"].cpu()
             for writer in writers:
@@ -192,3 +195,31 @@ class ProjectionMonitor(ProbeSetCallback):
         from lightning_xai.render import to_display, upscale
 
         return upscale(to_display(x.detach().cpu()), self.thumbnail_size)  # (N, 3, H', W')
+
+
+def _continue_projector_config(writer: Any, step: int) -> None:
+    """Keep the embeddings a stopped run wrote to this log directory in the projector after a resume.
+
+    ``SummaryWriter.add_embedding`` rewrites ``projector_config.pbtxt`` from the entries the writer added
+    itself, so a run resumed into the same directory would drop the earlier epochs from the projector tab.
+    Before a writer's first embedding, the file's entries logged before ``step`` are loaded into it (later
+    ones belong to epochs the resumed run logs again). Best effort: on any error the file is left to torch.
+    """
+    if hasattr(writer, "_projector_config") or not hasattr(writer, "get_logdir"):
+        return
+    path = os.path.join(writer.get_logdir(), "projector_config.pbtxt")
+    if not os.path.isfile(path):
+        return
+    try:
+        from google.protobuf import text_format
+        from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+        with open(path, encoding="utf-8") as fh:
+            old = text_format.Parse(fh.read(), ProjectorConfig())
+        kept = ProjectorConfig()
+        steps = [e.tensor_name.rpartition(":")[2] for e in old.embeddings]  # names are "<tag>:<step, 5 digits>"
+        kept.embeddings.extend(e for e, s in zip(old.embeddings, steps) if s.isdigit() and int(s) < step)
+        writer._projector_config = kept  # the attribute add_embedding appends to
+    except Exception as err:  # noqa: BLE001 - a malformed file must not cost the run
+        warn_once(f"projector-config-{path}", f"ProjectionMonitor could not read {path!r} ({type(err).__name__}: "
+                                              f"{err}); the projector tab lists only this run's embeddings.")

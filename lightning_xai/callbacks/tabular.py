@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import check_positive_int, expected
-from lightning_xai.attribution import get_method
+from lightning_xai.attribution import PinnedOptions, get_method
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image
 from lightning_xai.projections.plot import barh_image
@@ -117,6 +117,7 @@ class TabularAttributionMonitor(ProbeSetCallback):
             check_positive_int("max_features", max_features)
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(str(err)) from err
+        self._fresh_options = PinnedOptions(self.method_options)  # a generator restarts every epoch
         self.feature_names = list(feature_names)
         self.target = target
         self.per_class = bool(per_class)
@@ -149,7 +150,7 @@ class TabularAttributionMonitor(ProbeSetCallback):
         with torch.no_grad():
             preds = forward(x).argmax(1)
         target = self.targets_for(self.target, preds, y)
-        attr = self.method_fn(forward, x, target, **self.method_options)
+        attr = self.method_fn(forward, x, target, **self._fresh_options())
         if isinstance(attr, tuple):  # (attributions, delta) when the options ask for the gap
             attr = attr[0]
         return {"attr": attr.detach().float(), "pred": preds}

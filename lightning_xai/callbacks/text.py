@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import check_positive_int, expected, resolve_layer
+from lightning_xai.attribution import PinnedOptions
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_text, warn_once
 from lightning_xai.text import BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions, token_share
@@ -103,6 +104,7 @@ class TokenAttributionMonitor(ProbeSetCallback):
         self.vocab = vocab
         self.method = method
         self.options = dict(options or {})
+        self._fresh_options = PinnedOptions(self.options)  # a generator restarts every epoch
         self.target = target
         self.baseline = baseline
         self.pad_token_id = pad_token_id
@@ -141,7 +143,7 @@ class TokenAttributionMonitor(ProbeSetCallback):
             preds = forward(x).argmax(1)
         target = self.targets_for(self.target, preds, y)
         ig = self.method == "integrated_gradients"
-        options = dict(self.options)
+        options = self._fresh_options()
         if ig:
             options.setdefault("return_delta", True)
             options["baseline"] = self.baseline
