@@ -34,6 +34,11 @@ def test_ledger_allows_a_run_only_within_the_budget():
     book.charge(1, 0.1)
     assert book.cost[1] == pytest.approx(0.3) and book.spent == pytest.approx(0.8)
     assert book.runs[1] == [0, 3]
+    fresh = budget.Ledger(start=0.0)
+    fresh.begin(1, epoch=0)  # callback 1 is mid-run at epoch 0, its cost not charged yet
+    assert not fresh.allows(2, 0.1, epoch=0, now=1.0)  # so an unknown-cost callback waits ...
+    assert fresh.allows(2, 0.1, epoch=1, now=1.0)  # ... until the next epoch
+    assert fresh.allows(1, 0.1, epoch=0, now=1.0)  # a known cost (0 so far) is just checked against the budget
 
 
 def test_max_overhead_values_and_the_environment_default(monkeypatch):

@@ -234,10 +234,10 @@ class XAICallback(Callback):
         if self.max_overhead is None or trainer.state.fn != TrainerFn.FITTING:
             return True
         book = budget.ledger(trainer)
-        allowed = book.allows(id(self), self.max_overhead)
+        epoch = trainer.current_epoch if epoch is None else epoch
+        allowed = book.allows(id(self), self.max_overhead, epoch)
         if trainer.world_size > 1:
             allowed = bool(trainer.strategy.broadcast(allowed, src=0))
-        epoch = trainer.current_epoch if epoch is None else epoch
         skipped = book.skipped.setdefault(id(self), [])
         if not allowed and epoch not in skipped:
             skipped.append(epoch)

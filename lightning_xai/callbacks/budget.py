@@ -5,7 +5,8 @@ training itself. By default (``max_overhead=0.1``) the callbacks of one Trainer 
 about 10 % of the fit's wall time explaining: before a run, a callback checks the shared ledger and
 skips the epoch when the time already spent plus its own last run's cost would exceed
 ``max_overhead`` times the time spent training so far. A callback that has never run is charged after
-its first run, so the budget can be overshot by one first run. Validation and test runs
+its first run, and runs only when no other callback has a run at the same epoch, so the budget can be
+overshot by one first run. Validation and test runs
 (``trainer.validate``/``trainer.test``) are never skipped.
 
 The environment variable ``LIGHTNING_XAI_MAX_OVERHEAD`` sets the default for callbacks built without
@@ -66,8 +67,13 @@ class Ledger:
         now = time.perf_counter() if now is None else now
         return max(now - self.start - self.spent, 0.0)
 
-    def allows(self, key: int, max_overhead: float, now: Optional[float] = None) -> bool:
-        """Whether a run of callback ``key`` now keeps explaining within ``max_overhead`` of the training time."""
+    def allows(self, key: int, max_overhead: float, epoch: Optional[int] = None, now: Optional[float] = None) -> bool:
+        """Whether a run of callback ``key`` at ``epoch`` keeps explaining within ``max_overhead`` of the training
+        time. A callback that has never run (unknown cost) also waits while another callback has a run at the
+        same epoch, whose cost may not be charged yet, so that at most one first run overshoots the budget."""
+        if key not in self.cost and epoch is not None and any(
+                other != key and epochs and epochs[-1] == epoch for other, epochs in self.runs.items()):
+            return False
         return self.spent + self.cost.get(key, 0.0) <= max_overhead * self.training_seconds(now)
 
     def begin(self, key: int, epoch: int) -> None:
