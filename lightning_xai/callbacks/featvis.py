@@ -47,7 +47,10 @@ class FeatureVisMonitor(XAICallback):
         value_range: ``(lo, hi)`` of the inputs (floats or per-channel tensors); ``None`` takes the
             min and max of the first validation batch.
         seed: seed of the private generator; the same start every epoch, so changes between epochs
-            come from the model.
+            come from the model. Each target set starts its own generator from it, so under DDP the sets
+            are shared out over the ranks (largest first, to the least loaded rank) and the images are
+            the same as in one process; the ranks first agree on the input shape and widen the value range
+            to what every rank saw.
         batch_to_xy: ``batch -> (inputs, labels)`` for batch formats the base does not know.
         ncols: images per grid row (default: up to 10).
         min_side: cells are upscaled (nearest) so their short side is at least this many pixels.
@@ -188,11 +191,48 @@ class FeatureVisMonitor(XAICallback):
         self._observe(batch, dataloader_idx)
 
     # ------------------------------------------------------------------ the run
-    def _render_all(self, pl_module: "pl.LightningModule") -> Dict[str, Any]:
+    def _owners(self, world: int) -> Dict[str, int]:
+        """The rank that renders each target set: the largest sets first, each to the least loaded rank."""
+        loads, owners = [0] * world, {}
+        for label, objs in sorted(self.target_sets, key=lambda t: -len(t[1])):
+            owners[label] = loads.index(min(loads))
+            loads[owners[label]] += len(objs)
+        return owners
+
+    def _agree_input(self, trainer: "pl.Trainer") -> None:
+        """Under DDP: every rank takes the input shape seen first (by rank) and the widest value range seen,
+        so all ranks render alike even when one of them saw no validation batch."""
+        seen = (self.input_shape, None if self.value_range is None else [_plain(v) for v in self.value_range])
+        everyone: List[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, seen)
+        shapes = [shape for shape, _ in everyone if shape is not None]
+        if self.input_shape is None and shapes:
+            self.input_shape = tuple(shapes[0])
+        ranges = [r for _, r in everyone if r is not None]
+        if ranges and not self._user_range:
+            lo = torch.stack([torch.as_tensor(r[0], dtype=torch.float64) for r in ranges]).amin(0)
+            hi = torch.stack([torch.as_tensor(r[1], dtype=torch.float64) for r in ranges]).amax(0)
+            self.value_range = (_plain(lo), _plain(hi))
+
+    def _gather(self, trainer: "pl.Trainer", results: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        """Every rank's renders on every rank, in target-set order; None on every rank when any rank failed."""
+        local = None if results is None else {label: res._replace(images=res.images.cpu(), activations=res.activations.cpu(),
+                                                                  history={k: v.cpu() for k, v in res.history.items()})
+                                              for label, res in results.items()}
+        everyone: List[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, local)
+        if any(part is None for part in everyone):
+            return None
+        merged = {label: res for part in everyone for label, res in part.items()}
+        return {label: merged[label] for label, _ in self.target_sets}
+
+    def _render_all(self, pl_module: "pl.LightningModule", labels: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         forward = self.logits_fn(pl_module)
         results = {}
         with self.explain_context(pl_module):
             for label, objs in self.target_sets:
+                if labels is not None and label not in labels:
+                    continue
                 results[label] = render(pl_module, objs, self.input_shape, steps=self.steps, lr=self.lr,
                                         param=self.param, transforms=self.transforms, regularizers=self.regularizers,
                                         seed=self.seed, value_range=self.value_range, forward=forward,
@@ -214,13 +254,21 @@ class FeatureVisMonitor(XAICallback):
         return metrics
 
     def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
-        """Render every target set (on every rank: identical, no collective), log on rank zero."""
+        """Render every target set and log on rank zero. Under DDP the target sets are shared out over the
+        ranks and the renders gathered; a set renders the same on any rank (its own seeded generator)."""
         epoch = self.begin_run(trainer, via_module)
+        world = max(trainer.world_size, 1)
+        if world > 1:
+            self._agree_input(trainer)
         if self.input_shape is None or self.value_range is None:
             warn_once(f"{id(self)}-noshape", "FeatureVisMonitor: no validation batch was seen, so the input shape and "
                                              "range are unknown; pass `input_shape=` and `value_range=`. Skipping.")
             return
-        results = self.guarded(lambda: self._render_all(pl_module), "rendering feature visualisations", epoch)
+        owners = self._owners(world)
+        mine = [label for label, rank in owners.items() if rank == trainer.global_rank]
+        results = self.guarded(lambda: self._render_all(pl_module, mine), "rendering feature visualisations", epoch)
+        if world > 1:  # every rank joins the gather, also one that failed, so none waits
+            results = self._gather(trainer, results)
         if results is None:
             return
         metrics = self.guarded(lambda: self._report(trainer, results), "logging", epoch)

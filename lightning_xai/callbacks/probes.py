@@ -327,9 +327,25 @@ class LinearProbeMonitor(XAICallback):
             return tensor
         return trainer.strategy.reduce(tensor.to(trainer.strategy.root_device), reduce_op="sum").to(tensor.device)
 
+    def _agree_sources(self, trainer: "pl.Trainer", probes: Dict[str, EpochProbe]) -> None:
+        """Under DDP, give a rank that saw no validation batch empty probes of the widths and targets the other
+        ranks saw (in place), so every rank joins the same gathers and all-reduces below."""
+        local = {key: (p.ridge.dim, sorted(p.labels()[1])) for key, p in probes.items() if p.ridge.dim is not None}
+        everyone: List[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, local)
+        device = trainer.strategy.root_device
+        for seen in everyone:
+            for key, (dim, names) in seen.items():
+                if key not in probes:
+                    empty = torch.zeros(0, dtype=torch.long, device=device)
+                    probes[key] = self._new_probe()
+                    probes[key].add(torch.zeros(0, dim, device=device), {name: empty for name in names}, empty)
+
     def _fit(self, trainer: "pl.Trainer", probes: Dict[str, EpochProbe]) -> Dict[str, Dict[str, Dict[str, float]]]:
         """``{source: {target: {metric: value}}}`` for every source probed this epoch."""
         world = max(trainer.world_size, 1)
+        if world > 1:
+            self._agree_sources(trainer, probes)
         reference = probes.get(self.layers[0]) if self.layers else None
         if reference is None or (world == 1 and reference.n_train < 2):
             warn_once(f"{id(self)}-empty", "LinearProbeMonitor: too few labelled validation samples to fit probes.")

@@ -11,6 +11,7 @@ This module imports torch only.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -55,17 +56,17 @@ class Objective:
 
     def __add__(self, other: Any) -> "Objective":
         if isinstance(other, (int, float)) and not isinstance(other, bool):
-            return Objective(lambda a: self(a) + other, self.layers, f"{self.name} + {other}")
+            return Objective(partial(_plus_constant, self, other), self.layers, f"{self.name} + {other}")
         if not isinstance(other, Objective):
             return NotImplemented
-        return Objective(lambda a: self(a) + other(a), self.layers + other.layers, f"{self.name} + {other.name}")
+        return Objective(partial(_plus, self, other), self.layers + other.layers, f"{self.name} + {other.name}")
 
     __radd__ = __add__
 
     def __mul__(self, weight: Any) -> "Objective":
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             return NotImplemented
-        return Objective(lambda a: weight * self(a), self.layers, f"{weight} * {self.name}")
+        return Objective(partial(_times, weight, self), self.layers, f"{weight} * {self.name}")
 
     __rmul__ = __mul__
 
@@ -78,6 +79,20 @@ class Objective:
         if isinstance(other, (int, float)) and not isinstance(other, bool):
             return self + (-other)
         return NotImplemented
+
+
+# Objectives hold module-level functions bound with functools.partial, never closures, so they pickle
+# (ddp_spawn pickles the callbacks to start its processes).
+def _plus_constant(obj: Objective, constant: float, acts: Activations) -> Tensor:
+    return obj(acts) + constant
+
+
+def _plus(a: Objective, b: Objective, acts: Activations) -> Tensor:
+    return a(acts) + b(acts)
+
+
+def _times(weight: float, obj: Objective, acts: Activations) -> Tensor:
+    return weight * obj(acts)
 
 
 def _spatial_mean(t: Tensor) -> Tensor:
@@ -108,44 +123,48 @@ def channel(layer: LayerRef, index: int, reduction: str = "mean") -> Objective:
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(expected("reduction", "one of 'mean', 'sum'", reduction))
+    return Objective(partial(_channel, layer, index, reduction), [layer], f"{_label(layer)}:{index}")
 
-    def fn(acts: Activations) -> Tensor:
-        t = _get(acts, layer)[:, index]
-        if t.ndim == 1:
-            return t
-        return t.flatten(1).mean(1) if reduction == "mean" else t.flatten(1).sum(1)
 
-    return Objective(fn, [layer], f"{_label(layer)}:{index}")
+def _channel(layer: LayerRef, index: int, reduction: str, acts: Activations) -> Tensor:
+    t = _get(acts, layer)[:, index]
+    if t.ndim == 1:
+        return t
+    return t.flatten(1).mean(1) if reduction == "mean" else t.flatten(1).sum(1)
 
 
 def neuron(layer: LayerRef, index: int, y: Optional[int] = None, x: Optional[int] = None) -> Objective:
     """One unit of a channel at position ``(y, x)`` (the centre by default)."""
+    return Objective(partial(_neuron, layer, index, y, x), [layer], f"{_label(layer)}:{index}@{'c' if y is None else (y, x)}")
 
-    def fn(acts: Activations) -> Tensor:
-        t = _get(acts, layer)[:, index]
-        if t.ndim == 1:
-            return t
-        h, w = t.shape[-2:]
-        return t[:, h // 2 if y is None else y, w // 2 if x is None else x]
 
-    return Objective(fn, [layer], f"{_label(layer)}:{index}@{'c' if y is None else (y, x)}")
+def _neuron(layer: LayerRef, index: int, y: Optional[int], x: Optional[int], acts: Activations) -> Tensor:
+    t = _get(acts, layer)[:, index]
+    if t.ndim == 1:
+        return t
+    h, w = t.shape[-2:]
+    return t[:, h // 2 if y is None else y, w // 2 if x is None else x]
 
 
 def layer_objective(layer: LayerRef) -> Objective:
     r"""Overall activity of a layer (DeepDream), :math:`\frac{1}{CHW}\sum a^2`."""
-    return Objective(lambda acts: _get(acts, layer).flatten(1).pow(2).mean(1), [layer], f"{_label(layer)}:all")
+    return Objective(partial(_layer_activity, layer), [layer], f"{_label(layer)}:all")
+
+
+def _layer_activity(layer: LayerRef, acts: Activations) -> Tensor:
+    return _get(acts, layer).flatten(1).pow(2).mean(1)
 
 
 def class_logit(index: int, output_key: Any = OUTPUT) -> Objective:
     """The logit ``y_index`` of the model output (not the softmax, which can rise by lowering other classes)."""
+    return Objective(partial(_class_logit, index, output_key), [output_key], f"class:{index}")
 
-    def fn(acts: Activations) -> Tensor:
-        logits = as_logits(_get(acts, output_key))
-        if not 0 <= index < logits.shape[1]:
-            raise ValueError(expected("class index", f"an int in [0, {logits.shape[1] - 1}]", index))
-        return logits[:, index]
 
-    return Objective(fn, [output_key], f"class:{index}")
+def _class_logit(index: int, output_key: Any, acts: Activations) -> Tensor:
+    logits = as_logits(_get(acts, output_key))
+    if not 0 <= index < logits.shape[1]:
+        raise ValueError(expected("class index", f"an int in [0, {logits.shape[1] - 1}]", index))
+    return logits[:, index]
 
 
 def direction(layer: LayerRef, vector: Tensor, cossim_pow: float = 0.0) -> Objective:
@@ -156,17 +175,17 @@ def direction(layer: LayerRef, vector: Tensor, cossim_pow: float = 0.0) -> Objec
     """
     if not isinstance(vector, Tensor) or vector.ndim != 1:
         raise ValueError(expected("vector", "a 1-D tensor (C,)", vector))
+    return Objective(partial(_direction, layer, vector, cossim_pow), [layer], f"{_label(layer)}:direction")
 
-    def fn(acts: Activations) -> Tensor:
-        a = _spatial_mean(_get(acts, layer))  # (B, C)
-        v = vector.to(a)
-        dot = a @ v
-        if cossim_pow:
-            cos = dot / (a.norm(dim=1) * v.norm()).clamp_min(1e-8)
-            dot = dot * cos.clamp_min(1e-2) ** cossim_pow
-        return dot
 
-    return Objective(fn, [layer], f"{_label(layer)}:direction")
+def _direction(layer: LayerRef, vector: Tensor, cossim_pow: float, acts: Activations) -> Tensor:
+    a = _spatial_mean(_get(acts, layer))  # (B, C)
+    v = vector.to(a)
+    dot = a @ v
+    if cossim_pow:
+        cos = dot / (a.norm(dim=1) * v.norm()).clamp_min(1e-8)
+        dot = dot * cos.clamp_min(1e-2) ** cossim_pow
+    return dot
 
 
 def diversity(layer: LayerRef) -> Objective:
@@ -174,19 +193,19 @@ def diversity(layer: LayerRef) -> Objective:
 
     Add it with a weight to push a batch of images apart (Olah et al., 2017). A batch of one scores 0.
     """
+    return Objective(partial(_diversity, layer), [layer], f"{_label(layer)}:diversity")
 
-    def fn(acts: Activations) -> Tensor:
-        a = _get(acts, layer)
-        b = a.shape[0]
-        if b < 2:
-            return a.new_zeros(b)
-        flat = a.flatten(2) if a.ndim > 2 else a.unsqueeze(2)  # (B, C, HW)
-        gram = torch.bmm(flat, flat.transpose(1, 2)).flatten(1)  # (B, C*C)
-        gram = gram / gram.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        sim = gram @ gram.T  # (B, B)
-        return -(sim.sum(1) - sim.diagonal()) / (b - 1)
 
-    return Objective(fn, [layer], f"{_label(layer)}:diversity")
+def _diversity(layer: LayerRef, acts: Activations) -> Tensor:
+    a = _get(acts, layer)
+    b = a.shape[0]
+    if b < 2:
+        return a.new_zeros(b)
+    flat = a.flatten(2) if a.ndim > 2 else a.unsqueeze(2)  # (B, C, HW)
+    gram = torch.bmm(flat, flat.transpose(1, 2)).flatten(1)  # (B, C*C)
+    gram = gram / gram.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    sim = gram @ gram.T  # (B, B)
+    return -(sim.sum(1) - sim.diagonal()) / (b - 1)
 
 
 # --------------------------------------------------------------------------- target specs
