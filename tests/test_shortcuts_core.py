@@ -161,8 +161,8 @@ def test_alarm_rule():
     assert not shortcut_alarm((torch.arange(n) < 5).float(), torch.zeros(n, 4)).fired
     assert not shortcut_alarm(torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3, 2)).fired
     d = shortcut_alarm(strong, torch.zeros(n, 4))
-    assert d.excess == pytest.approx(0.5) and d.flip_rate == 0.5 and d.control_flip_rate == 0.0
-    with pytest.raises(ValueError, match="control_flip"):
+    assert d.excess == pytest.approx(0.5) and d.effect == 0.5 and d.control_effect == 0.0
+    with pytest.raises(ValueError, match="control_effect"):
         shortcut_alarm(strong, torch.zeros(n + 1, 4))
 
 

@@ -36,12 +36,16 @@ from lightning_xai.attribution import get_method
 from lightning_xai.callbacks.base import ProbeSetCallback, split_rows
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
-from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, class_mean_maps, find_hotspot,
+from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, class_mean_maps, find_hotspot, flat_background,
                                      intervene, intervention_summary, normalize_regions, randomisation_check, region_masks,
                                      region_metrics, shortcut_alarm, spray_by_class)
 
 ACTIONS = ("warn", "stop", "log")
 HOTSPOT = "hotspot"
+FLAT = "flat_background"
+CANDIDATES = (HOTSPOT, FLAT)  # region names of unknown-region mode
+INTERVENTION_KEYS = ("flip", "control_flip", "shift", "control_shift", "change", "control_change", "region_correct",
+                     "control_correct", "correct")
 
 
 class ShortcutMonitor(ProbeSetCallback):
@@ -117,8 +121,9 @@ class ShortcutMonitor(ProbeSetCallback):
             self.discovery_method = get_method(discovery_method)
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(str(err)) from err
-        if HOTSPOT in self.regions:
-            raise MisconfigurationException(expected("region names", f"names other than {HOTSPOT!r} (reserved)", HOTSPOT))
+        for reserved in CANDIDATES:
+            if reserved in self.regions:
+                raise MisconfigurationException(expected("region names", f"names other than {CANDIDATES} (reserved)", reserved))
         if isinstance(num_controls, bool) or not isinstance(num_controls, int) or num_controls <= 0:
             raise MisconfigurationException(expected("num_controls", "a positive int", num_controls))
         if not (isinstance(min_excess, (int, float)) and 0 < min_excess <= 1):
@@ -221,7 +226,7 @@ class ShortcutMonitor(ProbeSetCallback):
                 for key, value in region_metrics(maps, masks).items():
                     results[f"{region}/{key}"] = value
                 out = self._intervene(forward, x, masks, y, gen)
-                for key in ("flip", "control_flip", "change", "control_change", "region_correct", "control_correct", "correct"):
+                for key in INTERVENTION_KEYS:
                     if key in out:
                         results[f"{region}/{key}"] = out[key]
         if self.find_regions:
@@ -244,7 +249,7 @@ class ShortcutMonitor(ProbeSetCallback):
 
     # ------------------------------------------------------------------ report (all rows, every rank)
     def _region_figures(self, region: str, results: Dict[str, Tensor]) -> Tuple[Dict[str, float], bool]:
-        decision = shortcut_alarm(results[f"{region}/flip"], results[f"{region}/control_flip"], self.min_excess, self.min_z,
+        decision = shortcut_alarm(results[f"{region}/shift"], results[f"{region}/control_shift"], self.min_excess, self.min_z,
                                   results[f"{region}/change"], results[f"{region}/control_change"], self.min_match)
         figures = decision.as_dict()
         out = {"flip": results[f"{region}/flip"], "control_flip": results[f"{region}/control_flip"]}
@@ -253,7 +258,7 @@ class ShortcutMonitor(ProbeSetCallback):
                        control_correct=results[f"{region}/control_correct"])
         out["prob_drop"] = out["control_prob_drop"] = torch.zeros(1)
         summary = intervention_summary(out)
-        for key in ("acc_drop", "control_acc_drop"):
+        for key in ("flip_rate", "control_flip_rate", "acc_drop", "control_acc_drop"):
             if key in summary:
                 figures[key] = summary[key]
         for key in ("share", "share_ratio", "rank", "pointing"):
@@ -281,9 +286,7 @@ class ShortcutMonitor(ProbeSetCallback):
                 fired[region] = figures
         if self.find_regions:
             labels = y if y is not None else results["pred"]
-            hot = self._discover(trainer, pl_module, x, y, labels, results["discovery"], metrics)
-            if hot is not None:
-                fired[HOTSPOT] = hot
+            fired.update(self._discover(trainer, pl_module, x, y, labels, results["discovery"], metrics))
         sanity = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith("sanity/")}
         if sanity:
             self._sanity_done = True
@@ -301,8 +304,9 @@ class ShortcutMonitor(ProbeSetCallback):
         return metrics
 
     def _discover(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
-                  labels: Tensor, maps: Tensor, metrics: Dict[str, float]) -> Optional[Dict[str, float]]:
-        """Class maps, SpRAy and the hotspot check; returns the hotspot's figures when its alarm fired."""
+                  labels: Tensor, maps: Tensor, metrics: Dict[str, float]) -> Dict[str, Dict[str, float]]:
+        """Class maps, SpRAy and the candidate checks (hotspot, flat background); returns the figures of the
+        candidates whose alarm fired."""
         gen = torch.Generator().manual_seed(self.seed)
         maps, labels = maps.cpu(), labels.cpu()
         means = class_mean_maps(maps, labels)
@@ -313,29 +317,32 @@ class ShortcutMonitor(ProbeSetCallback):
             metrics[self.tag("spray", "max_strategies")] = float(max(r.n_clusters for r in clusters.values()))
         spot = find_hotspot(maps, labels, inputs=x.detach().cpu())
         self.last_hotspot = spot.mask
-        metrics[self.tag(HOTSPOT, "found")] = float(spot.mask is not None)
         metrics[self.tag(HOTSPOT, "peak")] = spot.peak
-        result: Optional[Dict[str, float]] = None
-        alarm = False
-        if spot.mask is not None:
-            masks = spot.mask.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous()
-            with self.explain_context(pl_module):  # identical on every rank: the full probe set, the same generator
-                out = self._intervene(self.logits_fn(pl_module), x, masks.to(x.device), y, gen)
-            res = {f"{HOTSPOT}/{k}": v for k, v in out.items()}
-            for key, value in region_metrics(maps, masks).items():
-                res[f"{HOTSPOT}/{key}"] = value
-            figures, alarm = self._region_figures(HOTSPOT, res)
-            figures["area"] = float(spot.mask.float().mean())
-            metrics.update({self.tag(HOTSPOT, k): v for k, v in figures.items() if k != "alarm"})
-            result = figures
-        alarm = self._agree(trainer, alarm)
-        metrics[self.tag(HOTSPOT, "alarm")] = float(alarm)
+        flat = flat_background(x.detach().cpu())
+        candidates = {HOTSPOT: None if spot.mask is None else spot.mask.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous(),
+                      FLAT: flat}
+        fired: Dict[str, Dict[str, float]] = {}
+        for name, masks in candidates.items():
+            metrics[self.tag(name, "found")] = float(masks is not None)
+            alarm = False
+            if masks is not None:
+                rows = masks.flatten(1).any(1)  # samples where the candidate exists (a flat background may not)
+                with self.explain_context(pl_module):  # identical on every rank: the full probe set, the same generator
+                    out = self._intervene(self.logits_fn(pl_module), x[rows.to(x.device)], masks[rows].to(x.device),
+                                          None if y is None else y[rows.to(y.device)], gen)
+                res = {f"{name}/{k}": v for k, v in out.items()}
+                for key, value in region_metrics(maps[rows], masks[rows]).items():
+                    res[f"{name}/{key}"] = value
+                figures, alarm = self._region_figures(name, res)
+                figures["area"] = float(masks[rows].float().mean())
+                metrics.update({self.tag(name, k): v for k, v in figures.items() if k != "alarm"})
+            alarm = self._agree(trainer, alarm)
+            metrics[self.tag(name, "alarm")] = float(alarm)
+            if alarm:
+                fired[name] = {**figures, "alarm": 1.0}
         if trainer.is_global_zero:
             self._log_discovery_images(trainer, means, spot, clusters if self.use_spray else None)
-        if alarm and result is not None:
-            result["alarm"] = 1.0
-            return result
-        return None
+        return fired
 
     def _log_discovery_images(self, trainer: "pl.Trainer", means: Dict[int, Tensor], spot: Any, clusters: Any) -> None:
         def heat(stack: Tensor) -> Tensor:  # (K, h, w) -> (K, 3, h', w')
@@ -357,9 +364,10 @@ class ShortcutMonitor(ProbeSetCallback):
             acc = f", accuracy drop {figures['acc_drop']:.2f} vs {figures['control_acc_drop']:.2f}" if "acc_drop" in figures else ""
             share = f"; attribution share ratio {figures['share_ratio']:.2f}" if "share_ratio" in figures else ""
             rank_zero_warn(
-                f"ShortcutMonitor: region {region!r} looks like a shortcut at epoch {epoch}: replacing it flips "
-                f"{figures['flip_rate']:.2f} of the probe predictions vs {figures['control_flip_rate']:.2f} for control "
-                f"regions of equal area (excess {figures['excess']:.2f}, z {figures['z']:.1f}){acc}{share}."
+                f"ShortcutMonitor: region {region!r} looks like a shortcut at epoch {epoch}: replacing it moves the probe "
+                f"predictions by {figures['shift']:.3f} (total variation) vs {figures['control_shift']:.3f} for control regions "
+                f"(excess {figures['excess']:.3f}, z {figures['z']:.1f}) and flips {figures['flip_rate']:.2f} of them vs "
+                f"{figures['control_flip_rate']:.2f}{acc}{share}."
                 + (" Stopping training." if self.action == "stop" else ""), category=RuntimeWarning)
         if self.action == "stop":
             should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)

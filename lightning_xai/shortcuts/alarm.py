@@ -41,60 +41,65 @@ MIN_MATCH = 0.25
 
 @dataclass
 class AlarmDecision:
-    """Outcome of :func:`shortcut_alarm` (plain floats, identical wherever the same inputs are given)."""
+    """Outcome of :func:`shortcut_alarm` (plain floats, identical wherever the same inputs are given).
+
+    ``effect`` and ``control_effect`` are the mean per-sample effects of the region's and the controls' fill
+    (the output shift, :func:`~lightning_xai.shortcuts.interventions.intervene`'s ``shift``)."""
 
     fired: bool
     excess: float
     z: float
-    flip_rate: float
-    control_flip_rate: float
+    effect: float
+    control_effect: float
     match: float = float("nan")
 
     def as_dict(self) -> Dict[str, float]:
-        return {"alarm": float(self.fired), "excess": self.excess, "z": self.z, "flip_rate": self.flip_rate,
-                "control_flip_rate": self.control_flip_rate, "match": self.match}
+        return {"alarm": float(self.fired), "excess": self.excess, "z": self.z, "shift": self.effect,
+                "control_shift": self.control_effect, "match": self.match}
 
 
-def _shortcut_alarm_validate_args(flip: Tensor, control_flip: Tensor, min_excess: float, min_z: float) -> None:
-    if flip.ndim != 1 or flip.numel() == 0:
-        raise ValueError(expected("flip", "a non-empty tensor of shape (N,)", flip))
-    if control_flip.ndim != 2 or control_flip.shape[0] != flip.shape[0] or control_flip.shape[1] == 0:
-        raise ValueError(expected("control_flip", f"a tensor of shape ({flip.shape[0]}, K) with K >= 1", control_flip))
+def _shortcut_alarm_validate_args(effect: Tensor, control_effect: Tensor, min_excess: float, min_z: float) -> None:
+    if effect.ndim != 1 or effect.numel() == 0:
+        raise ValueError(expected("effect", "a non-empty tensor of shape (N,)", effect))
+    if control_effect.ndim != 2 or control_effect.shape[0] != effect.shape[0] or control_effect.shape[1] == 0:
+        raise ValueError(expected("control_effect", f"a tensor of shape ({effect.shape[0]}, K) with K >= 1", control_effect))
     if not (isinstance(min_excess, (int, float)) and 0 < min_excess <= 1):
         raise ValueError(expected("min_excess", "a float in (0, 1]", min_excess))
     if not (isinstance(min_z, (int, float)) and min_z >= 0):
         raise ValueError(expected("min_z", "a float >= 0", min_z))
 
 
-def shortcut_alarm(flip: Tensor, control_flip: Tensor, min_excess: float = MIN_EXCESS, min_z: float = MIN_Z,
+def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = MIN_EXCESS, min_z: float = MIN_Z,
                    change: Optional[Tensor] = None, control_change: Optional[Tensor] = None,
                    min_match: float = MIN_MATCH) -> AlarmDecision:
     """Decide whether a region is a shortcut from per-sample intervention outcomes.
 
     Args:
-        flip: ``(N,)`` 1.0 where filling the region changed the prediction (or a drop in ``[0, 1]``).
-        control_flip: ``(N, K)`` the same for ``K`` control regions of equal area.
-        min_excess: smallest mean excess of the region's flip rate over its controls'.
+        effect: ``(N,)`` per-sample effect in ``[0, 1]`` of filling the region: the output shift
+            (total variation distance between the predicted distributions before and after) or 1.0 where
+            the prediction flipped.
+        control_effect: ``(N, K)`` the same for ``K`` control regions.
+        min_excess: smallest mean excess of the region's effect over its controls'.
         min_z: smallest paired z-score of that excess (its standard error is ``s_d / sqrt(N)``,
             floored at ``1 / N`` so that identical outcomes do not divide by zero).
         change, control_change: the input change ``(N,)`` and ``(N, K)`` the fills made (from
             :func:`~lightning_xai.shortcuts.interventions.intervene`). When given, the comparison counts
             only if the best-matched controls changed the input at least ``min_match`` times as much as
             the region did (``match`` = mean over samples of the largest control change / mean region
-            change); otherwise no alarm: a larger region edit flipping more says nothing about a shortcut.
+            change); otherwise no alarm: a larger region edit moving the outputs more says nothing about a shortcut.
 
     Returns:
-        :class:`AlarmDecision` (``fired``, ``excess``, ``z``, ``flip_rate``, ``control_flip_rate``).
+        :class:`AlarmDecision` (``fired``, ``excess``, ``z``, ``effect``, ``control_effect``, ``match``).
 
     Example:
-        >>> flip = torch.tensor([1.0] * 30 + [0.0] * 10)
-        >>> shortcut_alarm(flip, torch.zeros(40, 4)).fired
+        >>> effect = torch.tensor([1.0] * 30 + [0.0] * 10)
+        >>> shortcut_alarm(effect, torch.zeros(40, 4)).fired
         True
-        >>> shortcut_alarm(flip, torch.ones(40, 4)).fired  # controls flip as much: no alarm
+        >>> shortcut_alarm(effect, torch.ones(40, 4)).fired  # controls move the outputs as much: no alarm
         False
     """
-    _shortcut_alarm_validate_args(flip, control_flip, min_excess, min_z)
-    d = flip.double() - control_flip.double().mean(1)  # (N,)
+    _shortcut_alarm_validate_args(effect, control_effect, min_excess, min_z)
+    d = effect.double() - control_effect.double().mean(1)  # (N,)
     n = d.numel()
     excess = float(d.mean())
     se = max(float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0, 1.0 / n)
@@ -103,4 +108,4 @@ def shortcut_alarm(flip: Tensor, control_flip: Tensor, min_excess: float = MIN_E
     if change is not None and control_change is not None:
         match = float(control_change.double().amax(1).mean()) / max(float(change.double().mean()), 1e-12)
     fired = excess >= min_excess and z >= min_z and not match < min_match
-    return AlarmDecision(bool(fired), excess, z, float(flip.double().mean()), float(control_flip.double().mean()), match)
+    return AlarmDecision(bool(fired), excess, z, float(effect.double().mean()), float(control_effect.double().mean()), match)

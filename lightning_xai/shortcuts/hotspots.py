@@ -28,6 +28,9 @@ from lightning_xai._utils import expected
 from lightning_xai.shortcuts.spray import downsample_maps
 
 
+MAX_ETA2 = 0.1
+
+
 @dataclass
 class HotspotResult:
     """``mask (H, W)`` bool or None when nothing qualifies; ``score (h, w)`` the consistency map; ``peak`` its max."""
@@ -80,7 +83,8 @@ def _component(seed_mask: Tensor, start: int) -> Tensor:
 
 
 def find_hotspot(maps: Tensor, labels: Tensor, size: int = 32, rel_threshold: float = 0.5, min_score: float = 2.0,
-                 max_area: float = 0.15, min_classes: int = 2, inputs: Optional[Tensor] = None) -> HotspotResult:
+                 max_area: float = 0.15, min_classes: int = 2, inputs: Optional[Tensor] = None,
+                 max_eta2: float = MAX_ETA2) -> HotspotResult:
     """Propose one candidate region where attribution is high for every class.
 
     Args:
@@ -93,7 +97,8 @@ def find_hotspot(maps: Tensor, labels: Tensor, size: int = 32, rel_threshold: fl
         min_classes: fewest distinct classes needed (one class cannot show input-independence).
         inputs: the probe images ``(N, C, H, W)``; when given, the consistency is multiplied by
             ``1 - eta^2`` (:func:`class_eta2`), so places whose input content tells the classes apart
-            (the object) are not proposed.
+            (the object) are not proposed, and a hotspot whose mean ``eta^2`` exceeds ``max_eta2`` is dropped.
+        max_eta2: largest mean ``eta^2`` inside a hotspot (with ``inputs``); see :data:`MAX_ETA2`.
 
     Returns:
         :class:`HotspotResult`; ``mask`` is None when no pixel qualifies.
@@ -111,14 +116,46 @@ def find_hotspot(maps: Tensor, labels: Tensor, size: int = 32, rel_threshold: fl
         raise ValueError(expected("max_area", "a float in (0, 1]", max_area))
     h, w = maps.shape[-2:]
     score = consistency_map(maps, labels, size)
+    eta2 = None
     if inputs is not None:
-        score = score * (1 - class_eta2(inputs, labels, size))
+        eta2 = class_eta2(inputs, labels, size)
+        score = score * (1 - eta2)
     peak = float(score.max())
     if len(set(labels.tolist())) < min_classes or peak < min_score:
         return HotspotResult(None, score, peak)
     comp = _component(score >= rel_threshold * peak, int(score.argmax()))
     if float(comp.float().mean()) > max_area:
         return HotspotResult(None, score, peak)
+    if eta2 is not None and float(eta2[comp].mean()) > max_eta2:  # the content there tells the classes apart
+        return HotspotResult(None, score, peak)
     if comp.shape != (h, w):
         comp = F.interpolate(comp.float()[None, None], size=(h, w), mode="nearest")[0, 0] > 0
     return HotspotResult(comp, score, peak)
+
+
+def flat_background(inputs: Tensor, min_share: float = 0.25, min_samples: float = 0.5, atol: float = 1e-6) -> Optional[Tensor]:
+    """Per-sample masks of a flat background ``(N, H, W)``: the pixels holding the sample's most frequent value.
+
+    The black PNG background of the Pokemon/Digimon classifier is the case in point: a large area of one
+    exact value that differs between the classes' sources. A sample whose most frequent value (all channels,
+    to ``atol``) covers less than ``min_share`` of its pixels gets an empty mask; None when fewer than
+    ``min_samples`` of the samples have a flat background. Like a hotspot, it is only a candidate region.
+
+    Example:
+        >>> x = torch.rand(4, 1, 8, 8); x[:, :, :4] = 0.2
+        >>> flat_background(x).sum((1, 2)).tolist()
+        [32, 32, 32, 32]
+    """
+    if inputs.ndim != 4:
+        raise ValueError(expected("inputs", "images of shape (N, C, H, W)", inputs))
+    n, c, h, w = inputs.shape
+    q = torch.round(inputs.detach().float() / atol).to(torch.int64).permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, HW, C)
+    masks = torch.zeros(n, h * w, dtype=torch.bool, device=inputs.device)
+    for i in range(n):
+        values, inverse, counts = torch.unique(q[i], dim=0, return_inverse=True, return_counts=True)
+        top = int(counts.argmax())
+        if int(counts[top]) >= min_share * h * w:
+            masks[i] = inverse == top
+    if float(masks.any(1).float().mean()) < min_samples:
+        return None
+    return masks.view(n, h, w)

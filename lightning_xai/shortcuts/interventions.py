@@ -16,14 +16,14 @@ All randomness (control placement, tie breaks) comes from the ``generator`` pass
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from lightning_xai._utils import as_logits, check_choice, check_positive_int, chunks, expected
 from lightning_xai.attribution import gaussian_blur
-from lightning_xai.shortcuts.regions import translates
+from lightning_xai.shortcuts.regions import scattered, shifted_copies
 
 FILLS = ("mean", "blur", "swap")
 PLACEMENTS = ("matched", "random")
@@ -38,27 +38,56 @@ def region_contents(x: Tensor, masks: Tensor) -> Optional[Tensor]:
     return x.flatten(2).transpose(1, 2)[masks.flatten(1)].view(n, -1, c).transpose(1, 2)  # (N, C, A)
 
 
+def _positions(masks: Tensor) -> Tuple[Tensor, Tensor]:
+    """Raster positions of each region, padded ``(N, A_max)``, and the areas ``(N,)``."""
+    flat = masks.flatten(1)
+    areas = flat.sum(1)
+    order = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)  # region pixels first, in raster order
+    return order[:, :max(int(areas.max()), 1)], areas
+
+
+def _resampled(x: Tensor, positions: Tensor, areas: Tensor, target: int, sources: Tensor) -> Tensor:
+    """The region contents of ``sources`` stretched to the area of sample ``target`` ``(S, C, A_target)``:
+    pixel ``k`` of the target's region gets pixel ``floor(k * A_j / A_target)`` of source ``j``'s region."""
+    a = int(areas[target])
+    k = torch.arange(a, device=x.device)
+    idx = positions[sources].gather(1, (k.unsqueeze(0) * areas[sources].unsqueeze(1)) // max(a, 1))  # (S, A)
+    flat = x.flatten(2)[sources]  # (S, C, HW)
+    return flat.gather(2, idx.unsqueeze(1).expand(-1, x.shape[1], -1))
+
+
 def transplant(x: Tensor, masks: Tensor, partners: Tensor) -> Tensor:
     """Images whose region holds the partner's region content ``(N, C, H, W)``.
 
-    With equal areas (one shared mask, or same-size boxes in different places) pixel ``k`` of sample
-    ``i``'s region, in raster order, gets pixel ``k`` of partner ``j``'s region, so a mark in another
-    corner moves with its layout intact; otherwise the region gets ``j``'s pixels at the same positions.
+    Pixel ``k`` of sample ``i``'s region, in raster order, gets pixel ``k`` of partner ``j``'s region, so a
+    mark in another corner moves with its layout intact. When the areas differ (per-sample masks such as a
+    background) the partner's region content is stretched to fit: pixel ``k`` gets pixel
+    ``floor(k A_j / A_i)`` of ``j``'s region, so the region receives the partner's region content (its
+    background), never pixels from outside the partner's region (its object).
     """
     contents = region_contents(x, masks)
-    if contents is None:
-        return torch.where(masks.unsqueeze(1), x[partners], x)
-    out = x.flatten(2).transpose(1, 2).clone()  # (N, HW, C)
-    out[masks.flatten(1)] = contents[partners].transpose(1, 2).reshape(-1, x.shape[1])
-    return out.transpose(1, 2).reshape(x.shape)
+    if contents is not None:
+        out = x.flatten(2).transpose(1, 2).clone()  # (N, HW, C)
+        out[masks.flatten(1)] = contents[partners].transpose(1, 2).reshape(-1, x.shape[1])
+        return out.transpose(1, 2).reshape(x.shape)
+    positions, areas = _positions(masks)
+    out = x.flatten(2).clone()  # (N, C, HW)
+    for i in range(x.shape[0]):
+        j = partners[i:i + 1]
+        if int(areas[i]) == 0 or int(areas[j]) == 0:
+            continue
+        out[i][:, positions[i, :int(areas[i])]] = _resampled(x, positions, areas, i, j)[0]
+    return out.view(x.shape)
 
 
-def swap_partners(x: Tensor, masks: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+def swap_partners(x: Tensor, masks: Tensor, generator: Optional[torch.Generator] = None,
+                  groups: Optional[Tensor] = None) -> Tensor:
     """For each sample, the index of the other sample whose region content differs most from its own ``(N,)``.
 
-    Region contents are compared as :func:`transplant` would move them (raster order for equal areas,
-    same positions otherwise). Ties (e.g. identical blank regions) are broken at random with
-    ``generator``. A single sample is its own partner (the swap changes nothing).
+    Region contents are compared as :func:`transplant` would move them (raster order, stretched when the
+    areas differ). Ties (e.g. identical blank regions) are broken at random with ``generator``. A single
+    sample is its own partner (the swap changes nothing). With ``groups (N,)``, partners come from the
+    same group where it has another member.
     """
     n = x.shape[0]
     if n == 1:
@@ -68,13 +97,21 @@ def swap_partners(x: Tensor, masks: Tensor, generator: Optional[torch.Generator]
         flat = contents.flatten(1).double()  # (N, C * A)
         dist = torch.cdist(flat, flat) ** 2
     else:
-        flat = x.flatten(2).double()  # (N, C, HW)
-        m = masks.flatten(1).double()  # (N, HW)
-        # dist[i, j] = sum_{p in R_i} ||x_i[p] - x_j[p]||^2, computed without an (N, N, HW) tensor
-        sq = (flat ** 2).sum(1)  # (N, HW)
-        dist = (sq * m).sum(1, keepdim=True) + m @ sq.T - 2 * torch.einsum("icp,jcp,ip->ij", flat, flat, m)
-    jitter = torch.rand(n, n, generator=generator, dtype=torch.float64).to(x.device) * 1e-6 * (dist.abs().max() + 1e-12)
+        positions, areas = _positions(masks)
+        everyone = torch.arange(n, device=x.device)
+        dist = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+        for i in range(n):
+            if int(areas[i]) == 0:
+                continue
+            own = x.flatten(2)[i][:, positions[i, :int(areas[i])]]  # (C, A_i)
+            dist[i] = ((_resampled(x, positions, areas, i, everyone) - own).double() ** 2).flatten(1).sum(1)
+        dist[:, areas == 0] = -float("inf")  # an empty region has nothing to give
+    jitter = torch.rand(n, n, generator=generator, dtype=torch.float64).to(x.device) * 1e-6 * (dist[dist.isfinite()].abs().max() + 1e-12)
     dist = dist + jitter
+    if groups is not None:  # partners from the same group (e.g. class) where the group has another member
+        same = groups.view(-1, 1) == groups.view(1, -1)
+        same.fill_diagonal_(False)
+        dist = torch.where(same | ~same.any(1, keepdim=True), dist, torch.full_like(dist, -float("inf")))
     dist.fill_diagonal_(-float("inf"))
     return dist.argmax(1)
 
@@ -99,6 +136,30 @@ def fill_source(x: Tensor, fill: str, partners: Optional[Tensor] = None, referen
     return x[partners]
 
 
+def change_matched_sets(mask: Tensor, change_map: Tensor, target: float, count: int,
+                        generator: Optional[torch.Generator] = None) -> Tensor:
+    """``count`` random pixel sets outside ``mask (H, W)`` whose fill changes the input about ``target`` ``(count, H, W)``.
+
+    Each set is the prefix of a random order of the outside pixels whose summed change ``change_map (H, W)``
+    is closest to ``target``, at most the region's area. Used as controls where no shifted copy of the
+    region fits (a background, a border): equal-area sets would have to cover the object and change the
+    input far more than the region's fill does, so they are matched on the change instead of the area.
+    """
+    h, w = mask.shape
+    outside = (~mask.reshape(-1)).nonzero().view(-1)
+    area = int(mask.sum())
+    out = torch.zeros(count, h * w, dtype=torch.bool, device=mask.device)
+    if outside.numel() == 0:
+        return out.view(count, h, w)
+    per_pixel = change_map.reshape(-1)[outside].double()
+    for k in range(count):
+        order = torch.randperm(outside.numel(), generator=generator).to(outside.device)[:max(area, 1)]
+        total = per_pixel[order].cumsum(0)  # (A,)
+        cut = int((total - target).abs().argmin()) + 1
+        out[k, outside[order[:cut]]] = True
+    return out.view(count, h, w)
+
+
 def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placement: str = "matched",
                   generator: Optional[torch.Generator] = None, max_candidates: int = 64,
                   region_change: Optional[Tensor] = None) -> Tensor:
@@ -108,8 +169,10 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
         masks: region masks ``(N, H, W)``.
         change_map: per-pixel squared input change the fill causes ``(N, H, W)`` (used by ``"matched"``).
         num_controls: ``K``.
-        placement: ``"matched"`` picks, per sample, the candidates whose input change is closest to the
-            region's; ``"random"`` picks at random. With fewer than ``K`` candidates they are reused.
+        placement: ``"matched"`` picks, per sample, the shifted copies whose input change is closest to the
+            region's (where no shifted copy fits, :func:`change_matched_sets` outside the region);
+            ``"random"`` picks shifted copies (or :func:`~lightning_xai.shortcuts.regions.scattered` sets) at
+            random. With fewer than ``K`` candidates they are reused.
         region_change: the region's own input change ``(N,)`` (default: ``change_map`` summed over the region).
     """
     check_choice("placement", placement, PLACEMENTS)
@@ -117,8 +180,15 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
     out = torch.zeros(n, num_controls, h, w, dtype=torch.bool, device=masks.device)
     unique, inverse = torch.unique(masks.flatten(1), dim=0, return_inverse=True)
     for u in range(unique.shape[0]):
-        cands = translates(unique[u].view(h, w).cpu(), max_candidates, generator).to(masks.device)  # (S, H, W)
+        mask = unique[u].view(h, w)
+        cands = shifted_copies(mask.cpu(), max_candidates, generator)
         rows = (inverse == u).nonzero().view(-1)
+        if cands is None and placement == "matched":
+            for i in rows.tolist():
+                target = float((change_map[i] * mask).sum()) if region_change is None else float(region_change[i])
+                out[i] = change_matched_sets(mask, change_map[i], target, num_controls, generator)
+            continue
+        cands = (scattered(mask.cpu(), max_candidates, generator) if cands is None else cands).to(masks.device)  # (S, H, W)
         if cands.shape[0] == 0:
             continue
         cf = cands.flatten(1).to(change_map.dtype)  # (S, HW)
@@ -158,6 +228,7 @@ def intervene(
     sigma: Optional[float] = None,
     batch_size: Optional[int] = 256,
     max_candidates: int = 64,
+    groups: Optional[Tensor] = None,
 ) -> Dict[str, Tensor]:
     """Replace the region (and its controls) in every sample and record what the model does.
 
@@ -192,7 +263,7 @@ def intervene(
     if masks.shape != (n, h, w) or masks.dtype != torch.bool:
         raise ValueError(expected("masks", f"a boolean tensor of shape ({n}, {h}, {w})", masks))
     x = x.detach()
-    partners = swap_partners(x, masks, generator) if fill == "swap" else None
+    partners = swap_partners(x, masks, generator, groups) if fill == "swap" else None
     source = fill_source(x, fill, partners, reference, sigma)  # (N, C, H, W), position by position
     change_map = ((source - x) ** 2).sum(1)  # (N, H, W)
     region_edit = transplant(x, masks, partners) if fill == "swap" else torch.where(masks.unsqueeze(1), source, x)
@@ -208,11 +279,14 @@ def intervene(
     pred = base.argmax(1)
     pred_after = after.argmax(2)  # (N, 1 + K)
     flip = (pred_after != pred.unsqueeze(1)).float()
+    delta = after - base.unsqueeze(1)  # (N, 1 + K, classes)
+    shift = 0.5 * delta.abs().sum(2)  # (N, 1 + K) total variation distance
     p0 = base.gather(1, pred.view(-1, 1))  # (N, 1)
     drop = p0 - after.gather(2, pred.view(-1, 1, 1).expand(n, k1, 1)).squeeze(2)
     control_change = (change_map.unsqueeze(1) * controls).flatten(2).sum(2)  # (N, K)
     out = {"pred": pred, "flip": flip[:, 0], "prob_drop": drop[:, 0], "control_flip": flip[:, 1:],
-           "control_prob_drop": drop[:, 1:], "change": region_change, "control_change": control_change,
+           "control_prob_drop": drop[:, 1:], "shift": shift[:, 0], "control_shift": shift[:, 1:],
+           "delta": delta[:, 0], "control_delta": delta[:, 1:], "change": region_change, "control_change": control_change,
            "partner": partners if partners is not None else torch.full((n,), -1, dtype=torch.long, device=x.device)}
     if y is not None:
         y = y.to(pred.device).long()

@@ -153,12 +153,9 @@ def shift_mask(mask: Tensor, dy: int, dx: int) -> Tensor:
     return out
 
 
-def translates(mask: Tensor, max_candidates: int = 64, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Control regions for ``mask (H, W)``: shifted copies of equal area that do not overlap it ``(S, H, W)``.
-
-    All in-bounds shifts are enumerated and at most ``max_candidates`` are kept (a random subset drawn
-    from ``generator``). When no shift fits, :func:`scattered` pixel sets are returned instead.
-    """
+def shifted_copies(mask: Tensor, max_candidates: int = 64, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
+    """Shifted copies of ``mask (H, W)`` that stay in bounds and do not overlap it ``(S, H, W)``, or None
+    when no shift fits. At most ``max_candidates`` are kept (a random subset drawn from ``generator``)."""
     h, w = mask.shape
     rows = mask.any(1).nonzero().view(-1)
     cols = mask.any(0).nonzero().view(-1)
@@ -168,11 +165,21 @@ def translates(mask: Tensor, max_candidates: int = 64, generator: Optional[torch
     shifts = [(dy, dx) for dy in range(-r0, h - r1) for dx in range(-c0, w - c1) if (dy, dx) != (0, 0)]
     keep = [s for s in shifts if not bool((shift_mask(mask, *s) & mask).any())]
     if not keep:
-        return scattered(mask, max_candidates, generator)
+        return None
     if len(keep) > max_candidates:
         order = torch.randperm(len(keep), generator=generator)[:max_candidates].tolist()
         keep = [keep[i] for i in sorted(order)]
     return torch.stack([shift_mask(mask, *s) for s in keep])
+
+
+def translates(mask: Tensor, max_candidates: int = 64, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Control regions for ``mask (H, W)``: shifted copies of equal area that do not overlap it ``(S, H, W)``.
+
+    All in-bounds shifts are enumerated and at most ``max_candidates`` are kept (a random subset drawn
+    from ``generator``). When no shift fits, :func:`scattered` pixel sets are returned instead.
+    """
+    shifted = shifted_copies(mask, max_candidates, generator)
+    return scattered(mask, max_candidates, generator) if shifted is None else shifted
 
 
 def scattered(mask: Tensor, count: int, generator: Optional[torch.Generator] = None) -> Tensor:
