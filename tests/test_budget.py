@@ -111,3 +111,24 @@ def test_validate_is_never_skipped(tmp_path):
     _, val = digits_loaders(n_train=32, n_val=16)
     trainer.validate(DigitsModule(), val)
     assert monitor.last_explained_epoch == 0
+
+
+def test_scalars_are_monitorable_and_logged_at_lightnings_step(tmp_path):
+    """During fit the scalars skip `pl_module.log` (see XAICallback.log_metrics) but stay monitorable."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    from helpers import read_events
+
+    tag = "xai/attribution/saliency/top5_share"
+    monitor = AttributionMonitor(methods="saliency", probe_samples=4, max_overhead=None)
+    # mode="max" with an impossible min_delta: no improvement after the first epoch, so patience 1 stops at epoch 1
+    stopper = EarlyStopping(monitor=tag, mode="max", patience=1, min_delta=10.0)
+    trainer = tiny_trainer(tmp_path, callbacks=[monitor, stopper], max_epochs=5)
+    train, val = digits_loaders(n_train=64, n_val=16)
+    trainer.fit(DigitsModule(), train, val)
+    assert trainer.current_epoch == 2 and stopper.stopped_epoch == 1  # EarlyStopping saw the value every epoch
+    acc = read_events(trainer.logger.log_dir)
+    logged = acc.Scalars(tag)
+    assert [e.step for e in logged] == [e.step for e in acc.Scalars("val_acc")]  # same steps as Lightning's own
+    assert len(logged) == 2 and float(trainer.callback_metrics[tag]) == pytest.approx(logged[-1].value)
+    assert 0 < logged[0].value <= 1
