@@ -126,7 +126,7 @@ CASES: Dict[str, Tuple[Callable[[], Callback], Callable[[], tuple]]] = {
                                                num_suspects=4, num_sparse=2, max_train_samples=64, on_error="raise"),
                 _digits),
     "projection": (lambda: ProjectionMonitor(layers=["net.0.3", "net.1.3"], reduce="auto", probe_samples=12,
-                                             on_error="raise"), _digits),
+                                             thumbnail_size=8, on_error="raise"), _digits),
     "text": (lambda: TokenAttributionMonitor("net.embedding", vocab=list(VOCAB), watch_tokens=["zz"],
                                              method="smoothgrad", options={"samples": 4}, probe_samples=6,
                                              on_error="raise"), _text),

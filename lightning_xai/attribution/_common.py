@@ -9,10 +9,12 @@ Every method follows the same contract, and this module is where it lives:
 * randomness comes from a private ``torch.Generator``, never the global RNG;
 * every forward pass sees at most a capped number of rows, and results do not depend on the cap;
 * everything runs inside ``inference_mode(False)``, so the cores work under Lightning's
-  ``torch.inference_mode()`` evaluation loops and return normal, detached tensors.
+  ``torch.inference_mode()`` evaluation loops and return normal, detached tensors;
+* ``torch.compile``'d modules run eagerly (:func:`eager_compiled`): hooks fire, nothing recompiles.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
@@ -157,12 +159,14 @@ def module_of(model: Any) -> Optional[nn.Module]:
 def guarded(model: Any, grad: bool = True) -> Iterator[None]:
     """The state guards around one attribution call.
 
-    Autograd on (``grad=True``; also inside ``inference_mode``) or off (``grad=False``), every
-    ``training`` flag restored but not changed, parameters frozen while input gradients are taken.
-    All restored in ``finally``, also when the model raises.
+    Compiled modules run eagerly (:func:`eager_compiled`), autograd on (``grad=True``; also inside
+    ``inference_mode``) or off (``grad=False``), every ``training`` flag restored but not changed,
+    parameters frozen while input gradients are taken. All restored in ``finally``, also when the
+    model raises.
     """
     module = module_of(model)
     with ExitStack() as stack:
+        stack.enter_context(eager_compiled())
         if grad:
             stack.enter_context(gradient_context())
         else:
@@ -173,6 +177,42 @@ def guarded(model: Any, grad: bool = True) -> Iterator[None]:
             if grad:
                 stack.enter_context(frozen_params(module))
         yield
+
+
+@contextmanager
+def eager_compiled() -> Iterator[None]:
+    """Run every ``torch.compile``'d module or function eagerly in the body (``torch.compiler.set_stance``).
+
+    Explanations need forward hooks on submodules, which a compiled graph ignores once it is built
+    (dynamo does not guard on hooks), and they change grad mode, ``training`` flags and
+    ``requires_grad``, which would make dynamo recompile the user's model (and, past its recompile
+    limit, fall back to eager for training too). In the body, compiled code runs as plain PyTorch: hooks
+    fire, nothing is recompiled, the compiled graphs are untouched. The previous stance is restored on
+    exit. A no-op when dynamo was never loaded (nothing can be compiled then).
+
+    Raises:
+        RuntimeError: with torch < 2.6, which has no ``set_stance``, when dynamo is loaded.
+    """
+    if "torch._dynamo" not in sys.modules:
+        yield
+        return
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    if set_stance is None:  # pragma: no cover - torch < 2.6
+        raise RuntimeError("lightning_xai needs torch >= 2.6 (torch.compiler.set_stance) to explain a torch.compile'd "
+                           f"module; this is torch {torch.__version__}. Upgrade torch or pass the uncompiled module.")
+    with set_stance("force_eager"):
+        yield
+
+
+def is_compiled(model: Any) -> bool:
+    """Whether ``model`` is or contains a ``torch.compile``'d module, or is a LightningModule compiled by
+    ``Trainer.fit(torch.compile(module))`` (Lightning keeps the compiled step functions in ``_compiler_ctx``)."""
+    if "torch._dynamo" not in sys.modules or not isinstance(model, nn.Module):
+        return False
+    optimized = getattr(sys.modules["torch._dynamo"], "OptimizedModule", ())
+    if getattr(model, "_compiler_ctx", None):
+        return True
+    return any(isinstance(m, optimized) for m in model.modules())
 
 
 def private_copy(inputs: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import expected
 from lightning_xai.attribution import PinnedOptions, get_method, is_signed
+from lightning_xai.attribution._common import eager_compiled
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import attribution_grid
@@ -136,7 +137,7 @@ class AttributionMonitor(ProbeSetCallback):
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_images(x)
         forward = self.logits_fn(pl_module)
-        with torch.no_grad():
+        with torch.no_grad(), eager_compiled():  # a compiled model runs as is, not recompiled for eval mode
             probs = forward(x).float().softmax(1)
         conf, preds = probs.max(1)
         target = self.targets_for(self.target, preds, y)

@@ -13,6 +13,7 @@ once to a bounded size, and the streamed ridge statistics are summed over proces
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -26,6 +27,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected, preserve_modes
+from lightning_xai.attribution._common import eager_compiled, is_compiled
 from lightning_xai.callbacks import budget
 from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy, gather_rows
 from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
@@ -144,6 +146,7 @@ class LinearProbeMonitor(XAICallback):
         self._seen = 0
         self._collecting = False
         self._layout_done = False
+        self._eager = contextlib.ExitStack()  # holds the eager stance over a probed epoch of a compiled model
 
     # ------------------------------------------------------------------ state
     @property
@@ -185,6 +188,12 @@ class LinearProbeMonitor(XAICallback):
             return
         # the weights as they are before any optimizer step; the trainer is shared, not copied
         self._untrained = copy.deepcopy(pl_module, memo={id(trainer): trainer})
+        # Trainer.fit(torch.compile(module)) stores compiled step functions on the instance; they are bound to
+        # the original module, so the copy would run the trained weights. The copy uses the class's own methods.
+        if getattr(self._untrained, "_compiler_ctx", None):
+            for name in ("forward", "training_step", "validation_step", "test_step", "predict_step"):
+                self._untrained.__dict__.pop(name, None)
+            self._untrained._compiler_ctx = None
         for p in self._untrained.parameters():
             p.requires_grad_(False)
         self._untrained_capture = ActivationCapture(self._untrained, self.layers, self._reducers_for_copy(),
@@ -197,6 +206,7 @@ class LinearProbeMonitor(XAICallback):
         for cap in (self._capture, self._untrained_capture):
             if cap is not None:
                 cap.detach()
+        self._eager.close()
         self._collecting = False
 
     @override
@@ -224,6 +234,9 @@ class LinearProbeMonitor(XAICallback):
         budget.ledger(trainer).begin(id(self), trainer.current_epoch)  # a new run for the overhead budget
         self._probes = {}
         self._seen = 0
+        if is_compiled(trainer.lightning_module):
+            # a compiled validation_step ignores hooks added after it was built: run this epoch's steps eagerly
+            self._eager.enter_context(eager_compiled())
         self._capture.attach()
         if self._wants_untrained():
             self._untrained_capture.attach()

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_positive_int, expected
 from lightning_xai.attribution import PinnedOptions, get_method
+from lightning_xai.attribution._common import eager_compiled
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image
 from lightning_xai.projections.plot import barh_image
@@ -147,7 +148,7 @@ class TabularAttributionMonitor(ProbeSetCallback):
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_rows(x)
         forward = self.logits_fn(pl_module)
-        with torch.no_grad():
+        with torch.no_grad(), eager_compiled():  # a compiled model runs as is, not recompiled for eval mode
             preds = forward(x).argmax(1)
         target = self.targets_for(self.target, preds, y)
         attr = self.method_fn(forward, x, target, **self._fresh_options())

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_positive_int, expected, resolve_layer
 from lightning_xai.attribution import PinnedOptions
+from lightning_xai.attribution._common import eager_compiled
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_text, warn_once
 from lightning_xai.text import BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions, token_share
@@ -139,7 +140,7 @@ class TokenAttributionMonitor(ProbeSetCallback):
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_ids(x)
         forward = self.logits_fn(pl_module)
-        with torch.no_grad():
+        with torch.no_grad(), eager_compiled():  # a compiled model runs as is, not recompiled for eval mode
             preds = forward(x).argmax(1)
         target = self.targets_for(self.target, preds, y)
         ig = self.method == "integrated_gradients"

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lightning_xai._utils import (HookSet, check_positive_int, expected, frozen_params, gradient_context,
                                   preserve_modes, resolve_layer)
+from lightning_xai.attribution._common import eager_compiled
 from lightning_xai.featvis.objectives import OUTPUT, Activations, Objective, class_logit
 from lightning_xai.featvis.param import Parametrization, _range_tensors, make_param
 from lightning_xai.featvis.transforms import (Compose, RegularizerLike, Transform, default_regularizers,
@@ -215,6 +216,7 @@ def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, in
         return torch.stack([s[j] for j, s in enumerate(scores)])  # (K,): objective k on image k
 
     with ExitStack() as stack:
+        stack.enter_context(eager_compiled())  # hooks fire in a torch.compile'd model, nothing recompiles
         stack.enter_context(gradient_context())
         for m in [model] + param.modules():
             stack.enter_context(preserve_modes(m, eval_mode=True))

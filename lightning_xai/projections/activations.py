@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai._utils import check_positive_int, chunks, expected, preserve_modes
+from lightning_xai.attribution._common import eager_compiled
 from lightning_xai.probes import ActivationCapture
 from lightning_xai.probes.reduce import DEFAULT_MAX_DIM, ReduceSpec
 
@@ -67,7 +68,7 @@ def capture_activations(
     capture.raise_errors = True  # a failing reducer should fail this call, not pass silently
     run = model if forward is None else forward
     parts: Dict[str, List[Tensor]] = {name: [] for name in capture.names}
-    with capture, torch.no_grad(), preserve_modes(model, eval_mode=eval_mode):
+    with eager_compiled(), capture, torch.no_grad(), preserve_modes(model, eval_mode=eval_mode):
         for start, stop in chunks(inputs.shape[0], batch_size):
             run(inputs[start:stop])
             feats = capture.pop(rows=stop - start)

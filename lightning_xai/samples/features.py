@@ -15,6 +15,7 @@ from torch.utils.data import default_collate
 
 from lightning_xai._utils import (HookSet, check_choice, check_positive_int, chunks, expected, preserve_modes,
                                   resolve_layer)
+from lightning_xai.attribution._common import eager_compiled
 
 CAPTURE = ("input", "output")
 
@@ -96,7 +97,7 @@ def capture_features(
             store.append(_first_tensor(out).detach())
 
     feats, outs = [], []
-    with HookSet() as hooks, preserve_modes(model, eval_mode=eval_mode):
+    with eager_compiled(), HookSet() as hooks, preserve_modes(model, eval_mode=eval_mode):
         hooks.add(module.register_forward_pre_hook(hook) if capture == "input" else module.register_forward_hook(hook))
         for start, stop in chunks(inputs.shape[0], batch_size):
             store.clear()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_xai._utils import HookSet, Target, check_choice, expected, frozen_params, gradient_context, resolve_layer, validate_target
 from lightning_xai.attribution import input_x_gradient, integrated_gradients, saliency, smoothgrad
+from lightning_xai.attribution._common import eager_compiled
 
 #: Methods that work on embeddings (the image-only ones, occlusion/Grad-CAM/LIME, are left out).
 TOKEN_METHODS: Dict[str, Callable[..., Any]] = {
@@ -194,7 +195,7 @@ def token_attributions(
     n = input_ids.shape[0]
     attrs, deltas = [], []
     module = model if isinstance(model, nn.Module) else layer
-    with gradient_context(), frozen_params(module), EmbeddingSwap(layer) as swap:
+    with eager_compiled(), gradient_context(), frozen_params(module), EmbeddingSwap(layer) as swap:
         for i in range(n):
             ids = input_ids[i:i + 1]  # (1, T)
             emb = swap.capture(run, ids)  # (1, T, E)
