@@ -85,14 +85,41 @@ def split_rows(n: int, world: int, rank: int) -> Tuple[int, int, int]:
 
 
 def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` (rows may differ per rank) from every rank, rank-major, on every rank."""
+    """Concatenate ``tensor`` (rows may differ per rank) from every rank, rank-major, on every rank.
+
+    The ranks first agree on the trailing shape and dtype: a rank without rows may pass any empty tensor
+    (e.g. ``torch.empty(0)``) and takes them from the ranks that have rows. When ranks with rows disagree,
+    every rank raises the same ``ValueError``, so none is left waiting in a collective.
+    """
     if trainer.world_size <= 1:
         return tensor
     strategy = trainer.strategy
-    size = torch.tensor([tensor.shape[0]], device=strategy.root_device)
-    sizes = strategy.all_gather(size).view(-1).tolist()
-    padded = tensor.new_zeros((int(max(sizes)),) + tuple(tensor.shape[1:])).to(strategy.root_device)
-    padded[: tensor.shape[0]] = tensor.to(strategy.root_device)
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8, torch.int16,
+              torch.int32, torch.int64, torch.bool)
+    max_dims = 8
+    # (rows, dtype code, trailing ndim, trailing shape padded with -1); code -1: a tensor no rank can gather
+    rows = int(tensor.shape[0]) if tensor.ndim else 0
+    code = dtypes.index(tensor.dtype) if tensor.dtype in dtypes and 1 <= tensor.ndim <= max_dims + 1 else -1
+    desc = torch.full((3 + max_dims,), -1, dtype=torch.long)
+    desc[0], desc[1], desc[2] = rows, code, max(tensor.ndim - 1, 0)
+    if code >= 0:
+        desc[3: 3 + tensor.ndim - 1] = torch.tensor(tensor.shape[1:], dtype=torch.long)
+    table = strategy.all_gather(desc.to(strategy.root_device)).view(trainer.world_size, -1).cpu()  # (world, 3 + max_dims)
+    sizes = table[:, 0].tolist()
+    full = [r for r, s in enumerate(sizes) if s > 0]
+    if not full:
+        return tensor
+    ref = table[full[0]]
+    if int(ref[1]) < 0 or any(not torch.equal(table[r, 1:], ref[1:]) for r in full):
+        raise ValueError(expected("gather_rows' tensors", f"the same trailing shape and a dtype of {dtypes} on every "
+                                  "rank with rows", {r: (tuple(table[r, 3: 3 + int(table[r, 2])].tolist()),
+                                                         dtypes[int(table[r, 1])] if table[r, 1] >= 0 else "unsupported")
+                                                     for r in full}))
+    dtype, shape = dtypes[int(ref[1])], tuple(int(s) for s in ref[3: 3 + int(ref[2])])
+    if rows == 0:
+        tensor = torch.empty((0,) + shape, dtype=dtype, device=tensor.device)
+    padded = torch.zeros((int(max(sizes)),) + shape, dtype=dtype, device=strategy.root_device)
+    padded[:rows] = tensor.to(strategy.root_device)
     gathered = strategy.all_gather(padded)  # (world, max_rows, ...)
     return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes)]).to(tensor.device)
 
