@@ -27,6 +27,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_xai.attribution._common import eager_compiled, is_compiled
 from lightning_xai.callbacks import budget
 from lightning_xai._utils import as_logits, check_choice, check_positive_int, expected, gradient_context, preserve_modes, select_output
 from lightning_xai.logging import log_scalars, logging_step, warn_once
@@ -208,6 +209,10 @@ class XAICallback(Callback):
                          "a single-device strategy or DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'); sharded "
                          "strategies (FSDP, DeepSpeed) need every rank in each forward pass and are not supported",
                          type(strategy).__name__))
+        if is_compiled(pl_module) and not hasattr(torch.compiler, "set_stance"):
+            raise MisconfigurationException(
+                expected(f"{type(self).__name__}'s torch version", "torch >= 2.6 (torch.compiler.set_stance) for a "
+                         "torch.compile'd model; or pass the uncompiled module", torch.__version__))
         if stage == "fit":
             book = budget.ledger(trainer, new_fit=True)
             book.names[id(self)] = type(self).__name__
@@ -237,9 +242,11 @@ class XAICallback(Callback):
 
     @contextlib.contextmanager
     def explain_context(self, pl_module: "pl.LightningModule") -> Iterator[None]:
-        """Eval mode with every flag restored, gradients on (even under ``inference_mode``), global RNG forked."""
+        """Eval mode with every flag restored, gradients on (even under ``inference_mode``), global RNG forked,
+        compiled modules run eagerly (so forward hooks fire and nothing is recompiled)."""
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), gradient_context(), preserve_modes(pl_module, eval_mode=True):
+        with torch.random.fork_rng(devices=devices), eager_compiled(), gradient_context(), \
+                preserve_modes(pl_module, eval_mode=True):
             yield
 
     # ------------------------------------------------------------------ cadence
