@@ -27,8 +27,8 @@ def test_ledger_allows_a_run_only_within_the_budget():
     assert book.training_seconds(now=2.5) == pytest.approx(2.0)
     assert not book.allows(1, 0.1, now=2.5)  # 0.5 spent + 0.5 expected > 0.1 * 2.0
     assert book.allows(1, 0.1, now=10.5)  # 1.0 <= 0.1 * 10.0
-    assert not book.allows(2, 0.1, now=5.0)  # an unknown cost still needs the spent time covered: 0.5 > 0.45
-    assert book.allows(2, 0.1, now=5.5)  # 0.5 <= 0.5
+    assert not book.allows(2, 0.1, now=10.0)  # an unknown cost is taken as the others' mean: 0.5 + 0.5 > 0.95
+    assert book.allows(2, 0.1, now=10.5)  # 1.0 <= 1.0
     book.begin(1, epoch=3)  # a new run measures its cost afresh
     book.charge(1, 0.2)
     book.charge(1, 0.1)

@@ -5,9 +5,10 @@ training itself. By default (``max_overhead=0.1``) the callbacks of one Trainer 
 about 10 % of the fit's wall time explaining: before a run, a callback checks the shared ledger and
 skips the epoch when the time already spent plus its own last run's cost would exceed
 ``max_overhead`` times the time spent training so far. A callback that has never run is charged after
-its first run, and runs only when no other callback has a run at the same epoch, so the budget can be
-overshot by one first run. Validation and test runs
-(``trainer.validate``/``trainer.test``) are never skipped.
+its first run; until then its cost is assumed to be the mean of the other callbacks' runs (nothing when
+none has run yet), and it waits while another callback has a run at the same epoch. So the budget can
+be overshot by the first run of the first callback, or by a first run that costs more than the others'.
+Validation and test runs (``trainer.validate``/``trainer.test``) are never skipped.
 
 The environment variable ``LIGHTNING_XAI_MAX_OVERHEAD`` sets the default for callbacks built without
 ``max_overhead``: a float, or ``none`` to explain on every scheduled epoch.
@@ -69,12 +70,17 @@ class Ledger:
 
     def allows(self, key: int, max_overhead: float, epoch: Optional[int] = None, now: Optional[float] = None) -> bool:
         """Whether a run of callback ``key`` at ``epoch`` keeps explaining within ``max_overhead`` of the training
-        time. A callback that has never run (unknown cost) also waits while another callback has a run at the
-        same epoch, whose cost may not be charged yet, so that at most one first run overshoots the budget."""
-        if key not in self.cost and epoch is not None and any(
-                other != key and epochs and epochs[-1] == epoch for other, epochs in self.runs.items()):
-            return False
-        return self.spent + self.cost.get(key, 0.0) <= max_overhead * self.training_seconds(now)
+        time. The run is expected to cost what this callback's last run cost; a callback that has never run is
+        expected to cost the mean of the other callbacks' last runs (nothing if none has run), and waits while
+        another callback has a run at the same epoch whose cost may not be charged yet."""
+        if key in self.cost:
+            expected_cost = self.cost[key]
+        else:
+            if epoch is not None and any(other != key and epochs and epochs[-1] == epoch
+                                         for other, epochs in self.runs.items()):
+                return False
+            expected_cost = sum(self.cost.values()) / len(self.cost) if self.cost else 0.0
+        return self.spent + expected_cost <= max_overhead * self.training_seconds(now)
 
     def begin(self, key: int, epoch: int) -> None:
         """A run of callback ``key`` starts: its cost is measured afresh."""
