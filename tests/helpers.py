@@ -20,6 +20,20 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, batchnorm: bool = Tru
     return nn.Sequential(nn.Sequential(*layers), nn.Sequential(*head))
 
 
+class TinyTextNet(nn.Module):
+    """Mean-pooled token embeddings -> 2 logits, over the synthetic spurious-token vocabulary."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        from lightning_xai.text.synthetic import VOCAB
+
+        self.embedding = nn.Embedding(len(VOCAB), dim)
+        self.head = nn.Sequential(nn.Linear(dim, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, ids):
+        return self.head(self.embedding(ids).mean(1))
+
+
 def hook_count(model: nn.Module) -> int:
     """Number of hooks of every kind registered anywhere on ``model``."""
     total = 0

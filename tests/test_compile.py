@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import pytorch_lightning as pl
 from pytorch_lightning import Callback
 
-from helpers import DigitsModule, digits_data, hook_count, read_events, small_cnn, tiny_trainer, trained_weights
+from helpers import DigitsModule, TinyTextNet, digits_data, hook_count, read_events, small_cnn, tiny_trainer, trained_weights
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
                            SampleInfluenceMonitor, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
 from lightning_xai.attribution._common import eager_compiled, is_compiled
@@ -36,16 +36,6 @@ def _fresh_dynamo(monkeypatch):
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-class _Text(nn.Module):
-    def __init__(self, dim: int = 16) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(len(VOCAB), dim)
-        self.head = nn.Sequential(nn.Linear(dim, 16), nn.ReLU(), nn.Linear(16, 2))
-
-    def forward(self, ids):
-        return self.head(self.embedding(ids).mean(1))
 
 
 class _Quiet(DigitsModule):
@@ -71,7 +61,7 @@ def _data(kind: str) -> Tuple[nn.Module, TensorDataset, TensorDataset]:
     if kind == "digits":
         return small_cnn(), *digits_data(128, 32)
     if kind == "text":
-        return (_Text(), TensorDataset(*spurious_token_data(96).tensors()),
+        return (TinyTextNet(), TensorDataset(*spurious_token_data(96).tensors()),
                 TensorDataset(*spurious_token_data(32, shortcut="random", seed=1).tensors()))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(128, len(FEATURES), generator=gen)

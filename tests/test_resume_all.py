@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from helpers import DigitsModule, digits_data, read_events, small_cnn, tiny_trainer, trained_weights
+from helpers import DigitsModule, TinyTextNet, digits_data, read_events, small_cnn, tiny_trainer, trained_weights
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
                            SampleInfluenceMonitor, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
 from lightning_xai.text.synthetic import VOCAB, spurious_token_data
@@ -64,20 +64,10 @@ def _digits():
     return DigitsModule(small_cnn()), *_loaders(*digits_data(192, 48))
 
 
-class _Text(nn.Module):
-    def __init__(self, dim: int = 16) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(len(VOCAB), dim)
-        self.head = nn.Sequential(nn.Linear(dim, 16), nn.ReLU(), nn.Linear(16, 2))
-
-    def forward(self, ids):
-        return self.head(self.embedding(ids).mean(1))
-
-
 def _text():
     train = TensorDataset(*spurious_token_data(128).tensors())
     val = TensorDataset(*spurious_token_data(32, shortcut="random", seed=1).tensors())
-    return DigitsModule(_Text(), lr=0.02), *_loaders(train, val)
+    return DigitsModule(TinyTextNet(), lr=0.02), *_loaders(train, val)
 
 
 FEATURES = ["a", "b", "c", "d", "e"]
