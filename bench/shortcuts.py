@@ -21,6 +21,7 @@ accuracy on the present split >= 0.05 above the absent split). Also the excess/z
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import defaultdict
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from lightning_xai.attribution import input_x_gradient
 from lightning_xai.datasets import VARIANTS, region_mask, shortcut_digits
-from lightning_xai.shortcuts import MIN_EXCESS, MIN_Z, find_hotspot, intervene, shortcut_alarm
+from lightning_xai.shortcuts import MIN_EXCESS, MIN_MATCH, MIN_Z, find_hotspot, intervene, shortcut_alarm
 from lightning_xai.shortcuts.hotspots import flat_background
 
 GAP = 0.05
@@ -72,8 +73,9 @@ def check(model, x, y, masks, args):
 
 
 def discover(model, x, y, args):
-    """Unknown-region mode: each candidate (the attribution hotspot, a flat background) goes through the check;
-    returns the decision of the first candidate that fires, else the one with the largest z (None: no candidate)."""
+    """Unknown-region mode, as ShortcutMonitor runs it: each candidate (the Input x Gradient hotspot, a flat
+    background) goes through the same check. Returns the decision of a candidate that fires, else the one with
+    the largest z (None: no candidate)."""
     decisions = []
     spot = find_hotspot(input_x_gradient(model, x, y), y, inputs=x)
     if spot.mask is not None:
@@ -137,9 +139,10 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=256)
     parser.add_argument("--controls", type=int, default=8)
     parser.add_argument("--fill", default="swap")
-    parser.add_argument("--min-excess", type=float, default=0.02)
-    parser.add_argument("--min-z", type=float, default=2.0)
-    parser.add_argument("--min-match", type=float, default=0.5)
+    parser.add_argument("--min-excess", type=float, default=MIN_EXCESS)
+    parser.add_argument("--min-z", type=float, default=MIN_Z)
+    parser.add_argument("--min-match", type=float, default=MIN_MATCH)
+    parser.add_argument("--dump", default=None, help="write every check's figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(1)  # faster than 2 for a model this small, and kinder to a shared machine
     record = {"acc": defaultdict(list), "known": defaultdict(list), "unknown": defaultdict(list)}
@@ -172,6 +175,12 @@ def main() -> None:
                 print(f"| {variant} | {mode} | {kind} | {sum(d is not None for d in det)}/{len(det)} | "
                       f"{sum(fa)}/{len(fa)} | {fmt_epochs(det)} | {fmt_epochs(gaps)} | {ctxt} | {last_txt} |")
     print(f"\ntotal {time.time() - start:.0f} s")
+    if args.dump:
+        rows = [{"mode": kind, "key": list(key), "epoch": e, **(None if d is None else vars(d) or {})}
+                for kind in ("known", "unknown") for key, ds in record[kind].items() for e, d in enumerate(ds) if d is not None]
+        accs = [{"key": list(key), "accs": a} for key, a in record["acc"].items()]
+        with open(args.dump, "w") as f:
+            json.dump({"checks": rows, "accs": accs}, f)
 
 
 if __name__ == "__main__":

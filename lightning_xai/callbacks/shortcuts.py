@@ -69,7 +69,7 @@ class ShortcutMonitor(ProbeSetCallback):
             above which a method is reported as not explaining the model.
         seed: seed of the private generator (control placement, tie breaks, k-means).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`);
-            interventions are forward-only, so the default probe set is larger (128).
+            interventions are forward-only, so the default probe set is larger (256, as in ``bench/shortcuts.py``).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
@@ -108,7 +108,7 @@ class ShortcutMonitor(ProbeSetCallback):
         sanity_layers: Union[int, Sequence[str]] = 1,
         sanity_threshold: float = SANITY_THRESHOLD,
         seed: int = 0,
-        probe_samples: int = 128,
+        probe_samples: int = 256,
         **kwargs: Any,
     ) -> None:
         super().__init__(probe_samples=probe_samples, **kwargs)

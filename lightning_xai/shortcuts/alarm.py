@@ -34,9 +34,9 @@ from torch import Tensor
 
 from lightning_xai._utils import expected
 
-MIN_EXCESS = 0.10
+MIN_EXCESS = 0.01
 MIN_Z = 3.0
-MIN_MATCH = 0.25
+MIN_MATCH = 0.5
 
 
 @dataclass
@@ -109,3 +109,4 @@ def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = M
         match = float(control_change.double().amax(1).mean()) / max(float(change.double().mean()), 1e-12)
     fired = excess >= min_excess and z >= min_z and not match < min_match
     return AlarmDecision(bool(fired), excess, z, float(effect.double().mean()), float(control_effect.double().mean()), match)
+

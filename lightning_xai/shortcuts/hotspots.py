@@ -159,3 +159,4 @@ def flat_background(inputs: Tensor, min_share: float = 0.25, min_samples: float 
     if float(masks.any(1).float().mean()) < min_samples:
         return None
     return masks.view(n, h, w)
+
