@@ -10,10 +10,14 @@ map (1 = its area share), and the per-pixel *consistency* is the geometric mean 
 With the inputs given, ``S`` is multiplied by ``1 - eta^2``, the share of the inputs' variance at
 the pixel that the class does *not* explain, so the object, whose content distinguishes the classes,
 is not proposed. A hotspot is the 4-connected component around the peak of ``S`` of pixels with
-``S_p >= rel_threshold * max S``, kept when ``max S >= min_score`` and its area is at most
-``max_area`` of the image. It is only a *candidate*: the intervention check
+``S_p >= rel_threshold * max S``, kept when ``max S >= min_score``, its area is at most
+``max_area`` of the image and its mean ``eta^2`` at most :data:`MAX_ETA2` (0.1: on noisy digits the
+objects' pixels reach 0.1-0.5, a mark with a class-independent code stays near 0). It is only a *candidate*: the intervention check
 (:mod:`.interventions`, :mod:`.alarm`) decides whether the model relies on it. Maps from Input x
 Gradient or Occlusion concentrate on a bright mark where plain saliency may not.
+
+:func:`flat_background` proposes the other kind of candidate: per sample, the pixels of one exact value
+covering a large share of the image (the black PNG backgrounds of the Pokemon/Digimon classifier).
 """
 from __future__ import annotations
 

@@ -1,17 +1,25 @@
-"""Interventions, the ground truth of reliance: replace a region and see whether predictions change.
+"""Interventions, the ground truth of reliance: replace a region and see how much the predictions move.
 
 For each sample the region is filled (``"mean"``: the probe set's mean image there; ``"blur"``: a
 Gaussian blur of the sample itself; ``"swap"``: another probe sample's region, see :func:`transplant`) and the model
-is run again. The same fill is applied to *control regions*: equal-area copies of the region placed
-elsewhere (:func:`~lightning_xai.shortcuts.regions.translates`). With ``placement="matched"`` (the
+is run again. The same fill is applied to *control regions*: shifted copies of the region placed
+elsewhere (:func:`~lightning_xai.shortcuts.regions.shifted_copies`). With ``placement="matched"`` (the
 default) the controls of a sample are the placements where the fill changes the input by about as
-much as it does in the region, so "the region flips more predictions than its controls" means the
+much as it does in the region, so "the region moves the predictions more than its controls" means the
 model is more sensitive there per unit of input change, not that the region happens to hold more
-ink. ``"random"`` draws the placements uniformly.
+ink. Where no shifted copy fits (a background, a border), the controls are random pixel sets outside
+the region whose fill changes the input as much (:func:`change_matched_sets`): equal-area sets would have
+to cover the object. ``"random"`` draws the placements uniformly.
+
+Each edit is scored per sample by the flip of the prediction and by the *output shift*, the total
+variation distance between the predicted distributions before and after,
+:math:`\tfrac12 \lVert p(x) - p(x') \rVert_1 \in [0, 1]`. The shift is continuous, so it moves
+while a shortcut is being learned, before predictions flip.
 
 Swap partners: sample ``i`` receives the region of the probe sample whose content there differs most
 from its own (the "paste the watermark onto a car" test of Lapuschkin et al. 2019,
-https://www.nature.com/articles/s41467-019-08987-4); controls of ``i`` use the same partner.
+https://www.nature.com/articles/s41467-019-08987-4): an insertion where ``i`` lacks a mark the partner
+has, a removal or a change of code otherwise. Controls of ``i`` use the same partner.
 All randomness (control placement, tie breaks) comes from the ``generator`` passed in.
 """
 from __future__ import annotations
@@ -242,9 +250,11 @@ def intervene(
 
     Returns:
         Per-sample tensors: ``pred (N,)`` the prediction on the intact input, ``flip (N,)`` whether it changed
-        when the region was filled, ``prob_drop (N,)`` the drop of the originally predicted class'
-        probability, ``change (N,)`` the squared input change, ``control_flip (N, K)``,
-        ``control_prob_drop (N, K)`` and ``control_change (N, K)`` the same for the controls, ``partner (N,)`` (swap only, else -1);
+        when the region was filled, ``shift (N,)`` the output shift (total variation distance), ``delta (N, classes)``
+        the change of the predicted probabilities, ``prob_drop (N,)`` the drop of the originally predicted class'
+        probability, ``change (N,)`` the squared input change, ``control_flip (N, K)``, ``control_shift (N, K)``,
+        ``control_delta (N, K, classes)``, ``control_prob_drop (N, K)`` and ``control_change (N, K)`` the same for
+        the controls, ``partner (N,)`` (swap only, else -1);
         with labels also ``correct (N,)``, ``region_correct (N,)`` and ``control_correct (N, K)``.
 
     Example:
