@@ -166,7 +166,7 @@ def main() -> None:
         print(f"# {variant}: done after {time.time() - start:.0f} s", flush=True)
     seeds = range(args.seeds)
     print(f"\nnoise={args.noise or NOISE} epochs={args.epochs} probe={args.probe} fill={args.fill} controls={args.controls} "
-          f"min_excess={args.min_excess} min_z={args.min_z} seeds={args.seeds}\n")
+          f"min_excess={args.min_excess} min_z={args.min_z} min_match={args.min_match} seeds={args.seeds}\n")
     print("| variant | val split | mode | detected (shortcut) | false alarms (clean) | first alarm epoch per seed | "
           "gap epoch per seed | clean max excess / max z | shortcut last excess / z |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -183,9 +183,11 @@ def main() -> None:
                 clean = [d for s in seeds for d in rec[(variant, mode, "clean", s)] if d is not None and not d.match < args.min_match]
                 ctxt = "no candidate" if not clean else f"{max(d.excess for d in clean):+.3f} / {max(d.z for d in clean):.1f}"
                 last = [rec[(variant, mode, "shortcut", s)][-1] for s in seeds]
-                last_txt = " ".join("none" if d is None else f"{d.excess:+.2f}/{d.z:.1f}" for d in last)
+                last_txt = " ".join("none" if d is None else f"{d.excess:+.2f}/{d.z:.1f}" + ("*" if d.match < args.min_match else "")
+                                    for d in last)
                 print(f"| {variant} | {mode} | {kind} | {sum(d is not None for d in det)}/{len(det)} | "
                       f"{sum(fa)}/{len(fa)} | {fmt_epochs(det)} | {fmt_epochs(gaps)} | {ctxt} | {last_txt} |")
+    print("\n* the best control changed the input less than min_match times the region's edit: no verdict (no alarm)")
     print(f"\ntotal {time.time() - start:.0f} s")
     if args.dump:
         rows = [{"mode": kind, "key": list(key), "epoch": e, **(None if d is None else vars(d) or {})}

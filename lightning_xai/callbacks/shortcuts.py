@@ -1,17 +1,18 @@
 """ShortcutMonitor: catch a spurious feature mid-training, with an alarm that rests on interventions.
 
-Every explained validation epoch, on a fixed probe set (default 128 samples, stratified by class):
+Every explained validation epoch, on a fixed probe set (default 256 samples, stratified by class):
 
 * **known regions** (``regions=``): attribution share, share over area, relevance rank and pointing game
   of ``method`` (default saliency) inside each region; then the intervention: the region is filled
   (default: swapped with the most different probe sample's region) and so are ``num_controls`` control
-  regions of equal area elsewhere; the flip rate and accuracy drop of both are logged and
-  :func:`~lightning_xai.shortcuts.alarm.shortcut_alarm` decides. Attribution figures never raise or
-  veto an alarm.
+  regions elsewhere that the fill changes about as much; the output shift, flip rate and accuracy drop of
+  both are logged and :func:`~lightning_xai.shortcuts.alarm.shortcut_alarm` decides on the output shift.
+  Attribution figures never raise or veto an alarm.
 * **unknown regions** (``regions=None``, or ``find_regions=True``): per-class mean maps of
   ``discovery_method`` (default Input x Gradient) are logged as an image; SpRAy counts each class'
-  strategies; an input-independent hotspot, if any, becomes the candidate region ``"hotspot"`` and
-  goes through the same intervention check.
+  strategies; an input-independent hotspot, if any, becomes the candidate region ``"hotspot"``, and a
+  flat background (pixels of one exact value covering a quarter of the image or more, per sample) the
+  candidate ``"flat_background"``; each goes through the same intervention check.
 * **self-check** (``sanity_check=True``): at the first explained epoch, the parameter-randomisation
   check of each method; a method whose maps barely change is named in a warning.
 
@@ -36,9 +37,10 @@ from lightning_xai.attribution import get_method
 from lightning_xai.callbacks.base import ProbeSetCallback, split_rows
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
-from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, class_mean_maps, find_hotspot, flat_background,
-                                     intervene, intervention_summary, normalize_regions, randomisation_check, region_masks,
-                                     region_metrics, shortcut_alarm, spray_by_class)
+from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD,
+                                     class_mean_maps, find_hotspot, flat_background, intervene, intervention_summary,
+                                     normalize_regions, randomisation_check, region_masks, region_metrics,
+                                     shortcut_alarm, spray_by_class)
 
 ACTIONS = ("warn", "stop", "log")
 HOTSPOT = "hotspot"
@@ -73,10 +75,11 @@ class ShortcutMonitor(ProbeSetCallback):
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
-    Tags (``prefix="xai"``): per region ``xai/shortcut/<region>/{alarm, excess, z, flip_rate,
+    Tags (``prefix="xai"``): per region ``xai/shortcut/<region>/{alarm, excess, z, shift, control_shift, flip_rate,
     control_flip_rate, match, acc_drop, control_acc_drop, share, share_ratio, rank, pointing}``; unknown-region
-    mode adds ``xai/shortcut/hotspot/{found, alarm, ...}``, ``xai/shortcut/spray/class_<c>/strategies``,
-    ``xai/shortcut/spray/max_strategies`` and the images ``xai/shortcut/class_maps``,
+    mode adds ``xai/shortcut/{hotspot, flat_background}/{found, alarm, ...}``, ``xai/shortcut/hotspot/peak``,
+    ``xai/shortcut/spray/class_<c>/strategies``, ``xai/shortcut/spray/max_strategies`` and the images
+    ``xai/shortcut/class_maps``,
     ``xai/shortcut/spray/class_<c>`` and ``xai/shortcut/hotspot/score``; the self-check logs
     ``xai/shortcut/sanity/<method>/spearman``.
 

@@ -15,10 +15,10 @@ from lightning_xai.shortcuts.spray import SprayResult, class_mean_maps, downsamp
 
 __all__ = [
     "FILLS", "MAX_ETA2", "MIN_EXCESS", "MIN_MATCH", "MIN_Z", "PLACEMENTS", "PRESETS", "SANITY_THRESHOLD",
-    "AlarmDecision", "HotspotResult", "SanityResult", "SprayResult",
-    "attribution_share", "box_mask", "change_matched_sets", "class_eta2", "class_mean_maps", "consistency_map",
-    "control_masks", "downsample_maps", "fill_source", "find_hotspot", "flat_background", "intervene",
-    "intervention_summary", "iou", "normalize_regions", "pointing_game", "preset_mask", "randomisation_check", "region_masks", "region_metrics", "relevance_rank", "scattered",
-    "share_ratio", "shifted_copies", "shortcut_alarm", "spearman", "spray", "spray_by_class", "swap_partners",
-    "translates", "transplant",
+    "AlarmDecision", "HotspotResult", "SanityResult", "SprayResult", "attribution_share", "box_mask",
+    "change_matched_sets", "class_eta2", "class_mean_maps", "consistency_map", "control_masks", "downsample_maps",
+    "fill_source", "find_hotspot", "flat_background", "intervene", "intervention_summary", "iou",
+    "normalize_regions", "pointing_game", "preset_mask", "randomisation_check", "region_masks", "region_metrics",
+    "relevance_rank", "scattered", "share_ratio", "shifted_copies", "shortcut_alarm", "spearman", "spray",
+    "spray_by_class", "swap_partners", "translates", "transplant",
 ]
