@@ -8,9 +8,9 @@ on 256 stratified probe samples of two validation splits: shortcut *absent* (ran
 
 * known region: the variant's mark region (the top-left 2x2, the per-sample corner, the bottom-right
   3x3 tag box, the per-sample background) -> intervention -> alarm;
-* unknown region: as ShortcutMonitor(regions=None) runs it: the Input x Gradient hotspot and the flat
-  background (:func:`~lightning_xai.shortcuts.hotspots.flat_background`) are the candidates, each goes
-  through the same intervention -> alarm.
+* unknown region: as ShortcutMonitor(regions=None) runs it: the Input x Gradient hotspot, the flat
+  background (:func:`~lightning_xai.shortcuts.hotspots.flat_background`) and the presets "corners" and
+  "border" are the candidates, each goes through the same intervention -> alarm.
 
 The intervention swaps the region with the probe sample whose content there differs most (8 change-matched
 controls); the alarm compares the output shift (total variation distance) of region and controls (see
@@ -44,6 +44,7 @@ from lightning_xai.attribution import input_x_gradient
 from lightning_xai.datasets import VARIANTS, region_mask, shortcut_digits
 from lightning_xai.shortcuts import MIN_EXCESS, MIN_MATCH, MIN_Z, find_hotspot, intervene, shortcut_alarm
 from lightning_xai.shortcuts.hotspots import flat_background
+from lightning_xai.shortcuts.regions import SUSPECTS, preset_mask
 
 GAP = 0.05
 # Generator settings per variant, tuned so that each shortcut is learned within a few epochs: pixel noise makes
@@ -86,8 +87,9 @@ def check(model, x, y, masks, args):
 
 def discover(model, x, y, args):
     """Unknown-region mode, as ShortcutMonitor runs it: each candidate (the Input x Gradient hotspot, a flat
-    background) goes through the same check. Returns the decision of a candidate that fires, else the one with
-    the largest z (None: no candidate)."""
+    background, the presets in ``args.presets``) goes through the same check. Returns the decision of a candidate
+    that fires, else the one with the largest z among those the ``min_match`` guard lets through (None: no
+    candidate)."""
     decisions = []
     spot = find_hotspot(input_x_gradient(model, x, y), y, inputs=x)
     if spot.mask is not None:
@@ -96,9 +98,11 @@ def discover(model, x, y, args):
     if flat is not None:
         rows = flat.flatten(1).any(1)
         decisions.append(check(model, x[rows], y[rows], flat[rows], args))
+    for name in args.presets:
+        decisions.append(check(model, x, y, preset_mask(name, tuple(x.shape[-2:])).expand(x.shape[0], -1, -1).contiguous(), args))
     if not decisions:
         return None
-    return max(decisions, key=lambda d: (d.fired, d.z))
+    return max(decisions, key=lambda d: (d.fired, not d.match < args.min_match, d.z))
 
 
 def run(variant: str, kind: str, seed: int, args, record) -> None:
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--min-excess", type=float, default=MIN_EXCESS)
     parser.add_argument("--min-z", type=float, default=MIN_Z)
     parser.add_argument("--min-match", type=float, default=MIN_MATCH)
+    parser.add_argument("--presets", nargs="*", default=list(SUSPECTS), help="presets also checked in unknown-region mode")
     parser.add_argument("--dump", default=None, help="write every check's figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(1)  # faster than 2 for a model this small, and kinder to a shared machine

@@ -172,6 +172,9 @@ def test_unknown_region_finds_mark_and_not_on_clean(tmp_path):
         acc = read_events(tmp_path / str(corner) / "tb" / "version_0")
         assert "xai/shortcut/class_maps" in acc.Tags()["images"]
         assert "xai/shortcut/spray/max_strategies" in acc.Tags()["scalars"]
+        for candidate in ("flat_background", "preset_corners", "preset_border"):
+            assert f"xai/shortcut/{candidate}/alarm" in acc.Tags()["scalars"]
+        assert acc.Scalars("xai/shortcut/preset_corners/found")[-1].value == 1.0
         alarm = acc.Scalars("xai/shortcut/hotspot/alarm")[-1].value
         if corner:
             assert alarm == 1.0

@@ -12,7 +12,9 @@ Every explained validation epoch, on a fixed probe set (default 256 samples, str
   ``discovery_method`` (default Input x Gradient) are logged as an image; SpRAy counts each class'
   strategies; an input-independent hotspot, if any, becomes the candidate region ``"hotspot"``, and a
   flat background (pixels of one exact value covering a quarter of the image or more, per sample) the
-  candidate ``"flat_background"``; each goes through the same intervention check.
+  candidate ``"flat_background"``, and the presets ``"corners"`` and ``"border"`` (where source tags and
+  frames usually sit) the candidates ``"preset_corners"`` and ``"preset_border"``; each goes through the
+  same intervention check.
 * **self-check** (``sanity_check=True``): at the first explained epoch, the parameter-randomisation
   check of each method; a method whose maps barely change is named in a warning.
 
@@ -37,7 +39,7 @@ from lightning_xai.attribution import get_method
 from lightning_xai.callbacks.base import ProbeSetCallback, split_rows
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
-from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD,
+from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, SUSPECTS,
                                      class_mean_maps, find_hotspot, flat_background, intervene, intervention_summary,
                                      normalize_regions, randomisation_check, region_masks, region_metrics,
                                      shortcut_alarm, spray_by_class)
@@ -45,7 +47,7 @@ from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEM
 ACTIONS = ("warn", "stop", "log")
 HOTSPOT = "hotspot"
 FLAT = "flat_background"
-CANDIDATES = (HOTSPOT, FLAT)  # region names of unknown-region mode
+CANDIDATES = (HOTSPOT, FLAT) + tuple(f"preset_{name}" for name in SUSPECTS)  # region names of unknown-region mode
 INTERVENTION_KEYS = ("flip", "control_flip", "shift", "control_shift", "change", "control_change", "region_correct",
                      "control_correct", "correct")
 
@@ -77,7 +79,8 @@ class ShortcutMonitor(ProbeSetCallback):
 
     Tags (``prefix="xai"``): per region ``xai/shortcut/<region>/{alarm, excess, z, shift, control_shift, flip_rate,
     control_flip_rate, match, acc_drop, control_acc_drop, share, share_ratio, rank, pointing}``; unknown-region
-    mode adds ``xai/shortcut/{hotspot, flat_background}/{found, alarm, ...}``, ``xai/shortcut/hotspot/peak``,
+    mode adds ``xai/shortcut/{hotspot, flat_background, preset_corners, preset_border}/{found, alarm, ...}``,
+    ``xai/shortcut/hotspot/peak``,
     ``xai/shortcut/spray/class_<c>/strategies``, ``xai/shortcut/spray/max_strategies`` and the images
     ``xai/shortcut/class_maps``,
     ``xai/shortcut/spray/class_<c>`` and ``xai/shortcut/hotspot/score``; the self-check logs
@@ -324,6 +327,8 @@ class ShortcutMonitor(ProbeSetCallback):
         flat = flat_background(x.detach().cpu())
         candidates = {HOTSPOT: None if spot.mask is None else spot.mask.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous(),
                       FLAT: flat}
+        for name in SUSPECTS:
+            candidates[f"preset_{name}"] = region_masks(name, x.detach().cpu())
         fired: Dict[str, Dict[str, float]] = {}
         for name, masks in candidates.items():
             metrics[self.tag(name, "found")] = float(masks is not None)

@@ -26,6 +26,7 @@ from lightning_xai._utils import expected
 
 RegionSpec = Union[Tensor, Tuple[int, int, int, int], str, Callable[[Tensor], Tensor]]
 PRESETS = ("border", "corners", "top_left", "top_right", "bottom_left", "bottom_right", "center")
+SUSPECTS = ("corners", "border")  # presets where source tags and frames usually sit: unknown-region mode checks them
 
 
 def preset_mask(name: str, size: Tuple[int, int]) -> Tensor:
