@@ -153,13 +153,13 @@ def flat_background(inputs: Tensor, min_share: float = 0.25, min_samples: float 
     if inputs.ndim != 4:
         raise ValueError(expected("inputs", "images of shape (N, C, H, W)", inputs))
     n, c, h, w = inputs.shape
-    q = torch.round(inputs.detach().float() / atol).to(torch.int64).permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, HW, C)
-    masks = torch.zeros(n, h * w, dtype=torch.bool, device=inputs.device)
-    for i in range(n):
-        values, inverse, counts = torch.unique(q[i], dim=0, return_inverse=True, return_counts=True)
-        top = int(counts.argmax())
-        if int(counts[top]) >= min_share * h * w:
-            masks[i] = inverse == top
+    q = torch.round(inputs.detach().double() / atol).to(torch.int64)  # (N, C, H, W)
+    key = q[:, 0].reshape(n, h * w)
+    for ch in range(1, c):  # one integer per pixel; int64 arithmetic wraps, a collision is vanishingly unlikely
+        key = key * 1000003 + q[:, ch].reshape(n, h * w)
+    mode = key.mode(dim=1).values  # (N,) the most frequent value of each sample
+    masks = key == mode.unsqueeze(1)  # (N, HW)
+    masks &= masks.sum(1, keepdim=True) >= min_share * h * w
     if float(masks.any(1).float().mean()) < min_samples:
         return None
     return masks.view(n, h, w)

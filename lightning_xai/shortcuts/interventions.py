@@ -54,11 +54,13 @@ def _positions(masks: Tensor) -> Tuple[Tensor, Tensor]:
     return order[:, :max(int(areas.max()), 1)], areas
 
 
-def _resampled(x: Tensor, positions: Tensor, areas: Tensor, target: int, sources: Tensor) -> Tensor:
+def _resampled(x: Tensor, positions: Tensor, areas: Tensor, target: int, sources: Tensor,
+               k: Optional[Tensor] = None) -> Tensor:
     """The region contents of ``sources`` stretched to the area of sample ``target`` ``(S, C, A_target)``:
-    pixel ``k`` of the target's region gets pixel ``floor(k * A_j / A_target)`` of source ``j``'s region."""
+    pixel ``k`` of the target's region gets pixel ``floor(k * A_j / A_target)`` of source ``j``'s region
+    (only the target pixels ``k`` when given)."""
     a = int(areas[target])
-    k = torch.arange(a, device=x.device)
+    k = torch.arange(a, device=x.device) if k is None else k
     idx = positions[sources].gather(1, (k.unsqueeze(0) * areas[sources].unsqueeze(1)) // max(a, 1))  # (S, A)
     flat = x.flatten(2)[sources]  # (S, C, HW)
     return flat.gather(2, idx.unsqueeze(1).expand(-1, x.shape[1], -1))
@@ -93,7 +95,7 @@ def swap_partners(x: Tensor, masks: Tensor, generator: Optional[torch.Generator]
     """For each sample, the index of the other sample whose region content differs most from its own ``(N,)``.
 
     Region contents are compared as :func:`transplant` would move them (raster order, stretched when the
-    areas differ). Ties (e.g. identical blank regions) are broken at random with ``generator``. A single
+    areas differ; then on at most 256 evenly spaced pixels of each region). Ties (e.g. identical blank regions) are broken at random with ``generator``. A single
     sample is its own partner (the swap changes nothing). With ``groups (N,)``, partners come from the
     same group where it has another member.
     """
@@ -109,10 +111,13 @@ def swap_partners(x: Tensor, masks: Tensor, generator: Optional[torch.Generator]
         everyone = torch.arange(n, device=x.device)
         dist = torch.zeros(n, n, dtype=torch.float64, device=x.device)
         for i in range(n):
-            if int(areas[i]) == 0:
+            a = int(areas[i])
+            if a == 0:
                 continue
-            own = x.flatten(2)[i][:, positions[i, :int(areas[i])]]  # (C, A_i)
-            dist[i] = ((_resampled(x, positions, areas, i, everyone) - own).double() ** 2).flatten(1).sum(1)
+            # at most 256 evenly spaced pixels of the region: enough to rank partners, bounded for large images
+            k = torch.linspace(0, a - 1, min(a, 256), device=x.device).round().long()
+            own = x.flatten(2)[i][:, positions[i, k]]  # (C, k)
+            dist[i] = ((_resampled(x, positions, areas, i, everyone, k) - own).double() ** 2).flatten(1).sum(1) * (a / k.numel())
         dist[:, areas == 0] = -float("inf")  # an empty region has nothing to give
     jitter = torch.rand(n, n, generator=generator, dtype=torch.float64).to(x.device) * 1e-6 * (dist[dist.isfinite()].abs().max() + 1e-12)
     dist = dist + jitter
