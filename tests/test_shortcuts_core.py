@@ -116,6 +116,7 @@ def test_intervention_on_model_using_region(fill):
     assert summary["flip_rate"] >= 0.7 and summary["acc_drop"] >= 0.7
     assert summary["control_flip_rate"] == 0.0  # the controls never touch the corner
     assert shortcut_alarm(out["flip"], out["control_flip"]).fired
+    assert shortcut_alarm(out["shift"], out["control_shift"], change=out["change"], control_change=out["control_change"]).fired
 
 
 def test_intervention_on_model_ignoring_region():
@@ -127,6 +128,8 @@ def test_intervention_on_model_ignoring_region():
     assert summary["flip_rate"] == 0.0 and summary["acc_drop"] == 0.0
     assert summary["control_flip_rate"] > 0.0  # matched controls land on the centre, which the model reads
     assert not shortcut_alarm(out["flip"], out["control_flip"]).fired
+    assert float(out["shift"].max()) < 1e-6  # the model does not read the corner: its outputs do not move at all
+    assert not shortcut_alarm(out["shift"], out["control_shift"], change=out["change"], control_change=out["control_change"]).fired
 
 
 def test_swap_partner_differs_most():
@@ -176,6 +179,7 @@ def test_attribution_concentration_without_effect_does_not_fire():
     assert float(share_ratio(fake_maps, masks).mean()) > 2
     out = intervene(model, x, masks, y, generator=torch.Generator().manual_seed(0))
     assert not shortcut_alarm(out["flip"], out["control_flip"]).fired
+    assert not shortcut_alarm(out["shift"], out["control_shift"], change=out["change"], control_change=out["control_change"]).fired
 
 
 # --------------------------------------------------------------------------- SpRAy and hotspots
