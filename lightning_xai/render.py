@@ -100,10 +100,9 @@ def make_grid(cells: Tensor, padding: int = 2, pad_value: float = 1.0) -> Tensor
     rows, cols, c, h, w = cells.shape
     out = torch.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value,
                      dtype=cells.dtype, device=cells.device)
-    for r in range(rows):
-        for k in range(cols):
-            top, left = padding + r * (h + padding), padding + k * (w + padding)
-            out[:, top:top + h, left:left + w] = cells[r, k]
+    # every cell in one strided copy (a Python loop over the cells cost ~1 ms per 100 cells)
+    body = out[:, padding:, padding:].view(c, rows, h + padding, cols, w + padding)
+    body[:, :, :h, :, :w] = cells.permute(2, 0, 3, 1, 4)
     return out
 
 

@@ -73,12 +73,17 @@ def test_an_expensive_callback_is_skipped_to_stay_in_budget_and_shares_it(tmp_pa
     # each explanation sleeps 2 x 0.25 s (prediction + saliency), while 4 epochs of training take well under 2.5 s:
     # the first run is allowed (nothing spent yet), every later one would exceed 10 % of the training time.
     slow = AttributionMonitor(methods="saliency", probe_samples=4, forward=slow_forward(0.25), max_overhead=0.1)
-    cheap = AttributionMonitor(methods="saliency", probe_samples=4, max_overhead=0.1, prefix="cheap")
+    cheap = AttributionMonitor(methods="saliency", probe_samples=64, max_overhead=0.1, prefix="cheap")
     model, trainer, messages = _fit(tmp_path, [slow, cheap])
     book = budget.ledger(trainer)
     assert book.runs[id(slow)] == [0]
     assert book.skipped[id(slow)] == [1, 2, 3]
     assert 0 in book.skipped[id(cheap)]  # the budget is shared: the slow run at epoch 0 left nothing for the cheap one
+    # a skipped callback still fixed its probe set after the first validation epoch: the 32 validation samples once
+    # each (had it kept collecting while skipped, epoch 1 would have added the same 32 again), nothing left pending
+    _, val = digits_loaders(n_train=128, n_val=32)
+    assert torch.equal(cheap.probe_x.sort(0).values, torch.cat([x for x, _ in val]).sort(0).values)
+    assert cheap.probe_x.unique(dim=0).shape[0] == 32 and cheap._candidates == {}
     assert book.spent >= 0.5 and book.finished
     summary = [m for m in messages if "overhead budget" in m]
     assert len(summary) == 1 and "explained 1 of 4 scheduled epochs" in summary[0] and "max_overhead=None" in summary[0]

@@ -125,6 +125,17 @@ def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
     return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes)]).to(tensor.device)
 
 
+def _cache_state_key(fget: Callable[[Any], str], slot: str) -> Callable[[Any], str]:
+    def cached(self: Any) -> str:
+        key = self.__dict__.get(slot)
+        if key is None:
+            key = self.__dict__[slot] = fget(self)
+        return key
+
+    cached._xai_cached = True  # type: ignore[attr-defined]
+    return cached
+
+
 class XAICallback(Callback):
     """Base class of all lightning_xai monitors (see the module docstring).
 
@@ -145,6 +156,15 @@ class XAICallback(Callback):
 
     supported_strategies = (SingleDeviceStrategy, DDPStrategy)
     area = "xai"  # tag area below the prefix, e.g. "attribution"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Lightning reads `state_key` on every hook call of every callback (for its profiler's action names):
+        # a subclass's key, built from constructor arguments, is computed once per instance.
+        prop = cls.__dict__.get("state_key")
+        if isinstance(prop, property) and not getattr(prop.fget, "_xai_cached", False):
+            cls.state_key = property(_cache_state_key(prop.fget, f"_xai_state_key_{cls.__qualname__}"),
+                                     doc=prop.__doc__)  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -473,6 +493,14 @@ class ProbeSetCallback(XAICallback):
             bucket = self._candidates.setdefault(key, [])
             if len(bucket) < self.probe_samples:
                 bucket.append((x[i].clone(), None if label is None else torch.tensor(key)))
+
+    @override
+    def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.active(trainer) and not self.has_probe and trainer.state.fn == TrainerFn.FITTING:
+            # fixed after the first validation epoch even when the budget skips it: no more collecting per batch,
+            # and a class with fewer validation samples than `probe_samples` is not collected twice
+            self.finalize_probe(trainer)
+        super()._on_eval_epoch_end(trainer, pl_module)
 
     @override
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
