@@ -41,6 +41,26 @@ def test_ledger_allows_a_run_only_within_the_budget():
     assert fresh.allows(1, 0.1, epoch=0, now=1.0)  # a known cost (0 so far) is just checked against the budget
 
 
+def test_callbacks_take_turns_whatever_their_order():
+    book = budget.Ledger(start=0.0)
+    for key, cost in ((1, 0.1), (2, 0.1)):  # both ran once, at epoch 0
+        book.begin(key, epoch=0)
+        book.charge(key, cost)
+    book.begin(1, epoch=1)  # callback 1 ran again at epoch 1; callback 2 was skipped there
+    book.charge(1, 0.1)
+    book.skipped[2] = [1]
+    # at 10 s of training 0.3 + 0.1 fits the budget of 1.0: callback 1 (2 runs) yields to callback 2 (1 run, waiting)
+    assert not book.allows(1, 0.1, epoch=2, now=10.3)
+    assert book.allows(2, 0.1, epoch=2, now=10.3)
+    book.begin(2, epoch=2)
+    book.charge(2, 0.1)
+    assert book.allows(1, 0.1, epoch=3, now=10.4)  # its turn again
+    # a waiting callback that does not fit the budget blocks nobody
+    book.skipped[2].append(3)
+    book.cost[2] = 5.0
+    assert book.allows(1, 0.1, epoch=3, now=10.4) and not book.allows(2, 0.1, epoch=3, now=10.4)
+
+
 def test_max_overhead_values_and_the_environment_default(monkeypatch):
     for bad in (0, -0.1, "lots", True):
         with pytest.raises(MisconfigurationException, match="max_overhead"):

@@ -6,8 +6,10 @@ about 10 % of the fit's wall time explaining: before a run, a callback checks th
 skips the epoch when the time already spent plus its own last run's cost would exceed
 ``max_overhead`` times the time spent training so far. A callback that has never run is charged after
 its first run; until then its cost is assumed to be the mean of the other callbacks' runs (nothing when
-none has run yet), and it waits while another callback has a run at the same epoch. So the budget can
-be overshot by the first run of the first callback, or by a first run that costs more than the others'.
+none has run yet), and it waits while another callback has a run at the same epoch. Callbacks take
+turns: one yields to another that has explained fewer epochs, was skipped since, and fits the budget
+now, whatever their order in ``Trainer(callbacks=...)``. So the budget can be overshot by the first run
+of the first callback, or by a first run that costs more than the others'.
 Validation and test runs (``trainer.validate``/``trainer.test``) are never skipped.
 
 The environment variable ``LIGHTNING_XAI_MAX_OVERHEAD`` sets the default for callbacks built without
@@ -73,14 +75,26 @@ class Ledger:
         time. The run is expected to cost what this callback's last run cost; a callback that has never run is
         expected to cost the mean of the other callbacks' last runs (nothing if none has run), and waits while
         another callback has a run at the same epoch whose cost may not be charged yet."""
-        if key in self.cost:
-            expected_cost = self.cost[key]
-        else:
-            if epoch is not None and any(other != key and epochs and epochs[-1] == epoch
-                                         for other, epochs in self.runs.items()):
+        if key not in self.cost and epoch is not None and any(
+                other != key and epochs and epochs[-1] == epoch for other, epochs in self.runs.items()):
+            return False
+        allowance = max_overhead * self.training_seconds(now)
+        if self.spent + self.expected_cost(key) > allowance:
+            return False
+        # take turns: a callback yields to one that has explained fewer epochs, was skipped since, and fits now
+        mine = len(self.runs.get(key, []))
+        for other, skipped in self.skipped.items():
+            theirs = self.runs.get(other, [])
+            if other != key and len(theirs) < mine and skipped and (not theirs or skipped[-1] > theirs[-1]) \
+                    and self.spent + self.expected_cost(other) <= allowance:
                 return False
-            expected_cost = sum(self.cost.values()) / len(self.cost) if self.cost else 0.0
-        return self.spent + expected_cost <= max_overhead * self.training_seconds(now)
+        return True
+
+    def expected_cost(self, key: int) -> float:
+        """The cost of callback ``key``'s last run; for one that has never run, the mean of the others' last runs."""
+        if key in self.cost:
+            return self.cost[key]
+        return sum(self.cost.values()) / len(self.cost) if self.cost else 0.0
 
     def begin(self, key: int, epoch: int) -> None:
         """A run of callback ``key`` starts: its cost is measured afresh."""
