@@ -23,7 +23,7 @@ from pytorch_lightning import Callback
 from helpers import DigitsModule, TinyTextNet, digits_data, hook_count, read_events, small_cnn, tiny_trainer, trained_weights
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
                            SampleInfluenceMonitor, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
-from lightning_xai.attribution._common import eager_compiled, is_compiled
+from lightning_xai._utils import eager_compiled, is_compiled
 from lightning_xai.text.synthetic import VOCAB, spurious_token_data
 
 EPOCHS = 2

@@ -14,7 +14,6 @@ Every method follows the same contract, and this module is where it lives:
 """
 from __future__ import annotations
 
-import sys
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
@@ -25,6 +24,7 @@ from lightning_xai._utils import (
     Target,
     as_logits,
     chunks,
+    eager_compiled,
     expected,
     frozen_params,
     gradient_context,
@@ -177,42 +177,6 @@ def guarded(model: Any, grad: bool = True) -> Iterator[None]:
             if grad:
                 stack.enter_context(frozen_params(module))
         yield
-
-
-@contextmanager
-def eager_compiled() -> Iterator[None]:
-    """Run every ``torch.compile``'d module or function eagerly in the body (``torch.compiler.set_stance``).
-
-    Explanations need forward hooks on submodules, which a compiled graph ignores once it is built
-    (dynamo does not guard on hooks), and they change grad mode, ``training`` flags and
-    ``requires_grad``, which would make dynamo recompile the user's model (and, past its recompile
-    limit, fall back to eager for training too). In the body, compiled code runs as plain PyTorch: hooks
-    fire, nothing is recompiled, the compiled graphs are untouched. The previous stance is restored on
-    exit. A no-op when dynamo was never loaded (nothing can be compiled then).
-
-    Raises:
-        RuntimeError: with torch < 2.6, which has no ``set_stance``, when dynamo is loaded.
-    """
-    if "torch._dynamo" not in sys.modules:
-        yield
-        return
-    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
-    if set_stance is None:  # pragma: no cover - torch < 2.6
-        raise RuntimeError("lightning_xai needs torch >= 2.6 (torch.compiler.set_stance) to explain a torch.compile'd "
-                           f"module; this is torch {torch.__version__}. Upgrade torch or pass the uncompiled module.")
-    with set_stance("force_eager"):
-        yield
-
-
-def is_compiled(model: Any) -> bool:
-    """Whether ``model`` is or contains a ``torch.compile``'d module, or is a LightningModule compiled by
-    ``Trainer.fit(torch.compile(module))`` (Lightning keeps the compiled step functions in ``_compiler_ctx``)."""
-    if "torch._dynamo" not in sys.modules or not isinstance(model, nn.Module):
-        return False
-    optimized = getattr(sys.modules["torch._dynamo"], "OptimizedModule", ())
-    if getattr(model, "_compiler_ctx", None):
-        return True
-    return any(isinstance(m, optimized) for m in model.modules())
 
 
 def private_copy(inputs: Tensor) -> Tensor:

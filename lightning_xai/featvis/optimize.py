@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_xai._utils import (HookSet, check_positive_int, expected, frozen_params, gradient_context,
                                   preserve_modes, resolve_layer)
-from lightning_xai.attribution._common import eager_compiled
+from lightning_xai._utils import eager_compiled
 from lightning_xai.featvis.objectives import OUTPUT, Activations, Objective, class_logit
 from lightning_xai.featvis.param import Parametrization, _range_tensors, make_param
 from lightning_xai.featvis.transforms import (Compose, RegularizerLike, Transform, default_regularizers,

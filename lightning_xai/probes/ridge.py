@@ -25,34 +25,19 @@ Pure torch.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from lightning_xai._utils import expected
+from lightning_xai._utils import expected, single_thread
 
 DEFAULT_RELATIVE_ALPHAS: Tuple[float, ...] = tuple(10.0 ** e for e in torch.linspace(-5, 3, 17).tolist())
 DEFAULT_TARGET = "y"
 # Small CPU eigendecompositions gain nothing from threads, and on a busy machine LAPACK's threads can
 # spin-wait for cores held by other processes (measured: d=128 takes 2 ms on one thread, 1.4 s on two).
 SINGLE_THREAD_EIGH_MAX = 1024
-
-
-@contextmanager
-def _single_thread(enabled: bool) -> Iterator[None]:
-    """Run the body with one intra-op thread (restored afterwards) when ``enabled``."""
-    if not enabled:
-        yield
-        return
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -311,7 +296,7 @@ class StreamingRidge:
         mx = sx / n
         cov = xtx - n * torch.outer(mx, mx)  # centred X^T X, (d, d)
         cov = 0.5 * (cov + cov.T)
-        with _single_thread(cov.shape[0] <= SINGLE_THREAD_EIGH_MAX and cov.device.type == "cpu"):
+        with single_thread(cov.shape[0] <= SINGLE_THREAD_EIGH_MAX and cov.device.type == "cpu"):
             s, v = torch.linalg.eigh(cov)
         return s.clamp_min(0.0), v
 

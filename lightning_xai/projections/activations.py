@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai._utils import check_positive_int, chunks, expected, preserve_modes
-from lightning_xai.attribution._common import eager_compiled
+from lightning_xai._utils import eager_compiled
 from lightning_xai.probes import ActivationCapture
 from lightning_xai.probes.reduce import DEFAULT_MAX_DIM, ReduceSpec
 

@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 
 from lightning_xai._utils import (HookSet, check_choice, check_positive_int, chunks, expected, preserve_modes,
                                   resolve_layer)
-from lightning_xai.attribution._common import eager_compiled
+from lightning_xai._utils import eager_compiled
 
 CAPTURE = ("input", "output")
 

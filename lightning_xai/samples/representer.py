@@ -7,14 +7,13 @@ so every logit splits into one term per training sample. Pure torch, float64.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from lightning_xai._utils import check_choice, check_positive_int, chunks, expected, gradient_context
+from lightning_xai._utils import check_choice, check_positive_int, chunks, expected, gradient_context, single_thread
 
 SUSPECT_MODES = ("label", "norm")
 
@@ -96,21 +95,6 @@ def _objective(weight: Tensor, f: Tensor, p: Tensor, lam: float) -> Tensor:
 _NEWTON_MAX_PARAMS = 4096  # exact Hessian (params x params, float64) up to 128 MB
 
 
-@contextmanager
-def _single_thread(enabled: bool) -> Iterator[None]:
-    """One intra-op thread for the body (restored after): the Newton solve is many small ops and a small LAPACK
-    factorisation, which spin-wait on a busy CPU with more threads (measured on a loaded 2-core machine: a
-    330x330 solve took 170 ms with 2 threads, 1-2 ms with one)."""
-    threads = torch.get_num_threads()
-    try:
-        if enabled:
-            torch.set_num_threads(1)
-        yield
-    finally:
-        if enabled:
-            torch.set_num_threads(threads)
-
-
 def _hessian(s: Tensor, f: Tensor, lam: float) -> Tensor:
     """Hessian of the objective w.r.t. ``vec(Theta)`` (row-major ``(C, D)``): ``(C*D, C*D)``."""
     n, c, d = f.shape[0], s.shape[1], f.shape[1]
@@ -189,7 +173,7 @@ def _representer_points_compute(features: Tensor, targets: Tensor, num_classes: 
             weight = weight.detach()
         with torch.no_grad():
             if c * f.shape[1] <= _NEWTON_MAX_PARAMS:
-                with _single_thread(f.device.type == "cpu"):  # many small ops and a small Cholesky
+                with single_thread(f.device.type == "cpu"):  # many small ops and a small Cholesky
                     weight, iterations = _newton(weight, f, p, lam, max_iter, tol)
             z = f @ weight.T  # (N, C) pre-softmax logits
             dl_dz = torch.softmax(z, dim=1) - p  # d CE(softmax(z_i), p_i) / d z_i

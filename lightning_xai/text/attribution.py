@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_xai._utils import HookSet, Target, check_choice, expected, frozen_params, gradient_context, resolve_layer, validate_target
 from lightning_xai.attribution import input_x_gradient, integrated_gradients, saliency, smoothgrad
-from lightning_xai.attribution._common import eager_compiled
+from lightning_xai._utils import eager_compiled
 
 #: Methods that work on embeddings (the image-only ones, occlusion/Grad-CAM/LIME, are left out).
 TOKEN_METHODS: Dict[str, Callable[..., Any]] = {
