@@ -61,6 +61,23 @@ def test_callbacks_take_turns_whatever_their_order():
     assert book.allows(1, 0.1, epoch=3, now=10.4) and not book.allows(2, 0.1, epoch=3, now=10.4)
 
 
+def test_a_first_run_is_priced_from_its_declared_work_and_the_training_speed():
+    book = budget.Ledger(start=0.0)
+    book.work[1] = 400.0  # sample passes of one run
+    assert book.expected_cost(1, now=2.0) == 0.0  # no training samples counted yet, nobody ran: nothing known
+    book.count_rows(7, 64)  # callback 7 counts; the others' counts are ignored
+    book.count_rows(8, 64)
+    book.count_rows(7, 36)
+    assert book.rows == 100 and book.counter == 7
+    assert book.expected_cost(1, now=2.0) == pytest.approx(400 * 2.0 / 100)  # 8 s: 0.02 s per training sample
+    assert not book.allows(1, 0.1, epoch=0, now=2.0)  # 8 s > 0.1 * 2 s
+    assert not book.allows(1, 0.1, epoch=0, now=80.0)  # 400 * 80 / 100 = 320 s > 8 s: still no ...
+    book.count_rows(7, 10000 - 100)  # ... until the samples trained make a sample pass cheap
+    assert book.allows(1, 0.1, epoch=0, now=80.0)  # 400 * 80 / 10000 = 3.2 s <= 8 s
+    book.count_rows(7, None)  # a batch it cannot read: the count is unknown from then on
+    assert book.rows is None and book.expected_cost(1, now=80.0) == 0.0
+
+
 def test_max_overhead_values_and_the_environment_default(monkeypatch):
     for bad in (0, -0.1, "lots", True):
         with pytest.raises(MisconfigurationException, match="max_overhead"):
@@ -108,6 +125,25 @@ def test_an_expensive_callback_is_skipped_to_stay_in_budget_and_shares_it(tmp_pa
     summary = [m for m in messages if "overhead budget" in m]
     assert len(summary) == 1 and "explained 1 of 4 scheduled epochs" in summary[0] and "max_overhead=None" in summary[0]
     assert slow.last_explained_epoch == 0
+
+
+def test_an_expensive_first_run_waits_for_its_price(tmp_path):
+    # IG with 64 steps on 16 probe samples is ~1000 sample passes; an epoch trains 128 samples: 10 % of the
+    # training time never pays for it in 3 epochs, so it never runs, where a first run used to be let through
+    costly = AttributionMonitor(methods=(("integrated_gradients", {"steps": 64}),), probe_samples=16, max_overhead=0.1)
+    assert costly.estimated_work() == pytest.approx(16 * (1 / 3 + 64 + 2 / 3))
+
+    class Unpriced(AttributionMonitor):
+        def estimated_work(self):
+            return None
+
+    unpriced = Unpriced(methods=(("integrated_gradients", {"steps": 64}),), probe_samples=16, max_overhead=0.1)
+    _, trainer, _ = _fit(tmp_path / "a", [costly], epochs=3)
+    book = budget.ledger(trainer)
+    assert book.runs.get(id(costly), []) == [] and book.skipped[id(costly)] == [0, 1, 2]
+    assert book.rows == 3 * 128 and costly.last_explained_epoch == -2
+    _, trainer, _ = _fit(tmp_path / "b", [unpriced], epochs=3)
+    assert budget.ledger(trainer).runs[id(unpriced)][0] == 0
 
 
 def test_the_budget_never_changes_training(tmp_path):

@@ -127,6 +127,40 @@ def get_method(spec: Any) -> Tuple[str, AttributionFn, Dict[str, Any]]:
     raise TypeError(expected("method", _valid_specs(), type(spec).__name__))
 
 
+def method_passes(name: str, fn: AttributionFn, options: Mapping[str, Any],
+                  sample_shape: Optional[Tuple[int, ...]] = None) -> Optional[float]:
+    """Model passes per input sample of one call, in forward+backward equivalents (a forward alone counts
+    1/3): what the overhead budget expects a run to cost before it has run. ``None`` when it is not known
+    (Captum objects, user callables; occlusion without ``sample_shape``).
+
+    Example:
+        >>> method_passes("smoothgrad", smoothgrad, {"samples": 8})
+        8.0
+        >>> round(method_passes("integrated_gradients", integrated_gradients, {"steps": 16, "return_delta": True}), 3)
+        16.667
+    """
+    if METHODS.get(name) is not fn:
+        return None
+
+    def option(key: str) -> Any:
+        return options[key] if key in options else inspect.signature(fn).parameters[key].default
+
+    if name in ("saliency", "input_x_gradient", "grad_cam"):
+        return 1.0
+    if name == "smoothgrad":
+        return float(option("samples"))
+    if name == "integrated_gradients":  # the completeness gap needs f(x) and f(baseline)
+        return float(option("steps")) + (2 / 3 if option("return_delta") else 0.0)
+    if name == "lime":
+        return float(option("samples")) / 3
+    if name == "occlusion" and sample_shape is not None:  # one forward per window position, and f(x)
+        from lightning_xai.attribution.occlusion import _window_slices, occlusion_windows
+
+        shape = tuple(int(d) for d in sample_shape)
+        return (len(_window_slices(shape, *occlusion_windows(shape, option("window"), option("stride")))) + 1) / 3
+    return None
+
+
 def is_signed(name: Any, options: Optional[Mapping[str, Any]] = None) -> bool:
     """Whether maps of this method (with these options) carry a sign, for choosing a colour map.
 

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import expected
 from lightning_xai.attribution import PinnedOptions, get_method, is_signed
+from lightning_xai.attribution.registry import method_passes
 from lightning_xai._utils import eager_compiled
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
@@ -116,6 +117,17 @@ class AttributionMonitor(ProbeSetCallback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix, area=self.area, methods=[m[0] for m in self.methods])
+
+    @override
+    def estimated_work(self) -> Optional[float]:
+        """Probe samples x (the prediction's forward + every method's passes); None if a method's is unknown."""
+        shape = None if self.probe_x is None else tuple(self.probe_x.shape[1:])
+        passes = [method_passes(name, fn, {"return_delta": name == "integrated_gradients", **options}, shape)
+                  for name, fn, options in self.methods]
+        if any(p is None for p in passes):
+            return None
+        rows = self.probe_x.shape[0] if self.probe_x is not None else self.probe_samples
+        return rows * (1 / 3 + sum(passes))
 
     # ------------------------------------------------------------------ checks
     @staticmethod

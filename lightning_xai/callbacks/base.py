@@ -289,6 +289,10 @@ class XAICallback(Callback):
             return True
         book = budget.ledger(trainer)
         epoch = trainer.current_epoch if epoch is None else epoch
+        if id(self) not in book.cost:
+            work = self.estimated_work()
+            if work is not None:
+                book.work[id(self)] = work / max(trainer.world_size, 1)  # the ranks share a run
         allowed = book.allows(id(self), self.max_overhead, epoch)
         if trainer.world_size > 1:
             allowed = bool(trainer.strategy.broadcast(allowed, src=0))
@@ -296,6 +300,25 @@ class XAICallback(Callback):
         if not allowed and epoch not in skipped:
             skipped.append(epoch)
         return allowed
+
+    def estimated_work(self) -> Optional[float]:
+        """The model passes one run takes, in sample forward+backward equivalents (a forward alone counts 1/3);
+        the budget uses it to price a callback's first run. ``None`` (the default): not known."""
+        return None
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.max_overhead is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        book = budget.ledger(trainer)
+        if book.rows is None or book.counter not in (None, id(self)):
+            return
+        try:  # the training samples per second price a callback's first run
+            rows: Optional[int] = int(extract_xy(batch, getattr(self, "batch_to_xy", None))[0].shape[0])
+        except Exception:  # noqa: BLE001 - a batch format we cannot read: first runs are priced otherwise
+            rows = None
+        book.count_rows(id(self), rows)
 
     @contextlib.contextmanager
     def timed(self, trainer: "pl.Trainer", epoch: Optional[int] = None) -> Iterator[None]:

@@ -4,12 +4,14 @@ Explaining a model costs time, and on a small model explaining every epoch can c
 training itself. By default (``max_overhead=0.1``) the callbacks of one Trainer *together* spend at most
 about 10 % of the fit's wall time explaining: before a run, a callback checks the shared ledger and
 skips the epoch when the time already spent plus its own last run's cost would exceed
-``max_overhead`` times the time spent training so far. A callback that has never run is charged after
-its first run; until then its cost is assumed to be the mean of the other callbacks' runs (nothing when
-none has run yet), and it waits while another callback has a run at the same epoch. Callbacks take
+``max_overhead`` times the time spent training so far. Before its first run a callback's cost is
+estimated from the work it declares (:meth:`~lightning_xai.callbacks.base.XAICallback.estimated_work`,
+in sample passes) times the training time per training sample so far; a callback that declares none is
+assumed to cost the mean of the other callbacks' runs (nothing when none has run yet), and waits while
+another callback has a run at the same epoch. Callbacks take
 turns: one yields to another that has explained fewer epochs, was skipped since, and fits the budget
-now, whatever their order in ``Trainer(callbacks=...)``. So the budget can be overshot by the first run
-of the first callback, or by a first run that costs more than the others'.
+now, whatever their order in ``Trainer(callbacks=...)``. So the budget can be overshot by a first run
+that costs more than its estimate.
 Validation and test runs (``trainer.validate``/``trainer.test``) are never skipped.
 
 The environment variable ``LIGHTNING_XAI_MAX_OVERHEAD`` sets the default for callbacks built without
@@ -63,6 +65,9 @@ class Ledger:
     runs: Dict[int, List[int]] = field(default_factory=dict)  # id(callback) -> epochs it explained
     skipped: Dict[int, List[int]] = field(default_factory=dict)  # id(callback) -> epochs the budget skipped
     names: Dict[int, str] = field(default_factory=dict)
+    work: Dict[int, float] = field(default_factory=dict)  # id(callback) -> sample passes of one run, where known
+    rows: Optional[int] = 0  # training samples seen this fit (None: the batches could not be counted)
+    counter: Optional[int] = None  # id of the callback that counts them
     finished: bool = False
 
     def training_seconds(self, now: Optional[float] = None) -> float:
@@ -79,22 +84,34 @@ class Ledger:
                 other != key and epochs and epochs[-1] == epoch for other, epochs in self.runs.items()):
             return False
         allowance = max_overhead * self.training_seconds(now)
-        if self.spent + self.expected_cost(key) > allowance:
+        if self.spent + self.expected_cost(key, now) > allowance:
             return False
         # take turns: a callback yields to one that has explained fewer epochs, was skipped since, and fits now
         mine = len(self.runs.get(key, []))
         for other, skipped in self.skipped.items():
             theirs = self.runs.get(other, [])
             if other != key and len(theirs) < mine and skipped and (not theirs or skipped[-1] > theirs[-1]) \
-                    and self.spent + self.expected_cost(other) <= allowance:
+                    and self.spent + self.expected_cost(other, now) <= allowance:
                 return False
         return True
 
-    def expected_cost(self, key: int) -> float:
-        """The cost of callback ``key``'s last run; for one that has never run, the mean of the others' last runs."""
+    def expected_cost(self, key: int, now: Optional[float] = None) -> float:
+        """The cost of callback ``key``'s last run. For one that has never run: its declared work (sample passes)
+        times the training time per sample seen so far (one training sample costs a forward, a backward and
+        the optimizer step, plus the fit's validation, so this errs high); if either is unknown, the mean of
+        the others' last runs (nothing when none has run)."""
         if key in self.cost:
             return self.cost[key]
+        if self.work.get(key) is not None and self.rows:
+            return self.work[key] * self.training_seconds(now) / self.rows
         return sum(self.cost.values()) / len(self.cost) if self.cost else 0.0
+
+    def count_rows(self, key: int, rows: Optional[int]) -> None:
+        """Training samples of one batch, counted by the first callback that calls (``None``: uncountable)."""
+        if self.counter is None:
+            self.counter = key
+        if self.counter == key and self.rows is not None:
+            self.rows = None if rows is None else self.rows + rows
 
     def begin(self, key: int, epoch: int) -> None:
         """A run of callback ``key`` starts: its cost is measured afresh."""
