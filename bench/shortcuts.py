@@ -9,7 +9,8 @@ on 256 stratified probe samples of two validation splits: shortcut *absent* (ran
 * known region: the variant's mark region (the top-left 2x2, the per-sample corner, the bottom-right
   3x3 tag box, the per-sample background) -> intervention -> alarm;
 * unknown region: as ShortcutMonitor(regions=None) runs it: the Input x Gradient hotspot, the flat
-  background (:func:`~lightning_xai.shortcuts.hotspots.flat_background`) and the presets "corners" and
+  background (:func:`~lightning_xai.shortcuts.hotspots.flat_background`), each sample's atypical corner and
+  the corner of a pasted stamp (:mod:`lightning_xai.shortcuts.corners`) and the presets "corners" and
   "border" are the candidates, each goes through the same intervention -> alarm.
 
 The intervention swaps the region with the probe sample whose content there differs most (8 change-matched
@@ -42,7 +43,8 @@ from torch import nn
 
 from lightning_xai.attribution import input_x_gradient
 from lightning_xai.datasets import VARIANTS, region_mask, shortcut_digits
-from lightning_xai.shortcuts import MIN_EXCESS, MIN_MATCH, MIN_Z, find_hotspot, intervene, shortcut_alarm
+from lightning_xai.shortcuts import (MIN_EXCESS, MIN_MATCH, MIN_Z, atypical_corners, find_hotspot, find_stamps, intervene,
+                                     shortcut_alarm)
 from lightning_xai.shortcuts.hotspots import flat_background
 from lightning_xai.shortcuts.regions import SUSPECTS, preset_mask
 
@@ -87,7 +89,8 @@ def check(model, x, y, masks, args):
 
 def discover(model, x, y, args):
     """Unknown-region mode, as ShortcutMonitor runs it: each candidate (the Input x Gradient hotspot, a flat
-    background, the presets in ``args.presets``) goes through the same check. Returns the decision of a candidate
+    background, each sample's atypical corner, a stamp's corner, the presets in ``args.presets``) goes through the
+    same check. Returns the decision of a candidate
     that fires, else the one with the largest z among those the ``min_match`` guard lets through (None: no
     candidate)."""
     decisions = []
@@ -98,6 +101,10 @@ def discover(model, x, y, args):
     if flat is not None:
         rows = flat.flatten(1).any(1)
         decisions.append(check(model, x[rows], y[rows], flat[rows], args))
+    decisions.append(check(model, x, y, atypical_corners(x), args))
+    stamps = find_stamps(x)
+    if stamps is not None:
+        decisions.append(check(model, x, y, stamps.masks, args))
     for name in args.presets:
         decisions.append(check(model, x, y, preset_mask(name, tuple(x.shape[-2:])).expand(x.shape[0], -1, -1).contiguous(), args))
     if not decisions:
@@ -148,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--noise", type=float, default=None, help="pixel noise (default: per variant, see NOISE)")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -165,13 +173,13 @@ def main() -> None:
     record = {"acc": defaultdict(list), "known": defaultdict(list), "unknown": defaultdict(list)}
     start = time.time()
     for variant in args.variants:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for kind in ("shortcut", "clean"):
                 run(variant, kind, seed, args, record)
         print(f"# {variant}: done after {time.time() - start:.0f} s", flush=True)
-    seeds = range(args.seeds)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     print(f"\nnoise={args.noise or NOISE} epochs={args.epochs} probe={args.probe} fill={args.fill} controls={args.controls} "
-          f"min_excess={args.min_excess} min_z={args.min_z} min_match={args.min_match} seeds={args.seeds}\n")
+          f"min_excess={args.min_excess} min_z={args.min_z} min_match={args.min_match} seeds={list(seeds)}\n")
     print("| variant | val split | mode | detected (shortcut) | false alarms (clean) | first alarm epoch per seed | "
           "gap epoch per seed | clean max excess / max z | shortcut last excess / z |")
     print("|---|---|---|---|---|---|---|---|---|")

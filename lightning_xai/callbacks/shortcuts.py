@@ -13,8 +13,11 @@ Every explained validation epoch, on a fixed probe set (default 256 samples, str
   strategies; an input-independent hotspot, if any, becomes the candidate region ``"hotspot"``, and a
   flat background (pixels of one exact value covering a quarter of the image or more, per sample) the
   candidate ``"flat_background"``, and the presets ``"corners"`` and ``"border"`` (where source tags and
-  frames usually sit) the candidates ``"preset_corners"`` and ``"preset_border"``; each goes through the
-  same intervention check.
+  frames usually sit) the candidates ``"preset_corners"`` and ``"preset_border"``; two per-sample
+  candidates chosen from the inputs alone (:mod:`lightning_xai.shortcuts.corners`): ``"atypical_corner"``,
+  each sample's corner window whose content departs most from the probe set's there (a mark in a different
+  corner per image), and ``"stamp"``, the corner window of a non-uniform pattern pasted identically into
+  several probe images (a source tag on a tenth of them); each goes through the same intervention check.
 * **self-check** (``sanity_check=True``): at the first explained epoch, the parameter-randomisation
   check of each method; a method whose maps barely change is named in a warning.
 
@@ -40,14 +43,17 @@ from lightning_xai.callbacks.base import ProbeSetCallback, split_rows
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
 from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, SUSPECTS,
-                                     class_mean_maps, find_hotspot, flat_background, intervene, intervention_summary,
+                                     atypical_corners, class_mean_maps, find_hotspot, find_stamps, flat_background,
+                                     intervene, intervention_summary,
                                      normalize_regions, randomisation_check, region_masks, region_metrics,
                                      shortcut_alarm, spray_by_class)
 
 ACTIONS = ("warn", "stop", "log")
 HOTSPOT = "hotspot"
 FLAT = "flat_background"
-CANDIDATES = (HOTSPOT, FLAT) + tuple(f"preset_{name}" for name in SUSPECTS)  # region names of unknown-region mode
+ATYPICAL = "atypical_corner"
+STAMP = "stamp"
+CANDIDATES = (HOTSPOT, FLAT, ATYPICAL, STAMP) + tuple(f"preset_{name}" for name in SUSPECTS)  # region names of unknown-region mode
 INTERVENTION_KEYS = ("flip", "control_flip", "shift", "control_shift", "change", "control_change", "region_correct",
                      "control_correct", "correct")
 
@@ -79,8 +85,9 @@ class ShortcutMonitor(ProbeSetCallback):
 
     Tags (``prefix="xai"``): per region ``xai/shortcut/<region>/{alarm, excess, z, shift, control_shift, flip_rate,
     control_flip_rate, match, acc_drop, control_acc_drop, share, share_ratio, rank, pointing}``; unknown-region
-    mode adds ``xai/shortcut/{hotspot, flat_background, preset_corners, preset_border}/{found, alarm, ...}``,
-    ``xai/shortcut/hotspot/peak``,
+    mode adds ``xai/shortcut/{hotspot, flat_background, atypical_corner, stamp, preset_corners,
+    preset_border}/{found, alarm, ...}``, ``xai/shortcut/hotspot/peak``, ``xai/shortcut/stamp/carriers`` (share of
+    the probe samples carrying a stamp),
     ``xai/shortcut/spray/class_<c>/strategies``, ``xai/shortcut/spray/max_strategies`` and the images
     ``xai/shortcut/class_maps``,
     ``xai/shortcut/spray/class_<c>`` and ``xai/shortcut/hotspot/score``; the self-check logs
@@ -311,8 +318,8 @@ class ShortcutMonitor(ProbeSetCallback):
 
     def _discover(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
                   labels: Tensor, maps: Tensor, metrics: Dict[str, float]) -> Dict[str, Dict[str, float]]:
-        """Class maps, SpRAy and the candidate checks (hotspot, flat background); returns the figures of the
-        candidates whose alarm fired."""
+        """Class maps, SpRAy and the candidate checks (hotspot, flat background, atypical corner, stamp, presets);
+        returns the figures of the candidates whose alarm fired."""
         gen = torch.Generator().manual_seed(self.seed)
         maps, labels = maps.cpu(), labels.cpu()
         means = class_mean_maps(maps, labels)
@@ -325,8 +332,10 @@ class ShortcutMonitor(ProbeSetCallback):
         self.last_hotspot = spot.mask
         metrics[self.tag(HOTSPOT, "peak")] = spot.peak
         flat = flat_background(x.detach().cpu())
+        stamps = find_stamps(x.detach().cpu())
         candidates = {HOTSPOT: None if spot.mask is None else spot.mask.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous(),
-                      FLAT: flat}
+                      FLAT: flat, ATYPICAL: atypical_corners(x.detach().cpu()), STAMP: None if stamps is None else stamps.masks}
+        metrics[self.tag(STAMP, "carriers")] = 0.0 if stamps is None else float(stamps.carriers.float().mean())
         for name in SUSPECTS:
             candidates[f"preset_{name}"] = region_masks(name, x.detach().cpu())
         fired: Dict[str, Dict[str, float]] = {}

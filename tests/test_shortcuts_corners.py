@@ -1,0 +1,151 @@
+"""Per-sample corner candidates of unknown-region mode: the atypical corner (a mark in a different corner per image)
+and the stamp (a tag pasted into a few images): found from the inputs, then confirmed or not by the intervention, on
+hand-built models that read the mark and on ones that ignore it."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import DigitsModule, read_events, tiny_trainer
+from lightning_xai.callbacks.shortcuts import ShortcutMonitor
+from lightning_xai.shortcuts import atypical_corners, corner_windows, find_stamps
+from lightning_xai.shortcuts.regions import iou
+
+TAG = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+
+
+def random_corner_set(n=200, seed=0, random_code=False, texture=0.3):
+    """8x8 noisy images (uniform in [0, texture]), a 3x3 mark in a random corner whose level 0.2 + 0.2 c codes the class c
+    (or a random class), and a centre blob coding the class."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * texture
+    y = torch.arange(n) % 5
+    code = torch.randint(0, 5, (n,), generator=g) if random_code else y
+    corner = torch.randint(0, 4, (n,), generator=g)
+    windows = corner_windows((8, 8), 3)
+    truth = windows[corner]  # (N, 8, 8)
+    x[:, 0][truth] = (0.2 + 0.2 * code.float()).view(-1, 1, 1).expand(n, 8, 8)[truth]
+    x[:, 0, 3:5, 3:5] = (0.2 + 0.2 * y.float()).view(-1, 1, 1)
+    return x, y, truth
+
+
+def stamp_set(n=200, seed=0, share=0.5):
+    """8x8 noisy images (uniform in [0, 1]) with a centre blob coding the class; ``share`` of class 0 carries the tag in the bottom right."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    y = torch.arange(n) % 5
+    x[:, 0, 3:5, 3:5] = (0.2 + 0.2 * y.float()).view(-1, 1, 1)
+    tagged = (y == 0) & (torch.rand(n, generator=g) < share)
+    x[tagged, 0, -3:, -3:] = TAG
+    return x, y, tagged
+
+
+def test_atypical_corner_finds_each_samples_mark():
+    x, y, truth = random_corner_set()
+    masks = atypical_corners(x)
+    assert masks.shape == (200, 8, 8) and int(masks[0].sum()) == 9
+    hits = torch.tensor([iou(m, t) for m, t in zip(masks, truth)])
+    assert float((hits >= 0.5)[y > 0].float().mean()) >= 0.95  # class 0 (level 0.2) hides in the noise (up to 0.3)
+
+
+def test_stamps_found_exactly_and_not_on_noise_or_flat_marks():
+    x, _, tagged = stamp_set()
+    res = find_stamps(x)
+    assert torch.equal(res.carriers, tagged)
+    truth = torch.zeros(8, 8, dtype=torch.bool)
+    truth[-3:, -3:] = True
+    assert all(iou(m, truth) == 1.0 for m in res.masks)  # non-carriers get the carriers' window
+    assert find_stamps(torch.rand(200, 1, 8, 8)) is None  # noise never repeats
+    flat, _, _ = random_corner_set()  # uniform marks repeat, but are left to atypical_corners
+    assert find_stamps(flat) is None
+    x[:3, 0, :3, :3] = TAG  # three copies: fewer than min_copies + 1 carriers in that corner
+    assert torch.equal(find_stamps(x).carriers, tagged)
+
+
+def test_corner_errors():
+    with pytest.raises(ValueError, match="side"):
+        corner_windows((8, 8), 9)
+    with pytest.raises(ValueError, match="min_copies"):
+        find_stamps(torch.rand(4, 1, 8, 8), min_copies=0)
+    with pytest.raises(ValueError, match="inputs"):
+        atypical_corners(torch.rand(4, 8, 8))
+
+
+class CornerReader(nn.Module):
+    """Reads the class from the brightest 3x3 corner (the mark) or from the centre blob."""
+
+    def __init__(self, corner: bool) -> None:
+        super().__init__()
+        self.corner = corner
+        self.lin = nn.Linear(1, 5)
+        with torch.no_grad():  # logits -50 (v - centre_c)^2 expanded
+            centres = 0.2 + 0.2 * torch.arange(5).float()
+            self.lin.weight.copy_((100 * centres).view(5, 1))
+            self.lin.bias.copy_(-50 * centres ** 2)
+
+    def forward(self, x):
+        if self.corner:
+            v = torch.stack([x[:, 0, :3, :3], x[:, 0, :3, -3:], x[:, 0, -3:, :3], x[:, 0, -3:, -3:]], 1).mean((2, 3)).amax(1)
+        else:
+            v = x[:, 0, 3:5, 3:5].mean((1, 2))
+        return self.lin(v.unsqueeze(1))
+
+
+class TagReader(CornerReader):
+    """Reads the centre blob (softly: logits scaled by 0.1), and (``uses_tag``) says class 0 when the bottom-right
+    corner matches the tag."""
+
+    def __init__(self, uses_tag: bool) -> None:
+        super().__init__(corner=False)
+        self.uses_tag = uses_tag
+
+    def forward(self, x):
+        logits = 0.1 * super().forward(x)
+        if self.uses_tag:
+            match = 1 - (x[:, 0, -3:, -3:] - TAG).abs().mean((1, 2))  # 1 on the tag
+            logits = logits + 40 * (match > 0.9).float().unsqueeze(1) * torch.nn.functional.one_hot(torch.zeros_like(match).long(), 5)
+        return logits
+
+
+class Frozen(DigitsModule):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fit(tmp_path, net, x, y):
+    monitor = ShortcutMonitor(probe_samples=100, action="log")
+    loader = DataLoader(TensorDataset(x, y), batch_size=50)
+    trainer = tiny_trainer(tmp_path, [monitor], max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Frozen(net), loader, loader)
+    return monitor, read_events(tmp_path / "tb" / "version_0")
+
+
+@pytest.mark.parametrize("reads", [True, False], ids=["reads_corner", "ignores_corner"])
+def test_unknown_region_random_corner(tmp_path, reads):
+    # the shortcut absent from validation (random codes); texture lets controls change the input as much as the swap
+    x, y, _ = random_corner_set(random_code=True, texture=0.8)
+    monitor, acc = _fit(tmp_path, CornerReader(reads), x, y)
+    alarm = acc.Scalars("xai/shortcut/atypical_corner/alarm")[-1].value
+    assert acc.Scalars("xai/shortcut/atypical_corner/found")[-1].value == 1.0
+    if reads:
+        assert alarm == 1.0 and "atypical_corner" in [a["region"] for a in monitor.alarms]
+    else:
+        assert alarm == 0.0 and not monitor.alarms
+
+
+@pytest.mark.parametrize("reads", [True, False], ids=["reads_tag", "ignores_tag"])
+def test_unknown_region_stamp(tmp_path, reads):
+    x, y, tagged = stamp_set()
+    monitor, acc = _fit(tmp_path, TagReader(reads), x, y)
+    assert acc.Scalars("xai/shortcut/stamp/found")[-1].value == 1.0
+    carriers = acc.Scalars("xai/shortcut/stamp/carriers")[-1].value
+    assert 0.02 <= carriers <= 0.2  # about a tenth of the probe samples carry the tag
+    alarm = acc.Scalars("xai/shortcut/stamp/alarm")[-1].value
+    if reads:
+        assert alarm == 1.0 and "stamp" in [a["region"] for a in monitor.alarms]
+    else:
+        assert alarm == 0.0 and not monitor.alarms
