@@ -157,6 +157,7 @@ class ShortcutMonitor(ProbeSetCallback):
         self.alarms: List[Dict[str, Any]] = []  # every alarm so far: region, epoch, figures
         self._sanity_done = False
         self._rows: Tuple[int, int] = (0, 0)
+        self._corner_cache: Optional[Tuple[Tensor, Tensor, Any]] = None  # (probe inputs, atypical corners, stamps)
 
     @property
     @override
@@ -332,9 +333,9 @@ class ShortcutMonitor(ProbeSetCallback):
         self.last_hotspot = spot.mask
         metrics[self.tag(HOTSPOT, "peak")] = spot.peak
         flat = flat_background(x.detach().cpu())
-        stamps = find_stamps(x.detach().cpu())
+        atypical, stamps = self._corner_candidates(x.detach().cpu())
         candidates = {HOTSPOT: None if spot.mask is None else spot.mask.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous(),
-                      FLAT: flat, ATYPICAL: atypical_corners(x.detach().cpu()), STAMP: None if stamps is None else stamps.masks}
+                      FLAT: flat, ATYPICAL: atypical, STAMP: None if stamps is None else stamps.masks}
         metrics[self.tag(STAMP, "carriers")] = 0.0 if stamps is None else float(stamps.carriers.float().mean())
         for name in SUSPECTS:
             candidates[f"preset_{name}"] = region_masks(name, x.detach().cpu())
@@ -360,6 +361,16 @@ class ShortcutMonitor(ProbeSetCallback):
         if trainer.is_global_zero:
             self._log_discovery_images(trainer, means, spot, clusters if self.use_spray else None)
         return fired
+
+    def _corner_candidates(self, x: Tensor) -> Tuple[Tensor, Any]:
+        """The atypical corners and the stamps of the probe set; they depend on the inputs only, so they are kept
+        while the probe set is the same (compared by value: a resumed or re-chosen probe set recomputes them)."""
+        cached = self._corner_cache
+        if cached is not None and cached[0].shape == x.shape and torch.equal(cached[0], x):
+            return cached[1], cached[2]
+        atypical, stamps = atypical_corners(x), find_stamps(x)
+        self._corner_cache = (x.clone(), atypical, stamps)
+        return atypical, stamps
 
     def _log_discovery_images(self, trainer: "pl.Trainer", means: Dict[int, Tensor], spot: Any, clusters: Any) -> None:
         def heat(stack: Tensor) -> Tensor:  # (K, h, w) -> (K, 3, h', w')

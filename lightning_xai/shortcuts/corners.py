@@ -63,7 +63,7 @@ def corner_windows(size: Tuple[int, int], side: Optional[int] = None) -> Tensor:
 
 def _window_contents(inputs: Tensor, windows: Tensor) -> Tensor:
     """Each sample's content of each window ``(N, B, C * A)`` (all windows have the same area)."""
-    flat = inputs.detach().flatten(2).double()  # (N, C, HW)
+    flat = inputs.detach().flatten(2).float()  # (N, C, HW)
     return torch.stack([flat[:, :, w.flatten()].flatten(1) for w in windows], 1)
 
 
