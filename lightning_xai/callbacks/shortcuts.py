@@ -39,6 +39,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_choice, expected
 from lightning_xai.attribution import get_method
+from lightning_xai.attribution.registry import method_passes
 from lightning_xai.callbacks.base import ProbeSetCallback, split_rows
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
@@ -178,6 +179,28 @@ class ShortcutMonitor(ProbeSetCallback):
         self._sanity_done = bool(state_dict.get("sanity_done", False))
 
     # ------------------------------------------------------------------ checks
+    @override
+    def estimated_work(self) -> Optional[float]:
+        """Probe samples x (prediction + attribution passes + one forward per filled region and control), with
+        the unknown-region candidates counted as ``CANDIDATES``; None if a method's passes are unknown."""
+        shape = None if self.probe_x is None else tuple(self.probe_x.shape[1:])
+        per_sample, fills = 1 / 3, 0
+        if self.regions:
+            name, fn, options = self.method
+            passes = method_passes(name, fn, options, shape)
+            if passes is None:
+                return None
+            per_sample, fills = per_sample + passes, fills + len(self.regions)
+        if self.find_regions:
+            name, fn, options = self.discovery_method
+            passes = method_passes(name, fn, options, shape)
+            if passes is None:
+                return None
+            per_sample, fills = per_sample + passes, fills + len(CANDIDATES)
+        per_sample += fills * (1 + self.num_controls) / 3
+        rows = self.probe_x.shape[0] if self.probe_x is not None else self.probe_samples
+        return rows * per_sample
+
     @staticmethod
     def check_images(x: Tensor) -> None:
         if x.ndim != 4 or not x.is_floating_point():
