@@ -321,8 +321,9 @@ class XAICallback(Callback):
         book.count_rows(id(self), rows)
 
     @contextlib.contextmanager
-    def timed(self, trainer: "pl.Trainer", epoch: Optional[int] = None) -> Iterator[None]:
-        """Charge the enclosed work to the overhead budget (``epoch`` given: a new run starts)."""
+    def timed(self, trainer: "pl.Trainer", epoch: Optional[int] = None, run: bool = True) -> Iterator[None]:
+        """Charge the enclosed work to the overhead budget (``epoch`` given: a new run starts; ``run=False``:
+        a one-off cost outside any run)."""
         book = budget.ledger(trainer)
         if epoch is not None:
             book.begin(id(self), epoch)
@@ -330,7 +331,7 @@ class XAICallback(Callback):
         try:
             yield
         finally:
-            book.charge(id(self), time.perf_counter() - start)
+            book.charge(id(self), time.perf_counter() - start, run=run)
 
     def guarded(self, fn: Callable[[], Any], what: str, epoch: int) -> Any:
         """Run ``fn`` under the ``on_error`` policy; returns None when it failed and was skipped."""
@@ -509,13 +510,14 @@ class ProbeSetCallback(XAICallback):
         if self.has_probe or trainer.sanity_checking or dataloader_idx != 0 or self._probe_indices is not None:
             return
         x, y = extract_xy(batch, self.batch_to_xy)
-        x = x.detach().cpu()
-        labels = [None] * x.shape[0] if y is None else y.detach().view(-1).long().cpu().tolist()
-        for i, label in enumerate(labels):
-            key = -1 if label is None else int(label)
-            bucket = self._candidates.setdefault(key, [])
-            if len(bucket) < self.probe_samples:
-                bucket.append((x[i].clone(), None if label is None else torch.tensor(key)))
+        labels = torch.full((x.shape[0],), -1, dtype=torch.long) if y is None else y.detach().view(-1).long().cpu()
+        for key in labels.unique().tolist():  # per class: one copy of the rows still wanted, in loading order
+            bucket = self._candidates.setdefault(int(key), [])
+            wanted = self.probe_samples - len(bucket)
+            if wanted > 0:
+                rows = (labels == key).nonzero().view(-1)[:wanted]
+                label = None if y is None else torch.tensor(int(key))
+                bucket.extend((row, label) for row in x.detach()[rows.to(x.device)].cpu().clone().unbind(0))
 
     @override
     def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

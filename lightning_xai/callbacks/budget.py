@@ -118,10 +118,12 @@ class Ledger:
         self.cost[key] = 0.0
         self.runs.setdefault(key, []).append(epoch)
 
-    def charge(self, key: int, seconds: float) -> None:
-        """Add ``seconds`` of explaining to the total and to the current run of callback ``key``."""
+    def charge(self, key: int, seconds: float, run: bool = True) -> None:
+        """Add ``seconds`` of explaining to the total and (``run``) to the current run of callback ``key``;
+        ``run=False`` for a one-off cost outside any run (e.g. copying the model at fit start)."""
         self.spent += seconds
-        self.cost[key] = self.cost.get(key, 0.0) + seconds
+        if run:
+            self.cost[key] = self.cost.get(key, 0.0) + seconds
         self.total[key] = self.total.get(key, 0.0) + seconds
 
     def summary(self) -> str:

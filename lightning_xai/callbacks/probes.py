@@ -186,6 +186,10 @@ class LinearProbeMonitor(XAICallback):
             return
         if any(k.startswith(UNTRAINED) for k in self.baselines):
             return
+        with self.timed(trainer, run=False):
+            self._copy_untrained(trainer, pl_module)
+
+    def _copy_untrained(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # the weights as they are before any optimizer step; the trainer is shared, not copied
         self._untrained = copy.deepcopy(pl_module, memo={id(trainer): trainer})
         # Trainer.fit(torch.compile(module)) stores compiled step functions on the instance; they are bound to
@@ -248,6 +252,7 @@ class LinearProbeMonitor(XAICallback):
     def _batch_start(self) -> None:
         if self._collecting:
             self._capture.clear()  # drop features from forwards outside validation_step (e.g. other callbacks)
+            self._capture.take_seconds()  # their hook time too: it was charged to whoever ran those forwards
 
     def _batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, dataloader_idx: int) -> None:
         if not self._collecting:
@@ -256,6 +261,7 @@ class LinearProbeMonitor(XAICallback):
             self._capture.clear()
             return
         with self.timed(trainer):
+            budget.ledger(trainer).charge(id(self), self._capture.take_seconds())  # the hooks in validation_step
             ok = self.guarded(lambda: self._collect(trainer, pl_module, batch) or True, "capturing activations",
                               trainer.current_epoch)
         if not ok:  # give up on this epoch's probes, keep training

@@ -9,6 +9,7 @@ Pure torch.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -74,12 +75,14 @@ class ActivationCapture:
         self.pending: Dict[str, List[Tensor]] = {n: [] for n in self.names}
         self.error: Optional[BaseException] = None
         self.raise_errors = False
+        self.seconds = 0.0  # time spent in the hooks since the last take_seconds() (for the overhead budget)
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, name: str):
         reducer = self.reducers[name]
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            start = time.perf_counter()
             try:
                 out = first_tensor(output)
                 if out is None:
@@ -92,8 +95,15 @@ class ActivationCapture:
                     raise
                 if self.error is None:
                     self.error = err
+            finally:
+                self.seconds += time.perf_counter() - start
 
         return hook
+
+    def take_seconds(self) -> float:
+        """Seconds spent in the hooks since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
     def attach(self) -> "ActivationCapture":
         """Register the hooks (idempotent)."""
