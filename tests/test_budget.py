@@ -55,10 +55,16 @@ def test_callbacks_take_turns_whatever_their_order():
     book.begin(2, epoch=2)
     book.charge(2, 0.1)
     assert book.allows(1, 0.1, epoch=3, now=10.4)  # its turn again
-    # a waiting callback that does not fit the budget blocks nobody
-    book.skipped[2].append(3)
+    book.begin(1, epoch=3)
+    book.charge(1, 0.1)  # 3 runs against 2; spent 0.5
+    # a waiting callback that does not fit now still has the budget saved up for it ...
+    book.skipped[2].append(4)
+    book.cost[2] = 0.8  # 0.5 spent + 0.8 > 1.0 now, but 0.8 <= 1.0: callback 1 yields, and 2 waits too
+    assert not book.allows(1, 0.1, epoch=5, now=10.5) and not book.allows(2, 0.1, epoch=5, now=10.5)
+    assert book.allows(2, 0.1, epoch=6, now=13.5)  # 0.5 + 0.8 <= 0.1 * 13.0
+    # ... but one that costs more than the whole budget of the training so far blocks nobody
     book.cost[2] = 5.0
-    assert book.allows(1, 0.1, epoch=3, now=10.4) and not book.allows(2, 0.1, epoch=3, now=10.4)
+    assert book.allows(1, 0.1, epoch=5, now=10.5) and not book.allows(2, 0.1, epoch=5, now=10.5)
 
 
 def test_a_first_run_is_priced_from_its_declared_work_and_the_training_speed():

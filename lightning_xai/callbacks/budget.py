@@ -9,8 +9,9 @@ estimated from the work it declares (:meth:`~lightning_xai.callbacks.base.XAICal
 in sample passes) times the training time per training sample so far; a callback that declares none is
 assumed to cost the mean of the other callbacks' runs (nothing when none has run yet), and waits while
 another callback has a run at the same epoch. Callbacks take
-turns: one yields to another that has explained fewer epochs, was skipped since, and fits the budget
-now, whatever their order in ``Trainer(callbacks=...)``. So the budget can be overshot by a first run
+turns: one yields to another that has explained fewer epochs and was skipped since (the budget saves up
+for it), whatever their order in ``Trainer(callbacks=...)``, unless that one costs more than the whole
+budget of the training so far. So the budget can be overshot by a first run
 that costs more than its estimate.
 Validation and test runs (``trainer.validate``/``trainer.test``) are never skipped.
 
@@ -86,12 +87,14 @@ class Ledger:
         allowance = max_overhead * self.training_seconds(now)
         if self.spent + self.expected_cost(key, now) > allowance:
             return False
-        # take turns: a callback yields to one that has explained fewer epochs, was skipped since, and fits now
+        # take turns: a callback yields to one that has explained fewer epochs and was skipped since, so that the
+        # budget saves up for it, unless that one costs more than the whole budget of the training so far (it
+        # could not run even then, and must not block the others)
         mine = len(self.runs.get(key, []))
         for other, skipped in self.skipped.items():
             theirs = self.runs.get(other, [])
             if other != key and len(theirs) < mine and skipped and (not theirs or skipped[-1] > theirs[-1]) \
-                    and self.spent + self.expected_cost(other, now) <= allowance:
+                    and self.expected_cost(other, now) <= allowance:
                 return False
         return True
 
