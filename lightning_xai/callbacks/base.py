@@ -293,7 +293,7 @@ class XAICallback(Callback):
             work = self.estimated_work()
             if work is not None:
                 book.work[id(self)] = work / max(trainer.world_size, 1)  # the ranks share a run
-        allowed = book.allows(id(self), self.max_overhead, epoch)
+        allowed = book.allows(id(self), self.max_overhead * budget.HEADROOM, epoch)
         if trainer.world_size > 1:
             allowed = bool(trainer.strategy.broadcast(allowed, src=0))
         skipped = book.skipped.setdefault(id(self), [])
