@@ -143,7 +143,7 @@ def test_an_expensive_first_run_waits_for_its_price(tmp_path):
     assert ShortcutMonitor(regions="border", method=lambda model, x, target: x).estimated_work() is None  # a callable
 
     class Unpriced(AttributionMonitor):
-        def estimated_work(self):
+        def estimated_work(self, trainer=None):
             return None
 
     unpriced = Unpriced(methods=(("integrated_gradients", {"steps": 64}),), probe_samples=16, max_overhead=0.1)
@@ -151,6 +151,10 @@ def test_an_expensive_first_run_waits_for_its_price(tmp_path):
     book = budget.ledger(trainer)
     assert book.runs.get(id(costly), []) == [] and book.skipped[id(costly)] == [0, 1, 2]
     assert book.rows == 3 * 128 and costly.last_explained_epoch == -2
+    # the probes' work is per validation sample: the untrained copy's forward, and capturing/fitting
+    assert LinearProbeMonitor(layers=["net.1"]).estimated_work(trainer) == pytest.approx(32 * 2 / 3)
+    assert LinearProbeMonitor(layers=["net.1"], untrained_baseline=False).estimated_work(trainer) == pytest.approx(32 / 3)
+    assert LinearProbeMonitor(layers=["net.1"]).estimated_work(None) is None
     _, trainer, _ = _fit(tmp_path / "b", [unpriced], epochs=3)
     assert budget.ledger(trainer).runs[id(unpriced)][0] == 0
 

@@ -119,7 +119,7 @@ class AttributionMonitor(ProbeSetCallback):
         return self._generate_state_key(prefix=self.prefix, area=self.area, methods=[m[0] for m in self.methods])
 
     @override
-    def estimated_work(self) -> Optional[float]:
+    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
         """Probe samples x (the prediction's forward + every method's passes); None if a method's is unknown."""
         shape = None if self.probe_x is None else tuple(self.probe_x.shape[1:])
         passes = [method_passes(name, fn, {"return_delta": name == "integrated_gradients", **options}, shape)

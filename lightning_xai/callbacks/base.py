@@ -290,7 +290,7 @@ class XAICallback(Callback):
         book = budget.ledger(trainer)
         epoch = trainer.current_epoch if epoch is None else epoch
         if id(self) not in book.cost:
-            work = self.estimated_work()
+            work = self.estimated_work(trainer)
             if work is not None:
                 book.work[id(self)] = work / max(trainer.world_size, 1)  # the ranks share a run
         allowed = book.allows(id(self), self.max_overhead * budget.HEADROOM, epoch)
@@ -301,9 +301,9 @@ class XAICallback(Callback):
             skipped.append(epoch)
         return allowed
 
-    def estimated_work(self) -> Optional[float]:
-        """The model passes one run takes, in sample forward+backward equivalents (a forward alone counts 1/3);
-        the budget uses it to price a callback's first run. ``None`` (the default): not known."""
+    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
+        """The model passes one run takes (over all ranks), in sample forward+backward equivalents (a forward
+        alone counts 1/3); the budget uses it to price a callback's first run. ``None`` (the default): not known."""
         return None
 
     @override

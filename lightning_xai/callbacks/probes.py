@@ -203,6 +203,18 @@ class LinearProbeMonitor(XAICallback):
         self._untrained_capture = ActivationCapture(self._untrained, self.layers, self._reducers_for_copy(),
                                                     max_dim=self.max_dim, seed=self.seed)
 
+    @override
+    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
+        """Validation samples x (a forward of the untrained copy, if any, + capturing, reducing and fitting,
+        taken as one forward's worth); None when the validation set has no length."""
+        loaders = None if trainer is None else trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        try:
+            rows = len(loader.dataset)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - no loader, an iterable dataset: not known
+            return None
+        return rows * ((1 / 3 if self.untrained_baseline else 0.0) + 1 / 3)
+
     def _reducers_for_copy(self) -> Dict[str, Reducer]:
         return dict(self._capture.reducers)  # same reducers, so projections match the trained layers
 

@@ -180,7 +180,7 @@ class ShortcutMonitor(ProbeSetCallback):
 
     # ------------------------------------------------------------------ checks
     @override
-    def estimated_work(self) -> Optional[float]:
+    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
         """Probe samples x (prediction + attribution passes + one forward per filled region and control), with
         the unknown-region candidates counted as ``CANDIDATES``; None if a method's passes are unknown."""
         shape = None if self.probe_x is None else tuple(self.probe_x.shape[1:])
