@@ -17,6 +17,7 @@ from torch import Tensor
 
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 try:  # W&B is an optional extra
     from pytorch_lightning.loggers import WandbLogger
@@ -151,7 +152,27 @@ def log_scalars(trainer: Any, metrics: Mapping[str, float], step: Optional[int] 
     step = logging_step(trainer) if step is None else step
     clean: Dict[str, float] = {k: float(v) for k, v in metrics.items()}
     for lg in trainer.loggers:
-        lg.log_metrics(clean, step=step)
+        if not (_is_tensorboard(lg) and _add_tensorboard_scalars(lg, clean, step)):
+            lg.log_metrics(clean, step=step)
+
+
+def _add_tensorboard_scalars(logger: Any, metrics: Mapping[str, float], step: int) -> bool:
+    """All scalars of a run as one TensorBoard event (``log_metrics`` writes an event per scalar, and blocks
+    once the writer's queue of 10 is full); False when the writer is not torch's ``SummaryWriter``."""
+    if not rank_zero_only.rank == 0:
+        return True  # what TensorBoardLogger.log_metrics does off rank zero: nothing
+    writer = logger.experiment
+    file_writer = getattr(writer, "_get_file_writer", None)
+    if not type(writer).__module__.startswith("torch.utils.tensorboard") or file_writer is None:
+        return False
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    prefix = getattr(logger, "_prefix", "")
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    values = [Summary.Value(tag=f"{prefix}{join}{tag}" if prefix else tag, simple_value=value)
+              for tag, value in metrics.items()]
+    file_writer().add_summary(Summary(value=values), step)
+    return True
 
 
 def add_custom_scalars(trainer: Any, layout: Dict[str, Dict[str, list]]) -> None:

@@ -85,6 +85,33 @@ def test_images_and_text_reach_every_image_logger(tmp_path):
     assert not os.path.exists(os.path.join(csv.log_dir, "xai"))
 
 
+def test_scalars_reach_every_logger_as_one_tensorboard_event(tmp_path):
+    tb = TensorBoardLogger(str(tmp_path), name="tb", version=0, prefix="run")
+    csv = CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = _trainer(tmp_path, [tb, csv])
+    metrics = {f"xai/probe/layer{i}/accuracy": i / 10 for i in range(12)}  # more than the writer's queue of 10
+    xlog.log_scalars(trainer, metrics)
+    tb.experiment.flush()
+    csv.save()
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    import glob
+
+    events = [e for f in glob.glob(os.path.join(tb.log_dir, "events.out.tfevents.*"))
+              for e in EventFileLoader(f).Load() if e.HasField("summary")]
+    assert len(events) == 1 and events[0].step == 7  # one event, not one per scalar
+    from helpers import read_events
+
+    acc = read_events(tb.log_dir)
+    for tag, value in metrics.items():  # TensorBoardLogger's prefix, as its own log_metrics would add it
+        (scalar,) = acc.Scalars(f"run-{tag}")
+        assert scalar.step == 7 and scalar.value == pytest.approx(value)
+    import csv as csv_module
+
+    with open(os.path.join(csv.log_dir, "metrics.csv")) as fh:
+        row = next(csv_module.DictReader(fh))
+    assert float(row["xai/probe/layer3/accuracy"]) == pytest.approx(0.3) and int(row["step"]) == 7
+
+
 def test_png_fallback_without_image_logger(tmp_path):
     csv = CSVLogger(str(tmp_path), name="csv", version=0)
     trainer = _trainer(tmp_path, [csv])
