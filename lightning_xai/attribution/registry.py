@@ -1,6 +1,7 @@
 """Method registry (names -> functions), method specs for callbacks, sign flags and the Captum adapter."""
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import warnings
@@ -127,6 +128,11 @@ def get_method(spec: Any) -> Tuple[str, AttributionFn, Dict[str, Any]]:
     raise TypeError(expected("method", _valid_specs(), type(spec).__name__))
 
 
+@functools.lru_cache(maxsize=None)
+def _defaults(fn: AttributionFn) -> Dict[str, Any]:
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()}
+
+
 def method_passes(name: str, fn: AttributionFn, options: Mapping[str, Any],
                   sample_shape: Optional[Tuple[int, ...]] = None) -> Optional[float]:
     """Model passes per input sample of one call, in forward+backward equivalents (a forward alone counts
@@ -143,7 +149,7 @@ def method_passes(name: str, fn: AttributionFn, options: Mapping[str, Any],
         return None
 
     def option(key: str) -> Any:
-        return options[key] if key in options else inspect.signature(fn).parameters[key].default
+        return options[key] if key in options else _defaults(fn)[key]
 
     if name in ("saliency", "input_x_gradient", "grad_cam"):
         return 1.0

@@ -199,6 +199,7 @@ class XAICallback(Callback):
         self.errors: int = 0
         self._last_validated_epoch: Optional[int] = None
         self._last_attempted_epoch: Optional[int] = None
+        self._counts_rows = True
 
     # ------------------------------------------------------------------ naming and state
     def tag(self, *parts: Any) -> str:
@@ -236,6 +237,7 @@ class XAICallback(Callback):
         if stage == "fit":
             book = budget.ledger(trainer, new_fit=True)
             book.names[id(self)] = type(self).__name__
+            self._counts_rows = True
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -309,10 +311,11 @@ class XAICallback(Callback):
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.max_overhead is None or trainer.state.fn != TrainerFn.FITTING:
+        if not self._counts_rows or self.max_overhead is None or trainer.state.fn != TrainerFn.FITTING:
             return
         book = budget.ledger(trainer)
         if book.rows is None or book.counter not in (None, id(self)):
+            self._counts_rows = False  # another callback counts (or nobody can): nothing to do per batch
             return
         try:  # the training samples per second price a callback's first run
             rows: Optional[int] = int(extract_xy(batch, getattr(self, "batch_to_xy", None))[0].shape[0])
