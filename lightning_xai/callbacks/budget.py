@@ -83,9 +83,9 @@ class Ledger:
 
     def allows(self, key: int, max_overhead: float, epoch: Optional[int] = None, now: Optional[float] = None) -> bool:
         """Whether a run of callback ``key`` at ``epoch`` keeps explaining within ``max_overhead`` of the training
-        time. The run is expected to cost what this callback's last run cost; a callback that has never run is
-        expected to cost the mean of the other callbacks' last runs (nothing if none has run), and waits while
-        another callback has a run at the same epoch whose cost may not be charged yet."""
+        time. The run is expected to cost :meth:`expected_cost`; a callback that has never run waits while another
+        callback has a run at the same epoch whose cost may not be charged yet; and callbacks take turns (see
+        the module docstring)."""
         if key not in self.cost and epoch is not None and any(
                 other != key and epochs and epochs[-1] == epoch for other, epochs in self.runs.items()):
             return False
