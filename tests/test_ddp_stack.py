@@ -113,17 +113,6 @@ def _events(log_dir):
     }
 
 
-# Figures known to differ between one and two processes, with the reason. ShortcutMonitor draws the control
-# regions of its interventions from a generator seeded by rank (shortcuts.py `_generator(rank)`), so the
-# controls of rank 1's rows differ from a one-process run, and so do the figures built on them (match, z,
-# excess, shifts, ...); reported to the owner of lightning_xai/shortcuts. Its attribution figures must match.
-SHORTCUT_ATTRIBUTION = ("share", "share_ratio", "rank", "pointing")
-
-
-def known_different(tag):
-    return tag.startswith("xai/shortcut/corner/") and tag.split("/")[-1] not in SHORTCUT_ATTRIBUTION
-
-
 def _pixels(png):
     from PIL import Image
 
@@ -131,7 +120,7 @@ def _pixels(png):
 
 
 def _assert_same_figures(single_dir, ddp_dir, single, ddp_ranks, expect):
-    """The DDP run logged every tag once, as one process did, with the same values (but known_different ones)."""
+    """The DDP run logged every tag once, as one process did, with the same values."""
     one, two = _events(single_dir), _events(ddp_dir)
     differing = set()
     assert len(glob.glob(os.path.join(ddp_dir, "events.out.tfevents.*"))) == 1  # one writer: rank zero
@@ -152,7 +141,7 @@ def _assert_same_figures(single_dir, ddp_dir, single, ddp_ranks, expect):
                     f"{kind} {tag} differs from the one-process run"
             else:
                 assert values == one[kind][tag], f"{kind} {tag} differs from the one-process run"
-    assert not {t for t in differing if not known_different(t)}, f"scalars differ from one process: {sorted(differing)}"
+    assert not differing, f"scalars differ from one process: {sorted(differing)}"
     logged = set(one["images"]) | set(one["text"]) | set(one["scalars"])
     for tag in expect:
         assert any(t == tag or t.startswith(tag + "/") for t in logged), f"nothing logged under {tag}"
@@ -164,8 +153,7 @@ def _assert_same_figures(single_dir, ddp_dir, single, ddp_ranks, expect):
         assert got.keys() == metrics.keys(), rank
         for key, value in metrics.items():
             assert got[key] == pytest.approx(ddp_ranks[0][key], rel=1e-6, nan_ok=True), (rank, key)  # ranks agree
-            if not known_different(key):
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), (rank, key)
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), (rank, key)
 
 
 def _stack(val):

@@ -182,3 +182,31 @@ def test_unknown_region_finds_mark_and_not_on_clean(tmp_path):
             assert iou(monitor.last_hotspot, truth) >= 0.5
         else:
             assert alarm == 0.0 and not monitor.alarms
+
+
+@pytest.mark.parametrize("regions", [
+    pytest.param({"corner": (0, 0, 2, 2)}, id="box"),
+    pytest.param({"own": torch.rand(7, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5}, id="per_sample_masks"),
+])
+def test_shares_of_the_probe_set_give_the_one_process_figures(regions):
+    """What each DDP rank computes (its rows of the probe set, `split_rows`) put together equals the one-process
+    result, controls and swap partners included: the interventions are planned on the whole probe set with a
+    generator seeded alike on every rank."""
+    from lightning_xai.callbacks.base import split_rows
+
+    x, y = corner_set(7, random_mark=True)
+    module = FrozenModule(Reader(corner=True), lr=0.0)
+    monitor = ShortcutMonitor(regions=regions, probe=(x, y), num_controls=3)
+    monitor._rows = (0, 7)
+    with monitor.explain_context(module):
+        whole = monitor.compute(module, x, y)
+    parts = []
+    for rank in range(2):
+        start, stop, keep = split_rows(7, 2, rank)
+        monitor._rows = (start, stop)
+        with monitor.explain_context(module):
+            parts.append({k: v[:keep] for k, v in monitor.compute(module, x[start:stop], y[start:stop]).items()})
+    name = next(iter(regions))
+    assert f"{name}/control_shift" in whole
+    for key, value in whole.items():
+        assert torch.allclose(torch.cat([p[key] for p in parts]).float(), value.float(), atol=1e-6), key

@@ -152,6 +152,34 @@ def test_controls_matched_and_private_rng():
     assert not bool((ctrl & masks.unsqueeze(1)).any())
 
 
+@pytest.mark.parametrize("fill, placement, region", [
+    pytest.param("swap", "matched", "box", id="swap-matched-box"),
+    pytest.param("swap", "matched", "background", id="swap-matched-background"),
+    pytest.param("mean", "random", "box", id="mean-random-box"),
+    pytest.param("blur", "matched", "background", id="blur-matched-background"),
+])
+def test_intervention_shares_add_up_to_the_whole_set(fill, placement, region):
+    """Split invariance: the rows of a split run (plan on the whole set, model on a share, as each DDP rank does)
+    put together are the whole-set run, whatever the split; so the figures do not depend on the process count."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    x, y = torch.rand(9, 1, 8, 8), torch.randint(0, 5, (9,))
+    masks = region_masks((0, 0, 2, 3), x) if region == "box" else torch.rand(9, 8, 8) > 0.6  # unequal areas
+    kwargs = dict(fill=fill, placement=placement, num_controls=3)
+    whole = intervene(net, x, masks, y, generator=torch.Generator().manual_seed(5), **kwargs)
+    for split in ([(0, 5), (5, 9)], [(0, 3), (3, 6), (6, 9)], [(8, 9)]):
+        parts = [intervene(net, x, masks, y, generator=torch.Generator().manual_seed(5), rows=r, **kwargs) for r in split]
+        start, stop = split[0][0], split[-1][1]
+        for key, value in whole.items():
+            got = torch.cat([p[key] for p in parts])
+            assert got.shape == value[start:stop].shape, key
+            assert torch.allclose(got.float(), value[start:stop].float(), atol=1e-6), (split, key)
+    with pytest.raises(ValueError, match="rows"):
+        intervene(net, x, masks, y, rows=(4, 4))
+    with pytest.raises(ValueError, match="rows"):
+        intervene(net, x, masks, y, rows=(0, 10))
+
+
 # --------------------------------------------------------------------------- alarm
 def test_alarm_rule():
     n = 100

@@ -21,6 +21,10 @@ Every explained validation epoch, on a fixed probe set (default 256 samples, str
 * **self-check** (``sanity_check=True``): at the first explained epoch, the parameter-randomisation
   check of each method; a method whose maps barely change is named in a warning.
 
+Under DDP each rank runs the model on its share of the probe set only; the edits (swap partners, controls, every
+random draw) are planned on the whole probe set with a generator seeded alike on every rank, so the figures are
+those of one process.
+
 On an alarm, ``action="warn"`` warns on rank zero (region, epoch, figures), ``"stop"`` also sets
 ``trainer.should_stop`` on every rank (like EarlyStopping), ``"log"`` only logs. The ``alarm`` scalar
 of each region is logged every time, through ``pl_module.log``, so EarlyStopping can monitor it.
@@ -237,20 +241,36 @@ class ShortcutMonitor(ProbeSetCallback):
             spec = spec[start:stop]
         return region_masks(spec, x, name)
 
-    def _generator(self, rank: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1000 + rank)
+    def _generator(self) -> torch.Generator:
+        """The generator of the known-region interventions, seeded alike on every rank: each rank plans the edits of
+        the whole probe set with it, so the figures do not depend on the number of processes."""
+        return torch.Generator().manual_seed(self.seed * 1000)
 
     def _intervene(self, forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Optional[Tensor],
-                   generator: torch.Generator) -> Dict[str, Tensor]:
+                   generator: torch.Generator, rows: Optional[Tuple[int, int]] = None) -> Dict[str, Tensor]:
         return intervene(forward, x, masks.to(x.device), y, fill=self.fill, num_controls=self.num_controls,
-                         placement=self.placement, generator=generator)
+                         placement=self.placement, generator=generator, rows=rows)
+
+    def _whole_set(self, x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Optional[Tuple[int, int]]]:
+        """The whole probe set and this rank's rows in it when ``x`` is this rank's share of it (the interventions
+        are planned on the whole set), else ``(x, y, None)``."""
+        start, stop = self._rows
+        whole = self.probe_x
+        if whole is None or stop - start != x.shape[0] or whole.shape[1:] != x.shape[1:]:
+            return x, y, None
+        whole = whole.to(device=x.device, dtype=x.dtype)
+        if not torch.equal(whole[start:stop], x):
+            return x, y, None
+        labels = None if y is None or self.probe_y is None else self.probe_y.to(y.device)
+        if y is not None and (labels is None or not torch.equal(labels[start:stop], y)):
+            return x, y, None
+        return whole, labels, (start, stop)
 
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_images(x)
         forward = self.logits_fn(pl_module)
-        rank = getattr(getattr(pl_module, "_trainer", None), "global_rank", 0) or 0
-        gen = self._generator(rank)
+        gen = self._generator()
         with torch.no_grad():
             pred = forward(x).argmax(1)
         target = y if y is not None else pred
@@ -258,11 +278,13 @@ class ShortcutMonitor(ProbeSetCallback):
         if self.regions:
             name, fn, options = self.method
             maps = fn(forward, x, target, **options).detach()
+            whole_x, whole_y, rows = self._whole_set(x, y)
             for region in self.regions:
                 masks = self._masks(region, x)
                 for key, value in region_metrics(maps, masks).items():
                     results[f"{region}/{key}"] = value
-                out = self._intervene(forward, x, masks, y, gen)
+                whole_masks = masks if rows is None else self._masks(region, whole_x, rows=(0, whole_x.shape[0]))
+                out = self._intervene(forward, whole_x, whole_masks, whole_y, gen, rows)  # planned on the whole set
                 for key in INTERVENTION_KEYS:
                     if key in out:
                         results[f"{region}/{key}"] = out[key]

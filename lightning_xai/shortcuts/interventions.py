@@ -16,6 +16,10 @@ variation distance between the predicted distributions before and after,
 :math:`\tfrac12 \lVert p(x) - p(x') \rVert_1 \in [0, 1]`. The shift is continuous, so it moves
 while a shortcut is being learned, before predictions flip.
 
+Split over processes: with ``rows=(start, stop)`` the edits are planned for the whole set (partners, controls,
+the mean image, every random draw) and the model runs on rows ``start:stop`` only, so the figures of each row do not
+depend on how the set is shared out; the union of the shares is the one-process result.
+
 Swap partners: sample ``i`` receives the region of the probe sample whose content there differs most
 from its own (the "paste the watermark onto a car" test of Lapuschkin et al. 2019,
 https://www.nature.com/articles/s41467-019-08987-4): an insertion where ``i`` lacks a mark the partner
@@ -242,19 +246,23 @@ def intervene(
     batch_size: Optional[int] = 256,
     max_candidates: int = 64,
     groups: Optional[Tensor] = None,
+    rows: Optional[Tuple[int, int]] = None,
 ) -> Dict[str, Tensor]:
     """Replace the region (and its controls) in every sample and record what the model does.
 
-    Forward-only: ``N * (2 + K)`` rows in batches of ``batch_size``, under ``torch.no_grad``.
+    Forward-only: ``R * (2 + K)`` rows in batches of ``batch_size``, under ``torch.no_grad``, where ``R`` is the
+    number of rows run (``N`` unless ``rows`` is given).
 
     Args:
         forward: ``inputs -> logits (N, classes)``.
         x: images ``(N, C, H, W)``; masks: the region ``(N, H, W)`` bool; y: labels ``(N,)`` or None.
         fill, reference, sigma: see :func:`fill_source`. num_controls, placement, max_candidates: see
             :func:`control_masks`. generator: private randomness (tie breaks, placements).
+        rows: ``(start, stop)``: plan the edits on all of ``x`` (partners, controls and every random draw as without
+            ``rows``) but run the model on rows ``start:stop`` only, one process' share of a probe set.
 
     Returns:
-        Per-sample tensors: ``pred (N,)`` the prediction on the intact input, ``flip (N,)`` whether it changed
+        Per-sample tensors of the rows run (``R`` of them, written ``N`` here; ``partner`` indexes all of ``x``): ``pred (N,)`` the prediction on the intact input, ``flip (N,)`` whether it changed
         when the region was filled, ``shift (N,)`` the output shift (total variation distance), ``delta (N, classes)``
         the change of the predicted probabilities, ``prob_drop (N,)`` the drop of the originally predicted class'
         probability, ``change (N,)`` the squared input change, ``control_flip (N, K)``, ``control_shift (N, K)``,
@@ -277,6 +285,7 @@ def intervene(
     n, _, h, w = x.shape
     if masks.shape != (n, h, w) or masks.dtype != torch.bool:
         raise ValueError(expected("masks", f"a boolean tensor of shape ({n}, {h}, {w})", masks))
+    start, stop = _intervene_validate_rows(rows, n)
     x = x.detach()
     partners = swap_partners(x, masks, generator, groups) if fill == "swap" else None
     source = fill_source(x, fill, partners, reference, sigma)  # (N, C, H, W), position by position
@@ -285,6 +294,12 @@ def intervene(
     region_change = ((region_edit - x) ** 2).flatten(1).sum(1)  # (N,)
     controls = control_masks(masks, change_map, num_controls, placement, generator, max_candidates,
                              region_change)  # (N, K, H, W)
+    if (start, stop) != (0, n):  # the plan above is the whole set's; the model runs on this share only
+        x, source, change_map, region_edit = x[start:stop], source[start:stop], change_map[start:stop], region_edit[start:stop]
+        region_change, controls = region_change[start:stop], controls[start:stop]
+        partners = None if partners is None else partners[start:stop]
+        y = None if y is None else y[start:stop]
+        n = stop - start
     k1 = num_controls + 1
     edited = torch.where(controls.unsqueeze(2), source.unsqueeze(1), x.unsqueeze(1))  # (N, K, C, H, W)
     edited = torch.cat([region_edit.unsqueeze(1), edited], 1)  # (N, 1 + K, C, H, W)
@@ -308,6 +323,16 @@ def intervene(
         correct = (pred_after == y.unsqueeze(1)).float()
         out.update(correct=(pred == y).float(), region_correct=correct[:, 0], control_correct=correct[:, 1:])
     return out
+
+
+def _intervene_validate_rows(rows: Optional[Tuple[int, int]], n: int) -> Tuple[int, int]:
+    if rows is None:
+        return 0, n
+    ok = isinstance(rows, (tuple, list)) and len(rows) == 2 and all(isinstance(r, int) and not isinstance(r, bool)
+                                                                       for r in rows)
+    if not ok or not 0 <= rows[0] < rows[1] <= n:
+        raise ValueError(expected("rows", f"a pair (start, stop) of ints with 0 <= start < stop <= {n}", rows))
+    return int(rows[0]), int(rows[1])
 
 
 def intervention_summary(results: Dict[str, Tensor]) -> Dict[str, float]:
