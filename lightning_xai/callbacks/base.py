@@ -27,9 +27,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_xai._utils import eager_compiled, is_compiled
+from lightning_xai._utils import (as_logits, check_choice, check_positive_int, eager_compiled, expected, gradient_context,
+                                  is_compiled, preserve_modes, select_output)
 from lightning_xai.callbacks import budget
-from lightning_xai._utils import as_logits, check_choice, check_positive_int, expected, gradient_context, preserve_modes, select_output
 from lightning_xai.logging import log_scalars, logging_step, warn_once
 
 BatchToXY = Callable[[Any], Tuple[Tensor, Optional[Tensor]]]
