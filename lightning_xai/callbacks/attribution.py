@@ -20,10 +20,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_xai._utils import expected
+from lightning_xai._utils import eager_compiled, expected
 from lightning_xai.attribution import PinnedOptions, get_method, is_signed
 from lightning_xai.attribution.registry import method_passes
-from lightning_xai._utils import eager_compiled
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import attribution_grid

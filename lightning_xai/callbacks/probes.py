@@ -26,8 +26,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
 
-from lightning_xai._utils import check_choice, check_positive_int, expected, preserve_modes
-from lightning_xai._utils import eager_compiled, is_compiled
+from lightning_xai._utils import check_choice, check_positive_int, eager_compiled, expected, is_compiled, preserve_modes
 from lightning_xai.callbacks import budget
 from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy, gather_rows
 from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once

@@ -21,9 +21,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_xai._utils import check_positive_int, expected
+from lightning_xai._utils import check_positive_int, eager_compiled, expected
 from lightning_xai.attribution import PinnedOptions, get_method
-from lightning_xai._utils import eager_compiled
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image
 from lightning_xai.projections.plot import barh_image

@@ -20,9 +20,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_xai._utils import check_positive_int, expected, resolve_layer
+from lightning_xai._utils import check_positive_int, eager_compiled, expected, resolve_layer
 from lightning_xai.attribution import PinnedOptions
-from lightning_xai._utils import eager_compiled
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_text, warn_once
 from lightning_xai.text import BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions, token_share

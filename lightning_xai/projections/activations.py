@@ -13,8 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_xai._utils import check_positive_int, chunks, expected, preserve_modes
-from lightning_xai._utils import eager_compiled
+from lightning_xai._utils import check_positive_int, chunks, eager_compiled, expected, preserve_modes
 from lightning_xai.probes import ActivationCapture
 from lightning_xai.probes.reduce import DEFAULT_MAX_DIM, ReduceSpec
 

@@ -17,9 +17,9 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_xai._utils import HookSet, Target, check_choice, expected, frozen_params, gradient_context, resolve_layer, validate_target
+from lightning_xai._utils import (HookSet, Target, check_choice, eager_compiled, expected, frozen_params, gradient_context,
+                                  resolve_layer, validate_target)
 from lightning_xai.attribution import input_x_gradient, integrated_gradients, saliency, smoothgrad
-from lightning_xai._utils import eager_compiled
 
 #: Methods that work on embeddings (the image-only ones, occlusion/Grad-CAM/LIME, are left out).
 TOKEN_METHODS: Dict[str, Callable[..., Any]] = {
