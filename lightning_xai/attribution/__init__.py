@@ -15,7 +15,8 @@ from lightning_xai.attribution.gradient import input_x_gradient, saliency, smoot
 from lightning_xai.attribution.integrated_gradients import gaussian_blur, integrated_gradients, quadrature
 from lightning_xai.attribution.lime import grid_segments, lime
 from lightning_xai.attribution.occlusion import occlusion, occlusion_windows
-from lightning_xai.attribution.registry import METHODS, CaptumMethod, PinnedOptions, from_captum, get_method, is_signed
+from lightning_xai.attribution.registry import (METHODS, CaptumMethod, PinnedOptions, from_captum, get_method, is_signed,
+                                                method_passes)
 
 __all__ = [
     "DEFAULT_MAX_ROWS",
@@ -31,6 +32,7 @@ __all__ = [
     "integrated_gradients",
     "is_signed",
     "lime",
+    "method_passes",
     "occlusion",
     "occlusion_windows",
     "quadrature",

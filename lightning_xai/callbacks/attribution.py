@@ -21,8 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import eager_compiled, expected
-from lightning_xai.attribution import PinnedOptions, get_method, is_signed
-from lightning_xai.attribution.registry import method_passes
+from lightning_xai.attribution import PinnedOptions, get_method, is_signed, method_passes
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import attribution_grid

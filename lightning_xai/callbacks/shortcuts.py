@@ -42,8 +42,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, expected
-from lightning_xai.attribution import get_method
-from lightning_xai.attribution.registry import method_passes
+from lightning_xai.attribution import get_method, method_passes
 from lightning_xai.callbacks.base import ProbeSetCallback, split_rows
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
