@@ -83,11 +83,19 @@ def _to_uint8_hwc(image: Tensor) -> Any:
     return out.numpy()
 
 
+def _torch_file_writer(writer: Any) -> Any:
+    """The event-file writer behind torch's ``SummaryWriter`` (to add a ``Summary`` proto directly), else None."""
+    file_writer = getattr(writer, "_get_file_writer", None)
+    if not type(writer).__module__.startswith("torch.utils.tensorboard") or file_writer is None:
+        return None
+    return file_writer()
+
+
 def _add_tensorboard_image(writer: Any, tag: str, image: Tensor, step: int) -> None:
     """``writer.add_image`` with a fast PNG encoding (zlib level 1: about half the time of the default level 6,
     a slightly larger file) for torch's ``SummaryWriter``; other writers get ``add_image``."""
-    file_writer = getattr(writer, "_get_file_writer", None)
-    if not type(writer).__module__.startswith("torch.utils.tensorboard") or file_writer is None:
+    file_writer = _torch_file_writer(writer)
+    if file_writer is None:
         writer.add_image(tag, image, global_step=step, dataformats="CHW")
         return
     from PIL import Image
@@ -98,7 +106,7 @@ def _add_tensorboard_image(writer: Any, tag: str, image: Tensor, step: int) -> N
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     height, width, channels = pixels.shape
     png = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
-    file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
+    file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
 
 
 def log_image(trainer: Any, tag: str, image: Tensor, step: Optional[int] = None) -> List[str]:
@@ -161,9 +169,8 @@ def _add_tensorboard_scalars(logger: Any, metrics: Mapping[str, float], step: in
     once the writer's queue of 10 is full); False when the writer is not torch's ``SummaryWriter``."""
     if not rank_zero_only.rank == 0:
         return True  # what TensorBoardLogger.log_metrics does off rank zero: nothing
-    writer = logger.experiment
-    file_writer = getattr(writer, "_get_file_writer", None)
-    if not type(writer).__module__.startswith("torch.utils.tensorboard") or file_writer is None:
+    file_writer = _torch_file_writer(logger.experiment)
+    if file_writer is None:
         return False
     from tensorboard.compat.proto.summary_pb2 import Summary
 
@@ -171,7 +178,7 @@ def _add_tensorboard_scalars(logger: Any, metrics: Mapping[str, float], step: in
     join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
     values = [Summary.Value(tag=f"{prefix}{join}{tag}" if prefix else tag, simple_value=value)
               for tag, value in metrics.items()]
-    file_writer().add_summary(Summary(value=values), step)
+    file_writer.add_summary(Summary(value=values), step)
     return True
 
 

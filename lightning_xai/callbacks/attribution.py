@@ -119,12 +119,11 @@ class AttributionMonitor(ProbeSetCallback):
     @override
     def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
         """Probe samples x (the prediction's forward + every method's passes); None if a method's is unknown."""
-        shape = None if self.probe_x is None else tuple(self.probe_x.shape[1:])
+        rows, shape = self.probe_size()
         passes = [method_passes(name, fn, {"return_delta": name == "integrated_gradients", **options}, shape)
                   for name, fn, options in self.methods]
         if any(p is None for p in passes):
             return None
-        rows = self.probe_x.shape[0] if self.probe_x is not None else self.probe_samples
         return rows * (1 / 3 + sum(passes))
 
     # ------------------------------------------------------------------ checks

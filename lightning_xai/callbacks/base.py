@@ -85,6 +85,13 @@ def split_rows(n: int, world: int, rank: int) -> Tuple[int, int, int]:
     return start, stop, stop - start
 
 
+def first_loader(loaders: Any) -> Any:
+    """The first of Lightning's dataloaders (a loader, or a list/tuple of them; None when there are none)."""
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
+
+
 def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` (rows may differ per rank) from every rank, rank-major, on every rank.
 
@@ -509,6 +516,12 @@ class ProbeSetCallback(XAICallback):
     def has_probe(self) -> bool:
         return self.probe_x is not None
 
+    def probe_size(self) -> Tuple[int, Optional[Tuple[int, ...]]]:
+        """Rows of the probe set (``probe_samples`` until it is chosen) and the shape of one sample (None until then)."""
+        if self.probe_x is None:
+            return self.probe_samples, None
+        return int(self.probe_x.shape[0]), tuple(self.probe_x.shape[1:])
+
     def _collect(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int) -> None:
         if self.has_probe or trainer.sanity_checking or dataloader_idx != 0 or self._probe_indices is not None:
             return
@@ -589,8 +602,7 @@ class ProbeSetCallback(XAICallback):
         return True
 
     def _load_indices(self, trainer: "pl.Trainer") -> None:
-        loaders = trainer.val_dataloaders if trainer.state.fn != TrainerFn.TESTING else trainer.test_dataloaders
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        loader = first_loader(trainer.val_dataloaders if trainer.state.fn != TrainerFn.TESTING else trainer.test_dataloaders)
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             raise MisconfigurationException("`probe` was given as dataset indices, but no validation dataset was found.")

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, eager_compiled, expected, is_compiled, preserve_modes
 from lightning_xai.callbacks import budget
-from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy, gather_rows
+from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy, first_loader, gather_rows
 from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
 from lightning_xai.probes import ActivationCapture, Reducer, input_reducer
 from lightning_xai.probes.epoch import EpochProbe, control_table
@@ -206,8 +206,7 @@ class LinearProbeMonitor(XAICallback):
     def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
         """Validation samples x (a forward of the untrained copy, if any, + capturing, reducing and fitting,
         taken as one forward's worth); None when the validation set has no length."""
-        loaders = None if trainer is None else trainer.val_dataloaders
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        loader = None if trainer is None else first_loader(trainer.val_dataloaders)
         try:
             rows = len(loader.dataset)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - no loader, an iterable dataset: not known

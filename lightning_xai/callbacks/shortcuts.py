@@ -186,7 +186,7 @@ class ShortcutMonitor(ProbeSetCallback):
     def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
         """Probe samples x (prediction + attribution passes + one forward per filled region and control), with
         the unknown-region candidates counted as ``CANDIDATES``; None if a method's passes are unknown."""
-        shape = None if self.probe_x is None else tuple(self.probe_x.shape[1:])
+        rows, shape = self.probe_size()
         per_sample, fills = 1 / 3, 0
         if self.regions:
             name, fn, options = self.method
@@ -201,7 +201,6 @@ class ShortcutMonitor(ProbeSetCallback):
                 return None
             per_sample, fills = per_sample + passes, fills + len(CANDIDATES)
         per_sample += fills * (1 + self.num_controls) / 3
-        rows = self.probe_x.shape[0] if self.probe_x is not None else self.probe_samples
         return rows * per_sample
 
     @staticmethod
