@@ -184,7 +184,7 @@ def as_logits(output: Any) -> Tensor:
         if output.ndim == 1:
             return output.unsqueeze(1)
         if output.ndim != 2:
-            raise ValueError(expected("model output", "logits of shape (N, classes)", output))
+            raise ValueError(expected("model output", "logits of shape (N, classes), or (N,) / (N, 1) for one binary logit", output))
         return output
     raise TypeError(
         expected(
@@ -225,6 +225,37 @@ def validate_target(target: Target, n: int) -> None:
             raise ValueError(expected("target", f"a LongTensor of shape ({n},)", target))
         return
     raise TypeError(expected("target", "an int, a LongTensor (N,), None or a callable", type(target).__name__))
+
+
+def two_class_logits(output: Any) -> Tensor:
+    """:func:`as_logits`, with one binary logit per sample read as two classes.
+
+    A single output per sample, ``(N,)`` or ``(N, 1)``, is taken as the logit :math:`z` of a binary classifier
+    (a model trained with ``BCEWithLogitsLoss``) and returned as the logits :math:`(-z/2, z/2)`: their softmax is
+    :math:`(1 - \sigma(z), \sigma(z))`, the predicted class is 1 where :math:`z > 0`, and explaining class 1
+    (class 0) explains :math:`z/2` (:math:`-z/2`). The callbacks see every model through this view, so a binary
+    model's predictions, labels 0/1 and class probabilities mean what they say.
+
+    Example:
+        >>> two_class_logits(torch.tensor([[2.0], [-4.0]]))
+        tensor([[-1.,  1.],
+                [ 2., -2.]])
+    """
+    logits = as_logits(output)
+    if logits.shape[1] != 1:
+        return logits
+    return torch.cat([-0.5 * logits, 0.5 * logits], 1)
+
+
+def class_probs(logits: Tensor) -> Tensor:
+    """Class probabilities ``(N, classes)`` in float32 from logits; one logit per sample is a binary classifier
+    (:func:`two_class_logits`), so it gives :math:`(1 - \sigma(z), \sigma(z))`.
+
+    Example:
+        >>> class_probs(torch.zeros(1, 1))
+        tensor([[0.5000, 0.5000]])
+    """
+    return two_class_logits(logits).float().softmax(1)
 
 
 def resolve_target(forward: Callable[[Tensor], Tensor], inputs: Tensor, target: Target) -> Target:

@@ -27,8 +27,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_xai._utils import (as_logits, check_choice, check_positive_int, eager_compiled, expected, gradient_context,
-                                  is_compiled, preserve_modes, select_output)
+from lightning_xai._utils import (check_choice, check_positive_int, eager_compiled, expected, gradient_context, is_compiled,
+                                  preserve_modes, select_output, two_class_logits)
 from lightning_xai.callbacks import budget
 from lightning_xai.logging import log_scalars, logging_step, warn_once
 
@@ -262,12 +262,13 @@ class XAICallback(Callback):
 
     # ------------------------------------------------------------------ model access
     def logits_fn(self, pl_module: "pl.LightningModule") -> Callable[[Tensor], Tensor]:
-        """``inputs -> logits (N, classes)`` for the unwrapped module, honouring ``forward``/``output_key``."""
+        """``inputs -> logits (N, classes)`` for the unwrapped module, honouring ``forward``/``output_key``; a model
+        with one binary logit is seen as two classes (:func:`~lightning_xai._utils.two_class_logits`)."""
         if self.forward is not None:
             user = self.forward
-            return lambda x: as_logits(user(pl_module, x))
+            return lambda x: two_class_logits(user(pl_module, x))
         key = self.output_key
-        return lambda x: as_logits(select_output(pl_module(x), key))
+        return lambda x: two_class_logits(select_output(pl_module(x), key))
 
     @contextlib.contextmanager
     def explain_context(self, pl_module: "pl.LightningModule") -> Iterator[None]:
