@@ -10,7 +10,8 @@ from lightning_xai.shortcuts.alarm import shortcut_alarm
 from lightning_xai.shortcuts.hotspots import find_hotspot
 from lightning_xai.shortcuts.interventions import control_masks, intervene, intervention_summary, swap_partners
 from lightning_xai.shortcuts.metrics import attribution_share, pointing_game, region_metrics, relevance_rank, share_ratio
-from lightning_xai.shortcuts.regions import iou, normalize_regions, preset_mask, region_masks, translates
+from lightning_xai.shortcuts.regions import (component_shifts, connected_components, iou, normalize_regions, preset_mask, region_masks,
+                                             shifted_copies, translates)
 from lightning_xai.shortcuts.sanity import randomisation_check, spearman
 from lightning_xai.shortcuts.spray import spray
 
@@ -56,6 +57,99 @@ def test_translates_equal_area_and_disjoint():
     assert not bool((cands & mask).any())
     ring = translates(preset_mask("border", (8, 8)), max_candidates=5, generator=torch.Generator().manual_seed(0))
     assert ring.shape[0] == 5 and bool((ring.flatten(1).sum(1) == 28).all())  # scattered fallback, equal area
+
+
+def pieces(mask):
+    """The 8-connected pieces of ``mask (H, W)`` as sorted (height, width, pixels) keys of their bounding-box crops."""
+    labels, count = connected_components(mask)
+    out = []
+    for c in range(1, count + 1):
+        piece = labels == c
+        rows, cols = piece.any(1).nonzero().view(-1), piece.any(0).nonzero().view(-1)
+        crop = piece[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1]
+        out.append((crop.shape[0], crop.shape[1], tuple(crop.flatten().tolist())))
+    return sorted(out)
+
+
+def test_connected_components_hand_made():
+    labels, count = connected_components(preset_mask("corners", (8, 8)))
+    assert count == 4
+    assert labels[0, 0] == 1 and labels[0, 7] == 2 and labels[7, 0] == 3 and labels[7, 7] == 4 and labels[3, 3] == 0
+    assert [int((labels == c).sum()) for c in range(1, 5)] == [4, 4, 4, 4]
+    diagonal = torch.eye(5, dtype=torch.bool)  # touching at corners only: one piece under 8-connectivity
+    assert connected_components(diagonal)[1] == 1
+    gap = torch.zeros(5, 5, dtype=torch.bool)
+    gap[0, 0] = gap[0, 2] = gap[4, 4] = True
+    labels, count = connected_components(gap)
+    assert count == 3 and labels[0, 2] == 2 and labels[4, 4] == 3
+    assert connected_components(torch.zeros(4, 4, dtype=torch.bool))[1] == 0
+    assert connected_components(preset_mask("border", (8, 8)))[1] == 1
+
+
+def odd_pieces():
+    """8x8: an L (3 px), a 1x3 bar and a single pixel, spread so that no shifted copy of the whole fits."""
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[0, 0] = mask[1, 0] = mask[1, 1] = True
+    mask[7, 4:7] = True
+    mask[3, 7] = True
+    return mask
+
+
+@pytest.mark.parametrize("mask", [pytest.param(preset_mask("corners", (8, 8)), id="corners"),
+                                  pytest.param(odd_pieces(), id="odd_pieces")])
+def test_component_shifts_move_each_piece(mask):
+    assert shifted_copies(mask) is None  # the case component_shifts is for
+    cands = component_shifts(mask, max_candidates=20, generator=torch.Generator().manual_seed(0))
+    assert cands.shape == (20, 8, 8) and cands.dtype == torch.bool
+    assert torch.equal(cands.flatten(1).sum(1), torch.full((20,), int(mask.sum())))  # the region's area
+    assert not bool((cands & mask).any())  # off the region
+    assert len({str(c.flatten().tolist()) for c in cands}) == 20  # distinct
+    for cand in cands:
+        assert pieces(cand) == pieces(mask)  # the same pieces, moved
+    layers = component_shifts(mask, max_candidates=20, generator=torch.Generator().manual_seed(0), by_piece=True)
+    labels, count = connected_components(mask)
+    assert layers.shape == (20, count, 8, 8) and torch.equal(layers.any(1), cands)
+    for p in range(count):  # layer p is piece p + 1, moved
+        assert all(pieces(layer) == pieces(labels == p + 1) for layer in layers[:, p])
+    again = component_shifts(mask, max_candidates=20, generator=torch.Generator().manual_seed(0))
+    other = component_shifts(mask, max_candidates=20, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cands, again) and not torch.equal(cands, other)
+
+
+def test_component_shifts_none():
+    assert component_shifts(preset_mask("top_left", (8, 8))) is None  # one piece
+    assert component_shifts(preset_mask("border", (8, 8))) is None  # a ring is one piece
+    block = torch.zeros(4, 4, dtype=torch.bool)
+    block[:, 0] = block[:, 2:] = True  # a 4x1 bar and a 4x2 block: the block has no place off the region
+    assert component_shifts(block) is None
+    bars = torch.zeros(3, 3, dtype=torch.bool)
+    bars[:, 0] = bars[:, 2] = True  # two 3x1 bars: each fits on the middle column only, so never both at once
+    assert component_shifts(bars, generator=torch.Generator().manual_seed(0)) is None
+    rng = torch.get_rng_state()
+    component_shifts(preset_mask("corners", (8, 8)), 4, torch.Generator().manual_seed(0))
+    assert torch.equal(rng, torch.get_rng_state())  # private randomness only
+    assert translates(preset_mask("corners", (8, 8)), 4, torch.Generator().manual_seed(0)).flatten(1).sum(1).tolist() == [16] * 4
+
+
+@pytest.mark.parametrize("placement", ["matched", "random"])
+def test_controls_of_corners_are_compact(placement):
+    """The four corners fit no shifted copy: their controls are four 2x2 squares elsewhere (not scattered pixels),
+    and ``"matched"`` picks among them the one whose input change is closest to the region's."""
+    masks = region_masks("corners", torch.zeros(5, 1, 8, 8))
+    change = torch.rand(5, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctrl = control_masks(masks, change, 6, placement, torch.Generator().manual_seed(0))
+    assert ctrl.shape == (5, 6, 8, 8) and not bool((ctrl & masks.unsqueeze(1)).any())
+    square = [(2, 2, (True,) * 4)] * 4
+    assert all(pieces(c) == square for c in ctrl.flatten(0, 1))
+    if placement == "matched":  # matched piece by piece: each moved square against its own corner's change
+        moved = component_shifts(masks[0], 64, torch.Generator().manual_seed(0), by_piece=True)  # control_masks' draws
+        labels, _ = connected_components(masks[0])
+        for i in range(5):
+            own = torch.stack([(change[i] * (labels == p)).sum() for p in range(1, 5)])  # (4,)
+            gap = (torch.einsum("sphw,hw->sp", moved.float(), change[i]) - own).abs().sum(1)  # (S,)
+            assert torch.equal(ctrl[i, 0], moved[gap.argmin()].any(0))  # the closest first
+            total = (torch.einsum("shw,hw->s", moved.any(1).float(), change[i]) - own.sum()).abs()
+            assert gap.argmin() != total.argmin()  # (not the same pick as matching the total change only)
 
 
 # --------------------------------------------------------------------------- metrics

@@ -1,4 +1,4 @@
-"""Interventions, the ground truth of reliance: replace a region and see how much the predictions move.
+r"""Interventions, the ground truth of reliance: replace a region and see how much the predictions move.
 
 For each sample the region is filled (``"mean"``: the probe set's mean image there; ``"blur"``: a
 Gaussian blur of the sample itself; ``"swap"``: another probe sample's region, see :func:`transplant`) and the model
@@ -7,9 +7,14 @@ elsewhere (:func:`~lightning_xai.shortcuts.regions.shifted_copies`). With ``plac
 default) the controls of a sample are the placements where the fill changes the input by about as
 much as it does in the region, so "the region moves the predictions more than its controls" means the
 model is more sensitive there per unit of input change, not that the region happens to hold more
-ink. Where no shifted copy fits (a background, a border), the controls are random pixel sets outside
-the region whose fill changes the input as much (:func:`change_matched_sets`): equal-area sets would have
-to cover the object. ``"random"`` draws the placements uniformly.
+ink. Where no shifted copy of the whole region fits but it has several pieces (the four ``"corners"``), each
+piece is moved on its own (:func:`~lightning_xai.shortcuts.regions.component_shifts`) and matched piece by
+piece: the controls stay as compact as the region (scattered pixels move a convolutional network much less
+for the same input change, so the region looked special), and a control's change is spread over its pieces
+as the region's is (a mark in one corner is compared with one changed square and three quiet ones, not four
+half-changed squares). Where neither fits (one piece: a background, a border ring), the controls are random
+pixel sets outside the region whose fill changes the input as much (:func:`change_matched_sets`): equal-area
+sets would have to cover the object. ``"random"`` draws the placements uniformly.
 
 Each edit is scored per sample by the flip of the prediction and by the *output shift*, the total
 variation distance between the predicted distributions before and after,
@@ -33,9 +38,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from lightning_xai._utils import as_logits, check_choice, check_positive_int, chunks, expected
+from lightning_xai._utils import check_choice, check_positive_int, chunks, class_probs, expected
 from lightning_xai.attribution import gaussian_blur
-from lightning_xai.shortcuts.regions import scattered, shifted_copies
+from lightning_xai.shortcuts.regions import component_shifts, connected_components, scattered, shifted_copies
 
 FILLS = ("mean", "blur", "swap")
 PLACEMENTS = ("matched", "random")
@@ -180,16 +185,21 @@ def change_matched_sets(mask: Tensor, change_map: Tensor, target: float, count: 
 def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placement: str = "matched",
                   generator: Optional[torch.Generator] = None, max_candidates: int = 64,
                   region_change: Optional[Tensor] = None) -> Tensor:
-    """Control regions ``(N, K, H, W)``: equal-area placements of each sample's region elsewhere.
+    r"""Control regions ``(N, K, H, W)``: equal-area placements of each sample's region elsewhere.
 
     Args:
         masks: region masks ``(N, H, W)``.
         change_map: per-pixel squared input change the fill causes ``(N, H, W)`` (used by ``"matched"``).
         num_controls: ``K``.
-        placement: ``"matched"`` picks, per sample, the shifted copies whose input change is closest to the
-            region's (where no shifted copy fits, :func:`change_matched_sets` outside the region);
-            ``"random"`` picks shifted copies (or :func:`~lightning_xai.shortcuts.regions.scattered` sets) at
-            random. With fewer than ``K`` candidates they are reused.
+        placement: ``"matched"`` picks, per sample, the candidates whose input change is closest to the
+            region's; ``"random"`` picks candidates at random. The candidates are the shifted copies of the region
+            (:func:`~lightning_xai.shortcuts.regions.shifted_copies`), or where none fits its pieces moved one
+            by one (:func:`~lightning_xai.shortcuts.regions.component_shifts`); these are matched piece by piece,
+            :math:`\sum_p |\Delta x(\text{moved}_p) - \Delta x_{region} \, s_p|` with :math:`s_p` piece
+            :math:`p`'s share of the region's change. Where neither fits (one piece, such as a border ring or a
+            background), ``"matched"`` draws :func:`change_matched_sets` outside the region and ``"random"``
+            :func:`~lightning_xai.shortcuts.regions.scattered` sets. With fewer than ``K`` candidates they are
+            reused.
         region_change: the region's own input change ``(N,)`` (default: ``change_map`` summed over the region).
     """
     check_choice("placement", placement, PLACEMENTS)
@@ -199,6 +209,13 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
     for u in range(unique.shape[0]):
         mask = unique[u].view(h, w)
         cands = shifted_copies(mask.cpu(), max_candidates, generator)
+        moved = own = None
+        if cands is None:  # the pieces moved one by one, kept apart so that each is matched to its own
+            moved = component_shifts(mask.cpu(), max_candidates, generator, by_piece=True)  # (S, P, H, W)
+            if moved is not None:
+                cands, moved = moved.any(1), moved.to(masks.device).flatten(2).to(change_map.dtype)  # (S, P, HW)
+                labels, count = connected_components(mask)
+                own = (labels.flatten() == torch.arange(1, count + 1, device=labels.device).view(-1, 1)).to(change_map.dtype)
         rows = (inverse == u).nonzero().view(-1)
         if cands is None and placement == "matched":
             for i in rows.tolist():
@@ -214,7 +231,12 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
             if placement == "matched":
                 cm = change_map[i].flatten()
                 target = (cm * masks[i].flatten()).sum() if region_change is None else region_change[i].to(cm)
-                score = (cf @ cm - target).abs()
+                if moved is None:
+                    score = (cf @ cm - target).abs()
+                else:  # per piece: the change each moved piece makes against its own piece's share of the target
+                    share = own @ cm  # (P,)
+                    share = share * (target / share.sum()) if float(share.sum()) > 0 else target.expand_as(share) / share.numel()
+                    score = (moved @ cm - share).abs().sum(1)  # (S,)
                 score = score + noise * 1e-6 * (score.max() + 1e-12)  # random tie breaks
             else:
                 score = noise
@@ -228,7 +250,7 @@ def _predict(forward: Callable[[Tensor], Tensor], x: Tensor, batch_size: Optiona
     probs = []
     with torch.no_grad():
         for a, b in chunks(x.shape[0], batch_size):
-            probs.append(as_logits(forward(x[a:b])).float().softmax(1))
+            probs.append(class_probs(forward(x[a:b])))
     return torch.cat(probs)
 
 

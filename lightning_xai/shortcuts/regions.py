@@ -12,14 +12,17 @@ for a batch of images ``(N, C, H, W)``:
 * a callable ``inputs (N, C, H, W) -> masks (H, W) or (N, H, W)``.
 
 Control regions are the same shape moved elsewhere (:func:`translates`): every in-bounds shift of
-the mask that does not overlap it. Where none exists (a border, a large background) they are random
-pixel sets of equal area drawn from outside the region first (:func:`scattered`).
+the mask that does not overlap it (:func:`shifted_copies`). Where none fits but the mask has several
+pieces (the four ``"corners"``), each piece is moved on its own (:func:`component_shifts`), so the
+controls stay as compact as the region. Where neither fits (a border ring, a large background) they are
+random pixel sets of equal area drawn from outside the region first (:func:`scattered`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_xai._utils import expected
@@ -177,10 +180,120 @@ def translates(mask: Tensor, max_candidates: int = 64, generator: Optional[torch
     """Control regions for ``mask (H, W)``: shifted copies of equal area that do not overlap it ``(S, H, W)``.
 
     All in-bounds shifts are enumerated and at most ``max_candidates`` are kept (a random subset drawn
-    from ``generator``). When no shift fits, :func:`scattered` pixel sets are returned instead.
+    from ``generator``). When no shift fits, the pieces are moved one by one (:func:`component_shifts`);
+    when that fails too, :func:`scattered` pixel sets are returned instead.
     """
     shifted = shifted_copies(mask, max_candidates, generator)
+    if shifted is None:
+        shifted = component_shifts(mask, max_candidates, generator)
     return scattered(mask, max_candidates, generator) if shifted is None else shifted
+
+
+def connected_components(mask: Tensor) -> Tuple[Tensor, int]:
+    """Labels of the 8-connected pieces of ``mask (H, W)``: ``(H, W)`` long, 0 outside, ``1..count`` numbered in the
+    raster order of each piece's first pixel, and ``count``.
+
+    Example:
+        >>> labels, count = connected_components(preset_mask("corners", (8, 8)))
+        >>> count, labels[0, 0].item(), labels[7, 7].item()
+        (4, 1, 4)
+    """
+    h, w = mask.shape
+    inside = (mask != 0).cpu().tolist()
+    labels = [[0] * w for _ in range(h)]
+    count = 0
+    for r in range(h):
+        for c in range(w):
+            if not inside[r][c] or labels[r][c]:
+                continue
+            count += 1
+            labels[r][c] = count
+            stack = [(r, c)]
+            while stack:  # flood fill over the 8 neighbours
+                i, j = stack.pop()
+                for a in range(max(i - 1, 0), min(i + 2, h)):
+                    for b in range(max(j - 1, 0), min(j + 2, w)):
+                        if inside[a][b] and not labels[a][b]:
+                            labels[a][b] = count
+                            stack.append((a, b))
+    return torch.tensor(labels, dtype=torch.long, device=mask.device).view(h, w), count
+
+
+def _misses(occupied: Tensor, piece: Tensor) -> Tensor:
+    """Where the box ``piece (h, w)`` can go in the image without touching ``occupied (H, W)``: a boolean map of its
+    top-left corners ``(H - h + 1, W - w + 1)``."""
+    overlap = F.conv2d(occupied.float()[None, None], piece.float()[None, None])[0, 0]  # (H - h + 1, W - w + 1)
+    return overlap == 0
+
+
+def component_shifts(mask: Tensor, max_candidates: int = 64, generator: Optional[torch.Generator] = None,
+                     by_piece: bool = False) -> Optional[Tensor]:
+    """Controls for a region of several pieces where no shifted copy of the whole fits: each piece moved on its own
+    ``(S, H, W)``, or None.
+
+    Each candidate moves every 8-connected piece (:func:`connected_components`) by its own random in-bounds shift,
+    drawn uniformly among the placements that miss the region and keep at least one pixel away from the pieces
+    already moved (pieces are placed in a random order). A candidate therefore has the region's area and the
+    region's pieces, none of which overlaps the region. Four corner squares become four squares elsewhere, as
+    compact as the region, where pixel sets (:func:`scattered`) would move a convolutional network far less for the
+    same input change. Up to ``max_candidates`` distinct candidates, drawn from ``generator``; drawing stops after
+    ``max_candidates`` failed or repeated draws.
+
+    Args:
+        mask: the region ``(H, W)``.
+        max_candidates: at most this many candidates ``S``.
+        generator: all the randomness (piece order, placements); the same seed gives the same candidates.
+        by_piece: return each moved piece on its own ``(S, P, H, W)``, piece ``p`` being label ``p + 1`` of
+            :func:`connected_components` (``.any(1)`` is the default output).
+
+    Returns:
+        The candidates ``(S, H, W)`` (or ``(S, P, H, W)``) with ``1 <= S <= max_candidates``, or None when the mask
+        has fewer than two pieces, some piece has no placement off the region, or no draw succeeds.
+
+    Example:
+        >>> cands = component_shifts(preset_mask("corners", (8, 8)), 5, torch.Generator().manual_seed(0))
+        >>> cands.shape, cands.flatten(1).sum(1).tolist()
+        (torch.Size([5, 8, 8]), [16, 16, 16, 16, 16])
+    """
+    labels, count = connected_components(mask)
+    if count < 2:
+        return None
+    region = mask.detach().cpu() != 0
+    h, w = region.shape
+    pieces: List[Tuple[Tensor, Tensor]] = []  # each piece's bounding-box crop (h, w) and where it misses the region
+    for c in range(1, count + 1):
+        piece = labels.cpu() == c
+        rows, cols = piece.any(1).nonzero().view(-1), piece.any(0).nonzero().view(-1)
+        crop = piece[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1]
+        free = _misses(region, crop)  # (H - h + 1, W - w + 1)
+        if not bool(free.any()):
+            return None
+        pieces.append((crop, free))
+    found: Dict[Tuple[Tuple[int, int], ...], Tensor] = {}
+    misses = 0
+    while len(found) < max_candidates and misses < max_candidates:
+        moved = torch.zeros(h, w, dtype=torch.bool)
+        layers = torch.zeros(count, h, w, dtype=torch.bool)  # each moved piece on its own
+        placed = [(0, 0)] * count  # top-left corner of each moved piece
+        for c in torch.randperm(count, generator=generator).tolist():
+            crop, free = pieces[c]
+            halo = F.max_pool2d(moved.float()[None, None], 3, 1, 1)[0, 0] > 0  # the moved pieces and their neighbours
+            allowed = (free & _misses(halo, crop)).nonzero()  # (P, 2) top-left corners
+            if allowed.shape[0] == 0:
+                break
+            top, left = allowed[int(torch.randint(allowed.shape[0], (1,), generator=generator))].tolist()
+            moved[top:top + crop.shape[0], left:left + crop.shape[1]] |= crop
+            layers[c, top:top + crop.shape[0], left:left + crop.shape[1]] = crop
+            placed[c] = (top, left)
+        else:
+            if tuple(placed) not in found:
+                found[tuple(placed)] = layers
+                continue
+        misses += 1
+    if not found:
+        return None
+    out = torch.stack(list(found.values()))  # (S, P, H, W)
+    return (out if by_piece else out.any(1)).to(mask.device)
 
 
 def scattered(mask: Tensor, count: int, generator: Optional[torch.Generator] = None) -> Tensor:
