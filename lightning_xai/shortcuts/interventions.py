@@ -194,7 +194,8 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
         placement: ``"matched"`` picks, per sample, the candidates whose input change is closest to the
             region's; ``"random"`` picks candidates at random. The candidates are the shifted copies of the region
             (:func:`~lightning_xai.shortcuts.regions.shifted_copies`), or where none fits its pieces moved one
-            by one (:func:`~lightning_xai.shortcuts.regions.component_shifts`); these are matched piece by piece,
+            by one (:func:`~lightning_xai.shortcuts.regions.component_shifts`, up to ``4 * max_candidates`` distinct
+            layouts); these are matched piece by piece,
             :math:`\sum_p |\Delta x(\text{moved}_p) - \Delta x_{region} \, s_p|` with :math:`s_p` piece
             :math:`p`'s share of the region's change. Where neither fits (one piece, such as a border ring or a
             background), ``"matched"`` draws :func:`change_matched_sets` outside the region and ``"random"``
@@ -210,8 +211,10 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
         mask = unique[u].view(h, w)
         cands = shifted_copies(mask.cpu(), max_candidates, generator)
         moved = own = None
-        if cands is None:  # the pieces moved one by one, kept apart so that each is matched to its own
-            moved = component_shifts(mask.cpu(), max_candidates, generator, by_piece=True)  # (S, P, H, W)
+        if cands is None:  # the pieces moved one by one, kept apart so that each is matched to its own; matching each
+            # piece needs a larger pool than matching one shape: every distinct layout of the usual draws is kept
+            moved = component_shifts(mask.cpu(), 4 * max_candidates, generator, by_piece=True,
+                                     attempts=4 * max_candidates)  # (S, P, H, W)
             if moved is not None:
                 cands, moved = moved.any(1), moved.to(masks.device).flatten(2).to(change_map.dtype)  # (S, P, HW)
                 labels, count = connected_components(mask)

@@ -19,7 +19,7 @@ random pixel sets of equal area drawn from outside the region first (:func:`scat
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -220,31 +220,36 @@ def connected_components(mask: Tensor) -> Tuple[Tensor, int]:
 
 
 def _misses(occupied: Tensor, piece: Tensor) -> Tensor:
-    """Where the box ``piece (h, w)`` can go in the image without touching ``occupied (H, W)``: a boolean map of its
-    top-left corners ``(H - h + 1, W - w + 1)``."""
-    overlap = F.conv2d(occupied.float()[None, None], piece.float()[None, None])[0, 0]  # (H - h + 1, W - w + 1)
-    return overlap == 0
+    """Where the box ``piece (h, w)`` can go without touching ``occupied (..., H, W)``: boolean maps of its top-left
+    corners ``(..., H - h + 1, W - w + 1)``."""
+    h, w = piece.shape
+    rows, cols = occupied.shape[-2] - h + 1, occupied.shape[-1] - w + 1
+    hit = torch.zeros(*occupied.shape[:-2], rows, cols, dtype=torch.bool)
+    for dy, dx in piece.nonzero().tolist():  # the corners that put pixel (dy, dx) of the piece on an occupied one
+        hit |= occupied[..., dy:dy + rows, dx:dx + cols]
+    return ~hit
 
 
 def component_shifts(mask: Tensor, max_candidates: int = 64, generator: Optional[torch.Generator] = None,
-                     by_piece: bool = False) -> Optional[Tensor]:
+                     by_piece: bool = False, attempts: Optional[int] = None) -> Optional[Tensor]:
     """Controls for a region of several pieces where no shifted copy of the whole fits: each piece moved on its own
     ``(S, H, W)``, or None.
 
     Each candidate moves every 8-connected piece (:func:`connected_components`) by its own random in-bounds shift,
     drawn uniformly among the placements that miss the region and keep at least one pixel away from the pieces
-    already moved (pieces are placed in a random order). A candidate therefore has the region's area and the
+    already moved (pieces are placed largest first). A candidate therefore has the region's area and the
     region's pieces, none of which overlaps the region. Four corner squares become four squares elsewhere, as
     compact as the region, where pixel sets (:func:`scattered`) would move a convolutional network far less for the
-    same input change. Up to ``max_candidates`` distinct candidates, drawn from ``generator``; drawing stops after
-    ``max_candidates`` failed or repeated draws.
+    same input change. ``attempts`` layouts are drawn at once from ``generator`` (a draw fails when a piece finds no
+    room); the first ``max_candidates`` distinct ones are kept.
 
     Args:
         mask: the region ``(H, W)``.
         max_candidates: at most this many candidates ``S``.
-        generator: all the randomness (piece order, placements); the same seed gives the same candidates.
+        generator: all the randomness (the placements); the same seed gives the same candidates.
         by_piece: return each moved piece on its own ``(S, P, H, W)``, piece ``p`` being label ``p + 1`` of
             :func:`connected_components` (``.any(1)`` is the default output).
+        attempts: how many layouts to draw (default ``4 * max_candidates``); the cost grows with it.
 
     Returns:
         The candidates ``(S, H, W)`` (or ``(S, P, H, W)``) with ``1 <= S <= max_candidates``, or None when the mask
@@ -258,41 +263,45 @@ def component_shifts(mask: Tensor, max_candidates: int = 64, generator: Optional
     labels, count = connected_components(mask)
     if count < 2:
         return None
-    region = mask.detach().cpu() != 0
+    labels, region = labels.cpu(), mask.detach().cpu() != 0
     h, w = region.shape
-    pieces: List[Tuple[Tensor, Tensor]] = []  # each piece's bounding-box crop (h, w) and where it misses the region
+    if int(torch.bincount(labels.flatten())[1:].max()) > int((~region).sum()):
+        return None  # a piece larger than the rest of the image (a background) has nowhere to go
+    crops, frees = [], []  # each piece's bounding-box crop (h, w) and where it misses the region
     for c in range(1, count + 1):
-        piece = labels.cpu() == c
+        piece = labels == c
         rows, cols = piece.any(1).nonzero().view(-1), piece.any(0).nonzero().view(-1)
-        crop = piece[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1]
-        free = _misses(region, crop)  # (H - h + 1, W - w + 1)
-        if not bool(free.any()):
+        crops.append(piece[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1])
+        frees.append(_misses(region, crops[-1]))  # (H - h + 1, W - w + 1)
+        if not bool(frees[-1].any()):
             return None
-        pieces.append((crop, free))
-    found: Dict[Tuple[Tuple[int, int], ...], Tensor] = {}
-    misses = 0
-    while len(found) < max_candidates and misses < max_candidates:
-        moved = torch.zeros(h, w, dtype=torch.bool)
-        layers = torch.zeros(count, h, w, dtype=torch.bool)  # each moved piece on its own
-        placed = [(0, 0)] * count  # top-left corner of each moved piece
-        for c in torch.randperm(count, generator=generator).tolist():
-            crop, free = pieces[c]
-            halo = F.max_pool2d(moved.float()[None, None], 3, 1, 1)[0, 0] > 0  # the moved pieces and their neighbours
-            allowed = (free & _misses(halo, crop)).nonzero()  # (P, 2) top-left corners
-            if allowed.shape[0] == 0:
-                break
-            top, left = allowed[int(torch.randint(allowed.shape[0], (1,), generator=generator))].tolist()
-            moved[top:top + crop.shape[0], left:left + crop.shape[1]] |= crop
-            layers[c, top:top + crop.shape[0], left:left + crop.shape[1]] = crop
-            placed[c] = (top, left)
-        else:
-            if tuple(placed) not in found:
-                found[tuple(placed)] = layers
-                continue
-        misses += 1
+    draws = 4 * max_candidates if attempts is None else attempts
+    halo = torch.zeros(draws, h + 2, w + 2, dtype=torch.bool)  # the moved pieces and their 8 neighbours, padded by 1
+    corner = torch.zeros(draws, count, 2, dtype=torch.long)  # top-left of each moved piece
+    alive = torch.ones(draws, dtype=torch.bool)
+    every = torch.arange(draws).view(-1, 1)
+    for c in sorted(range(count), key=lambda c: -int(crops[c].sum())):  # largest first, as in greedy packing
+        allowed = frees[c] & _misses(halo[:, 1:-1, 1:-1], crops[c])  # (D, H - h + 1, W - w + 1)
+        score = torch.where(allowed, torch.rand(allowed.shape, generator=generator), torch.tensor(-1.0))
+        best = score.flatten(1).argmax(1)  # (D,) uniform among the allowed placements
+        top, left = best // allowed.shape[2], best % allowed.shape[2]
+        alive &= allowed.flatten(1).any(1)  # a draw fails when a piece finds no room
+        grown = ~_misses(F.pad(crops[c], (2, 2, 2, 2)), torch.ones(3, 3, dtype=torch.bool))  # (h + 2, w + 2) piece + neighbours
+        dy, dx = grown.nonzero().unbind(1)  # at (top, left) of the padded halo: the piece at (top, left) of the image
+        halo[every, top.view(-1, 1) + dy, left.view(-1, 1) + dx] = True
+        corner[:, c, 0], corner[:, c, 1] = top, left
+    found: Dict[Tuple[int, ...], int] = {}  # distinct layouts, in draw order
+    for d in alive.nonzero().view(-1).tolist():
+        found.setdefault(tuple(corner[d].flatten().tolist()), d)
+        if len(found) == max_candidates:
+            break
     if not found:
         return None
-    out = torch.stack(list(found.values()))  # (S, P, H, W)
+    keep = torch.tensor(list(found.values()), dtype=torch.long)  # (S,)
+    out = torch.zeros(keep.numel(), count, h, w, dtype=torch.bool)  # (S, P, H, W)
+    for c in range(count):
+        dy, dx = crops[c].nonzero().unbind(1)
+        out[torch.arange(keep.numel()).view(-1, 1), c, corner[keep, c, 0].view(-1, 1) + dy, corner[keep, c, 1].view(-1, 1) + dx] = True
     return (out if by_piece else out.any(1)).to(mask.device)
 
 
