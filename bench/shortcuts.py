@@ -29,6 +29,8 @@ epochs; the clean models use the same settings.
 
     python bench/shortcuts.py              # 4 variants x 3 seeds, about 2 min on 2 busy cores
     python bench/shortcuts.py --seeds 1 --variants corner_intensity
+    python bench/shortcuts.py --first-seed 6 --patience 2   # held-out seeds; an alarm after 2 firing epochs in a row
+                                                            # (unknown mode: any candidate; the callback counts per candidate)
 """
 from __future__ import annotations
 
@@ -143,8 +145,9 @@ def run(variant: str, kind: str, seed: int, args, record) -> None:
             record["unknown"][(variant, mode, kind, seed)].append(unknown)
 
 
-def first(flags):
-    return next((e for e, f in enumerate(flags) if f), None)
+def first(flags, patience: int = 1):
+    """The first epoch that ends ``patience`` firing epochs in a row (ShortcutMonitor's ``patience``), or None."""
+    return next((e for e in range(patience - 1, len(flags)) if all(flags[e - patience + 1:e + 1])), None)
 
 
 def fmt_epochs(values):
@@ -166,6 +169,7 @@ def main() -> None:
     parser.add_argument("--min-excess", type=float, default=MIN_EXCESS)
     parser.add_argument("--min-z", type=float, default=MIN_Z)
     parser.add_argument("--min-match", type=float, default=MIN_MATCH)
+    parser.add_argument("--patience", type=int, default=1, help="firing epochs in a row before an alarm counts")
     parser.add_argument("--presets", nargs="*", default=list(SUSPECTS), help="presets also checked in unknown-region mode")
     parser.add_argument("--dump", default=None, help="write every check's figures to this JSON file")
     args = parser.parse_args()
@@ -179,7 +183,7 @@ def main() -> None:
         print(f"# {variant}: done after {time.time() - start:.0f} s", flush=True)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     print(f"\nnoise={args.noise or NOISE} epochs={args.epochs} probe={args.probe} fill={args.fill} controls={args.controls} "
-          f"min_excess={args.min_excess} min_z={args.min_z} min_match={args.min_match} seeds={list(seeds)}\n")
+          f"min_excess={args.min_excess} min_z={args.min_z} min_match={args.min_match} patience={args.patience} seeds={list(seeds)}\n")
     print("| variant | val split | mode | detected (shortcut) | false alarms (clean) | first alarm epoch per seed | "
           "gap epoch per seed | clean max excess / max z | shortcut last excess / z |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -191,8 +195,9 @@ def main() -> None:
         for mode in ("absent", "present"):
             for kind in ("known", "unknown"):
                 rec = record[kind]
-                det = [first([d is not None and d.fired for d in rec[(variant, mode, "shortcut", s)]]) for s in seeds]
-                fa = [any(d is not None and d.fired for d in rec[(variant, mode, "clean", s)]) for s in seeds]
+                det = [first([d is not None and d.fired for d in rec[(variant, mode, "shortcut", s)]], args.patience) for s in seeds]
+                fa = [first([d is not None and d.fired for d in rec[(variant, mode, "clean", s)]], args.patience) is not None
+                      for s in seeds]
                 clean = [d for s in seeds for d in rec[(variant, mode, "clean", s)] if d is not None and not d.match < args.min_match]
                 ctxt = "no candidate" if not clean else f"{max(d.excess for d in clean):+.3f} / {max(d.z for d in clean):.1f}"
                 last = [rec[(variant, mode, "shortcut", s)][-1] for s in seeds]

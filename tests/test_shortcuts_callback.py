@@ -63,6 +63,8 @@ def test_bad_arguments():
         ShortcutMonitor(regions="nowhere")
     with pytest.raises(MisconfigurationException, match="num_controls"):
         ShortcutMonitor(regions="border", num_controls=0)
+    with pytest.raises(MisconfigurationException, match="patience"):
+        ShortcutMonitor(regions="border", patience=0)
     with pytest.raises(MisconfigurationException, match="method"):
         ShortcutMonitor(regions="border", method="nope")
 
@@ -100,6 +102,35 @@ def test_stop_ends_training(tmp_path):
         trainer.fit(FrozenModule(Reader(True)), train, val)
     assert trainer.should_stop and trainer.current_epoch == 1  # stopped after the first epoch
     assert [a["epoch"] for a in monitor.alarms] == [0]
+
+
+def test_patience_waits_for_firing_runs_in_a_row(tmp_path):
+    train, val = loaders()
+    monitor = ShortcutMonitor(regions="top_left", probe_samples=100, action="stop", patience=2, find_regions=False)
+    trainer = tiny_trainer(tmp_path, [monitor], max_epochs=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(FrozenModule(Reader(True)), train, val)
+    assert trainer.current_epoch == 2  # fired at epochs 0 and 1, acted (stopped) at the second
+    assert [a["epoch"] for a in monitor.alarms] == [1]
+    alarm = [e.value for e in read_events(tmp_path / "tb" / "version_0").Scalars("xai/shortcut/top_left/alarm")]
+    assert alarm == [1.0, 1.0]  # the scalar logs every run's verdict
+    assert monitor.state_dict()["streaks"] == {"top_left": 2}
+
+
+def test_a_run_without_the_alarm_breaks_the_streak():
+    from types import SimpleNamespace
+
+    monitor = ShortcutMonitor(regions="top_left", patience=2, action="log", find_regions=False)
+    verdicts = iter([True, False, True, True])
+    monitor._region_figures = lambda region, results: ({"excess": 0.5}, next(verdicts))
+    trainer = SimpleNamespace(world_size=1, is_global_zero=True)
+    for epoch in range(4):
+        monitor.report(trainer, None, torch.zeros(2, 1, 8, 8), None, {}, epoch)
+    assert [a["epoch"] for a in monitor.alarms] == [3]
+    restored = ShortcutMonitor(regions="top_left", patience=2, find_regions=False)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored._streaks == {"top_left": 2}
 
 
 def test_do_no_harm_and_hygiene(tmp_path):

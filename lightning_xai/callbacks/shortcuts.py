@@ -27,7 +27,8 @@ those of one process.
 
 On an alarm, ``action="warn"`` warns on rank zero (region, epoch, figures), ``"stop"`` also sets
 ``trainer.should_stop`` on every rank (like EarlyStopping), ``"log"`` only logs. The ``alarm`` scalar
-of each region is logged every time, through ``pl_module.log``, so EarlyStopping can monitor it.
+of each region is logged every time, through ``pl_module.log``, so EarlyStopping can monitor it. With
+``patience=p`` the action waits until a region has fired in ``p`` runs in a row (the scalar still logs each run).
 """
 from __future__ import annotations
 
@@ -75,6 +76,11 @@ class ShortcutMonitor(ProbeSetCallback):
         fill: ``"swap"`` (default), ``"mean"`` or ``"blur"``; see :mod:`lightning_xai.shortcuts.interventions`.
         num_controls: control regions per sample. placement: ``"matched"`` (default) or ``"random"``.
         action: ``"warn"`` (default), ``"stop"`` or ``"log"``.
+        patience: runs of the monitor in a row in which a region must fire before ``action`` is taken (like
+            EarlyStopping's patience; runs the overhead budget skips do not break a streak). The ``alarm`` scalar
+            logs every run's verdict. ``1`` acts at the first firing run (default: an alarm as early as the
+            benchmark allows); ``2`` ignores a single firing run, such as a barely trained model's passing
+            sensitivity to a bright mark (one such false alarm in ``bench/shortcuts.py``), one run later.
         min_excess, min_z, min_match: alarm thresholds (defaults documented in :mod:`lightning_xai.shortcuts.alarm`).
         find_regions: run unknown-region mode; default: when ``regions`` is None.
         spray: cluster each class' maps (SpRAy) in unknown-region mode. max_clusters: its largest k.
@@ -115,6 +121,7 @@ class ShortcutMonitor(ProbeSetCallback):
         num_controls: int = 8,
         placement: str = "matched",
         action: str = "warn",
+        patience: int = 1,
         min_excess: float = MIN_EXCESS,
         min_z: float = MIN_Z,
         min_match: float = MIN_MATCH,
@@ -141,6 +148,8 @@ class ShortcutMonitor(ProbeSetCallback):
         for reserved in CANDIDATES:
             if reserved in self.regions:
                 raise MisconfigurationException(expected("region names", f"names other than {CANDIDATES} (reserved)", reserved))
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience <= 0:
+            raise MisconfigurationException(expected("patience", "a positive int", patience))
         if isinstance(num_controls, bool) or not isinstance(num_controls, int) or num_controls <= 0:
             raise MisconfigurationException(expected("num_controls", "a positive int", num_controls))
         if not (isinstance(min_excess, (int, float)) and 0 < min_excess <= 1):
@@ -158,7 +167,9 @@ class ShortcutMonitor(ProbeSetCallback):
         self.use_spray, self.max_clusters = bool(spray), int(max_clusters)
         self.sanity_check, self.sanity_layers, self.sanity_threshold = bool(sanity_check), sanity_layers, float(sanity_threshold)
         self.seed = int(seed)
-        self.alarms: List[Dict[str, Any]] = []  # every alarm so far: region, epoch, figures
+        self.patience = patience
+        self.alarms: List[Dict[str, Any]] = []  # every alarm acted on so far: region, epoch, figures
+        self._streaks: Dict[str, int] = {}  # region -> runs in a row it has fired
         self._sanity_done = False
         self._rows: Tuple[int, int] = (0, 0)
         self._corner_cache: Optional[Tuple[Tensor, Tensor, Any]] = None  # (probe inputs, atypical corners, stamps)
@@ -172,6 +183,7 @@ class ShortcutMonitor(ProbeSetCallback):
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
         state["alarms"] = [dict(a) for a in self.alarms]
+        state["streaks"] = dict(self._streaks)
         state["sanity_done"] = self._sanity_done
         return state
 
@@ -179,6 +191,7 @@ class ShortcutMonitor(ProbeSetCallback):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.alarms = [dict(a) for a in state_dict.get("alarms", [])]
+        self._streaks = {str(k): int(v) for k, v in state_dict.get("streaks", {}).items()}
         self._sanity_done = bool(state_dict.get("sanity_done", False))
 
     # ------------------------------------------------------------------ checks
@@ -356,8 +369,10 @@ class ShortcutMonitor(ProbeSetCallback):
                         f"{getattr(self, '_sanity_layer_names', [])} are re-initialised (mean Spearman rho {mean:.2f} >= "
                         f"{self.sanity_threshold}); they show the input more than the model, so do not read its shortcut "
                         "figures as evidence (Adebayo et al. 2018).", category=RuntimeWarning)
+        self._streaks = {region: self._streaks.get(region, 0) + 1 for region in fired}  # a run without it breaks a streak
         for region, figures in fired.items():
-            self._raise_alarm(trainer, region, figures, epoch)
+            if self._streaks[region] >= self.patience:
+                self._raise_alarm(trainer, region, figures, epoch)
         return metrics
 
     def _discover(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
