@@ -29,12 +29,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shortcuts as bench  # noqa: E402  (bench/shortcuts.py: data, model, probe choice, known regions)
 
-from lightning_xai.datasets import VARIANTS, shortcut_digits  # noqa: E402
+from lightning_xai.datasets import VARIANTS  # noqa: E402
 from lightning_xai.shortcuts import intervene  # noqa: E402
 
 FLOOR = 1e-6
@@ -61,28 +60,8 @@ def paired_z(effect: torch.Tensor) -> float:
 def run(variant: str, kind: str, seed: int, args) -> list:
     """Train as bench/shortcuts.py does; after every epoch the known-region check of both splits. Returns per epoch
     ``{"gap": present - absent accuracy, "absent": {effect: z}, "present": {...}}``."""
-    train_code = "planted" if kind == "shortcut" else "random"
-    opts = bench.PLANT.get(variant, {})
-    train, val_out = shortcut_digits(variant, train_code, "random", noise=bench.NOISE[variant], seed=seed, **opts)
-    _, val_in = shortcut_digits(variant, train_code, "planted", noise=bench.NOISE[variant], seed=seed, **opts)
-    probes = {"absent": bench.stratified(val_out, args.probe, seed), "present": bench.stratified(val_in, args.probe, seed)}
-    torch.manual_seed(seed)
-    model = bench.cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(args.epochs):
-        model.train()
-        perm = torch.randperm(len(train), generator=gen)
-        for i in range(0, len(train), 64):
-            b = perm[i:i + 64]
-            loss = F.cross_entropy(model(train.x[b]), train.y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            acc = {m: float((model(d.x).argmax(1) == d.y).float().mean()) for m, d in (("absent", val_out), ("present", val_in))}
+    for model, acc, probes in bench.train_epochs(variant, kind, seed, args):
         row = {"gap": acc["present"] - acc["absent"]}
         for mode, (x, y, mask) in probes.items():
             res = intervene(model, x, bench.known_masks(variant, mask), y, fill="swap", num_controls=8,

@@ -114,29 +114,44 @@ def discover(model, x, y, args):
     return max(decisions, key=lambda d: (d.fired, not d.match < args.min_match, d.z))
 
 
-def run(variant: str, kind: str, seed: int, args, record) -> None:
+def splits(variant: str, kind: str, seed: int, probe: int, noise=None):
+    """The training split (planted code for a shortcut model, random for a clean one), the validation splits without
+    (``"absent"``, random code) and with (``"present"``) the shortcut, and their probe sets ``(x, y, mask)``."""
     train_code = "planted" if kind == "shortcut" else "random"
-    noise = NOISE[variant] if args.noise is None else args.noise
+    noise = NOISE[variant] if noise is None else noise
     opts = PLANT.get(variant, {})
     train, val_out = shortcut_digits(variant, train_code, "random", noise=noise, seed=seed, **opts)
     _, val_in = shortcut_digits(variant, train_code, "planted", noise=noise, seed=seed, **opts)
-    probes = {"absent": stratified(val_out, args.probe, seed), "present": stratified(val_in, args.probe, seed)}
+    vals = {"absent": val_out, "present": val_in}
+    return train, vals, {mode: stratified(data, probe, seed) for mode, data in vals.items()}
+
+
+def train_epochs(variant: str, kind: str, seed: int, args):
+    """Train the benchmark's CNN (Adam, plain torch loop); yields ``(model, accuracy per validation split, probe
+    sets)`` after every epoch, the model in eval mode."""
+    train, vals, probes = splits(variant, kind, seed, args.probe, getattr(args, "noise", None))
     torch.manual_seed(seed)
     model = cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=getattr(args, "lr", 3e-3))
     gen = torch.Generator().manual_seed(seed)
-    for epoch in range(args.epochs):
+    batch = getattr(args, "batch", 64)
+    for _ in range(args.epochs):
         model.train()
         perm = torch.randperm(len(train), generator=gen)
-        for i in range(0, len(train), args.batch):
-            b = perm[i:i + args.batch]
+        for i in range(0, len(train), batch):
+            b = perm[i:i + batch]
             loss = F.cross_entropy(model(train.x[b]), train.y[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
         model.eval()
         with torch.no_grad():
-            acc = {m: float((model(d.x).argmax(1) == d.y).float().mean()) for m, d in (("absent", val_out), ("present", val_in))}
+            acc = {mode: float((model(d.x).argmax(1) == d.y).float().mean()) for mode, d in vals.items()}
+        yield model, acc, probes
+
+
+def run(variant: str, kind: str, seed: int, args, record) -> None:
+    for model, acc, probes in train_epochs(variant, kind, seed, args):
         record["acc"][(variant, kind, seed)].append(acc)
         for mode, (x, y, mask) in probes.items():
             known = check(model, x, y, known_masks(variant, mask), args)
