@@ -228,7 +228,7 @@ def validate_target(target: Target, n: int) -> None:
 
 
 def two_class_logits(output: Any) -> Tensor:
-    """:func:`as_logits`, with one binary logit per sample read as two classes.
+    r""":func:`as_logits`, with one binary logit per sample read as two classes.
 
     A single output per sample, ``(N,)`` or ``(N, 1)``, is taken as the logit :math:`z` of a binary classifier
     (a model trained with ``BCEWithLogitsLoss``) and returned as the logits :math:`(-z/2, z/2)`: their softmax is
@@ -248,7 +248,7 @@ def two_class_logits(output: Any) -> Tensor:
 
 
 def class_probs(logits: Tensor) -> Tensor:
-    """Class probabilities ``(N, classes)`` in float32 from logits; one logit per sample is a binary classifier
+    r"""Class probabilities ``(N, classes)`` in float32 from logits; one logit per sample is a binary classifier
     (:func:`two_class_logits`), so it gives :math:`(1 - \sigma(z), \sigma(z))`.
 
     Example:
