@@ -200,20 +200,15 @@ class ShortcutMonitor(ProbeSetCallback):
         """Probe samples x (prediction + attribution passes + one forward per filled region and control), with
         the unknown-region candidates counted as ``CANDIDATES``; None if a method's passes are unknown."""
         rows, shape = self.probe_size()
-        per_sample, fills = 1 / 3, 0
-        if self.regions:
-            name, fn, options = self.method
-            passes = method_passes(name, fn, options, shape)
-            if passes is None:
-                return None
-            per_sample, fills = per_sample + passes, fills + len(self.regions)
+        per_sample = 1 / 3
+        modes = [(self.method, len(self.regions))] if self.regions else []
         if self.find_regions:
-            name, fn, options = self.discovery_method
+            modes.append((self.discovery_method, len(CANDIDATES)))
+        for (name, fn, options), fills in modes:
             passes = method_passes(name, fn, options, shape)
             if passes is None:
                 return None
-            per_sample, fills = per_sample + passes, fills + len(CANDIDATES)
-        per_sample += fills * (1 + self.num_controls) / 3
+            per_sample += passes + fills * (1 + self.num_controls) / 3
         return rows * per_sample
 
     @staticmethod

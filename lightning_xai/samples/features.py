@@ -13,9 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from lightning_xai._utils import (HookSet, check_choice, check_positive_int, chunks, expected, preserve_modes,
-                                  resolve_layer)
-from lightning_xai._utils import eager_compiled
+from lightning_xai._utils import (HookSet, check_choice, check_positive_int, chunks, eager_compiled, expected,
+                                  preserve_modes, resolve_layer)
 
 CAPTURE = ("input", "output")
 
