@@ -105,7 +105,9 @@ class HookSet:
     Example:
         >>> layer = nn.Linear(2, 2)
         >>> with HookSet() as hooks:
-        ...     hooks.add(layer.register_forward_hook(lambda m, i, o: None))
+        ...     _ = hooks.add(layer.register_forward_hook(lambda m, i, o: None))
+        ...     len(layer._forward_hooks)
+        1
         >>> len(layer._forward_hooks)
         0
     """
