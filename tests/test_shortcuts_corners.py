@@ -93,6 +93,17 @@ class CornerReader(nn.Module):
         return self.lin(v.unsqueeze(1))
 
 
+class BothReader(nn.Module):
+    """The sum of the logits of a corner reader and a centre-blob reader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.corner, self.centre = CornerReader(True), CornerReader(False)
+
+    def forward(self, x):
+        return self.corner(x) + self.centre(x)
+
+
 class TagReader(CornerReader):
     """Reads the centre blob (softly: logits scaled by 0.1), and (``uses_tag``) says class 0 when the bottom-right
     corner matches the tag."""
@@ -114,27 +125,47 @@ class Frozen(DigitsModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def _fit(tmp_path, net, x, y):
+def _fit(tmp_path, net, x, y, train=None):
+    """One epoch of a frozen ``net``; validation on ``(x, y)``, training on ``train`` (default the same)."""
     monitor = ShortcutMonitor(probe_samples=100, action="log")
     loader = DataLoader(TensorDataset(x, y), batch_size=50)
+    train_loader = loader if train is None else DataLoader(TensorDataset(*train), batch_size=50)
     trainer = tiny_trainer(tmp_path, [monitor], max_epochs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(Frozen(net), loader, loader)
+        trainer.fit(Frozen(net), train_loader, loader)
     return monitor, read_events(tmp_path / "tb" / "version_0")
 
 
 @pytest.mark.parametrize("reads", [True, False], ids=["reads_corner", "ignores_corner"])
 def test_unknown_region_random_corner(tmp_path, reads):
-    # the shortcut absent from validation (random codes); texture lets controls change the input as much as the swap
+    # the shortcut absent from validation (random codes), planted in training; texture lets controls change the
+    # input as much as the swap
     x, y, _ = random_corner_set(random_code=True, texture=0.8)
-    monitor, acc = _fit(tmp_path, CornerReader(reads), x, y)
+    train = random_corner_set(seed=1, texture=0.8)[:2]
+    monitor, acc = _fit(tmp_path, CornerReader(reads), x, y, train)
     alarm = acc.Scalars("xai/shortcut/atypical_corner/alarm")[-1].value
     assert acc.Scalars("xai/shortcut/atypical_corner/found")[-1].value == 1.0
     if reads:
         assert alarm == 1.0 and "atypical_corner" in [a["region"] for a in monitor.alarms]
     else:
         assert alarm == 0.0 and not monitor.alarms
+
+
+@pytest.mark.parametrize("planted", [True, False], ids=["planted_in_training", "random_in_training"])
+def test_gain_follows_the_training_code(tmp_path, planted):
+    # the model reads the centre blob and the corner code; the gain (does the swapped-in training content raise its own
+    # label more than controls do?) is clearly positive only when the code went with the label in training
+    x, y, _ = random_corner_set(random_code=True, texture=0.8)
+    train = random_corner_set(seed=1, random_code=not planted, texture=0.8)[:2]
+    monitor, acc = _fit(tmp_path, BothReader(), x, y, train)
+    gain_z = acc.Scalars("xai/shortcut/atypical_corner/gain_z")[-1].value
+    assert monitor.reference_x is not None and monitor.reference_x.shape[0] == 200
+    if planted:
+        assert gain_z >= 3
+    else:
+        assert abs(gain_z) < 3  # no evidence either way: the shift alone decides
+    assert acc.Scalars("xai/shortcut/atypical_corner/alarm")[-1].value == 1.0  # the shift fires in both
 
 
 @pytest.mark.parametrize("reads", [True, False], ids=["reads_tag", "ignores_tag"])

@@ -143,6 +143,60 @@ def _cache_state_key(fget: Callable[[Any], str], slot: str) -> Callable[[Any], s
     return cached
 
 
+Buckets = Dict[int, List[Tuple[Tensor, Optional[Tensor]]]]  # class (-1: no labels) -> (sample, label) in loading order
+
+
+def collect_rows(buckets: Buckets, x: Tensor, y: Optional[Tensor], per_class: int) -> None:
+    """Add CPU copies of the rows of a batch to ``buckets``, at most ``per_class`` per class, in loading order."""
+    labels = torch.full((x.shape[0],), -1, dtype=torch.long) if y is None else y.detach().view(-1).long().cpu()
+    for key in labels.unique().tolist():  # per class: one copy of the rows still wanted
+        bucket = buckets.setdefault(int(key), [])
+        wanted = per_class - len(bucket)
+        if wanted > 0:
+            rows = (labels == key).nonzero().view(-1)[:wanted]
+            label = None if y is None else torch.tensor(int(key))
+            bucket.extend((row, label) for row in x.detach()[rows.to(x.device)].cpu().clone().unbind(0))
+
+
+def _stratified(buckets: Buckets, n: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """Round-robin over sorted classes, each class in loading order; rows grouped by class."""
+    ordered = [buckets[k] for k in sorted(buckets)]
+    chosen: List[Tuple[Tensor, Optional[Tensor]]] = []
+    depth = 0
+    while len(chosen) < n and any(depth < len(b) for b in ordered):
+        chosen.extend(b[depth] for b in ordered if depth < len(b))
+        depth += 1
+    chosen = chosen[:n]
+    if not chosen:
+        return torch.empty(0), None
+    has_y = chosen[0][1] is not None
+    order = sorted(range(len(chosen)), key=lambda i: int(chosen[i][1]) if has_y else i)
+    x = torch.stack([chosen[i][0] for i in order])
+    y = torch.stack([chosen[i][1] for i in order]) if has_y else None
+    return x, y
+
+
+def choose_stratified(trainer: "pl.Trainer", buckets: Buckets, n: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``n`` rows chosen stratified by class from ``buckets`` (see :func:`collect_rows`), identical on every rank:
+    under DDP every rank saw a different shard, so all candidates are gathered and chosen from again. ``(None, None)``
+    when no rank has any."""
+    x, y = _stratified(buckets, n)
+    if trainer.world_size > 1:
+        count = torch.tensor([x.shape[0]], device=trainer.strategy.root_device)
+        if int(trainer.strategy.reduce(count, reduce_op="sum").item()) == 0:
+            return None, None
+        x_all = gather_rows(trainer, x)
+        y_all = gather_rows(trainer, y if y is not None else torch.full((x.shape[0],), -1, dtype=torch.long))
+        merged: Buckets = {}
+        for i in range(x_all.shape[0]):
+            key = int(y_all[i])
+            bucket = merged.setdefault(key, [])
+            if len(bucket) < n:
+                bucket.append((x_all[i], None if key < 0 else y_all[i]))
+        x, y = _stratified(merged, n)
+    return (None, None) if x.numel() == 0 else (x, y)
+
+
 class XAICallback(Callback):
     """Base class of all lightning_xai monitors (see the module docstring).
 
@@ -448,7 +502,7 @@ class ProbeSetCallback(XAICallback):
         self.probe_x: Optional[Tensor] = None
         self.probe_y: Optional[Tensor] = None
         self._probe_indices: Optional[List[int]] = None
-        self._candidates: Dict[int, List[Tuple[Tensor, Optional[Tensor]]]] = {}
+        self._candidates: Buckets = {}
         self._collecting = False
         if probe is not None:
             self._set_user_probe(probe)
@@ -527,14 +581,7 @@ class ProbeSetCallback(XAICallback):
         if self.has_probe or trainer.sanity_checking or dataloader_idx != 0 or self._probe_indices is not None:
             return
         x, y = extract_xy(batch, self.batch_to_xy)
-        labels = torch.full((x.shape[0],), -1, dtype=torch.long) if y is None else y.detach().view(-1).long().cpu()
-        for key in labels.unique().tolist():  # per class: one copy of the rows still wanted, in loading order
-            bucket = self._candidates.setdefault(int(key), [])
-            wanted = self.probe_samples - len(bucket)
-            if wanted > 0:
-                rows = (labels == key).nonzero().view(-1)[:wanted]
-                label = None if y is None else torch.tensor(int(key))
-                bucket.extend((row, label) for row in x.detach()[rows.to(x.device)].cpu().clone().unbind(0))
+        collect_rows(self._candidates, x, y, self.probe_samples)
 
     @override
     def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -554,23 +601,6 @@ class ProbeSetCallback(XAICallback):
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._collect(trainer, batch, dataloader_idx)
 
-    def _local_candidates(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """Stratified choice: round-robin over sorted classes, each class in loading order."""
-        buckets = [self._candidates[k] for k in sorted(self._candidates)]
-        chosen: List[Tuple[Tensor, Optional[Tensor]]] = []
-        depth = 0
-        while len(chosen) < self.probe_samples and any(depth < len(b) for b in buckets):
-            chosen.extend(b[depth] for b in buckets if depth < len(b))
-            depth += 1
-        chosen = chosen[: self.probe_samples]
-        if not chosen:
-            return torch.empty(0), None
-        has_y = chosen[0][1] is not None
-        order = sorted(range(len(chosen)), key=lambda i: int(chosen[i][1]) if has_y else i)  # rows grouped by class
-        x = torch.stack([chosen[i][0] for i in order])
-        y = torch.stack([chosen[i][1] for i in order]) if has_y else None
-        return x, y
-
     def finalize_probe(self, trainer: "pl.Trainer") -> bool:
         """Fix the probe set (once); identical on every rank. Returns False if there is nothing to explain."""
         if self.has_probe:
@@ -578,22 +608,7 @@ class ProbeSetCallback(XAICallback):
         if self._probe_indices is not None:
             self._load_indices(trainer)
             return True
-        x, y = self._local_candidates()
-        if trainer.world_size > 1:
-            # every rank saw a different shard: gather all candidates and choose again, identically everywhere
-            n = torch.tensor([x.shape[0]], device=trainer.strategy.root_device)
-            if int(trainer.strategy.reduce(n, reduce_op="sum").item()) == 0:
-                x = None
-            else:
-                x_all = gather_rows(trainer, x)
-                y_all = gather_rows(trainer, y if y is not None else torch.full((x.shape[0],), -1, dtype=torch.long))
-                self._candidates = {}
-                for i in range(x_all.shape[0]):
-                    key = int(y_all[i])
-                    bucket = self._candidates.setdefault(key, [])
-                    if len(bucket) < self.probe_samples:
-                        bucket.append((x_all[i], None if key < 0 else y_all[i]))
-                x, y = self._local_candidates()
+        x, y = choose_stratified(trainer, self._candidates, self.probe_samples)
         if x is None or x.numel() == 0:
             warn_once(f"{id(self)}-empty", f"{type(self).__name__}: the validation data gave no samples to explain; "
                                            "nothing is logged until it does (or pass `probe=`).")

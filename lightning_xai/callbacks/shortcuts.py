@@ -7,7 +7,10 @@ Every explained validation epoch, on a fixed probe set (default 256 samples, str
   (default: swapped with the most different probe sample's region) and so are ``num_controls`` control
   regions elsewhere that the fill changes about as much; the output shift, flip rate and accuracy drop of
   both are logged and :func:`~lightning_xai.shortcuts.alarm.shortcut_alarm` decides on the output shift.
-  Attribution figures never raise or veto an alarm.
+  With ``reference_samples`` (default 256) training samples kept from the first training epoch, the swapped-in
+  content comes from them instead, and the alarm also weighs the *gain*: how much each edit raises the
+  probability of the training label of the sample whose content was pasted in (a learned shortcut raises it,
+  a passing sensitivity to the region does not). Attribution figures never raise or veto an alarm.
 * **unknown regions** (``regions=None``, or ``find_regions=True``): per-class mean maps of
   ``discovery_method`` (default Input x Gradient) are logged as an image; SpRAy counts each class'
   strategies; an input-independent hotspot, if any, becomes the candidate region ``"hotspot"``, and a
@@ -44,7 +47,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_choice, expected
 from lightning_xai.attribution import get_method, method_passes
-from lightning_xai.callbacks.base import ProbeSetCallback, split_rows
+from lightning_xai.callbacks.base import Buckets, ProbeSetCallback, choose_stratified, collect_rows, extract_xy, split_rows
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
 from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, SUSPECTS,
@@ -60,7 +63,7 @@ ATYPICAL = "atypical_corner"
 STAMP = "stamp"
 CANDIDATES = (HOTSPOT, FLAT, ATYPICAL, STAMP) + tuple(f"preset_{name}" for name in SUSPECTS)  # region names of unknown-region mode
 INTERVENTION_KEYS = ("flip", "control_flip", "shift", "control_shift", "change", "control_change", "region_correct",
-                     "control_correct", "correct")
+                     "control_correct", "correct", "gain", "control_gain")
 
 
 class ShortcutMonitor(ProbeSetCallback):
@@ -76,6 +79,12 @@ class ShortcutMonitor(ProbeSetCallback):
         fill: ``"swap"`` (default), ``"mean"`` or ``"blur"``; see :mod:`lightning_xai.shortcuts.interventions`.
         num_controls: control regions per sample. placement: ``"matched"`` (default) or ``"random"``.
         action: ``"warn"`` (default), ``"stop"`` or ``"log"``.
+        reference_samples: training samples (stratified by class, from the training batches of the first epoch the
+            monitor sees) that give the swapped-in region content and their labels for the gain test (see
+            :mod:`lightning_xai.shortcuts.alarm`); ``0`` swaps within the probe set and decides on the shift alone, as
+            does a fit whose training batches carry no labels, ``fill`` other than ``"swap"``, per-sample mask regions
+            (their masks exist for the probe samples only), the ``"stamp"`` candidate and ``validate()``/``test()``
+            without a previous fit.
         patience: runs of the monitor in a row in which a region must fire before ``action`` is taken (like
             EarlyStopping's patience; runs the overhead budget skips do not break a streak). The ``alarm`` scalar
             logs every run's verdict. ``1`` acts at the first firing run (default: an alarm as early as the
@@ -93,8 +102,9 @@ class ShortcutMonitor(ProbeSetCallback):
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
-    Tags (``prefix="xai"``): per region ``xai/shortcut/<region>/{alarm, excess, z, shift, control_shift, flip_rate,
-    control_flip_rate, match, acc_drop, control_acc_drop, share, share_ratio, rank, pointing}``; unknown-region
+    Tags (``prefix="xai"``): per region ``xai/shortcut/<region>/{alarm, excess, z, shift, control_shift, gain_excess,
+    gain_z, flip_rate, control_flip_rate, match, acc_drop, control_acc_drop, share, share_ratio, rank, pointing}``
+    (``gain_*`` are NaN without reference samples); unknown-region
     mode adds ``xai/shortcut/{hotspot, flat_background, atypical_corner, stamp, preset_corners,
     preset_border}/{found, alarm, ...}``, ``xai/shortcut/hotspot/peak``, ``xai/shortcut/stamp/carriers`` (share of
     the probe samples carrying a stamp),
@@ -122,6 +132,7 @@ class ShortcutMonitor(ProbeSetCallback):
         placement: str = "matched",
         action: str = "warn",
         patience: int = 1,
+        reference_samples: int = 256,
         min_excess: float = MIN_EXCESS,
         min_z: float = MIN_Z,
         min_match: float = MIN_MATCH,
@@ -150,6 +161,9 @@ class ShortcutMonitor(ProbeSetCallback):
                 raise MisconfigurationException(expected("region names", f"names other than {CANDIDATES} (reserved)", reserved))
         if isinstance(patience, bool) or not isinstance(patience, int) or patience <= 0:
             raise MisconfigurationException(expected("patience", "a positive int", patience))
+        if isinstance(reference_samples, bool) or not isinstance(reference_samples, int) or reference_samples < 0:
+            raise MisconfigurationException(expected("reference_samples", "an int >= 0 (0: no training samples kept)",
+                                                     reference_samples))
         if isinstance(num_controls, bool) or not isinstance(num_controls, int) or num_controls <= 0:
             raise MisconfigurationException(expected("num_controls", "a positive int", num_controls))
         if not (isinstance(min_excess, (int, float)) and 0 < min_excess <= 1):
@@ -173,6 +187,11 @@ class ShortcutMonitor(ProbeSetCallback):
         self._sanity_done = False
         self._rows: Tuple[int, int] = (0, 0)
         self._corner_cache: Optional[Tuple[Tensor, Tensor, Any]] = None  # (probe inputs, atypical corners, stamps)
+        self.reference_samples = reference_samples
+        self.reference_x: Optional[Tensor] = None  # training samples giving the swapped-in content, and their labels
+        self.reference_y: Optional[Tensor] = None
+        self._reference_buckets: Buckets = {}
+        self._collect_epoch: Optional[int] = None  # the training epoch the references are collected in
 
     @property
     @override
@@ -185,6 +204,7 @@ class ShortcutMonitor(ProbeSetCallback):
         state["alarms"] = [dict(a) for a in self.alarms]
         state["streaks"] = dict(self._streaks)
         state["sanity_done"] = self._sanity_done
+        state["reference_x"], state["reference_y"] = self.reference_x, self.reference_y
         return state
 
     @override
@@ -193,6 +213,8 @@ class ShortcutMonitor(ProbeSetCallback):
         self.alarms = [dict(a) for a in state_dict.get("alarms", [])]
         self._streaks = {str(k): int(v) for k, v in state_dict.get("streaks", {}).items()}
         self._sanity_done = bool(state_dict.get("sanity_done", False))
+        if state_dict.get("reference_x") is not None:
+            self.reference_x, self.reference_y = state_dict["reference_x"], state_dict["reference_y"]
 
     # ------------------------------------------------------------------ checks
     @override
@@ -230,12 +252,67 @@ class ShortcutMonitor(ProbeSetCallback):
             self.check_images(self.probe_x)
             self._check_region_shapes(self.probe_x)
 
+    # ------------------------------------------------------------------ reference samples (training batches)
+    @property
+    def _wants_references(self) -> bool:
+        return self.reference_samples > 0 and self.fill == "swap" and self.reference_x is None
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self._wants_references or not self.active(trainer):
+            return
+        if self._collect_epoch is None:
+            self._collect_epoch = trainer.current_epoch
+        if trainer.current_epoch != self._collect_epoch:
+            return
+        try:
+            x, y = extract_xy(batch, self.batch_to_xy)
+        except Exception:  # noqa: BLE001 - a batch format we cannot read: no references, the shift alone decides
+            self.reference_samples = 0
+            return
+        if y is None or x.ndim != 4 or not x.is_floating_point() or y.shape[:1] != x.shape[:1]:
+            self.reference_samples = 0  # unlabelled or not images: nothing to weigh a gain against
+            self._reference_buckets = {}
+            return
+        collect_rows(self._reference_buckets, x, y, self.reference_samples)
+
+    def _finalize_references(self, trainer: "pl.Trainer") -> None:
+        """Fix the reference samples (once, identical on every rank) from what the training batches gave."""
+        if not self._wants_references or self._collect_epoch is None:
+            return
+        x, y = choose_stratified(trainer, self._reference_buckets, self.reference_samples)
+        self._reference_buckets = {}
+        if x is not None and y is not None and self.probe_x is not None and x.shape[1:] == self.probe_x.shape[1:]:
+            self.reference_x, self.reference_y = x, y.long()
+        else:
+            self.reference_samples = 0
+
+    def _donors(self, spec: Any, name: str, device: torch.device,
+                per_reference: bool = False) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        """The reference samples with their masks of region ``spec`` (a mask, box, preset or callable; with
+        ``per_reference``, the masks of the reference samples themselves), or None where they cannot be had."""
+        if self.reference_x is None or self.fill != "swap" or spec is None:
+            return None
+        x = self.reference_x.to(device)
+        if per_reference:
+            masks = spec
+        elif isinstance(spec, Tensor) and spec.ndim == 3:
+            return None  # one mask per probe sample: none for the references
+        else:
+            masks = region_masks(spec, x, name)
+        if not bool(masks.flatten(1).any(1).any()):
+            return None
+        return x, masks.to(device), self.reference_y.to(device)
+
     # ------------------------------------------------------------------ compute (this rank's rows)
     @override
     def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
         if self.finalize_probe(trainer):
             start, stop, _ = split_rows(self.probe_x.shape[0], max(trainer.world_size, 1), trainer.global_rank)
             self._rows = (start, stop)
+            self._finalize_references(trainer)
         super().explain(trainer, pl_module, via_module)
 
     def _masks(self, name: str, x: Tensor, rows: Optional[Tuple[int, int]] = None) -> Tensor:
@@ -253,9 +330,10 @@ class ShortcutMonitor(ProbeSetCallback):
         return torch.Generator().manual_seed(self.seed * 1000)
 
     def _intervene(self, forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Optional[Tensor],
-                   generator: torch.Generator, rows: Optional[Tuple[int, int]] = None) -> Dict[str, Tensor]:
+                   generator: torch.Generator, rows: Optional[Tuple[int, int]] = None,
+                   donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Dict[str, Tensor]:
         return intervene(forward, x, masks.to(x.device), y, fill=self.fill, num_controls=self.num_controls,
-                         placement=self.placement, generator=generator, rows=rows)
+                         placement=self.placement, generator=generator, rows=rows, donors=donors)
 
     def _whole_set(self, x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Optional[Tuple[int, int]]]:
         """The whole probe set and this rank's rows in it when ``x`` is this rank's share of it (the interventions
@@ -290,7 +368,8 @@ class ShortcutMonitor(ProbeSetCallback):
                 for key, value in region_metrics(maps, masks).items():
                     results[f"{region}/{key}"] = value
                 whole_masks = masks if rows is None else self._masks(region, whole_x, rows=(0, whole_x.shape[0]))
-                out = self._intervene(forward, whole_x, whole_masks, whole_y, gen, rows)  # planned on the whole set
+                donors = self._donors(self.regions[region], region, x.device)
+                out = self._intervene(forward, whole_x, whole_masks, whole_y, gen, rows, donors)  # planned on the whole set
                 for key in INTERVENTION_KEYS:
                     if key in out:
                         results[f"{region}/{key}"] = out[key]
@@ -315,7 +394,8 @@ class ShortcutMonitor(ProbeSetCallback):
     # ------------------------------------------------------------------ report (all rows, every rank)
     def _region_figures(self, region: str, results: Dict[str, Tensor]) -> Tuple[Dict[str, float], bool]:
         decision = shortcut_alarm(results[f"{region}/shift"], results[f"{region}/control_shift"], self.min_excess, self.min_z,
-                                  results[f"{region}/change"], results[f"{region}/control_change"], self.min_match)
+                                  results[f"{region}/change"], results[f"{region}/control_change"], self.min_match,
+                                  results.get(f"{region}/gain"), results.get(f"{region}/control_gain"))
         figures = decision.as_dict()
         out = {"flip": results[f"{region}/flip"], "control_flip": results[f"{region}/control_flip"]}
         if f"{region}/correct" in results:
@@ -392,6 +472,12 @@ class ShortcutMonitor(ProbeSetCallback):
         metrics[self.tag(STAMP, "carriers")] = 0.0 if stamps is None else float(stamps.carriers.float().mean())
         for name in SUSPECTS:
             candidates[f"preset_{name}"] = region_masks(name, x.detach().cpu())
+        reference = None if self.reference_x is None else self.reference_x
+        donor_specs: Dict[str, Any] = {HOTSPOT: spot.mask, STAMP: None}
+        if reference is not None:
+            donor_specs[FLAT] = flat_background(reference)
+            donor_specs[ATYPICAL] = atypical_corners(reference)
+            donor_specs.update({f"preset_{name}": name for name in SUSPECTS})
         fired: Dict[str, Dict[str, float]] = {}
         for name, masks in candidates.items():
             metrics[self.tag(name, "found")] = float(masks is not None)
@@ -400,7 +486,9 @@ class ShortcutMonitor(ProbeSetCallback):
                 rows = masks.flatten(1).any(1)  # samples where the candidate exists (a flat background may not)
                 with self.explain_context(pl_module):  # identical on every rank: the full probe set, the same generator
                     out = self._intervene(self.logits_fn(pl_module), x[rows.to(x.device)], masks[rows].to(x.device),
-                                          None if y is None else y[rows.to(y.device)], gen)
+                                          None if y is None else y[rows.to(y.device)], gen,
+                                          donors=self._donors(donor_specs.get(name), name, x.device,
+                                                              per_reference=name in (FLAT, ATYPICAL)))
                 res = {f"{name}/{k}": v for k, v in out.items()}
                 for key, value in region_metrics(maps[rows], masks[rows]).items():
                     res[f"{name}/{key}"] = value
@@ -444,11 +532,14 @@ class ShortcutMonitor(ProbeSetCallback):
         if self.action in ("warn", "stop"):
             acc = f", accuracy drop {figures['acc_drop']:.2f} vs {figures['control_acc_drop']:.2f}" if "acc_drop" in figures else ""
             share = f"; attribution share ratio {figures['share_ratio']:.2f}" if "share_ratio" in figures else ""
+            gain = figures.get("gain_excess", float("nan"))
+            gain = "" if gain != gain else (f"; it raises the probability of the training label of the pasted content "
+                                            f"by {gain:+.3f} more than the controls (z {figures['gain_z']:.1f})")
             rank_zero_warn(
                 f"ShortcutMonitor: region {region!r} looks like a shortcut at epoch {epoch}: replacing it moves the probe "
                 f"predictions by {figures['shift']:.3f} (total variation) vs {figures['control_shift']:.3f} for control regions "
                 f"(excess {figures['excess']:.3f}, z {figures['z']:.1f}) and flips {figures['flip_rate']:.2f} of them vs "
-                f"{figures['control_flip_rate']:.2f}{acc}{share}."
+                f"{figures['control_flip_rate']:.2f}{acc}{gain}{share}."
                 + (" Stopping training." if self.action == "stop" else ""), category=RuntimeWarning)
         if self.action == "stop":
             should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)

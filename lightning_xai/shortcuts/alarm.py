@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from torch import Tensor
 
@@ -49,6 +49,7 @@ from lightning_xai._utils import expected
 MIN_EXCESS = 0.01
 MIN_Z = 3.0
 MIN_MATCH = 0.5
+MIN_GAIN = 0.01
 
 
 @dataclass
@@ -64,10 +65,13 @@ class AlarmDecision:
     effect: float
     control_effect: float
     match: float = float("nan")
+    gain_excess: float = float("nan")
+    gain_z: float = float("nan")
 
     def as_dict(self) -> Dict[str, float]:
         return {"alarm": float(self.fired), "excess": self.excess, "z": self.z, "shift": self.effect,
-                "control_shift": self.control_effect, "match": self.match}
+                "control_shift": self.control_effect, "match": self.match, "gain_excess": self.gain_excess,
+                "gain_z": self.gain_z}
 
 
 def _shortcut_alarm_validate_args(effect: Tensor, control_effect: Tensor, min_excess: float, min_z: float) -> None:
@@ -81,9 +85,18 @@ def _shortcut_alarm_validate_args(effect: Tensor, control_effect: Tensor, min_ex
         raise ValueError(expected("min_z", "a float >= 0", min_z))
 
 
+def _paired_z(d: Tensor) -> Tuple[float, float]:
+    """Mean of paired differences ``(N,)`` and its z-score (standard error floored at ``1 / N``)."""
+    n = d.numel()
+    excess = float(d.mean())
+    se = max(float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0, 1.0 / n)
+    return excess, excess / se
+
+
 def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = MIN_EXCESS, min_z: float = MIN_Z,
                    change: Optional[Tensor] = None, control_change: Optional[Tensor] = None,
-                   min_match: float = MIN_MATCH) -> AlarmDecision:
+                   min_match: float = MIN_MATCH, gain: Optional[Tensor] = None,
+                   control_gain: Optional[Tensor] = None, min_gain: float = MIN_GAIN) -> AlarmDecision:
     """Decide whether a region is a shortcut from per-sample intervention outcomes.
 
     Args:
@@ -99,9 +112,16 @@ def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = M
             only if the best-matched controls changed the input at least ``min_match`` times as much as
             the region did (``match`` = mean over samples of the largest control change / mean region
             change); otherwise no alarm: a larger region edit moving the outputs more says nothing about a shortcut.
+        gain, control_gain: ``(N,)`` and ``(N, K)``: how much each edit raised the probability of the label of the
+            sample whose content was pasted in (a training sample, see ``donors`` of
+            :func:`~lightning_xai.shortcuts.interventions.intervene`). When given, the alarm also fires when the
+            region's gain exceeds the controls' by ``min_gain`` at ``z >= min_z``, and a shift alarm is vetoed
+            when the region's gain falls short of the controls' at ``z <= -min_z`` (see the module docstring).
+        min_gain: smallest mean excess of the region's gain over its controls'.
 
     Returns:
-        :class:`AlarmDecision` (``fired``, ``excess``, ``z``, ``effect``, ``control_effect``, ``match``).
+        :class:`AlarmDecision` (``fired``, ``excess``, ``z``, ``effect``, ``control_effect``, ``match``, ``gain_excess``,
+        ``gain_z``).
 
     Example:
         >>> effect = torch.tensor([1.0] * 30 + [0.0] * 10)
@@ -111,14 +131,21 @@ def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = M
         False
     """
     _shortcut_alarm_validate_args(effect, control_effect, min_excess, min_z)
-    d = effect.double() - control_effect.double().mean(1)  # (N,)
-    n = d.numel()
-    excess = float(d.mean())
-    se = max(float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0, 1.0 / n)
-    z = excess / se
+    excess, z = _paired_z(effect.double() - control_effect.double().mean(1))
     match = float("nan")
     if change is not None and control_change is not None:
         match = float(control_change.double().amax(1).mean()) / max(float(change.double().mean()), 1e-12)
-    fired = excess >= min_excess and z >= min_z and not match < min_match
-    return AlarmDecision(bool(fired), excess, z, float(effect.double().mean()), float(control_effect.double().mean()), match)
+    fired = excess >= min_excess and z >= min_z
+    gain_excess = gain_z = float("nan")
+    if gain is not None and control_gain is not None:
+        if gain.shape != effect.shape or control_gain.shape != control_effect.shape:
+            raise ValueError(expected("gain, control_gain", f"tensors of shapes {tuple(effect.shape)} and "
+                                                            f"{tuple(control_effect.shape)}", (gain, control_gain)))
+        if not (isinstance(min_gain, (int, float)) and 0 < min_gain <= 1):
+            raise ValueError(expected("min_gain", "a float in (0, 1]", min_gain))
+        gain_excess, gain_z = _paired_z(gain.double() - control_gain.double().mean(1))
+        fired = (fired and gain_z > -min_z) or (gain_excess >= min_gain and gain_z >= min_z)
+    fired = fired and not match < min_match
+    return AlarmDecision(bool(fired), excess, z, float(effect.double().mean()), float(control_effect.double().mean()), match,
+                         gain_excess, gain_z)
 

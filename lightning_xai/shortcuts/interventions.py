@@ -33,7 +33,7 @@ All randomness (control placement, tie breaks) comes from the ``generator`` pass
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -100,13 +100,14 @@ def transplant(x: Tensor, masks: Tensor, partners: Tensor) -> Tensor:
 
 
 def swap_partners(x: Tensor, masks: Tensor, generator: Optional[torch.Generator] = None,
-                  groups: Optional[Tensor] = None) -> Tensor:
+                  groups: Optional[Tensor] = None, pool: Optional[Tensor] = None) -> Tensor:
     """For each sample, the index of the other sample whose region content differs most from its own ``(N,)``.
 
     Region contents are compared as :func:`transplant` would move them (raster order, stretched when the
     areas differ; then on at most 256 evenly spaced pixels of each region). Ties (e.g. identical blank regions) are broken at random with ``generator``. A single
     sample is its own partner (the swap changes nothing). With ``groups (N,)``, partners come from the
-    same group where it has another member.
+    same group where it has another member. With ``pool (N,)`` bool, partners come from the samples marked
+    in it only, and only the samples outside it are given one (the others' entries are meaningless).
     """
     n = x.shape[0]
     if n == 1:
@@ -121,7 +122,7 @@ def swap_partners(x: Tensor, masks: Tensor, generator: Optional[torch.Generator]
         dist = torch.zeros(n, n, dtype=torch.float64, device=x.device)
         for i in range(n):
             a = int(areas[i])
-            if a == 0:
+            if a == 0 or (pool is not None and bool(pool[i])):
                 continue
             # at most 256 evenly spaced pixels of the region: enough to rank partners, bounded for large images
             k = torch.linspace(0, a - 1, min(a, 256), device=x.device).round().long()
@@ -134,6 +135,8 @@ def swap_partners(x: Tensor, masks: Tensor, generator: Optional[torch.Generator]
         same = groups.view(-1, 1) == groups.view(1, -1)
         same.fill_diagonal_(False)
         dist = torch.where(same | ~same.any(1, keepdim=True), dist, torch.full_like(dist, -float("inf")))
+    if pool is not None:
+        dist[:, ~pool.to(dist.device)] = -float("inf")
     dist.fill_diagonal_(-float("inf"))
     return dist.argmax(1)
 
@@ -272,6 +275,7 @@ def intervene(
     max_candidates: int = 64,
     groups: Optional[Tensor] = None,
     rows: Optional[Tuple[int, int]] = None,
+    donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
 ) -> Dict[str, Tensor]:
     """Replace the region (and its controls) in every sample and record what the model does.
 
@@ -285,6 +289,12 @@ def intervene(
             :func:`control_masks`. generator: private randomness (tie breaks, placements).
         rows: ``(start, stop)``: plan the edits on all of ``x`` (partners, controls and every random draw as without
             ``rows``) but run the model on rows ``start:stop`` only, one process' share of a probe set.
+        donors: ``(inputs (D, C, H, W), masks (D, H, W), labels (D,))``, swap only: the region content comes from these
+            samples (training samples, say) instead of the other samples of ``x``, the one whose region content differs
+            most from the receiver's (stretched as in :func:`transplant` where the areas differ; the controls take the
+            same donor's pixels at their own places). Adds ``gain (N,)`` and ``control_gain (N, K)``: the change of the
+            probability of the donor's label, which a learned shortcut raises (the region holds what went with that
+            label in training) and an incidental sensitivity does not.
 
     Returns:
         Per-sample tensors of the rows run (``R`` of them, written ``N`` here; ``partner`` indexes all of ``x``): ``pred (N,)`` the prediction on the intact input, ``flip (N,)`` whether it changed
@@ -292,7 +302,7 @@ def intervene(
         the change of the predicted probabilities, ``prob_drop (N,)`` the drop of the originally predicted class'
         probability, ``change (N,)`` the squared input change, ``control_flip (N, K)``, ``control_shift (N, K)``,
         ``control_delta (N, K, classes)``, ``control_prob_drop (N, K)`` and ``control_change (N, K)`` the same for
-        the controls, ``partner (N,)`` (swap only, else -1);
+        the controls, ``partner (N,)`` (swap only, else -1; with ``donors`` an index into them);
         with labels also ``correct (N,)``, ``region_correct (N,)`` and ``control_correct (N, K)``.
 
     Example:
@@ -312,10 +322,20 @@ def intervene(
         raise ValueError(expected("masks", f"a boolean tensor of shape ({n}, {h}, {w})", masks))
     start, stop = _intervene_validate_rows(rows, n)
     x = x.detach()
-    partners = swap_partners(x, masks, generator, groups) if fill == "swap" else None
-    source = fill_source(x, fill, partners, reference, sigma)  # (N, C, H, W), position by position
+    if donors is not None:
+        donor_y = _intervene_validate_donors(donors, x, fill)
+        every = torch.cat([x, donors[0].detach().to(x)])
+        every_masks = torch.cat([masks, donors[1].to(masks.device)])
+        pool = torch.arange(every.shape[0], device=x.device) >= n
+        partners = swap_partners(every, every_masks, generator, pool=pool)[:n]
+        source = every[partners]  # (N, C, H, W)
+        region_edit = transplant(every, every_masks, torch.cat([partners, torch.arange(n, every.shape[0], device=x.device)]))[:n]
+        partners = partners - n  # indices into the donors
+    else:
+        partners = swap_partners(x, masks, generator, groups) if fill == "swap" else None
+        source = fill_source(x, fill, partners, reference, sigma)  # (N, C, H, W), position by position
+        region_edit = transplant(x, masks, partners) if fill == "swap" else torch.where(masks.unsqueeze(1), source, x)
     change_map = ((source - x) ** 2).sum(1)  # (N, H, W)
-    region_edit = transplant(x, masks, partners) if fill == "swap" else torch.where(masks.unsqueeze(1), source, x)
     region_change = ((region_edit - x) ** 2).flatten(1).sum(1)  # (N,)
     controls = control_masks(masks, change_map, num_controls, placement, generator, max_candidates,
                              region_change)  # (N, K, H, W)
@@ -347,7 +367,29 @@ def intervene(
         y = y.to(pred.device).long()
         correct = (pred_after == y.unsqueeze(1)).float()
         out.update(correct=(pred == y).float(), region_correct=correct[:, 0], control_correct=correct[:, 1:])
+    if donors is not None:
+        label = donor_y.to(pred.device)[partners.to(pred.device)].view(n, 1, 1).expand(n, k1, 1)
+        gain = delta.gather(2, label).squeeze(2)  # (N, 1 + K)
+        out.update(gain=gain[:, 0], control_gain=gain[:, 1:])
     return out
+
+
+def _intervene_validate_donors(donors: Any, x: Tensor, fill: str) -> Tensor:
+    """The donors' labels (long), after checking ``donors`` against the receivers ``x``."""
+    if fill != "swap":
+        raise ValueError(expected("fill", "'swap' when donors are given (they give the region content)", fill))
+    ok = isinstance(donors, (tuple, list)) and len(donors) == 3 and all(isinstance(t, Tensor) for t in donors)
+    if ok:
+        dx, dm, dy = donors
+        d = dx.shape[0]
+        ok = (dx.ndim == 4 and d > 0 and tuple(dx.shape[1:]) == tuple(x.shape[1:]) and dm.dtype == torch.bool
+              and tuple(dm.shape) == (d,) + tuple(x.shape[2:]) and tuple(dy.shape) == (d,))
+    if not ok:
+        raise ValueError(expected("donors", f"(inputs (D, {', '.join(map(str, x.shape[1:]))}), bool masks (D, "
+                                            f"{', '.join(map(str, x.shape[2:]))}), labels (D,)) with D >= 1",
+                                  type(donors).__name__ if not isinstance(donors, (tuple, list)) else
+                                  [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in donors]))
+    return donors[2].long()
 
 
 def _intervene_validate_rows(rows: Optional[Tuple[int, int]], n: int) -> Tuple[int, int]:

@@ -1,0 +1,104 @@
+"""The training-label gain: interventions with donor samples, and how the alarm weighs the gain."""
+import pytest
+import torch
+from torch import nn
+
+from lightning_xai.shortcuts import intervene, shortcut_alarm
+
+
+class CornerCode(nn.Module):
+    """Class = the top-left 2x2 level (0.2 + 0.2 c), or (``corner=False``) the centre level, on 8x8 images."""
+
+    def __init__(self, corner: bool = True) -> None:
+        super().__init__()
+        self.corner = corner
+
+    def forward(self, x):
+        v = x[:, 0, :2, :2].mean((1, 2)) if self.corner else x[:, 0, 3:5, 3:5].mean((1, 2))
+        centres = 0.2 + 0.2 * torch.arange(5, dtype=x.dtype)
+        return -200 * (v.unsqueeze(1) - centres) ** 2
+
+
+def coded(n, seed, code_is_label):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.1
+    y = torch.arange(n) % 5
+    code = y if code_is_label else torch.randint(0, 5, (n,), generator=g)
+    x[:, 0, :2, :2] = (0.2 + 0.2 * code.float()).view(-1, 1, 1)
+    x[:, 0, 3:5, 3:5] = (0.2 + 0.2 * y.float()).view(-1, 1, 1)
+    return x, y
+
+
+def corner_masks(n):
+    m = torch.zeros(n, 8, 8, dtype=torch.bool)
+    m[:, :2, :2] = True
+    return m
+
+
+def test_donor_content_and_gain_by_hand():
+    x, y = coded(20, 0, code_is_label=False)  # receivers: random codes
+    dx, dy = coded(10, 1, code_is_label=True)  # donors: the code is the label
+    out = intervene(CornerCode(), x, corner_masks(20), y, num_controls=3, generator=torch.Generator().manual_seed(0),
+                    donors=(dx, corner_masks(10), dy))
+    assert out["partner"].min() >= 0 and out["partner"].max() < 10  # indices into the donors
+    assert out["gain"].shape == (20,) and out["control_gain"].shape == (20, 3)
+    # the corner reader now reads the donor's code = the donor's label: p(donor label) goes to ~1
+    donor_label = dy[out["partner"]]
+    p0 = torch.softmax(CornerCode()(x), 1).gather(1, donor_label.view(-1, 1)).squeeze(1)
+    assert torch.allclose(out["gain"], 1 - p0, atol=1e-3)
+    # the controls leave the top-left corner alone, so the corner reader does not move
+    assert out["control_gain"].abs().max() < 1e-3
+    # each receiver got the donor whose corner differs most from its own
+    own, donors = x[:, 0, :2, :2].flatten(1), dx[:, 0, :2, :2].flatten(1)
+    dist = torch.cdist(own, donors)
+    assert torch.allclose(dist.gather(1, out["partner"].view(-1, 1)).squeeze(1), dist.amax(1))  # ties broken at random
+
+
+def test_donors_rows_share_is_the_whole_result():
+    x, y = coded(12, 0, code_is_label=False)
+    dx, dy = coded(6, 1, code_is_label=True)
+    kw = dict(num_controls=2, donors=(dx, corner_masks(6), dy))
+    whole = intervene(CornerCode(False), x, corner_masks(12), y, generator=torch.Generator().manual_seed(3), **kw)
+    parts = [intervene(CornerCode(False), x, corner_masks(12), y, generator=torch.Generator().manual_seed(3), rows=r, **kw)
+             for r in ((0, 5), (5, 12))]
+    for key in ("gain", "control_gain", "shift", "partner"):
+        assert torch.equal(torch.cat([p[key] for p in parts]), whole[key])
+
+
+@pytest.mark.parametrize("donors, fill, match", [
+    ((torch.rand(3, 1, 8, 8), torch.zeros(3, 8, 8, dtype=torch.bool), torch.zeros(3)), "mean", "fill"),
+    ((torch.rand(3, 1, 4, 4), torch.zeros(3, 4, 4, dtype=torch.bool), torch.zeros(3)), "swap", r"\(D, 1, 8, 8\)"),
+    ((torch.rand(3, 1, 8, 8), torch.zeros(3, 8, 8), torch.zeros(3)), "swap", "bool masks"),
+    ((torch.rand(3, 1, 8, 8), torch.zeros(3, 8, 8, dtype=torch.bool)), "swap", "donors"),
+])
+def test_bad_donors(donors, fill, match):
+    with pytest.raises(ValueError, match=match):
+        intervene(CornerCode(), torch.rand(4, 1, 8, 8), corner_masks(4), fill=fill, donors=donors)
+
+
+def _decide(shift_excess, gain_excess, n=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    noise = lambda: 0.01 * torch.randn(n, generator=g)  # noqa: E731
+    control = torch.full((n, 4), 0.2)
+    return shortcut_alarm(0.2 + shift_excess + noise(), control, gain=0.1 + gain_excess + noise(), control_gain=control - 0.1)
+
+
+def test_alarm_weighs_the_gain():
+    assert _decide(0.0, 0.0).fired is False
+    assert _decide(0.05, 0.0).fired is True  # shift alone, no evidence against: fires
+    assert _decide(0.05, -0.05).fired is False  # shift, but the content goes against its training labels: vetoed
+    both = _decide(0.0, 0.05)
+    assert both.fired is True and both.gain_z >= 3 and abs(both.z) < 3  # gain alone fires
+    assert _decide(0.0, 0.005).fired is False  # below min_gain
+    d = _decide(0.05, -0.05).as_dict()
+    assert d["gain_excess"] == pytest.approx(-0.05, abs=0.01) and d["gain_z"] <= -3
+
+
+def test_alarm_gain_shapes_and_without_gain():
+    effect, control = torch.rand(10), torch.rand(10, 3)
+    with pytest.raises(ValueError, match="gain"):
+        shortcut_alarm(effect, control, gain=torch.rand(9), control_gain=torch.rand(10, 3))
+    with pytest.raises(ValueError, match="min_gain"):
+        shortcut_alarm(effect, control, gain=effect, control_gain=control, min_gain=0)
+    d = shortcut_alarm(effect, control)
+    assert d.gain_excess != d.gain_excess and d.gain_z != d.gain_z  # NaN without gains
