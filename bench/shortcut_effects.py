@@ -61,7 +61,7 @@ def run(variant: str, kind: str, seed: int, args) -> list:
     """Train as bench/shortcuts.py does; after every epoch the known-region check of both splits. Returns per epoch
     ``{"gap": present - absent accuracy, "absent": {effect: z}, "present": {...}}``."""
     out = []
-    for model, acc, probes in bench.train_epochs(variant, kind, seed, args):
+    for model, acc, probes, _ in bench.train_epochs(variant, kind, seed, args):
         row = {"gap": acc["present"] - acc["absent"]}
         for mode, (x, y, mask) in probes.items():
             res = intervene(model, x, bench.known_masks(variant, mask), y, fill="swap", num_controls=8,

@@ -82,33 +82,52 @@ def known_masks(variant: str, mask):
     return fixed.expand_as(mask).contiguous() if fixed is not None else mask
 
 
-def check(model, x, y, masks, args):
+def check(model, x, y, masks, args, donors=None, gain_fires=True):
+    """One intervention check; ``donors`` ``(inputs, masks, labels)``: the reference (training) samples that give the
+    swapped-in content, as ShortcutMonitor's ``reference_samples`` (None: swap within the probe set, shift alone)."""
     out = intervene(model, x, masks, y, fill=args.fill, num_controls=args.controls,
-                    generator=torch.Generator().manual_seed(0))
+                    generator=torch.Generator().manual_seed(0), donors=donors)
     return shortcut_alarm(out["shift"], out["control_shift"], args.min_excess, args.min_z, out["change"], out["control_change"],
-                          args.min_match)
+                          args.min_match, out.get("gain"), out.get("control_gain"), gain_fires=gain_fires)
 
 
-def discover(model, x, y, args):
+def with_masks(ref, masks):
+    """The reference samples ``(inputs, labels)`` with their region masks, or None (no references, or no masks)."""
+    if ref is None or masks is None or not bool(masks.any()):
+        return None
+    return ref[0], masks, ref[1]
+
+
+def discover(model, x, y, args, ref=None):
     """Unknown-region mode, as ShortcutMonitor runs it: each candidate (the Input x Gradient hotspot, a flat
     background, each sample's atypical corner, a stamp's corner, the presets in ``args.presets``) goes through the
     same check. Returns the decision of a candidate
     that fires, else the one with the largest z among those the ``min_match`` guard lets through (None: no
     candidate)."""
     decisions = []
+    d = 0 if ref is None else ref[0].shape[0]
+
+    def fixed(mask, n):
+        return mask.expand(n, -1, -1).contiguous()
+
     spot = find_hotspot(input_x_gradient(model, x, y), y, inputs=x)
     if spot.mask is not None:
-        decisions.append(check(model, x, y, spot.mask.expand(x.shape[0], -1, -1).contiguous(), args))
+        decisions.append(check(model, x, y, fixed(spot.mask, x.shape[0]), args, False,
+                               with_masks(ref, fixed(spot.mask, d))))
     flat = flat_background(x)
     if flat is not None:
         rows = flat.flatten(1).any(1)
-        decisions.append(check(model, x[rows], y[rows], flat[rows], args))
-    decisions.append(check(model, x, y, atypical_corners(x), args))
+        decisions.append(check(model, x[rows], y[rows], flat[rows], args, False,
+                               with_masks(ref, ref and flat_background(ref[0]))))
+    decisions.append(check(model, x, y, atypical_corners(x), args, False,
+                               with_masks(ref, ref and atypical_corners(ref[0]))))
     stamps = find_stamps(x)
-    if stamps is not None:
+    if stamps is not None:  # a stamp's masks exist for the probe samples only: swapped within them
         decisions.append(check(model, x, y, stamps.masks, args))
     for name in args.presets:
-        decisions.append(check(model, x, y, preset_mask(name, tuple(x.shape[-2:])).expand(x.shape[0], -1, -1).contiguous(), args))
+        mask = preset_mask(name, tuple(x.shape[-2:]))
+        decisions.append(check(model, x, y, fixed(mask, x.shape[0]), args, False,
+                               with_masks(ref, fixed(mask, d))))
     if not decisions:
         return None
     return max(decisions, key=lambda d: (d.fired, not d.match < args.min_match, d.z))
@@ -126,10 +145,17 @@ def splits(variant: str, kind: str, seed: int, probe: int, noise=None):
     return train, vals, {mode: stratified(data, probe, seed) for mode, data in vals.items()}
 
 
+def references(variant: str, train, n: int, seed: int):
+    """``n`` training samples, stratified, with their known-region masks: ``(inputs, labels, masks)``."""
+    x, y, mask = stratified(train, n, seed + 100)
+    return x, y, known_masks(variant, mask)
+
+
 def train_epochs(variant: str, kind: str, seed: int, args):
     """Train the benchmark's CNN (Adam, plain torch loop); yields ``(model, accuracy per validation split, probe
-    sets)`` after every epoch, the model in eval mode."""
+    sets, reference samples)`` after every epoch, the model in eval mode (references: None with ``--references 0``)."""
     train, vals, probes = splits(variant, kind, seed, args.probe, getattr(args, "noise", None))
+    refs = references(variant, train, args.references, seed) if getattr(args, "references", 0) > 0 else None
     torch.manual_seed(seed)
     model = cnn()
     opt = torch.optim.Adam(model.parameters(), lr=getattr(args, "lr", 3e-3))
@@ -147,15 +173,15 @@ def train_epochs(variant: str, kind: str, seed: int, args):
         model.eval()
         with torch.no_grad():
             acc = {mode: float((model(d.x).argmax(1) == d.y).float().mean()) for mode, d in vals.items()}
-        yield model, acc, probes
+        yield model, acc, probes, refs
 
 
 def run(variant: str, kind: str, seed: int, args, record) -> None:
-    for model, acc, probes in train_epochs(variant, kind, seed, args):
+    for model, acc, probes, refs in train_epochs(variant, kind, seed, args):
         record["acc"][(variant, kind, seed)].append(acc)
         for mode, (x, y, mask) in probes.items():
-            known = check(model, x, y, known_masks(variant, mask), args)
-            unknown = discover(model, x, y, args)
+            known = check(model, x, y, known_masks(variant, mask), args, None if refs is None else (refs[0], refs[2], refs[1]))
+            unknown = discover(model, x, y, args, None if refs is None else refs[:2])
             record["known"][(variant, mode, kind, seed)].append(known)
             record["unknown"][(variant, mode, kind, seed)].append(unknown)
 
@@ -180,6 +206,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--probe", type=int, default=256)
     parser.add_argument("--controls", type=int, default=8)
+    parser.add_argument("--references", type=int, default=256,
+                        help="training samples giving the swapped-in content (ShortcutMonitor's reference_samples); "
+                             "0: swap within the probe set and decide on the shift alone (the rule before the gain)")
     parser.add_argument("--fill", default="swap")
     parser.add_argument("--min-excess", type=float, default=MIN_EXCESS)
     parser.add_argument("--min-z", type=float, default=MIN_Z)
@@ -198,9 +227,10 @@ def main() -> None:
         print(f"# {variant}: done after {time.time() - start:.0f} s", flush=True)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     print(f"\nnoise={args.noise or NOISE} epochs={args.epochs} probe={args.probe} fill={args.fill} controls={args.controls} "
-          f"min_excess={args.min_excess} min_z={args.min_z} min_match={args.min_match} patience={args.patience} seeds={list(seeds)}\n")
+          f"min_excess={args.min_excess} min_z={args.min_z} min_match={args.min_match} patience={args.patience} "
+          f"references={args.references} seeds={list(seeds)}\n")
     print("| variant | val split | mode | detected (shortcut) | false alarms (clean) | first alarm epoch per seed | "
-          "gap epoch per seed | clean max excess / max z | shortcut last excess / z |")
+          "gap epoch per seed | clean max excess / max z | shortcut last excess / z (g: gain z) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for variant in args.variants:
         gaps = []
@@ -216,7 +246,9 @@ def main() -> None:
                 clean = [d for s in seeds for d in rec[(variant, mode, "clean", s)] if d is not None and not d.match < args.min_match]
                 ctxt = "no candidate" if not clean else f"{max(d.excess for d in clean):+.3f} / {max(d.z for d in clean):.1f}"
                 last = [rec[(variant, mode, "shortcut", s)][-1] for s in seeds]
-                last_txt = " ".join("none" if d is None else f"{d.excess:+.2f}/{d.z:.1f}" + ("*" if d.match < args.min_match else "")
+                last_txt = " ".join("none" if d is None else f"{d.excess:+.2f}/{d.z:.1f}"
+                                    + ("" if d.gain_z != d.gain_z else f" g{d.gain_z:.1f}")
+                                    + ("*" if d.match < args.min_match else "")
                                     for d in last)
                 print(f"| {variant} | {mode} | {kind} | {sum(d is not None for d in det)}/{len(det)} | "
                       f"{sum(fa)}/{len(fa)} | {fmt_epochs(det)} | {fmt_epochs(gaps)} | {ctxt} | {last_txt} |")

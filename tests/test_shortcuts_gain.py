@@ -102,3 +102,14 @@ def test_alarm_gain_shapes_and_without_gain():
         shortcut_alarm(effect, control, gain=effect, control_gain=control, min_gain=0)
     d = shortcut_alarm(effect, control)
     assert d.gain_excess != d.gain_excess and d.gain_z != d.gain_z  # NaN without gains
+
+
+def test_gain_only_vetoes_when_told():
+    g = torch.Generator().manual_seed(0)
+    n, control = 100, torch.full((100, 4), 0.2)
+    effect = 0.2 + 0.01 * torch.randn(n, generator=g)
+    gain = 0.15 + 0.01 * torch.randn(n, generator=g)
+    assert shortcut_alarm(effect, control, gain=gain, control_gain=control - 0.1).fired is True
+    assert shortcut_alarm(effect, control, gain=gain, control_gain=control - 0.1, gain_fires=False).fired is False
+    vetoed = shortcut_alarm(effect + 0.05, control, gain=gain - 0.1, control_gain=control - 0.1, gain_fires=False)
+    assert vetoed.fired is False and vetoed.z >= 3

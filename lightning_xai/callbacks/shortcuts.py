@@ -392,10 +392,11 @@ class ShortcutMonitor(ProbeSetCallback):
         return methods
 
     # ------------------------------------------------------------------ report (all rows, every rank)
-    def _region_figures(self, region: str, results: Dict[str, Tensor]) -> Tuple[Dict[str, float], bool]:
+    def _region_figures(self, region: str, results: Dict[str, Tensor], candidate: bool = False) -> Tuple[Dict[str, float], bool]:
         decision = shortcut_alarm(results[f"{region}/shift"], results[f"{region}/control_shift"], self.min_excess, self.min_z,
                                   results[f"{region}/change"], results[f"{region}/control_change"], self.min_match,
-                                  results.get(f"{region}/gain"), results.get(f"{region}/control_gain"))
+                                  results.get(f"{region}/gain"), results.get(f"{region}/control_gain"),
+                                  gain_fires=not candidate)
         figures = decision.as_dict()
         out = {"flip": results[f"{region}/flip"], "control_flip": results[f"{region}/control_flip"]}
         if f"{region}/correct" in results:
@@ -492,7 +493,7 @@ class ShortcutMonitor(ProbeSetCallback):
                 res = {f"{name}/{k}": v for k, v in out.items()}
                 for key, value in region_metrics(maps[rows], masks[rows]).items():
                     res[f"{name}/{key}"] = value
-                figures, alarm = self._region_figures(name, res)
+                figures, alarm = self._region_figures(name, res, candidate=True)
                 figures["area"] = float(masks[rows].float().mean())
                 metrics.update({self.tag(name, k): v for k, v in figures.items() if k != "alarm"})
             alarm = self._agree(trainer, alarm)
