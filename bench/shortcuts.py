@@ -112,22 +112,22 @@ def discover(model, x, y, args, ref=None):
 
     spot = find_hotspot(input_x_gradient(model, x, y), y, inputs=x)
     if spot.mask is not None:
-        decisions.append(check(model, x, y, fixed(spot.mask, x.shape[0]), args, False,
-                               with_masks(ref, fixed(spot.mask, d))))
+        decisions.append(check(model, x, y, fixed(spot.mask, x.shape[0]), args, gain_fires=False,
+                               donors=with_masks(ref, fixed(spot.mask, d))))
     flat = flat_background(x)
     if flat is not None:
         rows = flat.flatten(1).any(1)
-        decisions.append(check(model, x[rows], y[rows], flat[rows], args, False,
-                               with_masks(ref, ref and flat_background(ref[0]))))
-    decisions.append(check(model, x, y, atypical_corners(x), args, False,
-                               with_masks(ref, ref and atypical_corners(ref[0]))))
+        decisions.append(check(model, x[rows], y[rows], flat[rows], args, gain_fires=False,
+                               donors=with_masks(ref, ref and flat_background(ref[0]))))
+    decisions.append(check(model, x, y, atypical_corners(x), args, gain_fires=False,
+                               donors=with_masks(ref, ref and atypical_corners(ref[0]))))
     stamps = find_stamps(x)
     if stamps is not None:  # a stamp's masks exist for the probe samples only: swapped within them
         decisions.append(check(model, x, y, stamps.masks, args))
     for name in args.presets:
         mask = preset_mask(name, tuple(x.shape[-2:]))
-        decisions.append(check(model, x, y, fixed(mask, x.shape[0]), args, False,
-                               with_masks(ref, fixed(mask, d))))
+        decisions.append(check(model, x, y, fixed(mask, x.shape[0]), args, gain_fires=False,
+                               donors=with_masks(ref, fixed(mask, d))))
     if not decisions:
         return None
     return max(decisions, key=lambda d: (d.fired, not d.match < args.min_match, d.z))
