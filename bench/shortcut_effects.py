@@ -23,7 +23,6 @@ between the present and absent splits is >= 0.05) have z < 3 (a late alarm), wit
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ import shortcuts as bench  # noqa: E402  (bench/shortcuts.py: data, model, probe
 
 from lightning_xai.datasets import VARIANTS  # noqa: E402
 from lightning_xai.shortcuts import intervene  # noqa: E402
+from lightning_xai.shortcuts.alarm import _paired_z  # noqa: E402
 
 FLOOR = 1e-6
 EFFECTS = ("shift", "logit_max", "logit_l2", "flip")
@@ -51,10 +51,8 @@ def effects(base: torch.Tensor, after: torch.Tensor) -> dict:
 
 
 def paired_z(effect: torch.Tensor) -> float:
-    """The alarm's z: mean of region minus mean control per sample, over its standard error (floored at 1/N)."""
-    d = effect[:, 0] - effect[:, 1:].mean(1)
-    n = d.numel()
-    return float(d.mean()) / max(float(d.std()) / math.sqrt(n), 1.0 / n)
+    """The alarm's z (:func:`lightning_xai.shortcuts.alarm._paired_z`) of region minus mean control per sample."""
+    return _paired_z(effect[:, 0].double() - effect[:, 1:].double().mean(1))[1]
 
 
 def run(variant: str, kind: str, seed: int, args) -> list:

@@ -150,6 +150,7 @@ def test_do_no_harm_and_hygiene(tmp_path):
         warnings.simplefilter("ignore")
         with_cb = fit([monitor], "a")
         without = fit([], "b")
+    assert monitor.reference_x is not None  # the training batches were read for reference samples
     for k in without:
         assert torch.equal(with_cb[k], without[k]), k
 

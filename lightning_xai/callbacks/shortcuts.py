@@ -192,6 +192,7 @@ class ShortcutMonitor(ProbeSetCallback):
         self.reference_y: Optional[Tensor] = None
         self._reference_buckets: Buckets = {}
         self._collect_epoch: Optional[int] = None  # the training epoch the references are collected in
+        self._reference_cache: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None  # (references, flat, atypical)
 
     @property
     @override
@@ -473,11 +474,9 @@ class ShortcutMonitor(ProbeSetCallback):
         metrics[self.tag(STAMP, "carriers")] = 0.0 if stamps is None else float(stamps.carriers.float().mean())
         for name in SUSPECTS:
             candidates[f"preset_{name}"] = region_masks(name, x.detach().cpu())
-        reference = None if self.reference_x is None else self.reference_x
         donor_specs: Dict[str, Any] = {HOTSPOT: spot.mask, STAMP: None}
-        if reference is not None:
-            donor_specs[FLAT] = flat_background(reference)
-            donor_specs[ATYPICAL] = atypical_corners(reference)
+        if self.reference_x is not None:
+            donor_specs[FLAT], donor_specs[ATYPICAL] = self._reference_candidates()
             donor_specs.update({f"preset_{name}": name for name in SUSPECTS})
         fired: Dict[str, Dict[str, float]] = {}
         for name, masks in candidates.items():
@@ -513,6 +512,15 @@ class ShortcutMonitor(ProbeSetCallback):
         atypical, stamps = atypical_corners(x), find_stamps(x)
         self._corner_cache = (x.clone(), atypical, stamps)
         return atypical, stamps
+
+    def _reference_candidates(self) -> Tuple[Optional[Tensor], Tensor]:
+        """The flat backgrounds and atypical corners of the reference samples; they depend on the inputs only, so they
+        are kept while the reference samples are the same tensor (finalising or loading them makes a new one)."""
+        cached = self._reference_cache
+        if cached is None or cached[0] is not self.reference_x:
+            cached = (self.reference_x, flat_background(self.reference_x), atypical_corners(self.reference_x))
+            self._reference_cache = cached
+        return cached[1], cached[2]
 
     def _log_discovery_images(self, trainer: "pl.Trainer", means: Dict[int, Tensor], spot: Any, clusters: Any) -> None:
         def heat(stack: Tensor) -> Tensor:  # (K, h, w) -> (K, 3, h', w')
