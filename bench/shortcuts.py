@@ -11,7 +11,8 @@ on 256 stratified probe samples of two validation splits: shortcut *absent* (ran
 * unknown region: as ShortcutMonitor(regions=None) runs it: the Input x Gradient hotspot, the flat
   background (:func:`~lightning_xai.shortcuts.hotspots.flat_background`), each sample's atypical corner and
   the corner of a pasted stamp (:mod:`lightning_xai.shortcuts.corners`) and the presets "corners" and
-  "border" are the candidates, each goes through the same intervention -> alarm.
+  "border" are the candidates, each goes through the same intervention -> alarm (the gain only vetoes, except
+  for the stamp).
 
 The intervention swaps the region with the probe sample whose content there differs most (8 change-matched
 controls); the alarm compares the output shift (total variation distance) of region and controls (see
@@ -46,7 +47,7 @@ from torch import nn
 from lightning_xai.attribution import input_x_gradient
 from lightning_xai.datasets import VARIANTS, region_mask, shortcut_digits
 from lightning_xai.shortcuts import (MIN_EXCESS, MIN_MATCH, MIN_Z, atypical_corners, find_hotspot, find_stamps, intervene,
-                                     shortcut_alarm)
+                                     shortcut_alarm, stamp_donor_masks)
 from lightning_xai.shortcuts.hotspots import flat_background
 from lightning_xai.shortcuts.regions import SUSPECTS, preset_mask
 
@@ -122,8 +123,8 @@ def discover(model, x, y, args, ref=None):
     decisions.append(check(model, x, y, atypical_corners(x), args, gain_fires=False,
                                donors=with_masks(ref, ref and atypical_corners(ref[0]))))
     stamps = find_stamps(x)
-    if stamps is not None:  # a stamp's masks exist for the probe samples only: swapped within them
-        decisions.append(check(model, x, y, stamps.masks, args))
+    if stamps is not None:  # as specific as a named region: the gain also fires
+        decisions.append(check(model, x, y, stamps.masks, args, donors=with_masks(ref, ref and stamp_donor_masks(ref[0], stamps))))
     for name in args.presets:
         mask = preset_mask(name, tuple(x.shape[-2:]))
         decisions.append(check(model, x, y, fixed(mask, x.shape[0]), args, gain_fires=False,

@@ -54,7 +54,7 @@ from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEM
                                      atypical_corners, class_mean_maps, find_hotspot, find_stamps, flat_background,
                                      intervene, intervention_summary,
                                      normalize_regions, randomisation_check, region_masks, region_metrics,
-                                     shortcut_alarm, spray_by_class)
+                                     shortcut_alarm, spray_by_class, stamp_donor_masks)
 
 ACTIONS = ("warn", "stop", "log")
 HOTSPOT = "hotspot"
@@ -83,8 +83,9 @@ class ShortcutMonitor(ProbeSetCallback):
             monitor sees) that give the swapped-in region content and their labels for the gain test (see
             :mod:`lightning_xai.shortcuts.alarm`); ``0`` swaps within the probe set and decides on the shift alone, as
             does a fit whose training batches carry no labels, ``fill`` other than ``"swap"``, per-sample mask regions
-            (their masks exist for the probe samples only), the ``"stamp"`` candidate and ``validate()``/``test()``
-            without a previous fit.
+            (their masks exist for the probe samples only) and ``validate()``/``test()`` without a previous fit. In
+            unknown-region mode the gain only vetoes, except for the ``"stamp"`` candidate (a pasted pattern found in
+            the inputs, as specific as a named region), where it also fires as in known-region mode.
         patience: runs of the monitor in a row in which a region must fire before ``action`` is taken (like
             EarlyStopping's patience; runs the overhead budget skips do not break a streak). The ``alarm`` scalar
             logs every run's verdict. ``1`` acts at the first firing run (default: an alarm as early as the
@@ -192,7 +193,7 @@ class ShortcutMonitor(ProbeSetCallback):
         self.reference_y: Optional[Tensor] = None
         self._reference_buckets: Buckets = {}
         self._collect_epoch: Optional[int] = None  # the training epoch the references are collected in
-        self._reference_cache: Optional[Tuple[Tensor, Optional[Tensor], Tensor]] = None  # (references, flat, atypical)
+        self._reference_cache: Optional[Tuple[Any, ...]] = None  # (references, flat, atypical, stamps)
 
     @property
     @override
@@ -393,11 +394,11 @@ class ShortcutMonitor(ProbeSetCallback):
         return methods
 
     # ------------------------------------------------------------------ report (all rows, every rank)
-    def _region_figures(self, region: str, results: Dict[str, Tensor], candidate: bool = False) -> Tuple[Dict[str, float], bool]:
+    def _region_figures(self, region: str, results: Dict[str, Tensor], gain_fires: bool = True) -> Tuple[Dict[str, float], bool]:
         decision = shortcut_alarm(results[f"{region}/shift"], results[f"{region}/control_shift"], self.min_excess, self.min_z,
                                   results[f"{region}/change"], results[f"{region}/control_change"], self.min_match,
                                   results.get(f"{region}/gain"), results.get(f"{region}/control_gain"),
-                                  gain_fires=not candidate)
+                                  gain_fires=gain_fires)
         figures = decision.as_dict()
         out = {"flip": results[f"{region}/flip"], "control_flip": results[f"{region}/control_flip"]}
         if f"{region}/correct" in results:
@@ -474,9 +475,11 @@ class ShortcutMonitor(ProbeSetCallback):
         metrics[self.tag(STAMP, "carriers")] = 0.0 if stamps is None else float(stamps.carriers.float().mean())
         for name in SUSPECTS:
             candidates[f"preset_{name}"] = region_masks(name, x.detach().cpu())
-        donor_specs: Dict[str, Any] = {HOTSPOT: spot.mask, STAMP: None}
+        donor_specs: Dict[str, Any] = {HOTSPOT: spot.mask}
         if self.reference_x is not None:
-            donor_specs[FLAT], donor_specs[ATYPICAL] = self._reference_candidates()
+            donor_specs[FLAT], donor_specs[ATYPICAL], ref_stamps = self._reference_candidates()
+            if stamps is not None:
+                donor_specs[STAMP] = stamp_donor_masks(self.reference_x, stamps, own=ref_stamps)
             donor_specs.update({f"preset_{name}": name for name in SUSPECTS})
         fired: Dict[str, Dict[str, float]] = {}
         for name, masks in candidates.items():
@@ -488,11 +491,11 @@ class ShortcutMonitor(ProbeSetCallback):
                     out = self._intervene(self.logits_fn(pl_module), x[rows.to(x.device)], masks[rows].to(x.device),
                                           None if y is None else y[rows.to(y.device)], gen,
                                           donors=self._donors(donor_specs.get(name), name, x.device,
-                                                              per_reference=name in (FLAT, ATYPICAL)))
+                                                              per_reference=name in (FLAT, ATYPICAL, STAMP)))
                 res = {f"{name}/{k}": v for k, v in out.items()}
                 for key, value in region_metrics(maps[rows], masks[rows]).items():
                     res[f"{name}/{key}"] = value
-                figures, alarm = self._region_figures(name, res, candidate=True)
+                figures, alarm = self._region_figures(name, res, gain_fires=name == STAMP)
                 figures["area"] = float(masks[rows].float().mean())
                 metrics.update({self.tag(name, k): v for k, v in figures.items() if k != "alarm"})
             alarm = self._agree(trainer, alarm)
@@ -513,14 +516,15 @@ class ShortcutMonitor(ProbeSetCallback):
         self._corner_cache = (x.clone(), atypical, stamps)
         return atypical, stamps
 
-    def _reference_candidates(self) -> Tuple[Optional[Tensor], Tensor]:
-        """The flat backgrounds and atypical corners of the reference samples; they depend on the inputs only, so they
-        are kept while the reference samples are the same tensor (finalising or loading them makes a new one)."""
+    def _reference_candidates(self) -> Tuple[Optional[Tensor], Tensor, Any]:
+        """The flat backgrounds, atypical corners and stamps of the reference samples; they depend on the inputs only,
+        so they are kept while the reference samples are the same tensor (finalising or loading them makes a new one)."""
         cached = self._reference_cache
         if cached is None or cached[0] is not self.reference_x:
-            cached = (self.reference_x, flat_background(self.reference_x), atypical_corners(self.reference_x))
+            ref = self.reference_x
+            cached = (ref, flat_background(ref), atypical_corners(ref), find_stamps(ref))
             self._reference_cache = cached
-        return cached[1], cached[2]
+        return cached[1], cached[2], cached[3]
 
     def _log_discovery_images(self, trainer: "pl.Trainer", means: Dict[int, Tensor], spot: Any, clusters: Any) -> None:
         def heat(stack: Tensor) -> Tensor:  # (K, h, w) -> (K, 3, h', w')

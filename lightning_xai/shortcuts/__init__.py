@@ -4,7 +4,8 @@ clustering, input-independent hotspots, per-sample corner candidates (atypical c
 Imports torch only (and :mod:`lightning_xai.attribution`), never Lightning.
 """
 from lightning_xai.shortcuts.alarm import MIN_EXCESS, MIN_MATCH, MIN_Z, AlarmDecision, shortcut_alarm
-from lightning_xai.shortcuts.corners import StampResult, atypical_corners, corner_side, corner_windows, find_stamps
+from lightning_xai.shortcuts.corners import (StampResult, atypical_corners, corner_side, corner_windows, find_stamps,
+                                             stamp_donor_masks)
 from lightning_xai.shortcuts.hotspots import MAX_ETA2, HotspotResult, class_eta2, consistency_map, find_hotspot, flat_background
 from lightning_xai.shortcuts.interventions import (FILLS, PLACEMENTS, change_matched_sets, control_masks, fill_source, intervene,
                                                    intervention_summary, swap_partners, transplant)
@@ -17,7 +18,7 @@ from lightning_xai.shortcuts.spray import SprayResult, class_mean_maps, downsamp
 __all__ = [
     "FILLS", "MAX_ETA2", "MIN_EXCESS", "MIN_MATCH", "MIN_Z", "PLACEMENTS", "PRESETS", "SANITY_THRESHOLD", "SUSPECTS",
     "AlarmDecision", "HotspotResult", "SanityResult", "SprayResult", "StampResult", "atypical_corners", "attribution_share",
-    "box_mask", "component_shifts", "connected_components", "corner_side", "corner_windows", "find_stamps",
+    "box_mask", "component_shifts", "connected_components", "corner_side", "corner_windows", "find_stamps", "stamp_donor_masks",
     "change_matched_sets", "class_eta2", "class_mean_maps", "consistency_map", "control_masks", "downsample_maps",
     "fill_source", "find_hotspot", "flat_background", "intervene", "intervention_summary", "iou",
     "normalize_regions", "pointing_game", "preset_mask", "randomisation_check", "region_masks", "region_metrics",

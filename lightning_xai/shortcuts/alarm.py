@@ -169,7 +169,7 @@ def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = M
         if not (isinstance(min_gain, (int, float)) and 0 < min_gain <= 1):
             raise ValueError(expected("min_gain", "a float in (0, 1]", min_gain))
         gain_excess, gain_z = _paired_z(gain.double() - control_gain.double().mean(1))
-        fired = (fired and gain_z > -min_z) or (gain_fires and gain_excess >= min_gain and gain_z >= min_z)
+        fired = (fired and gain_z > -min_z) or (gain_fires and gain_excess >= min_gain and gain_z >= min_z and z > -min_z)
     fired = fired and not match < min_match
     return AlarmDecision(bool(fired), excess, z, float(effect.double().mean()), float(control_effect.double().mean()), match,
                          gain_excess, gain_z)
