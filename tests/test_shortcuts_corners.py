@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import DigitsModule, read_events, tiny_trainer
 from lightning_xai.callbacks.shortcuts import ShortcutMonitor
-from lightning_xai.shortcuts import atypical_corners, corner_windows, find_stamps
+from lightning_xai.shortcuts import atypical_corners, corner_windows, find_stamps, stamp_donor_masks
 from lightning_xai.shortcuts.regions import iou
 
 TAG = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
@@ -62,6 +62,36 @@ def test_stamps_found_exactly_and_not_on_noise_or_flat_marks():
     assert find_stamps(flat) is None
     x[:3, 0, :3, :3] = TAG  # three copies: fewer than min_copies + 1 carriers in that corner
     assert torch.equal(find_stamps(x).carriers, tagged)
+
+
+def test_a_near_flat_background_corner_is_not_a_stamp():
+    # one background level per class (as the planted-background digits): a corner of background with one stroke pixel
+    # recurs in every image of that level, but it is not a pasted pattern; a tag on the same images is
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    y = torch.arange(n) % 10
+    x = (0.35 * y.float() / 9).view(n, 1, 1, 1).repeat(1, 1, 8, 8)
+    x[:, 0, 3:5, 3:5] = torch.rand(n, 2, 2, generator=g)  # the object
+    x[:, 0, 2, 2] = x[:, 0, 0, 0] + 0.2  # a stroke end in the top-left window, close to the level
+    x[1::2, 0, :3, :3] = torch.rand(n // 2, 3, 3, generator=g)  # the object reaches the corner in half of the images
+    assert find_stamps(x) is None
+    x[::10, 0, -3:, -3:] = TAG
+    res = find_stamps(x)
+    assert res is not None and res.carriers.nonzero().view(-1).tolist() == list(range(0, n, 10))
+
+
+def test_stamp_donor_masks():
+    x, _, tagged = stamp_set()
+    probe = find_stamps(x)
+    truth = torch.zeros(8, 8, dtype=torch.bool)
+    truth[-3:, -3:] = True
+    plain = torch.rand(30, 1, 8, 8)  # no stamps of their own: the window most probe carriers use
+    assert torch.equal(stamp_donor_masks(plain, probe), truth.expand(30, 8, 8))
+    own = x.clone()
+    own[:, 0, -3:, -3:] = torch.rand(200, 3, 3)
+    own[tagged, 0, :3, :3] = TAG  # their own tags sit top left
+    masks = stamp_donor_masks(own, probe)
+    assert torch.equal(masks[tagged], corner_windows((8, 8))[0].expand(int(tagged.sum()), 8, 8))
 
 
 def test_corner_errors():
@@ -176,7 +206,10 @@ def test_unknown_region_stamp(tmp_path, reads):
     carriers = acc.Scalars("xai/shortcut/stamp/carriers")[-1].value
     assert 0.02 <= carriers <= 0.2  # about a tenth of the probe samples carry the tag
     alarm = acc.Scalars("xai/shortcut/stamp/alarm")[-1].value
+    gain_z = acc.Scalars("xai/shortcut/stamp/gain_z")[-1].value  # the training samples' stamps were swapped in
     if reads:
         assert alarm == 1.0 and "stamp" in [a["region"] for a in monitor.alarms]
+        assert gain_z >= 3  # pasting a class-0 training image's tag raises class 0
     else:
         assert alarm == 0.0 and not monitor.alarms
+        assert gain_z < 3  # (controls on the centre blob paste content that carries its label: it can be negative)

@@ -103,7 +103,7 @@ def atypical_corners(inputs: Tensor, side: Optional[int] = None) -> Tensor:
     return windows[score.argmax(1)].contiguous()
 
 
-def find_stamps(inputs: Tensor, side: Optional[int] = None, min_copies: int = 3, rel_tol: float = 0.1) -> Optional[StampResult]:
+def find_stamps(inputs: Tensor, side: Optional[int] = None, min_copies: int = 3, rel_tol: float = 0.03) -> Optional[StampResult]:
     """Samples carrying a pasted pattern in a corner, or None when fewer than ``min_copies + 1`` do.
 
     In each corner window a sample is a *carrier* when at least ``min_copies`` other samples hold the same
@@ -120,7 +120,12 @@ def find_stamps(inputs: Tensor, side: Optional[int] = None, min_copies: int = 3,
         inputs: probe images ``(N, C, H, W)``.
         side: window side (default :func:`corner_side`).
         min_copies: fewest other samples with the same content.
-        rel_tol: tolerance, as a share of the mean distance between samples' contents of the window.
+        rel_tol: tolerance, as a share of the mean distance between samples' contents of the window. A pasted tag
+            repeats pixel for pixel; parts of the object repeat only roughly. At 0.1, on ``bench/shortcuts.py``'s
+            planted digits (seeds 0-14, probe and reference sets), a corner of one background brightness holding
+            the end of a stroke of the same digit was taken for a stamp in 23 of 180 background-variant sets (and
+            swapping it raised the digit's label on a clean model: a false alarm); at 0.03 in none, while the
+            watermark's tag was found in all 90 of its sets.
 
     Example:
         >>> x = torch.rand(40, 1, 8, 8); x[:6, 0, -3:, -3:] = torch.eye(3)
