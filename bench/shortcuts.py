@@ -87,7 +87,7 @@ def check(model, x, y, masks, args, donors=None, gain_fires=True):
     """One intervention check; ``donors`` ``(inputs, masks, labels)``: the reference (training) samples that give the
     swapped-in content, as ShortcutMonitor's ``reference_samples`` (None: swap within the probe set, shift alone)."""
     out = intervene(model, x, masks, y, fill=args.fill, num_controls=args.controls,
-                    generator=torch.Generator().manual_seed(0), donors=donors)
+                    generator=torch.Generator().manual_seed(0), donors=donors, donor_draws=getattr(args, "donor_draws", 1))
     return shortcut_alarm(out["shift"], out["control_shift"], args.min_excess, args.min_z, out["change"], out["control_change"],
                           args.min_match, out.get("gain"), out.get("control_gain"), gain_fires=gain_fires)
 
@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--references", type=int, default=256,
                         help="training samples giving the swapped-in content (ShortcutMonitor's reference_samples); "
                              "0: swap within the probe set and decide on the shift alone (the rule before the gain)")
+    parser.add_argument("--donor-draws", type=int, default=4,
+                        help="reference samples swapped into each probe sample, figures averaged (ShortcutMonitor's donor_draws)")
     parser.add_argument("--fill", default="swap")
     parser.add_argument("--min-excess", type=float, default=MIN_EXCESS)
     parser.add_argument("--min-z", type=float, default=MIN_Z)
@@ -229,7 +231,7 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     print(f"\nnoise={args.noise or NOISE} epochs={args.epochs} probe={args.probe} fill={args.fill} controls={args.controls} "
           f"min_excess={args.min_excess} min_z={args.min_z} min_match={args.min_match} patience={args.patience} "
-          f"references={args.references} seeds={list(seeds)}\n")
+          f"references={args.references} donor_draws={args.donor_draws} seeds={list(seeds)}\n")
     print("| variant | val split | mode | detected (shortcut) | false alarms (clean) | first alarm epoch per seed | "
           "gap epoch per seed | clean max excess / max z | shortcut last excess / z (g: gain z) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -138,8 +138,11 @@ def test_an_expensive_first_run_waits_for_its_price(tmp_path):
     # training time never pays for it in 3 epochs, so it never runs, where a first run used to be let through
     costly = AttributionMonitor(methods=(("integrated_gradients", {"steps": 64}),), probe_samples=16, max_overhead=0.1)
     assert costly.estimated_work() == pytest.approx(16 * (1 / 3 + 64 + 2 / 3))
-    shortcut = ShortcutMonitor(regions={"mark": "top_left", "frame": "border"}, num_controls=4, probe_samples=10)
+    shortcut = ShortcutMonitor(regions={"mark": "top_left", "frame": "border"}, num_controls=4, probe_samples=10,
+                               reference_samples=0)
     assert shortcut.estimated_work() == pytest.approx(10 * (1 / 3 + 1 + 2 * 5 / 3))  # saliency, 2 x (region + 4 controls)
+    drawn = ShortcutMonitor(regions={"mark": "top_left", "frame": "border"}, num_controls=4, probe_samples=10)
+    assert drawn.estimated_work() == pytest.approx(10 * (1 / 3 + 1 + 2 * 4 * 5 / 3))  # 4 donor draws by default
     assert ShortcutMonitor(regions="border", method=lambda model, x, target: x).estimated_work() is None  # a callable
 
     class Unpriced(AttributionMonitor):

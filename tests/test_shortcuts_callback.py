@@ -191,10 +191,12 @@ def test_resume_keeps_probe_set(tmp_path):
 
 
 def test_unknown_region_finds_mark_and_not_on_clean(tmp_path):
-    """The mark carries a random code in the probe set (the shortcut absent from validation); the centre is the object.
+    """The mark carries a random code in the probe set (the shortcut absent from validation) and the class in training;
+    the centre is the object.
     The rest of the image has texture, so that control regions can change the input about as much as the mark's swap
     (with nearly blank images the alarm's ``min_match`` guard declines to compare)."""
-    train, val = loaders(random_mark=True, texture=0.6)
+    _, val = loaders(random_mark=True, texture=0.6)
+    train, _ = loaders(texture=0.6)  # planted in training: the swapped-in training marks carry their labels
     truth = torch.zeros(8, 8, dtype=torch.bool)
     truth[:2, :2] = True
     for corner in (True, False):
