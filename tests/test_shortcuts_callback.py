@@ -65,6 +65,8 @@ def test_bad_arguments():
         ShortcutMonitor(regions="border", num_controls=0)
     with pytest.raises(MisconfigurationException, match="patience"):
         ShortcutMonitor(regions="border", patience=0)
+    with pytest.raises(MisconfigurationException, match="donor_draws"):
+        ShortcutMonitor(regions="border", donor_draws=0)
     with pytest.raises(MisconfigurationException, match="method"):
         ShortcutMonitor(regions="border", method="nope")
 

@@ -54,10 +54,39 @@ def test_donor_content_and_gain_by_hand():
     assert torch.allclose(dist.gather(1, out["partner"].view(-1, 1)).squeeze(1), dist.amax(1))  # ties broken at random
 
 
-def test_donors_rows_share_is_the_whole_result():
+def test_donor_draws_average_one_draw_per_group():
+    x, y = coded(20, 0, code_is_label=False)
+    dx, dy = coded(12, 1, code_is_label=True)
+    dm = corner_masks(12)
+    gen = torch.Generator().manual_seed(5)
+    out = intervene(CornerCode(), x, corner_masks(20), y, num_controls=3, generator=gen, donors=(dx, dm, dy), donor_draws=3)
+    # by hand: the donors dealt into three groups in their canonical order (label, then content), one draw per group
+    # with the same generator in turn, the per-sample figures averaged
+    from lightning_xai.shortcuts.interventions import _canonical_order
+
+    order = _canonical_order(dx, dy)
+    assert sorted(order.tolist()) == list(range(12)) and dy[order].tolist() == sorted(dy.tolist())
+    gen = torch.Generator().manual_seed(5)
+    draws = [intervene(CornerCode(), x, corner_masks(20), y, num_controls=3, generator=gen,
+                       donors=(dx[g], dm[g], dy[g])) for g in (order[0::3], order[1::3], order[2::3])]
+    for key in ("gain", "control_gain", "shift", "control_shift", "change", "flip", "region_correct"):
+        assert torch.allclose(out[key], torch.stack([d[key].float() for d in draws]).mean(0)), key
+    assert torch.equal(out["partner"], order[0::3][draws[0]["partner"]])  # an index into all donors
+    assert torch.equal(out["pred"], draws[0]["pred"]) and torch.equal(out["correct"], draws[0]["correct"])
+    # the same donors in another order (as gathered from DDP ranks): the same figures
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    again = intervene(CornerCode(), x, corner_masks(20), y, num_controls=3, generator=torch.Generator().manual_seed(5),
+                      donors=(dx[perm], dm[perm], dy[perm]), donor_draws=3)
+    assert torch.equal(again["gain"], out["gain"]) and torch.equal(perm[again["partner"]], out["partner"])
+    with pytest.raises(ValueError, match="donor_draws"):
+        intervene(CornerCode(), x, corner_masks(20), y, donors=(dx, dm, dy), donor_draws=0)
+
+
+@pytest.mark.parametrize("draws", [1, 2])
+def test_donors_rows_share_is_the_whole_result(draws):
     x, y = coded(12, 0, code_is_label=False)
     dx, dy = coded(6, 1, code_is_label=True)
-    kw = dict(num_controls=2, donors=(dx, corner_masks(6), dy))
+    kw = dict(num_controls=2, donors=(dx, corner_masks(6), dy), donor_draws=draws)
     whole = intervene(CornerCode(False), x, corner_masks(12), y, generator=torch.Generator().manual_seed(3), **kw)
     parts = [intervene(CornerCode(False), x, corner_masks(12), y, generator=torch.Generator().manual_seed(3), rows=r, **kw)
              for r in ((0, 5), (5, 12))]
