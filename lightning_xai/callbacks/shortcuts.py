@@ -89,7 +89,7 @@ class ShortcutMonitor(ProbeSetCallback):
         donor_draws: with reference samples, each probe sample receives the region content of this many of them (the
             most different of each of ``donor_draws`` interleaved groups) and its figures are the means: one donor
             per sample made the gain of a clean model reach z 3.1 by the luck of the draw on the benchmark, four kept
-            every clean model's gain z below 0 and caught watermarks up to two epochs earlier (see
+            every clean model's gain z below 0 and caught a watermark three epochs earlier (see
             :mod:`lightning_xai.shortcuts.alarm`). The interventions cost that many times the forward passes.
         patience: runs of the monitor in a row in which a region must fire before ``action`` is taken (like
             EarlyStopping's patience; runs the overhead budget skips do not break a streak). The ``alarm`` scalar
@@ -491,7 +491,7 @@ class ShortcutMonitor(ProbeSetCallback):
         if self.reference_x is not None:
             donor_specs[FLAT], donor_specs[ATYPICAL], ref_stamps = self._reference_candidates()
             if stamps is not None:
-                donor_specs[STAMP] = stamp_donor_masks(self.reference_x, stamps, own=ref_stamps)
+                donor_specs[STAMP] = stamp_donor_masks(self.reference_x, stamps, own=ref_stamps, find_own=False)
             donor_specs.update({f"preset_{name}": name for name in SUSPECTS})
         fired: Dict[str, Dict[str, float]] = {}
         for name, masks in candidates.items():
