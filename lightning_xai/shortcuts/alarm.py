@@ -21,10 +21,7 @@ coded at random in training, does not; controls on the object raise it a little 
 label). With ``e_n = g_n - mean_k control_g_{n,k}``:
 
 .. math:: \text{alarm} \iff \big(\text{shift rule} \wedge z_e > -\text{min\_z}\big) \;\vee\;
-          \big(\bar e \ge \text{min\_gain} \wedge z_e \ge \text{min\_z} \wedge z_d > -\text{min\_z}\big),
-          \quad \text{both under the match guard}
-
-where :math:`z_d` is the shift's paired z: each trigger is vetoed by clear evidence against it from the other.
+          \big(\bar e \ge \text{min\_gain} \wedge z_e \ge \text{min\_z}\big), \quad \text{both under the match guard}
 
 The gain finds shortcuts that move the outputs less than edits on the object do (a watermark on part of one
 class: the tag pulls towards class 0, the controls move the outputs as much in every direction), and vetoes a
@@ -38,13 +35,16 @@ to six candidate regions is checked, the gain only vetoes: as a second trigger i
 gap epochs were on time with both, 53 with the shift alone.
 :data:`MIN_GAIN` = 0.01 mirrors :data:`MIN_EXCESS`; no threshold was tuned on the held-out seeds.
 
-Two later changes, designed on seeds 6-11 of the callback's benchmark runs (seeds 12-14 fresh): (1) the veto of a
-gain alarm by the shift: with one donor per sample, a clean watermark model (seed 8) reached gain z 3.2 (excess
-+0.047) while its tag moved the outputs far less than its controls (shift z -3.7); among the shortcut checks that
-fired on the gain alone the lowest shift z was -1.0. (2) Several donors per sample (``donor_draws`` of
-:func:`~lightning_xai.shortcuts.interventions.intervene`, 4 in ShortcutMonitor): a single donor's content makes the
-gain of a sample depend on which donor it drew; averaged over four, the clean watermark models' largest gain z
-over seeds 0-11 fell from 3.1 to -0.3, and the watermark model of seed 10 reached gain z >= 3 three epochs earlier.
+Several donors per sample (``donor_draws`` of :func:`~lightning_xai.shortcuts.interventions.intervene`, 4 in
+ShortcutMonitor), designed on seeds 6-11 of the callback's benchmark runs: a single donor's content makes the gain of
+a sample depend on which donor it drew. With one donor, a clean watermark model (seed 8) reached gain z 3.2 (excess
++0.047, a false alarm); averaged over four, the clean watermark models' largest gain z over seeds 0-11 fell from 3.1
+to -0.3, and the watermark model of seed 10 reached gain z >= 3 three epochs earlier. A veto of the gain by a
+clearly negative shift (z <= -3) was tried against that false alarm: with four donors it acted on no check of
+seeds 0-11, and on seed 12 it held back a watermark model whose tag moved the outputs less than the controls (shift
+z -4.7, gain z 3.8), which is what the gain is for, so it was dropped; over the clean-model checks of seeds 0-14 with
+four donors (600 known-region checks, and the decisive candidate of 600 unknown-region ones) no gain reached z 3
+(largest 2.5, an unknown-region candidate, where the gain only vetoes).
 
 The shift is used rather than the share of flipped predictions because it is continuous: while a
 shortcut is being learned it moves the outputs before it flips them, and on clean models the change-matched
@@ -149,9 +149,8 @@ def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = M
         gain, control_gain: ``(N,)`` and ``(N, K)``: how much each edit raised the probability of the label of the
             sample whose content was pasted in (a training sample, see ``donors`` of
             :func:`~lightning_xai.shortcuts.interventions.intervene`). When given, the alarm also fires when the
-            region's gain exceeds the controls' by ``min_gain`` at ``z >= min_z`` (unless the region's shift falls
-            short of the controls' at ``z <= -min_z``), and a shift alarm is vetoed when the region's gain falls short
-            of the controls' at ``z <= -min_z`` (see the module docstring).
+            region's gain exceeds the controls' by ``min_gain`` at ``z >= min_z``, and a shift alarm is vetoed
+            when the region's gain falls short of the controls' at ``z <= -min_z`` (see the module docstring).
         min_gain: smallest mean excess of the region's gain over its controls'.
         gain_fires: whether the gain alone can fire (``False``: it only vetoes, as for the many candidate regions of
             unknown-region mode, where a second trigger per candidate raised clean-model false alarms).
@@ -181,7 +180,7 @@ def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = M
         if not (isinstance(min_gain, (int, float)) and 0 < min_gain <= 1):
             raise ValueError(expected("min_gain", "a float in (0, 1]", min_gain))
         gain_excess, gain_z = _paired_z(gain.double() - control_gain.double().mean(1))
-        fired = (fired and gain_z > -min_z) or (gain_fires and gain_excess >= min_gain and gain_z >= min_z and z > -min_z)
+        fired = (fired and gain_z > -min_z) or (gain_fires and gain_excess >= min_gain and gain_z >= min_z)
     fired = fired and not match < min_match
     return AlarmDecision(bool(fired), excess, z, float(effect.double().mean()), float(control_effect.double().mean()), match,
                          gain_excess, gain_z)
