@@ -296,8 +296,8 @@ def intervene(
             same donor's pixels at their own places). Adds ``gain (N,)`` and ``control_gain (N, K)``: the change of the
             probability of the donor's label, which a learned shortcut raises (the region holds what went with that
             label in training) and an incidental sensitivity does not.
-        donor_draws: with ``donors``, deal them into this many interleaved groups (donor ``j`` to group ``j mod
-            donor_draws``); each sample receives the content of the most different donor of each group in turn, with
+        donor_draws: with ``donors``, deal them into this many interleaved groups (in an order fixed by their labels
+            and contents, so the groups do not depend on the order the donors come in); each sample receives the content of the most different donor of each group in turn, with
             controls drawn afresh, and its figures are the means over these edits (flips and correctness become
             shares). One edit per sample rests on a single donor: averaging a few makes the gain steadier
             (measured on ``bench/shortcuts.py``, see :mod:`~lightning_xai.shortcuts.alarm`). Costs that many times
@@ -392,9 +392,10 @@ def intervene(
 def _canonical_order(x: Tensor, labels: Tensor) -> Tensor:
     """An order of samples that depends on their labels and contents only ``(D,)``: by label, then by a fixed
     projection of the content (as the same samples gathered from DDP ranks arrive in another order)."""
-    flat = x.detach().flatten(1).double().cpu()
+    flat = x.detach().flatten(1).float()  # no copy of float32 images, however large
     weights = torch.frac(torch.sin(torch.arange(1, flat.shape[1] + 1, dtype=torch.float64) * 12.9898) * 43758.5453)
-    by_content = torch.argsort(flat @ weights, stable=True)
+    key = (flat @ weights.to(device=flat.device, dtype=flat.dtype)).cpu()
+    by_content = torch.argsort(key, stable=True)
     return by_content[torch.argsort(labels.cpu()[by_content], stable=True)].to(x.device)
 
 
