@@ -45,7 +45,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_xai._utils import check_choice, expected
+from lightning_xai._utils import check_choice, check_positive_int, expected
 from lightning_xai.attribution import get_method, method_passes
 from lightning_xai.callbacks.base import Buckets, ProbeSetCallback, choose_stratified, collect_rows, extract_xy, split_rows
 from lightning_xai.logging import log_image
@@ -161,21 +161,16 @@ class ShortcutMonitor(ProbeSetCallback):
             check_choice("action", action, ACTIONS)
             self.method = get_method(method)
             self.discovery_method = get_method(discovery_method)
+            for name, value in (("patience", patience), ("num_controls", num_controls), ("donor_draws", donor_draws)):
+                check_positive_int(name, value)
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(str(err)) from err
         for reserved in CANDIDATES:
             if reserved in self.regions:
                 raise MisconfigurationException(expected("region names", f"names other than {CANDIDATES} (reserved)", reserved))
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience <= 0:
-            raise MisconfigurationException(expected("patience", "a positive int", patience))
         if isinstance(reference_samples, bool) or not isinstance(reference_samples, int) or reference_samples < 0:
             raise MisconfigurationException(expected("reference_samples", "an int >= 0 (0: no training samples kept)",
                                                      reference_samples))
-        if isinstance(num_controls, bool) or not isinstance(num_controls, int) or num_controls <= 0:
-            raise MisconfigurationException(expected("num_controls", "a positive int", num_controls))
-        if isinstance(donor_draws, bool) or not isinstance(donor_draws, int) or donor_draws <= 0:
-            raise MisconfigurationException(expected("donor_draws", "a positive int", donor_draws))
-        self.donor_draws = donor_draws
         if not (isinstance(min_excess, (int, float)) and 0 < min_excess <= 1):
             raise MisconfigurationException(expected("min_excess", "a float in (0, 1]", min_excess))
         if not (isinstance(min_z, (int, float)) and min_z >= 0):
@@ -191,7 +186,7 @@ class ShortcutMonitor(ProbeSetCallback):
         self.use_spray, self.max_clusters = bool(spray), int(max_clusters)
         self.sanity_check, self.sanity_layers, self.sanity_threshold = bool(sanity_check), sanity_layers, float(sanity_threshold)
         self.seed = int(seed)
-        self.patience = patience
+        self.patience, self.donor_draws = patience, donor_draws
         self.alarms: List[Dict[str, Any]] = []  # every alarm acted on so far: region, epoch, figures
         self._streaks: Dict[str, int] = {}  # region -> runs in a row it has fired
         self._sanity_done = False
