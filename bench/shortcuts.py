@@ -14,16 +14,18 @@ on 256 stratified probe samples of two validation splits: shortcut *absent* (ran
   "border" are the candidates, each goes through the same intervention -> alarm (the gain only vetoes, except
   for the stamp).
 
-The intervention swaps the region with the probe sample whose content there differs most (8 change-matched
-controls); the alarm compares the output shift (total variation distance) of region and controls (see
+The intervention swaps into each probe sample's region the content of the training (reference) samples whose
+content there differs most, one from each of ``--donor-draws`` groups (8 change-matched controls); the alarm
+compares the output shift (total variation distance) of region and controls, and the gain: how much the edit
+raised the donor's training label, in probability (vetoes) and in log-probability (fires) (see
 lightning_xai.shortcuts.alarm). Printed per variant and mode: detection rate on shortcut models,
 false-alarm rate on clean models, the epoch of the first alarm per seed, and the *gap epoch* per seed:
 the first epoch at which the shortcut model's accuracy on the present split is at least 0.05 above its
 accuracy on the absent split (the same 539 validation images, same noise, only the mark's code differs;
 a paired difference, so 0.05 is 27 images). That is the epoch a user holding a shortcut-free validation
 split would see the shortcut cost accuracy; the target is an alarm no later than it. Also the largest
-excess and z over the clean models' checks (that the ``min_match`` guard lets through) and the shortcut
-models' excess/z at the last epoch: this is how the thresholds were chosen.
+excess, z and gain z's over the clean models' checks (that the ``min_match`` guard lets through) and the shortcut
+models' figures at the last epoch: this is how the thresholds were chosen.
 
 Generator settings (NOISE, PLANT) are chosen so that each shortcut is actually learned within the 5
 epochs; the clean models use the same settings.
@@ -89,7 +91,8 @@ def check(model, x, y, masks, args, donors=None, gain_fires=True):
     out = intervene(model, x, masks, y, fill=args.fill, num_controls=args.controls,
                     generator=torch.Generator().manual_seed(0), donors=donors, donor_draws=getattr(args, "donor_draws", 1))
     return shortcut_alarm(out["shift"], out["control_shift"], args.min_excess, args.min_z, out["change"], out["control_change"],
-                          args.min_match, out.get("gain"), out.get("control_gain"), gain_fires=gain_fires)
+                          args.min_match, out.get("gain"), out.get("control_gain"), gain_fires=gain_fires,
+                          log_gain=out.get("log_gain"), control_log_gain=out.get("control_log_gain"))
 
 
 def with_masks(ref, masks):
@@ -233,8 +236,9 @@ def main() -> None:
           f"min_excess={args.min_excess} min_z={args.min_z} min_match={args.min_match} patience={args.patience} "
           f"references={args.references} donor_draws={args.donor_draws} seeds={list(seeds)}\n")
     print("| variant | val split | mode | detected (shortcut) | false alarms (clean) | first alarm epoch per seed | "
-          "gap epoch per seed | clean max excess / max z | shortcut last excess / z (g: gain z) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "gap epoch per seed | clean max excess / max z | clean max gain z / log gain z | "
+          "shortcut last excess / z (g: gain z, l: log gain z) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for variant in args.variants:
         gaps = []
         for s in seeds:
@@ -248,13 +252,15 @@ def main() -> None:
                       for s in seeds]
                 clean = [d for s in seeds for d in rec[(variant, mode, "clean", s)] if d is not None and not d.match < args.min_match]
                 ctxt = "no candidate" if not clean else f"{max(d.excess for d in clean):+.3f} / {max(d.z for d in clean):.1f}"
+                gains = [(d.gain_z, d.log_gain_z) for d in clean if d.gain_z == d.gain_z]
+                gtxt = "–" if not gains else f"{max(g for g, _ in gains):.1f} / {max(lg for _, lg in gains):.1f}"
                 last = [rec[(variant, mode, "shortcut", s)][-1] for s in seeds]
                 last_txt = " ".join("none" if d is None else f"{d.excess:+.2f}/{d.z:.1f}"
-                                    + ("" if d.gain_z != d.gain_z else f" g{d.gain_z:.1f}")
+                                    + ("" if d.gain_z != d.gain_z else f" g{d.gain_z:.1f} l{d.log_gain_z:.1f}")
                                     + ("*" if d.match < args.min_match else "")
                                     for d in last)
                 print(f"| {variant} | {mode} | {kind} | {sum(d is not None for d in det)}/{len(det)} | "
-                      f"{sum(fa)}/{len(fa)} | {fmt_epochs(det)} | {fmt_epochs(gaps)} | {ctxt} | {last_txt} |")
+                      f"{sum(fa)}/{len(fa)} | {fmt_epochs(det)} | {fmt_epochs(gaps)} | {ctxt} | {gtxt} | {last_txt} |")
     print("\n* the best control changed the input less than min_match times the region's edit: no verdict (no alarm)")
     print(f"\ntotal {time.time() - start:.0f} s")
     if args.dump:

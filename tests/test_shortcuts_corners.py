@@ -194,10 +194,11 @@ def test_gain_follows_the_training_code(tmp_path, planted):
     monitor, acc = _fit(tmp_path, BothReader(), x, y, train)
     gain_z = acc.Scalars("xai/shortcut/atypical_corner/gain_z")[-1].value
     assert monitor.reference_x is not None and monitor.reference_x.shape[0] == 200
+    log_z = acc.Scalars("xai/shortcut/atypical_corner/log_gain_z")[-1].value
     if planted:
-        assert gain_z >= 3
+        assert gain_z >= 3 and log_z >= 3
     else:
-        assert abs(gain_z) < 3  # no evidence either way: the shift alone decides
+        assert abs(gain_z) < 3 and log_z < 3  # no evidence for the code: the shift alone decides
     assert acc.Scalars("xai/shortcut/atypical_corner/alarm")[-1].value == 1.0  # the shift fires in both
 
 
@@ -210,9 +211,10 @@ def test_unknown_region_stamp(tmp_path, reads):
     assert 0.02 <= carriers <= 0.2  # about a tenth of the probe samples carry the tag
     alarm = acc.Scalars("xai/shortcut/stamp/alarm")[-1].value
     gain_z = acc.Scalars("xai/shortcut/stamp/gain_z")[-1].value  # the training samples' stamps were swapped in
+    log_z = acc.Scalars("xai/shortcut/stamp/log_gain_z")[-1].value  # the same pull on the log-probability
     if reads:
         assert alarm == 1.0 and "stamp" in [a["region"] for a in monitor.alarms]
-        assert gain_z >= 3  # pasting a class-0 training image's tag raises class 0
+        assert gain_z >= 3 and log_z >= 3  # pasting a class-0 training image's tag raises class 0
     else:
         assert alarm == 0.0 and not monitor.alarms
-        assert gain_z < 3  # (controls on the centre blob paste content that carries its label: it can be negative)
+        assert gain_z < 3 and log_z < 3  # (controls on the centre blob paste content that carries its label)

@@ -54,6 +54,35 @@ def test_donor_content_and_gain_by_hand():
     assert torch.allclose(dist.gather(1, out["partner"].view(-1, 1)).squeeze(1), dist.amax(1))  # ties broken at random
 
 
+def test_log_gain_by_hand():
+    x, y = coded(20, 0, code_is_label=False)
+    dx, dy = coded(10, 1, code_is_label=True)
+    model = CornerCode()
+    out = intervene(model, x, corner_masks(20), y, num_controls=3, generator=torch.Generator().manual_seed(0),
+                    donors=(dx, corner_masks(10), dy))
+    assert out["log_gain"].shape == (20,) and out["control_log_gain"].shape == (20, 3)
+    edited = x.clone()
+    edited[:, :, :2, :2] = dx[out["partner"]][:, :, :2, :2]  # same area: the donor's corner, pixel for pixel
+    label = dy[out["partner"]].view(-1, 1)
+    by_hand = (model(edited).log_softmax(1) - model(x).log_softmax(1)).gather(1, label).squeeze(1)
+    assert torch.allclose(out["log_gain"], by_hand, atol=1e-4)
+    assert out["control_log_gain"].abs().max() < 1e-4  # the controls leave the corner alone
+    # where the receiver was already confident in the donor's label, neither gain moves; elsewhere the log gain is
+    # large while the probability gain is at most 1
+    moved = by_hand.abs() > 1
+    assert bool(moved.any()) and bool((out["log_gain"][moved] > out["gain"][moved]).all())
+    # a binary model with one logit z is read as the two logits (-z/2, z/2): log p(1) = log sigmoid(z)
+    binary = lambda t: 10 * (t[:, 0, :2, :2].mean((1, 2)) - 0.5)  # noqa: E731
+    yb, db = (y % 2), (dy % 2)
+    out = intervene(binary, x, corner_masks(20), yb, num_controls=2, generator=torch.Generator().manual_seed(0),
+                    donors=(dx, corner_masks(10), db))
+    edited = x.clone()
+    edited[:, :, :2, :2] = dx[out["partner"]][:, :, :2, :2]
+    sign = 2 * db[out["partner"]].float() - 1  # +1 for class 1, -1 for class 0
+    logsig = torch.nn.functional.logsigmoid
+    assert torch.allclose(out["log_gain"], logsig(sign * binary(edited)) - logsig(sign * binary(x)), atol=1e-4)
+
+
 def test_donor_draws_average_one_draw_per_group():
     x, y = coded(20, 0, code_is_label=False)
     dx, dy = coded(12, 1, code_is_label=True)
@@ -123,6 +152,40 @@ def test_alarm_weighs_the_gain():
     assert tag.fired is True and tag.z <= -3 and tag.gain_z >= 3
     d = _decide(0.05, -0.05).as_dict()
     assert d["gain_excess"] == pytest.approx(-0.05, abs=0.01) and d["gain_z"] <= -3
+
+
+def _decide_log(prob_excess, log_excess, n=100, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    noise = lambda scale: scale * torch.randn(n, generator=g)  # noqa: E731
+    control = torch.full((n, 4), 0.2)
+    return shortcut_alarm(0.2 + noise(0.01), control, gain=prob_excess + noise(0.01), control_gain=control * 0,
+                          log_gain=log_excess + noise(0.1), control_log_gain=control * 0, **kw)
+
+
+def test_alarm_log_gain_fires_and_probability_gain_vetoes():
+    # a tag read by a model confident in another class: the label's probability barely moves, its log does
+    tag = _decide_log(0.003, 0.5)
+    assert tag.fired is True and tag.gain_z < 3 and tag.log_gain_z >= 3 and abs(tag.z) < 3
+    assert tag.as_dict()["log_gain_excess"] == pytest.approx(0.5, abs=0.05)
+    # with the log gain given, the probability gain no longer fires on its own
+    assert _decide_log(0.05, 0.0).fired is False
+    assert _decide_log(0.0, -0.5).fired is False  # content going against its training label
+    assert _decide_log(0.003, 0.5, gain_fires=False).fired is False  # unknown-region candidates: vetoes only
+    assert _decide_log(0.003, 0.5, min_log_gain=1.0).fired is False  # excess below min_log_gain
+    # the shift still fires, and the probability gain still vetoes it
+    g = torch.Generator().manual_seed(1)
+    control = torch.full((100, 4), 0.2)
+    shift = 0.25 + 0.01 * torch.randn(100, generator=g)
+    zero = torch.zeros(100)
+    assert shortcut_alarm(shift, control, gain=zero, control_gain=control * 0, log_gain=zero,
+                          control_log_gain=control * 0).fired is True
+    vetoed = shortcut_alarm(shift, control, gain=zero - 0.05 + 0.01 * torch.randn(100, generator=g),
+                            control_gain=control * 0, log_gain=zero, control_log_gain=control * 0)
+    assert vetoed.fired is False and vetoed.z >= 3 and vetoed.gain_z <= -3
+    with pytest.raises(ValueError, match="log_gain"):
+        shortcut_alarm(shift, control, gain=zero, control_gain=control, log_gain=zero)
+    with pytest.raises(ValueError, match="min_log_gain"):
+        shortcut_alarm(shift, control, log_gain=zero, control_log_gain=control, min_log_gain=0)
 
 
 def test_alarm_gain_shapes_and_without_gain():

@@ -9,8 +9,9 @@ Every explained validation epoch, on a fixed probe set (default 256 samples, str
   both are logged and :func:`~lightning_xai.shortcuts.alarm.shortcut_alarm` decides on the output shift.
   With ``reference_samples`` (default 256) training samples kept from the first training epoch, the swapped-in
   content comes from them instead, and the alarm also weighs the *gain*: how much each edit raises the
-  probability of the training label of the sample whose content was pasted in (a learned shortcut raises it,
-  a passing sensitivity to the region does not). Attribution figures never raise or veto an alarm.
+  training label of the sample whose content was pasted in (a learned shortcut raises it, a passing sensitivity
+  to the region does not); its log-probability can fire the alarm, its probability can veto a shift alarm.
+  Attribution figures never raise or veto an alarm.
 * **unknown regions** (``regions=None``, or ``find_regions=True``): per-class mean maps of
   ``discovery_method`` (default Input x Gradient) are logged as an image; SpRAy counts each class'
   strategies; an input-independent hotspot, if any, becomes the candidate region ``"hotspot"``, and a
@@ -63,7 +64,7 @@ ATYPICAL = "atypical_corner"
 STAMP = "stamp"
 CANDIDATES = (HOTSPOT, FLAT, ATYPICAL, STAMP) + tuple(f"preset_{name}" for name in SUSPECTS)  # region names of unknown-region mode
 INTERVENTION_KEYS = ("flip", "control_flip", "shift", "control_shift", "change", "control_change", "region_correct",
-                     "control_correct", "correct", "gain", "control_gain")
+                     "control_correct", "correct", "gain", "control_gain", "log_gain", "control_log_gain")
 
 
 class ShortcutMonitor(ProbeSetCallback):
@@ -109,8 +110,8 @@ class ShortcutMonitor(ProbeSetCallback):
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (``prefix="xai"``): per region ``xai/shortcut/<region>/{alarm, excess, z, shift, control_shift, gain_excess,
-    gain_z, flip_rate, control_flip_rate, match, acc_drop, control_acc_drop, share, share_ratio, rank, pointing}``
-    (``gain_*`` are NaN without reference samples); unknown-region
+    gain_z, log_gain_excess, log_gain_z, flip_rate, control_flip_rate, match, acc_drop, control_acc_drop, share,
+    share_ratio, rank, pointing}`` (``*gain_*`` are NaN without reference samples); unknown-region
     mode adds ``xai/shortcut/{hotspot, flat_background, atypical_corner, stamp, preset_corners,
     preset_border}/{found, alarm, ...}``, ``xai/shortcut/hotspot/peak``, ``xai/shortcut/stamp/carriers`` (share of
     the probe samples carrying a stamp),
@@ -405,7 +406,8 @@ class ShortcutMonitor(ProbeSetCallback):
         decision = shortcut_alarm(results[f"{region}/shift"], results[f"{region}/control_shift"], self.min_excess, self.min_z,
                                   results[f"{region}/change"], results[f"{region}/control_change"], self.min_match,
                                   results.get(f"{region}/gain"), results.get(f"{region}/control_gain"),
-                                  gain_fires=gain_fires)
+                                  gain_fires=gain_fires, log_gain=results.get(f"{region}/log_gain"),
+                                  control_log_gain=results.get(f"{region}/control_log_gain"))
         figures = decision.as_dict()
         out = {"flip": results[f"{region}/flip"], "control_flip": results[f"{region}/control_flip"]}
         if f"{region}/correct" in results:
@@ -554,7 +556,9 @@ class ShortcutMonitor(ProbeSetCallback):
             share = f"; attribution share ratio {figures['share_ratio']:.2f}" if "share_ratio" in figures else ""
             gain = figures.get("gain_excess", float("nan"))
             gain = "" if gain != gain else (f"; it raises the probability of the training label of the pasted content "
-                                            f"by {gain:+.3f} more than the controls (z {figures['gain_z']:.1f})")
+                                            f"by {gain:+.3f} more than the controls (z {figures['gain_z']:.1f}; "
+                                            f"log-probability {figures['log_gain_excess']:+.3f}, "
+                                            f"z {figures['log_gain_z']:.1f})")
             rank_zero_warn(
                 f"ShortcutMonitor: region {region!r} looks like a shortcut at epoch {epoch}: replacing it moves the probe "
                 f"predictions by {figures['shift']:.3f} (total variation) vs {figures['control_shift']:.3f} for control regions "

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai._utils import HookSet, expected, resolve_layer_patterns
-from lightning_xai.probes.reduce import Reducer, ReduceSpec, make_reducer
+from lightning_xai.probes.reduce import ReduceSpec, make_reducer
 
 
 def first_tensor(output: Any) -> Optional[Tensor]:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from lightning_xai._utils import check_choice, check_positive_int, chunks, class_probs, expected
+from lightning_xai._utils import check_choice, check_positive_int, chunks, expected, two_class_logits
 from lightning_xai.attribution import gaussian_blur
 from lightning_xai.shortcuts.regions import component_shifts, connected_components, scattered, shifted_copies
 
@@ -253,11 +253,13 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
 
 
 def _predict(forward: Callable[[Tensor], Tensor], x: Tensor, batch_size: Optional[int]) -> Tensor:
-    probs = []
+    """Float32 logits ``(N, classes)`` (one logit per sample read as two classes, as
+    :func:`~lightning_xai._utils.class_probs` does)."""
+    logits = []
     with torch.no_grad():
         for a, b in chunks(x.shape[0], batch_size):
-            probs.append(class_probs(forward(x[a:b])))
-    return torch.cat(probs)
+            logits.append(two_class_logits(forward(x[a:b])).float())
+    return torch.cat(logits)
 
 
 def intervene(
@@ -295,7 +297,9 @@ def intervene(
             most from the receiver's (stretched as in :func:`transplant` where the areas differ; the controls take the
             same donor's pixels at their own places). Adds ``gain (N,)`` and ``control_gain (N, K)``: the change of the
             probability of the donor's label, which a learned shortcut raises (the region holds what went with that
-            label in training) and an incidental sensitivity does not.
+            label in training) and an incidental sensitivity does not; and ``log_gain (N,)``, ``control_log_gain
+            (N, K)``: the change of the *log*-probability of the donor's label, the same pull without the saturation
+            of probabilities on samples confidently predicted as another class.
         donor_draws: with ``donors``, deal them into this many interleaved groups (in an order fixed by their labels
             and contents, so the groups do not depend on the order the donors come in); each sample receives the content of the most different donor of each group in turn, with
             controls drawn afresh, and its figures are the means over these edits (flips and correctness become
@@ -364,7 +368,8 @@ def intervene(
     edited = torch.where(controls.unsqueeze(2), source.unsqueeze(1), x.unsqueeze(1))  # (N, K, C, H, W)
     edited = torch.cat([region_edit.unsqueeze(1), edited], 1)  # (N, 1 + K, C, H, W)
     batch = torch.cat([x, edited.flatten(0, 1)])  # (N + N * (1 + K), C, H, W)
-    probs = _predict(forward, batch, batch_size)
+    logits = _predict(forward, batch, batch_size)
+    probs = logits.softmax(1)
     base, after = probs[:n], probs[n:].view(n, k1, -1)  # (N, classes), (N, 1 + K, classes)
     pred = base.argmax(1)
     pred_after = after.argmax(2)  # (N, 1 + K)
@@ -385,7 +390,10 @@ def intervene(
     if donors is not None:
         label = donor_y.to(pred.device)[partners.to(pred.device)].view(n, 1, 1).expand(n, k1, 1)
         gain = delta.gather(2, label).squeeze(2)  # (N, 1 + K)
-        out.update(gain=gain[:, 0], control_gain=gain[:, 1:])
+        logp = logits.log_softmax(1)  # exact where a probability is too small for float32
+        log_delta = logp[n:].view(n, k1, -1) - logp[:n].unsqueeze(1)  # (N, 1 + K, classes)
+        log_gain = log_delta.gather(2, label).squeeze(2)  # (N, 1 + K)
+        out.update(gain=gain[:, 0], control_gain=gain[:, 1:], log_gain=log_gain[:, 0], control_log_gain=log_gain[:, 1:])
     return out
 
 
