@@ -52,20 +52,20 @@ four donors (600 known-region checks, and the decisive candidate of 600 unknown-
 (largest 2.5, an unknown-region candidate, where the gain only vetoes).
 
 **The trigger in log-probability, the veto in probability.** A tag that pulls towards class 0 raises p(0) by
-little on a sample confidently predicted as another class (the probability saturates), but its log-probability
-by as much as anywhere. Measured on the known-region checks of ``bench/shortcuts.py``'s models, seeds 0-17
-(4 donors; 720 checks of shortcut models, 720 of clean ones): with the probability gain as the trigger 4 of 72
-alarms came after the gap epoch, with the log-probability gain 2 (the watermarks of seeds 2 and 12, log gain z 4.3
-and 4.1 at their gap epochs where the probability gain had 2.7 and 0.8); the clean models' largest z fell from
--0.5 to -4.3. As a veto the log gain would be too strict: it fell to z <= -3 under 11 shift alarms of shortcut
-models at epochs 0-1 (the edit removed evidence for classes the model barely considered), against the 3 clean-model
-alarms the veto exists for, so the probability gain keeps the veto. The change of the *centred logit* (the logit
-minus the mean logit) was also measured: as good on the benchmark's regions, but on user-named presets (``border``,
-``corners``, ``top_left``, ``bottom_right`` on the clean models of seeds 0-5, 480 checks) it fired on 45 (logits
-of classes the model does not consider move freely), the log-probability gain on 2 and the probability gain on 7
-(a named corner that holds digit strokes on some samples carries their label: a limitation of every gain).
-:data:`MIN_LOG_GAIN` = 0.02 nats lies between the clean models' largest excess (-0.017) and the smallest excess of
-a shortcut check reaching z 3 (+0.022).
+little on a sample confidently predicted as another class (the probability saturates), but its log-probability by
+as much as anywhere. Measured on the known-region checks of ``bench/shortcuts.py``'s models, seeds 0-17, replayed
+offline (4 donors; 720 checks of shortcut models, 720 of clean ones): with the probability gain as the trigger 4 of
+72 alarms came after the gap epoch, with the log-probability gain 2 (the watermarks of seeds 2 and 12, log gain z
+4.3 and 4.1 at their gap epochs where the probability gain had 2.7 and 0.8; in the benchmark itself both fire at
+epoch 0); the clean models' largest z fell from -0.5 to -4.3. As a veto the log gain would be too strict: it fell
+to z <= -3 under 11 shift alarms of shortcut models at epochs 0-1, against the 3 clean-model alarms the veto exists
+for, so the probability gain keeps the veto. The change of the *centred logit* (the logit minus the mean logit) was
+also measured: as good on the benchmark's regions, but on user-named presets (``border``, ``corners``,
+``top_left``, ``bottom_right`` on the clean models of seeds 0-5, 480 checks) it fired on 45 (the logit of a class
+the model does not consider can move without changing any probability), the log-probability gain on 2 and the
+probability gain on 7 (a named corner that holds digit strokes on some samples carries their label: a limitation
+of every gain). :data:`MIN_LOG_GAIN` = 0.02 nats lies between the clean models' largest excess (-0.017) and the
+smallest excess of a shortcut check reaching z 3 (+0.022).
 
 The shift is used rather than the share of flipped predictions because it is continuous: while a
 shortcut is being learned it moves the outputs before it flips them, and on clean models the change-matched
