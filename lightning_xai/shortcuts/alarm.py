@@ -150,6 +150,16 @@ def _paired_z(d: Tensor) -> Tuple[float, float]:
     return excess, excess / se
 
 
+def _gain_z(name: str, gain: Tensor, control_gain: Tensor, effect: Tensor,
+            control_effect: Tensor) -> Tuple[float, float]:
+    """:func:`_paired_z` of a gain ``(N,)`` minus its controls' mean ``(N, K)``, after checking the shapes against the
+    effect's (``name``: the argument's name in :func:`shortcut_alarm`)."""
+    if gain.shape != effect.shape or control_gain.shape != control_effect.shape:
+        raise ValueError(expected(f"{name}, control_{name}", f"tensors of shapes {tuple(effect.shape)} and "
+                                  f"{tuple(control_effect.shape)}", (tuple(gain.shape), tuple(control_gain.shape))))
+    return _paired_z(gain.double() - control_gain.double().mean(1))
+
+
 def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = MIN_EXCESS, min_z: float = MIN_Z,
                    change: Optional[Tensor] = None, control_change: Optional[Tensor] = None,
                    min_match: float = MIN_MATCH, gain: Optional[Tensor] = None,
@@ -204,24 +214,20 @@ def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = M
     fired = excess >= min_excess and z >= min_z
     gain_excess = gain_z = float("nan")
     if gain is not None and control_gain is not None:
-        if gain.shape != effect.shape or control_gain.shape != control_effect.shape:
-            raise ValueError(expected("gain, control_gain", f"tensors of shapes {tuple(effect.shape)} and "
-                                                            f"{tuple(control_effect.shape)}", (gain, control_gain)))
         if not (isinstance(min_gain, (int, float)) and 0 < min_gain <= 1):
             raise ValueError(expected("min_gain", "a float in (0, 1]", min_gain))
-        gain_excess, gain_z = _paired_z(gain.double() - control_gain.double().mean(1))
+        gain_excess, gain_z = _gain_z("gain", gain, control_gain, effect, control_effect)
         fired = fired and gain_z > -min_z
         if log_gain is None:
             fired = fired or (gain_fires and gain_excess >= min_gain and gain_z >= min_z)
     log_excess = log_z = float("nan")
     if log_gain is not None or control_log_gain is not None:
-        if (log_gain is None or control_log_gain is None or log_gain.shape != effect.shape
-                or control_log_gain.shape != control_effect.shape):
-            raise ValueError(expected("log_gain, control_log_gain", f"tensors of shapes {tuple(effect.shape)} and "
-                                      f"{tuple(control_effect.shape)}", (log_gain, control_log_gain)))
+        if log_gain is None or control_log_gain is None:
+            given = tuple(None if t is None else tuple(t.shape) for t in (log_gain, control_log_gain))
+            raise ValueError(expected("log_gain, control_log_gain", "both tensors, or neither", given))
         if not (isinstance(min_log_gain, (int, float)) and min_log_gain > 0):
             raise ValueError(expected("min_log_gain", "a float > 0", min_log_gain))
-        log_excess, log_z = _paired_z(log_gain.double() - control_log_gain.double().mean(1))
+        log_excess, log_z = _gain_z("log_gain", log_gain, control_log_gain, effect, control_effect)
         fired = fired or (gain_fires and log_excess >= min_log_gain and log_z >= min_z)
     fired = fired and not match < min_match
     return AlarmDecision(bool(fired), excess, z, float(effect.double().mean()), float(control_effect.double().mean()), match,
