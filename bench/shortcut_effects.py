@@ -34,7 +34,7 @@ import shortcuts as bench  # noqa: E402  (bench/shortcuts.py: data, model, probe
 
 from lightning_xai.datasets import VARIANTS  # noqa: E402
 from lightning_xai.shortcuts import intervene  # noqa: E402
-from lightning_xai.shortcuts.alarm import _paired_z  # noqa: E402
+from lightning_xai.shortcuts.alarm import paired_z  # noqa: E402
 
 FLOOR = 1e-6
 EFFECTS = ("shift", "logit_max", "logit_l2", "flip")
@@ -50,9 +50,9 @@ def effects(base: torch.Tensor, after: torch.Tensor) -> dict:
             "flip": (after.argmax(2) != base.argmax(1).unsqueeze(1)).double()}
 
 
-def paired_z(effect: torch.Tensor) -> float:
-    """The alarm's z (:func:`lightning_xai.shortcuts.alarm._paired_z`) of region minus mean control per sample."""
-    return _paired_z(effect[:, 0].double() - effect[:, 1:].double().mean(1))[1]
+def effect_z(effect: torch.Tensor) -> float:
+    """The alarm's z (:func:`lightning_xai.shortcuts.alarm.paired_z`) of region minus mean control per sample."""
+    return paired_z(effect[:, 0].double() - effect[:, 1:].double().mean(1))[1]
 
 
 def run(variant: str, kind: str, seed: int, args) -> list:
@@ -67,7 +67,7 @@ def run(variant: str, kind: str, seed: int, args) -> list:
             with torch.no_grad():
                 base = model(x).double().softmax(1)
             after = base.unsqueeze(1) + torch.cat([res["delta"].unsqueeze(1), res["control_delta"]], 1).double()
-            row[mode] = {name: paired_z(e) for name, e in effects(base, after.clamp(min=0)).items()}
+            row[mode] = {name: effect_z(e) for name, e in effects(base, after.clamp(min=0)).items()}
         out.append(row)
     return out
 

@@ -30,7 +30,7 @@ models' figures at the last epoch: this is how the thresholds were chosen.
 Generator settings (NOISE, PLANT) are chosen so that each shortcut is actually learned within the 5
 epochs; the clean models use the same settings.
 
-    python bench/shortcuts.py              # 4 variants x 3 seeds, about 7 min on 2 busy cores
+    python bench/shortcuts.py              # 4 variants x 3 seeds, about 6 min on 2 busy cores
     python bench/shortcuts.py --seeds 1 --variants corner_intensity
     python bench/shortcuts.py --first-seed 6 --patience 2   # held-out seeds; an alarm after 2 firing epochs in a row
                                                             # (unknown mode: any candidate; the callback counts per candidate)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import weakref
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -25,12 +26,20 @@ except ImportError:  # pragma: no cover
     WandbLogger = None  # type: ignore[assignment,misc]
 
 _warned: set = set()
+_warned_by: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 
 
-def warn_once(key: str, message: str, category: type = RuntimeWarning) -> None:
-    """``rank_zero_warn`` a message once per process and key."""
-    if key not in _warned:
-        _warned.add(key)
+def warn_once(key: str, message: str, category: type = RuntimeWarning, owner: Any = None) -> None:
+    """``rank_zero_warn`` a message once per process and key; with ``owner`` (a callback, say), once per key and
+    owner, forgotten with the owner (an ``id`` in the key could come back on a new object and silence it)."""
+    seen = _warned
+    if owner is not None:
+        try:
+            seen = _warned_by.setdefault(owner, set())
+        except TypeError:  # not weakly referable: keyed by id, as good as it gets
+            key = f"{id(owner)}-{key}"
+    if key not in seen:
+        seen.add(key)
         rank_zero_warn(message, category=category)
 
 
@@ -132,9 +141,10 @@ def log_image(trainer: Any, tag: str, image: Tensor, step: Optional[int] = None)
     path = os.path.join(folder, _file_name(tag, step, "png"))
     matplotlib.image.imsave(path, _to_uint8_hwc(image))
     warn_once(
-        f"no-image-logger-{id(trainer)}",
+        "no-image-logger",
         "No logger that can take images (TensorBoardLogger or WandbLogger) is attached; lightning_xai writes "
         f"its images as PNG files under {folder!r} instead.",
+        owner=trainer,
     )
     return [path]
 

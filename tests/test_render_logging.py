@@ -130,3 +130,26 @@ def test_upscale_repeats_each_pixel_like_nearest_interpolation():
     assert big.shape == (2, 3, 15, 21)
     assert torch.equal(big, torch.nn.functional.interpolate(images, scale_factor=3, mode="nearest"))
     assert upscale(images, min_side=4) is images
+
+
+def test_warn_once_per_owner_and_forgotten_with_it():
+    import gc
+    import warnings
+
+    class Owner:
+        pass
+
+    def warned(owner, key="k"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            xlog.warn_once(key, "message", owner=owner)
+        return len(caught)
+
+    first, second = Owner(), Owner()
+    assert warned(first) == 1 and warned(first) == 0  # once per owner and key
+    assert warned(second) == 1 and warned(first, "other") == 1
+    del first
+    gc.collect()
+    assert all(o is second for o in xlog._warned_by.keys() if isinstance(o, Owner))  # the first one is forgotten
+    third = Owner()  # may reuse the first one's id: it still warns
+    assert warned(third) == 1

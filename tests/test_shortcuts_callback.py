@@ -1,5 +1,6 @@
 """ShortcutMonitor in a real Trainer: tags read back from TensorBoard, "stop", do-no-harm, hygiene, resume,
 unknown-region mode on a hand-built shortcut model."""
+import math
 import warnings
 
 import pytest
@@ -119,6 +120,32 @@ def test_patience_waits_for_firing_runs_in_a_row(tmp_path):
     assert alarm == [1.0, 1.0]  # the scalar logs every run's verdict
     assert monitor.state_dict()["streaks"] == {"top_left": 2}
 
+
+class InputsOnlyTraining(FrozenModule):
+    """Training batches hold inputs only (self-supervised style); validation batches are labelled."""
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return self(x).pow(2).mean() * 0.0
+
+
+def test_unlabelled_training_batches_leave_the_shift_alone_and_the_settings_untouched(tmp_path):
+    x, y = corner_set()
+    train = DataLoader(TensorDataset(x), batch_size=50)
+    val = DataLoader(TensorDataset(x, y), batch_size=50)
+    monitor = ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=100, action="log", find_regions=False)
+    trainer = tiny_trainer(tmp_path, [monitor], max_epochs=2)
+    trainer.fit(InputsOnlyTraining(Reader(True)), train, val)
+    assert monitor.reference_samples == 256 and monitor.reference_x is None  # the setting is kept, no references
+    assert monitor.state_dict()["no_references"] is True
+    events = read_events(tmp_path / "tb" / "version_0")
+    assert [e.value > 3 for e in events.Scalars("xai/shortcut/corner/z")] == [True, True]
+    gain_z = [e.value for e in events.Scalars("xai/shortcut/corner/gain_z")]
+    assert len(gain_z) == 2 and all(math.isnan(v) for v in gain_z)  # no gain without references: the shift decides
+    assert [a["epoch"] for a in monitor.alarms] == [0, 1]  # and it still fires on the corner reader
+    restored = ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, find_regions=False)
+    restored.load_state_dict(monitor.state_dict())
+    assert not restored._wants_references  # resumed: the batches are not read again
 
 def test_a_run_without_the_alarm_breaks_the_streak():
     from types import SimpleNamespace

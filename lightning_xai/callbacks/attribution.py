@@ -173,14 +173,14 @@ class AttributionMonitor(ProbeSetCallback):
         metrics: Dict[str, float] = {}
         pct = int(round(self.top_fraction * 100))
         if not bool(torch.isfinite(x).all()):
-            warn_once(f"{id(self)}-nonfinite-inputs", f"AttributionMonitor: the probe inputs contain NaN/inf at epoch {epoch}; "
-                                                      "they are drawn as 0 and their maps are not meaningful.")
+            warn_once("nonfinite-inputs", f"AttributionMonitor: the probe inputs contain NaN/inf at epoch {epoch}; "
+                                          "they are drawn as 0 and their maps are not meaningful.", owner=self)
         for name, _, options in self.methods:
             attr = results[f"attr/{name}"]
             finite = torch.isfinite(attr)
             if not bool(finite.all()):
-                warn_once(f"{id(self)}-nonfinite-{name}", f"AttributionMonitor: method {name!r} gave NaN/inf attributions "
-                                                          f"at epoch {epoch}; they are drawn as 0 and left out of the scalars.")
+                warn_once(f"nonfinite-{name}", f"AttributionMonitor: method {name!r} gave NaN/inf attributions "
+                                               f"at epoch {epoch}; they are drawn as 0 and left out of the scalars.", owner=self)
             metrics[self.tag(name, f"top{pct}_share")] = float(results[f"top_share/{name}"].nanmean())
             if f"gap/{name}" in results:
                 metrics[self.tag(name, "completeness_gap")] = float(results[f"gap/{name}"].nanmedian())

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -309,10 +310,9 @@ class XAICallback(Callback):
             book.finished = True
             summary = book.summary()
             if summary:
-                warn_once(f"budget-{id(book)}",
-                          f"lightning_xai kept its explanations within the overhead budget: {summary}. Pass "
-                          "max_overhead=None (or set LIGHTNING_XAI_MAX_OVERHEAD=none) to explain every scheduled "
-                          "epoch, or a larger max_overhead.", category=UserWarning)
+                rank_zero_warn(f"lightning_xai kept its explanations within the overhead budget: {summary}. Pass "
+                               "max_overhead=None (or set LIGHTNING_XAI_MAX_OVERHEAD=none) to explain every scheduled "
+                               "epoch, or a larger max_overhead.", category=UserWarning)
 
     # ------------------------------------------------------------------ model access
     def logits_fn(self, pl_module: "pl.LightningModule") -> Callable[[Tensor], Tensor]:
@@ -407,10 +407,11 @@ class XAICallback(Callback):
                 raise
             self.errors += 1
             warn_once(
-                f"{id(self)}-error",
+                "error",
                 f"{type(self).__name__} failed while {what} at epoch {epoch} and skipped it: "
                 f"{type(err).__name__}: {err}. Training goes on; pass on_error='raise' to stop instead "
                 "(this warning is shown once).",
+                owner=self,
             )
             return None
 
@@ -547,8 +548,8 @@ class ProbeSetCallback(XAICallback):
         if target == "label" and y is not None:
             return y
         if target == "label":
-            warn_once(f"{id(self)}-nolabel", f"{type(self).__name__}(target='label') found no labels in the probe set; "
-                                             "explaining the predicted class instead.")
+            warn_once("nolabel", f"{type(self).__name__}(target='label') found no labels in the probe set; "
+                                 "explaining the predicted class instead.", owner=self)
         return preds
 
     # ------------------------------------------------------------------ state
@@ -610,8 +611,8 @@ class ProbeSetCallback(XAICallback):
             return True
         x, y = choose_stratified(trainer, self._candidates, self.probe_samples)
         if x is None or x.numel() == 0:
-            warn_once(f"{id(self)}-empty", f"{type(self).__name__}: the validation data gave no samples to explain; "
-                                           "nothing is logged until it does (or pass `probe=`).")
+            warn_once("empty", f"{type(self).__name__}: the validation data gave no samples to explain; "
+                               "nothing is logged until it does (or pass `probe=`).", owner=self)
             return False
         self.probe_x, self.probe_y = x, y
         self._candidates = {}

@@ -261,8 +261,8 @@ class FeatureVisMonitor(XAICallback):
         if world > 1:
             self._agree_input(trainer)
         if self.input_shape is None or self.value_range is None:
-            warn_once(f"{id(self)}-noshape", "FeatureVisMonitor: no validation batch was seen, so the input shape and "
-                                             "range are unknown; pass `input_shape=` and `value_range=`. Skipping.")
+            warn_once("noshape", "FeatureVisMonitor: no validation batch was seen, so the input shape and "
+                                 "range are unknown; pass `input_shape=` and `value_range=`. Skipping.", owner=self)
             return
         owners = self._owners(world)
         mine = [label for label, rank in owners.items() if rank == trainer.global_rank]

@@ -296,7 +296,7 @@ class LinearProbeMonitor(XAICallback):
         if missing or not labels:
             why = (f"the layers {missing} did not run (or ran with another batch size) in validation_step"
                    if missing else "the batches carry no labels and no `concepts` were given")
-            warn_once(f"{id(self)}-skip", f"LinearProbeMonitor skipped validation batches: {why}.")
+            warn_once("skip", f"LinearProbeMonitor skipped validation batches: {why}.", owner=self)
             return
         if self._wants_untrained():
             feats.update(self._run_untrained(pl_module, x))
@@ -307,7 +307,7 @@ class LinearProbeMonitor(XAICallback):
                                                          seed=self.seed)
                 feats[INPUT] = self._input_reducer(x).float()
             else:
-                warn_once(f"{id(self)}-int-input", "LinearProbeMonitor: integer inputs (token ids) have no input baseline.")
+                warn_once("int-input", "LinearProbeMonitor: integer inputs (token ids) have no input baseline.", owner=self)
         for key, f in feats.items():
             self._probes.setdefault(key, self._new_probe()).add(f, labels, index)
 
@@ -377,7 +377,7 @@ class LinearProbeMonitor(XAICallback):
             self._agree_sources(trainer, probes)
         reference = probes.get(self.layers[0]) if self.layers else None
         if reference is None or (world == 1 and reference.n_train < 2):
-            warn_once(f"{id(self)}-empty", "LinearProbeMonitor: too few labelled validation samples to fit probes.")
+            warn_once("empty", "LinearProbeMonitor: too few labelled validation samples to fit probes.", owner=self)
             return {}
         # every source saw the same rows: take labels once, gather them over ranks, build the control task
         index, labels = reference.labels()
@@ -443,11 +443,12 @@ class LinearProbeMonitor(XAICallback):
                 if m["control_train"] >= self.memorization_threshold:
                     src = key[len(UNTRAINED):] + " (untrained)" if key.startswith(UNTRAINED) else key
                     warn_once(
-                        f"{id(self)}-memorize-{key}-{target}",
+                        f"memorize-{key}-{target}",
                         f"LinearProbeMonitor: the probe on {src!r} memorises shuffled labels of {target!r} "
                         f"(control train accuracy {m['control_train']:.2f} >= {self.memorization_threshold}); its "
                         "accuracy says little about the representation. Reduce the features (reduce='gap' or "
                         "('rproj', k)), probe more validation samples, or raise the ridge strength.",
+                        owner=self,
                     )
             if key == INPUT or key.startswith(UNTRAINED):
                 self.baselines[key] = flat

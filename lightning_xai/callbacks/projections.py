@@ -171,8 +171,8 @@ class ProjectionMonitor(ProbeSetCallback):
                          step: int) -> None:
         writers = tensorboard_writers(trainer)
         if not writers:
-            warn_once(f"{id(self)}-noprojector", "ProjectionMonitor: no TensorBoardLogger is attached, so the projector "
-                                                 "embeddings are skipped (the PCA images and scalars are still logged).")
+            warn_once("noprojector", "ProjectionMonitor: no TensorBoardLogger is attached, so the projector "
+                                     "embeddings are skipped (the PCA images and scalars are still logged).", owner=self)
             return
         preds = results["pred"].cpu().tolist()
         if y is not None:

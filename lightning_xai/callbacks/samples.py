@@ -218,12 +218,12 @@ class SampleInfluenceMonitor(ProbeSetCallback):
     def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
         dataset = self.train_data if self.train_data is not None else _train_dataset(trainer)
         if dataset is None or len(dataset) == 0:
-            warn_once(f"{id(self)}-notrain", "SampleInfluenceMonitor found no training data to compare with (under "
-                                             "validate()/test() pass `train_data=`); nothing is logged.")
+            warn_once("notrain", "SampleInfluenceMonitor found no training data to compare with (under "
+                                 "validate()/test() pass `train_data=`); nothing is logged.", owner=self)
             return
         if self.k > len(dataset) or self.support_k > len(dataset):
-            warn_once(f"{id(self)}-small", f"SampleInfluenceMonitor: `k`/`support_k` exceed the {len(dataset)} "
-                                           "training samples; they are reduced to fit.")
+            warn_once("small", f"SampleInfluenceMonitor: `k`/`support_k` exceed the {len(dataset)} "
+                               "training samples; they are reduced to fit.", owner=self)
         self._dataset = dataset
         try:
             super().explain(trainer, pl_module, via_module)

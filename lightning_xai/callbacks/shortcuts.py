@@ -198,6 +198,7 @@ class ShortcutMonitor(ProbeSetCallback):
         self.reference_y: Optional[Tensor] = None
         self._reference_buckets: Buckets = {}
         self._collect_epoch: Optional[int] = None  # the training epoch the references are collected in
+        self._no_references = False  # the training batches could not give any (unlabelled, not images): shift alone
         self._reference_cache: Optional[Tuple[Any, ...]] = None  # (references, flat, atypical, stamps)
 
     @property
@@ -212,6 +213,7 @@ class ShortcutMonitor(ProbeSetCallback):
         state["streaks"] = dict(self._streaks)
         state["sanity_done"] = self._sanity_done
         state["reference_x"], state["reference_y"] = self.reference_x, self.reference_y
+        state["no_references"] = self._no_references
         return state
 
     @override
@@ -222,6 +224,7 @@ class ShortcutMonitor(ProbeSetCallback):
         self._sanity_done = bool(state_dict.get("sanity_done", False))
         if state_dict.get("reference_x") is not None:
             self.reference_x, self.reference_y = state_dict["reference_x"], state_dict["reference_y"]
+        self._no_references = bool(state_dict.get("no_references", False))
 
     # ------------------------------------------------------------------ checks
     @override
@@ -231,7 +234,7 @@ class ShortcutMonitor(ProbeSetCallback):
         reference samples are kept; None if a method's passes are unknown."""
         rows, shape = self.probe_size()
         per_sample = 1 / 3
-        draws = self.donor_draws if self.reference_samples > 0 and self.fill == "swap" else 1
+        draws = self.donor_draws if self.reference_samples > 0 and self.fill == "swap" and not self._no_references else 1
         modes = [(self.method, len(self.regions))] if self.regions else []
         if self.find_regions:
             modes.append((self.discovery_method, len(CANDIDATES)))
@@ -264,7 +267,7 @@ class ShortcutMonitor(ProbeSetCallback):
     # ------------------------------------------------------------------ reference samples (training batches)
     @property
     def _wants_references(self) -> bool:
-        return self.reference_samples > 0 and self.fill == "swap" and self.reference_x is None
+        return self.reference_samples > 0 and self.fill == "swap" and self.reference_x is None and not self._no_references
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
@@ -279,10 +282,11 @@ class ShortcutMonitor(ProbeSetCallback):
         try:
             x, y = extract_xy(batch, self.batch_to_xy)
         except Exception:  # noqa: BLE001 - a batch format we cannot read: no references, the shift alone decides
-            self.reference_samples = 0
+            self._no_references = True
+            self._reference_buckets = {}
             return
         if y is None or x.ndim != 4 or not x.is_floating_point() or y.shape[:1] != x.shape[:1]:
-            self.reference_samples = 0  # unlabelled or not images: nothing to weigh a gain against
+            self._no_references = True  # unlabelled or not images: nothing to weigh a gain against
             self._reference_buckets = {}
             return
         collect_rows(self._reference_buckets, x, y, self.reference_samples)
@@ -296,7 +300,7 @@ class ShortcutMonitor(ProbeSetCallback):
         if x is not None and y is not None and self.probe_x is not None and x.shape[1:] == self.probe_x.shape[1:]:
             self.reference_x, self.reference_y = x, y.long()
         else:
-            self.reference_samples = 0
+            self._no_references = True
 
     def _donors(self, spec: Any, name: str, device: torch.device,
                 per_reference: bool = False) -> Optional[Tuple[Tensor, Tensor, Tensor]]:

@@ -173,8 +173,8 @@ class TokenAttributionMonitor(ProbeSetCallback):
             if ids:
                 out[tok] = ids[0]
             else:
-                warn_once(f"{id(self)}-watch-{tok}", f"TokenAttributionMonitor: watched token {tok!r} is not in the "
-                                                     "vocabulary or the probe set; its share is not logged.")
+                warn_once(f"watch-{tok}", f"TokenAttributionMonitor: watched token {tok!r} is not in the "
+                                          "vocabulary or the probe set; its share is not logged.", owner=self)
         return out
 
     @override

@@ -3,7 +3,7 @@ clustering, input-independent hotspots, per-sample corner candidates (atypical c
 
 Imports torch only (and :mod:`lightning_xai.attribution`), never Lightning.
 """
-from lightning_xai.shortcuts.alarm import MIN_EXCESS, MIN_MATCH, MIN_Z, AlarmDecision, shortcut_alarm
+from lightning_xai.shortcuts.alarm import MIN_EXCESS, MIN_MATCH, MIN_Z, AlarmDecision, paired_z, shortcut_alarm
 from lightning_xai.shortcuts.corners import (StampResult, atypical_corners, corner_side, corner_windows, find_stamps,
                                              stamp_donor_masks)
 from lightning_xai.shortcuts.hotspots import MAX_ETA2, HotspotResult, class_eta2, consistency_map, find_hotspot, flat_background
@@ -21,7 +21,7 @@ __all__ = [
     "box_mask", "component_shifts", "connected_components", "corner_side", "corner_windows", "find_stamps", "stamp_donor_masks",
     "change_matched_sets", "class_eta2", "class_mean_maps", "consistency_map", "control_masks", "downsample_maps",
     "fill_source", "find_hotspot", "flat_background", "intervene", "intervention_summary", "iou",
-    "normalize_regions", "pointing_game", "preset_mask", "randomisation_check", "region_masks", "region_metrics",
+    "normalize_regions", "paired_z", "pointing_game", "preset_mask", "randomisation_check", "region_masks", "region_metrics",
     "relevance_rank", "scattered", "share_ratio", "shifted_copies", "shortcut_alarm", "spearman", "spray",
     "spray_by_class", "swap_partners", "translates", "transplant",
 ]

@@ -142,8 +142,18 @@ def _shortcut_alarm_validate_args(effect: Tensor, control_effect: Tensor, min_ex
         raise ValueError(expected("min_z", "a float >= 0", min_z))
 
 
-def _paired_z(d: Tensor) -> Tuple[float, float]:
-    """Mean of paired differences ``(N,)`` and its z-score (standard error floored at ``1 / N``)."""
+def paired_z(d: Tensor) -> Tuple[float, float]:
+    """Mean of paired differences ``(N,)`` and its z-score (standard error floored at ``1 / N``), the statistic every
+    figure of :func:`shortcut_alarm` is judged by.
+
+    Example:
+        >>> excess, z = paired_z(0.1 + 0.5 * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(50))
+        >>> round(excess, 3), round(z, 2)
+        (0.1, 1.99)
+        >>> excess, z = paired_z(torch.full((100,), 0.02, dtype=torch.float64))  # no spread: the floor 1/N keeps z finite
+        >>> round(excess, 3), round(z, 2)
+        (0.02, 2.0)
+    """
     n = d.numel()
     excess = float(d.mean())
     se = max(float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0, 1.0 / n)
@@ -152,12 +162,12 @@ def _paired_z(d: Tensor) -> Tuple[float, float]:
 
 def _gain_z(name: str, gain: Tensor, control_gain: Tensor, effect: Tensor,
             control_effect: Tensor) -> Tuple[float, float]:
-    """:func:`_paired_z` of a gain ``(N,)`` minus its controls' mean ``(N, K)``, after checking the shapes against the
+    """:func:`paired_z` of a gain ``(N,)`` minus its controls' mean ``(N, K)``, after checking the shapes against the
     effect's (``name``: the argument's name in :func:`shortcut_alarm`)."""
     if gain.shape != effect.shape or control_gain.shape != control_effect.shape:
         raise ValueError(expected(f"{name}, control_{name}", f"tensors of shapes {tuple(effect.shape)} and "
                                   f"{tuple(control_effect.shape)}", (tuple(gain.shape), tuple(control_gain.shape))))
-    return _paired_z(gain.double() - control_gain.double().mean(1))
+    return paired_z(gain.double() - control_gain.double().mean(1))
 
 
 def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = MIN_EXCESS, min_z: float = MIN_Z,
@@ -207,7 +217,7 @@ def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = M
         False
     """
     _shortcut_alarm_validate_args(effect, control_effect, min_excess, min_z)
-    excess, z = _paired_z(effect.double() - control_effect.double().mean(1))
+    excess, z = paired_z(effect.double() - control_effect.double().mean(1))
     match = float("nan")
     if change is not None and control_change is not None:
         match = float(control_change.double().amax(1).mean()) / max(float(change.double().mean()), 1e-12)

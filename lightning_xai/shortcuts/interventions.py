@@ -40,7 +40,7 @@ from torch import Tensor
 
 from lightning_xai._utils import check_choice, check_positive_int, chunks, expected, two_class_logits
 from lightning_xai.attribution import gaussian_blur
-from lightning_xai.shortcuts.regions import component_shifts, connected_components, scattered, shifted_copies
+from lightning_xai.shortcuts.regions import _pieces, component_shifts, scattered, shifted_copies
 
 FILLS = ("mean", "blur", "swap")
 PLACEMENTS = ("matched", "random")
@@ -93,7 +93,7 @@ def transplant(x: Tensor, masks: Tensor, partners: Tensor) -> Tensor:
     out = x.flatten(2).clone()  # (N, C, HW)
     for i in range(x.shape[0]):
         j = partners[i:i + 1]
-        if int(areas[i]) == 0 or int(areas[j]) == 0:
+        if int(j) == i or int(areas[i]) == 0 or int(areas[j]) == 0:  # its own content, or nothing to swap
             continue
         out[i][:, positions[i, :int(areas[i])]] = _resampled(x, positions, areas, i, j)[0]
     return out.view(x.shape)
@@ -177,11 +177,12 @@ def change_matched_sets(mask: Tensor, change_map: Tensor, target: float, count: 
     if outside.numel() == 0:
         return out.view(count, h, w)
     per_pixel = change_map.reshape(-1)[outside].double()
-    for k in range(count):
-        order = torch.randperm(outside.numel(), generator=generator).to(outside.device)[:max(area, 1)]
-        total = per_pixel[order].cumsum(0)  # (A,)
-        cut = int((total - target).abs().argmin()) + 1
-        out[k, outside[order[:cut]]] = True
+    orders = torch.stack([torch.randperm(outside.numel(), generator=generator)[:max(area, 1)]
+                          for _ in range(count)]).to(outside.device)  # (count, A)
+    total = per_pixel[orders].cumsum(1)  # (count, A)
+    cut = (total - target).abs().argmin(1, keepdim=True)  # the last pixel of each set
+    take = torch.arange(orders.shape[1], device=orders.device).view(1, -1) <= cut
+    out[torch.arange(count, device=out.device).view(-1, 1).expand_as(orders)[take], outside[orders[take]]] = True
     return out.view(count, h, w)
 
 
@@ -220,8 +221,8 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
                                      attempts=4 * max_candidates)  # (S, P, H, W)
             if moved is not None:
                 cands, moved = moved.any(1), moved.to(masks.device).flatten(2).to(change_map.dtype)  # (S, P, HW)
-                labels, count = connected_components(mask)
-                own = (labels.flatten() == torch.arange(1, count + 1, device=labels.device).view(-1, 1)).to(change_map.dtype)
+                labels, count = _pieces(mask.cpu())[:2]  # as component_shifts numbered them
+                own = (labels.flatten() == torch.arange(1, count + 1).view(-1, 1)).to(device=masks.device, dtype=change_map.dtype)
         rows = (inverse == u).nonzero().view(-1)
         if cands is None and placement == "matched":
             for i in rows.tolist():
@@ -232,23 +233,24 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
         if cands.shape[0] == 0:
             continue
         cf = cands.flatten(1).to(change_map.dtype)  # (S, HW)
-        for i in rows.tolist():
-            noise = torch.rand(cands.shape[0], generator=generator).to(masks.device)
-            if placement == "matched":
-                cm = change_map[i].flatten()
-                target = (cm * masks[i].flatten()).sum() if region_change is None else region_change[i].to(cm)
-                if moved is None:
-                    score = (cf @ cm - target).abs()
-                else:  # per piece: the change each moved piece makes against its own piece's share of the target
-                    share = own @ cm  # (P,)
-                    share = share * (target / share.sum()) if float(share.sum()) > 0 else target.expand_as(share) / share.numel()
-                    score = (moved @ cm - share).abs().sum(1)  # (S,)
-                score = score + noise * 1e-6 * (score.max() + 1e-12)  # random tie breaks
-            else:
-                score = noise
-            order = score.argsort()
-            pick = order[torch.arange(num_controls, device=order.device) % order.numel()]
-            out[i] = cands[pick]
+        noise = torch.rand(rows.numel(), cands.shape[0], generator=generator).to(masks.device)  # (R, S)
+        if placement == "matched":
+            cm = change_map[rows].flatten(1)  # (R, HW)
+            target = ((cm * masks[rows].flatten(1)).sum(1) if region_change is None else region_change[rows].to(cm))  # (R,)
+            if moved is None:
+                score = (cm @ cf.T - target.view(-1, 1)).abs()  # (R, S)
+            else:  # per piece: the change each moved piece makes against its own piece's share of the target
+                share = cm @ own.T  # (R, P)
+                total = share.sum(1, keepdim=True)
+                share = torch.where(total > 0, share * (target.view(-1, 1) / total.clamp_min(torch.finfo(total.dtype).tiny)),
+                                    target.view(-1, 1).expand_as(share) / share.shape[1])
+                score = (torch.einsum("sph,rh->rsp", moved, cm) - share.unsqueeze(1)).abs().sum(2)  # (R, S)
+            score = score + noise * 1e-6 * (score.max(1, keepdim=True).values + 1e-12)  # random tie breaks
+        else:
+            score = noise
+        order = score.argsort(1)
+        pick = order[:, torch.arange(num_controls, device=order.device) % order.shape[1]]  # (R, K)
+        out[rows] = cands[pick]
     return out
 
 
@@ -282,8 +284,9 @@ def intervene(
 ) -> Dict[str, Tensor]:
     """Replace the region (and its controls) in every sample and record what the model does.
 
-    Forward-only: ``R * (2 + K)`` rows in batches of ``batch_size``, under ``torch.no_grad``, where ``R`` is the
-    number of rows run (``N`` unless ``rows`` is given).
+    Forward-only: ``R * (1 + G * (1 + K))`` rows in batches of ``batch_size``, under ``torch.no_grad``, where ``R`` is
+    the number of rows run (``N`` unless ``rows`` is given) and ``G`` the number of donor groups (1 without donors):
+    the intact inputs once, then the region and its ``K`` controls edited for each group.
 
     Args:
         forward: ``inputs -> logits (N, classes)``.
@@ -334,15 +337,32 @@ def intervene(
     start, stop = _intervene_validate_rows(rows, n)
     check_positive_int("donor_draws", donor_draws)
     x = x.detach()
+    base = _predict(forward, x[start:stop], batch_size)  # the intact inputs, once for every draw
+    plan = dict(fill=fill, num_controls=num_controls, placement=placement, generator=generator, reference=reference,
+                sigma=sigma, batch_size=batch_size, max_candidates=max_candidates, groups=groups, rows=(start, stop))
+    if donors is None:
+        return _edit(forward, x, masks, y, base, **plan)
+    donor_y = _intervene_validate_donors(donors, x, fill)
+    draws = min(donor_draws, donors[0].shape[0])
+    if draws == 1:
+        return _edit(forward, x, masks, y, base, donors=(donors[0], donors[1], donor_y), **plan)
+    order = _canonical_order(donors[0], donor_y)  # the groups do not depend on the order donors come in
+    parts = [order[m::draws] for m in range(draws)]
+    outs = [_edit(forward, x, masks, y, base, donors=(donors[0][part.to(donors[0].device)], donors[1][part.to(donors[1].device)],
+                                                      donor_y[part.to(donor_y.device)]), **plan) for part in parts]
+    return _mean_over_draws(outs, parts[0])
+
+
+def _edit(forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Optional[Tensor], base_logits: Tensor, *,
+          fill: str, num_controls: int, placement: str, generator: Optional[torch.Generator], reference: Optional[Tensor],
+          sigma: Optional[float], batch_size: Optional[int], max_candidates: int, groups: Optional[Tensor],
+          rows: Tuple[int, int], donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Dict[str, Tensor]:
+    """One edit of every sample (region and controls) for :func:`intervene`, its arguments checked there;
+    ``base_logits``: the logits of the intact rows ``rows``; ``donors``: one group's, labels long."""
+    n = x.shape[0]
+    start, stop = rows
     if donors is not None:
-        donor_y = _intervene_validate_donors(donors, x, fill)
-        draws = min(donor_draws, donors[0].shape[0])
-        if draws > 1:
-            order = _canonical_order(donors[0], donor_y)  # the groups do not depend on the order donors come in
-            parts = [order[m::draws] for m in range(draws)]
-            outs = [intervene(forward, x, masks, y, fill, num_controls, placement, generator, reference, sigma, batch_size,
-                              max_candidates, groups, rows, tuple(t[part.to(t.device)] for t in donors)) for part in parts]
-            return _mean_over_draws(outs, parts[0])
+        donor_y = donors[2]
         every = torch.cat([x, donors[0].detach().to(x)])
         every_masks = torch.cat([masks, donors[1].to(masks.device)])
         pool = torch.arange(every.shape[0], device=x.device) >= n
@@ -367,8 +387,7 @@ def intervene(
     k1 = num_controls + 1
     edited = torch.where(controls.unsqueeze(2), source.unsqueeze(1), x.unsqueeze(1))  # (N, K, C, H, W)
     edited = torch.cat([region_edit.unsqueeze(1), edited], 1)  # (N, 1 + K, C, H, W)
-    batch = torch.cat([x, edited.flatten(0, 1)])  # (N + N * (1 + K), C, H, W)
-    logits = _predict(forward, batch, batch_size)
+    logits = torch.cat([base_logits, _predict(forward, edited.flatten(0, 1), batch_size)])  # (N + N * (1 + K), classes)
     probs = logits.softmax(1)
     base, after = probs[:n], probs[n:].view(n, k1, -1)  # (N, classes), (N, 1 + K, classes)
     pred = base.argmax(1)

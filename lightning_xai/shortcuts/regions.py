@@ -223,11 +223,51 @@ def _misses(occupied: Tensor, piece: Tensor) -> Tensor:
     """Where the box ``piece (h, w)`` can go without touching ``occupied (..., H, W)``: boolean maps of its top-left
     corners ``(..., H - h + 1, W - w + 1)``."""
     h, w = piece.shape
-    rows, cols = occupied.shape[-2] - h + 1, occupied.shape[-1] - w + 1
+    height, width = occupied.shape[-2:]
+    rows, cols = height - h + 1, width - w + 1
+    offsets = piece.nonzero().tolist()
+    if len(offsets) > 16:  # one cross-correlation counts the occupied pixels each corner would cover (exact integers)
+        lead = occupied.shape[:-2]
+        hits = F.conv2d(occupied.reshape(-1, 1, height, width).float(), piece.float().view(1, 1, h, w))
+        return (hits == 0).view(*lead, rows, cols)
     hit = torch.zeros(*occupied.shape[:-2], rows, cols, dtype=torch.bool)
-    for dy, dx in piece.nonzero().tolist():  # the corners that put pixel (dy, dx) of the piece on an occupied one
+    for dy, dx in offsets:  # the corners that put pixel (dy, dx) of the piece on an occupied one
         hit |= occupied[..., dy:dy + rows, dx:dx + cols]
     return ~hit
+
+
+_PIECES: Dict[Tuple[Tuple[int, int], bytes], Any] = {}  # mask -> its pieces (see _pieces); bounded below
+_PIECES_MAX = 4096
+
+
+def _pieces(region: Tensor) -> Optional[Tuple[Tensor, int, list, list, list]]:
+    """What :func:`component_shifts` needs of ``region (H, W)`` bool (CPU) that does not depend on the draws, cached
+    (the same masks come back on every epoch and every donor draw): ``(labels, count, crops, frees, halos)``, with
+    each piece's bounding-box crop, the top-left corners where it misses the region, and the offsets ``(dy, dx)``
+    of the piece and its 8 neighbours; None when :func:`component_shifts` has no answer (fewer than two pieces, a
+    piece larger than the rest of the image, or one with no place off the region). Treat as read-only."""
+    key = (tuple(region.shape), region.contiguous().numpy().tobytes())
+    if key in _PIECES:
+        return _PIECES[key]
+    labels, count = connected_components(region)
+    found = None
+    if count >= 2 and int(torch.bincount(labels.flatten())[1:].max()) <= int((~region).sum()):
+        crops, frees, halos = [], [], []
+        for c in range(1, count + 1):
+            piece = labels == c
+            rows, cols = piece.any(1).nonzero().view(-1), piece.any(0).nonzero().view(-1)
+            crops.append(piece[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1])
+            frees.append(_misses(region, crops[-1]))  # (H - h + 1, W - w + 1)
+            if not bool(frees[-1].any()):
+                break
+            grown = ~_misses(F.pad(crops[-1], (2, 2, 2, 2)), torch.ones(3, 3, dtype=torch.bool))  # piece + neighbours
+            halos.append(grown.nonzero().unbind(1))
+        else:
+            found = (labels, count, crops, frees, halos)
+    if len(_PIECES) >= _PIECES_MAX:
+        _PIECES.clear()
+    _PIECES[key] = found
+    return found
 
 
 def component_shifts(mask: Tensor, max_candidates: int = 64, generator: Optional[torch.Generator] = None,
@@ -260,21 +300,12 @@ def component_shifts(mask: Tensor, max_candidates: int = 64, generator: Optional
         >>> cands.shape, cands.flatten(1).sum(1).tolist()
         (torch.Size([5, 8, 8]), [16, 16, 16, 16, 16])
     """
-    labels, count = connected_components(mask)
-    if count < 2:
-        return None
-    labels, region = labels.cpu(), mask.detach().cpu() != 0
+    region = mask.detach().cpu() != 0
+    pieces = _pieces(region)
+    if pieces is None:  # fewer than two pieces, a piece larger than the rest of the image (a background: nowhere
+        return None     # to go) or one with no place off the region
+    _, count, crops, frees, halos = pieces
     h, w = region.shape
-    if int(torch.bincount(labels.flatten())[1:].max()) > int((~region).sum()):
-        return None  # a piece larger than the rest of the image (a background) has nowhere to go
-    crops, frees = [], []  # each piece's bounding-box crop (h, w) and where it misses the region
-    for c in range(1, count + 1):
-        piece = labels == c
-        rows, cols = piece.any(1).nonzero().view(-1), piece.any(0).nonzero().view(-1)
-        crops.append(piece[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1])
-        frees.append(_misses(region, crops[-1]))  # (H - h + 1, W - w + 1)
-        if not bool(frees[-1].any()):
-            return None
     draws = 4 * max_candidates if attempts is None else attempts
     halo = torch.zeros(draws, h + 2, w + 2, dtype=torch.bool)  # the moved pieces and their 8 neighbours, padded by 1
     corner = torch.zeros(draws, count, 2, dtype=torch.long)  # top-left of each moved piece
@@ -286,18 +317,17 @@ def component_shifts(mask: Tensor, max_candidates: int = 64, generator: Optional
         best = score.flatten(1).argmax(1)  # (D,) uniform among the allowed placements
         top, left = best // allowed.shape[2], best % allowed.shape[2]
         alive &= allowed.flatten(1).any(1)  # a draw fails when a piece finds no room
-        grown = ~_misses(F.pad(crops[c], (2, 2, 2, 2)), torch.ones(3, 3, dtype=torch.bool))  # (h + 2, w + 2) piece + neighbours
-        dy, dx = grown.nonzero().unbind(1)  # at (top, left) of the padded halo: the piece at (top, left) of the image
+        dy, dx = halos[c]  # at (top, left) of the padded halo: the piece at (top, left) of the image
         halo[every, top.view(-1, 1) + dy, left.view(-1, 1) + dx] = True
         corner[:, c, 0], corner[:, c, 1] = top, left
-    found: Dict[Tuple[int, ...], int] = {}  # distinct layouts, in draw order
-    for d in alive.nonzero().view(-1).tolist():
-        found.setdefault(tuple(corner[d].flatten().tolist()), d)
-        if len(found) == max_candidates:
-            break
-    if not found:
+    tried = alive.nonzero().view(-1)
+    if tried.numel() == 0:
         return None
-    keep = torch.tensor(list(found.values()), dtype=torch.long)  # (S,)
+    # the first max_candidates distinct layouts, in draw order: each layout's first draw, the earliest ones
+    _, layout = torch.unique(corner[tried].flatten(1), dim=0, return_inverse=True)
+    first = torch.full((int(layout.max()) + 1,), tried.numel(), dtype=torch.long).scatter_reduce(
+        0, layout, torch.arange(tried.numel()), "amin")
+    keep = tried[first.sort().values[:max_candidates]]  # (S,)
     out = torch.zeros(keep.numel(), count, h, w, dtype=torch.bool)  # (S, P, H, W)
     for c in range(count):
         dy, dx = crops[c].nonzero().unbind(1)
