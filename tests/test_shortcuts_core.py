@@ -116,6 +116,30 @@ def test_component_shifts_move_each_piece(mask):
     assert torch.equal(cands, again) and not torch.equal(cands, other)
 
 
+def test_large_pieces_placements_match_brute_force():
+    from lightning_xai.shortcuts import regions
+
+    g = torch.Generator().manual_seed(0)
+    occupied = torch.rand(3, 12, 12, generator=g) < 0.15
+    for piece in (torch.ones(5, 5, dtype=torch.bool), torch.rand(3, 4, generator=g) < 0.6):  # counted / pixel by pixel
+        got = regions._misses(occupied, piece)
+        h, w = piece.shape
+        want = torch.tensor([[[not bool((occupied[b, r:r + h, c:c + w] & piece).any()) for c in range(12 - w + 1)]
+                              for r in range(12 - h + 1)] for b in range(3)])
+        assert torch.equal(got, want)
+    mask = torch.zeros(16, 16, dtype=torch.bool)  # two 5x5 squares (25 px each), no shifted copy of the whole fits
+    mask[:5, :5] = mask[11:, 11:] = True
+    mask[:5, 11:] = True
+    assert shifted_copies(mask) is None
+    regions._PIECES.clear()
+    cands = component_shifts(mask, max_candidates=10, generator=torch.Generator().manual_seed(0))
+    cached = component_shifts(mask, max_candidates=10, generator=torch.Generator().manual_seed(0))
+    assert len(regions._PIECES) == 1 and torch.equal(cands, cached)  # the pieces are worked out once
+    assert cands.shape[0] >= 1 and not bool((cands & mask).any())
+    for cand in cands:
+        assert pieces(cand) == pieces(mask)  # three 5x5 squares, moved apart from each other
+
+
 def test_component_shifts_none():
     assert component_shifts(preset_mask("top_left", (8, 8))) is None  # one piece
     assert component_shifts(preset_mask("border", (8, 8))) is None  # a ring is one piece
