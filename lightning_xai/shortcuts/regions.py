@@ -236,8 +236,9 @@ def _misses(occupied: Tensor, piece: Tensor) -> Tensor:
     return ~hit
 
 
-_PIECES: Dict[Tuple[Tuple[int, int], bytes], Any] = {}  # mask -> its pieces (see _pieces); bounded below
-_PIECES_MAX = 4096
+_PIECES: Dict[Tuple[Tuple[int, int], bytes], Any] = {}  # mask -> its pieces (see _pieces)
+_PIECES_BYTES = [0]  # what the cache holds, about; it is emptied rather than grow past _PIECES_MAX_BYTES
+_PIECES_MAX_BYTES = 64 * 2 ** 20
 
 
 def _pieces(region: Tensor) -> Optional[Tuple[Tensor, int, list, list, list]]:
@@ -245,7 +246,8 @@ def _pieces(region: Tensor) -> Optional[Tuple[Tensor, int, list, list, list]]:
     (the same masks come back on every epoch and every donor draw): ``(labels, count, crops, frees, halos)``, with
     each piece's bounding-box crop, the top-left corners where it misses the region, and the offsets ``(dy, dx)``
     of the piece and its 8 neighbours; None when :func:`component_shifts` has no answer (fewer than two pieces, a
-    piece larger than the rest of the image, or one with no place off the region). Treat as read-only."""
+    piece larger than the rest of the image, or one with no place off the region). Treat as read-only. The cache
+    is emptied when it would pass 64 MiB (a 224 x 224 mask of ten pieces takes about 1 MiB)."""
     key = (tuple(region.shape), region.contiguous().numpy().tobytes())
     if key in _PIECES:
         return _PIECES[key]
@@ -264,9 +266,13 @@ def _pieces(region: Tensor) -> Optional[Tuple[Tensor, int, list, list, list]]:
             halos.append(grown.nonzero().unbind(1))
         else:
             found = (labels, count, crops, frees, halos)
-    if len(_PIECES) >= _PIECES_MAX:
+    size = len(key[1]) + (0 if found is None else labels.numel() * 8 + sum(f.numel() for f in found[3])
+                          + sum(2 * d.numel() * 8 for d, _ in found[4]))
+    if _PIECES_BYTES[0] + size > _PIECES_MAX_BYTES:
         _PIECES.clear()
+        _PIECES_BYTES[0] = 0
     _PIECES[key] = found
+    _PIECES_BYTES[0] += size
     return found
 
 
