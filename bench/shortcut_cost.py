@@ -17,41 +17,24 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
-import time
 import warnings
 
 import torch
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-from shortcut_digits import DigitsClassifier  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import fit_with  # noqa: E402  (bench/overhead.py: the demo's fit, timed, with the budget ledger read)
 
 from lightning_xai import ShortcutMonitor  # noqa: E402
-from lightning_xai.callbacks import budget  # noqa: E402
 from lightning_xai.datasets import region_mask, shortcut_digits  # noqa: E402
 
 
 def fit(regions, epochs: int, data):
     """Seconds of the whole fit, the ledger's seconds per ShortcutMonitor run (None without a monitor), runs."""
-    train, val = data
-    pl.seed_everything(0, verbose=False)
     callbacks = [] if regions == "off" else [ShortcutMonitor(regions=regions, action="log", max_overhead=None)]
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks,
-                         logger=TensorBoardLogger(tempfile.mkdtemp(prefix="xai-shortcut-cost-")),
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         num_sanity_val_steps=0)
-    start = time.perf_counter()
-    trainer.fit(DigitsClassifier(), DataLoader(TensorDataset(train.x, train.y), batch_size=64, shuffle=True),
-                DataLoader(TensorDataset(val.x, val.y), batch_size=128))
-    seconds = time.perf_counter() - start
-    if not callbacks:
-        return seconds, None, 0
-    book, key = budget.ledger(trainer), id(callbacks[0])
-    runs = len(book.runs.get(key, []))
-    return seconds, (book.total.get(key, 0.0) / runs if runs else None), runs
+    seconds, spent = fit_with(callbacks, epochs, data)
+    epochs_run, charged = spent.get("ShortcutMonitor", ([], 0.0))
+    runs = len(epochs_run)
+    return seconds, (charged / runs if runs else None), runs
 
 
 def main() -> None:

@@ -348,8 +348,8 @@ def intervene(
         return _edit(forward, x, masks, y, base, donors=(donors[0], donors[1], donor_y), **plan)
     order = _canonical_order(donors[0], donor_y)  # the groups do not depend on the order donors come in
     parts = [order[m::draws] for m in range(draws)]
-    outs = [_edit(forward, x, masks, y, base, donors=(donors[0][part.to(donors[0].device)], donors[1][part.to(donors[1].device)],
-                                                      donor_y[part.to(donor_y.device)]), **plan) for part in parts]
+    outs = [_edit(forward, x, masks, y, base, donors=tuple(t[part.to(t.device)] for t in (donors[0], donors[1], donor_y)),
+                  **plan) for part in parts]
     return _mean_over_draws(outs, parts[0])
 
 
