@@ -1,9 +1,12 @@
-"""gather_rows across simulated ranks (threads sharing an all_gather), without starting processes.
+"""gather_rows across simulated ranks (threads sharing an all_gather), without starting processes, and once on
+two real gloo processes for every dtype it accepts.
 
 The spawned runs in test_ddp_stack.py cover the callbacks end to end; these cover the gather's own cases:
 uneven rows, a rank with an empty tensor of the wrong shape and dtype, all ranks empty, and ranks with rows
 that disagree (every rank raises, none is left waiting).
 """
+import os
+import socket
 import threading
 
 import pytest
@@ -126,3 +129,38 @@ def test_one_process_returns_the_tensor_itself():
 
     t = torch.ones(2)
     assert gather_rows(One(), t) is t
+
+
+GATHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8, torch.int16,
+                 torch.int32, torch.int64, torch.bool)
+
+
+def _gloo_rank(rank, port, folder):
+    """One of two gloo processes: gather_rows of rank-dependent rows (rank r has r + 1 rows) in every dtype."""
+    dist = torch.distributed
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        trainer = _Trainer(None, rank, 2)  # no strategy gather is used: a process group exists
+        trainer.strategy.all_gather = None
+        out = {str(dt): gather_rows(trainer, (torch.arange(2 * (rank + 1)).view(-1, 2) + 10 * rank).to(dt))
+               for dt in GATHER_DTYPES}
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_every_dtype_gathers_on_real_gloo_processes(tmp_path):
+    """gloo itself refuses an int16 all_gather ("Invalid scalar type"): gather_rows sends it as int32."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_gloo_rank, args=(port, str(tmp_path)), nprocs=2)
+    rows = torch.cat([torch.arange(2).view(1, 2), torch.arange(4).view(2, 2) + 10])
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        for dt in GATHER_DTYPES:
+            assert out[str(dt)].dtype == dt and torch.equal(out[str(dt)], rows.to(dt)), (rank, dt)

@@ -93,6 +93,23 @@ def first_loader(loaders: Any) -> Any:
     return loaders
 
 
+def _stack_from_ranks(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
+    """``tensor`` (the same shape on every rank) from every rank, stacked: ``(world, ...)``.
+
+    Under ``torch.distributed`` this is its plain ``all_gather``, not the strategy's: Lightning's goes through the
+    autograd ``all_gather`` of ``torch.distributed.nn``, which torch deprecates (a warning on every rank), and we
+    need no gradient. gloo has no int16 all_gather: int16 travels as int32. Without a process group the strategy's
+    own gather is used.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return trainer.strategy.all_gather(tensor)
+    sent = tensor.to(torch.int32) if tensor.dtype == torch.int16 else tensor.contiguous()
+    out = [torch.empty_like(sent) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, sent)
+    return torch.stack(out).to(tensor.dtype)
+
+
 def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` (rows may differ per rank) from every rank, rank-major, on every rank.
 
@@ -113,7 +130,7 @@ def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
     desc[0], desc[1], desc[2] = rows, code, max(tensor.ndim - 1, 0)
     if code >= 0:
         desc[3: 3 + tensor.ndim - 1] = torch.tensor(tensor.shape[1:], dtype=torch.long)
-    table = strategy.all_gather(desc.to(strategy.root_device)).view(trainer.world_size, -1).cpu()  # (world, 3 + max_dims)
+    table = _stack_from_ranks(trainer, desc.to(strategy.root_device)).view(trainer.world_size, -1).cpu()  # (world, 3 + max_dims)
     sizes = table[:, 0].tolist()
     full = [r for r, s in enumerate(sizes) if s > 0]
     if not full:
@@ -129,7 +146,7 @@ def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
         tensor = torch.empty((0,) + shape, dtype=dtype, device=tensor.device)
     padded = torch.zeros((int(max(sizes)),) + shape, dtype=dtype, device=strategy.root_device)
     padded[:rows] = tensor.to(strategy.root_device)
-    gathered = strategy.all_gather(padded)  # (world, max_rows, ...)
+    gathered = _stack_from_ranks(trainer, padded)  # (world, max_rows, ...)
     return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes)]).to(tensor.device)
 
 
