@@ -1,6 +1,6 @@
 """Every lightning_xai callback together under DDP (2 gloo processes on CPU), against the same fit in one process.
 
-Two spawned runs, each compared with a one-process run of the same callbacks on the same data:
+Three spawned runs, each compared with a one-process run of the same callbacks on the same data:
 
 * ``test_ddp_stack_matches_one_process_and_logs_once``: all eight callbacks, validation data split by
   Lightning's ``DistributedSampler``, user-given probe sets of 7 rows (4 on rank 0, 3 on rank 1) and of
@@ -10,6 +10,8 @@ Two spawned runs, each compared with a one-process run of the same callbacks on 
   default probe set is collected from validation batches (the case where the candidates' gather used to
   mismatch shapes), with the streaming LinearProbeMonitor and a FeatureVisMonitor that reads its input
   shape and range from the data.
+* ``test_ddp_unknown_region_checks_are_shared_and_match_one_process``: ShortcutMonitor without regions; each
+  candidate's intervention runs half of the samples on each rank.
 
 The image and tabular/token callbacks share one LightningModule: the tabular and token heads are extra
 frozen submodules reached through each callback's ``forward=``.
@@ -259,3 +261,48 @@ def test_split_rows_covers_every_row_once():
                 assert 0 <= keep <= stop - start and (stop - start >= 1 or n == 0)
                 kept.extend(range(start, start + keep))
             assert kept == list(range(n)), (n, world)
+
+
+class RowCountingShortcutMonitor(ShortcutMonitor):
+    """A ShortcutMonitor that appends, per intervention, the samples planned and the rows this rank ran to a file
+    per rank (``{path}.rank{r}.rows``)."""
+
+    def __init__(self, path, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path
+
+    def _intervene(self, forward, x, masks, y, generator, rows=None, donors=None):
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        ran = x.shape[0] if rows is None else rows[1] - rows[0]
+        with open(f"{self.path}.rank{rank}.rows", "a", encoding="utf-8") as fh:
+            fh.write(f"{x.shape[0]} {ran}\n")
+        return super()._intervene(forward, x, masks, y, generator, rows=rows, donors=donors)
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_ddp_unknown_region_checks_are_shared_and_match_one_process(tmp_path):
+    """Unknown-region mode: each candidate's intervention runs half the samples on each rank, and every figure
+    (alarms, shifts, z-scores of every candidate) equals a one-process run."""
+    _, val = digits_data(n_train=128, n_val=200)
+    images = (val.tensors[0][:15], val.tensors[1][:15])
+
+    def monitor(name):
+        return [RowCountingShortcutMonitor(str(tmp_path / name), probe=images, action="log", on_error="raise")]
+
+    single = _fit(tmp_path, "single", monitor("single"), DataLoader(val, batch_size=50))
+    ddp = _fit(tmp_path, "ddp", monitor("ddp"), DataLoader(val, batch_size=50), devices=2, strategy="ddp_spawn")
+    _assert_same_figures(str(tmp_path / "single" / "tb" / "version_0"), str(tmp_path / "ddp" / "tb" / "version_0"),
+                         single, ddp, ["xai/shortcut/hotspot/alarm", "xai/shortcut/preset_corners/z",
+                                       "xai/shortcut/preset_border/excess"])
+
+    def counts(name, rank):
+        with open(tmp_path / f"{name}.rank{rank}.rows", encoding="utf-8") as fh:
+            return [tuple(int(v) for v in line.split()) for line in fh]
+
+    one, (zero, first) = counts("single", 0), (counts("ddp", 0), counts("ddp", 1))
+    assert len(one) >= 3 and all(planned == ran for planned, ran in one)  # at least the hotspot and the two presets
+    assert [p for p, _ in zero] == [p for p, _ in first] == [p for p, _ in one]  # the same candidates, all samples
+    for (planned, ran0), (_, ran1) in zip(zero, first):
+        assert (ran0, ran1) == (-(-planned // 2), planned // 2)  # each rank ran its half

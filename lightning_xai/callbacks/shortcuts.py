@@ -25,9 +25,9 @@ Every explained validation epoch, on a fixed probe set (default 256 samples, str
 * **self-check** (``sanity_check=True``): at the first explained epoch, the parameter-randomisation
   check of each method; a method whose maps barely change is named in a warning.
 
-Under DDP each rank runs the model on its share of the probe set only; the edits (swap partners, controls, every
-random draw) are planned on the whole probe set with a generator seeded alike on every rank, so the figures are
-those of one process.
+Under DDP each rank runs the model on its share of the probe set only, for the named regions and for the
+unknown-region candidates alike; the edits (swap partners, controls, every random draw) are planned on the whole
+probe set with a generator seeded alike on every rank, so the figures are those of one process.
 
 On an alarm, ``action="warn"`` warns on rank zero (region, epoch, figures), ``"stop"`` also sets
 ``trainer.should_stop`` on every rank (like EarlyStopping), ``"log"`` only logs. The ``alarm`` scalar
@@ -48,7 +48,8 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected
 from lightning_xai.attribution import get_method, method_passes
-from lightning_xai.callbacks.base import Buckets, ProbeSetCallback, choose_stratified, collect_rows, extract_xy, split_rows
+from lightning_xai.callbacks.base import (Buckets, ProbeSetCallback, choose_stratified, collect_rows, extract_xy, gather_rows,
+                                         split_rows)
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
 from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, SUSPECTS,
@@ -500,11 +501,17 @@ class ShortcutMonitor(ProbeSetCallback):
             alarm = False
             if masks is not None:
                 rows = masks.flatten(1).any(1)  # samples where the candidate exists (a flat background may not)
-                with self.explain_context(pl_module):  # identical on every rank: the full probe set, the same generator
+                # every rank plans the edits of all these samples with the same generator and runs its share of them
+                share = split_rows(int(rows.sum()), trainer.world_size, trainer.global_rank) \
+                    if trainer.world_size > 1 and bool(rows.any()) else None
+                with self.explain_context(pl_module):
                     out = self._intervene(self.logits_fn(pl_module), x[rows.to(x.device)], masks[rows].to(x.device),
                                           None if y is None else y[rows.to(y.device)], gen,
+                                          rows=None if share is None else share[:2],
                                           donors=self._donors(donor_specs.get(name), name, x.device,
                                                               per_reference=name in (FLAT, ATYPICAL, STAMP)))
+                if share is not None:
+                    out = {k: gather_rows(trainer, out[k][: share[2]]) for k in sorted(out)}
                 res = {f"{name}/{k}": v for k, v in out.items()}
                 for key, value in region_metrics(maps[rows], masks[rows]).items():
                     res[f"{name}/{key}"] = value
