@@ -87,14 +87,19 @@ def test_stamp_donor_masks():
     truth[-3:, -3:] = True
     plain = torch.rand(30, 1, 8, 8)  # no stamps of their own: the window most probe carriers use
     assert torch.equal(stamp_donor_masks(plain, probe), truth.expand(30, 8, 8))
-    assert torch.equal(stamp_donor_masks(plain, probe, own=None, find_own=False), truth.expand(30, 8, 8))
+    assert torch.equal(stamp_donor_masks(plain, probe, own=None), truth.expand(30, 8, 8))
     own = x.clone()
     own[:, 0, -3:, -3:] = torch.rand(200, 3, 3)
     own[tagged, 0, :3, :3] = TAG  # their own tags sit top left
     masks = stamp_donor_masks(own, probe)
     assert torch.equal(masks[tagged], corner_windows((8, 8))[0].expand(int(tagged.sum()), 8, 8))
-    told_none = stamp_donor_masks(own, probe, own=None, find_own=False)  # the caller knows (cached) they carry none
+    told_none = stamp_donor_masks(own, probe, own=None)  # the caller knows (cached) they carry none
     assert torch.equal(told_none, truth.expand(200, 8, 8))
+    assert torch.equal(stamp_donor_masks(own, probe, own=find_stamps(own)), masks)  # given, as found here
+    with pytest.raises(ValueError, match="'find'"):
+        stamp_donor_masks(own, probe, own="search")
+    with pytest.raises(TypeError, match="find_stamps result"):
+        stamp_donor_masks(own, probe, own=masks)
 
 
 def test_corner_errors():

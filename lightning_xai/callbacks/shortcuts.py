@@ -493,7 +493,7 @@ class ShortcutMonitor(ProbeSetCallback):
         if self.reference_x is not None:
             donor_specs[FLAT], donor_specs[ATYPICAL], ref_stamps = self._reference_candidates()
             if stamps is not None:
-                donor_specs[STAMP] = stamp_donor_masks(self.reference_x, stamps, own=ref_stamps, find_own=False)
+                donor_specs[STAMP] = stamp_donor_masks(self.reference_x, stamps, own=ref_stamps)
             donor_specs.update({f"preset_{name}": name for name in SUSPECTS})
         fired: Dict[str, Dict[str, float]] = {}
         for name, masks in candidates.items():

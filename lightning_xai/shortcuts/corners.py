@@ -21,7 +21,7 @@ and a model trained without any shortcut is genuinely more sensitive there than 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -163,17 +163,16 @@ def find_stamps(inputs: Tensor, side: Optional[int] = None, min_copies: int = 3,
     return StampResult(masks, carriers, copies)
 
 
-def stamp_donor_masks(inputs: Tensor, stamps: StampResult, own: Optional[StampResult] = None,
-                      find_own: bool = True) -> Tensor:
+def stamp_donor_masks(inputs: Tensor, stamps: StampResult, own: Union[StampResult, None, str] = "find") -> Tensor:
     """The stamp windows of other samples ``(M, H, W)`` (the reference samples that give the swapped-in content,
     see ``donors`` of :func:`~lightning_xai.shortcuts.interventions.intervene`).
 
     Args:
         inputs: those samples ``(M, C, H, W)``.
         stamps: the probe set's :func:`find_stamps` result.
-        own: :func:`find_stamps` of ``inputs`` (computed when not given and ``find_own``; ``find_own=False`` with
-            ``own=None``: known to carry none): where they carry stamps of their own, their windows (so a training tag
-            is pasted whole); otherwise every sample gets the window most probe carriers use.
+        own: :func:`find_stamps` of ``inputs`` where the caller has it (``None``: they carry none), or ``"find"``
+            (the default) to compute it here. Where they carry stamps of their own, their windows are used (so a
+            training tag is pasted whole); otherwise every sample gets the window most probe carriers use.
 
     Example:
         >>> x = torch.rand(40, 1, 8, 8); x[:6, 0, -3:, -3:] = torch.eye(3)
@@ -181,7 +180,12 @@ def stamp_donor_masks(inputs: Tensor, stamps: StampResult, own: Optional[StampRe
         [True, True, True, True, True]
     """
     _check_inputs(inputs)
-    own = find_stamps(inputs) if own is None and find_own else own
+    if isinstance(own, str):
+        if own != "find":
+            raise ValueError(expected("own", "a find_stamps result, None (no stamps of their own) or 'find'", own))
+        own = find_stamps(inputs)
+    elif own is not None and not isinstance(own, StampResult):
+        raise TypeError(expected("own", "a find_stamps result, None (no stamps of their own) or 'find'", type(own).__name__))
     if own is not None and own.masks.shape[-2:] == stamps.masks.shape[-2:]:
         return own.masks
     windows, counts = torch.unique(stamps.masks[stamps.carriers].flatten(1), dim=0, return_counts=True)
