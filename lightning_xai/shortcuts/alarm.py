@@ -147,6 +147,7 @@ def paired_z(d: Tensor) -> Tuple[float, float]:
     figure of :func:`shortcut_alarm` is judged by.
 
     Example:
+        >>> import torch
         >>> excess, z = paired_z(0.1 + 0.5 * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(50))
         >>> round(excess, 3), round(z, 2)
         (0.1, 1.99)
@@ -210,6 +211,7 @@ def shortcut_alarm(effect: Tensor, control_effect: Tensor, min_excess: float = M
         ``gain_z``, ``log_gain_excess``, ``log_gain_z``).
 
     Example:
+        >>> import torch
         >>> effect = torch.tensor([1.0] * 30 + [0.0] * 10)
         >>> shortcut_alarm(effect, torch.zeros(40, 4)).fired
         True

@@ -42,6 +42,7 @@ def tokens_markdown(tokens: Sequence[str], scores: Tensor, top_k: int = 3, decim
     The ``top_k`` tokens with the largest ``|score|`` are bold.
 
     Example:
+        >>> import torch
         >>> tokens_markdown(["good", "zz", "film"], torch.tensor([0.1, 0.8, -0.1]), top_k=1)
         'good(+0.10) **zz**(+0.80) film(-0.10)'
     """
