@@ -1,10 +1,14 @@
 """ShortcutMonitor in a real Trainer: tags read back from TensorBoard, "stop", do-no-harm, hygiene, resume,
 unknown-region mode on a hand-built shortcut model."""
+import json
 import math
 import warnings
+from datetime import timedelta
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -106,6 +110,36 @@ def test_stop_ends_training(tmp_path):
     assert trainer.should_stop and trainer.current_epoch == 1  # stopped after the first epoch
     assert [a["epoch"] for a in monitor.alarms] == [0]
 
+
+
+class DumpStop(pl.Callback):
+    """Every rank writes where its fit ended and what the monitor acted on."""
+
+    def __init__(self, folder, monitor):
+        self.folder, self.monitor = folder, monitor
+
+    def on_fit_end(self, trainer, pl_module):
+        with open(f"{self.folder}/rank{trainer.global_rank}.json", "w", encoding="utf-8") as fh:
+            json.dump({"epoch": trainer.current_epoch, "should_stop": trainer.should_stop,
+                       "alarms": [a["epoch"] for a in self.monitor.alarms]}, fh)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_stop_ends_training_on_every_rank(tmp_path):
+    """Under DDP (2 gloo processes) "stop" ends the fit on both ranks after the same epoch (a rank left training
+    alone would wait in its next collective), and both record the alarm they acted on."""
+    train, val = loaders()
+    monitor = ShortcutMonitor(regions="top_left", probe_samples=100, action="stop", find_regions=False, on_error="raise")
+    strategy = DDPStrategy(process_group_backend="gloo", start_method="spawn", timeout=timedelta(seconds=60))  # no hang
+    trainer = tiny_trainer(tmp_path, [monitor, DumpStop(str(tmp_path), monitor)], max_epochs=5, logger=False,
+                           devices=2, strategy=strategy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(FrozenModule(Reader(True)), train, val)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {"epoch": 1, "should_stop": True, "alarms": [0]}
 
 def test_patience_waits_for_firing_runs_in_a_row(tmp_path):
     train, val = loaders()
