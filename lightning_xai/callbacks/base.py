@@ -150,6 +150,12 @@ def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
     return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes)]).to(tensor.device)
 
 
+def gather_shares(trainer: "pl.Trainer", results: Dict[str, Tensor], keep: int) -> Dict[str, Tensor]:
+    """Every rank's share of per-row results, whole on every rank: the first ``keep`` rows of each tensor of
+    ``results`` (see :func:`split_rows`) gathered rank-major. Every rank passes the same keys, in the same order."""
+    return {k: gather_rows(trainer, v[:keep]) for k, v in results.items()}
+
+
 def _cache_state_key(fget: Callable[[Any], str], slot: str) -> Callable[[Any], str]:
     def cached(self: Any) -> str:
         key = self.__dict__.get(slot)
@@ -680,7 +686,7 @@ class ProbeSetCallback(XAICallback):
             failed = torch.tensor([0.0 if results is not None else 1.0], device=trainer.strategy.root_device)
             if float(trainer.strategy.reduce(failed, reduce_op="sum").item()) > 0:
                 return
-            results = {k: gather_rows(trainer, v[:keep]) for k, v in results.items()}
+            results = gather_shares(trainer, results, keep)
         if results is None:
             return
         metrics = self.guarded(lambda: self.report(trainer, pl_module, x_all, y_all, results, epoch), "logging", epoch)

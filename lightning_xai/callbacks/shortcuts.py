@@ -48,8 +48,8 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected
 from lightning_xai.attribution import get_method, method_passes
-from lightning_xai.callbacks.base import (Buckets, ProbeSetCallback, choose_stratified, collect_rows, extract_xy, gather_rows,
-                                         split_rows)
+from lightning_xai.callbacks.base import (Buckets, ProbeSetCallback, choose_stratified, collect_rows, extract_xy,
+                                         gather_shares, split_rows)
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
 from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, SUSPECTS,
@@ -511,7 +511,7 @@ class ShortcutMonitor(ProbeSetCallback):
                                           donors=self._donors(donor_specs.get(name), name, x.device,
                                                               per_reference=name in (FLAT, ATYPICAL, STAMP)))
                 if share is not None:
-                    out = {k: gather_rows(trainer, out[k][: share[2]]) for k in sorted(out)}
+                    out = gather_shares(trainer, out, share[2])
                 res = {f"{name}/{k}": v for k, v in out.items()}
                 for key, value in region_metrics(maps[rows], masks[rows]).items():
                     res[f"{name}/{key}"] = value
