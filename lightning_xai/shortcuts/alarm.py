@@ -100,7 +100,7 @@ from torch import Tensor
 
 from lightning_xai._utils import expected
 
-MIN_EXCESS = 0.01
+MIN_EXCESS = 0.02
 MIN_Z = 3.0
 MIN_MATCH = 0.5
 MIN_GAIN = 0.01
