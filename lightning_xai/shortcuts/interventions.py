@@ -50,7 +50,7 @@ from torch import Tensor
 
 from lightning_xai._utils import check_choice, check_positive_int, chunks, expected, two_class_logits
 from lightning_xai.attribution import gaussian_blur
-from lightning_xai.shortcuts.regions import _pieces, component_shifts, scattered, shifted_copies
+from lightning_xai.shortcuts.regions import component_shifts, piece_labels, scattered, shifted_copies
 
 FILLS = ("mean", "blur", "swap")
 PLACEMENTS = ("matched", "random")
@@ -245,7 +245,7 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
                                      attempts=4 * max_candidates)  # (S, P, H, W)
             if moved is not None:
                 cands, moved = moved.any(1), moved.to(masks.device).flatten(2).to(change_map.dtype)  # (S, P, HW)
-                labels, count = _pieces(mask.cpu())[:2]  # as component_shifts numbered them
+                labels, count = piece_labels(mask)  # as component_shifts numbered them
                 own = (labels.flatten() == torch.arange(1, count + 1).view(-1, 1)).to(device=masks.device, dtype=change_map.dtype)
         rows = (inverse == u).nonzero().view(-1)
         if cands is None and placement == "matched":

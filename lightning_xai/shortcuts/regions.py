@@ -276,6 +276,20 @@ def _pieces(region: Tensor) -> Optional[Tuple[Tensor, int, list, list, list]]:
     return found
 
 
+def piece_labels(mask: Tensor) -> Tuple[Tensor, int]:
+    """:func:`connected_components` of ``mask (H, W)`` on the CPU, the numbering :func:`component_shifts` gives its
+    pieces (``by_piece=True``), cached with its other per-mask work where it has an answer.
+
+    Example:
+        >>> labels, count = piece_labels(preset_mask("corners", (8, 8)))
+        >>> count, labels[7, 7].item()
+        (4, 4)
+    """
+    region = mask.detach().cpu() != 0
+    pieces = _pieces(region)
+    return connected_components(region) if pieces is None else (pieces[0], pieces[1])
+
+
 def component_shifts(mask: Tensor, max_candidates: int = 64, generator: Optional[torch.Generator] = None,
                      by_piece: bool = False, attempts: Optional[int] = None) -> Optional[Tensor]:
     """Controls for a region of several pieces where no shifted copy of the whole fits: each piece moved on its own
