@@ -39,7 +39,9 @@ when the shortcut does not depend on its position. Measured on ``bench/shortcuts
 0-23, 4 variants, 5 epochs, both validation splits, replayed with and without): the two alarms that came after
 the validation gap (a random-corner model one epoch late: shift excess over its controls +0.034 instead of
 +0.064; a background model at its gap epoch, +0.009 instead of +0.014) came on time, with no late alarm or miss
-added. Fixed regions are unaffected (the partner's region is the region itself, which no control covers).
+added. Fixed regions are unaffected (the partner's region is the region itself, which no control covers). Where
+nothing but the partner's region changes the input as much as the region's edit (bright marks on plain images), a
+sample's controls may still cover it: controls that cannot match give no verdict at all (:func:`control_masks`).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from torch import Tensor
 
 from lightning_xai._utils import check_choice, check_positive_int, chunks, expected, two_class_logits
 from lightning_xai.attribution import gaussian_blur
+from lightning_xai.shortcuts.alarm import MIN_MATCH
 from lightning_xai.shortcuts.regions import component_shifts, piece_labels, scattered, shifted_copies
 
 FILLS = ("mean", "blur", "swap")
@@ -209,7 +212,8 @@ def change_matched_sets(mask: Tensor, change_map: Tensor, target: float, count: 
 
 def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placement: str = "matched",
                   generator: Optional[torch.Generator] = None, max_candidates: int = 64,
-                  region_change: Optional[Tensor] = None, avoid: Optional[Tensor] = None) -> Tensor:
+                  region_change: Optional[Tensor] = None, avoid: Optional[Tensor] = None,
+                  enough: float = MIN_MATCH) -> Tensor:
     r"""Control regions ``(N, K, H, W)``: equal-area placements of each sample's region elsewhere.
 
     Args:
@@ -228,8 +232,11 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
             reused.
         region_change: the region's own input change ``(N,)`` (default: ``change_map`` summed over the region).
         avoid: pixels ``(N, H, W)`` the controls of each sample stay off: candidates covering any come after all
-            others (used only when nothing else is left), change-matched sets take them last. :func:`intervene` passes
-            the swap partner's own region (see the module docstring).
+            others, and change-matched sets take them last. With ``"matched"``, a sample none of whose other
+            candidates changes the input at least ``enough`` times as much as its region's edit keeps them all in the
+            ranking: its controls could not match otherwise, and the alarm gives no verdict on unmatched controls
+            (``enough`` defaults to the alarm's :data:`~lightning_xai.shortcuts.alarm.MIN_MATCH`). :func:`intervene`
+            passes the swap partner's own region (see the module docstring).
     """
     check_choice("placement", placement, PLACEMENTS)
     n, h, w = masks.shape
@@ -273,8 +280,11 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
             score = score + noise * 1e-6 * (score.max(1, keepdim=True).values + 1e-12)  # random tie breaks
         else:
             score = noise
-        if avoid is not None:  # candidates that cover avoided pixels come last: used only when nothing else is left
+        if avoid is not None:  # candidates covering avoided pixels come last, unless no other changes the input enough
             hit = (avoid[rows].flatten(1).to(cf.dtype) @ cf.T) > 0  # (R, S)
+            if placement == "matched":
+                fits = (cm @ cf.T) >= enough * target.view(-1, 1)  # (R, S)
+                hit = hit & (fits & ~hit).any(1, keepdim=True)
             score = score + hit.to(score.dtype) * (score.max() + 1)
         order = score.argsort(1)
         pick = order[:, torch.arange(num_controls, device=order.device) % order.shape[1]]  # (R, K)
