@@ -169,6 +169,8 @@ def test_an_avoided_candidate_is_used_when_only_it_changes_the_input_enough():
     change[0, 3:6, :3] = 0.6  # a square on the left edge reaches 0.6 of it (>= MIN_MATCH): the avoided corner comes last
     ctl = control_masks(mask, change, 2, generator=torch.Generator().manual_seed(0), avoid=avoid)
     assert not bool((ctl & avoid.unsqueeze(1)).any())
+    with pytest.raises(ValueError, match=r"`avoid` to be None or a boolean tensor of shape \(1, 8, 8\)"):
+        control_masks(mask, change, 2, avoid=avoid[0])
 
 
 class CornerReader(nn.Module):

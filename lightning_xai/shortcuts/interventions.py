@@ -40,9 +40,10 @@ when the shortcut does not depend on its position. Measured on ``bench/shortcuts
 the validation gap (a random-corner model one epoch late: shift excess over its controls +0.034 instead of
 +0.064; a background model at its gap epoch, log-probability gain z -1.4 instead of 4.5) came on time, with no
 late alarm or miss added (the excess threshold rose to 0.02 for a clean model the cleaner controls let through,
-see :mod:`~lightning_xai.shortcuts.alarm`). Fixed regions are unaffected (the partner's region is the region itself, which no control covers). Where
-nothing but the partner's region changes the input as much as the region's edit (bright marks on plain images), a
-sample's controls may still cover it: controls that cannot match give no verdict at all (:func:`control_masks`).
+see :mod:`~lightning_xai.shortcuts.alarm`). Fixed regions are unaffected (the partner's region is the region
+itself, which no control covers). Where nothing but the partner's region changes the input as much as the region's
+edit (bright marks on plain images), a sample's controls may still cover it: controls that cannot match give no
+verdict at all (:func:`control_masks`).
 """
 from __future__ import annotations
 
@@ -241,6 +242,8 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
     """
     check_choice("placement", placement, PLACEMENTS)
     n, h, w = masks.shape
+    if avoid is not None and (avoid.shape != masks.shape or avoid.dtype != torch.bool):
+        raise ValueError(expected("avoid", f"None or a boolean tensor of shape ({n}, {h}, {w})", avoid))
     out = torch.zeros(n, num_controls, h, w, dtype=torch.bool, device=masks.device)
     unique, inverse = torch.unique(masks.flatten(1), dim=0, return_inverse=True)
     for u in range(unique.shape[0]):
