@@ -85,7 +85,7 @@ of clean models of seeds 0-23, the largest excess at z >= 3 that the gain does n
 model after one epoch, z 3.3, gain z -0.9); every threshold from 0.015 to 0.035 gave the same alarms on those seeds
 (no false alarm, every shortcut found, every known-region alarm by the validation gap), 0.01 fired on that model
 and 0.04 made three alarms an epoch late. Seeds 24-29, run after the choice: the same, the closest clean check
-+0.016 at z 4.0. By the last epoch the learned shortcuts other than the watermark reached excess 0.11-0.90 at z
++0.016 at z 4.0. By the last epoch (seeds 0-29) the learned shortcuts other than the watermark reached excess 0.11-0.90 at z
 4.9-130 (the watermarks, found by the gain: -0.02-0.26). ``MIN_MATCH`` = 0.5 is what removed the unknown-region
 false alarms of flat-background candidates on noisy clean digits (their best controls reached 0.29-0.31 of the
 region's input change); every known-region check of the benchmark has a match of at least 0.70 (the random corner,
