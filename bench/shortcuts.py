@@ -89,7 +89,8 @@ def check(model, x, y, masks, args, donors=None, gain_fires=True):
     """One intervention check; ``donors`` ``(inputs, masks, labels)``: the reference (training) samples that give the
     swapped-in content, as ShortcutMonitor's ``reference_samples`` (None: swap within the probe set, shift alone)."""
     out = intervene(model, x, masks, y, fill=args.fill, num_controls=args.controls,
-                    generator=torch.Generator().manual_seed(0), donors=donors, donor_draws=getattr(args, "donor_draws", 1))
+                    generator=torch.Generator().manual_seed(0), donors=donors, donor_draws=getattr(args, "donor_draws", 1),
+                    min_match=args.min_match)
     return shortcut_alarm(out["shift"], out["control_shift"], args.min_excess, args.min_z, out["change"], out["control_change"],
                           args.min_match, out.get("gain"), out.get("control_gain"), gain_fires=gain_fires,
                           log_gain=out.get("log_gain"), control_log_gain=out.get("control_log_gain"))

@@ -154,6 +154,13 @@ def test_controls_stay_off_the_donors_mark_unless_nothing_else_matches():
                     donors=(donors[0], donors[2], donors[1]))
     decision = shortcut_alarm(out["shift"], out["control_shift"], change=out["change"], control_change=out["control_change"])
     assert decision.match >= 0.5 and decision.fired
+    strict = intervene(CornerReader(True), x, truth, y, generator=torch.Generator().manual_seed(0),
+                       donors=(donors[0], donors[2], donors[1]), min_match=0.0)  # any other candidate is enough
+    decision = shortcut_alarm(strict["shift"], strict["control_shift"], change=strict["change"],
+                              control_change=strict["control_change"])
+    assert decision.match < 0.5 and not decision.fired  # no verdict
+    with pytest.raises(ValueError, match="min_match"):
+        intervene(CornerReader(True), x, truth, y, min_match=-1.0)
 
 
 def test_an_avoided_candidate_is_used_when_only_it_changes_the_input_enough():

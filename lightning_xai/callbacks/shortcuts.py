@@ -348,7 +348,7 @@ class ShortcutMonitor(ProbeSetCallback):
                    donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Dict[str, Tensor]:
         return intervene(forward, x, masks.to(x.device), y, fill=self.fill, num_controls=self.num_controls,
                          placement=self.placement, generator=generator, rows=rows, donors=donors,
-                         donor_draws=self.donor_draws)
+                         donor_draws=self.donor_draws, min_match=self.min_match)
 
     def _whole_set(self, x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Optional[Tuple[int, int]]]:
         """The whole probe set and this rank's rows in it when ``x`` is this rank's share of it (the interventions

@@ -323,6 +323,7 @@ def intervene(
     rows: Optional[Tuple[int, int]] = None,
     donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
     donor_draws: int = 1,
+    min_match: float = MIN_MATCH,
 ) -> Dict[str, Tensor]:
     """Replace the region (and its controls) in every sample and record what the model does.
 
@@ -335,6 +336,9 @@ def intervene(
         x: images ``(N, C, H, W)``; masks: the region ``(N, H, W)`` bool; y: labels ``(N,)`` or None.
         fill, reference, sigma: see :func:`fill_source`. num_controls, placement, max_candidates: see
             :func:`control_masks`. generator: private randomness (tie breaks, placements).
+        min_match: the match the alarm will ask of the controls (:func:`~lightning_xai.shortcuts.alarm.shortcut_alarm`):
+            a sample whose controls could not reach it off the swap partner's region may use that region
+            (``enough`` of :func:`control_masks`).
         rows: ``(start, stop)``: plan the edits on all of ``x`` (partners, controls and every random draw as without
             ``rows``) but run the model on rows ``start:stop`` only, one process' share of a probe set.
         donors: ``(inputs (D, C, H, W), masks (D, H, W), labels (D,))``, swap only: the region content comes from these
@@ -378,10 +382,13 @@ def intervene(
         raise ValueError(expected("masks", f"a boolean tensor of shape ({n}, {h}, {w})", masks))
     start, stop = _intervene_validate_rows(rows, n)
     check_positive_int("donor_draws", donor_draws)
+    if isinstance(min_match, bool) or not (isinstance(min_match, (int, float)) and min_match >= 0):
+        raise ValueError(expected("min_match", "a float >= 0", min_match))
     x = x.detach()
     base = _predict(forward, x[start:stop], batch_size)  # the intact inputs, once for every draw
     plan = dict(fill=fill, num_controls=num_controls, placement=placement, generator=generator, reference=reference,
-                sigma=sigma, batch_size=batch_size, max_candidates=max_candidates, groups=groups, rows=(start, stop))
+                sigma=sigma, batch_size=batch_size, max_candidates=max_candidates, groups=groups, rows=(start, stop),
+                enough=min_match)
     if donors is None:
         return _edit(forward, x, masks, y, base, **plan)
     donor_y = _intervene_validate_donors(donors, x, fill)
@@ -397,7 +404,7 @@ def intervene(
 
 def _edit(forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Optional[Tensor], base_logits: Tensor, *,
           fill: str, num_controls: int, placement: str, generator: Optional[torch.Generator], reference: Optional[Tensor],
-          sigma: Optional[float], batch_size: Optional[int], max_candidates: int, groups: Optional[Tensor],
+          sigma: Optional[float], batch_size: Optional[int], max_candidates: int, groups: Optional[Tensor], enough: float,
           rows: Tuple[int, int], donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Dict[str, Tensor]:
     """One edit of every sample (region and controls) for :func:`intervene`, its arguments checked there;
     ``base_logits``: the logits of the intact rows ``rows``; ``donors``: one group's, labels long."""
@@ -422,7 +429,7 @@ def _edit(forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Opti
     # the suspect content itself: controls stay off it
     avoid = every_masks[partners + n] if donors is not None else masks[partners] if fill == "swap" else None
     controls = control_masks(masks, change_map, num_controls, placement, generator, max_candidates,
-                             region_change, avoid)  # (N, K, H, W)
+                             region_change, avoid, enough)  # (N, K, H, W)
     if (start, stop) != (0, n):  # the plan above is the whole set's; the model runs on this share only
         x, source, change_map, region_edit = x[start:stop], source[start:stop], change_map[start:stop], region_edit[start:stop]
         region_change, controls = region_change[start:stop], controls[start:stop]
