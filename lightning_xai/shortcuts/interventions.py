@@ -273,8 +273,9 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
         if placement == "matched":
             cm = change_map[rows].flatten(1)  # (R, HW)
             target = ((cm * masks[rows].flatten(1)).sum(1) if region_change is None else region_change[rows].to(cm))  # (R,)
+            cand_change = cm @ cf.T  # (R, S) the input change of each candidate's fill
             if moved is None:
-                score = (cm @ cf.T - target.view(-1, 1)).abs()  # (R, S)
+                score = (cand_change - target.view(-1, 1)).abs()  # (R, S)
             else:  # per piece: the change each moved piece makes against its own piece's share of the target
                 share = cm @ own.T  # (R, P)
                 total = share.sum(1, keepdim=True)
@@ -287,7 +288,7 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
         if avoid is not None:  # candidates covering avoided pixels come last, unless no other changes the input enough
             hit = (avoid[rows].flatten(1).to(cf.dtype) @ cf.T) > 0  # (R, S)
             if placement == "matched":
-                fits = (cm @ cf.T) >= enough * target.view(-1, 1)  # (R, S)
+                fits = cand_change >= enough * target.view(-1, 1)  # (R, S)
                 hit = hit & (fits & ~hit).any(1, keepdim=True)
             score = score + hit.to(score.dtype) * (score.max() + 1)
         order = score.argsort(1)
