@@ -16,14 +16,11 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor
 
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 
-try:  # W&B is an optional extra
-    from pytorch_lightning.loggers import WandbLogger
-except ImportError:  # pragma: no cover
-    WandbLogger = None  # type: ignore[assignment,misc]
+from lightning_xai._lightning import is_a
+
+Logger = Any  # a logger of either Lightning package
 
 _warned: set = set()
 _warned_by: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
@@ -52,11 +49,11 @@ def logging_step(trainer: Any) -> int:
 
 
 def _is_tensorboard(logger: Logger) -> bool:
-    return isinstance(logger, TensorBoardLogger)
+    return is_a(logger, "TensorBoardLogger")
 
 
 def _is_wandb(logger: Logger) -> bool:
-    return WandbLogger is not None and isinstance(logger, WandbLogger)
+    return is_a(logger, "WandbLogger")
 
 
 def image_loggers(trainer: Any) -> List[Logger]:

@@ -8,9 +8,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 # The suite runs with `pytest -n 2` on 2 cores: one torch thread per worker avoids oversubscription,
 # which makes the tiny models here 10x slower.
 torch.set_num_threads(1)
-# The suite's models train in milliseconds, so the default overhead budget (10 % of the training time) would skip
-# most epochs; every test explains every scheduled epoch unless it sets a budget itself (tests/test_budget.py).
-os.environ["LIGHTNING_XAI_MAX_OVERHEAD"] = "none"
 
 
 @pytest.fixture(autouse=True)

@@ -167,6 +167,11 @@ def read_events(log_dir: str):
     return acc
 
 
+def is_timing(tag: str) -> bool:
+    """A run's wall time (``<prefix>/<area>/seconds``): logged at the same steps as the figures, never equal twice."""
+    return tag.endswith("/seconds")
+
+
 def trained_weights(module: nn.Module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

@@ -97,9 +97,9 @@ def _binary_shortcut_loaders():
 def test_callbacks_explain_a_bce_model_and_catch_its_shortcut(tmp_path):
     pl.seed_everything(0)
     train, val = _binary_shortcut_loaders()
-    shortcut = lx.ShortcutMonitor(regions={"mark": (0, 0, 2, 2)}, action="log", probe_samples=64, max_overhead=None,
+    shortcut = lx.ShortcutMonitor(regions={"mark": (0, 0, 2, 2)}, action="log", probe_samples=64,
                                   sanity_check=False)
-    attribution = lx.AttributionMonitor(methods=["saliency"], target="label", probe_samples=8, max_overhead=None)
+    attribution = lx.AttributionMonitor(methods=["saliency"], target="label", probe_samples=8)
     trainer = tiny_trainer(tmp_path, callbacks=[shortcut, attribution], max_epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

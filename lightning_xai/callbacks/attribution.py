@@ -11,13 +11,12 @@ Integrated Gradients the median relative completeness gap.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import eager_compiled, expected
@@ -25,6 +24,9 @@ from lightning_xai.attribution import PinnedOptions, get_method, is_signed, meth
 from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import attribution_grid
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 
@@ -56,7 +58,7 @@ class AttributionMonitor(ProbeSetCallback):
         outlier_perc: percentile of the largest ``|values|`` clipped in each heatmap.
         top_fraction: fraction of pixels for the concentration figure (default 5 %).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
@@ -66,7 +68,7 @@ class AttributionMonitor(ProbeSetCallback):
 
     Example::
 
-        >>> from pytorch_lightning import Trainer
+        >>> from lightning.pytorch import Trainer  # or: from pytorch_lightning import Trainer
         >>> monitor = AttributionMonitor(methods=("saliency", ("integrated_gradients", {"steps": 16})))
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=1, logger=False)  # doctest: +SKIP
     """

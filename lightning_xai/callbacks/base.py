@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_xai._lightning import CALLBACK_BASES, FITTING, TESTING, MisconfigurationException, is_a
 from lightning_xai._utils import (check_choice, check_positive_int, eager_compiled, expected, gradient_context, is_compiled,
                                   preserve_modes, select_output, two_class_logits)
-from lightning_xai.callbacks import budget
+from lightning_xai.callbacks import cost
 from lightning_xai.logging import log_scalars, logging_step, warn_once
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 BatchToXY = Callable[[Any], Tuple[Tensor, Optional[Tensor]]]
 _X_KEYS = ("x", "input", "inputs", "image", "images", "data", "input_ids")
@@ -221,17 +218,18 @@ def choose_stratified(trainer: "pl.Trainer", buckets: Buckets, n: int) -> Tuple[
     return (None, None) if x.numel() == 0 else (x, y)
 
 
-class XAICallback(Callback):
+class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning packages' Callback
     """Base class of all lightning_xai monitors (see the module docstring).
 
+    The cadence is deterministic: a validation epoch is explained when its index among the fit's validation
+    epochs (``current_epoch // check_val_every_n_epoch``) is a multiple of ``every_n_epochs``, and at the end of
+    ``fit`` if the last validated epoch was not; the same epochs on any machine and after a resume. Nothing is
+    skipped to save time: each run logs its cost as ``<prefix>/<area>/seconds`` and the end of ``fit`` prints a
+    table of every callback's runs and share of the fit's wall time (:mod:`lightning_xai.callbacks.cost`).
+
     Args:
-        every_n_epochs: explain every n-th validation epoch (epoch 0 included).
+        every_n_epochs: explain every n-th validation epoch (the first one included).
         run_on_fit_end: also explain the last validated epoch at the end of ``fit`` if the cadence skipped it.
-        max_overhead: the time budget shared by all lightning_xai callbacks of the Trainer during ``fit``:
-            a scheduled epoch is skipped when explaining it would bring the time spent explaining above
-            ``max_overhead`` times the training time so far (default ``0.1``, or the environment variable
-            ``LIGHTNING_XAI_MAX_OVERHEAD``); ``None`` explains every scheduled epoch whatever it costs.
-            See :mod:`lightning_xai.callbacks.budget`.
         on_error: ``"warn"`` (default) warns once with the exception and skips that epoch's explanation,
             never losing the training run; ``"raise"`` re-raises.
         prefix: root of every tag this callback logs (``<prefix>/<area>/...``).
@@ -239,7 +237,7 @@ class XAICallback(Callback):
         forward: ``forward(pl_module, inputs) -> logits`` for anything else; overrides ``output_key``.
     """
 
-    supported_strategies = (SingleDeviceStrategy, DDPStrategy)
+    supported_strategies = ("SingleDeviceStrategy", "DDPStrategy")  # class names, in either Lightning package
     area = "xai"  # tag area below the prefix, e.g. "attribution"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -259,15 +257,9 @@ class XAICallback(Callback):
         prefix: str = "xai",
         output_key: Union[None, int, str] = None,
         forward: Optional[Callable[[Any, Tensor], Tensor]] = None,
-        max_overhead: Union[None, float, str] = "default",
     ) -> None:
         super().__init__()
         check_positive_int("every_n_epochs", every_n_epochs)
-        try:
-            max_overhead = budget.default_max_overhead() if max_overhead == "default" else \
-                budget.check_max_overhead(max_overhead)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from err
         check_choice("on_error", on_error, ("warn", "raise"))
         if not isinstance(prefix, str) or not prefix.strip("/"):
             raise MisconfigurationException(expected("prefix", "a non-empty str", prefix))
@@ -279,12 +271,11 @@ class XAICallback(Callback):
         self.prefix = prefix.strip("/")
         self.output_key = output_key
         self.forward = forward
-        self.max_overhead: Optional[float] = max_overhead
         self.last_explained_epoch: int = -2  # -1 is used for "before training"
         self.errors: int = 0
         self._last_validated_epoch: Optional[int] = None
         self._last_attempted_epoch: Optional[int] = None
-        self._counts_rows = True
+        self._run_start: Optional[float] = None  # perf_counter() at the start of the current run's timed work
 
     # ------------------------------------------------------------------ naming and state
     def tag(self, *parts: Any) -> str:
@@ -309,7 +300,7 @@ class XAICallback(Callback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         strategy = trainer.strategy
-        if type(strategy).__name__.startswith("DeepSpeed") or not isinstance(strategy, self.supported_strategies):
+        if type(strategy).__name__.startswith("DeepSpeed") or not is_a(strategy, *self.supported_strategies):
             raise MisconfigurationException(
                 expected(f"{type(self).__name__}'s strategy",
                          "a single-device strategy or DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'); sharded "
@@ -320,22 +311,22 @@ class XAICallback(Callback):
                 expected(f"{type(self).__name__}'s torch version", "torch >= 2.6 (torch.compiler.set_stance) for a "
                          "torch.compile'd model; or pass the uncompiled module", torch.__version__))
         if stage == "fit":
-            book = budget.ledger(trainer, new_fit=True)
-            book.names[id(self)] = type(self).__name__
-            self._counts_rows = True
+            cost.book(trainer, new_fit=True).register(id(self), self.cost_name())
+
+    def cost_name(self) -> str:
+        """This callback's row in the end-of-fit cost table: its class, and its prefix when not the default."""
+        name = type(self).__name__
+        return name if self.prefix == "xai" else f"{name} ({self.prefix})"
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        book = budget.ledger(trainer)
+        book = cost.book(trainer)
         if not book.finished:  # the first callback torn down reports for all of them
             book.finished = True
-            summary = book.summary()
-            if summary:
-                rank_zero_warn(f"lightning_xai kept its explanations within the overhead budget: {summary}. Pass "
-                               "max_overhead=None (or set LIGHTNING_XAI_MAX_OVERHEAD=none) to explain every scheduled "
-                               "epoch, or a larger max_overhead.", category=UserWarning)
+            if trainer.is_global_zero and book.names:
+                cost.print_table(book)
 
     # ------------------------------------------------------------------ model access
     def logits_fn(self, pl_module: "pl.LightningModule") -> Callable[[Tensor], Tensor]:
@@ -362,64 +353,43 @@ class XAICallback(Callback):
         return not trainer.sanity_checking and not trainer.fast_dev_run
 
     def due(self, trainer: "pl.Trainer") -> bool:
-        """Whether this validation epoch should be explained: the cadence says so and the budget allows it."""
-        if trainer.state.fn != TrainerFn.FITTING:
+        """Whether this validation epoch is on the cadence (always, under ``validate()``/``test()``)."""
+        if trainer.state.fn != FITTING:
             return True
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
-        return (epoch % self.every_n_epochs == 0 or (self.run_on_fit_end and last)) and self.affordable(trainer)
+        return self.scheduled(trainer, epoch) or (self.run_on_fit_end and last)
 
-    def affordable(self, trainer: "pl.Trainer", epoch: Optional[int] = None) -> bool:
-        """The overhead budget's verdict for explaining ``epoch`` (default: the current one) now; rank zero
-        decides for every rank."""
-        if self.max_overhead is None or trainer.state.fn != TrainerFn.FITTING:
-            return True
-        book = budget.ledger(trainer)
-        epoch = trainer.current_epoch if epoch is None else epoch
-        if id(self) not in book.cost:
-            work = self.estimated_work(trainer)
-            if work is not None:
-                book.work[id(self)] = work / max(trainer.world_size, 1)  # the ranks share a run
-        allowed = book.allows(id(self), self.max_overhead * budget.HEADROOM, epoch)
-        if trainer.world_size > 1:
-            allowed = bool(trainer.strategy.broadcast(allowed, src=0))
-        skipped = book.skipped.setdefault(id(self), [])
-        if not allowed and epoch not in skipped:
-            skipped.append(epoch)
-        return allowed
+    def scheduled(self, trainer: "pl.Trainer", epoch: int) -> bool:
+        """Whether ``epoch`` is on the cadence: its index among the fit's validation epochs is a multiple of
+        ``every_n_epochs`` (a function of the epoch number alone, so a resumed run explains the same epochs)."""
+        every_val = trainer.check_val_every_n_epoch or 1  # None: validation by steps, in every epoch
+        return (epoch // every_val) % self.every_n_epochs == 0
 
     def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
         """The model passes one run takes (over all ranks), in sample forward+backward equivalents (a forward
-        alone counts 1/3); the budget uses it to price a callback's first run. ``None`` (the default): not known."""
+        alone counts 1/3), for the benchmarks' floors. ``None`` (the default): not known."""
         return None
-
-    @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if not self._counts_rows or self.max_overhead is None or trainer.state.fn != TrainerFn.FITTING:
-            return
-        book = budget.ledger(trainer)
-        if book.rows is None or book.counter not in (None, id(self)):
-            self._counts_rows = False  # another callback counts (or nobody can): nothing to do per batch
-            return
-        try:  # the training samples per second price a callback's first run
-            rows: Optional[int] = int(extract_xy(batch, getattr(self, "batch_to_xy", None))[0].shape[0])
-        except Exception:  # noqa: BLE001 - a batch format we cannot read: first runs are priced otherwise
-            rows = None
-        book.count_rows(id(self), rows)
 
     @contextlib.contextmanager
     def timed(self, trainer: "pl.Trainer", epoch: Optional[int] = None, run: bool = True) -> Iterator[None]:
-        """Charge the enclosed work to the overhead budget (``epoch`` given: a new run starts; ``run=False``:
-        a one-off cost outside any run)."""
-        book = budget.ledger(trainer)
+        """Add the enclosed work's wall time to this callback's cost (``epoch`` given: a new run starts;
+        ``run=False``: a one-off cost outside any run, e.g. copying the model at fit start)."""
+        book = cost.book(trainer)
         if epoch is not None:
-            book.begin(id(self), epoch)
-        start = time.perf_counter()
+            book.begin(id(self))
+        self._run_start = start = time.perf_counter()
         try:
             yield
         finally:
+            self._run_start = None
             book.charge(id(self), time.perf_counter() - start, run=run)
+
+    def run_seconds(self, trainer: "pl.Trainer") -> float:
+        """Seconds the current run has taken so far (what ``<prefix>/<area>/seconds`` reports)."""
+        book = cost.book(trainer)
+        ongoing = 0.0 if self._run_start is None else time.perf_counter() - self._run_start
+        return book.current.get(id(self), 0.0) + ongoing
 
     def guarded(self, fn: Callable[[], Any], what: str, epoch: int) -> Any:
         """Run ``fn`` under the ``on_error`` policy; returns None when it failed and was skipped."""
@@ -440,12 +410,15 @@ class XAICallback(Callback):
 
     # ------------------------------------------------------------------ logging helpers
     def log_metrics(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", metrics: Mapping[str, Any],
-                    via_module: bool = True) -> None:
-        """Scalars through ``pl_module.log`` (monitorable) or, where that is not allowed, to every logger."""
+                    via_module: bool = True, seconds: bool = False) -> None:
+        """Scalars through ``pl_module.log`` (monitorable) or, where that is not allowed, to every logger;
+        ``seconds=True`` (a run's last call) adds the run's cost so far as ``<prefix>/<area>/seconds``."""
         metrics = {k: float(v) for k, v in metrics.items()}
+        if seconds:
+            metrics[self.tag("seconds")] = self.run_seconds(trainer)
         if not metrics:
             return
-        if via_module and trainer.state.fn == TrainerFn.FITTING:
+        if via_module and trainer.state.fn == FITTING:
             # During fit, one call per logger instead of a `pl_module.log` per scalar (about 0.7 ms each); the
             # values go into `trainer.callback_metrics` on every rank, where EarlyStopping/ModelCheckpoint read them.
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
@@ -492,8 +465,7 @@ class XAICallback(Callback):
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
-                and self._last_validated_epoch != self._last_attempted_epoch
-                and self.affordable(trainer, self._last_validated_epoch)):
+                and self._last_validated_epoch != self._last_attempted_epoch):
             with self.timed(trainer, self._last_validated_epoch):
                 self.explain(trainer, pl_module, via_module=False)
 
@@ -507,7 +479,7 @@ class ProbeSetCallback(XAICallback):
             into the validation dataset.
         probe_samples: how many samples to choose when ``probe`` is None.
         batch_to_xy: ``batch -> (inputs, labels)`` for batch formats :func:`extract_xy` does not know.
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see :class:`XAICallback`.
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see :class:`XAICallback`.
     """
 
     def __init__(
@@ -609,8 +581,8 @@ class ProbeSetCallback(XAICallback):
 
     @override
     def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.active(trainer) and not self.has_probe and trainer.state.fn == TrainerFn.FITTING:
-            # fixed after the first validation epoch even when the budget skips it: no more collecting per batch,
+        if self.active(trainer) and not self.has_probe and trainer.state.fn == FITTING:
+            # fixed after the first validation epoch even when the cadence skips it: no more collecting per batch,
             # and a class with fewer validation samples than `probe_samples` is not collected twice
             self.finalize_probe(trainer)
         super()._on_eval_epoch_end(trainer, pl_module)
@@ -642,7 +614,7 @@ class ProbeSetCallback(XAICallback):
         return True
 
     def _load_indices(self, trainer: "pl.Trainer") -> None:
-        loader = first_loader(trainer.val_dataloaders if trainer.state.fn != TrainerFn.TESTING else trainer.test_dataloaders)
+        loader = first_loader(trainer.val_dataloaders if trainer.state.fn != TESTING else trainer.test_dataloaders)
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             raise MisconfigurationException("`probe` was given as dataset indices, but no validation dataset was found.")
@@ -690,6 +662,6 @@ class ProbeSetCallback(XAICallback):
         if results is None:
             return
         metrics = self.guarded(lambda: self.report(trainer, pl_module, x_all, y_all, results, epoch), "logging", epoch)
-        if metrics:
-            self.log_metrics(trainer, pl_module, metrics, via_module=via_module)
+        if metrics is not None:
+            self.log_metrics(trainer, pl_module, metrics, via_module=via_module, seconds=True)
         self.last_explained_epoch = epoch

@@ -11,13 +11,12 @@ The maths lives in :mod:`lightning_xai.featvis`; this file only composes and log
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import check_positive_int, expected, resolve_layer
@@ -25,6 +24,9 @@ from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy
 from lightning_xai.featvis import OUTPUT, Objective, make_param, objectives_from_spec, render
 from lightning_xai.logging import log_image, warn_once
 from lightning_xai.render import image_grid
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 class FeatureVisMonitor(XAICallback):
@@ -56,7 +58,7 @@ class FeatureVisMonitor(XAICallback):
         min_side: cells are upscaled (nearest) so their short side is at least this many pixels.
         num_threads: CPU intra-op threads while rendering (restored after); ``1`` is much faster for
             small models on a busy CPU. ``None`` leaves the setting alone.
-        run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
+        run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
@@ -70,7 +72,7 @@ class FeatureVisMonitor(XAICallback):
 
     Example::
 
-        >>> from pytorch_lightning import Trainer
+        >>> from lightning.pytorch import Trainer  # or: from pytorch_lightning import Trainer
         >>> monitor = FeatureVisMonitor(targets=[("logits", range(10))], every_n_epochs=5)
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=20)  # doctest: +SKIP
     """
@@ -272,8 +274,8 @@ class FeatureVisMonitor(XAICallback):
         if results is None:
             return
         metrics = self.guarded(lambda: self._report(trainer, results), "logging", epoch)
-        if metrics:
-            self.log_metrics(trainer, pl_module, metrics, via_module=via_module)
+        if metrics is not None:
+            self.log_metrics(trainer, pl_module, metrics, via_module=via_module, seconds=True)
         self.last_explained_epoch = epoch
 
 

@@ -16,18 +16,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException
 from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, eager_compiled, expected, is_compiled, preserve_modes
-from lightning_xai.callbacks import budget
+from lightning_xai.callbacks import cost
 from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy, first_loader, gather_rows
 from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
 from lightning_xai.probes import ActivationCapture, Reducer, input_reducer
@@ -40,6 +39,9 @@ INPUT = "input"
 UNTRAINED = "untrained/"
 METRICS = ("accuracy", "selectivity", "control_accuracy")
 INPUT_MAX_DIM = 256  # raw inputs wider than this are average-pooled (images) or projected for the input baseline
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 class LinearProbeMonitor(XAICallback):
@@ -68,7 +70,7 @@ class LinearProbeMonitor(XAICallback):
             training rows reaches this.
         max_dim: widest feature kept without projection by ``"auto"``.
         seed: seed of random projections and of the control-label permutation (private generators).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback` (``forward(pl_module, x)`` is also how the
             untrained copy is run).
 
@@ -80,7 +82,7 @@ class LinearProbeMonitor(XAICallback):
 
     Example::
 
-        >>> from pytorch_lightning import Trainer
+        >>> from lightning.pytorch import Trainer  # or: from pytorch_lightning import Trainer
         >>> monitor = LinearProbeMonitor(layers=["net.0.*"])
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=3)  # doctest: +SKIP
     """
@@ -245,7 +247,7 @@ class LinearProbeMonitor(XAICallback):
     def _start(self, trainer: "pl.Trainer") -> None:
         if self._capture is None or not self.active(trainer) or not self.due(trainer):
             return
-        budget.ledger(trainer).begin(id(self), trainer.current_epoch)  # a new run for the overhead budget
+        cost.book(trainer).begin(id(self))  # a new run: its cost is counted afresh
         self._probes = {}
         self._seen = 0
         if is_compiled(trainer.lightning_module):
@@ -271,7 +273,7 @@ class LinearProbeMonitor(XAICallback):
             self._capture.clear()
             return
         with self.timed(trainer):
-            budget.ledger(trainer).charge(id(self), self._capture.take_seconds())  # the hooks in validation_step
+            cost.book(trainer).charge(id(self), self._capture.take_seconds())  # the hooks in validation_step
             ok = self.guarded(lambda: self._collect(trainer, pl_module, batch) or True, "capturing activations",
                               trainer.current_epoch)
         if not ok:  # give up on this epoch's probes, keep training
@@ -347,8 +349,8 @@ class LinearProbeMonitor(XAICallback):
         if not results:
             return
         metrics = self.guarded(lambda: self._report(trainer, results, epoch), "logging probes", epoch)
-        if metrics:
-            self.log_metrics(trainer, pl_module, metrics)
+        if metrics is not None:
+            self.log_metrics(trainer, pl_module, metrics, seconds=True)
         self.last_explained_epoch = epoch
 
     def _sum(self, trainer: "pl.Trainer", tensor: Tensor) -> Tensor:

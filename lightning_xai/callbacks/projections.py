@@ -11,13 +11,12 @@ The maths lives in :mod:`lightning_xai.projections`; this file only composes and
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import check_positive_int, expected, resolve_layer_patterns
@@ -26,6 +25,9 @@ from lightning_xai.logging import log_image, tensorboard_writers, warn_once
 from lightning_xai.probes import make_reducer
 from lightning_xai.projections import SEPARATION_METHODS, capture_activations, class_separation, pca
 from lightning_xai.projections.plot import scatter_image
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 class ProjectionMonitor(ProbeSetCallback):
@@ -47,7 +49,7 @@ class ProjectionMonitor(ProbeSetCallback):
         thumbnail_size: short side, in pixels, of each sprite.
         class_names: names for the class indices in the scatter legend and the projector metadata.
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
@@ -61,7 +63,7 @@ class ProjectionMonitor(ProbeSetCallback):
 
     Example::
 
-        >>> from pytorch_lightning import Trainer
+        >>> from lightning.pytorch import Trainer  # or: from pytorch_lightning import Trainer
         >>> monitor = ProjectionMonitor(layers=["net.1.3"], probe_samples=64)
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=3)  # doctest: +SKIP
     """

@@ -16,14 +16,13 @@ otherwise; the labels and values are in a markdown table logged beside each imag
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected
@@ -47,6 +46,9 @@ from lightning_xai.samples.representer import SUSPECT_MODES
 _GREEN = (0.1, 0.7, 0.2)
 _RED = (0.85, 0.1, 0.1)
 _GREY = (0.6, 0.6, 0.6)
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 def _framed(images: Tensor, colours: Sequence[Tuple[float, float, float]], width: int = 3) -> Tensor:
@@ -101,7 +103,7 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         denormalize: maps normalised inputs back to display values.
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
         every_n_epochs: cadence (default 5: each run is a pass over up to ``max_train_samples`` samples).
-        run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see :class:`~lightning_xai.callbacks.base.XAICallback`.
+        run_on_fit_end, on_error, prefix, output_key, forward: see :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
         images ``xai/samples/neighbours``, ``xai/samples/representers``, ``xai/samples/suspects``,
@@ -117,7 +119,7 @@ class SampleInfluenceMonitor(ProbeSetCallback):
 
     Example::
 
-        >>> from pytorch_lightning import Trainer
+        >>> from lightning.pytorch import Trainer  # or: from pytorch_lightning import Trainer
         >>> monitor = SampleInfluenceMonitor(k=8, max_train_samples=2000, every_n_epochs=5)
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=10)  # doctest: +SKIP
     """

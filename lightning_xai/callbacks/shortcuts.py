@@ -36,14 +36,13 @@ of each region is logged every time, through ``pl_module.log``, so EarlyStopping
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.rank_zero import rank_zero_warn
+from lightning_xai._lightning import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected
@@ -66,6 +65,9 @@ STAMP = "stamp"
 CANDIDATES = (HOTSPOT, FLAT, ATYPICAL, STAMP) + tuple(f"preset_{name}" for name in SUSPECTS)  # region names of unknown-region mode
 INTERVENTION_KEYS = ("flip", "control_flip", "shift", "control_shift", "change", "control_change", "region_correct",
                      "control_correct", "correct", "gain", "control_gain", "log_gain", "control_log_gain")
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 class ShortcutMonitor(ProbeSetCallback):
@@ -94,7 +96,7 @@ class ShortcutMonitor(ProbeSetCallback):
             every clean model's gain z below 0 and caught a watermark three epochs earlier (see
             :mod:`lightning_xai.shortcuts.alarm`). The interventions cost that many times the forward passes.
         patience: runs of the monitor in a row in which a region must fire before ``action`` is taken (like
-            EarlyStopping's patience; runs the overhead budget skips do not break a streak). The ``alarm`` scalar
+            EarlyStopping's patience; epochs off the cadence do not break a streak). The ``alarm`` scalar
             logs every run's verdict. ``1`` acts at the first firing run (default: an alarm as early as the
             benchmark allows); ``2`` ignores a single firing run, such as a barely trained model's passing
             sensitivity to a bright mark (one such false alarm in ``bench/shortcuts.py``), one run later.
@@ -123,7 +125,7 @@ class ShortcutMonitor(ProbeSetCallback):
 
     Example::
 
-        >>> from pytorch_lightning import Trainer
+        >>> from lightning.pytorch import Trainer  # or: from pytorch_lightning import Trainer
         >>> monitor = ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, action="stop")
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=5)  # doctest: +SKIP
     """

@@ -12,13 +12,12 @@ The attribution maths is :mod:`lightning_xai.attribution`'s; the chart is drawn 
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import check_positive_int, eager_compiled, expected
@@ -28,6 +27,9 @@ from lightning_xai.logging import log_image
 from lightning_xai.projections.plot import barh_image
 
 _IMAGE_ONLY = ("grad_cam",)
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 def feature_importance(attributions: Tensor, classes: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], List[int]]:
@@ -71,7 +73,7 @@ class TabularAttributionMonitor(ProbeSetCallback):
         max_features: the chart shows the features with the largest overall bars, at most this many
             (every feature still gets its scalar).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
@@ -80,7 +82,7 @@ class TabularAttributionMonitor(ProbeSetCallback):
 
     Example::
 
-        >>> from pytorch_lightning import Trainer
+        >>> from lightning.pytorch import Trainer  # or: from pytorch_lightning import Trainer
         >>> monitor = TabularAttributionMonitor(feature_names=["age", "income", "debt"])
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=3)  # doctest: +SKIP
     """

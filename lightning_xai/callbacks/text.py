@@ -11,13 +11,12 @@ the probe sentences that contain it: a scalar that rises when the model learns a
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException
 from typing_extensions import override
 
 from lightning_xai._utils import check_positive_int, eager_compiled, expected, resolve_layer
@@ -26,6 +25,9 @@ from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_text, warn_once
 from lightning_xai.text import BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions, token_share
 from lightning_xai.text.render import Vocab
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 
@@ -44,7 +46,7 @@ class TokenAttributionMonitor(ProbeSetCallback):
         watch_tokens: tokens (strings or ids) whose attribution share is logged as a scalar.
         top_k: tokens shown in bold per sentence.
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, max_overhead: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback` (``forward(pl_module, input_ids)`` must
             run the embedding layer).
 
@@ -55,7 +57,7 @@ class TokenAttributionMonitor(ProbeSetCallback):
 
     Example::
 
-        >>> from pytorch_lightning import Trainer
+        >>> from lightning.pytorch import Trainer  # or: from pytorch_lightning import Trainer
         >>> monitor = TokenAttributionMonitor("embedding", vocab=["<pad>", "zz", "good", "bad"], watch_tokens=["zz"])
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=3)  # doctest: +SKIP
     """

@@ -75,7 +75,7 @@ class ActivationCapture:
         self.pending: Dict[str, List[Tensor]] = {n: [] for n in self.names}
         self.error: Optional[BaseException] = None
         self.raise_errors = False
-        self.seconds = 0.0  # time spent in the hooks since the last take_seconds() (for the overhead budget)
+        self.seconds = 0.0  # time spent in the hooks since the last take_seconds() (charged to the callback's cost)
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, name: str):
