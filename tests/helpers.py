@@ -82,8 +82,24 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 
-class DigitsModule(pl.LightningModule):
-    """A tiny classifier LightningModule (default: :func:`small_cnn`) for integration tests."""
+#: The two Lightning packages every callback supports; integration tests parametrise over them.
+PACKAGES = ("lightning.pytorch", "pytorch_lightning")
+
+
+def lightning_package(name: str = "pytorch_lightning"):
+    """``lightning.pytorch`` or ``pytorch_lightning`` (the module), skipping the test when it is not installed."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # pragma: no cover - CI installs both
+        pytest.skip(f"{name} is not installed")
+
+
+class ClassifierSteps:
+    """The steps of a tiny classifier (default: :func:`small_cnn`); mixed into either package's LightningModule."""
 
     def __init__(self, net: nn.Module = None, lr: float = 1e-2) -> None:
         super().__init__()
@@ -109,6 +125,21 @@ class DigitsModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class DigitsModule(ClassifierSteps, pl.LightningModule):
+    """A tiny classifier ``pytorch_lightning.LightningModule`` for integration tests."""
+
+
+_MODULES = {"pytorch_lightning": DigitsModule}
+
+
+def classifier(package: str = "pytorch_lightning", net: nn.Module = None, lr: float = 1e-2):
+    """A :class:`ClassifierSteps` module built on ``package``'s LightningModule (a Trainer takes only its own)."""
+    if package not in _MODULES:
+        base = lightning_package(package).LightningModule
+        _MODULES[package] = type("DigitsModule", (ClassifierSteps, base), {"__doc__": DigitsModule.__doc__})
+    return _MODULES[package](net, lr=lr)
 
 
 def digits_data(n_train: int = 256, n_val: int = 64):
@@ -140,22 +171,21 @@ class ReleaseProcessGroup(pl.Callback):
             dist.destroy_process_group()
 
 
-def tiny_trainer(tmp_path, callbacks=(), logger=True, **kwargs) -> pl.Trainer:
-    """A fast CPU Trainer writing under ``tmp_path`` (TensorBoard logger unless ``logger`` is given).
+def tiny_trainer(tmp_path, callbacks=(), logger=True, package: str = "pytorch_lightning", **kwargs):
+    """A fast CPU Trainer of ``package`` writing under ``tmp_path`` (TensorBoard logger unless ``logger`` is given).
 
     With more than one device, a last callback releases the process group in each worker (``ReleaseProcessGroup``).
     """
-    from pytorch_lightning.loggers import TensorBoardLogger
-
+    lightning = lightning_package(package)
     if logger is True:
-        logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+        logger = lightning.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
     opts = dict(default_root_dir=str(tmp_path), max_epochs=2, accelerator="cpu", devices=1, logger=logger,
                 callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
                 enable_checkpointing=False, num_sanity_val_steps=0, deterministic=True)
     opts.update(kwargs)
     if opts["devices"] != 1:
         opts["callbacks"] = opts["callbacks"] + [ReleaseProcessGroup()]
-    return pl.Trainer(**opts)
+    return lightning.Trainer(**opts)
 
 
 def read_events(log_dir: str):
