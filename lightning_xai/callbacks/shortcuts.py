@@ -91,15 +91,14 @@ class ShortcutMonitor(ProbeSetCallback):
             unknown-region mode the gain only vetoes, except for the ``"stamp"`` candidate (a pasted pattern found in
             the inputs, as specific as a named region), where it also fires as in known-region mode.
         donor_draws: with reference samples, each probe sample receives the region content of this many of them (the
-            most different of each of ``donor_draws`` interleaved groups) and its figures are the means: one donor
-            per sample made the gain of a clean model reach z 3.1 by the luck of the draw on the benchmark, four kept
-            every clean model's gain z below 0 and caught a watermark three epochs earlier (see
-            :mod:`lightning_xai.shortcuts.alarm`). The interventions cost that many times the forward passes.
+            most different of each of ``donor_draws`` interleaved groups) and its figures are the means, so a
+            sample's gain does not rest on the one donor it drew. The interventions cost that many times the forward
+            passes.
         patience: runs of the monitor in a row in which a region must fire before ``action`` is taken (like
             EarlyStopping's patience; epochs off the cadence do not break a streak). The ``alarm`` scalar
             logs every run's verdict. ``1`` acts at the first firing run (default: an alarm as early as the
             benchmark allows); ``2`` ignores a single firing run, such as a barely trained model's passing
-            sensitivity to a bright mark (one such false alarm in ``bench/shortcuts.py``), one run later.
+            sensitivity to a bright mark, at the cost of acting one run later.
         min_excess, min_z, min_match: alarm thresholds (defaults documented in :mod:`lightning_xai.shortcuts.alarm`).
         find_regions: run unknown-region mode; default: when ``regions`` is None.
         spray: cluster each class' maps (SpRAy) in unknown-region mode. max_clusters: its largest k.
@@ -108,7 +107,7 @@ class ShortcutMonitor(ProbeSetCallback):
             above which a method is reported as not explaining the model.
         seed: seed of the private generator (control placement, tie breaks, k-means).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`);
-            interventions are forward-only, so the default probe set is larger (256, as in ``bench/shortcuts.py``).
+            interventions are forward-only, so the default probe set is larger (256).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 

@@ -121,11 +121,8 @@ def find_stamps(inputs: Tensor, side: Optional[int] = None, min_copies: int = 3,
         side: window side (default :func:`corner_side`).
         min_copies: fewest other samples with the same content.
         rel_tol: tolerance, as a share of the mean distance between samples' contents of the window. A pasted tag
-            repeats pixel for pixel; parts of the object repeat only roughly. At 0.1, on ``bench/shortcuts.py``'s
-            planted digits (seeds 0-14, probe and reference sets), a corner of one background brightness holding
-            the end of a stroke of the same digit was taken for a stamp in 23 of 180 background-variant sets (and
-            swapping it raised the digit's label on a clean model: a false alarm); at 0.03 in none, while the
-            watermark's tag was found in all 90 of its sets.
+            repeats pixel for pixel; parts of the object repeat only roughly (see docs/shortcuts_history.md for
+            how the default was chosen).
 
     Example:
         >>> x = torch.rand(40, 1, 8, 8); x[:6, 0, -3:, -3:] = torch.eye(3)

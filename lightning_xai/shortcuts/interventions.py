@@ -35,12 +35,7 @@ Controls stay off the partner's own region. A control pastes the partner's pixel
 the partner's region lies there (a mark in another corner, a background that is most of the image) the control
 would paste the suspect content itself, and a model that reads it wherever it is (a mark in a random corner, a
 background intensity) moves as much for the control as for the region: the region would look unspecial exactly
-when the shortcut does not depend on its position. Measured on ``bench/shortcuts.py``'s known regions (seeds
-0-23, 4 variants, 5 epochs, both validation splits, replayed with and without): the two alarms that came after
-the validation gap (a random-corner model one epoch late: shift excess over its controls +0.034 instead of
-+0.064; a background model at its gap epoch, log-probability gain z -1.4 instead of 4.5) came on time, with no
-late alarm or miss added (the excess threshold rose to 0.02 for a clean model the cleaner controls let through,
-see :mod:`~lightning_xai.shortcuts.alarm`). Fixed regions are unaffected (the partner's region is the region
+when the shortcut does not depend on its position. Fixed regions are unaffected (the partner's region is the region
 itself, which no control covers). Where nothing but the partner's region changes the input as much as the region's
 edit (bright marks on plain images), a sample's controls may still cover it: controls that cannot match give no
 verdict at all (:func:`control_masks`).
@@ -353,9 +348,8 @@ def intervene(
         donor_draws: with ``donors``, deal them into this many interleaved groups (in an order fixed by their labels
             and contents, so the groups do not depend on the order the donors come in); each sample receives the content of the most different donor of each group in turn, with
             controls drawn afresh, and its figures are the means over these edits (flips and correctness become
-            shares). One edit per sample rests on a single donor: averaging a few makes the gain steadier
-            (measured on ``bench/shortcuts.py``, see :mod:`~lightning_xai.shortcuts.alarm`). Costs that many times
-            the forward passes.
+            shares). One edit per sample rests on a single donor: averaging a few makes the gain steadier. Costs that
+            many times the forward passes.
 
     Returns:
         Per-sample tensors of the rows run (``R`` of them, written ``N`` here; ``partner`` indexes all of ``x``): ``pred (N,)`` the prediction on the intact input, ``flip (N,)`` whether it changed
