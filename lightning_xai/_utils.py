@@ -64,6 +64,25 @@ def grad_input(inputs: Tensor) -> Tensor:
 
 
 @contextmanager
+def forked_rng(devices: Sequence[Any] = ()) -> Iterator[None]:
+    """Restore every global random state on exit: Python's ``random``, NumPy's (when NumPy is loaded) and torch's
+    (CPU and the CUDA ``devices`` given), also when the body raises. Dataset reads and randomised methods run
+    inside it, so a callback never changes what training draws next."""
+    import random
+
+    numpy = sys.modules.get("numpy")
+    py_state = random.getstate()
+    np_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        with torch.random.fork_rng(devices=list(devices)):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np_state is not None:
+            numpy.random.set_state(np_state)
+
+
+@contextmanager
 def preserve_modes(model: Any, eval_mode: bool = True) -> Iterator[None]:
     """Put every submodule of ``model`` in eval mode and restore each ``training`` flag on exit.
 
