@@ -100,14 +100,10 @@ def main() -> None:
                    DataLoader(TensorDataset(heldout.x, heldout.y), batch_size=128)]
 
     mark = region_mask("corner_intensity")
-    # This model trains in about 0.1 s per epoch, so the default overhead budget (explaining takes at most ~10 %
-    # of the training time) would skip most epochs; the demo explains every epoch to show how things evolve.
-    every_epoch = {"max_overhead": None}
-    callbacks = [
-        AttributionMonitor(methods=("saliency", "smoothgrad", "integrated_gradients"), probe_samples=20, **every_epoch),
-        LinearProbeMonitor(layers=["net.0.*", "net.1.*"], concepts={"mark": lambda batch: _mark_code(batch[0])},
-                           **every_epoch),
-        ShortcutMonitor(regions={"mark": mark}, action="warn", **every_epoch),
+    callbacks = [  # every callback explains every epoch (the default every_n_epochs=1)
+        AttributionMonitor(methods=("saliency", "smoothgrad", "integrated_gradients"), probe_samples=20),
+        LinearProbeMonitor(layers=["net.0.*", "net.1.*"], concepts={"mark": lambda batch: _mark_code(batch[0])}),
+        ShortcutMonitor(regions={"mark": mark}, action="warn"),
     ]
     history = History()
     run = "clean" if args.clean else "shortcut"
