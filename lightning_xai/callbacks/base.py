@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,8 +23,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_xai._lightning import CALLBACK_BASES, FITTING, TESTING, MisconfigurationException, is_a
-from lightning_xai._utils import (check_choice, check_positive_int, eager_compiled, expected, gradient_context, is_compiled,
-                                  preserve_modes, select_output, two_class_logits)
+from lightning_xai._utils import (check_choice, check_positive_int, eager_compiled, expected, forked_rng, gradient_context,
+                                  is_compiled, preserve_modes, select_output, two_class_logits)
 from lightning_xai.callbacks import cost
 from lightning_xai.logging import log_scalars, logging_step, warn_once
 
@@ -67,6 +68,25 @@ def extract_xy(batch: Any, batch_to_xy: Optional[BatchToXY] = None) -> Tuple[Ten
         expected("batch", f"a tensor, a tuple/list (inputs, labels, ...) or a dict with one of the keys {_X_KEYS}; "
                  "pass `batch_to_xy=lambda batch: (inputs, labels)` for other formats", keys)
     )
+
+
+BATCH_FIX = ("pass `batch_to_xy=lambda batch: (inputs, labels)` for batches that are not (inputs, labels, ...) "
+             "tuples or dicts with common keys")
+
+
+def class_labels(y: Optional[Tensor], n: int, owner: Any = None) -> Optional[Tensor]:
+    """``y`` when it holds one class index per sample (shape ``(n,)``, integer or integral values), else None with
+    a one-time warning: multi-label ``(n, classes)`` or per-pixel targets are not classes to stratify or explain by
+    (``target="label"`` then explains the prediction)."""
+    if y is None:
+        return None
+    if y.ndim == 1 and y.shape[0] == n and (not y.is_floating_point() or bool((y == y.round()).all())):
+        return y
+    warn_once("not-classes", f"{type(owner).__name__ if owner is not None else 'lightning_xai'}: the labels of the "
+              f"validation batches (shape {tuple(y.shape)}) are not one class index per sample; they are ignored "
+              "(the probe set is chosen without classes, and target='label' explains the predicted class).",
+              owner=owner)
+    return None
 
 
 def split_rows(n: int, world: int, rank: int) -> Tuple[int, int, int]:
@@ -201,20 +221,30 @@ def choose_stratified(trainer: "pl.Trainer", buckets: Buckets, n: int) -> Tuple[
     """``n`` rows chosen stratified by class from ``buckets`` (see :func:`collect_rows`), identical on every rank:
     under DDP every rank saw a different shard, so all candidates are gathered and chosen from again. ``(None, None)``
     when no rank has any."""
-    x, y = _stratified(buckets, n)
-    if trainer.world_size > 1:
-        count = torch.tensor([x.shape[0]], device=trainer.strategy.root_device)
-        if int(trainer.strategy.reduce(count, reduce_op="sum").item()) == 0:
-            return None, None
-        x_all = gather_rows(trainer, x)
-        y_all = gather_rows(trainer, y if y is not None else torch.full((x.shape[0],), -1, dtype=torch.long))
-        merged: Buckets = {}
-        for i in range(x_all.shape[0]):
-            key = int(y_all[i])
-            bucket = merged.setdefault(key, [])
-            if len(bucket) < n:
-                bucket.append((x_all[i], None if key < 0 else y_all[i]))
-        x, y = _stratified(merged, n)
+    if trainer.world_size <= 1:
+        x, y = _stratified(buckets, n)
+        return (None, None) if x.numel() == 0 else (x, y)
+    try:  # a rank that fails here still joins the first collective, where every rank learns of it
+        x, y = _stratified(buckets, n)
+        local_error: Optional[Exception] = None
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+        x, y, local_error = torch.empty(0), None, err
+    status = torch.tensor([x.shape[0], int(local_error is not None)], device=trainer.strategy.root_device)
+    count, failures = (int(v) for v in trainer.strategy.reduce(status, reduce_op="sum").tolist())
+    if failures:
+        raise local_error if local_error is not None else RuntimeError(
+            f"another rank failed to choose its probe-set candidates ({failures} of {trainer.world_size} ranks)")
+    if count == 0:
+        return None, None
+    x_all = gather_rows(trainer, x)
+    y_all = gather_rows(trainer, y if y is not None else torch.full((x.shape[0],), -1, dtype=torch.long))
+    merged: Buckets = {}
+    for i in range(x_all.shape[0]):
+        key = int(y_all[i])
+        bucket = merged.setdefault(key, [])
+        if len(bucket) < n:
+            bucket.append((x_all[i], None if key < 0 else y_all[i]))
+    x, y = _stratified(merged, n)
     return (None, None) if x.numel() == 0 else (x, y)
 
 
@@ -276,6 +306,9 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         self._last_validated_epoch: Optional[int] = None
         self._last_attempted_epoch: Optional[int] = None
         self._run_start: Optional[float] = None  # perf_counter() at the start of the current run's timed work
+        self._failed = False  # a failure on this rank since the ranks last agreed (see `agree`)
+        self._warned_failures: set = set()
+        self._rank_note = ""  # " on rank r" under DDP, in failure warnings
 
     # ------------------------------------------------------------------ naming and state
     def tag(self, *parts: Any) -> str:
@@ -310,6 +343,13 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             raise MisconfigurationException(
                 expected(f"{type(self).__name__}'s torch version", "torch >= 2.6 (torch.compiler.set_stance) for a "
                          "torch.compile'd model; or pass the uncompiled module", torch.__version__))
+        precision = str(getattr(trainer, "precision", "32-true"))
+        if precision in ("16-true", "bf16-true") or precision.startswith("transformer-engine"):
+            raise MisconfigurationException(
+                expected(f"{type(self).__name__}'s Trainer precision", "one that keeps float32 or float64 weights "
+                         "('32-true', '64-true', '16-mixed', 'bf16-mixed'): explanations need input gradients, which "
+                         "underflow in half precision", precision))
+        self._rank_note = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
         if stage == "fit":
             cost.book(trainer, new_fit=True).register(id(self), self.cost_name())
 
@@ -332,18 +372,24 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
     def logits_fn(self, pl_module: "pl.LightningModule") -> Callable[[Tensor], Tensor]:
         """``inputs -> logits (N, classes)`` for the unwrapped module, honouring ``forward``/``output_key``; a model
         with one binary logit is seen as two classes (:func:`~lightning_xai._utils.two_class_logits`)."""
+        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
+
+        def cast(x: Tensor) -> Tensor:  # probe inputs are float32; a 64-true model takes float64
+            return x.to(dtype) if dtype is not None and x.is_floating_point() and x.dtype != dtype else x
+
         if self.forward is not None:
             user = self.forward
-            return lambda x: two_class_logits(user(pl_module, x))
+            return lambda x: two_class_logits(user(pl_module, cast(x)))
         key = self.output_key
-        return lambda x: two_class_logits(select_output(pl_module(x), key))
+        return lambda x: two_class_logits(select_output(pl_module(cast(x)), key))
 
     @contextlib.contextmanager
     def explain_context(self, pl_module: "pl.LightningModule") -> Iterator[None]:
-        """Eval mode with every flag restored, gradients on (even under ``inference_mode``), global RNG forked,
-        compiled modules run eagerly (so forward hooks fire and nothing is recompiled)."""
+        """Eval mode with every flag restored, gradients on (even under ``inference_mode``), every global RNG
+        forked (Python's, NumPy's, torch's), compiled modules run eagerly (so forward hooks fire and nothing is
+        recompiled)."""
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), eager_compiled(), gradient_context(), \
+        with forked_rng(devices), eager_compiled(), gradient_context(), \
                 preserve_modes(pl_module, eval_mode=True):
             yield
 
@@ -391,22 +437,48 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         ongoing = 0.0 if self._run_start is None else time.perf_counter() - self._run_start
         return book.current.get(id(self), 0.0) + ongoing
 
-    def guarded(self, fn: Callable[[], Any], what: str, epoch: int) -> Any:
-        """Run ``fn`` under the ``on_error`` policy; returns None when it failed and was skipped."""
+    @contextlib.contextmanager
+    def guard(self, what: str, epoch: Optional[int], fix: str = "", skips_run: bool = True) -> Iterator[None]:
+        """Run the body under the ``on_error`` policy. ``"raise"``: exceptions propagate. ``"warn"``: an exception
+        ends the body, is counted, and is warned about on the rank where it happened (naming the callback, the
+        epoch, what failed and ``fix``); with ``skips_run`` it also marks this rank as failed, so the next
+        :meth:`agree` makes every rank skip the run together (no rank is left waiting in a collective)."""
         try:
-            return fn()
+            yield
         except Exception as err:  # noqa: BLE001 - the policy decides
             if self.on_error == "raise":
                 raise
             self.errors += 1
-            warn_once(
-                "error",
-                f"{type(self).__name__} failed while {what} at epoch {epoch} and skipped it: "
-                f"{type(err).__name__}: {err}. Training goes on; pass on_error='raise' to stop instead "
-                "(this warning is shown once).",
-                owner=self,
-            )
-            return None
+            self._failed = self._failed or skips_run
+            self._warn_failure(err, what, epoch, fix)
+
+    def guarded(self, fn: Callable[[], Any], what: str, epoch: Optional[int], fix: str = "") -> Any:
+        """``fn()`` under :meth:`guard`; None when it failed and was skipped."""
+        with self.guard(what, epoch, fix):
+            return fn()
+        return None
+
+    def _warn_failure(self, err: BaseException, what: str, epoch: Optional[int], fix: str) -> None:
+        key = (what, type(err).__name__)
+        if key in self._warned_failures:
+            return
+        self._warned_failures.add(key)
+        when = "" if epoch is None else f" at epoch {epoch}"
+        hint = f" {fix.rstrip('.')}." if fix else ""
+        warnings.warn(
+            f"{type(self).__name__} failed while {what}{when}{self._rank_note} and skipped it: "
+            f"{type(err).__name__}: {err}.{hint} Training goes on; pass on_error='raise' to stop instead "
+            "(shown once per kind of failure).", RuntimeWarning, stacklevel=2)
+
+    def agree(self, trainer: "pl.Trainer", ok: bool = True) -> bool:
+        """True when ``ok`` and no failure was recorded since the last agreement, on every rank (one all-reduce
+        under DDP, so call it on every rank at the same point). Clears the recorded failure."""
+        ok = bool(ok) and not self._failed
+        self._failed = False
+        if trainer.world_size > 1:
+            failed = torch.tensor([0.0 if ok else 1.0], device=trainer.strategy.root_device)
+            ok = float(trainer.strategy.reduce(failed, reduce_op="sum").item()) == 0
+        return ok
 
     # ------------------------------------------------------------------ logging helpers
     def log_metrics(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", metrics: Mapping[str, Any],
@@ -451,8 +523,17 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             return
         self._last_validated_epoch = trainer.current_epoch
         if self.due(trainer):
-            with self.timed(trainer, trainer.current_epoch):
-                self.explain(trainer, pl_module)
+            self._run(trainer, pl_module, trainer.current_epoch, via_module=True)
+
+    def _run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int, via_module: bool) -> None:
+        """One run: the ranks first agree that none failed since the last run (else all skip it together), then
+        :meth:`explain` under the error policy, timed."""
+        with self.timed(trainer, epoch):
+            if not self.agree(trainer):
+                self._last_attempted_epoch = epoch
+                return
+            with self.guard("explaining", epoch):
+                self.explain(trainer, pl_module, via_module=via_module)
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -466,8 +547,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
                 and self._last_validated_epoch != self._last_attempted_epoch):
-            with self.timed(trainer, self._last_validated_epoch):
-                self.explain(trainer, pl_module, via_module=False)
+            self._run(trainer, pl_module, self._last_validated_epoch, via_module=False)
 
 
 class ProbeSetCallback(XAICallback):
@@ -576,15 +656,18 @@ class ProbeSetCallback(XAICallback):
     def _collect(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int) -> None:
         if self.has_probe or trainer.sanity_checking or dataloader_idx != 0 or self._probe_indices is not None:
             return
-        x, y = extract_xy(batch, self.batch_to_xy)
-        collect_rows(self._candidates, x, y, self.probe_samples)
+        with self.guard("reading a validation batch for the probe set", trainer.current_epoch, BATCH_FIX,
+                        skips_run=False):  # a batch it cannot read adds no candidates; the others still do
+            x, y = extract_xy(batch, self.batch_to_xy)
+            collect_rows(self._candidates, x, class_labels(y, x.shape[0], self), self.probe_samples)
 
     @override
     def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.active(trainer) and not self.has_probe and trainer.state.fn == FITTING:
             # fixed after the first validation epoch even when the cadence skips it: no more collecting per batch,
             # and a class with fewer validation samples than `probe_samples` is not collected twice
-            self.finalize_probe(trainer)
+            with self.guard("choosing the probe set", trainer.current_epoch):
+                self.finalize_probe(trainer)
         super()._on_eval_epoch_end(trainer, pl_module)
 
     @override
@@ -624,7 +707,9 @@ class ProbeSetCallback(XAICallback):
             raise MisconfigurationException(expected("probe", f"indices into the validation dataset of {size} samples", bad))
         from torch.utils.data import default_collate
 
-        x, y = extract_xy(default_collate([dataset[i] for i in self._probe_indices]), self.batch_to_xy)
+        with forked_rng():  # a dataset drawing random augmentations must not move training's random streams
+            x, y = extract_xy(default_collate([dataset[i] for i in self._probe_indices]), self.batch_to_xy)
+        y = class_labels(y, x.shape[0], self)
         self.probe_x = x.detach().clone().cpu()
         self.probe_y = None if y is None else y.detach().clone().long().view(-1).cpu()
 
@@ -641,7 +726,8 @@ class ProbeSetCallback(XAICallback):
     def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
         """Split the probe set over ranks, compute, gather, report; under the error policy."""
         epoch = self.begin_run(trainer, via_module)
-        if not self.finalize_probe(trainer):
+        ready = self.guarded(lambda: self.finalize_probe(trainer), "choosing the probe set", epoch)
+        if not self.agree(trainer, bool(ready)):
             return
         with torch.inference_mode(False):  # normal tensors, usable by autograd even in validate()/test()
             x_all = self.probe_x.to(pl_module.device).clone()
@@ -654,13 +740,10 @@ class ProbeSetCallback(XAICallback):
                 return self.compute(pl_module, x_all[start:stop], None if y_all is None else y_all[start:stop])
 
         results = self.guarded(_compute, "explaining the probe samples", epoch)
-        if world > 1:  # all ranks agree to skip when any failed, so no rank waits in a gather
-            failed = torch.tensor([0.0 if results is not None else 1.0], device=trainer.strategy.root_device)
-            if float(trainer.strategy.reduce(failed, reduce_op="sum").item()) > 0:
-                return
-            results = gather_shares(trainer, results, keep)
-        if results is None:
+        if not self.agree(trainer, results is not None):  # all ranks skip when any failed: none waits in a gather
             return
+        if world > 1:
+            results = gather_shares(trainer, results, keep)
         metrics = self.guarded(lambda: self.report(trainer, pl_module, x_all, y_all, results, epoch), "logging", epoch)
         if metrics is not None:
             self.log_metrics(trainer, pl_module, metrics, via_module=via_module, seconds=True)

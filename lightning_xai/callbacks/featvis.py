@@ -185,12 +185,16 @@ class FeatureVisMonitor(XAICallback):
     @override
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._observe(batch, dataloader_idx)
+        with self.guard("reading a validation batch", trainer.current_epoch, "pass `input_shape=` and `value_range=`",
+                        skips_run=False):
+            self._observe(batch, dataloader_idx)
 
     @override
     def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._observe(batch, dataloader_idx)
+        with self.guard("reading a test batch", trainer.current_epoch, "pass `input_shape=` and `value_range=`",
+                        skips_run=False):
+            self._observe(batch, dataloader_idx)
 
     # ------------------------------------------------------------------ the run
     def _owners(self, world: int) -> Dict[str, int]:

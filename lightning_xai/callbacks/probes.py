@@ -27,7 +27,8 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, eager_compiled, expected, is_compiled, preserve_modes
 from lightning_xai.callbacks import cost
-from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy, first_loader, gather_rows
+from lightning_xai.callbacks.base import (BATCH_FIX, BatchToXY, XAICallback, class_labels, extract_xy, first_loader,
+                                         gather_rows)
 from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
 from lightning_xai.probes import ActivationCapture, Reducer, input_reducer
 from lightning_xai.probes.epoch import EpochProbe, control_table
@@ -146,6 +147,7 @@ class LinearProbeMonitor(XAICallback):
         self._probes: Dict[str, EpochProbe] = {}
         self._seen = 0
         self._collecting = False
+        self._running = False  # a run started this validation epoch (finished on every rank, even after a failure)
         self._layout_done = False
         self._eager = contextlib.ExitStack()  # holds the eager stance over a probed epoch of a compiled model
 
@@ -229,6 +231,7 @@ class LinearProbeMonitor(XAICallback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._release()
         self._probes = {}
+        self._running = False
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -248,6 +251,7 @@ class LinearProbeMonitor(XAICallback):
         if self._capture is None or not self.active(trainer) or not self.due(trainer):
             return
         cost.book(trainer).begin(id(self))  # a new run: its cost is counted afresh
+        self._running = True  # on every rank alike (the cadence is deterministic): all of them finish the run
         self._probes = {}
         self._seen = 0
         if is_compiled(trainer.lightning_module):
@@ -275,7 +279,8 @@ class LinearProbeMonitor(XAICallback):
         with self.timed(trainer):
             cost.book(trainer).charge(id(self), self._capture.take_seconds())  # the hooks in validation_step
             ok = self.guarded(lambda: self._collect(trainer, pl_module, batch) or True, "capturing activations",
-                              trainer.current_epoch)
+                              trainer.current_epoch, BATCH_FIX + ", and `concepts` functions that return an integer "
+                              "tensor of shape (batch,)")
         if not ok:  # give up on this epoch's probes, keep training
             self._release()
             self._probes = {}
@@ -286,6 +291,7 @@ class LinearProbeMonitor(XAICallback):
             raise err
         x, y = extract_xy(batch, self.batch_to_xy)
         n = x.shape[0]
+        y = class_labels(y, n, self)
         feats = self._capture.pop(rows=n)
         missing = [name for name in self.layers if name not in feats]
         labels: Dict[str, Tensor] = {} if y is None else {LABEL: y}
@@ -334,10 +340,16 @@ class LinearProbeMonitor(XAICallback):
 
     # ------------------------------------------------------------------ fitting and logging
     def _finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self._collecting:
+        if not self._running:
             return
+        self._running = False
         with self.timed(trainer):
-            self._finish_run(trainer, pl_module)
+            if not self.agree(trainer):  # a rank failed while collecting: every rank skips this run's fit
+                self._release()
+                self._probes = {}
+                return
+            with self.guard("fitting probes", trainer.current_epoch):
+                self._finish_run(trainer, pl_module)
 
     def _finish_run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._release()
@@ -530,7 +542,8 @@ class LinearProbeMonitor(XAICallback):
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._start(trainer)
+        with self.guard("attaching activation hooks", trainer.current_epoch):
+            self._start(trainer)
 
     @override
     def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
@@ -551,7 +564,8 @@ class LinearProbeMonitor(XAICallback):
 
     @override
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._start(trainer)
+        with self.guard("attaching activation hooks", trainer.current_epoch):
+            self._start(trainer)
 
     @override
     def on_test_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,

@@ -25,8 +25,8 @@ from torch.utils.data import Dataset, TensorDataset
 from lightning_xai._lightning import MisconfigurationException
 from typing_extensions import override
 
-from lightning_xai._utils import check_choice, check_positive_int, expected
-from lightning_xai.callbacks.base import ProbeSetCallback, extract_xy
+from lightning_xai._utils import check_choice, check_positive_int, expected, forked_rng
+from lightning_xai.callbacks.base import ProbeSetCallback, class_labels, extract_xy
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import make_grid, to_display, upscale
 from lightning_xai.samples import (
@@ -243,6 +243,7 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         feats, logits, labels = dataset_features(pl_module, layer, self._dataset, indices, self._to_xy,
                                                  forward=self.logits_fn(pl_module), capture=capture,
                                                  batch_size=self.batch_size, device=pl_module.device)
+        labels = class_labels(labels, feats.shape[0], self)
         probs = logits.float().softmax(1)
         # the paper's refit: the model's probabilities as targets, so the decomposition explains the model
         fit = representer_points(feats, probs, lam=self.lam)
@@ -288,7 +289,7 @@ class SampleInfluenceMonitor(ProbeSetCallback):
     def _train_images(self, rows: Tensor) -> Tensor:
         """Training inputs for subset rows (dataset indices; the subset is the first n), read under a forked RNG."""
         flat = rows.reshape(-1).tolist()
-        with torch.random.fork_rng(devices=[]):
+        with forked_rng():
             x, _ = read_samples(self._dataset, flat, self._to_xy, batch_size=self.batch_size)
         return x.reshape(tuple(rows.shape) + tuple(x.shape[1:]))
 

@@ -47,8 +47,8 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected
 from lightning_xai.attribution import get_method, method_passes
-from lightning_xai.callbacks.base import (Buckets, ProbeSetCallback, choose_stratified, collect_rows, extract_xy,
-                                         gather_shares, split_rows)
+from lightning_xai.callbacks.base import (BATCH_FIX, Buckets, ProbeSetCallback, choose_stratified, class_labels,
+                                         collect_rows, extract_xy, gather_shares, split_rows)
 from lightning_xai.logging import log_image
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
 from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, SUSPECTS,
@@ -287,11 +287,14 @@ class ShortcutMonitor(ProbeSetCallback):
             self._no_references = True
             self._reference_buckets = {}
             return
-        if y is None or x.ndim != 4 or not x.is_floating_point() or y.shape[:1] != x.shape[:1]:
+        y = class_labels(y, x.shape[0], self) if x.ndim >= 1 else None
+        if y is None or x.ndim != 4 or not x.is_floating_point():
             self._no_references = True  # unlabelled or not images: nothing to weigh a gain against
             self._reference_buckets = {}
             return
-        collect_rows(self._reference_buckets, x, y, self.reference_samples)
+        with self.guard("collecting reference samples from a training batch", trainer.current_epoch, BATCH_FIX,
+                        skips_run=False):
+            collect_rows(self._reference_buckets, x, y, self.reference_samples)
 
     def _finalize_references(self, trainer: "pl.Trainer") -> None:
         """Fix the reference samples (once, identical on every rank) from what the training batches gave."""
@@ -324,7 +327,10 @@ class ShortcutMonitor(ProbeSetCallback):
     # ------------------------------------------------------------------ compute (this rank's rows)
     @override
     def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
-        if self.finalize_probe(trainer):
+        ready = self.guarded(lambda: self.finalize_probe(trainer), "choosing the probe set", trainer.current_epoch)
+        if not self.agree(trainer, bool(ready)):  # every rank goes on to the references' gather, or none
+            return
+        if ready:
             start, stop, _ = split_rows(self.probe_x.shape[0], max(trainer.world_size, 1), trainer.global_rank)
             self._rows = (start, stop)
             self._finalize_references(trainer)
