@@ -1,13 +1,15 @@
-"""One place for output: images, text and scalars to every logger of a Trainer.
+"""One place for output: images, text, scalars and projector embeddings to every logger of a Trainer.
 
-TensorBoard gets ``add_image``/``add_text``/``add_custom_scalars``; W&B gets ``log_image``/``log_text``;
+Only public APIs: TensorBoard gets ``add_image``/``add_text``/``add_custom_scalars`` of its ``SummaryWriter`` and
+projector files written with :func:`tensorboard.plugins.projector.visualize_embeddings`; W&B gets
+``log_image``/``log_text``;
 loggers that cannot take images (CSV, custom ones) are skipped, and when no logger can take an image
 it is written as a PNG under the run's log directory with a single warning. Scalars go to every
 logger. Call these on global rank zero only; nothing here runs a collective operation.
 """
 from __future__ import annotations
 
-import io
+import math
 import os
 import re
 import weakref
@@ -16,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor
 
-from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from lightning_xai._lightning import is_a
 
@@ -41,11 +43,10 @@ def warn_once(key: str, message: str, category: type = RuntimeWarning, owner: An
 
 
 def logging_step(trainer: Any) -> int:
-    """The step Lightning uses for ``self.log`` scalars, so images and scalars line up in TensorBoard."""
-    try:
-        return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
-    except AttributeError:  # pragma: no cover - defensive for custom loops
-        return int(trainer.global_step)
+    """``trainer.global_step``: the step of Lightning's own ``self.log`` scalars with one optimizer, so images and
+    scalars line up in TensorBoard (with several optimizers stepping per batch, images land at the optimizer-step
+    count)."""
+    return int(trainer.global_step)
 
 
 def _is_tensorboard(logger: Logger) -> bool:
@@ -89,32 +90,6 @@ def _to_uint8_hwc(image: Tensor) -> Any:
     return out.numpy()
 
 
-def _torch_file_writer(writer: Any) -> Any:
-    """The event-file writer behind torch's ``SummaryWriter`` (to add a ``Summary`` proto directly), else None."""
-    file_writer = getattr(writer, "_get_file_writer", None)
-    if not type(writer).__module__.startswith("torch.utils.tensorboard") or file_writer is None:
-        return None
-    return file_writer()
-
-
-def _add_tensorboard_image(writer: Any, tag: str, image: Tensor, step: int) -> None:
-    """``writer.add_image`` with a fast PNG encoding (zlib level 1: about half the time of the default level 6,
-    a slightly larger file) for torch's ``SummaryWriter``; other writers get ``add_image``."""
-    file_writer = _torch_file_writer(writer)
-    if file_writer is None:
-        writer.add_image(tag, image, global_step=step, dataformats="CHW")
-        return
-    from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    pixels = _to_uint8_hwc(image)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-    height, width, channels = pixels.shape
-    png = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
-    file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
-
-
 def log_image(trainer: Any, tag: str, image: Tensor, step: Optional[int] = None) -> List[str]:
     """Send an image ``(3, H, W)`` in ``[0, 1]`` to every image-capable logger.
 
@@ -126,7 +101,7 @@ def log_image(trainer: Any, tag: str, image: Tensor, step: Optional[int] = None)
     loggers = image_loggers(trainer)
     for lg in loggers:
         if _is_tensorboard(lg):
-            _add_tensorboard_image(lg.experiment, tag, image, step)
+            lg.experiment.add_image(tag, _to_uint8_hwc(image), global_step=step, dataformats="HWC")  # uint8: exact
         else:
             lg.log_image(key=tag, images=[_to_uint8_hwc(image)], step=step)
     if loggers:
@@ -167,26 +142,7 @@ def log_scalars(trainer: Any, metrics: Mapping[str, float], step: Optional[int] 
     step = logging_step(trainer) if step is None else step
     clean: Dict[str, float] = {k: float(v) for k, v in metrics.items()}
     for lg in trainer.loggers:
-        if not (_is_tensorboard(lg) and _add_tensorboard_scalars(lg, clean, step)):
-            lg.log_metrics(clean, step=step)
-
-
-def _add_tensorboard_scalars(logger: Any, metrics: Mapping[str, float], step: int) -> bool:
-    """All scalars of a run as one TensorBoard event (``log_metrics`` writes an event per scalar, and blocks
-    once the writer's queue of 10 is full); False when the writer is not torch's ``SummaryWriter``."""
-    if not rank_zero_only.rank == 0:
-        return True  # what TensorBoardLogger.log_metrics does off rank zero: nothing
-    file_writer = _torch_file_writer(logger.experiment)
-    if file_writer is None:
-        return False
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    prefix = getattr(logger, "_prefix", "")
-    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-    values = [Summary.Value(tag=f"{prefix}{join}{tag}" if prefix else tag, simple_value=value)
-              for tag, value in metrics.items()]
-    file_writer.add_summary(Summary(value=values), step)
-    return True
+        lg.log_metrics(clean, step=step)
 
 
 def add_custom_scalars(trainer: Any, layout: Dict[str, Dict[str, list]]) -> None:
@@ -200,3 +156,71 @@ def markdown_table(header: List[str], rows: List[List[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def log_embedding(trainer: Any, tag: str, features: Tensor, step: int, metadata: Optional[List[Any]] = None,
+                  header: Optional[List[str]] = None, thumbnails: Optional[Tensor] = None) -> int:
+    """Add ``features (N, D)`` to TensorBoard's projector of every TensorBoard logger, as ``<tag>:<step>``.
+
+    Writes ``<step:05d>/<tag>/{tensors,metadata}.tsv`` and ``sprite.png`` (``thumbnails (N, 3, h, w)`` in
+    ``[0, 1]``, tiled in a square) under the logger's directory and merges the entry into its
+    ``projector_config.pbtxt`` (read, entry of the same name replaced, written back with
+    :func:`tensorboard.plugins.projector.visualize_embeddings`), so a run resumed into the same directory
+    keeps the embeddings of its earlier epochs. ``metadata``: one label (or, with ``header``, one row) per sample.
+
+    Returns:
+        The number of TensorBoard loggers written to.
+    """
+    writers = tensorboard_writers(trainer)
+    if not writers:
+        return 0
+    from google.protobuf import text_format
+    from tensorboard.plugins import projector
+
+    feats = features.detach().float().cpu()
+    name = f"{tag}:{step:05d}"
+    subdir = f"{step:05d}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', tag.strip('/'))}"
+    for writer in writers:
+        logdir = writer.get_logdir()
+        folder = os.path.join(logdir, subdir)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "tensors.tsv"), "w", encoding="utf-8") as fh:
+            fh.writelines("\t".join(repr(float(v)) for v in row) + "\n" for row in feats.tolist())
+        info = projector.EmbeddingInfo(tensor_name=name, tensor_path=f"{subdir}/tensors.tsv")
+        if metadata is not None:
+            rows = ([header] if header else []) + [row if header else [row] for row in metadata]
+            with open(os.path.join(folder, "metadata.tsv"), "w", encoding="utf-8") as fh:
+                fh.writelines("\t".join(str(c) for c in row) + "\n" for row in rows)
+            info.metadata_path = f"{subdir}/metadata.tsv"
+        if thumbnails is not None:
+            _write_sprite(os.path.join(folder, "sprite.png"), thumbnails)
+            info.sprite.image_path = f"{subdir}/sprite.png"
+            info.sprite.single_image_dim.extend([int(thumbnails.shape[3]), int(thumbnails.shape[2])])
+        config = projector.ProjectorConfig()
+        path = os.path.join(logdir, "projector_config.pbtxt")
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    text_format.Parse(fh.read(), config)
+            except text_format.ParseError as err:
+                warn_once(f"projector-config-{path}", f"lightning_xai could not read {path!r} ({err}); the projector "
+                                                      "tab lists only the embeddings written from now on.")
+                config = projector.ProjectorConfig()
+        kept = [e for e in config.embeddings if e.tensor_name != name]
+        del config.embeddings[:]
+        config.embeddings.extend(kept + [info])
+        projector.visualize_embeddings(logdir, config)
+    return len(writers)
+
+
+def _write_sprite(path: str, thumbnails: Tensor) -> None:
+    """Tile ``(N, 3, h, w)`` thumbnails row by row into a square PNG (the projector's sprite format)."""
+    from PIL import Image
+
+    n, _, h, w = thumbnails.shape
+    side = max(1, math.ceil(math.sqrt(n)))
+    sheet = torch.zeros(3, side * h, side * w)
+    for i, img in enumerate(thumbnails.detach().float().cpu().clamp(0, 1)):
+        r, c = divmod(i, side)
+        sheet[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    Image.fromarray(_to_uint8_hwc(sheet)).save(path, format="PNG")

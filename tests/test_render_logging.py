@@ -55,9 +55,12 @@ class _FakeWandb(WandbLogger):
         self.texts.append((key, data, step))
 
 
+class _Trainer(SimpleNamespace):
+    """A stand-in trainer that, like a real one, can be referenced weakly (warn_once remembers per owner)."""
+
+
 def _trainer(tmp_path, loggers):
-    return SimpleNamespace(loggers=loggers, default_root_dir=str(tmp_path),
-                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=7)))
+    return _Trainer(loggers=loggers, default_root_dir=str(tmp_path), global_step=7)
 
 
 def test_images_and_text_reach_every_image_logger(tmp_path):
@@ -80,12 +83,12 @@ def test_images_and_text_reach_every_image_logger(tmp_path):
     assert event.step == 7 and (event.height, event.width) == (5, 6)
     from PIL import Image
 
-    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))  # the fast PNG path is lossless
+    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))  # PNG: lossless
     assert np.array_equal(decoded, images[0])
     assert not os.path.exists(os.path.join(csv.log_dir, "xai"))
 
 
-def test_scalars_reach_every_logger_as_one_tensorboard_event(tmp_path):
+def test_scalars_reach_every_logger_through_its_public_log_metrics(tmp_path):
     tb = TensorBoardLogger(str(tmp_path), name="tb", version=0, prefix="run")
     csv = CSVLogger(str(tmp_path), name="csv", version=0)
     trainer = _trainer(tmp_path, [tb, csv])
@@ -93,12 +96,6 @@ def test_scalars_reach_every_logger_as_one_tensorboard_event(tmp_path):
     xlog.log_scalars(trainer, metrics)
     tb.experiment.flush()
     csv.save()
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    import glob
-
-    events = [e for f in glob.glob(os.path.join(tb.log_dir, "events.out.tfevents.*"))
-              for e in EventFileLoader(f).Load() if e.HasField("summary")]
-    assert len(events) == 1 and events[0].step == 7  # one event, not one per scalar
     from helpers import read_events
 
     acc = read_events(tb.log_dir)

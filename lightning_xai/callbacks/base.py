@@ -173,17 +173,6 @@ def gather_shares(trainer: "pl.Trainer", results: Dict[str, Tensor], keep: int) 
     return {k: gather_rows(trainer, v[:keep]) for k, v in results.items()}
 
 
-def _cache_state_key(fget: Callable[[Any], str], slot: str) -> Callable[[Any], str]:
-    def cached(self: Any) -> str:
-        key = self.__dict__.get(slot)
-        if key is None:
-            key = self.__dict__[slot] = fget(self)
-        return key
-
-    cached._xai_cached = True  # type: ignore[attr-defined]
-    return cached
-
-
 Buckets = Dict[int, List[Tuple[Tensor, Optional[Tensor]]]]  # class (-1: no labels) -> (sample, label) in loading order
 
 
@@ -269,15 +258,6 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
 
     supported_strategies = ("SingleDeviceStrategy", "DDPStrategy")  # class names, in either Lightning package
     area = "xai"  # tag area below the prefix, e.g. "attribution"
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # Lightning reads `state_key` on every hook call of every callback (for its profiler's action names):
-        # a subclass's key, built from constructor arguments, is computed once per instance.
-        prop = cls.__dict__.get("state_key")
-        if isinstance(prop, property) and not getattr(prop.fget, "_xai_cached", False):
-            cls.state_key = property(_cache_state_key(prop.fget, f"_xai_state_key_{cls.__qualname__}"),
-                                     doc=prop.__doc__)  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -490,15 +470,12 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             metrics[self.tag("seconds")] = self.run_seconds(trainer)
         if not metrics:
             return
-        if via_module and trainer.state.fn == FITTING:
-            # During fit, one call per logger instead of a `pl_module.log` per scalar (about 0.7 ms each); the
-            # values go into `trainer.callback_metrics` on every rank, where EarlyStopping/ModelCheckpoint read them.
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-            via_module = False
-        if via_module:  # validate()/test(): also in the metrics they return
+        fitting = trainer.state.fn == FITTING
+        if via_module:  # into trainer.callback_metrics (EarlyStopping/ModelCheckpoint) and what validate() returns
             for name, value in metrics.items():
-                pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False)
-        elif trainer.is_global_zero:
+                pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False,
+                              logger=not fitting)
+        if (fitting or not via_module) and trainer.is_global_zero:  # in fit: at the images' step (logging_step)
             log_scalars(trainer, metrics)
 
     def step(self, trainer: "pl.Trainer") -> int:

@@ -197,10 +197,8 @@ class LinearProbeMonitor(XAICallback):
         self._untrained = copy.deepcopy(pl_module, memo={id(trainer): trainer})
         # Trainer.fit(torch.compile(module)) stores compiled step functions on the instance; they are bound to
         # the original module, so the copy would run the trained weights. The copy uses the class's own methods.
-        if getattr(self._untrained, "_compiler_ctx", None):
-            for name in ("forward", "training_step", "validation_step", "test_step", "predict_step"):
-                self._untrained.__dict__.pop(name, None)
-            self._untrained._compiler_ctx = None
+        for name in ("forward", "training_step", "validation_step", "test_step", "predict_step"):
+            self._untrained.__dict__.pop(name, None)
         for p in self._untrained.parameters():
             p.requires_grad_(False)
         self._untrained_capture = ActivationCapture(self._untrained, self.layers, self._reducers_for_copy(),

@@ -10,7 +10,6 @@ The maths lives in :mod:`lightning_xai.projections`; this file only composes and
 """
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
@@ -21,7 +20,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_positive_int, expected, resolve_layer_patterns
 from lightning_xai.callbacks.base import ProbeSetCallback
-from lightning_xai.logging import log_image, tensorboard_writers, warn_once
+from lightning_xai.logging import log_embedding, log_image, tensorboard_writers, warn_once
 from lightning_xai.probes import make_reducer
 from lightning_xai.projections import SEPARATION_METHODS, capture_activations, class_separation, pca
 from lightning_xai.projections.plot import scatter_image
@@ -171,8 +170,7 @@ class ProjectionMonitor(ProbeSetCallback):
 
     def _write_projector(self, trainer: "pl.Trainer", x: Tensor, y: Optional[Tensor], results: Dict[str, Tensor],
                          step: int) -> None:
-        writers = tensorboard_writers(trainer)
-        if not writers:
+        if not tensorboard_writers(trainer):
             warn_once("noprojector", "ProjectionMonitor: no TensorBoardLogger is attached, so the projector "
                                      "embeddings are skipped (the PCA images and scalars are still logged).", owner=self)
             return
@@ -183,13 +181,9 @@ class ProjectionMonitor(ProbeSetCallback):
         else:
             header, metadata = None, [self._name(int(p)) for p in preds]
         sprites = self._sprites(x)
-        for writer in writers:
-            _continue_projector_config(writer, step)
         for name in self.layers:
-            feats = results[f"act/{name}"].cpu()
-            for writer in writers:
-                writer.add_embedding(feats, metadata=metadata, metadata_header=header, label_img=sprites,
-                                     global_step=step, tag=self.tag(name))
+            log_embedding(trainer, self.tag(name), results[f"act/{name}"], step, metadata=metadata, header=header,
+                          thumbnails=sprites)
 
     def _sprites(self, x: Tensor) -> Optional[Tensor]:
         if not self.thumbnails or x.ndim != 4 or not x.is_floating_point():
@@ -198,30 +192,3 @@ class ProjectionMonitor(ProbeSetCallback):
 
         return upscale(to_display(x.detach().cpu()), self.thumbnail_size)  # (N, 3, H', W')
 
-
-def _continue_projector_config(writer: Any, step: int) -> None:
-    """Keep the embeddings a stopped run wrote to this log directory in the projector after a resume.
-
-    ``SummaryWriter.add_embedding`` rewrites ``projector_config.pbtxt`` from the entries the writer added
-    itself, so a run resumed into the same directory would drop the earlier epochs from the projector tab.
-    Before a writer's first embedding, the file's entries logged before ``step`` are loaded into it (later
-    ones belong to epochs the resumed run logs again). Best effort: on any error the file is left to torch.
-    """
-    if hasattr(writer, "_projector_config") or not hasattr(writer, "get_logdir"):
-        return
-    path = os.path.join(writer.get_logdir(), "projector_config.pbtxt")
-    if not os.path.isfile(path):
-        return
-    try:
-        from google.protobuf import text_format
-        from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
-
-        with open(path, encoding="utf-8") as fh:
-            old = text_format.Parse(fh.read(), ProjectorConfig())
-        kept = ProjectorConfig()
-        steps = [e.tensor_name.rpartition(":")[2] for e in old.embeddings]  # names are "<tag>:<step, 5 digits>"
-        kept.embeddings.extend(e for e, s in zip(old.embeddings, steps) if s.isdigit() and int(s) < step)
-        writer._projector_config = kept  # the attribute add_embedding appends to
-    except Exception as err:  # noqa: BLE001 - a malformed file must not cost the run
-        warn_once(f"projector-config-{path}", f"ProjectionMonitor could not read {path!r} ({type(err).__name__}: "
-                                              f"{err}); the projector tab lists only this run's embeddings.")

@@ -402,7 +402,8 @@ class ShortcutMonitor(ProbeSetCallback):
             for name, fn, options in self._sanity_methods():
                 res = randomisation_check(pl_module, fn, x, target, layers=self.sanity_layers,
                                           threshold=self.sanity_threshold, seed=self.seed, method_options=options,
-                                          forward=lambda m, inputs: self.logits_fn(m)(inputs))
+                                          forward=lambda m, inputs: self.logits_fn(m)(inputs),
+                                          shared=(pl_module.trainer,))
                 results[f"sanity/{name}"] = res.per_sample.float().to(x.device)
                 self._sanity_layer_names = res.layers
         return results
@@ -602,6 +603,7 @@ class ShortcutMonitor(ProbeSetCallback):
             for name, fn, options in self._sanity_methods() or [self.method]:
                 res = randomisation_check(pl_module, fn, x, None if target is None else target.to(x.device) if isinstance(target, Tensor) else target,
                                           layers=self.sanity_layers, threshold=self.sanity_threshold, seed=self.seed,
-                                          method_options=options, forward=lambda m, inp: self.logits_fn(m)(inp))
+                                          method_options=options, forward=lambda m, inp: self.logits_fn(m)(inp),
+                                          shared=(pl_module.trainer,))
                 out[name] = res.correlation
         return out

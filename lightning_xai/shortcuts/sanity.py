@@ -79,14 +79,10 @@ def top_layers(model: nn.Module, layers: Union[int, Sequence[str]]) -> List[str]
     return resolve_layer_patterns(model, list(layers), name="layers")
 
 
-def private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that does not copy a Lightning trainer attached to it."""
-    memo: Dict[int, Any] = {}
-    for m in model.modules():
-        trainer = m.__dict__.get("_trainer")
-        if trainer is not None:
-            memo[id(trainer)] = None
-    return copy.deepcopy(model, memo)
+def private_copy(model: nn.Module, shared: Sequence[Any] = ()) -> nn.Module:
+    """A deep copy of ``model`` whose references to the objects in ``shared`` (e.g. the Lightning trainer a
+    LightningModule is attached to) point at the originals instead of copies."""
+    return copy.deepcopy(model, {id(obj): obj for obj in shared})
 
 
 def randomise_layers(model: nn.Module, names: Sequence[str], generator: torch.Generator) -> None:
@@ -114,6 +110,7 @@ def randomisation_check(
     seed: int = 0,
     method_options: Optional[Dict[str, Any]] = None,
     forward: Optional[Callable[[nn.Module, Tensor], Tensor]] = None,
+    shared: Sequence[Any] = (),
 ) -> SanityResult:
     """Compare a method's maps on ``model`` and on a copy with its top layers re-initialised.
 
@@ -128,6 +125,7 @@ def randomisation_check(
         seed: seed of the private generator for the new weights.
         method_options: keyword options for ``method``.
         forward: ``forward(module, inputs) -> logits`` when the module's own output is not the logits.
+        shared: objects the model refers to that the copy must share rather than copy (a Lightning trainer).
 
     Returns:
         :class:`SanityResult`.
@@ -152,7 +150,7 @@ def randomisation_check(
     with preserve_modes(model, eval_mode=True):  # BatchNorm statistics and dropout untouched; the copy is in eval mode
         target = resolve_target(as_callable(model), inputs, target)
         before = method(as_callable(model), inputs, target, **options).detach()
-        twin = private_copy(model)
+        twin = private_copy(model, shared)
         randomise_layers(twin, names, torch.Generator().manual_seed(seed))
         after = method(as_callable(twin), inputs, target, **options).detach()
     reduce = (lambda a: a.float().abs().sum(1)) if before.ndim >= 3 else (lambda a: a.float().abs())
