@@ -210,3 +210,37 @@ def read_text(acc, tag: str) -> str:
     """The newest text logged under ``tag`` (TensorBoard stores it as ``<tag>/text_summary``)."""
     name = tag if tag in acc.Tags()["tensors"] else f"{tag}/text_summary"
     return acc.Tensors(name)[-1].tensor_proto.string_val[0].decode()
+
+
+class FigureSpy:
+    """Records the figures a callback module draws (image and :class:`~lightning_xai.render.Layout`), in order, by
+    wrapping its render functions with ``monkeypatch`` (``pytest.MonkeyPatch.context()`` in a module fixture)."""
+
+    def __init__(self, monkeypatch, module, *names: str) -> None:
+        self.drawn: Dict[str, list] = {name: [] for name in names}
+        for name in names:
+            def spy(*args, _original=getattr(module, name), _store=self.drawn[name], **kwargs):
+                fig = _original(*args, **kwargs)
+                _store.append(fig)
+                return fig
+
+            monkeypatch.setattr(module, name, spy)
+
+    def __getitem__(self, name: str) -> list:
+        return self.drawn[name]
+
+    def titled(self, name: str, start: str) -> list:
+        """The figures drawn by ``name`` whose title starts with ``start``."""
+        return [f for f in self.drawn[name] if f.layout.text("title")[0].startswith(start)]
+
+
+def png_equals(encoded: bytes, image: torch.Tensor) -> bool:
+    """Whether a logged PNG holds exactly ``image (3, H, W)`` in ``[0, 1]`` (as log_image rounds it)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    decoded = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+    drawn = (image.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+    return decoded.shape == drawn.shape and bool((decoded == drawn).all())

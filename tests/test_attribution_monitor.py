@@ -1,6 +1,5 @@
 """Integration tests of AttributionMonitor in a real Trainer, reading the logged event files back."""
 import glob
-import io
 import os
 import socket
 import subprocess
@@ -17,16 +16,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from helpers import DigitsModule, digits_loaders, hook_count, read_events, read_text, small_cnn, tiny_trainer, trained_weights
+from helpers import (DigitsModule, FigureSpy, digits_loaders, hook_count, png_equals, read_events, read_text, small_cnn,
+                     tiny_trainer, trained_weights)
 from lightning_xai.callbacks.attribution import AttributionMonitor, top_share
 
 FAST = ("saliency", ("integrated_gradients", {"steps": 8}))
-
-
-def _decode(image_event):
-    import matplotlib.image
-
-    return matplotlib.image.imread(io.BytesIO(image_event.encoded_image_string), format="png")
 
 
 def _fit(tmp_path, callbacks, epochs=2, logger=True, **kw):
@@ -38,18 +32,34 @@ def _fit(tmp_path, callbacks, epochs=2, logger=True, **kw):
     return trainer, model
 
 
-def test_logs_images_text_and_scalars(tmp_path):
+def _spy(monkeypatch):
+    import lightning_xai.callbacks.attribution as module
+
+    return FigureSpy(monkeypatch, module, "attribution_figure", "evolution_figure")
+
+
+def test_logs_images_text_and_scalars(tmp_path, monkeypatch):
+    figures = _spy(monkeypatch)
     monitor = AttributionMonitor(methods=FAST, probe_samples=10)
     trainer, model = _fit(tmp_path, [monitor])
     acc = read_events(trainer.logger.log_dir)
     tags = acc.Tags()
-    assert {"xai/attribution/saliency", "xai/attribution/integrated_gradients"} <= set(tags["images"])
+    assert {"xai/attribution/saliency", "xai/attribution/integrated_gradients", "xai/attribution/saliency/evolution",
+            "xai/attribution/integrated_gradients/evolution"} <= set(tags["images"])
     events = acc.Images("xai/attribution/saliency")
     assert len(events) == 2  # one per epoch
-    img = _decode(events[-1])
-    # 10 rows of (64 px cells + 2 px padding) + 2; 3 columns: input | heatmap | overlay
-    assert img.shape[:2] == (10 * 66 + 2, 3 * 66 + 2)
-    assert img.min() >= 0 and img.max() <= 1 and img[..., :3].std() > 0.05
+    fig = figures["attribution_figure"][-2]  # saliency, then integrated_gradients, at the last epoch
+    assert png_equals(events[-1].encoded_image_string, fig.image)  # what was drawn is what was logged
+    layout = fig.layout
+    assert layout.text("title") == ["saliency · epoch 1"]
+    assert layout.columns >= 2  # blocks wrap into columns, not a strip
+    assert layout.text("header")[:3] == ["input", "heatmap", "overlay"]
+    labels = monitor.probe_y.tolist()
+    captions = layout.text("caption")
+    assert [c.split(" · ")[0] for c in captions[::2]] == [f"label {v}" for v in labels]  # one block per probe sample
+    assert all(c.startswith("conf ") and " · expl. " in c for c in captions[1::2])
+    assert "colorbar" in layout.regions and layout.scale[0] == "inferno" and layout.scale[2] == monitor.scales["saliency"][0]
+    assert layout.regions["header"][3] <= min(box[1] for box in layout.cells.values())  # headers above the cells
     share = [s.value for s in acc.Scalars("xai/attribution/saliency/top5_share")]
     assert len(share) == 2 and all(0.05 <= v <= 1.0 for v in share)
     gap = acc.Scalars("xai/attribution/integrated_gradients/completeness_gap")[-1].value
@@ -60,6 +70,68 @@ def test_logs_images_text_and_scalars(tmp_path):
     assert monitor.probe_y.tolist() == list(range(10))
     assert hook_count(model) == 0
     assert "xai/attribution/saliency/top5_share" in trainer.callback_metrics
+
+
+def _planted_maps():
+    """An attribution method (unsigned) whose map of probe sample 0 never changes while the others' peaks grow ten-fold
+    each call (one call per explained epoch), and a scale re-estimated over the probe set at each epoch would move."""
+    calls = []
+
+    def planted(model, inputs, target):
+        n = inputs.shape[0]
+        maps = torch.ones(n, 1, 8, 8)
+        maps[0, 0, :4, :4] = 3.0  # sample 0: the same map every epoch
+        maps[1:, 0, 6:, 6:] = 10.0 ** (len(calls) + 1)  # the others: more and more concentrated
+        calls.append(1)
+        return maps
+
+    planted.signed = False
+    return planted
+
+
+def test_fixed_scale_same_map_same_colours_at_two_epochs(tmp_path, monkeypatch):
+    x = torch.rand(4, 1, 8, 8)
+    runs = {}
+    for scale in ("fixed", "per_sample"):
+        figures = _spy(monkeypatch)
+        monitor = AttributionMonitor(methods=(_planted_maps(),), probe=x, scale=scale, evolution_samples=2)
+        _fit(tmp_path / scale, [monitor], epochs=2)
+        runs[scale] = figures["attribution_figure"]
+        first, second = runs[scale]
+        box = first.layout.cells[(0, 1)]  # sample 0's heatmap
+        assert box == second.layout.cells[(0, 1)]
+        x0, y0, x1, y1 = box
+        assert torch.equal(first.image[:, y0:y1, x0:x1], second.image[:, y0:y1, x0:x1])  # same map, same colours
+    fixed = runs["fixed"]
+    assert fixed[0].layout.scale == fixed[1].layout.scale  # the colour bar did not move either
+    assert "scale fixed at epoch 0" in " ".join(fixed[1].layout.text("colorbar"))
+    # and on the fixed scale a stronger peak is a brighter colour: sample 1's peak is clipped, sample 0's is not
+    (x0, y0, x1, y1), (u0, v0, u1, v1) = fixed[1].layout.cells[(0, 1)], fixed[1].layout.cells[(1, 1)]
+    img = fixed[1].image
+    assert float(img[:, y0:y1, x0:x1].sum(0).max()) < float(img[:, v0:v1, u0:u1].sum(0).max())
+    assert "own 99th percentile" in " ".join(runs["per_sample"][0].layout.text("colorbar"))
+
+
+def test_evolution_grows_one_column_per_explained_epoch(tmp_path, monkeypatch):
+    figures = _spy(monkeypatch)["evolution_figure"]
+    monitor = AttributionMonitor(methods=("saliency",), probe_samples=10, evolution_samples=3)
+    trainer, _ = _fit(tmp_path, [monitor], epochs=3)
+    headers = [fig.layout.text("header") for fig in figures]
+    assert headers == [["input", "0"], ["input", "0", "1"], ["input", "0", "1", "2"]]
+    for k, fig in enumerate(figures):
+        assert {col for _, col in fig.layout.cells} == set(range(k + 2))  # input + one column per explained epoch
+        assert len({row for row, _ in fig.layout.cells}) == 3  # the evolution samples
+        assert fig.layout.text("group") == ["epoch"]
+    events = read_events(trainer.logger.log_dir).Images("xai/attribution/saliency/evolution")
+    widths = [ev.width for ev in events]
+    assert len(widths) == 3 and widths[0] <= widths[1] <= widths[2]
+    pitch = [figures[k + 1].layout.cells[(0, k + 2)][0] - figures[k + 1].layout.cells[(0, k + 1)][0]
+             for k in range(2)]
+    assert pitch[0] == pitch[1] > 0  # one more column each time, at the same pitch
+    # the rows shown are spread over the probe set (grouped by class): different classes
+    rows = [fig for fig in figures[-1].layout.text("row") if fig.startswith("label ")]
+    assert len(set(rows)) == 3
+    assert set(monitor.evolution["saliency"]) == {0, 1, 2} and monitor.evolution["saliency"][2].dtype == torch.float16
 
 
 def test_top_share_bounds():
@@ -135,7 +207,8 @@ def test_no_logger_writes_png_and_warns_once(tmp_path):
     with pytest.warns(RuntimeWarning, match="PNG") as record:
         _fit(tmp_path, [monitor], logger=False)
     pngs = sorted(glob.glob(str(tmp_path / "xai" / "*.png")))
-    assert len(pngs) == 2
+    assert len(pngs) == 4  # the figure and the evolution figure, two epochs
+    assert sum("evolution" in os.path.basename(p) for p in pngs) == 2
     assert sum("PNG" in str(w.message) for w in record) == 1
 
 
@@ -180,6 +253,8 @@ def test_error_policy_warns_and_training_goes_on(tmp_path):
         pytest.param({"probe": torch.zeros(3, 5)}, "images of shape", id="non-image-probe"),
         pytest.param({"probe": (torch.zeros(3, 1, 8, 8), torch.zeros(4))}, "probe labels", id="label-count"),
         pytest.param({"probe": torch.zeros(3, 1, 8, 8, dtype=torch.long)}, "floating-point", id="int-probe"),
+        pytest.param({"scale": "per_epoch"}, "per_sample", id="bad-scale"),
+        pytest.param({"evolution_samples": -1}, "evolution_samples", id="bad-evolution-samples"),
     ],
 )
 def test_bad_configuration_is_reported(tmp_path, kwargs, match):

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from helpers import assert_unchanged, small_cnn, snapshot
+from helpers import FigureSpy, assert_unchanged, png_equals, small_cnn, snapshot
 from lightning_xai.callbacks.featvis import FeatureVisMonitor
 
 
@@ -83,7 +83,10 @@ def _events(tmp_path):
     return acc
 
 
-def test_tensorboard_round_trip(tmp_path, digits_data):
+def test_tensorboard_round_trip(tmp_path, digits_data, monkeypatch):
+    import lightning_xai.callbacks.featvis as featvis_module
+
+    drawn = FigureSpy(monkeypatch, featvis_module, "image_figure")["image_figure"]
     monitor = FeatureVisMonitor(targets=[("logits", range(10)), ("net.0.4", "channels", range(4))],
                                 every_n_epochs=5, steps=24)
     model = DigitsModule(*digits_data)
@@ -96,9 +99,15 @@ def test_tensorboard_round_trip(tmp_path, digits_data):
     logits_imgs = acc.Images("xai/featvis/logits")
     assert len(logits_imgs) == 2  # epoch 0 (cadence) and epoch 2 (the last), not epoch 1
     assert logits_imgs[0].step < logits_imgs[1].step
-    assert (logits_imgs[0].width, logits_imgs[0].height) == (10 * 66 + 2, 66 + 2)  # 10 cells of 64 px, padding 2
-    feat = acc.Images("xai/featvis/net.0.4")[-1]
-    assert (feat.width, feat.height) == (4 * 66 + 2, 66 + 2)
+    logits_fig, channels_fig = drawn[-2:]  # the last run's figures, in target-set order
+    assert png_equals(logits_imgs[-1].encoded_image_string, logits_fig.image)
+    assert png_equals(acc.Images("xai/featvis/net.0.4")[-1].encoded_image_string, channels_fig.image)
+    assert logits_fig.layout.text("title") == ["feature visualisation · logits · epoch 2"]
+    captions = logits_fig.layout.text("caption")
+    assert captions[::2] == [f"class {c}" for c in range(10)]  # a label under every cell, then the value reached
+    assert [float(v) for v in captions[1::2]] == pytest.approx(monitor.last_activations["logits"].tolist(), rel=1e-2)
+    assert channels_fig.layout.text("caption")[::2] == [f"channel {c}" for c in range(4)]
+    assert 1 < logits_fig.layout.columns < 10  # wrapped into rows
     scalars = acc.Scalars("xai/featvis/logits/activation")
     assert len(scalars) == 2 and all(torch.isfinite(torch.tensor(s.value)) for s in scalars)
     assert monitor.input_shape == (1, 8, 8) and monitor.value_range == (0.0, 1.0)

@@ -9,11 +9,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from helpers import DigitsModule, digits_loaders, hook_count, read_events, tiny_trainer, trained_weights
+from helpers import DigitsModule, FigureSpy, digits_loaders, hook_count, png_equals, read_events, tiny_trainer, trained_weights
 from lightning_xai.callbacks.probes import LinearProbeMonitor
 from lightning_xai.probes import Reducer
 
 LAYERS = ["net.0.2", "net.0.4", "net.1.3"]
+DRAWN = {}  # the figures the module fixture's run drew
 
 
 def _fit(tmp_path, callbacks, n_train=256, n_val=400, max_epochs=2, logger=True, module=None, **kwargs):
@@ -29,8 +30,11 @@ def _fit(tmp_path, callbacks, n_train=256, n_val=400, max_epochs=2, logger=True,
 def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("probes")
     monitor = LinearProbeMonitor(layers=LAYERS, concepts={"big": lambda batch: (batch[1] >= 5).long()}, on_error="raise")
-    with warnings.catch_warnings(record=True) as caught:
+    import lightning_xai.callbacks.probes as probes_module
+
+    with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("always")
+        DRAWN["matrix_figure"] = FigureSpy(mp, probes_module, "matrix_figure")["matrix_figure"]
         trainer, module = _fit(tmp_path, [monitor])
     return monitor, trainer, module, read_events(tmp_path / "tb" / "version_0"), caught
 
@@ -67,7 +71,18 @@ def test_heatmap_custom_scalars_and_table(fitted):
     assert len(images) == 2
     values, rows, cols = monitor.heatmap_values()
     assert rows == ["input"] + LAYERS and cols == ["untrained", "0", "1"]
-    assert (images[-1].height, images[-1].width) == (16 * len(rows), 16 * len(cols))
+    accuracy, selectivity = DRAWN["matrix_figure"][-2:]  # the last epoch's two figures
+    assert png_equals(images[-1].encoded_image_string, accuracy.image)
+    layout = accuracy.layout
+    assert layout.text("title") == ["linear-probe accuracy (held-out) · epoch 1"]
+    assert layout.text("row") == rows and layout.text("header") == cols  # a labelled layer x epoch matrix
+    assert layout.text("value") == [f"{float(v):.2f}" for v in values.flatten()]  # the accuracy printed in each cell
+    assert layout.cells.keys() == {(i, j) for i in range(len(rows)) for j in range(len(cols))}
+    assert "colorbar" in layout.regions and layout.scale == ("viridis", 0.0, 1.0)
+    sel, _, _ = monitor.heatmap_values("selectivity")
+    assert selectivity.layout.text("value") == [f"{float(v):.2f}" for v in sel.flatten()]
+    assert selectivity.layout.scale == ("RdBu_r", -1.0, 1.0)
+    assert png_equals(events.Images("xai/probe/heatmap_selectivity")[-1].encoded_image_string, selectivity.image)
     assert "custom_scalars__config__" in events.Tags()["tensors"]
     layout = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0].decode("latin-1")
     assert "xai/probe/net\\.0\\.4/selectivity" in layout

@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_xai import logging as xlog
-from lightning_xai.render import apply_colormap, attribution_grid, image_grid, make_grid, normalize_maps, to_display
+from lightning_xai.render import apply_colormap, make_grid, normalize_maps, to_display
 
 
 def test_normalize_maps_clips_outliers_and_centres_signed_maps():
@@ -35,9 +35,8 @@ def test_colormap_grid_and_display():
     assert torch.equal(to_display(torch.full((1, 1, 2, 2), 0.5)), torch.full((1, 3, 2, 2), 0.5))  # in range: kept
     scaled = to_display(torch.tensor([[[[-3.0, 5.0]]]]))  # normalised data: min-max scaled
     assert float(scaled.min()) == 0.0 and float(scaled.max()) == 1.0
-    g = attribution_grid(torch.rand(3, 1, 8, 8), [torch.randn(3, 1, 8, 8)], [True], min_side=16, padding=2)
-    assert g.shape == (3, 3 * 18 + 2, 3 * 18 + 2) and float(g.min()) >= 0 and float(g.max()) <= 1
-    assert image_grid(torch.rand(12, 3, 4, 4), ncols=5, min_side=4, padding=0).shape == (3, 12, 20)
+    fixed = normalize_maps(torch.tensor([[[[1.0, 4.0]]], [[[2.0, 8.0]]]]), signed=False, scale=4.0)
+    assert torch.equal(fixed, torch.tensor([[[0.25, 1.0]], [[0.5, 1.0]]]))  # one scale for every map, clipped
     with pytest.raises(ValueError, match="cmap"):
         apply_colormap(torch.zeros(1, 1, 1), "no_such_map")
 

@@ -5,8 +5,8 @@ import torch
 from pytorch_lightning import Callback, Trainer, seed_everything
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from helpers import DigitsModule, assert_unchanged, digits_data, digits_loaders, hook_count, read_events, snapshot, \
-    tiny_trainer, trained_weights
+from helpers import DigitsModule, FigureSpy, assert_unchanged, digits_data, digits_loaders, hook_count, png_equals, \
+    read_events, snapshot, tiny_trainer, trained_weights
 from lightning_xai.callbacks.samples import SampleInfluenceMonitor
 
 _TAGS = ("neighbours", "representers", "suspects", "sparse")
@@ -47,10 +47,14 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("samples")
     shared = {}
     monitor = _monitor()
-    trainer, module = _fit(tmp, [_Guard(shared, False), monitor, _Guard(shared, True)], "with")
+    import lightning_xai.callbacks.samples as samples_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        drawn = FigureSpy(mp, samples_module, "grid_figure")
+        trainer, module = _fit(tmp, [_Guard(shared, False), monitor, _Guard(shared, True)], "with")
     _, baseline = _fit(tmp, [], "without")
     return dict(tmp=tmp, monitor=monitor, trainer=trainer, module=module, baseline=baseline, shared=shared,
-                events=read_events(tmp / "with" / "tb" / "version_0"))
+                events=read_events(tmp / "with" / "tb" / "version_0"), drawn=drawn)
 
 
 def test_tensorboard_images_tables_and_scalars(runs):
@@ -61,10 +65,25 @@ def test_tensorboard_images_tables_and_scalars(runs):
         assert f"xai/samples/{name}/table/text_summary" in tags["tensors"]
     images = acc.Images("xai/samples/neighbours")
     assert len(images) == 2  # epochs 0 and 1
-    # 4 probe rows, 1 + k cells each, 48-pixel cells with 2-pixel padding
-    assert (images[-1].height, images[-1].width) == (2 + 4 * 50, 2 + 4 * 50)
-    rep = acc.Images("xai/samples/representers")[-1]
-    assert rep.width == 2 + (1 + 2 * 2) * 50
+    drawn = runs["drawn"]
+    neighbours = drawn.titled("grid_figure", "nearest training samples · epoch 1")[-1]
+    assert png_equals(images[-1].encoded_image_string, neighbours.image)
+    lay = neighbours.layout
+    assert lay.cells.keys() == {(i, j) for i in range(4) for j in range(1 + 3)}  # 4 probe rows, the probe + k = 3
+    assert lay.text("header") == ["probe", "1", "2", "3"] and lay.text("group") == ["most similar training samples"]
+    probe_y = runs["monitor"].probe_y.tolist()
+    assert [c for c in lay.text("caption") if c.startswith("label ")] == [f"label {v}" for v in probe_y]
+    assert sum(c.startswith("y ") for c in lay.text("caption")) == 4 * 3  # every training cell's label
+    assert lay.text("legend") == ["probe sample", "labelled as the probe's prediction", "labelled otherwise"]
+    rep = drawn.titled("grid_figure", "representer points · epoch 1")[-1]
+    assert png_equals(acc.Images("xai/samples/representers")[-1].encoded_image_string, rep.image)
+    assert rep.layout.text("group") == ["push the predicted logit up", "push it down"]
+    assert {"divider 1", "divider 3"} <= set(rep.layout.regions)  # between the probe, the ups and the downs
+    up_x1 = max(b[2] for (i, j), b in rep.layout.cells.items() if i == 0 and j in (1, 2))
+    down_x0 = min(b[0] for (i, j), b in rep.layout.cells.items() if i == 0 and j in (3, 4))
+    assert up_x1 < rep.layout.regions["divider 3"][0] < down_x0
+    suspects = drawn.titled("grid_figure", "suspected label errors · epoch 1")[-1]
+    assert sum(c.startswith("given ") for c in suspects.layout.text("caption")) == 6
     gap = acc.Scalars("xai/samples/decomposition_gap")[-1].value
     assert gap < 1e-8
     for name in ("mean_support", "min_support", "refit_agreement", "neighbour_agreement"):

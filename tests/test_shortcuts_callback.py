@@ -13,7 +13,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import DigitsModule, assert_unchanged, read_events, small_cnn, snapshot, tiny_trainer, trained_weights
+from helpers import (DigitsModule, FigureSpy, assert_unchanged, png_equals, read_events, small_cnn, snapshot, tiny_trainer,
+                     trained_weights)
 from lightning_xai.callbacks.shortcuts import ShortcutMonitor
 from lightning_xai.shortcuts.regions import iou
 
@@ -77,7 +78,10 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("corner", [True, False], ids=["uses_corner", "ignores_corner"])
-def test_known_region_alarm_and_tags(tmp_path, corner):
+def test_known_region_alarm_and_tags(tmp_path, corner, monkeypatch):
+    import lightning_xai.callbacks.shortcuts as shortcuts_module
+
+    drawn = FigureSpy(monkeypatch, shortcuts_module, "evidence_figure")["evidence_figure"]
     train, val = loaders()
     monitor = ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=100, action="warn")
     trainer = tiny_trainer(tmp_path, [monitor], max_epochs=1)
@@ -98,6 +102,23 @@ def test_known_region_alarm_and_tags(tmp_path, corner):
         assert monitor.alarms[0]["region"] == "corner"
     else:
         assert alarm == 0.0 and flip == 0.0 and not shortcut_warnings and not monitor.alarms
+    # the evidence figure: every run, the region and its controls on the samples that moved most, and the effect
+    (fig,) = drawn
+    assert png_equals(acc.Images("xai/shortcut/corner/evidence")[-1].encoded_image_string, fig.image)
+    lay = fig.layout
+    assert lay.text("title") == [f"shortcut check · corner · epoch 0 · {'ALARM' if corner else 'no alarm'}"]
+    assert lay.text("header")[:2] == ["regions", "region replaced"] and len({i for i, _ in lay.cells}) == 4
+    assert lay.text("legend") == ["region", "control regions"]
+    assert [t for t in lay.text("bar") if t not in ("region", "controls")] == ["output shift (mean)", "flip rate",
+                                                                              "accuracy drop"]
+    shift = acc.Scalars("xai/shortcut/corner/shift")[-1].value
+    assert lay.text("value")[0] == f"{shift:.3f}"  # the bars are the logged figures
+    x0, y0, x1, y1 = lay.cells[(0, 0)]
+    cell = fig.image[:, y0:y1, x0:x1]
+    red = (cell[0] > 0.85) & (cell[1] < 0.15) & (cell[2] < 0.15)
+    cyan = (cell[0] < 0.1) & (cell[1] > 0.7) & (cell[2] > 0.95)
+    assert bool(red.any()) and bool(cyan.any())  # the region and the control regions are outlined
+    assert bool(red[: (y1 - y0) // 2, : (x1 - x0) // 2].any()) and not bool(red[(y1 - y0) // 2:, (x1 - x0) // 2:].any())
 
 
 def test_stop_ends_training(tmp_path):
@@ -277,8 +298,10 @@ def test_unknown_region_finds_mark_and_not_on_clean(tmp_path):
             assert alarm == 1.0
             assert monitor.alarms and monitor.alarms[0]["region"] == "hotspot"
             assert iou(monitor.last_hotspot, truth) >= 0.5
+            assert "xai/shortcut/hotspot/evidence" in acc.Tags()["images"]  # a firing candidate explains itself
         else:
             assert alarm == 0.0 and not monitor.alarms
+            assert "xai/shortcut/hotspot/evidence" not in acc.Tags()["images"]
 
 
 @pytest.mark.parametrize("regions", [

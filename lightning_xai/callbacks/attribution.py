@@ -4,10 +4,11 @@ Add it to a Trainer, open TensorBoard, and watch where the model looks as it tra
 
     trainer = Trainer(callbacks=[AttributionMonitor(methods=("saliency", "smoothgrad", "integrated_gradients"))])
 
-Per method and epoch it logs one image (a row per probe sample: input | heatmap | overlay), a text
-table with each row's label, prediction, confidence and the class explained, and scalars that
-EarlyStopping/ModelCheckpoint can monitor: the share of attribution in the top 5 % of pixels, and for
-Integrated Gradients the median relative completeness gap.
+Per method and epoch it logs a figure (per probe sample ``input | heatmap | overlay`` under its label,
+prediction, confidence and the class explained, on one colour scale with its colour bar), a figure of a
+few probe samples' heatmaps over all explained epochs so far, a text table with the same labels, and
+scalars that EarlyStopping/ModelCheckpoint can monitor: the share of attribution in the top 5 % of
+pixels, and for Integrated Gradients the median relative completeness gap.
 """
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import torch
 from torch import Tensor
 
-from lightning_xai._lightning import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException, MisconfigurationTypeError, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import eager_compiled, expected
+from lightning_xai._utils import check_choice, check_int, check_real, eager_compiled, expected
 from lightning_xai.attribution import PinnedOptions, get_method, is_signed, method_passes
-from lightning_xai.callbacks.base import ProbeSetCallback
+from lightning_xai.callbacks import shared
+from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_layers, check_method_options
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
-from lightning_xai.render import attribution_grid
+from lightning_xai.render import (MAX_COLUMNS, attribution_figure, evolution_figure, pool_to, robust_max, share_maps,
+                                  spread)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -43,7 +46,11 @@ def top_share(maps: Tensor, fraction: float = 0.05) -> Tensor:
     return flat.topk(k, dim=1).values.sum(1) / total
 
 
-class AttributionMonitor(ProbeSetCallback):
+SCALE_MODES = ("fixed", "per_sample")
+EVOLUTION_SIDE = 64  # px: evolution maps are kept area-pooled to at most this side (float16) in the state
+
+
+class AttributionMonitor(SampleCheckedCallback):
     """Logs attribution heatmaps of a fixed probe set to TensorBoard (and other image loggers).
 
     Args:
@@ -55,14 +62,23 @@ class AttributionMonitor(ProbeSetCallback):
             resumed from a checkpoint logs what an uninterrupted one would.
         target: the class explained per sample: ``"label"`` (default), ``"prediction"``, or a class index.
         denormalize: maps normalised inputs back to display values (e.g. undo ImageNet normalisation).
-        outlier_perc: percentile of the largest ``|values|`` clipped in each heatmap.
+        outlier_perc: percentile of the largest ``|values|`` clipped: the fixed scale is the
+            ``100 - outlier_perc`` percentile over the probe set, a per-sample scale each map's own.
+        scale: ``"fixed"`` (default): every heatmap of a method on one colour scale, set at the first
+            explained epoch and kept (in the checkpoint too), so a colour means the same for every sample
+            and epoch. Maps are shown as each pixel's share of its map's ``|attribution|`` in multiples
+            of an even share (:func:`~lightning_xai.render.share_maps`), a unit that does not grow with
+            the gradients as the model trains. ``"per_sample"``: each map on its own scale.
+        evolution_samples: probe samples (evenly spaced over the probe set) shown over the epochs in
+            ``<method>/evolution``; ``0`` logs no evolution figure.
         top_fraction: fraction of pixels for the concentration figure (default 5 %).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
             :class:`~lightning_xai.callbacks.base.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
-        ``xai/attribution/<method>`` (image), ``xai/attribution/probes`` (text),
+        ``xai/attribution/<method>`` and ``xai/attribution/<method>/evolution`` (images: rows are probe
+        samples, columns the input and each explained epoch), ``xai/attribution/probes`` (text),
         ``xai/attribution/<method>/top5_share`` and ``xai/attribution/integrated_gradients/completeness_gap``
         (scalars).
 
@@ -82,41 +98,67 @@ class AttributionMonitor(ProbeSetCallback):
         denormalize: Optional[Callable[[Tensor], Tensor]] = None,
         outlier_perc: float = 1.0,
         top_fraction: float = 0.05,
+        scale: str = "fixed",
+        evolution_samples: int = 4,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if isinstance(methods, (str, tuple)) and (isinstance(methods, str) or (len(methods) == 2 and isinstance(methods[1], dict))):
             methods = [methods]
+        if not isinstance(methods, (list, tuple)):
+            raise MisconfigurationTypeError(expected("methods", "a method spec or a list of them (see `get_method`)",
+                                                     type(methods).__name__))
         methods = list(methods)
         if not methods:
             raise MisconfigurationException(expected("methods", "at least one attribution method", methods))
-        self.methods: List[Tuple[str, Callable, Dict[str, Any]]] = []
-        for spec in methods:
-            try:
-                self.methods.append(get_method(spec))
-            except (ValueError, TypeError, ImportError) as err:
-                raise MisconfigurationException(str(err)) from err
+        with refuse_bad_options():
+            self.methods: List[Tuple[str, Callable, Dict[str, Any]]] = [get_method(spec) for spec in methods]
         names = [m[0] for m in self.methods]
         if len(set(names)) != len(names):
             raise MisconfigurationException(expected("methods", "methods with distinct names", names))
+        for name, fn, options in self.methods:  # what needs the image size waits for the first sample
+            check_method_options(name, fn, options, ndim=4)
         self.check_target(target)
         if denormalize is not None and not callable(denormalize):
             raise MisconfigurationException(expected("denormalize", "a callable inputs -> display values", denormalize))
-        if not 0 <= outlier_perc < 50:
-            raise MisconfigurationException(expected("outlier_perc", "a float in [0, 50)", outlier_perc))
-        if not 0 < top_fraction < 1:
-            raise MisconfigurationException(expected("top_fraction", "a float in (0, 1)", top_fraction))
+        with refuse_bad_options():
+            check_real("outlier_perc", outlier_perc, 0, 50, high_open=True)
+            check_real("top_fraction", top_fraction, 0, 1, low_open=True, high_open=True)
         # a torch.Generator in the options restarts every epoch, so no figure depends on the epochs before it
         self._fresh_options = {name: PinnedOptions(options) for name, _, options in self.methods}
         self.target = target
         self.denormalize = denormalize
         self.outlier_perc = outlier_perc
         self.top_fraction = top_fraction
+        with refuse_bad_options():
+            check_choice("scale", scale, SCALE_MODES)
+            check_int("evolution_samples", evolution_samples, minimum=0)
+        self.scale = scale
+        self.evolution_samples = evolution_samples
+        # figure state, kept in the checkpoint so a resumed run draws what an uninterrupted one would:
+        self.scales: Dict[str, Tuple[float, int]] = {}  # method -> (fixed scale, the epoch it was set at)
+        self.evolution: Dict[str, Dict[int, Tensor]] = {}  # method -> epoch -> maps of the evolution rows (k, h, w)
+        self.evolution_preds: Dict[int, Tensor] = {}  # epoch -> (prediction, confidence) of those rows (k, 2)
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix, area=self.area, methods=[m[0] for m in self.methods])
+
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["scales"] = {name: [float(s), int(e)] for name, (s, e) in self.scales.items()}
+        state["evolution"] = {name: dict(per) for name, per in self.evolution.items()}
+        state["evolution_preds"] = dict(self.evolution_preds)
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.scales = {str(n): (float(s), int(e)) for n, (s, e) in state_dict.get("scales", {}).items()}
+        self.evolution = {str(n): {int(e): t for e, t in per.items()} for n, per in state_dict.get("evolution", {}).items()}
+        self.evolution_preds = {int(e): t for e, t in state_dict.get("evolution_preds", {}).items()}
 
     @override
     def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
@@ -142,14 +184,24 @@ class AttributionMonitor(ProbeSetCallback):
         super().setup(trainer, pl_module, stage)
         if self.probe_x is not None:
             self.check_images(self.probe_x)
+        for name, fn, options in self.methods:
+            check_method_layers(pl_module, name, fn, options)
+
+    @override
+    def check_sample(self, pl_module: "pl.LightningModule", x: Tensor) -> None:
+        """Images, ``target`` against the classes, and the method options that need the image size."""
+        self.check_images(x)
+        super().check_sample(pl_module, x)
+        for name, fn, options in self.methods:
+            check_method_options(name, fn, options, sample=x)
 
     # ------------------------------------------------------------------ compute / report
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_images(x)
         forward = self.logits_fn(pl_module)
-        with torch.no_grad(), eager_compiled():  # a compiled model runs as is, not recompiled for eval mode
-            probs = forward(x).float().softmax(1)
+        with eager_compiled():  # a compiled model runs as is, not recompiled for eval mode
+            probs = shared.logits(self, pl_module, forward, x).float().softmax(1)
         conf, preds = probs.max(1)
         target = self.targets_for(self.target, preds, y)
         results: Dict[str, Tensor] = {"pred": preds, "conf": conf, "target": target,
@@ -159,7 +211,7 @@ class AttributionMonitor(ProbeSetCallback):
             wants_delta = name == "integrated_gradients" and "return_delta" not in opts
             if wants_delta:
                 opts["return_delta"] = True
-            out = fn(forward, x, target, **opts)
+            out = shared.attribute(self, pl_module, (name, fn, opts), forward, x, target)
             attr, delta = (out if wants_delta else (out, None))
             attr = attr.detach()
             results[f"attr/{name}"] = attr
@@ -186,14 +238,67 @@ class AttributionMonitor(ProbeSetCallback):
             metrics[self.tag(name, f"top{pct}_share")] = float(results[f"top_share/{name}"].nanmean())
             if f"gap/{name}" in results:
                 metrics[self.tag(name, "completeness_gap")] = float(results[f"gap/{name}"].nanmedian())
+        self._figures(trainer, x, y, results, epoch)
         if trainer.is_global_zero:
-            x_cpu = x.detach().cpu()
-            for name, _, options in self.methods:
-                grid = attribution_grid(x_cpu, [results[f"attr/{name}"].cpu()], [is_signed(name, options)],
-                                        denormalize=self.denormalize, outlier_perc=self.outlier_perc)
-                log_image(trainer, self.tag(name), grid)
             log_text(trainer, self.tag("probes"), self._table(y, results, epoch))
         return metrics
+
+    # ------------------------------------------------------------------ figures
+    def _evolution_rows(self, n: int) -> Tensor:
+        """The probe rows shown over the epochs: ``evolution_samples`` evenly spaced (the probe set is grouped by
+        class, so they come from different classes)."""
+        k = min(self.evolution_samples, n)
+        return torch.linspace(0, n - 1, k).round().long().unique() if k else torch.zeros(0, dtype=torch.long)
+
+    def _figures(self, trainer: "pl.Trainer", x: Tensor, y: Optional[Tensor], results: Dict[str, Tensor],
+                 epoch: int) -> None:
+        """Per method: the probe figure and the evolution figure. The scale and the evolution maps are state, updated
+        on every rank alike (the results are whole on every rank); drawing and logging happen on rank zero."""
+        x_cpu = x.detach().cpu()
+        pred, conf, target = (results[k].detach().cpu() for k in ("pred", "conf", "target"))
+        rows = self._evolution_rows(x.shape[0])
+        if rows.numel():
+            self.evolution_preds[epoch] = torch.stack([pred[rows].float(), conf[rows].float()], 1)
+        labels = ["–" if y is None else str(int(v)) for v in (y.cpu() if y is not None else pred)]
+        captions = [[f"label {labels[i]} · pred {int(pred[i])}", f"conf {float(conf[i]):.2f} · expl. {int(target[i])}"]
+                    for i in range(x.shape[0])]
+        target_desc = f"class {self.target}" if isinstance(self.target, int) else f"the {self.target}"
+        for name, _, options in self.methods:
+            signed = is_signed(name, options)
+            values = share_maps(results[f"attr/{name}"].cpu(), signed, size=tuple(x.shape[-2:]))  # (N, H, W)
+            scale, note = None, ""
+            if self.scale == "fixed":
+                if name not in self.scales:
+                    self.scales[name] = (robust_max(values, self.outlier_perc), epoch)
+                scale, since = self.scales[name]
+                note = f"; scale fixed at epoch {since}"
+            if rows.numel():
+                self.evolution.setdefault(name, {})[epoch] = pool_to(values[rows], EVOLUTION_SIDE).half()
+            if not trainer.is_global_zero:
+                continue
+            fig = attribution_figure(x_cpu, values, signed, title=f"{name} · epoch {epoch}",
+                                     subtitle=f"class explained: {target_desc}", captions=captions, scale=scale,
+                                     outlier_perc=self.outlier_perc, denormalize=self.denormalize, scale_note=note)
+            log_image(trainer, self.tag(name), fig.image)
+            if rows.numel():
+                log_image(trainer, self.tag(name, "evolution"),
+                          self._evolution_figure(name, x_cpu[rows], rows, y, signed, scale, note).image)
+
+    def _evolution_figure(self, name: str, inputs: Tensor, rows: Tensor, y: Optional[Tensor], signed: bool,
+                          scale: Optional[float], note: str) -> Any:
+        epochs = sorted(self.evolution[name])
+        shown = spread(epochs, MAX_COLUMNS)
+        columns = [(str(e), self.evolution[name][e].float()) for e in shown]
+        preds = [self.evolution_preds.get(e) for e in shown]
+        cell_captions = [[[]] + [[] if p is None or i >= p.shape[0] else [f"pred {int(p[i, 0])}", f"{float(p[i, 1]):.2f}"]
+                                 for p in preds] for i in range(rows.numel())]
+        row_labels = [[f"#{int(r)}", "label " + ("–" if y is None else str(int(y[int(r)])))] for r in rows]
+        more = f" ({len(shown)} of {len(epochs)} explained epochs, evenly spread)" if len(shown) < len(epochs) else ""
+        return evolution_figure(inputs, columns, signed, title=f"{name} over the epochs{more}",
+                                subtitle="each cell: the heatmap over the input at that epoch, prediction and "
+                                         "confidence below", scale=scale, outlier_perc=self.outlier_perc,
+                                row_labels=row_labels, cell_captions=cell_captions, denormalize=self.denormalize,
+                                scale_note=note)
 
     def _table(self, y: Optional[Tensor], results: Dict[str, Tensor], epoch: int) -> str:
         target_desc = f"class {self.target}" if isinstance(self.target, int) else self.target

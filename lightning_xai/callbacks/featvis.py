@@ -23,7 +23,7 @@ from lightning_xai._utils import check_positive_int, expected, resolve_layer
 from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy
 from lightning_xai.featvis import OUTPUT, Objective, make_param, objectives_from_spec, render
 from lightning_xai.logging import log_image, warn_once
-from lightning_xai.render import image_grid
+from lightning_xai.render import image_figure
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -54,7 +54,7 @@ class FeatureVisMonitor(XAICallback):
             the same as in one process; the ranks first agree on the input shape and widen the value range
             to what every rank saw.
         batch_to_xy: ``batch -> (inputs, labels)`` for batch formats the base does not know.
-        ncols: images per grid row (default: up to 10).
+        ncols: images per grid row (default: about as many rows as columns; fewer when labels need the width).
         min_side: cells are upscaled (nearest) so their short side is at least this many pixels.
         num_threads: CPU intra-op threads while rendering (restored after); ``1`` is much faster for
             small models on a busy CPU. ``None`` leaves the setting alone.
@@ -245,7 +245,7 @@ class FeatureVisMonitor(XAICallback):
                                         num_threads=self.num_threads)
         return results
 
-    def _report(self, trainer: "pl.Trainer", results: Dict[str, Any]) -> Dict[str, float]:
+    def _report(self, trainer: "pl.Trainer", results: Dict[str, Any], epoch: int) -> Dict[str, float]:
         metrics = {self.tag(label, "activation"): float(res.activations.mean()) for label, res in results.items()}
         self.last_activations = {label: res.activations.detach().cpu() for label, res in results.items()}
         if trainer.is_global_zero:
@@ -255,9 +255,16 @@ class FeatureVisMonitor(XAICallback):
                       for v in self.value_range)
             for label, res in results.items():
                 images = ((res.images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)  # (K, C, H, W) in [0, 1]
-                grid = image_grid(images, ncols=self.ncols, min_side=self.min_side)
-                log_image(trainer, self.tag(label), grid, step=step)
+                log_image(trainer, self.tag(label), self._figure(label, images, res.activations, epoch).image, step=step)
         return metrics
+
+    def _figure(self, label: str, images: Tensor, activations: Tensor, epoch: int) -> Any:
+        """The grid of one target set: each image above what it maximises and the value reached."""
+        objs = dict(self.target_sets)[label]
+        captions = [[_cell_name(obj.name), f"{float(a):.3g}"] for obj, a in zip(objs, activations.detach().float().cpu())]
+        return image_figure(images, title=f"feature visualisation · {label} · epoch {epoch}",
+                            subtitle="each cell: the input that maximises the target below it, and the value reached",
+                            captions=captions, ncols=self.ncols, min_side=self.min_side)
 
     def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
         """Render every target set and log on rank zero. Under DDP the target sets are shared out over the
@@ -277,10 +284,27 @@ class FeatureVisMonitor(XAICallback):
             results = self._gather(trainer, results)
         if results is None:
             return
-        metrics = self.guarded(lambda: self._report(trainer, results), "logging", epoch)
+        metrics = self.guarded(lambda: self._report(trainer, results, epoch), "logging", epoch)
         if metrics is not None:
             self.log_metrics(trainer, pl_module, metrics, via_module=via_module, seconds=True)
         self.last_explained_epoch = epoch
+
+
+def _cell_name(objective_name: str) -> str:
+    """A cell's label from its objective's name: ``class:3`` -> ``class 3``, ``layer:5`` -> ``channel 5``,
+    ``layer:5@c`` -> ``neuron 5``, ``layer:all`` -> ``whole layer``; other names as they are."""
+    head, _, tail = objective_name.rpartition(":")
+    if head == "class":
+        return f"class {tail}"
+    if head and tail == "all":
+        return "whole layer"
+    if head and tail.isdigit():
+        return f"channel {tail}"
+    if head and tail.endswith("@c") and tail[:-2].isdigit():
+        return f"neuron {tail[:-2]}"
+    if "@" in tail and tail.split("@")[0].isdigit():
+        return f"neuron {tail.split('@')[0]}"
+    return objective_name
 
 
 def _plain(v: Any) -> Union[float, List[float]]:

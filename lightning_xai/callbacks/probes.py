@@ -33,7 +33,7 @@ from lightning_xai.logging import add_custom_scalars, log_image, log_text, markd
 from lightning_xai.probes import ActivationCapture, Reducer, input_reducer
 from lightning_xai.probes.epoch import EpochProbe, control_table
 from lightning_xai.probes.reduce import ReduceSpec
-from lightning_xai.render import apply_colormap
+from lightning_xai.render import MAX_COLUMNS, matrix_figure, spread
 
 LABEL = "label"
 INPUT = "input"
@@ -521,14 +521,23 @@ class LinearProbeMonitor(XAICallback):
         return values, rows, cols
 
     def _log_figures(self, trainer: "pl.Trainer", epoch: int) -> None:
-        cell = 16
-        for metric, tag in (("accuracy", self.tag("heatmap")), ("selectivity", self.tag("heatmap_selectivity"))):
+        figures = (("accuracy", self.tag("heatmap"), "linear-probe accuracy (held-out)", "viridis", 0.0,
+                    "held-out accuracy of a linear probe (chance: one over the number of classes)"),
+                   ("selectivity", self.tag("heatmap_selectivity"), "probe selectivity", "RdBu_r", -1.0,
+                    "selectivity: accuracy minus the accuracy on shuffled labels (Hewitt & Liang 2019)"))
+        for metric, tag, what, cmap, lo, label in figures:
             values, rows, cols = self.heatmap_values(metric)
             if values.numel() == 0:
                 continue
-            grid = torch.nan_to_num(values, nan=0.0).clamp(0, 1)
-            grid = grid.repeat_interleave(cell, 0).repeat_interleave(cell, 1)  # (rows * cell, cols * cell)
-            log_image(trainer, tag, apply_colormap(grid[None], cmap="viridis")[0])
+            keep = [j for j, c in enumerate(cols) if c == "untrained"] + \
+                spread([j for j, c in enumerate(cols) if c != "untrained"], MAX_COLUMNS)
+            more = len(cols) - len(keep)
+            fig = matrix_figure(values[:, keep], rows, [cols[j] for j in keep], title=f"{what} · epoch {epoch}",
+                                subtitle="rows: the raw input, then each probed layer; columns: the model before "
+                                         "training, then each probed epoch" +
+                                         (f" ({more} epochs left out, evenly spread)" if more else ""),
+                                cmap=cmap, lo=lo, hi=1.0, label=label, corner="layer \\ epoch")
+            log_image(trainer, tag, fig.image)
         values, rows, cols = self.heatmap_values("accuracy")
         sel, _, _ = self.heatmap_values("selectivity")
         table = [[r] + [f"{float(values[i, j]):.3f} ({float(sel[i, j]):+.3f})" for j in range(len(cols))]

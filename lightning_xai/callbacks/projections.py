@@ -23,7 +23,7 @@ from lightning_xai.callbacks.base import ProbeSetCallback
 from lightning_xai.logging import log_embedding, log_image, tensorboard_writers, warn_once
 from lightning_xai.probes import make_reducer
 from lightning_xai.projections import SEPARATION_METHODS, capture_activations, class_separation, pca
-from lightning_xai.projections.plot import scatter_image
+from lightning_xai.render import scatter_image
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -12,7 +12,8 @@ features with a forward hook, and logs:
 * ``sparse``: the probe samples with the lowest support (mean cosine of their nearest training features).
 
 Images get a coloured frame per training cell: green when its label is the probe's predicted class, red
-otherwise; the labels and values are in a markdown table logged beside each image.
+otherwise (a legend says so); each cell is captioned with its label and value, and the same figures are in
+a markdown table logged beside each image.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing_extensions import override
 from lightning_xai._utils import check_choice, check_positive_int, expected, forked_rng
 from lightning_xai.callbacks.base import ProbeSetCallback, class_labels, extract_xy
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
-from lightning_xai.render import make_grid, to_display, upscale
+from lightning_xai.render import Figure, fit_cells, grid_figure, to_display
 from lightning_xai.samples import (
     RepresenterFit,
     capture_features,
@@ -51,16 +52,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-def _framed(images: Tensor, colours: Sequence[Tuple[float, float, float]], width: int = 3) -> Tensor:
-    """Draw a coloured frame of ``width`` pixels into RGB cells ``(N, 3, H, W)`` (a new tensor)."""
-    out = images.clone()
-    for i, colour in enumerate(colours):
-        c = torch.tensor(colour, dtype=out.dtype).view(3, 1, 1)
-        out[i, :, :width, :] = c
-        out[i, :, -width:, :] = c
-        out[i, :, :, :width] = c
-        out[i, :, :, -width:] = c
-    return out
+_LEGEND = ((_GREEN, "labelled as the probe's prediction", "frame"), (_RED, "labelled otherwise", "frame"))
 
 
 def _train_dataset(trainer: "pl.Trainer") -> Optional[Any]:
@@ -294,25 +286,43 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         return x.reshape(tuple(rows.shape) + tuple(x.shape[1:]))
 
     def _cells(self, images: Tensor) -> Tensor:
-        """Display cells ``(N, 3, H', W')`` upscaled so a frame fits."""
-        return upscale(to_display(images.cpu(), self.denormalize), 48)
+        """Display cells ``(N, 3, H', W')`` at the figures' cell size."""
+        return fit_cells(to_display(images.cpu(), self.denormalize))
 
     def _label_of(self, rows: Tensor) -> List[Optional[int]]:
         labels = self._bank.get("labels")
         return [None if labels is None else int(labels[i]) for i in rows.reshape(-1).tolist()]
 
-    def _row_image(self, probe_x: Tensor, pred: Tensor, groups: Sequence[Tensor]) -> Tensor:
-        """One grid row per probe: the probe, then the training samples of each group (framed by label agreement)."""
-        rows = []
+    def _feature_name(self) -> str:
+        """``"<capture> of <layer>"``, the features the neighbours are found in (once resolved at setup)."""
+        return "model's" if self._layer is None else f"{self._layer[1]} of {self._layer[0]!r}"
+
+    def _colour(self, label: Optional[int], pred: int) -> Tuple[float, float, float]:
+        return _GREY if label is None else (_GREEN if label == pred else _RED)
+
+    def _rows_figure(self, probe_x: Tensor, probe_captions: Sequence[Sequence[str]], pred: Tensor,
+                     groups: Sequence[Tuple[str, Tensor, Tensor, str]], title: str, subtitle: str) -> Figure:
+        """A row per probe: the probe, then the training samples of each group ``(header, dataset rows (N, r),
+        values (N, r), format)``, each framed by label agreement and captioned with its label and value."""
+        rows, captions, frames = [], [], []
         for i in range(probe_x.shape[0]):
-            cells = [_framed(self._cells(probe_x[i:i + 1]), [_GREY])]
-            for group in groups:
-                train_x = self._train_images(group[i])
-                colours = [_GREY if lab is None else (_GREEN if lab == int(pred[i]) else _RED)
-                           for lab in self._label_of(group[i])]
-                cells.append(_framed(self._cells(train_x), colours))
+            cells, caps, colours = [self._cells(probe_x[i:i + 1])], [list(probe_captions[i])], [_GREY]
+            for _, idx, values, fmt in groups:
+                cells.append(self._cells(self._train_images(idx[i])))
+                labels = self._label_of(idx[i])
+                caps += [[f"y {'–' if lab is None else lab}", fmt.format(float(v))] for lab, v in zip(labels, values[i])]
+                colours += [self._colour(lab, int(pred[i])) for lab in labels]
             rows.append(torch.cat(cells))
-        return make_grid(torch.stack(rows))  # (3, H', W')
+            captions.append(caps)
+            frames.append(colours)
+        headers, spans, start = ["probe"], [], 1
+        for name, idx, _, _ in groups:
+            headers += [str(j + 1) for j in range(idx.shape[1])]
+            spans.append((start, start + idx.shape[1], name))
+            start += idx.shape[1]
+        return grid_figure(torch.stack(rows), title=title, subtitle=subtitle, headers=headers, groups=spans,
+                           cell_captions=captions, frames=frames, dividers=[s for s, _, _ in spans],
+                           legend=((_GREY, "probe sample", "frame"),) + _LEGEND)
 
     @override
     def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
@@ -346,8 +356,12 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         log_text(trainer, self.tag("neighbours", "table"), markdown_table(
             ["probe", "label", "pred", "conf", "support", "nearest training samples #index:label (cosine)"], rows),
             step)
+        probe_caps = [[f"label {'–' if ylab[i] is None else ylab[i]}", f"pred {int(pred[i])}"] for i in range(x.shape[0])]
         if images:
-            log_image(trainer, self.tag("neighbours"), self._row_image(x_cpu, pred, [nn_idx]), step)
+            log_image(trainer, self.tag("neighbours"), self._rows_figure(
+                x_cpu, probe_caps, pred, [("most similar training samples", nn_idx, results["nn_sim"].cpu(), "{:.2f}")],
+                f"nearest training samples · epoch {epoch}",
+                f"by cosine similarity of the features ({self._feature_name()}; value under each)").image, step)
 
         # representers
         rows = [[i, ylab[i], int(pred[i]), f"{float(results['refit_logit'][i]):.3f}",
@@ -360,7 +374,12 @@ class SampleInfluenceMonitor(ProbeSetCallback):
             ["probe", "label", "pred", "refit logit", "excitatory #index:label (value)",
              "inhibitory #index:label (value)"], rows), step)
         if images:
-            log_image(trainer, self.tag("representers"), self._row_image(x_cpu, pred, [pos_idx, neg_idx]), step)
+            log_image(trainer, self.tag("representers"), self._rows_figure(
+                x_cpu, probe_caps, pred, [("push the predicted logit up", pos_idx, results["pos_val"].cpu(), "{:+.3g}"),
+                                          ("push it down", neg_idx, results["neg_val"].cpu(), "{:+.3g}")],
+                f"representer points · epoch {epoch}",
+                "training samples whose representer value (under each) adds most to, and takes most from, the "
+                "probe's predicted logit (Yeh et al. 2018)").image, step)
 
         # suspects
         sus = bank["suspects"].cpu()
@@ -370,14 +389,18 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         log_text(trainer, self.tag("suspects", "table"), markdown_table(
             ["rank", "index", "given label", "model pred", "refit pred", "abs(alpha)"], rows), step)
         if images:
-            cells = self._cells(self._train_images(sus))
-            colours = [_GREY if lab is None else (_GREEN if lab == int(bank["pred"][j]) else _RED)
-                       for j, lab in zip(sus.tolist(), self._label_of(sus))]
-            cells = _framed(cells, colours)
-            ncols = min(len(sus), 8)
-            blank = torch.ones((-(-len(sus) // ncols) * ncols - len(sus),) + tuple(cells.shape[1:]))
-            grid = torch.cat([cells, blank]).view(-1, ncols, *cells.shape[1:])
-            log_image(trainer, self.tag("suspects"), make_grid(grid), step)
+            given = self._label_of(sus)
+            captions = [[f"#{int(bank['indices'][j])}", f"given {'–' if lab is None else lab}",
+                         f"model {int(bank['pred'][j])}"] for j, lab in zip(sus.tolist(), given)]
+            cells = self._cells(self._train_images(sus)).unsqueeze(1)  # (S, 1, 3, h, w)
+            fig = grid_figure(cells, title=f"suspected label errors · epoch {epoch}",
+                              subtitle="training samples ranked by |α| of their given label in the representer refit, "
+                                       "most suspicious first; caption: dataset index, given label, model's prediction",
+                              cell_captions=[[c] for c in captions], ncols=min(len(sus), 8),
+                              frames=[[self._colour(lab, int(bank["pred"][j]))] for j, lab in zip(sus.tolist(), given)],
+                              legend=((_GREEN, "model agrees with the label", "frame"),
+                                      (_RED, "model predicts another class", "frame")))
+            log_image(trainer, self.tag("suspects"), fig.image, step)
 
         # sparse
         low = sup.argsort()[: self.num_sparse]
@@ -385,5 +408,10 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         log_text(trainer, self.tag("sparse", "table"), markdown_table(["probe", "label", "pred", "support"], rows),
                  step)
         if images:
-            log_image(trainer, self.tag("sparse"), self._row_image(x_cpu[low], pred[low], [nn_idx[low]]), step)
+            caps = [probe_caps[int(i)] + [f"support {float(sup[i]):.2f}"] for i in low]
+            log_image(trainer, self.tag("sparse"), self._rows_figure(
+                x_cpu[low], caps, pred[low], [("nearest training samples", nn_idx[low], results["nn_sim"].cpu()[low],
+                                               "{:.2f}")],
+                f"least covered probe samples · epoch {epoch}",
+                "lowest support (mean cosine to the nearest training features) first").image, step)
         return metrics

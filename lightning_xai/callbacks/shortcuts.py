@@ -47,10 +47,11 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected
 from lightning_xai.attribution import get_method, method_passes
+from lightning_xai.callbacks import shared
 from lightning_xai.callbacks.base import (BATCH_FIX, Buckets, ProbeSetCallback, choose_stratified, class_labels,
                                          collect_rows, extract_xy, gather_shares, split_rows)
 from lightning_xai.logging import log_image
-from lightning_xai.render import apply_colormap, make_grid, normalize_maps, upscale
+from lightning_xai.render import CYAN, RED, evidence_figure, maps_figure, share_maps
 from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, SUSPECTS,
                                      atypical_corners, class_mean_maps, find_hotspot, find_stamps, flat_background,
                                      intervene, intervention_summary,
@@ -63,6 +64,7 @@ FLAT = "flat_background"
 ATYPICAL = "atypical_corner"
 STAMP = "stamp"
 CANDIDATES = (HOTSPOT, FLAT, ATYPICAL, STAMP) + tuple(f"preset_{name}" for name in SUSPECTS)  # region names of unknown-region mode
+EVIDENCE_ROWS = 4  # probe samples shown in a region's evidence figure: those whose prediction moved most
 INTERVENTION_KEYS = ("flip", "control_flip", "shift", "control_shift", "change", "control_change", "region_correct",
                      "control_correct", "correct", "gain", "control_gain", "log_gain", "control_log_gain")
 
@@ -119,7 +121,10 @@ class ShortcutMonitor(ProbeSetCallback):
     the probe samples carrying a stamp),
     ``xai/shortcut/spray/class_<c>/strategies``, ``xai/shortcut/spray/max_strategies`` and the images
     ``xai/shortcut/class_maps``,
-    ``xai/shortcut/spray/class_<c>`` and ``xai/shortcut/hotspot/score``; the self-check logs
+    ``xai/shortcut/spray/class_<c>`` and ``xai/shortcut/hotspot/score``; images ``xai/shortcut/<region>/evidence``
+    (every run for named regions, and for a candidate when its alarm fires): the region and the control regions
+    outlined on the probe samples whose prediction moved most, those samples with the region replaced, and the
+    measured effect of region and controls side by side; the self-check logs
     ``xai/shortcut/sanity/<method>/spearman``.
 
     Example::
@@ -202,6 +207,7 @@ class ShortcutMonitor(ProbeSetCallback):
         self._collect_epoch: Optional[int] = None  # the training epoch the references are collected in
         self._no_references = False  # the training batches could not give any (unlabelled, not images): shift alone
         self._reference_cache: Optional[Tuple[Any, ...]] = None  # (references, flat, atypical, stamps)
+        self._evidence: Dict[str, Dict[str, Tensor]] = {}  # region -> this run's edits of a few samples, to show
 
     @property
     @override
@@ -352,10 +358,21 @@ class ShortcutMonitor(ProbeSetCallback):
 
     def _intervene(self, forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Optional[Tensor],
                    generator: torch.Generator, rows: Optional[Tuple[int, int]] = None,
-                   donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Dict[str, Tensor]:
-        return intervene(forward, x, masks.to(x.device), y, fill=self.fill, num_controls=self.num_controls,
-                         placement=self.placement, generator=generator, rows=rows, donors=donors,
-                         donor_draws=self.donor_draws, min_match=self.min_match)
+                   donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None, evidence: Optional[str] = None) -> Dict[str, Tensor]:
+        """:func:`intervene`; with ``evidence`` (a region name), the edits of the ``EVIDENCE_ROWS`` samples run here
+        whose prediction moved most are kept for that region's evidence figure."""
+        out = intervene(forward, x, masks.to(x.device), y, fill=self.fill, num_controls=self.num_controls,
+                        placement=self.placement, generator=generator, rows=rows, donors=donors,
+                        donor_draws=self.donor_draws, min_match=self.min_match, return_edits=evidence is not None)
+        if evidence is not None:
+            start, stop = rows if rows is not None else (0, x.shape[0])
+            top = out["shift"].topk(min(EVIDENCE_ROWS, stop - start)).indices
+            self._evidence[evidence] = {
+                "inputs": x[start:stop][top].detach().cpu(), "masks": masks[start:stop][top.to(masks.device)].cpu(),
+                "controls": out.pop("controls")[top].cpu(), "edited": out.pop("edited")[top].cpu(),
+                "region_pred": out.pop("region_pred")[top].cpu(), "pred": out["pred"][top].cpu(),
+                "shift": out["shift"][top].cpu(), "control_shift": out["control_shift"][top].cpu()}
+        return out
 
     def _whole_set(self, x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Optional[Tuple[int, int]]]:
         """The whole probe set and this rank's rows in it when ``x`` is this rank's share of it (the interventions
@@ -377,13 +394,11 @@ class ShortcutMonitor(ProbeSetCallback):
         self.check_images(x)
         forward = self.logits_fn(pl_module)
         gen = self._generator()
-        with torch.no_grad():
-            pred = forward(x).argmax(1)
+        pred = shared.logits(self, pl_module, forward, x).argmax(1)
         target = y if y is not None else pred
         results: Dict[str, Tensor] = {"pred": pred}
         if self.regions:
-            name, fn, options = self.method
-            maps = fn(forward, x, target, **options).detach()
+            maps = shared.attribute(self, pl_module, self.method, forward, x, target).detach()
             whole_x, whole_y, rows = self._whole_set(x, y)
             for region in self.regions:
                 masks = self._masks(region, x)
@@ -391,13 +406,14 @@ class ShortcutMonitor(ProbeSetCallback):
                     results[f"{region}/{key}"] = value
                 whole_masks = masks if rows is None else self._masks(region, whole_x, rows=(0, whole_x.shape[0]))
                 donors = self._donors(self.regions[region], region, x.device)
-                out = self._intervene(forward, whole_x, whole_masks, whole_y, gen, rows, donors)  # planned on the whole set
+                out = self._intervene(forward, whole_x, whole_masks, whole_y, gen, rows, donors,  # planned on the whole set
+                                      evidence=region)
                 for key in INTERVENTION_KEYS:
                     if key in out:
                         results[f"{region}/{key}"] = out[key]
         if self.find_regions:
-            _, fn, options = self.discovery_method
-            results["discovery"] = fn(forward, x, target, **options).detach().float().abs().sum(1, keepdim=True)
+            maps = shared.attribute(self, pl_module, self.discovery_method, forward, x, target)
+            results["discovery"] = maps.detach().float().abs().sum(1, keepdim=True)
         if self.sanity_check and not self._sanity_done:
             for name, fn, options in self._sanity_methods():
                 res = randomisation_check(pl_module, fn, x, target, layers=self.sanity_layers,
@@ -454,9 +470,11 @@ class ShortcutMonitor(ProbeSetCallback):
             metrics.update({self.tag(region, k): v for k, v in figures.items()})
             if alarm:
                 fired[region] = figures
+            if trainer.is_global_zero:
+                self._log_evidence(trainer, region, figures, alarm, epoch)
         if self.find_regions:
             labels = y if y is not None else results["pred"]
-            fired.update(self._discover(trainer, pl_module, x, y, labels, results["discovery"], metrics))
+            fired.update(self._discover(trainer, pl_module, x, y, labels, results["discovery"], metrics, epoch))
         sanity = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith("sanity/")}
         if sanity:
             self._sanity_done = True
@@ -473,10 +491,11 @@ class ShortcutMonitor(ProbeSetCallback):
         for region, figures in fired.items():
             if self._streaks[region] >= self.patience:
                 self._raise_alarm(trainer, region, figures, epoch)
+        self._evidence = {}  # what was not shown (candidates that did not fire) is not kept
         return metrics
 
     def _discover(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
-                  labels: Tensor, maps: Tensor, metrics: Dict[str, float]) -> Dict[str, Dict[str, float]]:
+                  labels: Tensor, maps: Tensor, metrics: Dict[str, float], epoch: int) -> Dict[str, Dict[str, float]]:
         """Class maps, SpRAy and the candidate checks (hotspot, flat background, atypical corner, stamp, presets);
         returns the figures of the candidates whose alarm fired."""
         gen = torch.Generator().manual_seed(self.seed)
@@ -517,7 +536,8 @@ class ShortcutMonitor(ProbeSetCallback):
                                           None if y is None else y[rows.to(y.device)], gen,
                                           rows=None if share is None else share[:2],
                                           donors=self._donors(donor_specs.get(name), name, x.device,
-                                                              per_reference=name in (FLAT, ATYPICAL, STAMP)))
+                                                              per_reference=name in (FLAT, ATYPICAL, STAMP)),
+                                          evidence=name)
                 if share is not None:
                     out = gather_shares(trainer, out, share[2])
                 res = {f"{name}/{k}": v for k, v in out.items()}
@@ -530,8 +550,10 @@ class ShortcutMonitor(ProbeSetCallback):
             metrics[self.tag(name, "alarm")] = float(alarm)
             if alarm:
                 fired[name] = {**figures, "alarm": 1.0}
+                if trainer.is_global_zero:
+                    self._log_evidence(trainer, name, figures, True, epoch)
         if trainer.is_global_zero:
-            self._log_discovery_images(trainer, means, spot, clusters if self.use_spray else None)
+            self._log_discovery_images(trainer, means, spot, clusters if self.use_spray else None, epoch)
         return fired
 
     def _corner_candidates(self, x: Tensor) -> Tuple[Tensor, Any]:
@@ -554,18 +576,63 @@ class ShortcutMonitor(ProbeSetCallback):
             self._reference_cache = cached
         return cached[1], cached[2], cached[3]
 
-    def _log_discovery_images(self, trainer: "pl.Trainer", means: Dict[int, Tensor], spot: Any, clusters: Any) -> None:
-        def heat(stack: Tensor) -> Tensor:  # (K, h, w) -> (K, 3, h', w')
-            return upscale(apply_colormap(normalize_maps(stack, signed=False, outlier_perc=0.0)), 64)
-
-        def row(cells: Tensor) -> Tensor:
-            return make_grid(cells.unsqueeze(0))
-
-        log_image(trainer, self.tag("class_maps"), row(heat(torch.stack([means[c] for c in sorted(means)]))))
-        log_image(trainer, self.tag(HOTSPOT, "score"), row(heat(spot.score.unsqueeze(0))))
+    def _log_discovery_images(self, trainer: "pl.Trainer", means: Dict[int, Tensor], spot: Any, clusters: Any,
+                              epoch: int) -> None:
+        method = self.discovery_method[0]
+        classes = sorted(means)
+        stack = share_maps(torch.stack([means[c] for c in classes]), signed=False)  # (K, h, w), x an even share
+        log_image(trainer, self.tag("class_maps"), maps_figure(
+            stack, title=f"where each class' attribution sits · epoch {epoch}",
+            subtitle=f"mean {method} map of each class' probe samples, one colour scale",
+            captions=[[f"class {c}"] for c in classes], label="× an even share of the map's |attribution|").image)
+        found = spot.mask is not None
+        log_image(trainer, self.tag(HOTSPOT, "score"), maps_figure(
+            spot.score.unsqueeze(0), title=f"input-independent hotspot · epoch {epoch}",
+            subtitle=f"peak {spot.peak:.2f}: " + ("a candidate region was found (outlined)" if found else
+                                                 "no region qualifies as a hotspot"),
+            captions=[["all classes"]], masks=None if not found else spot.mask.unsqueeze(0), min_side=160,
+            label="geometric mean over classes of the class-mean map, × an even share",
+            legend=[(CYAN, "hotspot region", "frame")] if found else ()).image)
         if clusters:
             for c, res in clusters.items():
-                log_image(trainer, self.tag("spray", f"class_{c}"), row(heat(res.mean_maps)))
+                counts = torch.bincount(res.labels.view(-1).long().cpu(), minlength=res.n_clusters).tolist()
+                log_image(trainer, self.tag("spray", f"class_{c}"), maps_figure(
+                    share_maps(res.mean_maps, signed=False), title=f"SpRAy · class {c} · epoch {epoch}",
+                    subtitle=f"{res.n_clusters} strateg{'y' if res.n_clusters == 1 else 'ies'}: clusters of the "
+                             f"class' {method} maps, each cluster's mean map",
+                    captions=[[f"strategy {k + 1}: {counts[k]} sample{'s' if counts[k] != 1 else ''}"]
+                              for k in range(res.mean_maps.shape[0])],
+                    label="× an even share of the map's |attribution|").image)
+
+    def _log_evidence(self, trainer: "pl.Trainer", region: str, figures: Dict[str, float], alarm: bool,
+                      epoch: int) -> None:
+        """The evidence figure of ``region``: what was replaced where, and what it did, next to the controls."""
+        ev = self._evidence.pop(region, None)
+        if ev is None or ev["inputs"].shape[0] == 0:
+            return
+        captions = [[f"pred {int(p)} → {int(q)} · shift {float(s):.2f}", f"controls: shift {float(c.mean()):.2f}"]
+                    for p, q, s, c in zip(ev["pred"], ev["region_pred"], ev["shift"], ev["control_shift"])]
+        grey = (0.45, 0.55, 0.7)
+        bars = [("output shift (mean)", [("region", figures["shift"], RED), ("controls", figures["control_shift"], grey)])]
+        if "flip_rate" in figures:
+            bars.append(("flip rate", [("region", figures["flip_rate"], RED),
+                                       ("controls", figures["control_flip_rate"], grey)]))
+        if "acc_drop" in figures:
+            bars.append(("accuracy drop", [("region", figures["acc_drop"], RED),
+                                           ("controls", figures["control_acc_drop"], grey)]))
+        gain = figures.get("gain_excess", float("nan"))
+        notes = [f"excess shift {figures['excess']:+.3f} (alarm from {self.min_excess:g}), z {figures['z']:.1f} "
+                 f"(from {self.min_z:g}), control match {figures['match']:.2f}"
+                 + ("" if gain != gain else f"; gain excess {gain:+.3f} (z {figures['gain_z']:.1f})"),
+                 f"samples shown: the {ev['inputs'].shape[0]} whose prediction moved most"
+                 + (" (of rank zero's share)" if trainer.world_size > 1 else "")]
+        fig = evidence_figure(
+            ev["inputs"], ev["masks"], ev["controls"], ev["edited"],
+            title=f"shortcut check · {region} · epoch {epoch} · {'ALARM' if alarm else 'no alarm'}",
+            subtitle="the region is replaced, and so are control regions that change the input as much; a shortcut "
+                     "moves the predictions more through the region than through the controls",
+            captions=captions, bars=bars, notes=notes, denormalize=None)
+        log_image(trainer, self.tag(region, "evidence"), fig.image)
 
     def _raise_alarm(self, trainer: "pl.Trainer", region: str, figures: Dict[str, float], epoch: int) -> None:
         record = {"region": region, "epoch": int(epoch), **{k: float(v) for k, v in figures.items()}}

@@ -7,7 +7,7 @@ horizontal bar chart and logged as one scalar per feature::
     trainer = Trainer(callbacks=[TabularAttributionMonitor(feature_names=["age", "income", ...])])
 
 The attribution maths is :mod:`lightning_xai.attribution`'s; the chart is drawn by
-:func:`lightning_xai.projections.plot.barh_image`.
+:func:`lightning_xai.render.barh_image`.
 """
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor
 
-from lightning_xai._lightning import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import check_positive_int, eager_compiled, expected
-from lightning_xai.attribution import PinnedOptions, get_method
-from lightning_xai.callbacks.base import ProbeSetCallback
-from lightning_xai.logging import log_image
-from lightning_xai.projections.plot import barh_image
+from lightning_xai._utils import check_bool, check_positive_int, eager_compiled, expected
+from lightning_xai.attribution import METHODS, PinnedOptions, get_method
+from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_options
+from lightning_xai.logging import log_image, warn_once
+from lightning_xai.render import barh_image
 
-_IMAGE_ONLY = ("grad_cam",)
+ROW_METHODS = ("integrated_gradients", "saliency", "input_x_gradient", "smoothgrad", "occlusion")  # built-ins for rows
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -58,14 +58,16 @@ def feature_importance(attributions: Tensor, classes: Optional[Tensor] = None) -
     return overall, per_class, values
 
 
-class TabularAttributionMonitor(ProbeSetCallback):
+class TabularAttributionMonitor(SampleCheckedCallback):
     """Logs per-feature attributions of a fixed probe set of tabular rows as a bar chart and scalars.
 
     Args:
-        feature_names: one name per input column ``F``.
-        method: an attribution method spec of :func:`lightning_xai.attribution.get_method`: a name
-            (``"integrated_gradients"`` default, ``"saliency"``, ``"input_x_gradient"``, ``"smoothgrad"``,
-            ``"occlusion"``, ``"lime"``), a ``(name, options)`` pair or a Captum ``Attribution`` object.
+        feature_names: one name per input column ``F``; distinct, also as scalar tags (``/`` becomes ``_``).
+        method: an attribution method spec of :func:`lightning_xai.attribution.get_method` that runs on rows:
+            a name (``"integrated_gradients"`` default, ``"saliency"``, ``"input_x_gradient"``, ``"smoothgrad"``,
+            ``"occlusion"``; not the image methods ``"grad_cam"`` and ``"lime"``), a ``(name, options)`` pair (the
+            options are checked by the method's validator at construction), a Captum ``Attribution`` object or
+            a callable.
         target: the class explained per row: ``"label"`` (default), ``"prediction"`` or a class index.
         per_class: also draw a bar per class (explained with the same ``target``; classes are the
             labels, or the predictions when the probe set has none); at most ``max_classes`` of them.
@@ -106,19 +108,26 @@ class TabularAttributionMonitor(ProbeSetCallback):
             raise MisconfigurationException(expected("feature_names", "a non-empty list of non-empty str", feature_names))
         if len(set(feature_names)) != len(feature_names):
             raise MisconfigurationException(expected("feature_names", "distinct names", list(feature_names)))
-        try:
+        tags: Dict[str, str] = {}
+        for name in feature_names:  # one scalar tag per feature: names that give the same tag would lose a value
+            tag = self._scalar_name(name)
+            other = tags.setdefault(tag, name)
+            if other != name:
+                raise MisconfigurationException(expected(
+                    "feature_names", f"names that give distinct scalar tags ('/' becomes '_'), not two giving {tag!r}",
+                    [other, name]))
+        with refuse_bad_options():
             self.method_name, self.method_fn, self.method_options = get_method(method)
-        except (ValueError, TypeError, ImportError) as err:
-            raise MisconfigurationException(str(err)) from err
-        if self.method_name in _IMAGE_ONLY:
-            raise MisconfigurationException(expected("method", "a method that works on (N, F) rows (not Grad-CAM)",
-                                                     self.method_name))
+        if METHODS.get(self.method_name) is self.method_fn and self.method_name not in ROW_METHODS:
+            raise MisconfigurationException(expected(
+                "method", "a method that runs on (N, F) rows: " + ", ".join(map(repr, ROW_METHODS)) + ", a (name, "
+                "options) pair of one, a Captum Attribution object or a callable", self.method_name))
+        check_method_options(self.method_name, self.method_fn, self.method_options, ndim=2)
         self.check_target(target)
-        try:
+        with refuse_bad_options():
+            check_bool("per_class", per_class)
             check_positive_int("max_classes", max_classes)
             check_positive_int("max_features", max_features)
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
         self._fresh_options = PinnedOptions(self.method_options)  # a generator restarts every epoch
         self.feature_names = list(feature_names)
         self.target = target
@@ -132,17 +141,30 @@ class TabularAttributionMonitor(ProbeSetCallback):
         return self._generate_state_key(prefix=self.prefix, area=self.area, method=self.method_name)
 
     def check_rows(self, x: Tensor) -> None:
-        """Raise a clear error unless ``x`` is float rows ``(N, F)`` with one column per feature name."""
+        """Raise a clear error unless ``x`` is float rows ``(N, F)`` with one column per feature name; warn (once)
+        when some rows hold NaN/inf (their attributions count as 0 in the bars and scalars)."""
         if x.ndim != 2 or not x.is_floating_point() or x.shape[1] != len(self.feature_names):
             raise MisconfigurationException(
                 expected("TabularAttributionMonitor's probe inputs",
                          f"float rows of shape (N, {len(self.feature_names)}), one column per feature name", x))
+        finite = torch.isfinite(x).all(1)
+        if not bool(finite.all()):
+            warn_once("nonfinite-rows", f"TabularAttributionMonitor: {int((~finite).sum())} of the {x.shape[0]} probe "
+                                        "rows hold NaN/inf values; their attributions are not meaningful and count "
+                                        "as 0 in the bars and scalars.", owner=self)
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.probe_x is not None:
             self.check_rows(self.probe_x)
+
+    @override
+    def check_sample(self, pl_module: "pl.LightningModule", x: Tensor) -> None:
+        """Rows with one column per feature name, ``target`` against the classes, the method options on a row."""
+        self.check_rows(x)
+        super().check_sample(pl_module, x)
+        check_method_options(self.method_name, self.method_fn, self.method_options, sample=x)
 
     # ------------------------------------------------------------------ compute / report
     @override

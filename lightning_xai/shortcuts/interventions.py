@@ -320,6 +320,7 @@ def intervene(
     donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
     donor_draws: int = 1,
     min_match: float = MIN_MATCH,
+    return_edits: bool = False,
 ) -> Dict[str, Tensor]:
     """Replace the region (and its controls) in every sample and record what the model does.
 
@@ -350,6 +351,9 @@ def intervene(
             controls drawn afresh, and its figures are the means over these edits (flips and correctness become
             shares). One edit per sample rests on a single donor: averaging a few makes the gain steadier. Costs that
             many times the forward passes.
+        return_edits: also return what was edited, to show it: ``edited (N, C, H, W)`` the inputs with the region
+            filled, ``controls (N, K, H, W)`` the control masks and ``region_pred (N,)`` the prediction on the edited
+            input (with ``donors``, the first group's).
 
     Returns:
         Per-sample tensors of the rows run (``R`` of them, written ``N`` here; ``partner`` indexes all of ``x``): ``pred (N,)`` the prediction on the intact input, ``flip (N,)`` whether it changed
@@ -383,7 +387,7 @@ def intervene(
     base = _predict(forward, x[start:stop], batch_size)  # the intact inputs, once for every draw
     plan = dict(fill=fill, num_controls=num_controls, placement=placement, generator=generator, reference=reference,
                 sigma=sigma, batch_size=batch_size, max_candidates=max_candidates, groups=groups, rows=(start, stop),
-                enough=min_match)
+                enough=min_match, return_edits=return_edits)
     if donors is None:
         return _edit(forward, x, masks, y, base, **plan)
     donor_y = _intervene_validate_donors(donors, x, fill)
@@ -400,7 +404,8 @@ def intervene(
 def _edit(forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Optional[Tensor], base_logits: Tensor, *,
           fill: str, num_controls: int, placement: str, generator: Optional[torch.Generator], reference: Optional[Tensor],
           sigma: Optional[float], batch_size: Optional[int], max_candidates: int, groups: Optional[Tensor], enough: float,
-          rows: Tuple[int, int], donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Dict[str, Tensor]:
+          rows: Tuple[int, int], donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+          return_edits: bool = False) -> Dict[str, Tensor]:
     """One edit of every sample (region and controls) for :func:`intervene`, its arguments checked there;
     ``base_logits``: the logits of the intact rows ``rows``; ``donors``: one group's, labels long."""
     n = x.shape[0]
@@ -449,6 +454,8 @@ def _edit(forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Opti
            "control_prob_drop": drop[:, 1:], "shift": shift[:, 0], "control_shift": shift[:, 1:],
            "delta": delta[:, 0], "control_delta": delta[:, 1:], "change": region_change, "control_change": control_change,
            "partner": partners if partners is not None else torch.full((n,), -1, dtype=torch.long, device=x.device)}
+    if return_edits:
+        out.update(edited=region_edit, controls=controls, region_pred=pred_after[:, 0])
     if y is not None:
         y = y.to(pred.device).long()
         correct = (pred_after == y.unsqueeze(1)).float()
@@ -463,6 +470,9 @@ def _edit(forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Opti
     return out
 
 
+EDITS = ("edited", "controls", "region_pred")  # what intervene(..., return_edits=True) adds
+
+
 def _canonical_order(x: Tensor, labels: Tensor) -> Tensor:
     """An order of samples that depends on their labels and contents only ``(D,)``: by label, then by a fixed
     projection of the content (as the same samples gathered from DDP ranks arrive in another order)."""
@@ -475,9 +485,11 @@ def _canonical_order(x: Tensor, labels: Tensor) -> Tensor:
 
 def _mean_over_draws(outs: List[Dict[str, Tensor]], first: Tensor) -> Dict[str, Tensor]:
     """One result from the per-group results of ``intervene(..., donor_draws=...)``: float figures averaged, the
-    prediction kept, ``partner`` the first group's donor as an index into all donors (``first``: that group's indices)."""
+    prediction kept, ``partner`` the first group's donor as an index into all donors (``first``: that group's indices),
+    the edits (``return_edits``) the first group's."""
     merged = {key: torch.stack([o[key].float() for o in outs]).mean(0) for key in outs[0]
-              if key not in ("pred", "partner", "correct")}
+              if key not in ("pred", "partner", "correct") + EDITS}
+    merged.update({key: outs[0][key] for key in EDITS if key in outs[0]})
     merged["pred"] = outs[0]["pred"]
     merged["partner"] = first.to(outs[0]["partner"].device)[outs[0]["partner"]]
     if "correct" in outs[0]:

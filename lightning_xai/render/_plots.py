@@ -1,8 +1,8 @@
-"""Small charts as image tensors: a scatter of 2-D projections coloured by class, horizontal bars.
+"""Charts with axes as image tensors: a scatter of 2-D projections coloured by class, horizontal bars.
 
 Drawn with matplotlib's object API on an Agg canvas (no ``pyplot``, so no global figure state or
-backend switch), imported lazily: importing this module loads torch only. Images are float tensors
-``(3, H, W)`` in ``[0, 1]``, ready for :func:`lightning_xai.logging.log_image`.
+backend switch), imported on first use. Images are float tensors ``(3, H, W)`` in ``[0, 1]``, ready for
+:func:`lightning_xai.logging.log_image`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,265 @@
+"""The figures the callbacks log, each one readable on its own: a title saying what and which epoch,
+column headers, labels under or beside every cell, and a colour bar with its scale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_xai._utils import expected
+from lightning_xai.render._canvas import RGB, Figure, Section, compose
+from lightning_xai.render._maps import (CELL_MIN, DIVERGING_CMAP, SEQUENTIAL_CMAP, apply_colormap, fit_cells, heat,
+                                        normalize_maps, outline, overlay, to_display)
+from lightning_xai.render._sections import Bars, ColorBar, ColorBarSection, Grid, Legend, Matrix, Notes, Title
+
+MAX_COLUMNS = 12  # epochs shown in an evolution or probe figure; beyond this, spread evenly, first and latest kept
+SHARE_UNIT = "× an even share of the map's |attribution| (1 = spread evenly)"
+
+
+def spread(items: Sequence, k: int = MAX_COLUMNS) -> list:
+    """At most ``k`` of ``items``, evenly spaced, the first and the last always kept.
+
+    Example:
+        >>> spread(list(range(10)), 4)
+        [0, 3, 6, 9]
+    """
+    items = list(items)
+    if len(items) <= k:
+        return items
+    if k == 1:
+        return items[-1:]
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+def auto_columns(n: int) -> int:
+    """Blocks per grid row for ``n`` blocks of about 3:5 (height:width), so the grid comes out a little taller
+    than wide: it fits TensorBoard's card width without a tall strip."""
+    return max(1, min(n, round(math.sqrt(n / 2.3))))
+
+
+def grid_figure(cells: Tensor, *, title: str, subtitle: str = "", headers: Sequence[str] = (),
+                groups: Sequence[Tuple[int, int, str]] = (), captions: Optional[Sequence[Sequence[str]]] = None,
+                cell_captions: Optional[Sequence[Sequence[Sequence[str]]]] = None,
+                row_labels: Optional[Sequence[Sequence[str]]] = None, ncols: int = 1, dividers: Sequence[int] = (),
+                frames: Optional[Sequence[Sequence[Optional[RGB]]]] = None,
+                legend: Sequence[Tuple[RGB, str, str]] = (), colorbar: Optional[ColorBar] = None,
+                bars: Optional[Sequence[Tuple[str, Sequence[Tuple[str, float, RGB]]]]] = None,
+                notes: Sequence[str] = ()) -> Figure:
+    """A titled grid of cells ``(N, K, 3, h, w)`` with headers, captions, frames, and optionally bars, a legend, a
+    colour bar and notes below (see :class:`~lightning_xai.render._sections.Grid` for the grid's arguments).
+
+    Example:
+        >>> fig = grid_figure(torch.rand(4, 2, 3, 8, 8), title="demo", headers=["a", "b"], ncols=2,
+        ...                   captions=[[f"sample {i}"] for i in range(4)])
+        >>> fig.layout.columns, fig.layout.text("header")
+        (2, ['a', 'b', 'a', 'b'])
+    """
+    sections: List[Section] = [Title(title, subtitle),
+                               Grid(cells, headers=headers, groups=groups, captions=captions, cell_captions=cell_captions,
+                                    row_labels=row_labels, ncols=ncols, dividers=dividers, frames=frames)]
+    if bars:
+        sections.append(Bars(bars))
+    if legend:
+        sections.append(Legend(legend))
+    if colorbar is not None:
+        sections.append(ColorBarSection(colorbar))
+    if notes:
+        sections.append(Notes(notes))
+    return compose(sections)
+
+
+# --------------------------------------------------------------------------- attribution maps
+def attribution_colorbar(signed: bool, scale: Optional[float], note: str = "") -> ColorBar:
+    """The colour bar of attribution heatmaps: ``scale`` in units of :func:`~lightning_xai.render.share_maps`
+    (values beyond it are clipped, shown by the ``≥`` of the last tick), or ``None`` for per-sample scaling."""
+    cmap = DIVERGING_CMAP if signed else SEQUENTIAL_CMAP
+    if scale is None:
+        label = "each map scaled to its own 99th percentile of |attribution| (per-sample scale)" + note
+        return ColorBar(cmap, -1.0 if signed else 0.0, 1.0, label,
+                        ticks=[-1.0, 0.0, 1.0] if signed else [0.0, 1.0],
+                        tick_labels=["-p99", "0", "+p99"] if signed else ["0", "p99 of the map"])
+    lo = -scale if signed else 0.0
+    ticks = [lo, (lo + scale) / 2, scale]
+    labels = [f"≤{lo:.3g}" if signed else "0", f"{(lo + scale) / 2:.3g}", f"≥{scale:.3g}"]
+    return ColorBar(cmap, lo, scale, SHARE_UNIT + note, ticks=ticks, tick_labels=labels)
+
+
+def _scaled(values: Tensor, signed: bool, scale: Optional[float], outlier_perc: float) -> Tensor:
+    return normalize_maps(values, signed, outlier_perc, scale=scale)  # (N, H, W) in [0, 1]
+
+
+def attribution_figure(inputs: Tensor, values: Tensor, signed: bool, *, title: str, subtitle: str = "",
+                       captions: Optional[Sequence[Sequence[str]]] = None, scale: Optional[float] = None,
+                       outlier_perc: float = 1.0, denormalize: Optional[Callable[[Tensor], Tensor]] = None,
+                       ncols: Optional[int] = None, scale_note: str = "") -> Figure:
+    """Per probe sample a block ``input | heatmap | overlay`` with its caption, blocks wrapped into ``ncols``
+    columns, and the colour bar of the scale.
+
+    Args:
+        inputs: images ``(N, C, H, W)``.
+        values: maps ``(N, H, W)`` in units of :func:`~lightning_xai.render.share_maps`, at the inputs' size.
+        signed: diverging colour map centred on 0 (signed maps) or sequential from 0.
+        scale: the value drawn at full colour (fixed scale), or ``None``: each map at its own
+            ``100 - outlier_perc`` percentile (per-sample scale).
+        captions: lines under each block (label, prediction, confidence, class explained).
+        ncols: blocks per row (default :func:`auto_columns`).
+
+    Example:
+        >>> fig = attribution_figure(torch.rand(6, 1, 8, 8), torch.rand(6, 8, 8), False, title="saliency",
+        ...                          scale=2.0, captions=[[f"label {i}"] for i in range(6)])
+        >>> fig.layout.text("header")[:3], fig.layout.scale
+        (['input', 'heatmap', 'overlay'], ('inferno', 0.0, 2.0))
+    """
+    if values.ndim != 3 or values.shape[0] != inputs.shape[0] or values.shape[-2:] != inputs.shape[-2:]:
+        raise ValueError(expected("values", f"maps of shape ({inputs.shape[0]}, {inputs.shape[-2]}, "
+                                            f"{inputs.shape[-1]})", values))
+    base = to_display(inputs, denormalize)
+    scaled = _scaled(values, signed, scale, outlier_perc)
+    cells = torch.stack([fit_cells(base), fit_cells(heat(scaled, signed)), fit_cells(overlay(base, scaled, signed))],
+                        dim=1)  # (N, 3, 3, h, w)
+    return grid_figure(cells, title=title, subtitle=subtitle, headers=["input", "heatmap", "overlay"],
+                       captions=captions, ncols=ncols or auto_columns(inputs.shape[0]),
+                       colorbar=attribution_colorbar(signed, scale, scale_note))
+
+
+def evolution_figure(inputs: Tensor, columns: Sequence[Tuple[str, Tensor]], signed: bool, *, title: str,
+                     subtitle: str = "", scale: Optional[float] = None, outlier_perc: float = 1.0,
+                     row_labels: Optional[Sequence[Sequence[str]]] = None,
+                     cell_captions: Optional[Sequence[Sequence[Sequence[str]]]] = None,
+                     denormalize: Optional[Callable[[Tensor], Tensor]] = None, scale_note: str = "") -> Figure:
+    """A row per sample: its input, then its heatmap (overlaid) in each column of ``columns``, ``(header, values
+    (k, h, w))`` pairs such as one per explained epoch, all on one scale.
+
+    ``values`` may be smaller than the inputs (kept pooled); they are resized to the inputs' size.
+    ``cell_captions[i][j]`` are the lines under column ``j`` of row ``i`` (column 0 is the input).
+
+    Example:
+        >>> fig = evolution_figure(torch.rand(2, 1, 8, 8), [("0", torch.rand(2, 8, 8)), ("1", torch.rand(2, 8, 8))],
+        ...                        False, title="saliency over epochs", scale=2.0)
+        >>> fig.layout.text("header")
+        ['input', '0', '1']
+    """
+    base = to_display(inputs, denormalize)
+    cells = [fit_cells(base)]
+    for _, values in columns:
+        values = values.float()
+        if values.shape[-2:] != inputs.shape[-2:]:
+            values = F.interpolate(values.unsqueeze(1), size=inputs.shape[-2:], mode="bilinear",
+                                   align_corners=False).squeeze(1)
+        cells.append(fit_cells(overlay(base, _scaled(values, signed, scale, outlier_perc), signed)))
+    stacked = torch.stack(cells, dim=1)  # (k, 1 + E, 3, h, w)
+    groups = [(1, 1 + len(columns), "epoch")] if columns else []
+    return grid_figure(stacked, title=title, subtitle=subtitle, headers=["input"] + [h for h, _ in columns],
+                       groups=groups, row_labels=row_labels, cell_captions=cell_captions,
+                       colorbar=attribution_colorbar(signed, scale, scale_note))
+
+
+# --------------------------------------------------------------------------- other figures
+def matrix_figure(values: Tensor, row_names: Sequence[str], col_names: Sequence[str], *, title: str,
+                  subtitle: str = "", cmap: str = "viridis", lo: float = 0.0, hi: float = 1.0, label: str = "",
+                  fmt: str = "{:.2f}", corner: str = "", notes: Sequence[str] = ()) -> Figure:
+    """A matrix of coloured cells with their values printed, row and column names, and a colour bar ``lo..hi``.
+
+    Example:
+        >>> fig = matrix_figure(torch.tensor([[0.5, 0.9]]), ["input"], ["untrained", "0"], title="probe accuracy")
+        >>> fig.layout.text("value")
+        ['0.50', '0.90']
+    """
+    sections: List[Section] = [Title(title, subtitle),
+                               Matrix(values, row_names, col_names, cmap, lo, hi, fmt=fmt, corner=corner),
+                               ColorBarSection(ColorBar(cmap, lo, hi, label))]
+    if notes:
+        sections.append(Notes(notes))
+    return compose(sections)
+
+
+def map_cells(values: Tensor, lo: float, hi: float, cmap: str = SEQUENTIAL_CMAP, min_side: int = CELL_MIN,
+              masks: Optional[Tensor] = None, mask_colour: RGB = (0.1, 0.9, 1.0)) -> Tensor:
+    """Maps ``(K, h, w)`` as coloured cells ``(K, 3, h', w')`` on the common scale ``lo..hi``, upscaled to at least
+    ``min_side``; ``masks (K, h, w)`` (bool), if given, are outlined."""
+    scaled = ((values.detach().float() - lo) / ((hi - lo) or 1.0)).clamp(0, 1)
+    cells = fit_cells(apply_colormap(scaled, cmap), min_side=min_side, max_side=max(min_side, 128))
+    if masks is not None:
+        big = F.interpolate(masks.float().unsqueeze(1), size=cells.shape[-2:], mode="nearest").squeeze(1) > 0
+        cells = outline(cells, big, mask_colour, width=max(1, cells.shape[-1] // 48))
+    return cells
+
+
+def maps_figure(values: Tensor, *, title: str, subtitle: str = "", captions: Optional[Sequence[Sequence[str]]] = None,
+                label: str = "", lo: float = 0.0, hi: Optional[float] = None, cmap: str = SEQUENTIAL_CMAP,
+                masks: Optional[Tensor] = None, min_side: int = 96, ncols: Optional[int] = None,
+                legend: Sequence[Tuple[RGB, str, str]] = (), notes: Sequence[str] = ()) -> Figure:
+    """Maps ``(K, h, w)`` side by side on one colour scale (``hi`` default: their maximum), each with its caption.
+
+    Example:
+        >>> fig = maps_figure(torch.rand(3, 4, 4), title="class maps", captions=[["class 0"], ["class 1"], ["class 2"]])
+        >>> fig.layout.text("caption")
+        ['class 0', 'class 1', 'class 2']
+    """
+    top = float(values.max()) if hi is None else float(hi)
+    top = top if top > lo else lo + 1.0
+    cells = map_cells(values, lo, top, cmap, min_side, masks).unsqueeze(1)  # (K, 1, 3, h', w')
+    k = values.shape[0]
+    return grid_figure(cells, title=title, subtitle=subtitle, cell_captions=None if captions is None else
+                       [[list(c)] for c in captions], ncols=ncols or min(k, max(1, round(math.sqrt(k * 1.6)))),
+                       legend=legend, colorbar=ColorBar(cmap, lo, top, label), notes=notes)
+
+
+def image_figure(images: Tensor, *, title: str, subtitle: str = "", captions: Optional[Sequence[Sequence[str]]] = None,
+                 ncols: Optional[int] = None, min_side: int = CELL_MIN, frames: Optional[Sequence[Optional[RGB]]] = None,
+                 legend: Sequence[Tuple[RGB, str, str]] = (), notes: Sequence[str] = (),
+                 denormalize: Optional[Callable[[Tensor], Tensor]] = None) -> Figure:
+    """Images ``(K, C, H, W)`` in a grid, each with its caption lines below (class or channel, value reached).
+
+    Example:
+        >>> fig = image_figure(torch.rand(4, 1, 8, 8), title="class images", captions=[[f"class {i}"] for i in range(4)])
+        >>> fig.layout.text("caption")
+        ['class 0', 'class 1', 'class 2', 'class 3']
+    """
+    cells = fit_cells(to_display(images, denormalize), min_side=min_side).unsqueeze(1)  # (K, 1, 3, h, w)
+    k = images.shape[0]
+    return grid_figure(cells, title=title, subtitle=subtitle,
+                       cell_captions=None if captions is None else [[list(c)] for c in captions],
+                       ncols=ncols or min(k, max(1, round(math.sqrt(k * 1.6)))),
+                       frames=None if frames is None else [[f] for f in frames], legend=legend, notes=notes)
+
+
+RED: RGB = (0.9, 0.1, 0.1)
+CYAN: RGB = (0.0, 0.75, 1.0)
+
+
+def evidence_figure(inputs: Tensor, masks: Tensor, controls: Tensor, edited: Tensor, *, title: str, subtitle: str = "",
+                    captions: Optional[Sequence[Sequence[str]]] = None,
+                    bars: Optional[Sequence[Tuple[str, Sequence[Tuple[str, float, RGB]]]]] = None,
+                    notes: Sequence[str] = (), denormalize: Optional[Callable[[Tensor], Tensor]] = None) -> Figure:
+    """What an intervention did, per sample: the input with its region (red) and control regions (cyan) outlined,
+    and the input with the region replaced; then the measured effect as bars.
+
+    Args:
+        inputs: images ``(m, C, H, W)``; masks: the region ``(m, H, W)`` (bool); controls: control regions
+            ``(m, K, H, W)`` (bool); edited: the inputs with the region replaced ``(m, C, H, W)``.
+        captions: lines under each sample's pair; bars: ``(name, [(series, value, colour), ...])`` rows.
+
+    Example:
+        >>> m = torch.zeros(2, 8, 8, dtype=torch.bool); m[:, :2, :2] = True
+        >>> fig = evidence_figure(torch.rand(2, 1, 8, 8), m, torch.zeros(2, 3, 8, 8, dtype=torch.bool),
+        ...                       torch.rand(2, 1, 8, 8), title="check", bars=[("shift", [("region", 0.4, RED)])])
+        >>> fig.layout.text("legend")
+        ['region', 'control regions']
+    """
+    base = fit_cells(to_display(inputs, denormalize), min_side=2 * CELL_MIN)  # (m, 3, h, w): few samples, larger
+    size = base.shape[-2:]
+    width = max(2, size[-1] // 32)
+
+    def big(m: Tensor) -> Tensor:
+        return F.interpolate(m.float().unsqueeze(1), size=size, mode="nearest").squeeze(1) > 0
+
+    shown = outline(outline(base, big(controls.any(1)), CYAN, width), big(masks), RED, width)
+    after = outline(fit_cells(to_display(edited, denormalize), min_side=2 * CELL_MIN), big(masks), RED, width)
+    return grid_figure(torch.stack([shown, after], 1), title=title, subtitle=subtitle,
+                       headers=["regions", "region replaced"], captions=captions, ncols=2,
+                       legend=[(RED, "region", "frame"), (CYAN, "control regions", "frame")], bars=bars, notes=notes)
