@@ -1,8 +1,10 @@
 """Attribution maps in pure torch: gradients, SmoothGrad, Integrated Gradients, occlusion, Grad-CAM and LIME.
 
 Every method is called as ``method(model, inputs, target=None, **options)`` and returns a detached
-tensor shaped like ``inputs`` (Grad-CAM: ``(N, 1, H, W)``). The calls have no side effects: no
-``param.grad``, no hooks left behind, module flags and the global RNG untouched, ``inputs`` never
+tensor shaped like ``inputs`` (Grad-CAM: ``(N, 1, H, W)``). The model is explained in eval mode with
+every ``training`` flag restored after (a model in train mode gets a warning), so BatchNorm buffers
+stay as they were and a sample's map does not depend on its batch-mates. The calls have no other side
+effects: no ``param.grad``, no hooks left behind, the global RNG untouched, ``inputs`` never
 modified; they work under ``torch.no_grad()`` and ``torch.inference_mode()``; and the rows per
 forward pass are capped by an argument that does not change the result.
 

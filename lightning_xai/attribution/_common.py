@@ -4,7 +4,9 @@ Every method follows the same contract, and this module is where it lives:
 
 * gradients come from ``torch.autograd.grad`` on a private copy of the inputs, never ``backward``,
   so ``param.grad`` is never touched and ``inputs`` (and its ``requires_grad``) stay as they were;
-* the model's ``training`` flags are restored but never changed (the caller picks eval or train);
+* the model runs in eval mode and every ``training`` flag is restored after (a model in train mode gets a
+  warning): BatchNorm statistics and ``num_batches_tracked`` stay as they were, dropout is off, and a
+  sample's map does not depend on which other samples share its batch or chunk;
 * parameters are frozen for the call, which skips parameter gradients without changing results;
 * randomness comes from a private ``torch.Generator``, never the global RNG;
 * every forward pass sees at most a capped number of rows, and results do not depend on the cap;
@@ -14,6 +16,11 @@ Every method follows the same contract, and this module is where it lives:
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import warnings
+import weakref
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
@@ -155,16 +162,66 @@ def module_of(model: Any) -> Optional[nn.Module]:
     return None
 
 
+#: Frames in these files are skipped when a warning is attributed to the user's call (:func:`warn_at_caller`).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_CONTEXTLIB = os.path.abspath(contextlib.__file__)
+
+
+def warn_at_caller(message: str, category: type = RuntimeWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside ``lightning_xai`` (and ``contextlib``).
+
+    The warning then points at the line of the user's code that called into the package.
+    """
+    def internal(filename: str) -> bool:
+        path = os.path.abspath(filename)
+        return path.startswith(_PACKAGE_DIR) or path == _CONTEXTLIB
+
+    level, frame = 1, sys._getframe(1)  # level 1: our caller; stacklevel counts from this function
+    while frame is not None and internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
+
+_warned: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
+
+
+def warn_once(owner: Any, key: str, message: str, category: type = RuntimeWarning) -> None:
+    """:func:`warn_at_caller` once per ``owner`` (a model or layer, forgotten with it) and ``key``."""
+    seen = _warned.setdefault(owner, set())
+    if key not in seen:
+        seen.add(key)
+        warn_at_caller(message, category)
+
+
+def warn_if_training(module: nn.Module, method: str) -> None:
+    """Warn, once per model and method (:func:`warn_once`), when any submodule of ``module`` is in train mode."""
+    modules = list(module.modules())
+    training = sum(m.training for m in modules)
+    if training:
+        message = (f"Expected `model` to be in eval mode, but got {type(module).__name__} with {training} of its "
+                   f"{len(modules)} modules in train mode. `{method}` explains it in eval mode (BatchNorm uses its "
+                   "running statistics, dropout is off), so a sample's map does not depend on the rest of its batch, "
+                   "and leaves its flags and buffers as they were. Call `model.eval()` first to silence this warning "
+                   "(shown once per model and method).")
+        warn_once(module, f"train mode: {method}", message)
+
+
 @contextmanager
-def guarded(model: Any, grad: bool = True) -> Iterator[None]:
+def guarded(model: Any, method: str, grad: bool = True) -> Iterator[None]:
     """The state guards around one attribution call.
 
     Compiled modules run eagerly (:func:`eager_compiled`), autograd on (``grad=True``; also inside
-    ``inference_mode``) or off (``grad=False``), every ``training`` flag restored but not changed,
-    parameters frozen while input gradients are taken. All restored in ``finally``, also when the
-    model raises.
+    ``inference_mode``) or off (``grad=False``), the model in eval mode with every ``training`` flag
+    restored after (:func:`preserve_modes`), parameters frozen while input gradients are taken. All
+    restored in ``finally``, also when the model raises. A model with a submodule in train mode is
+    explained in eval mode all the same, with a warning naming ``method`` (:func:`warn_if_training`):
+    in train mode BatchNorm would update its running statistics and mix the rows of each pass, and
+    dropout would make the maps random. A plain callable whose module cannot be found
+    (:func:`module_of`) runs in whatever mode the caller left it.
     """
     module = module_of(model)
+    if module is not None:
+        warn_if_training(module, method)
     with ExitStack() as stack:
         stack.enter_context(eager_compiled())
         if grad:
@@ -173,7 +230,7 @@ def guarded(model: Any, grad: bool = True) -> Iterator[None]:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.no_grad())
         if module is not None:
-            stack.enter_context(preserve_modes(module, eval_mode=False))
+            stack.enter_context(preserve_modes(module, eval_mode=True))
             if grad:
                 stack.enter_context(frozen_params(module))
         yield

@@ -1,7 +1,10 @@
 """Grad-CAM: a layer's activations weighted by the spatial mean of their gradients."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Union
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,7 @@ from lightning_xai.attribution._common import (
     resolve_target_chunked,
     row_target,
     scores_of,
+    warn_once,
 )
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -45,11 +49,65 @@ def _grad_cam_resolve_layer(model: Any, layer: Union[None, str, nn.Module]) -> n
     return resolve_layer(module, layer)
 
 
+_Shapes = List[Tuple[str, Optional[Tuple[int, ...]]]]
+
+
+def _record_shape(finished: _Shapes, name: str, module: nn.Module, args: Any, output: Any) -> None:
+    finished.append((name, tuple(output.shape) if isinstance(output, Tensor) else None))
+
+
+@contextmanager
+def _output_shapes(model: Optional[nn.Module]) -> Iterator[_Shapes]:
+    """Record ``(name, output shape or None)`` of every submodule of ``model`` (ScriptModules, which take
+    no hooks, excepted) in the order their forward passes finish; the temporary hooks are removed on
+    exit, also when the model raises. ``model=None`` records nothing."""
+    finished: _Shapes = []
+    with HookSet() as hooks:
+        for name, m in (model.named_modules() if model is not None else ()):
+            if name and not isinstance(m, torch.jit.ScriptModule):
+                hooks.add(m.register_forward_hook(partial(_record_shape, finished, name)))
+        yield finished
+
+
+def _larger_map_layer(finished: _Shapes, layer_name: Optional[str],
+                      acts: Tensor) -> Optional[Tuple[str, Tuple[int, ...]]]:
+    """The deepest layer finished no later than ``layer_name`` (in a recording of :func:`_output_shapes`)
+    whose output is ``(rows, K, *spatial)`` like ``acts`` with more than one spatial position, called once
+    per forward pass; ``(name, spatial shape)`` or None."""
+    calls = Counter(name for name, _ in finished)
+    best = None
+    for name, shape in finished:
+        if name == layer_name:
+            break
+        if (shape is not None and len(shape) == acts.ndim and shape[0] == acts.shape[0] and calls[name] == 1
+                and torch.Size(shape[2:]).numel() > 1):
+            best = (name, shape[2:])
+    return best
+
+
+def _warn_one_position(model: Optional[nn.Module], layer: nn.Module, finished: _Shapes, acts: Tensor) -> None:
+    """Warn, once per layer (:func:`warn_once`), that a map with one spatial position cannot localise, naming the
+    deepest layer before it with a larger map."""
+    name = next((n for n, m in model.named_modules() if m is layer), None) if model is not None else None
+    size = "x".join(str(s) for s in acts.shape[2:])
+    larger = _larger_map_layer(finished, name, acts)
+    if larger is None:
+        hint = "No layer before it in the forward pass has a larger map."
+    else:
+        hint = (f"The deepest layer before it with a larger map is `{larger[0]}` ("
+                + "x".join(str(s) for s in larger[1]) + f"); pass `layer='{larger[0]}'`.")
+    shown = f"`{name}`" if name else type(layer).__name__
+    warn_once(layer, "1x1 map", f"Expected `layer` to have a feature map larger than {size}, but got {shown} with a "
+                                f"{size} map: Grad-CAM cannot localise there, the map is one value per sample "
+                                f"(constant after upsampling). {hint}")
+
+
 def _grad_cam_compute(model: Callable, inputs: Tensor, target: Target, layer: nn.Module, relu: bool,
                       upsample: bool, batch_size: Optional[int]) -> Tensor:
     cap = batch_size or DEFAULT_MAX_ROWS
     maps: List[Tensor] = []
-    with guarded(model), HookSet() as hooks:
+    owner = module_of(model)
+    with guarded(model, "grad_cam"), HookSet() as hooks:
         x = private_copy(inputs)
         if target is not None:
             target = resolve_target_chunked(model, x, target, cap)
@@ -62,7 +120,8 @@ def _grad_cam_compute(model: Callable, inputs: Tensor, target: Target, layer: nn
         for a, b in chunks(x.shape[0], cap):
             captured.clear()
             leaf = x[a:b].detach().requires_grad_(True)  # so the layer output is part of a graph
-            scores = scores_of(model(leaf), row_target(target, slice(a, b)))
+            with _output_shapes(owner) if a == 0 else nullcontext([]) as finished:  # the first pass only
+                scores = scores_of(model(leaf), row_target(target, slice(a, b)))
             if len(captured) != 1:
                 raise ValueError(expected("layer", "a module called exactly once per forward pass",
                                           f"a module called {len(captured)} times"))
@@ -70,6 +129,8 @@ def _grad_cam_compute(model: Callable, inputs: Tensor, target: Target, layer: nn
             if not isinstance(acts, Tensor) or acts.ndim < 3:
                 got = acts if isinstance(acts, Tensor) else type(acts).__name__
                 raise ValueError(expected("layer", "a module whose output is (N, channels, *spatial)", got))
+            if a == 0 and acts.shape[2:].numel() == 1:
+                _warn_one_position(owner, layer, finished, acts)
             (grads,) = torch.autograd.grad(scores.sum(), acts)
             weights = grads.mean(dim=tuple(range(2, grads.ndim)), keepdim=True)  # (n, K, 1, ..., 1)
             cam = (weights * acts).sum(dim=1, keepdim=True).detach()  # (n, 1, *spatial)
@@ -104,6 +165,8 @@ def grad_cam(
     interpolation (``F.interpolate(..., align_corners=False)``, i.e. Captum's
     ``LayerAttribution.interpolate(map, size, "bilinear")``; Captum's default there is nearest).
 
+    The model runs in eval mode, every flag restored after (with a warning if it was in train mode).
+
     Args:
         model: an ``nn.Module``, or a callable returning logits ``(N, classes)`` (then ``layer`` must
             be a module, unless the callable is a bound method or closure over one module).
@@ -119,9 +182,13 @@ def grad_cam(
     Returns:
         A detached tensor ``(N, 1, *inputs.shape[2:])`` (``upsample=True``) or ``(N, 1, *layer_spatial)``.
 
+    Warns:
+        RuntimeWarning: when the layer's map has one spatial position (1x1), which cannot localise; the
+            message names the deepest layer before it, in the same forward pass, with a larger map.
+
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
-        ...                             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        ...                             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
         >>> grad_cam(model, torch.rand(2, 1, 8, 8), target=0, layer="0").shape
         torch.Size([2, 1, 8, 8])
     """

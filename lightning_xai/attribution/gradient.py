@@ -33,10 +33,10 @@ def _gradient_validate_args(model: Any, inputs: Tensor, target: Target, batch_si
 
 
 def _gradient_compute(model: Callable, inputs: Tensor, target: Target, batch_size: Optional[int],
-                      post: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+                      post: Callable[[Tensor, Tensor], Tensor], method: str) -> Tensor:
     """``post(x, grads)`` of the input gradients of the target scores, ``batch_size`` rows per pass."""
     cap = batch_size or DEFAULT_MAX_ROWS
-    with guarded(model):
+    with guarded(model, method):
         x = private_copy(inputs)
         if target is not None:  # None: each row's predicted class, read from the same forward pass
             target = resolve_target_chunked(model, x, target, cap)
@@ -59,6 +59,8 @@ def saliency(
 
     Simonyan et al., 2014, https://arxiv.org/abs/1312.6034. Equals Captum's ``Saliency``.
 
+    The model runs in eval mode, every flag restored after (with a warning if it was in train mode).
+
     Args:
         model: an ``nn.Module`` or a callable mapping inputs ``(N, ...)`` to logits ``(N, classes)``.
         inputs: a float tensor ``(N, ...)``; never modified.
@@ -75,13 +77,13 @@ def saliency(
         TypeError, ValueError: for a bad argument; the message names it and what is accepted.
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
         >>> saliency(model, torch.rand(2, 1, 4, 4), target=0).shape
         torch.Size([2, 1, 4, 4])
     """
     _gradient_validate_args(model, inputs, target, batch_size)
     check_bool("abs", abs)
-    return _gradient_compute(model, inputs, target, batch_size, lambda x, g: g.abs() if abs else g)
+    return _gradient_compute(model, inputs, target, batch_size, lambda x, g: g.abs() if abs else g, "saliency")
 
 
 def input_x_gradient(
@@ -96,6 +98,8 @@ def input_x_gradient(
 
     Shrikumar et al., 2016, https://arxiv.org/abs/1605.01713. Equals Captum's ``InputXGradient``.
 
+    The model runs in eval mode, every flag restored after (with a warning if it was in train mode).
+
     Args:
         model: an ``nn.Module`` or a callable mapping inputs ``(N, ...)`` to logits ``(N, classes)``.
         inputs: a float tensor ``(N, ...)``; never modified.
@@ -106,12 +110,12 @@ def input_x_gradient(
         A detached tensor shaped like ``inputs``.
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
         >>> input_x_gradient(model, torch.rand(2, 1, 4, 4)).shape
         torch.Size([2, 1, 4, 4])
     """
     _gradient_validate_args(model, inputs, target, batch_size)
-    return _gradient_compute(model, inputs, target, batch_size, lambda x, g: x * g)
+    return _gradient_compute(model, inputs, target, batch_size, lambda x, g: x * g, "input_x_gradient")
 
 
 # --------------------------------------------------------------------------- SmoothGrad family
@@ -135,7 +139,7 @@ def _smoothgrad_compute(model: Callable, inputs: Tensor, target: Target, samples
                         generator: torch.Generator, abs: bool, batch_size: Optional[int]) -> Tensor:  # noqa: A002
     cap = batch_size or DEFAULT_MAX_ROWS
     n = inputs.shape[0]
-    with guarded(model):
+    with guarded(model, "smoothgrad"):
         x = private_copy(inputs)
         target = resolve_target_chunked(model, x, target, cap)
         sigma = noise_scale(x, noise)  # (N, 1, ..., 1)
@@ -191,6 +195,8 @@ def smoothgrad(
     dtype and device, drawn once per call and shared by all samples of the batch (each scaled by its
     own :math:`\sigma`), so a sample's map does not depend on its batch-mates.
 
+    The model runs in eval mode, every flag restored after (with a warning if it was in train mode).
+
     Args:
         model: an ``nn.Module`` or a callable mapping inputs ``(N, ...)`` to logits ``(N, classes)``.
         inputs: a float tensor ``(N, ...)``; never modified.
@@ -209,7 +215,7 @@ def smoothgrad(
         A detached tensor shaped like ``inputs``.
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
         >>> smoothgrad(model, torch.rand(2, 1, 4, 4), samples=4, kind="vargrad").shape
         torch.Size([2, 1, 4, 4])
     """

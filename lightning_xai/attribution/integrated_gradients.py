@@ -140,7 +140,7 @@ def _integrated_gradients_compute(model: Callable, inputs: Tensor, target: Targe
     cap = internal_batch_size or DEFAULT_MAX_ROWS
     n = inputs.shape[0]
     alphas, weights = (t.to(device=inputs.device, dtype=inputs.dtype) for t in quadrature(method, steps))
-    with guarded(model):
+    with guarded(model, "integrated_gradients"):
         x = private_copy(inputs)
         base = make_baseline(baseline, x, generator)  # (N, ...)
         target = resolve_target_chunked(model, x, target, cap)
@@ -181,6 +181,8 @@ def integrated_gradients(
     float64 inputs give float64-accurate results. ``riemann_trapezoid`` is the true trapezoid rule
     (Captum's version has weights summing to ``(n - 1) / n``).
 
+    The model runs in eval mode, every flag restored after (with a warning if it was in train mode).
+
     Args:
         model: an ``nn.Module`` or a callable mapping inputs ``(N, ...)`` to logits ``(N, classes)``.
         inputs: a float tensor ``(N, ...)``; never modified.
@@ -203,7 +205,7 @@ def integrated_gradients(
         ``delta`` of shape ``(N,)`` when ``return_delta=True``.
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
         >>> attr, delta = integrated_gradients(model, torch.rand(2, 1, 4, 4), target=1, return_delta=True)
         >>> attr.shape, bool(delta.abs().max() < 1e-5)
         (torch.Size([2, 1, 4, 4]), True)

@@ -111,7 +111,7 @@ def _lime_compute(model: Callable, inputs: Tensor, target: Target, segments: Opt
                   batch_size: Optional[int]) -> Tensor:
     cap = batch_size or DEFAULT_MAX_ROWS
     n, _, h, w = inputs.shape
-    with guarded(model, grad=False):
+    with guarded(model, "lime", grad=False):
         x = private_copy(inputs)
         base = as_baseline(baseline, x)
         target = resolve_target_chunked(model, x, target, cap)
@@ -158,6 +158,8 @@ def lime(
     ``torch.rand((samples - 1, S), generator=generator) < 0.5``, shared by the batch, so a sample's
     map does not depend on its batch-mates (for shared segments). The fit runs in float64.
 
+    The model runs in eval mode, every flag restored after (with a warning if it was in train mode).
+
     Args:
         model: an ``nn.Module`` or a callable mapping inputs ``(N, C, H, W)`` to logits ``(N, classes)``.
         inputs: float images ``(N, C, H, W)``; never modified.
@@ -176,7 +178,7 @@ def lime(
         (the same value in every channel).
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
         >>> lime(model, torch.rand(2, 1, 4, 4), target=0, grid=(2, 2), samples=32).shape
         torch.Size([2, 1, 4, 4])
     """

@@ -96,7 +96,7 @@ def _occlusion_compute(model: Callable, inputs: Tensor, target: Target, win: Tup
     shape = tuple(inputs.shape[1:])
     slices = _window_slices(shape, win, strd)
     per_eval = perturbations_per_eval or max(1, DEFAULT_MAX_ROWS // n)
-    with guarded(model, grad=False):
+    with guarded(model, "occlusion", grad=False):
         x = private_copy(inputs)
         base = as_baseline(baseline, x)
         target = resolve_target_chunked(model, x, target, max(n, DEFAULT_MAX_ROWS))
@@ -135,6 +135,8 @@ def occlusion(
     Zeiler & Fergus, 2014, https://arxiv.org/abs/1311.2901. Same semantics (and, for the same window,
     stride and baseline, the same values) as Captum's ``Occlusion``; runs without autograd.
 
+    The model runs in eval mode, every flag restored after (with a warning if it was in train mode).
+
     Args:
         model: an ``nn.Module`` or a callable mapping inputs ``(N, ...)`` to logits ``(N, classes)``.
         inputs: a float tensor ``(N, ...)``; never modified.
@@ -153,7 +155,7 @@ def occlusion(
         A detached tensor shaped like ``inputs``.
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
         >>> occlusion(model, torch.rand(2, 1, 4, 4), target=0, window=2, stride=2).shape
         torch.Size([2, 1, 4, 4])
     """

@@ -262,7 +262,7 @@ class CaptumMethod:
     def __call__(self, model: Callable[[Tensor], Any], inputs: Tensor, target: Target = None, **options: Any) -> Any:
         opts = {**self.attribute_kwargs, **options}
         cuda = inputs.device.type == "cuda"
-        with torch.random.fork_rng(devices=[inputs.device] if cuda else []), guarded(model):
+        with torch.random.fork_rng(devices=[inputs.device] if cuda else []), guarded(model, self.name):
             torch.random.default_generator.manual_seed(self.seed)  # the forked state only
             if cuda:
                 with torch.cuda.device(inputs.device):
@@ -286,6 +286,8 @@ def from_captum(attribution: Any, signed: Optional[bool] = None, seed: int = 0,
                 **attribute_kwargs: Any) -> CaptumMethod:
     """Wrap a Captum attribution object (or class) as a method with the signature ``(model, inputs, target, **options)``.
 
+    The model runs in eval mode, every flag restored after (with a warning if it was in train mode).
+
     Args:
         attribution: e.g. ``captum.attr.Saliency(model)``, ``NoiseTunnel(Saliency(model))`` or the class
             ``captum.attr.IntegratedGradients`` (instantiated with the model on each call; constructor
@@ -304,7 +306,7 @@ def from_captum(attribution: Any, signed: Optional[bool] = None, seed: int = 0,
 
     Example:
         >>> from captum.attr import Saliency
-        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
         >>> method = from_captum(Saliency(model), abs=False)
         >>> method(model, torch.rand(2, 1, 4, 4), 0).shape
         torch.Size([2, 1, 4, 4])
