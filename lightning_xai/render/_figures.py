@@ -12,8 +12,8 @@ from torch import Tensor
 
 from lightning_xai._utils import expected
 from lightning_xai.render._canvas import RGB, Figure, Section, compose
-from lightning_xai.render._maps import (CELL_MIN, DIVERGING_CMAP, SEQUENTIAL_CMAP, apply_colormap, fit_cells, heat,
-                                        normalize_maps, outline, overlay, to_display)
+from lightning_xai.render._maps import (CELL_MAX, CELL_MIN, DIVERGING_CMAP, SEQUENTIAL_CMAP, apply_colormap, fit_cells,
+                                        heat, normalize_maps, outline, overlay, to_display)
 from lightning_xai.render._sections import Bars, ColorBar, ColorBarSection, Grid, Legend, Matrix, Notes, Title
 
 MAX_COLUMNS = 12  # epochs shown in an evolution or probe figure; beyond this, spread evenly, first and latest kept
@@ -48,7 +48,7 @@ def grid_figure(cells: Tensor, *, title: str, subtitle: str = "", headers: Seque
                 frames: Optional[Sequence[Sequence[Optional[RGB]]]] = None,
                 legend: Sequence[Tuple[RGB, str, str]] = (), colorbar: Optional[ColorBar] = None,
                 bars: Optional[Sequence[Tuple[str, Sequence[Tuple[str, float, RGB]]]]] = None,
-                notes: Sequence[str] = ()) -> Figure:
+                notes: Sequence[str] = (), upscale: int = 1) -> Figure:
     """A titled grid of cells ``(N, K, 3, h, w)`` with headers, captions, frames, and optionally bars, a legend, a
     colour bar and notes below (see :class:`~lightning_xai.render._sections.Grid` for the grid's arguments).
 
@@ -60,7 +60,8 @@ def grid_figure(cells: Tensor, *, title: str, subtitle: str = "", headers: Seque
     """
     sections: List[Section] = [Title(title, subtitle),
                                Grid(cells, headers=headers, groups=groups, captions=captions, cell_captions=cell_captions,
-                                    row_labels=row_labels, ncols=ncols, dividers=dividers, frames=frames)]
+                                    row_labels=row_labels, ncols=ncols, dividers=dividers, frames=frames,
+                                    upscale=upscale)]
     if bars:
         sections.append(Bars(bars))
     if legend:
@@ -70,6 +71,16 @@ def grid_figure(cells: Tensor, *, title: str, subtitle: str = "", headers: Seque
     if notes:
         sections.append(Notes(notes))
     return compose(sections)
+
+
+def _display(images: Tensor, min_side: int = CELL_MIN) -> Tuple[Tensor, int]:
+    """Cells and the integer factor the grid enlarges them by: small images stay small here (the grid repeats uint8
+    pixels, cheaper than upscaling float tensors), large ones are shrunk now (see :func:`fit_cells`)."""
+    h, w = images.shape[-2:]
+    if max(h, w) > CELL_MAX:
+        shrunk = fit_cells(images.flatten(0, -4), min_side=min_side)  # (N * K, 3, h', w')
+        return shrunk.view(images.shape[:-3] + shrunk.shape[-3:]), 1
+    return images, max(1, -(-min(min_side, CELL_MAX) // max(1, min(h, w))))
 
 
 # --------------------------------------------------------------------------- attribution maps
@@ -119,11 +130,11 @@ def attribution_figure(inputs: Tensor, values: Tensor, signed: bool, *, title: s
                                             f"{inputs.shape[-1]})", values))
     base = to_display(inputs, denormalize)
     scaled = _scaled(values, signed, scale, outlier_perc)
-    cells = torch.stack([fit_cells(base), fit_cells(heat(scaled, signed)), fit_cells(overlay(base, scaled, signed))],
-                        dim=1)  # (N, 3, 3, h, w)
+    colours = heat(scaled, signed)
+    cells, factor = _display(torch.stack([base, colours, overlay(base, scaled, signed, colours=colours)], dim=1))
     return grid_figure(cells, title=title, subtitle=subtitle, headers=["input", "heatmap", "overlay"],
                        captions=captions, ncols=ncols or auto_columns(inputs.shape[0]),
-                       colorbar=attribution_colorbar(signed, scale, scale_note))
+                       colorbar=attribution_colorbar(signed, scale, scale_note), upscale=factor)
 
 
 def evolution_figure(inputs: Tensor, columns: Sequence[Tuple[str, Tensor]], signed: bool, *, title: str,
@@ -144,18 +155,18 @@ def evolution_figure(inputs: Tensor, columns: Sequence[Tuple[str, Tensor]], sign
         ['input', '0', '1']
     """
     base = to_display(inputs, denormalize)
-    cells = [fit_cells(base)]
+    cells = [base]
     for _, values in columns:
         values = values.float()
         if values.shape[-2:] != inputs.shape[-2:]:
             values = F.interpolate(values.unsqueeze(1), size=inputs.shape[-2:], mode="bilinear",
                                    align_corners=False).squeeze(1)
-        cells.append(fit_cells(overlay(base, _scaled(values, signed, scale, outlier_perc), signed)))
-    stacked = torch.stack(cells, dim=1)  # (k, 1 + E, 3, h, w)
+        cells.append(overlay(base, _scaled(values, signed, scale, outlier_perc), signed))
+    stacked, factor = _display(torch.stack(cells, dim=1))  # (k, 1 + E, 3, h, w)
     groups = [(1, 1 + len(columns), "epoch")] if columns else []
     return grid_figure(stacked, title=title, subtitle=subtitle, headers=["input"] + [h for h, _ in columns],
                        groups=groups, row_labels=row_labels, cell_captions=cell_captions,
-                       colorbar=attribution_colorbar(signed, scale, scale_note))
+                       colorbar=attribution_colorbar(signed, scale, scale_note), upscale=factor)
 
 
 # --------------------------------------------------------------------------- other figures
@@ -220,12 +231,13 @@ def image_figure(images: Tensor, *, title: str, subtitle: str = "", captions: Op
         >>> fig.layout.text("caption")
         ['class 0', 'class 1', 'class 2', 'class 3']
     """
-    cells = fit_cells(to_display(images, denormalize), min_side=min_side).unsqueeze(1)  # (K, 1, 3, h, w)
+    cells, factor = _display(to_display(images, denormalize).unsqueeze(1), min_side)  # (K, 1, 3, h, w)
     k = images.shape[0]
     return grid_figure(cells, title=title, subtitle=subtitle,
                        cell_captions=None if captions is None else [[list(c)] for c in captions],
                        ncols=ncols or min(k, max(1, round(math.sqrt(k * 1.6)))),
-                       frames=None if frames is None else [[f] for f in frames], legend=legend, notes=notes)
+                       frames=None if frames is None else [[f] for f in frames], legend=legend, notes=notes,
+                       upscale=factor)
 
 
 RED: RGB = (0.9, 0.1, 0.1)

@@ -125,19 +125,22 @@ def heat(values: Tensor, signed: bool) -> Tensor:
     return apply_colormap(values, DIVERGING_CMAP if signed else SEQUENTIAL_CMAP)
 
 
-def overlay(images: Tensor, values: Tensor, signed: bool, strength: float = 0.9, floor: float = 0.2) -> Tensor:
+def overlay(images: Tensor, values: Tensor, signed: bool, strength: float = 0.9, floor: float = 0.2,
+            colours: Optional[Tensor] = None) -> Tensor:
     """Heat over a dimmed grey copy of RGB images ``(N, 3, H, W)``, opaque where the map is strong.
 
     The input is shown as grey in ``[0.2, 0.8]`` (so colour inputs do not mix with the colour map, and
     neither black nor white inputs hide it). With ``m`` the map's magnitude in ``[0, 1]`` (``|2v - 1|``
     for signed maps), each pixel's colour is blended in with weight
     ``strength * clip((m - floor) / (1 - floor), 0, 1) ** 0.5``: below ``floor`` of the scale the input
-    shows through unchanged, so weak attribution does not tint the whole image.
+    shows through unchanged, so weak attribution does not tint the whole image. ``colours``: the maps already
+    coloured (:func:`heat`), if at hand.
     """
     grey = images.mean(1, keepdim=True) * 0.6 + 0.2  # (N, 1, H, W)
     m = (values * 2 - 1).abs() if signed else values
     alpha = (((m - floor) / (1 - floor)).clamp(0, 1) ** 0.5 * strength).unsqueeze(1)  # (N, 1, H, W)
-    return (grey * (1 - alpha) + heat(values, signed) * alpha).clamp(0, 1)
+    colours = heat(values, signed) if colours is None else colours
+    return (grey * (1 - alpha) + colours * alpha).clamp(0, 1)
 
 
 def upscale(images: Tensor, min_side: int = 64) -> Tensor:

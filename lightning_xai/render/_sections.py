@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_xai._utils import expected
-from lightning_xai.render._canvas import GREY, RGB, Canvas, Section, line_height, text_width, wrap
+from lightning_xai.render._canvas import GREY, RGB, Canvas, Section, line_height, text_width, to_uint8, wrap
 from lightning_xai.render._maps import apply_colormap
 
 class Title(Section):
@@ -220,14 +220,15 @@ class Grid(Section):
     ``groups`` ``(start, stop, text)`` spanning cell columns above the headers, ``captions`` (lines under each
     block), ``cell_captions`` (lines under each cell), ``row_labels`` (lines left of each block, one block per
     row only), ``frames`` (a colour or None per cell, drawn around it), ``dividers`` (cell columns preceded by a
-    vertical rule).
+    vertical rule). ``upscale``: cells are drawn that many times larger (nearest neighbour), so small inputs are
+    enlarged on uint8 pixels rather than as float tensors.
     """
 
     def __init__(self, cells: Tensor, headers: Sequence[str] = (), groups: Sequence[Tuple[int, int, str]] = (),
                  captions: Optional[Sequence[Sequence[str]]] = None,
                  cell_captions: Optional[Sequence[Sequence[Sequence[str]]]] = None,
                  row_labels: Optional[Sequence[Sequence[str]]] = None, ncols: int = 1, dividers: Sequence[int] = (),
-                 frames: Optional[Sequence[Sequence[Optional[RGB]]]] = None) -> None:
+                 frames: Optional[Sequence[Sequence[Optional[RGB]]]] = None, upscale: int = 1) -> None:
         if cells.ndim != 5 or cells.shape[2] != 3:
             raise ValueError(expected("cells", "a tensor of shape (blocks, cells, 3, H, W)", cells))
         self.cells = cells
@@ -241,10 +242,18 @@ class Grid(Section):
         self.ncols = max(1, min(int(ncols), self.n)) if self.row_labels is None else 1
         self.dividers = sorted(set(int(d) for d in dividers if 0 < d < self.k))
         self.frames = frames
+        self.upscale = max(1, int(upscale))
+        self._cache: dict = {}
 
     # ------------------------------------------------------------------ geometry
     def _geometry(self, f: int) -> dict:
-        h, w = self.cells.shape[-2:]
+        key = (f, self.ncols)
+        if key not in self._cache:
+            self._cache[key] = self._measure(f)
+        return self._cache[key]
+
+    def _measure(self, f: int) -> dict:
+        h, w = (side * self.upscale for side in self.cells.shape[-2:])
         fw = max(2, f // 6) if self.frames is not None else 0
         gap = max(3, f // 4) + 2 * fw
         col = [w + 2 * fw] * self.k
@@ -298,6 +307,10 @@ class Grid(Section):
         g = self._geometry(f)
         lay = canvas.layout
         top = y
+        pixels = to_uint8(self.cells)  # (N, K, h, w, 3), converted once
+        if self.upscale > 1:
+            pixels = pixels.repeat(self.upscale, axis=2).repeat(self.upscale, axis=3)
+        caption_lines = max((len(c) for row in self.cell_captions for c in row), default=0)
         for c in range(self.ncols):  # the headers above every block column
             xs = self._column_x(g, x + g["label"] + c * (g["block"] + g["hgap"]))
             hy = y
@@ -320,7 +333,7 @@ class Grid(Section):
             cap_y = by + 2 * g["fw"] + g["h"]
             for j in range(self.k):
                 px = xs[j] + (g["col"][j] - g["w"]) // 2
-                box = canvas.paste(self.cells[n, j], px, by + g["fw"])
+                box = canvas.paste(pixels[n, j], px, by + g["fw"])
                 lay.cells[(n, j)] = box
                 colour = self.frames[n][j] if self.frames is not None else None
                 if colour is not None:
@@ -333,7 +346,7 @@ class Grid(Section):
                 canvas.fill((dx - 1, by, dx + 1, cap_y), GREY)
                 if n == 0:
                     lay.regions[f"divider {j}"] = (dx - 1, by, dx + 1, cap_y)
-            ly = cap_y + max((len(c) for row in self.cell_captions for c in row), default=0) * line_height(f - 1)
+            ly = cap_y + caption_lines * line_height(f - 1)
             for i, line in enumerate(self.captions[n]):
                 canvas.text(line, bx + g["block"] / 2, ly + i * line_height(f), "caption", align="centre")
             if self.row_labels is not None:
@@ -359,11 +372,17 @@ class Matrix(Section):
         self.values = values.detach().float().cpu()
         self.rows, self.cols = list(row_names), list(col_names)
         self.cmap, self.lo, self.hi, self.fmt, self.corner = cmap, float(lo), float(hi), fmt, corner
+        self._cache: dict = {}
 
     def _text(self, v: float) -> str:
         return "–" if v != v else self.fmt.format(v)
 
     def _geometry(self, f: int) -> dict:
+        if f not in self._cache:
+            self._cache[f] = self._measure(f)
+        return self._cache[f]
+
+    def _measure(self, f: int) -> dict:
         widest = max([text_width(self._text(float(v)), f) for v in self.values.flatten()] + [text_width("0.00", f)])
         col = [max(widest, text_width(name, f)) + f for name in self.cols]
         label = max([text_width(r, f) for r in self.rows] + [text_width(self.corner, f)]) + f

@@ -1,0 +1,142 @@
+"""Benchmark: milliseconds per figure, and the share of rendering in an AttributionMonitor run on the demo.
+
+    python bench/render.py [--repeats 20] [--epochs 4]
+
+Part 1 draws each figure the callbacks log, at the demo's sizes (8x8 digits), ``--repeats`` times after a warm-up
+(fonts and colour maps are loaded once per process), and prints the median milliseconds per figure, then encoding
+it as PNG (what ``log_image`` does) for comparison.
+
+Part 2 fits the shortcut-digits demo's model for ``--epochs`` epochs with the demo's AttributionMonitor
+(saliency, SmoothGrad, Integrated Gradients; 20 probe samples) and times, inside the monitor's runs, the figure
+functions (probe figure and evolution figure per method) against the run's whole wall time (the cost ledger):
+the ratio, measured in one run, is what rendering adds to explaining.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+from lightning_xai import render  # noqa: E402
+from lightning_xai.render import (CYAN, RED, attribution_figure, barh_image, evidence_figure,  # noqa: E402
+                                  evolution_figure, grid_figure, image_figure, maps_figure, matrix_figure,
+                                  scatter_image, share_maps)
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: fonts, colour maps, matplotlib's first figure
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _png_ms(image: torch.Tensor, repeats: int) -> float:
+    from PIL import Image
+
+    hwc = (image.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+    return _median_ms(lambda: Image.fromarray(hwc).save(io.BytesIO(), format="PNG"), repeats)
+
+
+def figures(repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    digits = torch.rand(32, 1, 8, 8, generator=g)
+    maps = share_maps(torch.rand(32, 1, 8, 8, generator=g), signed=False)
+    captions = [[f"label {i % 10} · pred {i % 10}", f"conf 0.9{i % 10} · expl. {i % 10}"] for i in range(32)]
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    masks[:, :2, :2] = True
+    cases: Dict[str, Callable[[], object]] = {
+        "attribution, 20 probe digits": lambda: attribution_figure(digits[:20], maps[:20], False, title="saliency · epoch 3",
+                                                                   captions=captions[:20], scale=3.0),
+        "attribution, 32 probe digits": lambda: attribution_figure(digits, maps, False, title="saliency · epoch 3",
+                                                                   captions=captions, scale=3.0),
+        "evolution, 4 samples x 8 epochs": lambda: evolution_figure(
+            digits[:4], [(str(e), maps[:4]) for e in range(8)], False, title="saliency over the epochs", scale=3.0,
+            row_labels=[["#0", "label 0"]] * 4, cell_captions=[[[]] + [["pred 1", "0.93"]] * 8] * 4),
+        "probe matrix, 9 layers x 9 epochs": lambda: matrix_figure(torch.rand(9, 9, generator=g), [f"net.{i}" for i in range(9)],
+                                                                   ["untrained"] + [str(e) for e in range(8)], title="probe"),
+        "featvis, 10 classes": lambda: image_figure(digits[:10], title="feature visualisation · logits · epoch 5",
+                                                    captions=[[f"class {i}", "4.21"] for i in range(10)]),
+        "representers, 8 probes x (1 + 2 x 4)": lambda: grid_figure(
+            torch.rand(8, 9, 3, 48, 48, generator=g), title="representer points · epoch 1", headers=["probe"] + ["1"] * 8,
+            groups=[(1, 5, "push up"), (5, 9, "push down")], dividers=[1, 5],
+            cell_captions=[[["label 1", "pred 1"]] + [["y 3", "+1.23"]] * 8] * 8, frames=[[RED] * 9] * 8),
+        "class maps, 10 classes": lambda: maps_figure(maps[:10], title="class maps", captions=[[f"class {i}"] for i in range(10)]),
+        "shortcut evidence, 4 samples": lambda: evidence_figure(
+            digits[:4], masks, masks.unsqueeze(1).expand(4, 8, 8, 8), digits[:4], title="shortcut check",
+            captions=[["pred 1 → 2 · shift 0.9", "controls: shift 0.1"]] * 4,
+            bars=[("output shift", [("region", 0.4, RED), ("controls", 0.1, CYAN)])]),
+        "PCA scatter (matplotlib)": lambda: scatter_image(torch.randn(256, 2, generator=g), torch.arange(256) % 10,
+                                                          title="net.1.2, epoch 3"),
+        "bars (matplotlib)": lambda: barh_image(torch.rand(8, generator=g), [f"feature {i}" for i in range(8)], title="t"),
+    }
+    print(f"{'figure':40s} {'size (W x H)':>13s} {'ms / figure':>12s} {'PNG ms':>8s}")
+    for name, fn in cases.items():
+        out = fn()
+        image = out.image if isinstance(out, render.Figure) else out
+        size = f"{image.shape[2]} x {image.shape[1]}"
+        print(f"{name:40s} {size:>13s} {_median_ms(fn, repeats):12.1f} {_png_ms(image, max(3, repeats // 4)):8.1f}")
+
+
+def attribution_share(epochs: int) -> None:
+    import warnings
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_xai.callbacks.attribution as module
+    from lightning_xai import AttributionMonitor
+    from lightning_xai.callbacks import cost
+    from lightning_xai.datasets import shortcut_digits
+    from shortcut_digits import DigitsClassifier
+
+    spent: List[float] = []
+    for name in ("attribution_figure", "evolution_figure"):
+        original = getattr(module, name)
+
+        def timed(*args, _original=original, **kwargs):
+            start = time.perf_counter()
+            out = _original(*args, **kwargs)
+            spent.append(time.perf_counter() - start)
+            return out
+
+        setattr(module, name, timed)
+    pl.seed_everything(0, verbose=False)
+    train, val = shortcut_digits("corner_intensity", train_shortcut="planted", val_shortcut="planted", noise=0.25, seed=0)
+    monitor = AttributionMonitor(methods=("saliency", "smoothgrad", "integrated_gradients"), probe_samples=20)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=pl.loggers.TensorBoardLogger(
+        os.path.join("runs", "bench_render")), callbacks=[monitor], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DigitsClassifier(), DataLoader(TensorDataset(train.x, train.y), batch_size=64, shuffle=True),
+                    DataLoader(TensorDataset(val.x, val.y), batch_size=128))
+    runs, seconds = next((r[1], r[2]) for r in cost.book(trainer).rows() if r[0] == monitor.cost_name())
+    drawn = sum(spent)
+    print(f"\nAttributionMonitor on the demo ({epochs} epochs, 3 methods, 20 probe samples): {runs} runs, "
+          f"{1000 * seconds / runs:.0f} ms per run; drawing {len(spent)} figures took {1000 * drawn / runs:.0f} ms "
+          f"per run ({1000 * drawn / len(spent):.1f} ms per figure): {100 * drawn / seconds:.1f} % of the run")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    figures(args.repeats)
+    attribution_share(args.epochs)
+
+
+if __name__ == "__main__":
+    main()
