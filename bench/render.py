@@ -91,7 +91,7 @@ def figures(repeats: int) -> None:
 def attribution_share(epochs: int) -> None:
     import warnings
 
-    import pytorch_lightning as pl
+    import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     import lightning_xai.callbacks.attribution as module

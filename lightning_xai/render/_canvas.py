@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -29,6 +30,7 @@ RGB = Tuple[float, float, float]
 CARD_WIDTH = 350  # px: TensorBoard's image card (tf-image-loader, `:host { width: 350px }`) scales images to this width
 TEXT_AT_CARD = 10.0  # px: the text height aimed at when a figure is shown in that card
 MIN_FONT, MAX_FONT = 11, 28
+TEXT_BOUND_FONT = 16  # px: the font of a figure whose width only its text sets
 MIN_WIDTH = CARD_WIDTH  # px: narrower figures would only be stretched by the card
 BLACK: RGB = (0.0, 0.0, 0.0)
 GREY: RGB = (0.35, 0.35, 0.35)
@@ -66,9 +68,18 @@ def font(size: int, bold: bool = False) -> Any:
         return ImageFont.load_default()
 
 
-@lru_cache(maxsize=4096)
+# Text of a figure wider than the card is drawn bold: TensorBoard shrinks it with nearest-neighbour sampling
+# (`image-rendering: pixelated`), which drops the one-pixel strokes of regular text but keeps bold ones.
+_HEAVY: ContextVar[bool] = ContextVar("lightning_xai_heavy_text", default=False)
+
+
 def text_width(text: str, size: int, bold: bool = False) -> int:
-    """Width in px of one line of ``text``."""
+    """Width in px of one line of ``text`` (bold inside a figure wider than the card)."""
+    return _text_width(text, size, bold or _HEAVY.get())
+
+
+@lru_cache(maxsize=4096)
+def _text_width(text: str, size: int, bold: bool) -> int:
     return int(np.ceil(font(size, bold).getlength(text)))
 
 
@@ -200,6 +211,7 @@ class Canvas:
         """Draw one line of text; ``align`` is where ``x`` is (left, centre, right), ``valign`` where ``y`` is
         (top, middle). Returns (and records) its line box."""
         size = size or self.size
+        bold = bold or _HEAVY.get()
         w, lh = text_width(text, size, bold), line_height(size)
         x0 = int(round(x - {"left": 0, "centre": w / 2, "right": w}[align]))
         y0 = int(round(y - (lh / 2 if valign == "middle" else 0)))
@@ -249,24 +261,41 @@ def compose(sections: Sequence[Section], min_width: int = MIN_WIDTH) -> Figure:
     The font size follows the figure's width (:func:`font_size`) and the width what the sections need at that
     font size, iterated to a fixed point. Where there is none below ``MAX_FONT`` (text drives the width: it grows
     as fast as the font, so no font size stays readable once the card shrinks the figure), a section that can be
-    narrower (a grid with several blocks per row) gives up a column, until there is one.
+    narrower (a grid with several blocks per row) gives up a column, until there is one; if none can, the font
+    is ``TEXT_BOUND_FONT`` (text shown shrunk by the card is as large at any font size then). A figure wider than
+    the card has all its text drawn bold.
     """
     def width_at(f: int) -> int:
         return max(min_width, max(s.min_width(f) for s in sections) + 2 * _margin(f))
 
-    while True:
-        f, fits = MIN_FONT, False
-        for _ in range(12):
-            wanted = TEXT_AT_CARD * width_at(f) / CARD_WIDTH
-            if round(wanted) <= f:
-                fits = True
-                break
-            if f == MAX_FONT:
-                break
-            f = min(MAX_FONT, int(round(wanted)))
-        if fits or not any(s.narrower() for s in sections):
-            break
-    width = width_at(f)
+    def fit() -> int:
+        while True:
+            f, fits = MIN_FONT, False
+            for _ in range(12):
+                wanted = TEXT_AT_CARD * width_at(f) / CARD_WIDTH
+                if round(wanted) <= f:
+                    fits = True
+                    break
+                if f == MAX_FONT:
+                    break
+                f = min(MAX_FONT, int(round(wanted)))
+            if fits:
+                return f
+            if not any(s.narrower() for s in sections):
+                return TEXT_BOUND_FONT
+
+    token = _HEAVY.set(False)
+    try:
+        f = fit()
+        if width_at(f) > CARD_WIDTH:  # the card will shrink it: bold text, measured again
+            _HEAVY.set(True)
+            f = fit()
+        return _draw(sections, f, width_at(f))
+    finally:
+        _HEAVY.reset(token)
+
+
+def _draw(sections: Sequence[Section], f: int, width: int) -> Figure:
     inner = width - 2 * _margin(f)
     heights = [s.height(f, inner) for s in sections]
     gap = max(4, f // 2)

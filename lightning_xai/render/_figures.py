@@ -16,7 +16,8 @@ from lightning_xai.render._maps import (CELL_MAX, CELL_MIN, DIVERGING_CMAP, SEQU
                                         heat, normalize_maps, outline, overlay, to_display)
 from lightning_xai.render._sections import Bars, ColorBar, ColorBarSection, Grid, Legend, Matrix, Notes, Title
 
-MAX_COLUMNS = 12  # epochs shown in an evolution or probe figure; beyond this, spread evenly, first and latest kept
+MAX_COLUMNS = 10  # epochs shown in an evolution figure; beyond this, spread evenly, first and latest kept
+EVOLUTION_CELL = 32  # px: the evolution figure's smallest cell side (ten epochs of 8x8 inputs stay near the card width)
 SHARE_UNIT = "× an even share of the map's |attribution| (1 = spread evenly)"
 
 
@@ -162,7 +163,7 @@ def evolution_figure(inputs: Tensor, columns: Sequence[Tuple[str, Tensor]], sign
             values = F.interpolate(values.unsqueeze(1), size=inputs.shape[-2:], mode="bilinear",
                                    align_corners=False).squeeze(1)
         cells.append(overlay(base, _scaled(values, signed, scale, outlier_perc), signed))
-    stacked, factor = _display(torch.stack(cells, dim=1))  # (k, 1 + E, 3, h, w)
+    stacked, factor = _display(torch.stack(cells, dim=1), EVOLUTION_CELL)  # (k, 1 + E, 3, h, w)
     groups = [(1, 1 + len(columns), "epoch")] if columns else []
     return grid_figure(stacked, title=title, subtitle=subtitle, headers=["input"] + [h for h, _ in columns],
                        groups=groups, row_labels=row_labels, cell_captions=cell_captions,

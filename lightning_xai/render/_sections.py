@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_xai._utils import expected
-from lightning_xai.render._canvas import GREY, RGB, Canvas, Section, line_height, text_width, to_uint8, wrap
+from lightning_xai.render._canvas import _HEAVY, GREY, RGB, Canvas, Section, line_height, text_width, to_uint8, wrap
 from lightning_xai.render._maps import apply_colormap
 
 class Title(Section):
@@ -82,8 +82,8 @@ class ColorBar:
 
 
 def _fmt(value: float) -> str:
-    if value == 0:
-        return "0"
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
     if abs(value) >= 100 or abs(value) < 0.01:
         return f"{value:.2g}"
     return f"{value:.3g}"
@@ -247,7 +247,7 @@ class Grid(Section):
 
     # ------------------------------------------------------------------ geometry
     def _geometry(self, f: int) -> dict:
-        key = (f, self.ncols)
+        key = (f, self.ncols, _HEAVY.get())
         if key not in self._cache:
             self._cache[key] = self._measure(f)
         return self._cache[key]
@@ -378,14 +378,16 @@ class Matrix(Section):
         return "–" if v != v else self.fmt.format(v)
 
     def _geometry(self, f: int) -> dict:
-        if f not in self._cache:
-            self._cache[f] = self._measure(f)
-        return self._cache[f]
+        key = (f, _HEAVY.get())
+        if key not in self._cache:
+            self._cache[key] = self._measure(f)
+        return self._cache[key]
 
     def _measure(self, f: int) -> dict:
-        widest = max([text_width(self._text(float(v)), f) for v in self.values.flatten()] + [text_width("0.00", f)])
-        col = [max(widest, text_width(name, f)) + f for name in self.cols]
-        label = max([text_width(r, f) for r in self.rows] + [text_width(self.corner, f)]) + f
+        widest = max([text_width(self._text(float(v)), f) for v in self.values.flatten()] + [text_width("00", f)])
+        pad = max(4, f // 2)
+        col = [max(widest, text_width(name, f)) + pad for name in self.cols]
+        label = max([text_width(r, f) for r in self.rows] + [text_width(self.corner, f)]) + pad
         cell_h = line_height(f) + f // 2
         return dict(col=col, label=label, cell_h=cell_h, head=line_height(f) + 2,
                     width=label + sum(col), height=line_height(f) + 2 + cell_h * len(self.rows))
