@@ -12,8 +12,9 @@ Only the callbacks and :mod:`lightning_xai.logging` import this module; the pure
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Tuple
+from typing import Any, Iterator, Tuple
 
 _PACKAGE_NAMES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -41,9 +42,39 @@ _MISCONFIGURATION: Tuple[type, ...] = tuple(
     dict.fromkeys(pkg.utilities.exceptions.MisconfigurationException for pkg in PACKAGES))
 
 
-class MisconfigurationException(*_MISCONFIGURATION):  # type: ignore[misc]
+class MisconfigurationException(*_MISCONFIGURATION, ValueError):  # type: ignore[misc]
     """A bad option of a lightning_xai callback: an instance of every installed package's
-    ``MisconfigurationException``, so ``except`` clauses written for either package catch it."""
+    ``MisconfigurationException``, so ``except`` clauses written for either package catch it, and a
+    ``ValueError`` (an option with a wrong value)."""
+
+
+class MisconfigurationTypeError(MisconfigurationException, TypeError):
+    """A bad option of the wrong type: a :class:`MisconfigurationException` that is also a ``TypeError``."""
+
+
+@contextmanager
+def refuse_bad_options() -> Iterator[None]:
+    """Re-raise a ``TypeError``/``ValueError`` of the body (a core's validator refusing an option) as
+    :class:`MisconfigurationTypeError`/:class:`MisconfigurationException` with the same message, so
+    every bad option of a callback is refused with one exception type (an ``ImportError``, an option
+    that needs a package that is not installed, becomes a :class:`MisconfigurationException` too).
+
+    Example:
+        >>> from lightning_xai._utils import check_positive_int
+        >>> with refuse_bad_options():
+        ...     check_positive_int("steps", 0)
+        Traceback (most recent call last):
+        ...
+        lightning_xai._lightning.MisconfigurationException: Expected `steps` to be a positive int, but got 0.
+    """
+    try:
+        yield
+    except MisconfigurationException:
+        raise
+    except TypeError as err:
+        raise MisconfigurationTypeError(*err.args) from err
+    except (ValueError, ImportError) as err:
+        raise MisconfigurationException(*err.args) from err
 
 
 FITTING, VALIDATING, TESTING = "fit", "validate", "test"  # values of ``trainer.state.fn`` (a ``str`` enum)

@@ -46,6 +46,52 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(expected(name, "one of " + ", ".join(repr(c) for c in choices), value))
 
 
+def check_int(name: str, value: Any, minimum: Optional[int] = None) -> None:
+    """Raise ``TypeError`` unless ``value`` is an int (not a bool), ``ValueError`` if it is below ``minimum``."""
+    what = "an int" if minimum is None else f"an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(expected(name, what, value if isinstance(value, (float, str)) else type(value).__name__))
+    if minimum is not None and value < minimum:
+        raise ValueError(expected(name, what, value))
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``TypeError`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(expected(name, "a bool", value if isinstance(value, (int, float, str))
+                                 else type(value).__name__))
+
+
+def check_real(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,
+               low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``TypeError`` unless ``value`` is a real number (an int or float, not a bool), ``ValueError`` unless it
+    is finite and within ``low``/``high`` (each bound included unless ``*_open``; None: unbounded).
+
+    Example:
+        >>> check_real("lr", 0.0, low=0, low_open=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `lr` to be a positive float, but got 0.0.
+    """
+    if low is not None and high is not None:
+        what = f"a float in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        what = "a positive float" if low == 0 and low_open else f"a float {'>' if low_open else '>='} {low}"
+    elif high is not None:
+        what = f"a float {'<' if high_open else '<='} {high}"
+    else:
+        what = "a finite float"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(expected(name, what, value if isinstance(value, str) else type(value).__name__))
+    ok = value == value and abs(value) != float("inf")
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ValueError(expected(name, what, value))
+
+
 # --------------------------------------------------------------------------- state guards
 @contextmanager
 def gradient_context() -> Iterator[None]:
@@ -221,6 +267,8 @@ def select_output(output: Any, key: Union[None, int, str]) -> Any:
     """Pick ``output[key]`` from a tuple/list/dict output (``key=None`` returns ``output``)."""
     if key is None:
         return output
+    if isinstance(output, Tensor):  # indexing it would pick rows, not outputs
+        raise ValueError(expected("output_key", "None for a model that returns a tensor", key))
     try:
         return output[key]
     except (KeyError, IndexError, TypeError) as err:

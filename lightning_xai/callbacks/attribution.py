@@ -21,9 +21,10 @@ from lightning_xai._lightning import MisconfigurationException, Misconfiguration
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_int, check_real, eager_compiled, expected
-from lightning_xai.attribution import PinnedOptions, get_method, is_signed, method_passes
+from lightning_xai.attribution import PinnedOptions, is_signed, method_passes
 from lightning_xai.callbacks import shared
-from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_layers, check_method_options
+from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_method_layers, check_method_options,
+                                            resolve_method)
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import (MAX_COLUMNS, attribution_figure, evolution_figure, pool_to, robust_max, share_maps,
                                   spread)
@@ -111,8 +112,7 @@ class AttributionMonitor(SampleCheckedCallback):
         methods = list(methods)
         if not methods:
             raise MisconfigurationException(expected("methods", "at least one attribution method", methods))
-        with refuse_bad_options():
-            self.methods: List[Tuple[str, Callable, Dict[str, Any]]] = [get_method(spec) for spec in methods]
+        self.methods: List[Tuple[str, Callable, Dict[str, Any]]] = [resolve_method("methods", spec) for spec in methods]
         names = [m[0] for m in self.methods]
         if len(set(names)) != len(names):
             raise MisconfigurationException(expected("methods", "methods with distinct names", names))

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_xai._lightning import CALLBACK_BASES, FITTING, TESTING, MisconfigurationException, is_a
-from lightning_xai._utils import (check_choice, check_positive_int, eager_compiled, expected, forked_rng, gradient_context,
-                                  is_compiled, preserve_modes, select_output, two_class_logits)
+from lightning_xai._lightning import (CALLBACK_BASES, FITTING, TESTING, MisconfigurationException, is_a,
+                                     refuse_bad_options)
+from lightning_xai._utils import (check_bool, check_choice, check_positive_int, eager_compiled, expected, forked_rng,
+                                  gradient_context, is_compiled, preserve_modes, select_output, two_class_logits)
 from lightning_xai.callbacks import cost
 from lightning_xai.logging import log_scalars, logging_step, warn_once
 
@@ -269,12 +270,17 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         forward: Optional[Callable[[Any, Tensor], Tensor]] = None,
     ) -> None:
         super().__init__()
-        check_positive_int("every_n_epochs", every_n_epochs)
-        check_choice("on_error", on_error, ("warn", "raise"))
-        if not isinstance(prefix, str) or not prefix.strip("/"):
-            raise MisconfigurationException(expected("prefix", "a non-empty str", prefix))
-        if forward is not None and not callable(forward):
-            raise MisconfigurationException(expected("forward", "a callable (pl_module, inputs) -> logits", forward))
+        with refuse_bad_options():
+            check_positive_int("every_n_epochs", every_n_epochs)
+            check_bool("run_on_fit_end", run_on_fit_end)
+            check_choice("on_error", on_error, ("warn", "raise"))
+            if not isinstance(prefix, str) or not prefix.strip("/"):
+                raise MisconfigurationException(expected("prefix", "a non-empty str", prefix))
+            if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, (int, str))):
+                raise TypeError(expected("output_key", "None, an int (tuple/list outputs) or a str (dict outputs)",
+                                         type(output_key).__name__))
+            if forward is not None and not callable(forward):
+                raise TypeError(expected("forward", "a callable (pl_module, inputs) -> logits", forward))
         self.every_n_epochs = every_n_epochs
         self.run_on_fit_end = run_on_fit_end
         self.on_error = on_error
@@ -547,7 +553,8 @@ class ProbeSetCallback(XAICallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        check_positive_int("probe_samples", probe_samples)
+        with refuse_bad_options():
+            check_positive_int("probe_samples", probe_samples)
         if batch_to_xy is not None and not callable(batch_to_xy):
             raise MisconfigurationException(expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
         self.probe_samples = probe_samples

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor
 
-from lightning_xai._lightning import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import check_positive_int, expected, resolve_layer
+from lightning_xai._utils import check_int, check_positive_int, check_real, expected, resolve_layer
 from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy
 from lightning_xai.featvis import OUTPUT, Objective, make_param, objectives_from_spec, render
 from lightning_xai.logging import log_image, warn_once
@@ -103,7 +103,7 @@ class FeatureVisMonitor(XAICallback):
         if not isinstance(targets, (list, tuple)) or not targets:
             raise MisconfigurationException(expected("targets", "a non-empty list of target specs", repr(targets)))
         self.target_sets: List[Tuple[str, List[Objective]]] = []
-        try:
+        with refuse_bad_options():
             for spec in targets:
                 self.target_sets.append(objectives_from_spec(spec))
             check_positive_int("steps", steps)
@@ -111,18 +111,21 @@ class FeatureVisMonitor(XAICallback):
             check_positive_int("min_side", min_side)
             check_positive_int("num_threads", num_threads, allow_none=True)
             make_param(param)
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
+            check_int("seed", seed)
+        for name, value, what in (("transforms", transforms, "callables (images, generator) -> images"),
+                                  ("regularizers", regularizers, "callables images -> (K,)")):
+            if value is not None and (not isinstance(value, (list, tuple)) or not all(callable(v) for v in value)):
+                raise MisconfigurationException(expected(name, f"None or a list of {what}", value))
         labels = [label for label, _ in self.target_sets]
         if len(set(labels)) != len(labels):
             raise MisconfigurationException(expected("targets", "target sets with distinct labels (layer names)", labels))
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-            raise MisconfigurationException(expected("lr", "a positive float", lr))
+        with refuse_bad_options():
+            check_real("lr", lr, 0, low_open=True)
         if input_shape is not None and (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3
                                         or not all(isinstance(s, int) and s > 0 for s in input_shape)):
             raise MisconfigurationException(expected("input_shape", "(C, H, W) with positive ints or None", repr(input_shape)))
-        if value_range is not None and not (isinstance(value_range, (tuple, list)) and len(value_range) == 2):
-            raise MisconfigurationException(expected("value_range", "a pair (lo, hi) or None", repr(value_range)))
+        if value_range is not None:
+            _check_value_range(value_range, None if input_shape is None else input_shape[0])
         if batch_to_xy is not None and not callable(batch_to_xy):
             raise MisconfigurationException(expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
         self.steps, self.lr, self.param, self.seed = steps, float(lr), param, seed
@@ -164,10 +167,8 @@ class FeatureVisMonitor(XAICallback):
                 for layer in obj.layers:
                     if layer == OUTPUT:
                         continue
-                    try:
+                    with refuse_bad_options():
                         resolve_layer(pl_module, layer, "targets")
-                    except (TypeError, ValueError) as err:
-                        raise MisconfigurationException(str(err)) from err
 
     # ------------------------------------------------------------------ input shape and range from the data
     def _observe(self, batch: Any, dataloader_idx: int) -> None:
@@ -305,6 +306,23 @@ def _cell_name(objective_name: str) -> str:
     if "@" in tail and tail.split("@")[0].isdigit():
         return f"neuron {tail.split('@')[0]}"
     return objective_name
+
+
+def _check_value_range(value_range: Any, channels: Optional[int]) -> None:
+    """Refuse a ``value_range`` that is not ``(lo, hi)`` of numbers or per-channel float tensors with ``lo < hi``."""
+    def bound(v: Any) -> bool:
+        if isinstance(v, Tensor):
+            return v.ndim <= 1 and v.is_floating_point()
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    what = "None or a pair (lo, hi) of floats or per-channel float tensors (C,), with lo < hi"
+    if not (isinstance(value_range, (tuple, list)) and len(value_range) == 2 and all(map(bound, value_range))):
+        raise MisconfigurationException(expected("value_range", what, value_range))
+    lo, hi = (torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in value_range)
+    sizes = {1, channels if channels is not None else max(lo.numel(), hi.numel())}
+    if lo.numel() not in sizes or hi.numel() not in sizes or not bool((lo < hi).all()):
+        per_channel = "" if channels is None else f", scalars or {channels} per channel (input_shape)"
+        raise MisconfigurationException(expected("value_range", what + per_channel, value_range))
 
 
 def _plain(v: Any) -> Union[float, List[float]]:

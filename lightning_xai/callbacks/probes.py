@@ -21,16 +21,17 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 import torch
 from torch import Tensor, nn
 
-from lightning_xai._lightning import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
 
-from lightning_xai._utils import check_choice, check_positive_int, eager_compiled, expected, is_compiled, preserve_modes
+from lightning_xai._utils import (check_bool, check_choice, check_int, check_positive_int, check_real, eager_compiled,
+                                  expected, is_compiled, preserve_modes)
 from lightning_xai.callbacks import cost
 from lightning_xai.callbacks.base import (BATCH_FIX, BatchToXY, XAICallback, class_labels, extract_xy, first_loader,
                                          gather_rows)
 from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
-from lightning_xai.probes import ActivationCapture, Reducer, input_reducer
+from lightning_xai.probes import ActivationCapture, Reducer, input_reducer, make_reducer
 from lightning_xai.probes.epoch import EpochProbe, control_table
 from lightning_xai.probes.reduce import ReduceSpec
 from lightning_xai.render import MAX_COLUMNS, matrix_figure, spread
@@ -112,6 +113,9 @@ class LinearProbeMonitor(XAICallback):
             layers = [layers]
         if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) for n in layers):
             raise MisconfigurationException(expected("layers", "a non-empty list of layer names or glob patterns", layers))
+        if concepts is not None and not isinstance(concepts, Mapping):
+            raise MisconfigurationException(expected(
+                "concepts", "None or a mapping name -> callable batch -> LongTensor (N,)", type(concepts).__name__))
         concepts = dict(concepts or {})
         for name, fn in concepts.items():
             if not isinstance(name, str) or not name or name == LABEL or "/" in name or not callable(fn):
@@ -120,14 +124,19 @@ class LinearProbeMonitor(XAICallback):
                              name))
         if batch_to_xy is not None and not callable(batch_to_xy):
             raise MisconfigurationException(expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
-        check_choice("solver", solver, ("ridge", "logistic"))
-        check_positive_int("holdout_every", holdout_every)
-        check_positive_int("max_dim", max_dim)
-        if holdout_every < 2:
-            raise MisconfigurationException(expected("holdout_every", "an int >= 2", holdout_every))
-        if not 0 < memorization_threshold <= 1:
-            raise MisconfigurationException(expected("memorization_threshold", "a float in (0, 1]", memorization_threshold))
-        EpochProbe(alphas=alphas, cv=cv)  # validates alphas and cv now rather than at the first epoch
+        with refuse_bad_options():
+            check_choice("solver", solver, ("ridge", "logistic"))
+            check_positive_int("holdout_every", holdout_every)
+            check_positive_int("max_dim", max_dim)
+            if holdout_every < 2:
+                raise ValueError(expected("holdout_every", "an int >= 2", holdout_every))
+            check_bool("input_baseline", input_baseline)
+            check_bool("untrained_baseline", untrained_baseline)
+            check_real("memorization_threshold", memorization_threshold, 0, 1, low_open=True)
+            check_int("seed", seed)
+            for spec in (reduce.values() if isinstance(reduce, Mapping) else [reduce]):  # names: at setup
+                make_reducer(spec)
+            EpochProbe(alphas=alphas, cv=cv)  # validates alphas and cv now rather than at the first epoch
         self.layer_patterns = list(layers)
         self.reduce = reduce
         self.concepts = concepts
@@ -174,10 +183,8 @@ class LinearProbeMonitor(XAICallback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        try:
+        with refuse_bad_options():
             self._capture = ActivationCapture(pl_module, self.layer_patterns, self.reduce, max_dim=self.max_dim, seed=self.seed)
-        except ValueError as err:
-            raise MisconfigurationException(f"LinearProbeMonitor: {err}") from err
         self._capture.raise_errors = self.on_error == "raise"
         self.layers = list(self._capture.names)
         if INPUT in self.layers:
@@ -387,6 +394,11 @@ class LinearProbeMonitor(XAICallback):
         world = max(trainer.world_size, 1)
         if world > 1:
             self._agree_sources(trainer, probes)
+        for key, probe in probes.items():  # NaN/inf features were added as zeros: the probe says little
+            if probe.nonfinite_rows:
+                warn_once(f"nonfinite-{key}", f"LinearProbeMonitor: {probe.nonfinite_rows} validation samples gave "
+                          f"NaN/inf features at {key!r} (NaN/inf inputs or an unstable layer); they enter the probe as "
+                          "zeros, so its accuracy there is not meaningful.", owner=self)
         reference = probes.get(self.layers[0]) if self.layers else None
         if reference is None or (world == 1 and reference.n_train < 2):
             warn_once("empty", "LinearProbeMonitor: too few labelled validation samples to fit probes.", owner=self)

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from lightning_xai._lightning import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import check_positive_int, expected, resolve_layer_patterns
-from lightning_xai.callbacks.base import ProbeSetCallback
+from lightning_xai._utils import check_bool, check_positive_int, expected
+from lightning_xai.callbacks._checks import SampleCheckedCallback, check_layer_names
 from lightning_xai.logging import log_embedding, log_image, tensorboard_writers, warn_once
 from lightning_xai.probes import make_reducer
 from lightning_xai.projections import SEPARATION_METHODS, capture_activations, class_separation, pca
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-class ProjectionMonitor(ProbeSetCallback):
+class ProjectionMonitor(SampleCheckedCallback):
     """Logs per-layer projections of a fixed probe set: projector embeddings, PCA scatters, separation.
 
     Args:
@@ -87,18 +87,17 @@ class ProjectionMonitor(ProbeSetCallback):
             layers = [layers]
         if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers):
             raise MisconfigurationException(expected("layers", "a non-empty list of layer names or glob patterns", layers))
-        try:
+        with refuse_bad_options():
             make_reducer(reduce)
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
         if separation not in SEPARATION_METHODS:
             raise MisconfigurationException(
                 expected("separation", "one of " + ", ".join(repr(s) for s in SEPARATION_METHODS), separation))
-        try:
+        with refuse_bad_options():
+            for name, value in (("projector", projector), ("scatter", scatter), ("thumbnails", thumbnails)):
+                check_bool(name, value)
             check_positive_int("thumbnail_size", thumbnail_size)
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
-        if class_names is not None and (isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)):
+        if class_names is not None and (not isinstance(class_names, (list, tuple))
+                                        or not all(isinstance(c, str) for c in class_names)):
             raise MisconfigurationException(expected("class_names", "a list of str", class_names))
         self.layer_patterns = list(layers)
         self.layers: List[str] = []
@@ -120,10 +119,7 @@ class ProjectionMonitor(ProbeSetCallback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        try:
-            self.layers = resolve_layer_patterns(pl_module, self.layer_patterns, name="layers")
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
+        self.layers = check_layer_names(pl_module, "layers", self.layer_patterns)
 
     # ------------------------------------------------------------------ compute / report
     @override

@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_xai._lightning import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected, forked_rng
-from lightning_xai.callbacks.base import ProbeSetCallback, class_labels, extract_xy
+from lightning_xai.callbacks._checks import SampleCheckedCallback
+from lightning_xai.callbacks.base import class_labels, extract_xy
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import Figure, fit_cells, grid_figure, to_display
 from lightning_xai.samples import (
@@ -71,7 +72,7 @@ def _train_dataset(trainer: "pl.Trainer") -> Optional[Any]:
     return getattr(loaders, "dataset", None)
 
 
-class SampleInfluenceMonitor(ProbeSetCallback):
+class SampleInfluenceMonitor(SampleCheckedCallback):
     """Logs sample-level explanations: supporting neighbours, representer points, suspect labels and sparse samples.
 
     Args:
@@ -138,7 +139,7 @@ class SampleInfluenceMonitor(ProbeSetCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(probe_samples=probe_samples, every_n_epochs=every_n_epochs, **kwargs)
-        try:
+        with refuse_bad_options():
             for name, value in (("k", k), ("support_k", support_k), ("num_representers", num_representers),
                                 ("num_suspects", num_suspects), ("num_sparse", num_sparse), ("batch_size", batch_size)):
                 check_positive_int(name, value)
@@ -146,8 +147,6 @@ class SampleInfluenceMonitor(ProbeSetCallback):
             check_choice("suspect_mode", suspect_mode, SUSPECT_MODES)
             if capture is not None:
                 check_choice("capture", capture, ("input", "output"))
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
         if layer is not None and not isinstance(layer, str):
             raise MisconfigurationException(expected("layer", "a dotted layer name (str) or None",
                                                      type(layer).__name__))
@@ -202,10 +201,8 @@ class SampleInfluenceMonitor(ProbeSetCallback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        try:
+        with refuse_bad_options():
             self._layer = resolve_feature_layer(pl_module, self.layer, self.capture)
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
 
     # ------------------------------------------------------------------ the run
     @override

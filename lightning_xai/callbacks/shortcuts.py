@@ -42,13 +42,15 @@ import torch
 from torch import Tensor
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
-from lightning_xai._lightning import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import check_choice, check_positive_int, expected
-from lightning_xai.attribution import get_method, method_passes
+from lightning_xai._utils import check_bool, check_choice, check_int, check_positive_int, check_real, expected
+from lightning_xai.attribution import method_passes
 from lightning_xai.callbacks import shared
-from lightning_xai.callbacks.base import (BATCH_FIX, Buckets, ProbeSetCallback, choose_stratified, class_labels,
+from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_layer_names, check_method_layers,
+                                            check_method_options, resolve_method)
+from lightning_xai.callbacks.base import (BATCH_FIX, Buckets, choose_stratified, class_labels,
                                          collect_rows, extract_xy, gather_shares, split_rows)
 from lightning_xai.logging import log_image
 from lightning_xai.render import CYAN, RED, evidence_figure, maps_figure, share_maps
@@ -72,7 +74,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-class ShortcutMonitor(ProbeSetCallback):
+class ShortcutMonitor(SampleCheckedCallback):
     """Watches for shortcuts (spurious features) while a classifier trains; see the module docstring.
 
     Args:
@@ -162,32 +164,40 @@ class ShortcutMonitor(ProbeSetCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(probe_samples=probe_samples, **kwargs)
-        try:
+        with refuse_bad_options():
             self.regions = normalize_regions(regions)
             check_choice("fill", fill, FILLS)
             check_choice("placement", placement, PLACEMENTS)
             check_choice("action", action, ACTIONS)
-            self.method = get_method(method)
-            self.discovery_method = get_method(discovery_method)
-            for name, value in (("patience", patience), ("num_controls", num_controls), ("donor_draws", donor_draws)):
+            self.method = resolve_method("method", method)
+            self.discovery_method = resolve_method("discovery_method", discovery_method)
+            for name, value in (("patience", patience), ("num_controls", num_controls), ("donor_draws", donor_draws),
+                                ("max_clusters", max_clusters)):
                 check_positive_int(name, value)
-        except (ValueError, TypeError) as err:
-            raise MisconfigurationException(str(err)) from err
+            check_real("min_excess", min_excess, 0, 1, low_open=True)
+            check_real("min_z", min_z, 0)
+            check_real("min_match", min_match, 0)
+            check_real("sanity_threshold", sanity_threshold, 0, 1, low_open=True)
+            for name, value in (("spray", spray), ("sanity_check", sanity_check)):
+                check_bool(name, value)
+            if find_regions is not None:
+                check_bool("find_regions", find_regions)
+            check_int("seed", seed)
+        for name, fn, options in (self.method, self.discovery_method):  # what needs the image size: first sample
+            check_method_options(name, fn, options, ndim=4)
         for reserved in CANDIDATES:
             if reserved in self.regions:
                 raise MisconfigurationException(expected("region names", f"names other than {CANDIDATES} (reserved)", reserved))
+        self._check_per_sample_masks()
         if isinstance(reference_samples, bool) or not isinstance(reference_samples, int) or reference_samples < 0:
             raise MisconfigurationException(expected("reference_samples", "an int >= 0 (0: no training samples kept)",
                                                      reference_samples))
-        if not (isinstance(min_excess, (int, float)) and 0 < min_excess <= 1):
-            raise MisconfigurationException(expected("min_excess", "a float in (0, 1]", min_excess))
-        if not (isinstance(min_z, (int, float)) and min_z >= 0):
-            raise MisconfigurationException(expected("min_z", "a float >= 0", min_z))
-        if not 0 < sanity_threshold <= 1:
-            raise MisconfigurationException(expected("sanity_threshold", "a float in (0, 1]", sanity_threshold))
+        if not (isinstance(sanity_layers, int) and not isinstance(sanity_layers, bool) and sanity_layers > 0) and not (
+                isinstance(sanity_layers, (list, tuple)) and sanity_layers
+                and all(isinstance(n, str) and n for n in sanity_layers)):
+            raise MisconfigurationException(expected("sanity_layers", "a positive int (top layers) or a non-empty list "
+                                                     "of layer names or glob patterns", sanity_layers))
         self.fill, self.num_controls, self.placement, self.action = fill, num_controls, placement, action
-        if not (isinstance(min_match, (int, float)) and min_match >= 0):
-            raise MisconfigurationException(expected("min_match", "a float >= 0", min_match))
         self.min_excess, self.min_z, self.min_match = float(min_excess), float(min_z), float(min_match)
         self.last_hotspot: Optional[Tensor] = None  # the latest candidate region of unknown-region mode (H, W)
         self.find_regions = (not self.regions) if find_regions is None else bool(find_regions)
@@ -265,12 +275,46 @@ class ShortcutMonitor(ProbeSetCallback):
             except (ValueError, TypeError) as err:
                 raise MisconfigurationException(f"{err} Per-sample masks (N, H, W) need `probe=` with N samples.") from err
 
+    def _check_per_sample_masks(self) -> None:
+        """Per-sample masks ``(N, H, W)`` need a probe set given as ``N`` samples (tensors or dataset indices)."""
+        given = self.probe_x.shape[0] if self.probe_x is not None else (
+            len(self._probe_indices) if self._probe_indices is not None else None)
+        for name, spec in self.regions.items():
+            if isinstance(spec, Tensor) and spec.ndim == 3 and spec.shape[0] != given:
+                raise MisconfigurationException(expected(
+                    f"region {name!r}", "one mask (H, W) for every sample, or one per probe sample (N, H, W) with "
+                    + ("`probe=` given as N samples" if given is None else f"N = {given}, the `probe` samples"), spec))
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.probe_x is not None:
             self.check_images(self.probe_x)
             self._check_region_shapes(self.probe_x)
+        for name, fn, options in (self.method, self.discovery_method):
+            check_method_layers(pl_module, name, fn, options)
+        if not isinstance(self.sanity_layers, int):
+            check_layer_names(pl_module, "sanity_layers", self.sanity_layers)
+
+    @override
+    def check_sample(self, pl_module: "pl.LightningModule", x: Tensor) -> None:
+        """Images, every region against the image size (boxes inside, masks of its shape, callables giving
+        such masks) and the method options that need the image size."""
+        self.check_images(x)
+        super().check_sample(pl_module, x)
+        for name, spec in self.regions.items():
+            if isinstance(spec, Tensor) and spec.ndim == 3:
+                spec = spec[:1]  # one mask per probe sample: the shape of one
+            try:
+                with refuse_bad_options():
+                    region_masks(spec, x, name)
+            except MisconfigurationException:
+                raise
+            except Exception as err:  # noqa: BLE001 - a region callable that fails on a probe image
+                raise MisconfigurationException(expected(f"region {name!r}", "a callable inputs -> masks that runs on "
+                                                         "the probe images", f"{type(err).__name__}: {err}")) from err
+        for name, fn, options in (self.method, self.discovery_method):
+            check_method_options(name, fn, options, sample=x)
 
     # ------------------------------------------------------------------ reference samples (training batches)
     @property

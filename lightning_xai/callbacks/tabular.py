@@ -21,8 +21,8 @@ from lightning_xai._lightning import MisconfigurationException, refuse_bad_optio
 from typing_extensions import override
 
 from lightning_xai._utils import check_bool, check_positive_int, eager_compiled, expected
-from lightning_xai.attribution import METHODS, PinnedOptions, get_method
-from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_options
+from lightning_xai.attribution import METHODS, PinnedOptions
+from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_options, resolve_method
 from lightning_xai.logging import log_image, warn_once
 from lightning_xai.render import barh_image
 
@@ -116,8 +116,7 @@ class TabularAttributionMonitor(SampleCheckedCallback):
                 raise MisconfigurationException(expected(
                     "feature_names", f"names that give distinct scalar tags ('/' becomes '_'), not two giving {tag!r}",
                     [other, name]))
-        with refuse_bad_options():
-            self.method_name, self.method_fn, self.method_options = get_method(method)
+        self.method_name, self.method_fn, self.method_options = resolve_method("method", method)
         if METHODS.get(self.method_name) is self.method_fn and self.method_name not in ROW_METHODS:
             raise MisconfigurationException(expected(
                 "method", "a method that runs on (N, F) rows: " + ", ".join(map(repr, ROW_METHODS)) + ", a (name, "
@@ -146,7 +145,8 @@ class TabularAttributionMonitor(SampleCheckedCallback):
         if x.ndim != 2 or not x.is_floating_point() or x.shape[1] != len(self.feature_names):
             raise MisconfigurationException(
                 expected("TabularAttributionMonitor's probe inputs",
-                         f"float rows of shape (N, {len(self.feature_names)}), one column per feature name", x))
+                         f"float rows of shape (N, {len(self.feature_names)}), one column per name in "
+                         "`feature_names`", x))
         finite = torch.isfinite(x).all(1)
         if not bool(finite.all()):
             warn_once("nonfinite-rows", f"TabularAttributionMonitor: {int((~finite).sum())} of the {x.shape[0]} probe "

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_xai._lightning import MisconfigurationException
+from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import check_positive_int, eager_compiled, expected, resolve_layer
-from lightning_xai.attribution import PinnedOptions
-from lightning_xai.callbacks.base import ProbeSetCallback
+from lightning_xai._utils import check_choice, check_positive_int, eager_compiled, expected, resolve_layer
+from lightning_xai.attribution import PinnedOptions, get_method
+from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_options
 from lightning_xai.logging import log_text, warn_once
 from lightning_xai.text import BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions, token_share
 from lightning_xai.text.render import Vocab
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 
-class TokenAttributionMonitor(ProbeSetCallback):
+class TokenAttributionMonitor(SampleCheckedCallback):
     """Logs token attributions of a fixed probe set of token-id sequences.
 
     Args:
@@ -39,7 +39,8 @@ class TokenAttributionMonitor(ProbeSetCallback):
             embeddings ``(N, T, E)``, e.g. ``"model.embeddings.word_embeddings"``.
         vocab: a list mapping ids to token strings, or a callable ``id -> str``.
         method: ``"integrated_gradients"`` (default), ``"saliency"``, ``"input_x_gradient"`` or ``"smoothgrad"``.
-        options: keyword options for the method, e.g. ``{"steps": 32}`` for Integrated Gradients.
+        options: keyword options for the method, e.g. ``{"steps": 32}`` for Integrated Gradients; checked by the
+            method's validator at construction (``baseline`` is the argument below, ``return_delta`` the callback's).
         target: the class explained per sample: ``"label"`` (default), ``"prediction"`` or a class index.
         baseline: Integrated Gradients baseline: ``"pad"`` (default), ``"zero"``, or token ids ``(T,)``.
         pad_token_id: padding id: used by ``baseline="pad"`` and left out of the rendered sentences.
@@ -85,23 +86,29 @@ class TokenAttributionMonitor(ProbeSetCallback):
         if not (callable(vocab) or (isinstance(vocab, (list, tuple)) and vocab and all(isinstance(v, str) for v in vocab))):
             raise MisconfigurationException(expected("vocab", "a non-empty list of str or a callable id -> str",
                                                      type(vocab).__name__))
-        if method not in TOKEN_METHODS:
-            raise MisconfigurationException(expected("method", "one of " + ", ".join(repr(m) for m in TOKEN_METHODS), method))
+        with refuse_bad_options():
+            check_choice("method", method, tuple(TOKEN_METHODS))
         if options is not None and not isinstance(options, Mapping):
             raise MisconfigurationException(expected("options", "a dict of keyword options", type(options).__name__))
+        reserved = [key for key in ("baseline", "return_delta") if key in (options or {})]
+        if reserved:
+            raise MisconfigurationException(expected("options", "method options other than 'baseline' (the `baseline` "
+                                                     "argument) and 'return_delta' (set by the callback)", reserved))
+        with refuse_bad_options():  # unknown names, then values, by the method's own validator (on embeddings)
+            name, fn, checked = get_method((method, dict(options or {})))
+        check_method_options(name, fn, checked, ndim=3)
         self.check_target(target)
         if not (isinstance(baseline, Tensor) and not baseline.is_floating_point() or baseline in BASELINES):
             raise MisconfigurationException(expected("baseline", "'pad', 'zero' or a LongTensor of token ids", baseline))
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
             raise MisconfigurationException(expected("pad_token_id", "an int", pad_token_id))
-        if isinstance(watch_tokens, (str, int)):
+        if isinstance(watch_tokens, (str, int)) and not isinstance(watch_tokens, bool):
             watch_tokens = [watch_tokens]
-        if not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in watch_tokens):
+        if not isinstance(watch_tokens, (list, tuple)) or not all(
+                isinstance(t, (str, int)) and not isinstance(t, bool) for t in watch_tokens):
             raise MisconfigurationException(expected("watch_tokens", "a list of token strings or ids", watch_tokens))
-        try:
+        with refuse_bad_options():
             check_positive_int("top_k", top_k)
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
         self.embedding_layer = embedding_layer
         self.vocab = vocab
         self.method = method
@@ -121,12 +128,16 @@ class TokenAttributionMonitor(ProbeSetCallback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        try:
+        with refuse_bad_options():
             resolve_layer(pl_module, self.embedding_layer, name="embedding_layer")
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
         if self.probe_x is not None:
             self.check_ids(self.probe_x)
+
+    @override
+    def check_sample(self, pl_module: "pl.LightningModule", x: Tensor) -> None:
+        """Token ids, and ``target`` against the classes."""
+        self.check_ids(x)
+        super().check_sample(pl_module, x)
 
     @staticmethod
     def check_ids(x: Tensor) -> None:

@@ -89,19 +89,27 @@ class EpochProbe:
         self._hold_y: Dict[str, List[Tensor]] = {}
         self.num_classes: Dict[str, int] = {}
         self.control: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self._nonfinite = torch.zeros((), dtype=torch.long)  # rows with NaN/inf features, added as zeros
 
     # ------------------------------------------------------------------ accumulation
     def _folds(self, index: Tensor) -> Optional[Tensor]:
         return None if self.ridge.num_folds == 1 else (index // self.holdout_every) % self.ridge.num_folds
 
     def add(self, features: Tensor, labels: Mapping[str, Tensor], index: Tensor) -> None:
-        """Add a batch: features ``(N, k)``, labels ``{target: (N,) int}``, global sample indices ``(N,)``."""
+        """Add a batch: features ``(N, k)``, labels ``{target: (N,) int}``, global sample indices ``(N,)``.
+
+        A row with a NaN/inf feature is added as zeros (it would make every statistic NaN) and counted in
+        :attr:`nonfinite_rows`.
+        """
         if features.ndim != 2:
             raise ValueError(expected("features", "a tensor of shape (N, k)", features))
         index = index.to(features.device).long()
         hold = holdout_mask(index, self.holdout_every)
         train = ~hold
         feats = features.detach().float()
+        bad = ~torch.isfinite(feats).all(1, keepdim=True)  # (N, 1)
+        feats = torch.where(bad, torch.zeros((), dtype=feats.dtype, device=feats.device), feats)
+        self._nonfinite = self._nonfinite.to(feats.device) + bad.sum()
         labels = {k: v.detach().to(features.device).long().view(-1) for k, v in labels.items()}
         xt = feats[train]
         if xt.shape[0]:
@@ -116,6 +124,11 @@ class EpochProbe:
         for k, v in labels.items():
             self._train_y.setdefault(k, []).append(v[train])
             self._hold_y.setdefault(k, []).append(v[hold])
+
+    @property
+    def nonfinite_rows(self) -> int:
+        """Rows added so far whose features held NaN/inf (added as zeros)."""
+        return int(self._nonfinite)
 
     @property
     def n_train(self) -> int:

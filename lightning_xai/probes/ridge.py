@@ -25,8 +25,10 @@ Pure torch.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -132,9 +134,14 @@ class StreamingRidge:
 
     def __init__(self, alphas: Optional[Sequence[float]] = None, cv: Union[str, int] = "gcv") -> None:
         if alphas is not None:
-            alphas = [float(a) for a in alphas]
-            if not alphas or any(not a > 0 for a in alphas):
-                raise ValueError(expected("alphas", "a non-empty sequence of positive floats or None", alphas))
+            given = alphas
+            values = alphas.tolist() if isinstance(alphas, Tensor) and alphas.ndim == 1 else alphas
+            values = list(values) if isinstance(values, Iterable) and not isinstance(values, (str, bytes)) else []
+            if not values or not all(isinstance(a, numbers.Real) and not isinstance(a, bool) and 0 < a < math.inf
+                                     for a in values):
+                shown = given if isinstance(given, (list, tuple, str, Tensor)) else type(given).__name__
+                raise ValueError(expected("alphas", "a non-empty sequence of positive floats or None", shown))
+            alphas = [float(a) for a in values]
         if cv != "gcv" and (isinstance(cv, bool) or not isinstance(cv, int) or cv < 2):
             raise ValueError(expected("cv", "'gcv' or an int >= 2 (k-fold)", cv))
         self.alphas = alphas

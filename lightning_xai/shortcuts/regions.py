@@ -77,25 +77,29 @@ def _is_box(spec: Any) -> bool:
             and all(isinstance(v, int) and not isinstance(v, bool) for v in spec))
 
 
-def validate_region(name: str, spec: Any) -> None:
+def validate_region(name: str, spec: Any, label: Optional[str] = None) -> None:
     """Check a region spec without data (shape checks need the inputs and happen in :func:`region_masks`).
 
     Raises:
-        ValueError / TypeError: with the house message naming the region and the accepted kinds.
+        ValueError / TypeError: with the house message naming the region (``label``, default ``region '<name>'``)
+            and the accepted kinds.
     """
     what = "a mask tensor (H, W) or (N, H, W), a box (top, left, height, width), a preset name or a callable"
+    label = label or f"region {name!r}"
     if isinstance(spec, Tensor):
         if spec.ndim not in (2, 3) or spec.numel() == 0:
-            raise ValueError(expected(f"region {name!r}", what, spec))
+            raise ValueError(expected(label, what, spec))
         if not bool((spec != 0).any()):
-            raise ValueError(expected(f"region {name!r}", "a mask with at least one pixel inside", "an empty mask"))
+            raise ValueError(expected(label, "a mask with at least one pixel inside", "an empty mask"))
     elif _is_box(spec):
-        if spec[2] <= 0 or spec[3] <= 0:
-            raise ValueError(expected(f"region {name!r}", "a box with positive height and width", tuple(spec)))
+        if spec[0] < 0 or spec[1] < 0 or spec[2] <= 0 or spec[3] <= 0:
+            raise ValueError(expected(label, "a box with top, left >= 0 and positive height and width", tuple(spec)))
     elif isinstance(spec, str):
-        preset_mask(spec, (8, 8))  # raises for unknown names
+        if spec not in PRESETS:
+            raise ValueError(expected(label, "a box, a mask, a callable or one of the presets "
+                                      + ", ".join(map(repr, PRESETS)), spec))
     elif not callable(spec):
-        raise TypeError(expected(f"region {name!r}", what, type(spec).__name__))
+        raise TypeError(expected(label, what, type(spec).__name__))
 
 
 def normalize_regions(regions: Any) -> Dict[str, RegionSpec]:
@@ -115,7 +119,7 @@ def normalize_regions(regions: Any) -> Dict[str, RegionSpec]:
             raise ValueError(expected("regions", "None or a non-empty dict name -> region", "an empty dict"))
         return out
     name = regions if isinstance(regions, str) else "region"
-    validate_region(name, regions)
+    validate_region(name, regions, label="regions")
     return {name: regions}
 
 
@@ -123,7 +127,7 @@ def region_masks(spec: RegionSpec, inputs: Tensor, name: str = "region") -> Tens
     """Boolean masks ``(N, H, W)`` of ``spec`` for images ``inputs (N, C, H, W)``.
 
     Raises:
-        ValueError: when a mask's shape does not fit the inputs.
+        ValueError: when a mask's shape does not fit the inputs, or a box is not inside the images.
     """
     if inputs.ndim != 4:
         raise ValueError(expected("inputs", "images of shape (N, C, H, W)", inputs))
@@ -131,6 +135,10 @@ def region_masks(spec: RegionSpec, inputs: Tensor, name: str = "region") -> Tens
     if isinstance(spec, str):
         mask = preset_mask(spec, (h, w))
     elif _is_box(spec):
+        top, left, bh, bw = spec
+        if top < 0 or left < 0 or top + bh > h or left + bw > w:
+            raise ValueError(expected(f"region {name!r}", f"a box (top, left, height, width) inside the {h}x{w} images",
+                                      tuple(spec)))
         mask = box_mask(tuple(spec), (h, w))
     elif isinstance(spec, Tensor):
         mask = spec
@@ -140,11 +148,11 @@ def region_masks(spec: RegionSpec, inputs: Tensor, name: str = "region") -> Tens
             raise ValueError(expected(f"region {name!r}(inputs)", "a mask tensor (H, W) or (N, H, W)", type(mask).__name__))
     else:
         raise TypeError(expected(f"region {name!r}", "a mask, a box, a preset name or a callable", type(spec).__name__))
+    if tuple(mask.shape) not in ((h, w), (n, h, w)):  # before expanding, which would raise torch's own error
+        raise ValueError(expected(f"region {name!r}", f"a mask of shape ({h}, {w}) or ({n}, {h}, {w})", mask))
     mask = mask.detach().to(inputs.device) != 0
     if mask.ndim == 2:
         mask = mask.unsqueeze(0).expand(n, h, w)
-    if mask.ndim != 3 or tuple(mask.shape) != (n, h, w):
-        raise ValueError(expected(f"region {name!r}", f"a mask of shape ({h}, {w}) or ({n}, {h}, {w})", mask))
     return mask.contiguous()
 
 
