@@ -1,14 +1,14 @@
-"""Overhead budget: the shortcut-digits demo's fit time with the default callback stack / without callbacks.
+"""Overhead: the shortcut-digits demo's fit time with the default callback stack / without callbacks.
 
     python bench/overhead.py [--repeats 7] [--epochs 8] [--threads 2]
 
 Stack (the issue's defaults): AttributionMonitor with saliency, SmoothGrad and IG on 32 probe samples,
-LinearProbeMonitor on the conv and linear layers, ShortcutMonitor on the mark. Every configuration is
-timed in the same process, interleaved (the order reversed every other round); a configuration's ratio is
-the median over rounds of its fit time / the plain fit's time in the same round (the machine's speed
-drifts between rounds), and the ratio to the plain fit is the figure that matters (target: <= 1.10 for the whole stack with the defaults, i.e. the shared
-``max_overhead=0.1`` budget). The same stack explaining every epoch (``max_overhead=None``) is timed too,
-and the budget ledger of the median default run says which epochs each callback explained and what it cost.
+LinearProbeMonitor on the conv and linear layers, ShortcutMonitor on the mark; every callback explains every
+epoch (their default cadence). Every configuration is timed in the same process, interleaved (the order reversed
+every other round); a configuration's ratio is the median over rounds of its fit time / the plain fit's time in
+the same round (the machine's speed drifts between rounds), and the ratio to the plain fit is the figure that
+matters. The cost book of the median whole-stack run (:mod:`lightning_xai.callbacks.cost`) says how many runs
+each callback made and what they cost.
 """
 from __future__ import annotations
 
@@ -20,29 +20,26 @@ import sys
 import time
 import warnings
 
+import lightning as L
 import torch
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 from shortcut_digits import DigitsClassifier  # noqa: E402
 
 from lightning_xai import AttributionMonitor, LinearProbeMonitor, ShortcutMonitor  # noqa: E402
-from lightning_xai.callbacks import budget  # noqa: E402
+from lightning_xai.callbacks import cost  # noqa: E402
 from lightning_xai.datasets import region_mask, shortcut_digits  # noqa: E402
 
 
 def stack(which: str) -> list:
-    every = which.endswith("every epoch")
-    opts = {"max_overhead": None} if every else {}  # else the default budget
     make = {
         "attribution": lambda: AttributionMonitor(methods=("saliency", "smoothgrad", "integrated_gradients"),
-                                                  probe_samples=32, **opts),
-        "probes": lambda: LinearProbeMonitor(layers=["net.0.0", "net.0.2", "net.1.1", "net.1.3"], **opts),
-        "shortcut": lambda: ShortcutMonitor(regions={"mark": region_mask("corner_intensity")}, action="log", **opts),
+                                                  probe_samples=32),
+        "probes": lambda: LinearProbeMonitor(layers=["net.0.0", "net.0.2", "net.1.1", "net.1.3"]),
+        "shortcut": lambda: ShortcutMonitor(regions={"mark": region_mask("corner_intensity")}, action="log"),
     }
-    which = which.replace(", every epoch", "")
     if which == "none":
         return []
     if which == "all":
@@ -55,27 +52,23 @@ def fit_seconds(which: str, epochs: int, data):
 
 
 def fit_with(callbacks: list, epochs: int, data):
-    """Seconds of one fit of the demo's model with ``callbacks``, and per callback class name the epochs it explained
-    and the seconds the budget ledger charged it."""
+    """Seconds of one fit of the demo's model with ``callbacks``, and per callback class name its runs and the seconds
+    the cost book charged it."""
     train, val = data
-    pl.seed_everything(0, verbose=False)
+    L.seed_everything(0, verbose=False)
     logger = TensorBoardLogger(tempfile.mkdtemp(prefix="xai-overhead-"))  # images are encoded as in a real run
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         num_sanity_val_steps=0)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0)
     loaders = (DataLoader(TensorDataset(train.x, train.y), batch_size=64, shuffle=True),
                DataLoader(TensorDataset(val.x, val.y), batch_size=128))
     start = time.perf_counter()
     trainer.fit(DigitsClassifier(), *loaders)
     seconds = time.perf_counter() - start
-    book = budget.ledger(trainer)
-    spent = {type(cb).__name__: (book.runs.get(id(cb), []), _charged(book, id(cb))) for cb in trainer.callbacks
+    book = cost.book(trainer)
+    spent = {type(cb).__name__: (book.runs.get(id(cb), 0), book.seconds.get(id(cb), 0.0)) for cb in trainer.callbacks
              if id(cb) in book.names}
     return seconds, spent
-
-
-def _charged(book, key) -> float:
-    return book.total.get(key, 0.0)
 
 
 def main() -> None:
@@ -85,13 +78,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.pop(budget.ENV, None)  # the library's own default budget
     warnings.filterwarnings("ignore")
     import logging
 
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("lightning_xai").setLevel(logging.WARNING)  # no cost table after every fit
     data = shortcut_digits("corner_intensity", "planted", "planted", noise=0.25)
-    configs = ["none", "attribution", "probes", "shortcut", "all", "all, every epoch"]
+    configs = ["none", "attribution", "probes", "shortcut", "all"]
     runs = {c: [] for c in configs}
     fit_seconds("none", 1, data)  # warm-up
     for r in range(args.repeats):
@@ -99,26 +93,24 @@ def main() -> None:
             runs[c].append(fit_seconds(c, args.epochs, data))
     base = statistics.median(s for s, _ in runs["none"])
     print(f"\n{args.epochs} epochs of the shortcut-digits demo, {args.threads} threads, median of {args.repeats}\n")
-    print("| callbacks | max_overhead | fit seconds (median) | / no callbacks (median of rounds) | explaining (ledger) / no callbacks | runs |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| callbacks | fit seconds (median) | / no callbacks (median of rounds) "
+          "| explaining (cost book) / no callbacks | runs |")
+    print("|---|---:|---:|---:|---:|")
     for c in configs:
         med = statistics.median(s for s, _ in runs[c])
         # each run against the plain fit of the same round: robust to the machine's speed drifting between rounds
         paired = statistics.median(s / plain for (s, _), (plain, _) in zip(runs[c], runs["none"]))
         charged = statistics.median(sum(secs for _, secs in spent.values()) / plain
                                     for (_, spent), (plain, _) in zip(runs[c], runs["none"]))
-        count = statistics.median(sum(len(set(epochs)) for epochs, _ in spent.values()) for _, spent in runs[c])
-        label = c.replace(", every epoch", "")
-        budget_col = "–" if c == "none" else ("None" if c.endswith("every epoch") else "0.1 (default)")
-        print(f"| {label} | {budget_col} | {med:.2f} | {paired:.3f} | {charged:.3f} | {count:g} |")
-    for c in ("all", "all, every epoch"):
-        ordered = sorted(runs[c], key=lambda r: r[0])
-        seconds, spent = ordered[len(ordered) // 2]
-        print(f"\nEach callback's share of the median '{c}' run ({seconds:.2f} s; no callbacks: {base:.2f} s):\n")
-        print("| callback | epochs explained | seconds explaining | share of the fit |")
-        print("|---|---|---:|---:|")
-        for name, (epochs, secs) in spent.items():
-            print(f"| {name} | {', '.join(map(str, epochs)) or 'none'} | {secs:.3f} | {100 * secs / seconds:.1f} % |")
+        count = statistics.median(sum(n for n, _ in spent.values()) for _, spent in runs[c])
+        print(f"| {c} | {med:.2f} | {paired:.3f} | {charged:.3f} | {count:g} |")
+    ordered = sorted(runs["all"], key=lambda r: r[0])
+    seconds, spent = ordered[len(ordered) // 2]
+    print(f"\nEach callback's share of the median 'all' run ({seconds:.2f} s; no callbacks: {base:.2f} s):\n")
+    print("| callback | runs | seconds explaining | share of the fit |")
+    print("|---|---:|---:|---:|")
+    for name, (count, secs) in spent.items():
+        print(f"| {name} | {count} | {secs:.3f} | {100 * secs / seconds:.1f} % |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """What one ShortcutMonitor run costs, in known-region and in unknown-region mode, on the shortcut-digits demo's fit.
 
 Each mode fits the demo's CNN (``examples/shortcut_digits.py``) for ``--epochs`` epochs with ShortcutMonitor explaining
-every epoch (``max_overhead=None``, defaults otherwise: 256 probe samples, 8 controls, 256 reference samples,
-``donor_draws=4``), and reads from the budget ledger the seconds charged to its runs; printed per mode: the median fit
-time and the median over the ``--repeats`` fits of the seconds per run, with the plain fit (no callback) first. Known
-region: the demo's corner mark.
+every epoch (its defaults: 256 probe samples, 8 controls, 256 reference samples, ``donor_draws=4``), and reads
+from the Trainer's cost book (:mod:`lightning_xai.callbacks.cost`) the seconds charged to its runs; printed per
+mode: the median fit time and the median over the ``--repeats`` fits of the seconds per run, with the plain fit
+(no callback) first. Known region: the demo's corner mark.
 Unknown region: ``regions=None``, every candidate (hotspot, flat background, atypical corners, stamps, the presets
 "corners" and "border") checked by intervention.
 
@@ -22,18 +22,17 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import fit_with  # noqa: E402  (bench/overhead.py: the demo's fit, timed, with the budget ledger read)
+from overhead import fit_with  # noqa: E402  (bench/overhead.py: the demo's fit, timed, with the cost book read)
 
 from lightning_xai import ShortcutMonitor  # noqa: E402
 from lightning_xai.datasets import region_mask, shortcut_digits  # noqa: E402
 
 
 def fit(regions, epochs: int, data):
-    """Seconds of the whole fit, the ledger's seconds per ShortcutMonitor run (None without a monitor), runs."""
-    callbacks = [] if regions == "off" else [ShortcutMonitor(regions=regions, action="log", max_overhead=None)]
+    """Seconds of the whole fit, the cost book's seconds per ShortcutMonitor run (None without a monitor), runs."""
+    callbacks = [] if regions == "off" else [ShortcutMonitor(regions=regions, action="log")]
     seconds, spent = fit_with(callbacks, epochs, data)
-    epochs_run, charged = spent.get("ShortcutMonitor", ([], 0.0))
-    runs = len(epochs_run)
+    runs, charged = spent.get("ShortcutMonitor", (0, 0.0))
     return seconds, (charged / runs if runs else None), runs
 
 
@@ -45,7 +44,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("lightning_xai").setLevel(logging.WARNING)  # no cost table after every fit
     data = shortcut_digits("corner_intensity", "planted", "planted", noise=0.25)
     modes = {"no callback": "off", "known region (the mark)": {"mark": region_mask("corner_intensity")},
              "unknown region (regions=None)": None}

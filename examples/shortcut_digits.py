@@ -11,28 +11,33 @@ random) shows the truth. The lightning_xai callbacks explain the model every epo
 * ShortcutMonitor: attribution share on the mark, and the intervention (replace the mark, count the
   flipped predictions) that raises the alarm.
 
-Run ``python examples/shortcut_digits.py`` (about 15 seconds on 2 CPU cores), then
+Every callback runs with its default cadence (every validation epoch); the table printed at the end shows each
+epoch's figures, and the cost table before it what explaining took.
+
+Run ``python examples/shortcut_digits.py`` (a few minutes on 2 CPU cores, most of it explaining), then
 ``tensorboard --logdir runs/shortcut_digits``. ``--clean`` trains without the shortcut for comparison.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from typing import Dict, List
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _figures import cell, current_figures  # noqa: E402
 
-from lightning_xai import AttributionMonitor, LinearProbeMonitor, ShortcutMonitor
-from lightning_xai.datasets import region_mask, shortcut_digits
+from lightning_xai import AttributionMonitor, LinearProbeMonitor, ShortcutMonitor  # noqa: E402
+from lightning_xai.datasets import region_mask, shortcut_digits  # noqa: E402
 
 
 def make_cnn(num_classes: int = 10) -> nn.Sequential:
@@ -43,7 +48,10 @@ def make_cnn(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-class DigitsClassifier(pl.LightningModule):
+class DigitsSteps:
+    """The classifier's steps, mixed into a Lightning package's ``LightningModule`` (a Trainer takes only a module
+    of its own package: examples/cli.py mixes them into either)."""
+
     def __init__(self, lr: float = 3e-3) -> None:
         super().__init__()
         self.net = make_cnn()
@@ -67,17 +75,20 @@ class DigitsClassifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-class History(Callback):
-    """Keeps each epoch's logged figures for the summary printed at the end."""
+class DigitsClassifier(DigitsSteps, L.LightningModule):
+    """A small CNN classifying 8x8 digits."""
+
+
+class History(L.Callback):
+    """Keeps each validation epoch's figures for the summary printed at the end: only those computed at that epoch
+    (see examples/_figures.py), so a callback that did not explain an epoch shows "-" there."""
 
     def __init__(self) -> None:
         self.rows: List[Dict[str, float]] = []
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            row = {k: float(v) for k, v in trainer.callback_metrics.items()}
-            row["epoch"] = trainer.current_epoch
-            self.rows.append(row)
+            self.rows.append(dict(current_figures(trainer), epoch=trainer.current_epoch))
 
 
 def main() -> None:
@@ -88,7 +99,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    pl.seed_everything(args.seed, verbose=False)
+    L.seed_everything(args.seed, verbose=False)
 
     mode = "none" if args.clean else "planted"
     noise = 0.25
@@ -100,7 +111,7 @@ def main() -> None:
                    DataLoader(TensorDataset(heldout.x, heldout.y), batch_size=128)]
 
     mark = region_mask("corner_intensity")
-    callbacks = [  # every callback explains every epoch (the default every_n_epochs=1)
+    callbacks = [
         AttributionMonitor(methods=("saliency", "smoothgrad", "integrated_gradients"), probe_samples=20),
         LinearProbeMonitor(layers=["net.0.*", "net.1.*"], concepts={"mark": lambda batch: _mark_code(batch[0])}),
         ShortcutMonitor(regions={"mark": mark}, action="warn"),
@@ -108,9 +119,9 @@ def main() -> None:
     history = History()
     run = "clean" if args.clean else "shortcut"
     logger = TensorBoardLogger(args.logdir, name=run)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
-                         callbacks=callbacks + [history], enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=10)
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
+                        callbacks=callbacks + [history], enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=10)
     start = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -129,10 +140,10 @@ def summarize(rows, alarms, run, log_dir, seconds, clean) -> None:
     print(f"\n== lightning_xai shortcut-digits demo ({run} run, {seconds:.0f} s) ==")
     head = f"{'epoch':>5} {'val acc':>8} {'held-out acc':>13} {'saliency on mark':>17} {'flip rate':>10} {'alarm':>6}"
     print(head)
-    for r in rows:
-        print(f"{r['epoch']:>5} {r.get('val_acc', float('nan')):>8.3f} {r.get('heldout_clean_acc', float('nan')):>13.3f} "
-              f"{r.get('xai/shortcut/mark/share_ratio', float('nan')):>16.2f}x "
-              f"{r.get('xai/shortcut/mark/flip_rate', float('nan')):>10.3f} {int(r.get('xai/shortcut/mark/alarm', 0)):>6}")
+    for r in rows:  # "-": not computed at that epoch
+        print(f"{r['epoch']:>5} {cell(r, 'val_acc', 8)} {cell(r, 'heldout_clean_acc', 13)} "
+              f"{cell(r, 'xai/shortcut/mark/share_ratio', 17, '.2f', 'x')} "
+              f"{cell(r, 'xai/shortcut/mark/flip_rate', 10)} {cell(r, 'xai/shortcut/mark/alarm', 6, '.0f')}")
     print("\n'saliency on mark' is the share of saliency on the 2x2 mark divided by the mark's share of the image "
           "(1.0x = no preference);\n'flip rate' is the share of probe predictions that change when the mark is "
           "replaced, against control regions of the same size.")
