@@ -98,22 +98,39 @@ def check_common(model: Any, inputs: Any, target: Target, min_ndim: int = 2) -> 
     validate_target(target, inputs.shape[0])
 
 
+def check_generator(generator: Any, device: Optional[torch.device] = None) -> None:
+    """Raise unless ``generator`` is None, an int seed >= 0 or a ``torch.Generator`` (on ``device``'s type, when
+    given)."""
+    if generator is None or isinstance(generator, torch.Generator) and device is None:
+        return
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        if generator < 0:
+            raise ValueError(expected("generator", "a torch.Generator, a non-negative int seed or None", generator))
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(expected("generator", "a torch.Generator, a non-negative int seed or None",
+                                 type(generator).__name__))
+    if generator.device.type != device.type:
+        raise ValueError(expected("generator", f"a torch.Generator on the inputs' device ({device.type})",
+                                  f"a generator on {generator.device.type}"))
+
+
 def make_generator(generator: Generator, device: torch.device) -> torch.Generator:
     """A private generator: ``None`` -> seeded with 0, an int -> that seed, a Generator -> itself.
 
     A fresh generator is created on ``device`` so the global RNG is never read or advanced.
     """
-    if generator is None or (isinstance(generator, int) and not isinstance(generator, bool)):
-        seed = 0 if generator is None else generator
-        if seed < 0:
-            raise ValueError(expected("generator", "a torch.Generator, a non-negative int seed or None", generator))
-        return torch.Generator(device=device).manual_seed(seed)
+    check_generator(generator, device)
     if isinstance(generator, torch.Generator):
-        if generator.device.type != device.type:
-            raise ValueError(expected("generator", f"a torch.Generator on the inputs' device ({device.type})",
-                                      f"a generator on {generator.device.type}"))
         return generator
-    raise TypeError(expected("generator", "a torch.Generator, a non-negative int seed or None", type(generator).__name__))
+    return torch.Generator(device=device).manual_seed(0 if generator is None else generator)
+
+
+def check_baseline(baseline: Any, name: str = "baseline") -> None:
+    """Raise ``TypeError`` unless ``baseline`` is a number or a tensor (its shape is checked against the inputs
+    by :func:`as_baseline`)."""
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
+        raise TypeError(expected(name, "a number or a tensor broadcastable to the inputs", type(baseline).__name__))
 
 
 def as_baseline(baseline: Any, inputs: Tensor, name: str = "baseline") -> Tensor:

@@ -37,6 +37,17 @@ def default_layer(model: nn.Module) -> nn.Module:
     return convs[-1]
 
 
+def _grad_cam_validate_args(model: Any, inputs: Tensor, target: Target, layer: Any, relu: Any, upsample: Any,
+                            batch_size: Any) -> None:
+    """Every argument but the layer's name, which needs the model (:func:`_grad_cam_resolve_layer`)."""
+    check_common(model, inputs, target, min_ndim=3)
+    check_bool("relu", relu)
+    check_bool("upsample", upsample)
+    check_positive_int("batch_size", batch_size, allow_none=True)
+    if layer is not None and not isinstance(layer, (str, nn.Module)):
+        raise TypeError(expected("layer", "None, a dotted layer name or an nn.Module", type(layer).__name__))
+
+
 def _grad_cam_resolve_layer(model: Any, layer: Union[None, str, nn.Module]) -> nn.Module:
     if isinstance(layer, nn.Module) and not isinstance(model, nn.Module) and module_of(model) is None:
         return layer  # a plain callable: trust the module (the hook checks that it ran)
@@ -192,9 +203,6 @@ def grad_cam(
         >>> grad_cam(model, torch.rand(2, 1, 8, 8), target=0, layer="0").shape
         torch.Size([2, 1, 8, 8])
     """
-    check_common(model, inputs, target, min_ndim=3)
-    check_bool("relu", relu)
-    check_bool("upsample", upsample)
-    check_positive_int("batch_size", batch_size, allow_none=True)
+    _grad_cam_validate_args(model, inputs, target, layer, relu, upsample, batch_size)
     module = _grad_cam_resolve_layer(model, layer)
     return _grad_cam_compute(model, inputs, target, module, relu, upsample, batch_size)

@@ -12,6 +12,7 @@ from lightning_xai.attribution._common import (
     Generator,
     check_bool,
     check_common,
+    check_generator,
     check_non_negative_float,
     expanded_chunks,
     guarded,
@@ -30,6 +31,12 @@ SMOOTHGRAD_KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 def _gradient_validate_args(model: Any, inputs: Tensor, target: Target, batch_size: Optional[int]) -> None:
     check_common(model, inputs, target)
     check_positive_int("batch_size", batch_size, allow_none=True)
+
+
+def _saliency_validate_args(model: Any, inputs: Tensor, target: Target, abs: Any,  # noqa: A002
+                            batch_size: Any) -> None:
+    _gradient_validate_args(model, inputs, target, batch_size)
+    check_bool("abs", abs)
 
 
 def _gradient_compute(model: Callable, inputs: Tensor, target: Target, batch_size: Optional[int],
@@ -81,8 +88,7 @@ def saliency(
         >>> saliency(model, torch.rand(2, 1, 4, 4), target=0).shape
         torch.Size([2, 1, 4, 4])
     """
-    _gradient_validate_args(model, inputs, target, batch_size)
-    check_bool("abs", abs)
+    _saliency_validate_args(model, inputs, target, abs, batch_size)
     return _gradient_compute(model, inputs, target, batch_size, lambda x, g: g.abs() if abs else g, "saliency")
 
 
@@ -120,13 +126,14 @@ def input_x_gradient(
 
 # --------------------------------------------------------------------------- SmoothGrad family
 def _smoothgrad_validate_args(model: Any, inputs: Tensor, target: Target, samples: Any, noise: Any, kind: Any,
-                              abs: Any, batch_size: Any) -> None:  # noqa: A002
+                              abs: Any, batch_size: Any, generator: Any = None) -> None:  # noqa: A002
     check_common(model, inputs, target)
     check_positive_int("samples", samples)
     check_non_negative_float("noise", noise)
     check_choice("kind", kind, SMOOTHGRAD_KINDS)
     check_bool("abs", abs)
     check_positive_int("batch_size", batch_size, allow_none=True)
+    check_generator(generator, inputs.device)
 
 
 def noise_scale(x: Tensor, noise: float) -> Tensor:
@@ -219,6 +226,6 @@ def smoothgrad(
         >>> smoothgrad(model, torch.rand(2, 1, 4, 4), samples=4, kind="vargrad").shape
         torch.Size([2, 1, 4, 4])
     """
-    _smoothgrad_validate_args(model, inputs, target, samples, noise, kind, abs, batch_size)
+    _smoothgrad_validate_args(model, inputs, target, samples, noise, kind, abs, batch_size, generator)
     gen = make_generator(generator, inputs.device)
     return _smoothgrad_compute(model, inputs, target, samples, float(noise), kind, gen, abs, batch_size)

@@ -15,6 +15,7 @@ from lightning_xai.attribution._common import (
     as_baseline,
     check_bool,
     check_common,
+    check_generator,
     expanded_chunks,
     forward_scores,
     guarded,
@@ -119,7 +120,8 @@ def make_baseline(baseline: Baseline, x: Tensor, generator: Optional[torch.Gener
 
 # --------------------------------------------------------------------------- IG
 def _integrated_gradients_validate_args(model: Any, inputs: Tensor, target: Target, baseline: Any, steps: Any,
-                                        method: Any, internal_batch_size: Any, return_delta: Any) -> None:
+                                        method: Any, internal_batch_size: Any, return_delta: Any,
+                                        generator: Any = None) -> None:
     check_common(model, inputs, target)
     check_positive_int("steps", steps)
     check_choice("method", method, IG_METHODS)
@@ -132,6 +134,7 @@ def _integrated_gradients_validate_args(model: Any, inputs: Tensor, target: Targ
     elif isinstance(baseline, bool) or not (isinstance(baseline, (int, float, Tensor)) or callable(baseline)):
         raise TypeError(expected("baseline", "a number, a tensor, 'blur', 'uniform' or a callable inputs -> tensor",
                                  type(baseline).__name__))
+    check_generator(generator, inputs.device)
 
 
 def _integrated_gradients_compute(model: Callable, inputs: Tensor, target: Target, baseline: Baseline, steps: int,
@@ -211,7 +214,7 @@ def integrated_gradients(
         (torch.Size([2, 1, 4, 4]), True)
     """
     _integrated_gradients_validate_args(model, inputs, target, baseline, steps, method, internal_batch_size,
-                                        return_delta)
+                                        return_delta, generator)
     gen = make_generator(generator, inputs.device)  # used by baseline="uniform" only
     return _integrated_gradients_compute(model, inputs, target, baseline, steps, method, internal_batch_size,
                                          return_delta, gen)

@@ -11,7 +11,9 @@ from lightning_xai.attribution._common import (
     DEFAULT_MAX_ROWS,
     Generator,
     as_baseline,
+    check_baseline,
     check_common,
+    check_generator,
     check_non_negative_float,
     check_positive_float,
     expanded_chunks,
@@ -37,7 +39,8 @@ def grid_segments(height: int, width: int, grid: Sequence[int] = (4, 4), device:
 
 
 def _lime_validate_args(model: Any, inputs: Tensor, target: Target, segments: Any, grid: Any, samples: Any,
-                        kernel_width: Any, alpha: Any, batch_size: Any) -> None:
+                        kernel_width: Any, alpha: Any, batch_size: Any, baseline: Any = 0,
+                        generator: Any = None) -> None:
     check_common(model, inputs, target, min_ndim=4)
     if inputs.ndim != 4:
         raise ValueError(expected("inputs", "images (N, C, H, W)", inputs))
@@ -60,6 +63,8 @@ def _lime_validate_args(model: Any, inputs: Tensor, target: Target, segments: An
     check_positive_float("kernel_width", kernel_width)
     check_non_negative_float("alpha", alpha)
     check_positive_int("batch_size", batch_size, allow_none=True)
+    check_baseline(baseline)
+    check_generator(generator, inputs.device)
 
 
 def _dense_labels(segments: Tensor) -> Tuple[Tensor, Tensor]:
@@ -182,9 +187,8 @@ def lime(
         >>> lime(model, torch.rand(2, 1, 4, 4), target=0, grid=(2, 2), samples=32).shape
         torch.Size([2, 1, 4, 4])
     """
-    _lime_validate_args(model, inputs, target, segments, grid, samples, kernel_width, alpha, batch_size)
-    if not isinstance(baseline, (int, float, Tensor)) or isinstance(baseline, bool):
-        raise TypeError(expected("baseline", "a number or a tensor broadcastable to the inputs", type(baseline).__name__))
+    _lime_validate_args(model, inputs, target, segments, grid, samples, kernel_width, alpha, batch_size, baseline,
+                        generator)
     gen = make_generator(generator, inputs.device)
     return _lime_compute(model, inputs, target, segments, tuple(grid), samples, float(kernel_width), baseline,
                          float(alpha), gen, batch_size)

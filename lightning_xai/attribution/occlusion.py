@@ -12,6 +12,7 @@ from lightning_xai._utils import Target, check_positive_int, chunks, expected
 from lightning_xai.attribution._common import (
     DEFAULT_MAX_ROWS,
     as_baseline,
+    check_baseline,
     check_common,
     forward_scores,
     guarded,
@@ -85,9 +86,15 @@ def _window_slices(shape: Tuple[int, ...], win: Tuple[int, ...], strd: Tuple[int
     return out
 
 
-def _occlusion_validate_args(model: Any, inputs: Tensor, target: Target, perturbations_per_eval: Any) -> None:
+def _occlusion_validate_args(model: Any, inputs: Tensor, target: Target, perturbations_per_eval: Any,
+                             window: Any = None, stride: Any = None, baseline: Any = 0
+                             ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Check every argument; returns the normalised ``(window, stride)`` (:func:`occlusion_windows`)."""
     check_common(model, inputs, target)
     check_positive_int("perturbations_per_eval", perturbations_per_eval, allow_none=True)
+    win, strd = occlusion_windows(tuple(inputs.shape[1:]), window, stride)
+    check_baseline(baseline)
+    return win, strd
 
 
 def _occlusion_compute(model: Callable, inputs: Tensor, target: Target, win: Tuple[int, ...], strd: Tuple[int, ...],
@@ -159,8 +166,5 @@ def occlusion(
         >>> occlusion(model, torch.rand(2, 1, 4, 4), target=0, window=2, stride=2).shape
         torch.Size([2, 1, 4, 4])
     """
-    _occlusion_validate_args(model, inputs, target, perturbations_per_eval)
-    win, strd = occlusion_windows(tuple(inputs.shape[1:]), window, stride)
-    if not isinstance(baseline, (int, float, Tensor)) or isinstance(baseline, bool):
-        raise TypeError(expected("baseline", "a number or a tensor broadcastable to the inputs", type(baseline).__name__))
+    win, strd = _occlusion_validate_args(model, inputs, target, perturbations_per_eval, window, stride, baseline)
     return _occlusion_compute(model, inputs, target, win, strd, baseline, perturbations_per_eval)

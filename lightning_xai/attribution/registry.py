@@ -12,11 +12,12 @@ from torch import Tensor
 
 from lightning_xai._utils import Target, expected
 from lightning_xai.attribution._common import guarded, private_copy, resolve_target_chunked, DEFAULT_MAX_ROWS
-from lightning_xai.attribution.grad_cam import grad_cam
-from lightning_xai.attribution.gradient import input_x_gradient, saliency, smoothgrad
-from lightning_xai.attribution.integrated_gradients import integrated_gradients
-from lightning_xai.attribution.lime import lime
-from lightning_xai.attribution.occlusion import occlusion
+from lightning_xai.attribution.grad_cam import _grad_cam_validate_args, grad_cam
+from lightning_xai.attribution.gradient import (_gradient_validate_args, _saliency_validate_args,
+                                                _smoothgrad_validate_args, input_x_gradient, saliency, smoothgrad)
+from lightning_xai.attribution.integrated_gradients import _integrated_gradients_validate_args, integrated_gradients
+from lightning_xai.attribution.lime import _lime_validate_args, lime
+from lightning_xai.attribution.occlusion import _occlusion_validate_args, occlusion
 
 AttributionFn = Callable[..., Any]
 
@@ -29,6 +30,18 @@ METHODS: Dict[str, AttributionFn] = {
     "occlusion": occlusion,
     "grad_cam": grad_cam,
     "lime": lime,
+}
+
+#: Each built-in method's validator: ``validator(model, inputs, target, **options)`` checks every option the method
+#: takes (named as in the method's signature) before its first forward pass; see :func:`validate_options`.
+VALIDATORS: Dict[str, Callable[..., Any]] = {
+    "saliency": _saliency_validate_args,
+    "input_x_gradient": _gradient_validate_args,
+    "smoothgrad": _smoothgrad_validate_args,
+    "integrated_gradients": _integrated_gradients_validate_args,
+    "occlusion": _occlusion_validate_args,
+    "grad_cam": _grad_cam_validate_args,
+    "lime": _lime_validate_args,
 }
 
 # signedness of methods that are not built in (adapters, user callables), recorded by get_method
@@ -131,6 +144,30 @@ def get_method(spec: Any) -> Tuple[str, AttributionFn, Dict[str, Any]]:
 @functools.lru_cache(maxsize=None)
 def _defaults(fn: AttributionFn) -> Dict[str, Any]:
     return {name: p.default for name, p in inspect.signature(fn).parameters.items()}
+
+
+def validate_options(name: str, fn: AttributionFn, options: Mapping[str, Any], model: Any, inputs: Tensor,
+                     target: Target = None) -> None:
+    """Check ``options`` of a resolved method spec as the method itself would before its first forward pass: option
+    names against its signature, values by its validator (:data:`VALIDATORS`), defaults for the options not given.
+    Captum adapters and user callables are not checked. A Grad-CAM ``layer`` name is looked up in the model only when
+    the method runs.
+
+    Raises:
+        TypeError, ValueError: the method's own message, naming the option.
+
+    Example:
+        >>> validate_options("integrated_gradients", integrated_gradients, {"steps": 0}, len, torch.zeros(1, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `steps` to be a positive int, but got 0.
+    """
+    validator = VALIDATORS.get(name)
+    if validator is None or METHODS.get(name) is not fn:
+        return
+    given = {**_defaults(fn), **_check_options(name, fn, options)}
+    wanted = list(inspect.signature(validator).parameters)[3:]
+    validator(model, inputs, target, **{key: given[key] for key in wanted})
 
 
 def method_passes(name: str, fn: AttributionFn, options: Mapping[str, Any],

@@ -1,16 +1,15 @@
 """Every option refused before training: attribution-method options checked by the methods' own validators,
 and the options that need the model or the data checked on the first sample a callback sees.
 
-:func:`check_method_options` calls a built-in method's validator (``_integrated_gradients_validate_args``, ...) and
-the checks the method runs before its first forward pass. Without data it runs them on placeholder inputs (a
-stride-0 view of one zero, sized so the options' own shapes fit), so only what needs the real input shape waits:
+:func:`check_method_options` runs a built-in method's validator (``_integrated_gradients_validate_args``, ...,
+through :func:`~lightning_xai.attribution.registry.validate_options`). Without data it runs it on placeholder inputs
+(a stride-0 view of one zero, sized so the options' own shapes fit), so only what needs the real input shape waits:
 the occlusion window against the input's sides, a baseline tensor's broadcast, LIME segments against the image.
 :class:`SampleCheckedCallback` runs those, and whatever a subclass adds in :meth:`~SampleCheckedCallback.check_sample`,
 on one sample before training.
 """
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -18,15 +17,10 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_xai._lightning import MisconfigurationException, MisconfigurationTypeError, refuse_bad_options
-from lightning_xai._utils import (check_bool, check_positive_int, expected, resolve_layer, resolve_layer_patterns,
-                                  select_output, two_class_logits)
+from lightning_xai._utils import expected, resolve_layer, resolve_layer_patterns, select_output, two_class_logits
 from lightning_xai.attribution import get_method, registry
-from lightning_xai.attribution._common import as_baseline, check_common, make_generator
+from lightning_xai.attribution._common import as_baseline
 from lightning_xai.attribution.grad_cam import default_layer
-from lightning_xai.attribution.gradient import _gradient_validate_args, _smoothgrad_validate_args
-from lightning_xai.attribution.integrated_gradients import _integrated_gradients_validate_args
-from lightning_xai.attribution.lime import _lime_validate_args
-from lightning_xai.attribution.occlusion import _occlusion_validate_args, occlusion_windows
 from lightning_xai.callbacks.base import ProbeSetCallback, extract_xy
 
 if TYPE_CHECKING:
@@ -55,83 +49,12 @@ def _placeholder(name: str, options: Mapping[str, Any], ndim: int) -> Tensor:
     return torch.zeros(()).expand(1, *sides)
 
 
-def _check_baseline(baseline: Any, x: Tensor, data: bool) -> None:
-    """A number or a tensor; with data, a tensor must broadcast to one sample's shape (any leading size)."""
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
-        raise TypeError(expected("baseline", "a number or a tensor broadcastable to the inputs",
-                                 type(baseline).__name__))
-    if data and isinstance(baseline, Tensor):
+def _check_baseline_shape(baseline: Any, x: Tensor) -> None:
+    """A baseline tensor must broadcast to one sample's shape (any leading size: the probe set's rows)."""
+    if isinstance(baseline, Tensor):
         one = torch.zeros(()).expand(*x.shape[1:])
         trailing = baseline.shape[-one.ndim:] if baseline.ndim >= one.ndim else baseline.shape
         as_baseline(torch.zeros(()).expand(*trailing), one.unsqueeze(0))  # raises naming `baseline`
-
-
-def _check_generator(generator: Any, x: Tensor, data: bool) -> None:
-    """An int seed >= 0, None or a ``torch.Generator`` (on the inputs' device, checked with data)."""
-    if isinstance(generator, torch.Generator) and not data:
-        return
-    make_generator(generator, x.device)
-
-
-def _options(fn: Callable[..., Any], options: Mapping[str, Any]) -> Dict[str, Any]:
-    """``fn``'s option defaults, updated with ``options``."""
-    params = list(inspect.signature(fn).parameters.values())[3:]
-    return {**{p.name: p.default for p in params if p.default is not p.empty}, **options}
-
-
-def _saliency(o: Dict[str, Any], x: Tensor, data: bool) -> None:
-    _gradient_validate_args(_placeholder_model, x, None, o["batch_size"])
-    check_bool("abs", o["abs"])
-
-
-def _input_x_gradient(o: Dict[str, Any], x: Tensor, data: bool) -> None:
-    _gradient_validate_args(_placeholder_model, x, None, o["batch_size"])
-
-
-def _smoothgrad(o: Dict[str, Any], x: Tensor, data: bool) -> None:
-    _smoothgrad_validate_args(_placeholder_model, x, None, o["samples"], o["noise"], o["kind"], o["abs"],
-                              o["batch_size"])
-    _check_generator(o["generator"], x, data)
-
-
-def _integrated_gradients(o: Dict[str, Any], x: Tensor, data: bool) -> None:
-    _integrated_gradients_validate_args(_placeholder_model, x, None, o["baseline"], o["steps"], o["method"],
-                                        o["internal_batch_size"], o["return_delta"])
-    _check_generator(o["generator"], x, data)
-    if not isinstance(o["baseline"], str) and not callable(o["baseline"]):
-        _check_baseline(o["baseline"], x, data)
-
-
-def _occlusion(o: Dict[str, Any], x: Tensor, data: bool) -> None:
-    _occlusion_validate_args(_placeholder_model, x, None, o["perturbations_per_eval"])
-    occlusion_windows(tuple(x.shape[1:]), o["window"], o["stride"])
-    _check_baseline(o["baseline"], x, data)
-
-
-def _grad_cam(o: Dict[str, Any], x: Tensor, data: bool) -> None:
-    check_common(_placeholder_model, x, None, min_ndim=3)
-    check_bool("relu", o["relu"])
-    check_bool("upsample", o["upsample"])
-    check_positive_int("batch_size", o["batch_size"], allow_none=True)
-    if o["layer"] is not None and not isinstance(o["layer"], (str, nn.Module)):  # names: check_method_layers
-        raise TypeError(expected("layer", "None, a dotted layer name or an nn.Module", type(o["layer"]).__name__))
-
-
-def _lime(o: Dict[str, Any], x: Tensor, data: bool) -> None:
-    segments = o["segments"]
-    if isinstance(segments, Tensor) and segments.ndim == 3 and data:  # one label map per probe sample
-        segments = segments[:1]
-    _lime_validate_args(_placeholder_model, x, None, segments, o["grid"], o["samples"], o["kernel_width"], o["alpha"],
-                        o["batch_size"])
-    _check_baseline(o["baseline"], x, data)
-    _check_generator(o["generator"], x, data)
-
-
-#: The checks each built-in method runs before its first forward pass: its validator and what it checks inline.
-CHECKS: Dict[str, Callable[[Dict[str, Any], Tensor, bool], None]] = {
-    "saliency": _saliency, "input_x_gradient": _input_x_gradient, "smoothgrad": _smoothgrad,
-    "integrated_gradients": _integrated_gradients, "occlusion": _occlusion, "grad_cam": _grad_cam, "lime": _lime,
-}
 
 
 def resolve_method(option: str, spec: Any) -> Tuple[str, Callable[..., Any], Dict[str, Any]]:
@@ -146,7 +69,8 @@ def resolve_method(option: str, spec: Any) -> Tuple[str, Callable[..., Any], Dic
 
 def check_method_options(name: str, fn: Callable[..., Any], options: Mapping[str, Any], sample: Optional[Tensor] = None,
                          ndim: int = 4) -> None:
-    """Refuse options a built-in attribution method would refuse, before it runs.
+    """Refuse options a built-in attribution method would refuse, before it runs, by the method's own validator
+    (:func:`~lightning_xai.attribution.registry.validate_options`).
 
     Args:
         name, fn, options: a resolved method spec (:func:`~lightning_xai.attribution.get_method`); Captum
@@ -157,13 +81,20 @@ def check_method_options(name: str, fn: Callable[..., Any], options: Mapping[str
     Raises:
         MisconfigurationException: with the method's own message, naming the option.
     """
-    check = CHECKS.get(name)
-    if check is None or registry.METHODS.get(name) is not fn:
+    if registry.VALIDATORS.get(name) is None or registry.METHODS.get(name) is not fn:
         return
+    opts = dict(options)
     with refuse_bad_options():
-        opts = _options(fn, options)
-        x = _placeholder(name, opts, ndim) if sample is None else sample
-        check(opts, x, sample is not None)
+        if sample is None:  # a generator's device is checked against the data's
+            opts = {k: v for k, v in opts.items() if not isinstance(v, torch.Generator)}
+            x = _placeholder(name, opts, ndim)
+        else:
+            x = sample
+            if isinstance(opts.get("segments"), Tensor) and opts["segments"].ndim == 3:  # one per probe sample
+                opts["segments"] = opts["segments"][:1]
+        registry.validate_options(name, fn, opts, _placeholder_model, x)
+        if sample is not None:
+            _check_baseline_shape(opts.get("baseline"), x)
 
 
 def check_method_layers(pl_module: nn.Module, name: str, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
