@@ -257,7 +257,10 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         forward: ``forward(pl_module, inputs) -> logits`` for anything else; overrides ``output_key``.
     """
 
-    supported_strategies = ("SingleDeviceStrategy", "DDPStrategy")  # class names, in either Lightning package
+    #: Strategy class names (either Lightning package): one device, the DDP family, and ModelParallelStrategy
+    #: (FSDP2 ``fully_shard`` / tensor parallel), where every rank takes part in every pass (see :meth:`work_split`).
+    supported_strategies = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
+    sharded_strategies = ("ModelParallelStrategy",)
     area = "xai"  # tag area below the prefix, e.g. "attribution"
 
     def __init__(
@@ -295,6 +298,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         self._failed = False  # a failure on this rank since the ranks last agreed (see `agree`)
         self._warned_failures: set = set()
         self._rank_note = ""  # " on rank r" under DDP, in failure warnings
+        self.sharded = False  # set at setup: a sharded strategy needs every rank in every pass
 
     # ------------------------------------------------------------------ naming and state
     def tag(self, *parts: Any) -> str:
@@ -319,12 +323,14 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         strategy = trainer.strategy
-        if type(strategy).__name__.startswith("DeepSpeed") or not is_a(strategy, *self.supported_strategies):
+        if (is_a(strategy, "FSDPStrategy", "DeepSpeedStrategy") or type(strategy).__name__.startswith("DeepSpeed")
+                or not is_a(strategy, *self.supported_strategies)):
             raise MisconfigurationException(
                 expected(f"{type(self).__name__}'s strategy",
-                         "a single-device strategy or DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'); sharded "
-                         "strategies (FSDP, DeepSpeed) need every rank in each forward pass and are not supported",
-                         type(strategy).__name__))
+                         "a single-device strategy, DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook') or "
+                         "ModelParallelStrategy (FSDP2 fully_shard); FSDP1 ('fsdp') and DeepSpeed are not supported: "
+                         "shard the model with ModelParallelStrategy instead", type(strategy).__name__))
+        self.sharded = is_a(strategy, *self.sharded_strategies)
         if is_compiled(pl_module) and not hasattr(torch.compiler, "set_stance"):
             raise MisconfigurationException(
                 expected(f"{type(self).__name__}'s torch version", "torch >= 2.6 (torch.compiler.set_stance) for a "
@@ -455,6 +461,19 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             f"{type(self).__name__} failed while {what}{when}{self._rank_note} and skipped it: "
             f"{type(err).__name__}: {err}.{hint} Training goes on; pass on_error='raise' to stop instead "
             "(shown once per kind of failure).", RuntimeWarning, stacklevel=2)
+
+    def work_split(self, trainer: "pl.Trainer") -> Tuple[int, int]:
+        """``(world, rank)`` over which a run's work is shared out (the distributed policy, in one place).
+
+        Under DDP every rank holds the whole model: each explains its contiguous share of the probe set
+        (:func:`split_rows`) and the shares are gathered on every rank (:func:`gather_shares`), so the figures
+        equal one process's. Under a sharded strategy a forward pass needs every rank, in the same order and the
+        same number of times: every rank explains the whole probe set in lockstep (``(1, 0)``: nothing to split or
+        gather) and rank zero logs.
+        """
+        if self.sharded or trainer.world_size <= 1:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
 
     def agree(self, trainer: "pl.Trainer", ok: bool = True) -> bool:
         """True when ``ok`` and no failure was recorded since the last agreement, on every rank (one all-reduce
@@ -716,7 +735,7 @@ class ProbeSetCallback(XAICallback):
         with torch.inference_mode(False):  # normal tensors, usable by autograd even in validate()/test()
             x_all = self.probe_x.to(pl_module.device).clone()
             y_all = None if self.probe_y is None else self.probe_y.to(pl_module.device).clone()
-        world, rank = max(trainer.world_size, 1), trainer.global_rank
+        world, rank = self.work_split(trainer)
         start, stop, keep = split_rows(x_all.shape[0], world, rank)
 
         def _compute() -> Dict[str, Tensor]:

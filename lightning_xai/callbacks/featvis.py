@@ -271,15 +271,15 @@ class FeatureVisMonitor(XAICallback):
         """Render every target set and log on rank zero. Under DDP the target sets are shared out over the
         ranks and the renders gathered; a set renders the same on any rank (its own seeded generator)."""
         epoch = self.begin_run(trainer, via_module)
-        world = max(trainer.world_size, 1)
-        if world > 1:
+        if trainer.world_size > 1:
             self._agree_input(trainer)
+        world, rank = self.work_split(trainer)
         if self.input_shape is None or self.value_range is None:
             warn_once("noshape", "FeatureVisMonitor: no validation batch was seen, so the input shape and "
                                  "range are unknown; pass `input_shape=` and `value_range=`. Skipping.", owner=self)
             return
         owners = self._owners(world)
-        mine = [label for label, rank in owners.items() if rank == trainer.global_rank]
+        mine = [label for label, owner in owners.items() if owner == rank]
         results = self.guarded(lambda: self._render_all(pl_module, mine), "rendering feature visualisations", epoch)
         if world > 1:  # every rank joins the gather, also one that failed, so none waits
             results = self._gather(trainer, results)

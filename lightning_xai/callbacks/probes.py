@@ -194,6 +194,11 @@ class LinearProbeMonitor(XAICallback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self.untrained_baseline or trainer.fast_dev_run or trainer.ckpt_path is not None:
             return
+        if self.sharded:
+            warn_once("sharded-untrained", "LinearProbeMonitor: no untrained baseline under "
+                      f"{type(trainer.strategy).__name__} (it probes a copy of the model, and a sharded model cannot "
+                      "be copied); pass untrained_baseline=False to silence this.", owner=self)
+            return
         if any(k.startswith(UNTRAINED) for k in self.baselines):
             return
         with self.timed(trainer, run=False):

@@ -288,6 +288,10 @@ class ShortcutMonitor(SampleCheckedCallback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self.sanity_check and self.sharded:
+            raise MisconfigurationException(
+                expected("sanity_check", f"False under {type(trainer.strategy).__name__} (the check re-initialises "
+                         "layers of a copy of the model, and a sharded model cannot be copied)", self.sanity_check))
         if self.probe_x is not None:
             self.check_images(self.probe_x)
             self._check_region_shapes(self.probe_x)
@@ -381,7 +385,7 @@ class ShortcutMonitor(SampleCheckedCallback):
         if not self.agree(trainer, bool(ready)):  # every rank goes on to the references' gather, or none
             return
         if ready:
-            start, stop, _ = split_rows(self.probe_x.shape[0], max(trainer.world_size, 1), trainer.global_rank)
+            start, stop, _ = split_rows(self.probe_x.shape[0], *self.work_split(trainer))
             self._rows = (start, stop)
             self._finalize_references(trainer)
         super().explain(trainer, pl_module, via_module)
@@ -573,8 +577,8 @@ class ShortcutMonitor(SampleCheckedCallback):
             if masks is not None:
                 rows = masks.flatten(1).any(1)  # samples where the candidate exists (a flat background may not)
                 # every rank plans the edits of all these samples with the same generator and runs its share of them
-                share = split_rows(int(rows.sum()), trainer.world_size, trainer.global_rank) \
-                    if trainer.world_size > 1 and bool(rows.any()) else None
+                world, rank = self.work_split(trainer)
+                share = split_rows(int(rows.sum()), world, rank) if world > 1 and bool(rows.any()) else None
                 with self.explain_context(pl_module):
                     out = self._intervene(self.logits_fn(pl_module), x[rows.to(x.device)], masks[rows].to(x.device),
                                           None if y is None else y[rows.to(y.device)], gen,

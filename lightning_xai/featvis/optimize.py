@@ -192,6 +192,10 @@ def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, in
     device, dtype = _model_device_dtype(model)
     needs_output = any(key == OUTPUT for obj in objs for key in obj.layers)
     run = forward if forward is not None else model
+    # FSDP2 (fully_shard) gathers a unit's sharded parameters for the backward pass from a hook on the unit's
+    # output: a gradient that enters inside a unit (an objective on an inner layer) needs the model's output in the
+    # graph too, with weight zero (same gradient, every unit's hook fires).
+    sharded = isinstance(model, nn.Module) and any(type(p).__name__ == "DTensor" for p in model.parameters())
     acts: Activations = {}
     objective_hist: List[Tensor] = []
     loss_hist: List[Tensor] = []
@@ -212,7 +216,10 @@ def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, in
                 raise ValueError(expected(f"objective {objs[j]!r} output", f"a tensor of shape ({k},)",
                                           s if isinstance(s, Tensor) else type(s).__name__))
         acts.clear()
-        return torch.stack([s[j] for j, s in enumerate(scores)])  # (K,): objective k on image k
+        stacked = torch.stack([s[j] for j, s in enumerate(scores)])  # (K,): objective k on image k
+        if sharded and isinstance(out, Tensor) and out.is_floating_point() and out.requires_grad:
+            stacked = stacked + 0.0 * out.reshape(out.shape[0], -1).sum(1).to(stacked.dtype)
+        return stacked
 
     with ExitStack() as stack:
         stack.enter_context(eager_compiled())  # hooks fire in a torch.compile'd model, nothing recompiles
