@@ -19,7 +19,7 @@ def _fit(tmp_path, cbs):
     pl.seed_everything(0, workers=True)
     train, val = shortcut_digits("corner_intensity", "planted", "planted", noise=0.25)
     model = DigitsClassifier()
-    trainer = tiny_trainer(tmp_path, callbacks=cbs, max_epochs=2)
+    trainer = tiny_trainer(tmp_path, callbacks=cbs, max_epochs=2, package="lightning.pytorch")  # the examples' module
     trainer.fit(model, DataLoader(TensorDataset(train.x[:384], train.y[:384]), batch_size=64, shuffle=True),
                 DataLoader(TensorDataset(val.x[:256], val.y[:256]), batch_size=128))
     return trainer, model
