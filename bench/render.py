@@ -8,8 +8,8 @@ it as PNG (what ``log_image`` does) for comparison.
 
 Part 2 fits the shortcut-digits demo's model for ``--epochs`` epochs with the demo's AttributionMonitor
 (saliency, SmoothGrad, Integrated Gradients; 20 probe samples) and times, inside the monitor's runs, the figure
-functions (probe figure and evolution figure per method) against the run's whole wall time (the cost ledger):
-the ratio, measured in one run, is what rendering adds to explaining.
+functions (probe figure and evolution figure per method) and, apart, ``log_image`` (PNG encoding and the event
+writer), against the run's whole wall time (the cost ledger): ratios measured in one run.
 """
 from __future__ import annotations
 
@@ -55,30 +55,42 @@ def figures(repeats: int) -> None:
     captions = [[f"label {i % 10} · pred {i % 10}", f"conf 0.9{i % 10} · expl. {i % 10}"] for i in range(32)]
     masks = torch.zeros(4, 8, 8, dtype=torch.bool)
     masks[:, :2, :2] = True
+    def evolution():
+        return evolution_figure(digits[:4], [(str(e), maps[:4]) for e in range(8)], False,
+                                title="saliency over the epochs", scale=3.0, row_labels=[["#0", "label 0"]] * 4,
+                                cell_captions=[[[]] + [["1", "0.93"]] * 8] * 4)
+
+    def representers():
+        return grid_figure(torch.rand(8, 9, 3, 48, 48, generator=g), title="representer points · epoch 1",
+                           headers=["probe"] + ["1"] * 8, groups=[(1, 5, "push up"), (5, 9, "push down")],
+                           dividers=[1, 5], cell_captions=[[["label 1", "pred 1"]] + [["y 3", "+1.23"]] * 8] * 8,
+                           frames=[[RED] * 9] * 8)
+
+    def evidence():
+        return evidence_figure(digits[:4], masks, masks.unsqueeze(1).expand(4, 8, 8, 8), digits[:4],
+                               title="shortcut check",
+                               captions=[["pred 1 → 2 · shift 0.9", "controls: shift 0.1"]] * 4,
+                               bars=[("output shift", [("region", 0.4, RED), ("controls", 0.1, CYAN)])])
+
     cases: Dict[str, Callable[[], object]] = {
-        "attribution, 20 probe digits": lambda: attribution_figure(digits[:20], maps[:20], False, title="saliency · epoch 3",
-                                                                   captions=captions[:20], scale=3.0),
-        "attribution, 32 probe digits": lambda: attribution_figure(digits, maps, False, title="saliency · epoch 3",
-                                                                   captions=captions, scale=3.0),
-        "evolution, 4 samples x 8 epochs": lambda: evolution_figure(
-            digits[:4], [(str(e), maps[:4]) for e in range(8)], False, title="saliency over the epochs", scale=3.0,
-            row_labels=[["#0", "label 0"]] * 4, cell_captions=[[[]] + [["pred 1", "0.93"]] * 8] * 4),
-        "probe matrix, 9 layers x 9 epochs": lambda: matrix_figure(torch.rand(9, 9, generator=g), [f"net.{i}" for i in range(9)],
-                                                                   ["untrained"] + [str(e) for e in range(8)], title="probe"),
+        "attribution, 20 probe digits": lambda: attribution_figure(
+            digits[:20], maps[:20], False, title="saliency · epoch 3", captions=captions[:20], scale=3.0),
+        "attribution, 32 probe digits": lambda: attribution_figure(
+            digits, maps, False, title="saliency · epoch 3", captions=captions, scale=3.0),
+        "evolution, 4 samples x 8 epochs": evolution,
+        "probe matrix, 9 layers x 9 epochs": lambda: matrix_figure(
+            100 * torch.rand(9, 9, generator=g), [f"net.{i}" for i in range(9)], ["init"] + [str(e) for e in range(8)],
+            title="probe", hi=100.0, fmt="{:.0f}"),
         "featvis, 10 classes": lambda: image_figure(digits[:10], title="feature visualisation · logits · epoch 5",
                                                     captions=[[f"class {i}", "4.21"] for i in range(10)]),
-        "representers, 8 probes x (1 + 2 x 4)": lambda: grid_figure(
-            torch.rand(8, 9, 3, 48, 48, generator=g), title="representer points · epoch 1", headers=["probe"] + ["1"] * 8,
-            groups=[(1, 5, "push up"), (5, 9, "push down")], dividers=[1, 5],
-            cell_captions=[[["label 1", "pred 1"]] + [["y 3", "+1.23"]] * 8] * 8, frames=[[RED] * 9] * 8),
-        "class maps, 10 classes": lambda: maps_figure(maps[:10], title="class maps", captions=[[f"class {i}"] for i in range(10)]),
-        "shortcut evidence, 4 samples": lambda: evidence_figure(
-            digits[:4], masks, masks.unsqueeze(1).expand(4, 8, 8, 8), digits[:4], title="shortcut check",
-            captions=[["pred 1 → 2 · shift 0.9", "controls: shift 0.1"]] * 4,
-            bars=[("output shift", [("region", 0.4, RED), ("controls", 0.1, CYAN)])]),
+        "representers, 8 probes x (1 + 2 x 4)": representers,
+        "class maps, 10 classes": lambda: maps_figure(maps[:10], title="class maps",
+                                                      captions=[[f"class {i}"] for i in range(10)]),
+        "shortcut evidence, 4 samples": evidence,
         "PCA scatter (matplotlib)": lambda: scatter_image(torch.randn(256, 2, generator=g), torch.arange(256) % 10,
                                                           title="net.1.2, epoch 3"),
-        "bars (matplotlib)": lambda: barh_image(torch.rand(8, generator=g), [f"feature {i}" for i in range(8)], title="t"),
+        "bars (matplotlib)": lambda: barh_image(torch.rand(8, generator=g), [f"feature {i}" for i in range(8)],
+                                                title="t"),
     }
     print(f"{'figure':40s} {'size (W x H)':>13s} {'ms / figure':>12s} {'PNG ms':>8s}")
     for name, fn in cases.items():
@@ -100,19 +112,20 @@ def attribution_share(epochs: int) -> None:
     from lightning_xai.datasets import shortcut_digits
     from shortcut_digits import DigitsClassifier
 
-    spent: List[float] = []
-    for name in ("attribution_figure", "evolution_figure"):
+    spent: Dict[str, List[float]] = {"draw": [], "log": []}
+    for name, kind in (("attribution_figure", "draw"), ("evolution_figure", "draw"), ("log_image", "log")):
         original = getattr(module, name)
 
-        def timed(*args, _original=original, **kwargs):
+        def timed(*args, _original=original, _kind=kind, **kwargs):
             start = time.perf_counter()
             out = _original(*args, **kwargs)
-            spent.append(time.perf_counter() - start)
+            spent[_kind].append(time.perf_counter() - start)
             return out
 
         setattr(module, name, timed)
     pl.seed_everything(0, verbose=False)
-    train, val = shortcut_digits("corner_intensity", train_shortcut="planted", val_shortcut="planted", noise=0.25, seed=0)
+    train, val = shortcut_digits("corner_intensity", train_shortcut="planted", val_shortcut="planted", noise=0.25,
+                                 seed=0)
     monitor = AttributionMonitor(methods=("saliency", "smoothgrad", "integrated_gradients"), probe_samples=20)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=pl.loggers.TensorBoardLogger(
         os.path.join("runs", "bench_render")), callbacks=[monitor], enable_progress_bar=False,
@@ -122,10 +135,13 @@ def attribution_share(epochs: int) -> None:
         trainer.fit(DigitsClassifier(), DataLoader(TensorDataset(train.x, train.y), batch_size=64, shuffle=True),
                     DataLoader(TensorDataset(val.x, val.y), batch_size=128))
     runs, seconds = next((r[1], r[2]) for r in cost.book(trainer).rows() if r[0] == monitor.cost_name())
-    drawn = sum(spent)
+    drawn, logged = sum(spent["draw"]), sum(spent["log"])
     print(f"\nAttributionMonitor on the demo ({epochs} epochs, 3 methods, 20 probe samples): {runs} runs, "
-          f"{1000 * seconds / runs:.0f} ms per run; drawing {len(spent)} figures took {1000 * drawn / runs:.0f} ms "
-          f"per run ({1000 * drawn / len(spent):.1f} ms per figure): {100 * drawn / seconds:.1f} % of the run")
+          f"{1000 * seconds / runs:.0f} ms per run;\n  drawing {len(spent['draw'])} figures: "
+          f"{1000 * drawn / runs:.0f} ms per run ({1000 * drawn / len(spent['draw']):.1f} ms per figure), "
+          f"{100 * drawn / seconds:.1f} % of the run;"
+          f"\n  logging them (PNG encoding, TensorBoard's writer): {1000 * logged / runs:.0f} ms per run, "
+          f"{100 * logged / seconds:.1f} % of the run")
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ them) to the Images dashboard, a few tags at a time (a tag filter per page, as T
 waits for the images, and checks that each one loaded (non-zero natural size, the size logged) and is not blank
 (drawn on a canvas: many distinct colours). Without Chromium, its driver or Selenium the test is skipped, saying which.
 
-``python tests/test_browser.py --logdir runs/shortcut_digits/shortcut --filter xai/attribution --out docs/img/tensorboard.png``
-takes the README's screenshot the same way.
+``python tests/test_browser.py --logdir runs/shortcut_digits/shortcut --filter xai/attribution --out
+docs/img/tensorboard.png`` takes the README's screenshot the same way.
 """
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ return found.map((img) => {
         ctx.drawImage(img, 0, 0);
         const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
         const seen = new Set();
-        for (let i = 0; i < data.length && seen.size < 64; i += 4 * 7) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+        for (let i = 0; i < data.length && seen.size < 64; i += 4 * 7) {
+            seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+        }
         colours = seen.size;
     }
     return {tag: host ? host.tag : null, complete: img.complete, width: img.naturalWidth, height: img.naturalHeight,

@@ -10,7 +10,7 @@
 from lightning_xai.render._canvas import CARD_WIDTH, Figure, Layout, TextBox, font_size
 from lightning_xai.render._figures import (CYAN, MAX_COLUMNS, RED, attribution_colorbar, attribution_figure,
                                            auto_columns, evidence_figure, evolution_figure, grid_figure, image_figure,
-                                           map_cells, maps_figure, matrix_figure, spread)
+                                           maps_figure, matrix_figure, spread)
 from lightning_xai.render._maps import (DIVERGING_CMAP, SEQUENTIAL_CMAP, apply_colormap, fit_cells, heat, make_grid,
                                         normalize_maps, outline, overlay, pool_to, reduce_maps, robust_max,
                                         share_maps, to_display, upscale)
@@ -42,7 +42,6 @@ __all__ = [
     "heat",
     "image_figure",
     "make_grid",
-    "map_cells",
     "maps_figure",
     "matrix_figure",
     "normalize_maps",

@@ -118,7 +118,8 @@ class TextBox:
 @dataclass
 class Layout:
     """What a figure shows and where: its size, font size, every line of text, named regions (``title``,
-    ``header``, ``grid``, ``divider <column>``, ``matrix``, ``legend``, ``colorbar``, ``bars``, ``notes``), the box of every cell
+    ``header``, ``grid``, ``divider <column>``, ``matrix``, ``legend``, ``colorbar``, ``bars``, ``notes``), the box
+    of every cell
     (``(block, column)`` in a grid, ``(row, column)`` in a matrix), the number of blocks per grid row
     (``columns``), and the colour bar's scale ``(cmap, lo, hi)``."""
 
@@ -163,12 +164,21 @@ def _text_mask(text: str, size: int, bold: bool) -> Tuple[np.ndarray, int, int]:
     return np.asarray(image, dtype=np.float32)[:, :, None] / 255.0, x0, y0
 
 
+@lru_cache(maxsize=8192)
+def _text_patch(text: str, size: int, bold: bool, colour: RGB) -> Tuple[np.ndarray, np.ndarray, int, int]:
+    """One line of text ready to blend in integers: ``256 - coverage`` ``(h, w, 1)`` and ``colour * coverage``
+    ``(h, w, 3)`` (uint16, coverage in 256ths), and its offset (see :func:`_text_mask`)."""
+    mask, dx, dy = _text_mask(text, size, bold)
+    cover = np.rint(mask * 256).astype(np.uint16)
+    ink = np.asarray([int(round(c * 255)) for c in colour], dtype=np.uint16)
+    return 256 - cover, cover * ink, dx, dy
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
-    """``(..., 3, h, w)`` in ``[0, 1]`` as a ``(..., h, w, 3)`` uint8 array, rounded to nearest."""
-    moved = images.detach().float().movedim(-3, -1)
-    out = torch.empty(moved.shape, dtype=torch.uint8)
-    out.copy_(moved.mul(255).add_(0.5).clamp_(0, 255))
-    return out.numpy()
+    """``(..., 3, h, w)`` in ``[0, 1]`` as a ``(..., h, w, 3)`` uint8 array, rounded to nearest (in numpy: see
+    :mod:`lightning_xai.render._maps` on torch's parallel kernels)."""
+    moved = np.moveaxis(images.detach().float().cpu().numpy(), -3, -1)
+    return np.clip(moved * np.float32(255) + np.float32(0.5), 0, 255).astype(np.uint8)
 
 
 def _rgb8(colour: RGB) -> np.ndarray:
@@ -217,16 +227,15 @@ class Canvas:
         y0 = int(round(y - (lh / 2 if valign == "middle" else 0)))
         box = TextBox(text, (x0, y0, x0 + w, y0 + lh), role)
         self.layout.texts.append(box)
-        mask, dx, dy = _text_mask(text, size, bold)
+        keep, add, dx, dy = _text_patch(text, size, bold, tuple(colour))
         tx, ty = x0 + dx, y0 + int(round(size * 0.125)) + dy  # the line box has ~1/8 of the size above the ascender
         height, width = self.pixels.shape[:2]
         cx0, cy0 = max(0, tx), max(0, ty)
-        cx1, cy1 = min(width, tx + mask.shape[1]), min(height, ty + mask.shape[0])
+        cx1, cy1 = min(width, tx + keep.shape[1]), min(height, ty + keep.shape[0])
         if cx1 > cx0 and cy1 > cy0:
-            alpha = mask[cy0 - ty:cy1 - ty, cx0 - tx:cx1 - tx]
+            rows, cols = slice(cy0 - ty, cy1 - ty), slice(cx0 - tx, cx1 - tx)
             region = self.pixels[cy0:cy1, cx0:cx1]
-            ink = np.asarray(colour, dtype=np.float32) * 255
-            region[:] = (region * (1 - alpha) + ink * alpha + 0.5).astype(np.uint8)
+            region[:] = (region * keep[rows, cols] + add[rows, cols] + 128) >> 8  # uint16: (p (256 - a) + c a) / 256
         return box
 
     def finish(self) -> Figure:

@@ -4,20 +4,24 @@ column headers, labels under or beside every cell, and a colour bar with its sca
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_xai._utils import expected
 from lightning_xai.render._canvas import RGB, Figure, Section, compose
+from lightning_xai.render._canvas import to_uint8
 from lightning_xai.render._maps import (CELL_MAX, CELL_MIN, DIVERGING_CMAP, SEQUENTIAL_CMAP, apply_colormap, fit_cells,
-                                        heat, normalize_maps, outline, overlay, to_display)
+                                        heat, normalize_maps, overlay, ring, to_display)
 from lightning_xai.render._sections import Bars, ColorBar, ColorBarSection, Grid, Legend, Matrix, Notes, Title
 
 MAX_COLUMNS = 10  # epochs shown in an evolution figure; beyond this, spread evenly, first and latest kept
 EVOLUTION_CELL = 32  # px: the evolution figure's smallest cell side (ten epochs of 8x8 inputs stay near the card width)
+RED: RGB = (0.9, 0.1, 0.1)  # a region under test
+CYAN: RGB = (0.0, 0.75, 1.0)  # control regions, a found hotspot
 SHARE_UNIT = "× an even share of the map's |attribution| (1 = spread evenly)"
 
 
@@ -42,7 +46,7 @@ def auto_columns(n: int) -> int:
     return max(1, min(n, round(math.sqrt(n / 2.3))))
 
 
-def grid_figure(cells: Tensor, *, title: str, subtitle: str = "", headers: Sequence[str] = (),
+def grid_figure(cells: Any, *, title: str, subtitle: str = "", headers: Sequence[str] = (),
                 groups: Sequence[Tuple[int, int, str]] = (), captions: Optional[Sequence[Sequence[str]]] = None,
                 cell_captions: Optional[Sequence[Sequence[Sequence[str]]]] = None,
                 row_labels: Optional[Sequence[Sequence[str]]] = None, ncols: int = 1, dividers: Sequence[int] = (),
@@ -50,8 +54,9 @@ def grid_figure(cells: Tensor, *, title: str, subtitle: str = "", headers: Seque
                 legend: Sequence[Tuple[RGB, str, str]] = (), colorbar: Optional[ColorBar] = None,
                 bars: Optional[Sequence[Tuple[str, Sequence[Tuple[str, float, RGB]]]]] = None,
                 notes: Sequence[str] = (), upscale: int = 1) -> Figure:
-    """A titled grid of cells ``(N, K, 3, h, w)`` with headers, captions, frames, and optionally bars, a legend, a
-    colour bar and notes below (see :class:`~lightning_xai.render._sections.Grid` for the grid's arguments).
+    """A titled grid of cells (a tensor ``(N, K, 3, h, w)`` in ``[0, 1]``, or uint8 pixels ``(N, K, h, w, 3)``)
+    with headers, captions, frames, and optionally bars, a legend, a colour bar and notes below (see
+    :class:`~lightning_xai.render._sections.Grid` for the grid's arguments).
 
     Example:
         >>> fig = grid_figure(torch.rand(4, 2, 3, 8, 8), title="demo", headers=["a", "b"], ncols=2,
@@ -60,9 +65,9 @@ def grid_figure(cells: Tensor, *, title: str, subtitle: str = "", headers: Seque
         (2, ['a', 'b', 'a', 'b'])
     """
     sections: List[Section] = [Title(title, subtitle),
-                               Grid(cells, headers=headers, groups=groups, captions=captions, cell_captions=cell_captions,
-                                    row_labels=row_labels, ncols=ncols, dividers=dividers, frames=frames,
-                                    upscale=upscale)]
+                               Grid(cells, headers=headers, groups=groups, captions=captions,
+                                    cell_captions=cell_captions, row_labels=row_labels, ncols=ncols,
+                                    dividers=dividers, frames=frames, upscale=upscale)]
     if bars:
         sections.append(Bars(bars))
     if legend:
@@ -171,6 +176,11 @@ def evolution_figure(inputs: Tensor, columns: Sequence[Tuple[str, Tensor]], sign
 
 
 # --------------------------------------------------------------------------- other figures
+def _same_factor(small: Sequence[int], big: Sequence[int]) -> bool:
+    """Whether ``big`` is ``small`` enlarged by one integer factor on both axes."""
+    return big[0] % small[0] == 0 and big[1] % small[1] == 0 and big[0] // small[0] == big[1] // small[1]
+
+
 def matrix_figure(values: Tensor, row_names: Sequence[str], col_names: Sequence[str], *, title: str,
                   subtitle: str = "", cmap: str = "viridis", lo: float = 0.0, hi: float = 1.0, label: str = "",
                   fmt: str = "{:.2f}", corner: str = "", notes: Sequence[str] = ()) -> Figure:
@@ -189,16 +199,26 @@ def matrix_figure(values: Tensor, row_names: Sequence[str], col_names: Sequence[
     return compose(sections)
 
 
-def map_cells(values: Tensor, lo: float, hi: float, cmap: str = SEQUENTIAL_CMAP, min_side: int = CELL_MIN,
-              masks: Optional[Tensor] = None, mask_colour: RGB = (0.1, 0.9, 1.0)) -> Tensor:
-    """Maps ``(K, h, w)`` as coloured cells ``(K, 3, h', w')`` on the common scale ``lo..hi``, upscaled to at least
-    ``min_side``; ``masks (K, h, w)`` (bool), if given, are outlined."""
-    scaled = ((values.detach().float() - lo) / ((hi - lo) or 1.0)).clamp(0, 1)
-    cells = fit_cells(apply_colormap(scaled, cmap), min_side=min_side, max_side=max(min_side, 128))
-    if masks is not None:
-        big = F.interpolate(masks.float().unsqueeze(1), size=cells.shape[-2:], mode="nearest").squeeze(1) > 0
-        cells = outline(cells, big, mask_colour, width=max(1, cells.shape[-1] // 48))
-    return cells
+def _pixels(images: Tensor, min_side: int) -> np.ndarray:
+    """Images ``(N, 3, H, W)`` in ``[0, 1]`` as display cells ``(N, h, w, 3)`` uint8: small ones enlarged by an
+    integer factor (repeated uint8 pixels), large ones shrunk (see :func:`fit_cells`)."""
+    if max(images.shape[-2:]) > CELL_MAX:
+        return to_uint8(fit_cells(images, min_side=min_side))
+    factor = max(1, -(-min(min_side, CELL_MAX) // max(1, min(images.shape[-2:]))))
+    return to_uint8(images).repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def _mask_pixels(masks: Tensor, size: Sequence[int]) -> np.ndarray:
+    """Boolean masks ``(N, H, W)`` at a cell size ``(h, w)`` (nearest neighbour)."""
+    small = masks.detach().bool().cpu()
+    if _same_factor(small.shape[-2:], size):
+        f = size[0] // small.shape[-2]
+        return small.numpy().repeat(f, axis=1).repeat(f, axis=2)
+    return (F.interpolate(small.float().unsqueeze(1), size=tuple(size), mode="nearest").squeeze(1) > 0).numpy()
+
+
+def _paint(pixels: np.ndarray, where: np.ndarray, colour: RGB) -> np.ndarray:
+    return np.where(where[..., None], np.asarray([round(c * 255) for c in colour], dtype=np.uint8), pixels)
 
 
 def maps_figure(values: Tensor, *, title: str, subtitle: str = "", captions: Optional[Sequence[Sequence[str]]] = None,
@@ -214,7 +234,12 @@ def maps_figure(values: Tensor, *, title: str, subtitle: str = "", captions: Opt
     """
     top = float(values.max()) if hi is None else float(hi)
     top = top if top > lo else lo + 1.0
-    cells = map_cells(values, lo, top, cmap, min_side, masks).unsqueeze(1)  # (K, 1, 3, h', w')
+    scaled = ((values.detach().float() - lo) / (top - lo)).clamp(0, 1)
+    cells = _pixels(apply_colormap(scaled, cmap), min_side)  # (K, h', w', 3)
+    if masks is not None:
+        around = ring(_mask_pixels(masks, cells.shape[1:3]), max(1, cells.shape[2] // 48))
+        cells = _paint(cells, around, CYAN)
+    cells = cells[:, None]  # (K, 1, h', w', 3)
     k = values.shape[0]
     return grid_figure(cells, title=title, subtitle=subtitle, cell_captions=None if captions is None else
                        [[list(c)] for c in captions], ncols=ncols or min(k, max(1, round(math.sqrt(k * 1.6)))),
@@ -222,13 +247,15 @@ def maps_figure(values: Tensor, *, title: str, subtitle: str = "", captions: Opt
 
 
 def image_figure(images: Tensor, *, title: str, subtitle: str = "", captions: Optional[Sequence[Sequence[str]]] = None,
-                 ncols: Optional[int] = None, min_side: int = CELL_MIN, frames: Optional[Sequence[Optional[RGB]]] = None,
+                 ncols: Optional[int] = None, min_side: int = CELL_MIN,
+                 frames: Optional[Sequence[Optional[RGB]]] = None,
                  legend: Sequence[Tuple[RGB, str, str]] = (), notes: Sequence[str] = (),
                  denormalize: Optional[Callable[[Tensor], Tensor]] = None) -> Figure:
     """Images ``(K, C, H, W)`` in a grid, each with its caption lines below (class or channel, value reached).
 
     Example:
-        >>> fig = image_figure(torch.rand(4, 1, 8, 8), title="class images", captions=[[f"class {i}"] for i in range(4)])
+        >>> fig = image_figure(torch.rand(4, 1, 8, 8), title="class images",
+        ...                    captions=[[f"class {i}"] for i in range(4)])
         >>> fig.layout.text("caption")
         ['class 0', 'class 1', 'class 2', 'class 3']
     """
@@ -240,9 +267,6 @@ def image_figure(images: Tensor, *, title: str, subtitle: str = "", captions: Op
                        frames=None if frames is None else [[f] for f in frames], legend=legend, notes=notes,
                        upscale=factor)
 
-
-RED: RGB = (0.9, 0.1, 0.1)
-CYAN: RGB = (0.0, 0.75, 1.0)
 
 
 def evidence_figure(inputs: Tensor, masks: Tensor, controls: Tensor, edited: Tensor, *, title: str, subtitle: str = "",
@@ -264,15 +288,12 @@ def evidence_figure(inputs: Tensor, masks: Tensor, controls: Tensor, edited: Ten
         >>> fig.layout.text("legend")
         ['region', 'control regions']
     """
-    base = fit_cells(to_display(inputs, denormalize), min_side=2 * CELL_MIN)  # (m, 3, h, w): few samples, larger
-    size = base.shape[-2:]
-    width = max(2, size[-1] // 32)
-
-    def big(m: Tensor) -> Tensor:
-        return F.interpolate(m.float().unsqueeze(1), size=size, mode="nearest").squeeze(1) > 0
-
-    shown = outline(outline(base, big(controls.any(1)), CYAN, width), big(masks), RED, width)
-    after = outline(fit_cells(to_display(edited, denormalize), min_side=2 * CELL_MIN), big(masks), RED, width)
-    return grid_figure(torch.stack([shown, after], 1), title=title, subtitle=subtitle,
+    base = _pixels(to_display(inputs, denormalize), 2 * CELL_MIN)  # (m, h, w, 3): few samples, larger cells
+    size = base.shape[1:3]
+    width = max(2, size[1] // 32)
+    region = ring(_mask_pixels(masks, size), width)
+    shown = _paint(_paint(base, ring(_mask_pixels(controls.any(1), size), width), CYAN), region, RED)
+    after = _paint(_pixels(to_display(edited, denormalize), 2 * CELL_MIN), region, RED)
+    return grid_figure(np.stack([shown, after], 1), title=title, subtitle=subtitle,
                        headers=["regions", "region replaced"], captions=captions, ncols=2,
                        legend=[(RED, "region", "frame"), (CYAN, "control regions", "frame")], bars=bars, notes=notes)

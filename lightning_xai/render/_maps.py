@@ -1,14 +1,16 @@
 """Maps and inputs as pixels: colour maps, the colour scale of attribution maps, overlays, cell sizes.
 
-Everything here is torch (colour-map tables come from matplotlib once, then are cached as tensors),
-so a grid of 64 maps renders in milliseconds. Images are float tensors ``(3, H, W)`` or ``(N, 3, H, W)``
-in ``[0, 1]``.
+Inputs and outputs are torch tensors (colour-map tables come from matplotlib once, then are cached), so a
+grid of 64 maps renders in milliseconds. Images are float tensors ``(3, H, W)`` or ``(N, 3, H, W)`` in
+``[0, 1]``. The table lookups and square roots run in numpy: torch runs those kernels in parallel even on a
+few thousand values, and on busy cores each call then waits milliseconds for a second thread.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,10 +36,12 @@ def _colormap_table(name: str) -> Tensor:
 
 
 def apply_colormap(values: Tensor, cmap: str = SEQUENTIAL_CMAP) -> Tensor:
-    """Map values in ``[0, 1]`` of shape ``(N, H, W)`` to RGB images ``(N, 3, H, W)``."""
-    table = _colormap_table(cmap).to(values.device)
-    idx = (torch.nan_to_num(values.float(), nan=0.0).clamp(0, 1) * 255).round().long()
-    return table[idx].permute(0, 3, 1, 2).contiguous()
+    """Map values in ``[0, 1]`` of shape ``(N, H, W)`` to RGB images ``(N, 3, H, W)`` (NaN as 0)."""
+    table = _colormap_table(cmap).numpy()
+    v = np.nan_to_num(values.detach().float().cpu().numpy(), nan=0.0)
+    idx = np.rint(np.clip(v, 0.0, 1.0) * 255).astype(np.intp)
+    rgb = np.ascontiguousarray(np.moveaxis(table[idx], -1, 1))  # (N, 3, H, W)
+    return torch.from_numpy(rgb).to(values.device)
 
 
 def reduce_maps(maps: Tensor, signed: bool) -> Tensor:
@@ -138,7 +142,8 @@ def overlay(images: Tensor, values: Tensor, signed: bool, strength: float = 0.9,
     """
     grey = images.mean(1, keepdim=True) * 0.6 + 0.2  # (N, 1, H, W)
     m = (values * 2 - 1).abs() if signed else values
-    alpha = (((m - floor) / (1 - floor)).clamp(0, 1) ** 0.5 * strength).unsqueeze(1)  # (N, 1, H, W)
+    ramp = ((m - floor) / (1 - floor)).clamp(0, 1).detach().float().cpu().numpy()
+    alpha = torch.from_numpy(np.sqrt(ramp) * np.float32(strength)).to(images.device).unsqueeze(1)  # (N, 1, H, W)
     colours = heat(values, signed) if colours is None else colours
     return (grey * (1 - alpha) + colours * alpha).clamp(0, 1)
 
@@ -149,8 +154,8 @@ def upscale(images: Tensor, min_side: int = 64) -> Tensor:
     factor = max(1, -(-min_side // max(side, 1)))
     if factor == 1:
         return images
-    n, c, h, w = images.shape  # a strided copy: much faster than F.interpolate(mode="nearest") on CPU
-    return images[:, :, :, None, :, None].expand(n, c, h, factor, w, factor).reshape(n, c, h * factor, w * factor)
+    big = images.detach().cpu().numpy().repeat(factor, axis=-2).repeat(factor, axis=-1)  # numpy: see the module doc
+    return torch.from_numpy(big).to(images.device)
 
 
 def fit_cells(images: Tensor, min_side: int = CELL_MIN, max_side: int = CELL_MAX) -> Tensor:
@@ -159,7 +164,8 @@ def fit_cells(images: Tensor, min_side: int = CELL_MIN, max_side: int = CELL_MAX
     if max(images.shape[-2:]) > max_side:
         h, w = images.shape[-2:]
         size = (max(1, round(h * max_side / max(h, w))), max(1, round(w * max_side / max(h, w))))
-        return F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        shrunk = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        return shrunk.clamp(0, 1)
     return upscale(images, min(min_side, max_side))
 
 
@@ -176,13 +182,25 @@ def make_grid(cells: Tensor, padding: int = 2, pad_value: float = 1.0) -> Tensor
     return out
 
 
+def ring(masks: np.ndarray, width: int) -> np.ndarray:
+    """The pixels within ``width`` of each region of boolean ``masks (N, H, W)`` but not in it (a square dilation,
+    as shifted copies)."""
+    h, w = masks.shape[-2:]
+    padded = np.pad(masks, ((0, 0), (width, width), (width, width)))
+    near = np.zeros_like(masks)
+    for dy in range(2 * width + 1):
+        for dx in range(2 * width + 1):
+            near |= padded[:, dy:dy + h, dx:dx + w]
+    return near & ~masks
+
+
 def outline(images: Tensor, masks: Tensor, colour: Tuple[float, float, float], width: int = 2) -> Tensor:
     """Draw the outline of boolean ``masks (N, H, W)`` just outside each region into ``images (N, 3, H, W)``
     (a new tensor): pixels within ``width`` of the region but not in it take ``colour``."""
-    m = masks.float().unsqueeze(1)
-    ring = (F.max_pool2d(m, 2 * width + 1, stride=1, padding=width) > 0) & (m == 0)  # (N, 1, H, W)
-    paint = torch.tensor(colour, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return torch.where(ring, paint, images)
+    around = ring(masks.detach().bool().cpu().numpy(), width)[:, None]  # (N, 1, H, W)
+    paint = np.asarray(colour, dtype=np.float32).reshape(1, 3, 1, 1)
+    drawn = np.where(around, paint, images.detach().float().cpu().numpy()).astype(np.float32)
+    return torch.from_numpy(drawn).to(images.device)
 
 
 def pool_to(values: Tensor, max_side: int) -> Tensor:

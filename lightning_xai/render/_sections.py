@@ -7,8 +7,9 @@ recording its texts and regions in the figure's layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -224,13 +225,19 @@ class Grid(Section):
     enlarged on uint8 pixels rather than as float tensors.
     """
 
-    def __init__(self, cells: Tensor, headers: Sequence[str] = (), groups: Sequence[Tuple[int, int, str]] = (),
+    def __init__(self, cells: Any, headers: Sequence[str] = (), groups: Sequence[Tuple[int, int, str]] = (),
                  captions: Optional[Sequence[Sequence[str]]] = None,
                  cell_captions: Optional[Sequence[Sequence[Sequence[str]]]] = None,
                  row_labels: Optional[Sequence[Sequence[str]]] = None, ncols: int = 1, dividers: Sequence[int] = (),
                  frames: Optional[Sequence[Sequence[Optional[RGB]]]] = None, upscale: int = 1) -> None:
-        if cells.ndim != 5 or cells.shape[2] != 3:
-            raise ValueError(expected("cells", "a tensor of shape (blocks, cells, 3, H, W)", cells))
+        if isinstance(cells, np.ndarray):  # already pixels: uint8 (N, K, H, W, 3)
+            if cells.ndim != 5 or cells.shape[-1] != 3 or cells.dtype != np.uint8:
+                raise ValueError(expected("cells", "a uint8 array of shape (blocks, cells, H, W, 3)", cells.shape))
+            self._hw = tuple(cells.shape[2:4])
+        else:
+            if cells.ndim != 5 or cells.shape[2] != 3:
+                raise ValueError(expected("cells", "a tensor of shape (blocks, cells, 3, H, W)", cells))
+            self._hw = tuple(cells.shape[-2:])
         self.cells = cells
         self.n, self.k = cells.shape[:2]
         self.headers = list(headers)
@@ -253,7 +260,7 @@ class Grid(Section):
         return self._cache[key]
 
     def _measure(self, f: int) -> dict:
-        h, w = (side * self.upscale for side in self.cells.shape[-2:])
+        h, w = (side * self.upscale for side in self._hw)
         fw = max(2, f // 6) if self.frames is not None else 0
         gap = max(3, f // 4) + 2 * fw
         col = [w + 2 * fw] * self.k
@@ -307,7 +314,7 @@ class Grid(Section):
         g = self._geometry(f)
         lay = canvas.layout
         top = y
-        pixels = to_uint8(self.cells)  # (N, K, h, w, 3), converted once
+        pixels = self.cells if isinstance(self.cells, np.ndarray) else to_uint8(self.cells)  # (N, K, h, w, 3)
         if self.upscale > 1:
             pixels = pixels.repeat(self.upscale, axis=2).repeat(self.upscale, axis=3)
         caption_lines = max((len(c) for row in self.cell_captions for c in row), default=0)
