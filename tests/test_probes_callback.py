@@ -74,14 +74,14 @@ def test_heatmap_custom_scalars_and_table(fitted):
     accuracy, selectivity = DRAWN["matrix_figure"][-2:]  # the last epoch's two figures
     assert png_equals(images[-1].encoded_image_string, accuracy.image)
     layout = accuracy.layout
-    assert layout.text("title") == ["linear-probe accuracy (held-out) · epoch 1"]
-    assert layout.text("row") == rows and layout.text("header") == cols  # a labelled layer x epoch matrix
-    assert layout.text("value") == [f"{float(v):.2f}" for v in values.flatten()]  # the accuracy printed in each cell
+    assert layout.text("title") == ["linear-probe accuracy (held-out, %) · epoch 1"]
+    assert layout.text("row") == rows and layout.text("header") == ["init", "0", "1"]  # a labelled layer x epoch matrix
+    assert layout.text("value") == [f"{float(v):.0f}" for v in (100 * values).flatten()]  # the accuracy in each cell
     assert layout.cells.keys() == {(i, j) for i in range(len(rows)) for j in range(len(cols))}
-    assert "colorbar" in layout.regions and layout.scale == ("viridis", 0.0, 1.0)
+    assert "colorbar" in layout.regions and layout.scale == ("viridis", 0.0, 100.0)
     sel, _, _ = monitor.heatmap_values("selectivity")
-    assert selectivity.layout.text("value") == [f"{float(v):.2f}" for v in sel.flatten()]
-    assert selectivity.layout.scale == ("RdBu_r", -1.0, 1.0)
+    assert selectivity.layout.text("value") == [f"{float(v):+.0f}" for v in (100 * sel).flatten()]
+    assert selectivity.layout.scale == ("RdBu_r", -100.0, 100.0)
     assert png_equals(events.Images("xai/probe/heatmap_selectivity")[-1].encoded_image_string, selectivity.image)
     assert "custom_scalars__config__" in events.Tags()["tensors"]
     layout = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0].decode("latin-1")

@@ -290,13 +290,13 @@ class AttributionMonitor(SampleCheckedCallback):
         shown = spread(epochs, MAX_COLUMNS)
         columns = [(str(e), self.evolution[name][e].float()) for e in shown]
         preds = [self.evolution_preds.get(e) for e in shown]
-        cell_captions = [[[]] + [[] if p is None or i >= p.shape[0] else [f"pred {int(p[i, 0])}", f"{float(p[i, 1]):.2f}"]
+        cell_captions = [[[]] + [[] if p is None or i >= p.shape[0] else [f"{int(p[i, 0])}", f"{float(p[i, 1]):.2f}"]
                                  for p in preds] for i in range(rows.numel())]
         row_labels = [[f"#{int(r)}", "label " + ("–" if y is None else str(int(y[int(r)])))] for r in rows]
         more = f" ({len(shown)} of {len(epochs)} explained epochs, evenly spread)" if len(shown) < len(epochs) else ""
         return evolution_figure(inputs, columns, signed, title=f"{name} over the epochs{more}",
-                                subtitle="each cell: the heatmap over the input at that epoch, prediction and "
-                                         "confidence below", scale=scale, outlier_perc=self.outlier_perc,
+                                subtitle="each cell: the heatmap over the input at that epoch; below it the predicted "
+                                         "class and its probability", scale=scale, outlier_perc=self.outlier_perc,
                                 row_labels=row_labels, cell_captions=cell_captions, denormalize=self.denormalize,
                                 scale_note=note)
 

@@ -34,12 +34,13 @@ from lightning_xai.logging import add_custom_scalars, log_image, log_text, markd
 from lightning_xai.probes import ActivationCapture, Reducer, input_reducer, make_reducer
 from lightning_xai.probes.epoch import EpochProbe, control_table
 from lightning_xai.probes.reduce import ReduceSpec
-from lightning_xai.render import MAX_COLUMNS, matrix_figure, spread
+from lightning_xai.render import matrix_figure, spread
 
 LABEL = "label"
 INPUT = "input"
 UNTRAINED = "untrained/"
 METRICS = ("accuracy", "selectivity", "control_accuracy")
+MATRIX_EPOCHS = 10  # epoch columns of the probe figures (evenly spread beyond): ~10 px text in TensorBoard's card
 INPUT_MAX_DIM = 256  # raw inputs wider than this are average-pooled (images) or projected for the input baseline
 
 if TYPE_CHECKING:
@@ -538,22 +539,24 @@ class LinearProbeMonitor(XAICallback):
         return values, rows, cols
 
     def _log_figures(self, trainer: "pl.Trainer", epoch: int) -> None:
-        figures = (("accuracy", self.tag("heatmap"), "linear-probe accuracy (held-out)", "viridis", 0.0,
-                    "held-out accuracy of a linear probe (chance: one over the number of classes)"),
-                   ("selectivity", self.tag("heatmap_selectivity"), "probe selectivity", "RdBu_r", -1.0,
-                    "selectivity: accuracy minus the accuracy on shuffled labels (Hewitt & Liang 2019)"))
-        for metric, tag, what, cmap, lo, label in figures:
+        figures = (("accuracy", self.tag("heatmap"), "linear-probe accuracy (held-out, %)", "viridis", 0.0, "{:.0f}",
+                    "held-out accuracy of a linear probe, % (chance: 100 over the number of classes)"),
+                   ("selectivity", self.tag("heatmap_selectivity"), "probe selectivity (points)", "RdBu_r", -100.0,
+                    "{:+.0f}", "selectivity: accuracy minus the accuracy on shuffled labels, in % points "
+                               "(Hewitt & Liang 2019)"))
+        for metric, tag, what, cmap, lo, fmt, label in figures:
             values, rows, cols = self.heatmap_values(metric)
             if values.numel() == 0:
                 continue
             keep = [j for j, c in enumerate(cols) if c == "untrained"] + \
-                spread([j for j, c in enumerate(cols) if c != "untrained"], MAX_COLUMNS)
+                spread([j for j, c in enumerate(cols) if c != "untrained"], MATRIX_EPOCHS)
             more = len(cols) - len(keep)
-            fig = matrix_figure(values[:, keep], rows, [cols[j] for j in keep], title=f"{what} · epoch {epoch}",
-                                subtitle="rows: the raw input, then each probed layer; columns: the model before "
-                                         "training, then each probed epoch" +
+            fig = matrix_figure(100 * values[:, keep], rows, ["init" if cols[j] == "untrained" else cols[j] for j in keep],
+                                title=f"{what} · epoch {epoch}",
+                                subtitle="rows: the raw input, then each probed layer; columns: init (the model before "
+                                         "training), then each probed epoch" +
                                          (f" ({more} epochs left out, evenly spread)" if more else ""),
-                                cmap=cmap, lo=lo, hi=1.0, label=label, corner="layer \\ epoch")
+                                cmap=cmap, lo=lo, hi=100.0, fmt=fmt, label=label, corner="layer \\ epoch")
             log_image(trainer, tag, fig.image)
         values, rows, cols = self.heatmap_values("accuracy")
         sel, _, _ = self.heatmap_values("selectivity")
