@@ -434,11 +434,13 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         """Run the body under the ``on_error`` policy. ``"raise"``: exceptions propagate. ``"warn"``: an exception
         ends the body, is counted, and is warned about on the rank where it happened (naming the callback, the
         epoch, what failed and ``fix``); with ``skips_run`` it also marks this rank as failed, so the next
-        :meth:`agree` makes every rank skip the run together (no rank is left waiting in a collective)."""
+        :meth:`agree` makes every rank skip the run together (no rank is left waiting in a collective).
+        A bad option (:class:`~lightning_xai._lightning.MisconfigurationException`) always propagates: it is the
+        same on every rank and would fail every run."""
         try:
             yield
         except Exception as err:  # noqa: BLE001 - the policy decides
-            if self.on_error == "raise":
+            if self.on_error == "raise" or isinstance(err, MisconfigurationException):
                 raise
             self.errors += 1
             self._failed = self._failed or skips_run
