@@ -77,8 +77,7 @@ class Sharded(L.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True)
+        self(batch[0])  # the pass LinearProbeMonitor's hooks read
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)  # the same weights in every run

@@ -83,16 +83,21 @@ def test_labels_that_are_not_classes_are_ignored_with_a_warning(tmp_path, make, 
 
 
 # --------------------------------------------------------------------------- batches the callback cannot read
-class DictBatches(Dataset):
-    def __init__(self, base: TensorDataset) -> None:
-        self.base = base
+class Mapped(Dataset):
+    """``fn(x, y)`` of every sample of ``base``."""
+
+    def __init__(self, base: TensorDataset, fn) -> None:
+        self.base, self.fn = base, fn
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i):
-        x, y = self.base[i]
-        return {"pixels": x, "digit": y}
+        return self.fn(*self.base[i])
+
+
+def DictBatches(base: TensorDataset) -> Dataset:
+    return Mapped(base, lambda x, y: {"pixels": x, "digit": y})
 
 
 class DictModule(DigitsModule):
@@ -144,20 +149,14 @@ def test_on_error_raise_still_raises(tmp_path):
 
 
 # --------------------------------------------------------------------------- do no harm: every global RNG
-class DrawingDataset(Dataset):
+def _jitter(x, y):
+    return x + 0.01 * (random.random() + float(np.random.rand()) + float(torch.rand(()))), y
+
+
+def DrawingDataset(base: TensorDataset) -> Dataset:
     """Digits whose ``__getitem__`` draws from Python's ``random``, NumPy's and torch's global RNGs (an augmentation
     written the careless way): any extra read by a callback changes what training draws next."""
-
-    def __init__(self, base: TensorDataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i):
-        x, y = self.base[i]
-        jitter = 0.01 * (random.random() + float(np.random.rand()) + float(torch.rand(())))
-        return x + jitter, y
+    return Mapped(base, _jitter)
 
 
 class DrawingModule(DigitsModule):
