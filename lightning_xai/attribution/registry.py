@@ -173,7 +173,7 @@ def validate_options(name: str, fn: AttributionFn, options: Mapping[str, Any], m
 def method_passes(name: str, fn: AttributionFn, options: Mapping[str, Any],
                   sample_shape: Optional[Tuple[int, ...]] = None) -> Optional[float]:
     """Model passes per input sample of one call, in forward+backward equivalents (a forward alone counts
-    1/3): what the overhead budget expects a run to cost before it has run. ``None`` when it is not known
+    1/3): a run's floor in the benchmarks. ``None`` when it is not known
     (Captum objects, user callables; occlusion without ``sample_shape``).
 
     Example:
