@@ -74,6 +74,12 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
+def _strongest(shift: Tensor, rows: Tensor) -> Tensor:
+    """Indices of the ``EVIDENCE_ROWS`` largest ``shift`` values, ties broken by the lower of ``rows``."""
+    order = sorted(range(shift.shape[0]), key=lambda i: (-float(shift[i]), int(rows[i])))
+    return torch.tensor(order[:EVIDENCE_ROWS], dtype=torch.long)
+
+
 class ShortcutMonitor(SampleCheckedCallback):
     """Watches for shortcuts (spurious features) while a classifier trains; see the module docstring.
 
@@ -408,19 +414,35 @@ class ShortcutMonitor(SampleCheckedCallback):
                    generator: torch.Generator, rows: Optional[Tuple[int, int]] = None,
                    donors: Optional[Tuple[Tensor, Tensor, Tensor]] = None, evidence: Optional[str] = None) -> Dict[str, Tensor]:
         """:func:`intervene`; with ``evidence`` (a region name), the edits of the ``EVIDENCE_ROWS`` samples run here
-        whose prediction moved most are kept for that region's evidence figure."""
+        whose prediction moved most are kept for that region's evidence figure (see :meth:`_gather_evidence`)."""
         out = intervene(forward, x, masks.to(x.device), y, fill=self.fill, num_controls=self.num_controls,
                         placement=self.placement, generator=generator, rows=rows, donors=donors,
                         donor_draws=self.donor_draws, min_match=self.min_match, return_edits=evidence is not None)
         if evidence is not None:
             start, stop = rows if rows is not None else (0, x.shape[0])
-            top = out["shift"].topk(min(EVIDENCE_ROWS, stop - start)).indices
+            top = _strongest(out["shift"].detach().cpu(), torch.arange(start, stop))
             self._evidence[evidence] = {
-                "inputs": x[start:stop][top].detach().cpu(), "masks": masks[start:stop][top.to(masks.device)].cpu(),
-                "controls": out.pop("controls")[top].cpu(), "edited": out.pop("edited")[top].cpu(),
-                "region_pred": out.pop("region_pred")[top].cpu(), "pred": out["pred"][top].cpu(),
-                "shift": out["shift"][top].cpu(), "control_shift": out["control_shift"][top].cpu()}
+                "row": top + start, "inputs": x[start:stop][top.to(x.device)].detach().cpu(),
+                "masks": masks[start:stop][top.to(masks.device)].cpu(), "controls": out.pop("controls")[top].cpu(),
+                "edited": out.pop("edited")[top].cpu(), "region_pred": out.pop("region_pred")[top].cpu(),
+                "pred": out["pred"][top].cpu(), "shift": out["shift"][top].cpu(),
+                "control_shift": out["control_shift"][top].cpu()}
         return out
+
+    def _gather_evidence(self, trainer: "pl.Trainer", region: str) -> Optional[Dict[str, Tensor]]:
+        """This run's evidence of ``region``: the ``EVIDENCE_ROWS`` samples whose prediction moved most (ties: the
+        lower row). Under DDP each rank kept its own strongest rows; they are gathered (call this on every rank) and
+        picked from again, so the figure shows what one process would."""
+        ev = self._evidence.pop(region, None)
+        if trainer.world_size > 1:
+            everyone: List[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(everyone, ev)
+            parts = [part for part in everyone if part is not None and part["row"].numel()]
+            ev = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else None
+        if ev is None or ev["row"].numel() == 0:
+            return None
+        top = _strongest(ev["shift"], ev["row"])
+        return {key: value[top] for key, value in ev.items()}
 
     def _whole_set(self, x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Optional[Tuple[int, int]]]:
         """The whole probe set and this rank's rows in it when ``x`` is this rank's share of it (the interventions
@@ -518,8 +540,9 @@ class ShortcutMonitor(SampleCheckedCallback):
             metrics.update({self.tag(region, k): v for k, v in figures.items()})
             if alarm:
                 fired[region] = figures
+            evidence = self._gather_evidence(trainer, region)
             if trainer.is_global_zero:
-                self._log_evidence(trainer, region, figures, alarm, epoch)
+                self._log_evidence(trainer, region, figures, alarm, epoch, evidence)
         if self.find_regions:
             labels = y if y is not None else results["pred"]
             fired.update(self._discover(trainer, pl_module, x, y, labels, results["discovery"], metrics, epoch))
@@ -598,8 +621,9 @@ class ShortcutMonitor(SampleCheckedCallback):
             metrics[self.tag(name, "alarm")] = float(alarm)
             if alarm:
                 fired[name] = {**figures, "alarm": 1.0}
+                evidence = self._gather_evidence(trainer, name)
                 if trainer.is_global_zero:
-                    self._log_evidence(trainer, name, figures, True, epoch)
+                    self._log_evidence(trainer, name, figures, True, epoch, evidence)
         if trainer.is_global_zero:
             self._log_discovery_images(trainer, means, spot, clusters if self.use_spray else None, epoch)
         return fired
@@ -653,10 +677,9 @@ class ShortcutMonitor(SampleCheckedCallback):
                     label="× an even share of the map's |attribution|").image)
 
     def _log_evidence(self, trainer: "pl.Trainer", region: str, figures: Dict[str, float], alarm: bool,
-                      epoch: int) -> None:
+                      epoch: int, ev: Optional[Dict[str, Tensor]]) -> None:
         """The evidence figure of ``region``: what was replaced where, and what it did, next to the controls."""
-        ev = self._evidence.pop(region, None)
-        if ev is None or ev["inputs"].shape[0] == 0:
+        if ev is None:
             return
         captions = [[f"pred {int(p)} → {int(q)} · shift {float(s):.2f}", f"controls: shift {float(c.mean()):.2f}"]
                     for p, q, s, c in zip(ev["pred"], ev["region_pred"], ev["shift"], ev["control_shift"])]
@@ -672,8 +695,7 @@ class ShortcutMonitor(SampleCheckedCallback):
         notes = [f"excess shift {figures['excess']:+.3f} (alarm from {self.min_excess:g}), z {figures['z']:.1f} "
                  f"(from {self.min_z:g}), control match {figures['match']:.2f}"
                  + ("" if gain != gain else f"; gain excess {gain:+.3f} (z {figures['gain_z']:.1f})"),
-                 f"samples shown: the {ev['inputs'].shape[0]} whose prediction moved most"
-                 + (" (of rank zero's share)" if trainer.world_size > 1 else "")]
+                 f"samples shown: the {ev['inputs'].shape[0]} whose prediction moved most"]
         fig = evidence_figure(
             ev["inputs"], ev["masks"], ev["controls"], ev["edited"],
             title=f"shortcut check · {region} · epoch {epoch} · {'ALARM' if alarm else 'no alarm'}",
