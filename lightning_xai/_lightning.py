@@ -86,8 +86,3 @@ def is_a(obj: Any, *class_names: str) -> bool:
     """Whether ``obj`` is an instance of a Lightning class (of either package) named one of ``class_names``,
     subclasses included."""
     return any(cls.__name__ in class_names and cls.__module__.startswith(_MODULES) for cls in type(obj).__mro__)
-
-
-def package_of(trainer: Any) -> str:
-    """``"lightning.pytorch"`` or ``"pytorch_lightning"``: the package ``trainer`` comes from."""
-    return "pytorch_lightning" if type(trainer).__module__.startswith("pytorch_lightning") else "lightning.pytorch"
