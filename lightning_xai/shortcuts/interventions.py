@@ -292,8 +292,29 @@ def control_masks(masks: Tensor, change_map: Tensor, num_controls: int, placemen
     return out
 
 
-def _predict(forward: Callable[[Tensor], Tensor], x: Tensor, batch_size: Optional[int]) -> Tensor:
-    """Float32 logits ``(N, classes)`` (one logit per sample read as two classes, as
+class _EditedRows:
+    """The edited inputs of every sample, row ``i * (1 + K) + j``: sample ``i`` with its region filled (``j = 0``) or
+    its control ``j`` filled, made only for the rows asked for (``rows[a:b]``): all ``N * (1 + K)`` at once would hold
+    ``1 + K`` copies of the probe set (about 110 MB for 256 CIFAR-sized samples, 8 controls and 4 donor draws)."""
+
+    def __init__(self, x: Tensor, region_edit: Tensor, source: Tensor, controls: Tensor) -> None:
+        self.x, self.region_edit, self.source, self.controls = x, region_edit, source, controls
+        self.k1 = controls.shape[1] + 1
+        self.shape = (x.shape[0] * self.k1,) + tuple(x.shape[1:])
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        index = torch.arange(self.shape[0], device=self.x.device)[rows]
+        i, j = index // self.k1, index % self.k1  # sample, edit (0: the region)
+        mask = self.controls[i, (j - 1).clamp(min=0)].unsqueeze(1)  # (R, 1, H, W)
+        out = torch.where(mask, self.source[i], self.x[i])  # (R, C, H, W)
+        first = j == 0
+        out[first] = self.region_edit[i[first]]
+        return out
+
+
+def _predict(forward: Callable[[Tensor], Tensor], x: Any, batch_size: Optional[int]) -> Tensor:
+    """Float32 logits ``(N, classes)`` of ``x`` (a tensor, or anything with ``shape`` that is sliced into rows, such as
+    :class:`_EditedRows`) (one logit per sample read as two classes, as
     :func:`~lightning_xai._utils.class_probs` does)."""
     logits = []
     with torch.no_grad():
@@ -437,9 +458,8 @@ def _edit(forward: Callable[[Tensor], Tensor], x: Tensor, masks: Tensor, y: Opti
         y = None if y is None else y[start:stop]
         n = stop - start
     k1 = num_controls + 1
-    edited = torch.where(controls.unsqueeze(2), source.unsqueeze(1), x.unsqueeze(1))  # (N, K, C, H, W)
-    edited = torch.cat([region_edit.unsqueeze(1), edited], 1)  # (N, 1 + K, C, H, W)
-    logits = torch.cat([base_logits, _predict(forward, edited.flatten(0, 1), batch_size)])  # (N + N * (1 + K), classes)
+    edits = _EditedRows(x, region_edit, source, controls)  # the N * (1 + K) edited inputs, built a batch at a time
+    logits = torch.cat([base_logits, _predict(forward, edits, batch_size)])  # (N + N * (1 + K), classes)
     probs = logits.softmax(1)
     base, after = probs[:n], probs[n:].view(n, k1, -1)  # (N, classes), (N, 1 + K, classes)
     pred = base.argmax(1)
