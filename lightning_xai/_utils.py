@@ -409,13 +409,20 @@ def eager_compiled() -> Iterator[None]:
 
 def is_compiled(model: Any) -> bool:
     """Whether ``model`` is or contains a ``torch.compile``'d module, or is a LightningModule compiled by
-    ``Trainer.fit(torch.compile(module))`` (Lightning keeps the compiled step functions in ``_compiler_ctx``)."""
+    ``Trainer.fit(torch.compile(module))``.
+
+    Public facts only: ``torch.compile(module)`` returns a module of class ``OptimizedModule`` (its name, not the
+    private ``torch._dynamo`` path), and Lightning's ``fit(torch.compile(module))`` unwraps it and sets compiled
+    step functions on the instance, so they show up in ``vars(model)`` instead of coming from the class.
+    """
     if "torch._dynamo" not in sys.modules or not isinstance(model, nn.Module):
         return False
-    optimized = getattr(sys.modules["torch._dynamo"], "OptimizedModule", ())
-    if getattr(model, "_compiler_ctx", None):
+    if any(callable(vars(model).get(name)) for name in _STEP_FUNCTIONS):
         return True
-    return any(isinstance(m, optimized) for m in model.modules())
+    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+
+
+_STEP_FUNCTIONS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
 @contextmanager

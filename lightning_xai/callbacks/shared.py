@@ -13,9 +13,9 @@ figures are those of an unshared run, up to the rounding of kernels whose arithm
 GEMM's tail rows: at most 6e-10 on a small CNN's saliency maps, the same as the cores' ``batch_size`` option).
 
 The store is weakly keyed by the Trainer (like :func:`lightning_xai.callbacks.cost.book`) and holds one model state
-at a time: the stage, epoch and global step, and the storage and in-place version of every parameter and buffer
-(so weights edited by hand between two ``validate()`` calls are not mistaken for the old ones). Asking under a new
-state drops what the old one held.
+at a time: the stage, epoch and global step, and a fingerprint of the values of every parameter and buffer (so
+weights edited by hand between two ``validate()`` calls are not mistaken for the old ones). Asking under a new state
+drops what the old one held.
 """
 from __future__ import annotations
 
@@ -73,9 +73,34 @@ def store(trainer: Any) -> _Store:
 
 
 def _model_state(trainer: Any, pl_module: Any) -> Hashable:
-    tensors = [t for t in pl_module.parameters()] + [t for t in pl_module.buffers()]
+    """The stage, epoch and global step, and a fingerprint of every parameter and buffer (see :func:`_fingerprint`)."""
     return (id(pl_module), str(getattr(trainer.state, "fn", None)), trainer.current_epoch, trainer.global_step,
-            tuple((t.data_ptr(), t._version) for t in tensors))  # _version: torch's in-place write counter
+            _fingerprint(list(pl_module.parameters()) + list(pl_module.buffers())))
+
+
+_CHUNK = 1 << 20  # elements per step of the fingerprint: 8 MB float64 temporaries
+
+
+@torch.no_grad()
+def _fingerprint(tensors: List[Tensor]) -> Tuple[float, ...]:
+    """Per tensor, the sum of its values and their sum weighted by position (``sum_i (i + 1) t_i``), in float64.
+
+    Weights written in place (by hand, between two ``validate()`` calls) change it, with public operations only; a
+    permutation of the values changes the weighted sum. It costs two reductions over the weights, about a third of
+    one sample's forward pass. A sharded tensor contributes its local shard (``DTensor.to_local``): each rank keys
+    its own store.
+    """
+    sums = []
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        flat = local.detach().reshape(-1)
+        total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for start in range(0, flat.numel(), _CHUNK):  # bounded temporaries for large tensors
+            v = flat[start: start + _CHUNK].double()
+            ramp = torch.arange(start + 1, start + v.numel() + 1, dtype=torch.float64, device=v.device)
+            total += torch.stack([v.sum(), v.dot(ramp)])
+        sums.append(total)
+    return tuple(torch.cat(sums).tolist()) if sums else ()
 
 
 def _value_key(value: Any) -> Optional[Hashable]:
