@@ -3,6 +3,8 @@ clustering, input-independent hotspots, per-sample corner candidates (atypical c
 
 Imports torch only (and :mod:`lightning_xai.attribution`), never Lightning.
 """
+from lightning_xai.shortcuts._api import Candidate, check_region, discover
+from lightning_xai.shortcuts._test import InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions, run_plan
 from lightning_xai.shortcuts.alarm import MIN_EXCESS, MIN_MATCH, MIN_Z, AlarmDecision, paired_z, shortcut_alarm
 from lightning_xai.shortcuts.corners import (StampResult, atypical_corners, corner_side, corner_windows, find_stamps,
                                              stamp_donor_masks)
@@ -16,6 +18,8 @@ from lightning_xai.shortcuts.sanity import SANITY_THRESHOLD, SanityResult, rando
 from lightning_xai.shortcuts.spray import SprayResult, class_mean_maps, downsample_maps, spray, spray_by_class
 
 __all__ = [
+    "Candidate", "InterventionPlan", "ShortcutConfig", "Verdict", "check_region", "decide", "discover",
+    "plan_interventions", "run_plan",
     "FILLS", "MAX_ETA2", "MIN_EXCESS", "MIN_MATCH", "MIN_Z", "PLACEMENTS", "PRESETS", "SANITY_THRESHOLD", "SUSPECTS",
     "AlarmDecision", "HotspotResult", "SanityResult", "SprayResult", "StampResult", "atypical_corners", "attribution_share",
     "box_mask", "component_shifts", "connected_components", "corner_side", "corner_windows", "find_stamps", "stamp_donor_masks",

@@ -1,0 +1,372 @@
+"""The named-region test: does the model read class evidence from a region, beyond what ordinary content gives?
+
+**Edit.** For a probe sample ``x_i`` (the *recipient*, label ``y_i``) and a donor ``r_j`` (a kept training sample,
+label ``t_j != y_i``), the region's content of the donor replaces the recipient's. With ``A`` the recipient's region
+mask and ``B`` the donor's (equal for a fixed region; per sample for a callable):
+
+* a *compact* region (donor masks cover at most :data:`COMPACT` of the image on average: a mark, a glyph) is
+  *transplanted*: ``x' = r_j`` on ``A | B``, ``x_i`` elsewhere (a watermark moves with its pixels);
+* a *large* region (a background, a frame) is replaced *in place*: ``x' = r_j`` on ``A & B`` and the donor's mean
+  colour over ``B`` on ``A & ~B``, so the donor's object outline cannot leak in through its mask.
+
+**Specific pull.** Each edit is paired with a *placebo*: the same edit at the same place with the content of a
+donor ``r_k`` whose label is not ``t_j`` (preferably ``y_i``). The pull of the pair is
+
+.. math:: g = \\log p_{t_j}(x'_{ij}) - \\log p_{t_j}(x'_{ik}),
+
+how much more the donor's content raised its own label than content of another label did. Both edits change
+the same pixels in the same way, so whatever the edit does regardless of the content's class (removing
+the recipient's evidence, an unusual patch) cancels. Per recipient the pulls of ``donor_draws`` pairs are
+averaged (``G_i``).
+
+**Controls.** The same pair of edits is repeated at ``num_controls`` other places: the union of the masks rolled
+by an offset where it does not overlap itself; of ``4 * num_controls`` random such offsets the ones whose edit
+changes the recipient most are kept (for ordinary content, swapping more of it moves the prediction at least as
+much: these are the places where object content pulls hardest). ``C_i`` is the mean over the recipient's pairs of
+the strongest control's pull. A large region has no such offset: it has no controls.
+
+**Verdict.** Two one-sided tests over the ``N`` recipients, each at level ``alpha`` (intersection-union: the alarm
+fires only if both reject, so its false-alarm rate under either null is at most ``alpha``):
+
+1. *use*: H0 ``E[G] <= 0`` (the region's content carries no class evidence the model reads). Statistic
+   ``z = mean(G) / (sd(G) / sqrt(N))``, approximately standard normal under H0 by the central limit theorem
+   (``N`` = 128 recipients by default).
+2. *beyond ordinary content*: H0 ``E[G - C] <= 0`` (the region pulls no harder than the strongest control place,
+   which changes the input at least as much where possible). Same statistic on ``G_i - C_i``; skipped, and said so,
+   when the region has no controls.
+
+Each mean must also reach ``min_pull`` nats, the minimal effect: ``log 1.05``, a 5 % rise of the donor label's
+probability, the scale of the 5-point accuracy loss that makes a shortcut matter. ``alpha`` defaults to ``1e-4``
+(``z >= 3.72``): about a dozen checks per fit (epochs x regions) keep the chance of a false alarm in a clean fit
+near 0.1 %.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lightning_xai._utils import expected
+
+COMPACT = 0.25  # donor masks covering at most this share of the image (on average) are transplanted, not replaced in place
+TRIES_PER_CONTROL = 4  # random offsets drawn per control kept
+
+
+@dataclass(frozen=True)
+class ShortcutConfig:
+    """Options of the shortcut test (see the module docstring for what each one means).
+
+    Args:
+        donor_draws: donors (each paired with a placebo) pasted into every probe sample.
+        num_controls: control places per (probe sample, donor).
+        alpha: one-sided level of each of the two tests (``z >= Phi^-1(1 - alpha)``).
+        min_pull: minimal effect in nats for both tests.
+        patience: runs in a row a region must fire before the callback acts (like EarlyStopping's).
+        reference_samples: training samples kept (stratified by class) to give the pasted content; ``0`` pastes
+            other probe samples' content instead.
+        batch_size: edited inputs per forward pass.
+        seed: seed of the plan's private generator (donors, placebos, control places).
+    """
+
+    donor_draws: int = 2
+    num_controls: int = 6
+    alpha: float = 1e-4
+    min_pull: float = math.log(1.05)
+    patience: int = 1
+    reference_samples: int = 256
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("donor_draws", "num_controls", "patience", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(expected(f"ShortcutConfig.{name}", "a positive int", value))
+        for name in ("reference_samples", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(expected(f"ShortcutConfig.{name}", "an int >= 0", value))
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 0.5:
+            raise ValueError(expected("ShortcutConfig.alpha", "a float in (0, 0.5)", self.alpha))
+        if isinstance(self.min_pull, bool) or not isinstance(self.min_pull, (int, float)) or not self.min_pull >= 0:
+            raise ValueError(expected("ShortcutConfig.min_pull", "a float >= 0 (nats)", self.min_pull))
+
+    @property
+    def z(self) -> float:
+        """The critical value ``Phi^-1(1 - alpha)``."""
+        return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - self.alpha, dtype=torch.float64)))
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class InterventionPlan:
+    """What to edit, before any forward pass: edit ``e`` pastes donor ``donor[e]``'s content into probe sample
+    ``recipient[e]`` at place ``place[e]`` (0: the region, ``1..K``: controls, the masks rolled by ``offset[e]``), and
+    the log-probability of class ``target[e]`` is read. ``pair[e]`` numbers the (recipient, draw) pairs; a pair's
+    real edit and its placebo share ``pair``, ``place`` and ``offset`` and differ in ``placebo``."""
+
+    recipient: Tensor
+    donor: Tensor
+    target: Tensor
+    place: Tensor
+    pair: Tensor
+    placebo: Tensor
+    offset: Tensor
+    recipient_masks: Tensor
+    donor_masks: Tensor
+    in_place: bool
+    num_recipients: int
+    num_controls: int
+
+    def __len__(self) -> int:
+        return int(self.recipient.shape[0])
+
+    def edited(self, inputs: Tensor, donors: Tensor, index: Tensor) -> Tensor:
+        """The edited inputs of edits ``index`` ``(len(index), C, H, W)``."""
+        x = inputs[self.recipient[index].to(inputs.device)]
+        r = donors[self.donor[index].to(donors.device)].to(x)
+        a = _rolled(self.recipient_masks[self.recipient[index]], self.offset[index]).to(x.device)
+        b = _rolled(self.donor_masks[self.donor[index]], self.offset[index]).to(x.device)
+        return _edit(x, r, a, b, self.in_place)
+
+    def masks(self, index: Tensor) -> Tensor:
+        """The pixels edit ``index`` may change ``(len(index), H, W)``: its recipient's and donor's masks there."""
+        a = self.recipient_masks[self.recipient[index]]
+        b = self.donor_masks[self.donor[index]]
+        return _rolled(a if self.in_place else a | b, self.offset[index])
+
+
+def _rolled(masks: Tensor, offsets: Tensor) -> Tensor:
+    """Each mask ``(B, H, W)`` rolled by its offset ``(B, 2)`` (as :func:`torch.roll`, wrapping around)."""
+    b, h, w = masks.shape
+    iy = (torch.arange(h).view(1, h, 1) - offsets[:, 0].view(b, 1, 1)) % h
+    ix = (torch.arange(w).view(1, 1, w) - offsets[:, 1].view(b, 1, 1)) % w
+    return masks[torch.arange(b).view(b, 1, 1), iy, ix]
+
+
+def _edit(x: Tensor, r: Tensor, a: Tensor, b: Tensor, in_place: bool) -> Tensor:
+    a, b = a.unsqueeze(1), b.unsqueeze(1)
+    if not in_place:
+        return torch.where(a | b, r, x)
+    both = a & b
+    count = b.sum((2, 3), keepdim=True)
+    mean = (r * b).sum((2, 3), keepdim=True) / count.clamp_min(1)
+    fill = torch.where(count > 0, mean, r)  # a donor without the region: its own pixels there
+    return torch.where(both, r, torch.where(a & ~b, fill.expand_as(r), x))
+
+
+def _pick(pool: Tensor, generator: torch.Generator) -> int:
+    return int(pool[torch.randint(pool.numel(), (1,), generator=generator)])
+
+
+def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_labels: Tensor, recipient_masks: Tensor,
+                       donor_masks: Tensor, config: ShortcutConfig = ShortcutConfig(),
+                       generator: Optional[torch.Generator] = None) -> InterventionPlan:
+    """Plan the edits of the test (module docstring): donors, placebos and control places for every probe sample.
+
+    Args:
+        inputs: probe samples ``(N, C, H, W)``; labels: their classes ``(N,)``.
+        donors: samples giving the pasted content ``(M, C, H, W)``; donor_labels: their classes ``(M,)``.
+        recipient_masks: ``(N, H, W)`` bool; donor_masks: ``(M, H, W)`` bool.
+        generator: the private generator (default: seeded with ``config.seed``).
+
+    Raises:
+        ValueError: on shapes that do not fit; the message names the argument.
+    """
+    if inputs.ndim != 4 or donors.ndim != 4 or donors.shape[1:] != inputs.shape[1:]:
+        raise ValueError(expected("donors", f"images of the probe samples' shape (M, {', '.join(map(str, inputs.shape[1:]))})",
+                                  donors))
+    n, _, h, w = inputs.shape
+    m = donors.shape[0]
+    for name, value, size in (("labels", labels, n), ("donor_labels", donor_labels, m)):
+        if value.shape != (size,):
+            raise ValueError(expected(name, f"a tensor of shape ({size},)", value))
+    for name, value, size in (("recipient_masks", recipient_masks, n), ("donor_masks", donor_masks, m)):
+        if value.shape != (size, h, w):
+            raise ValueError(expected(name, f"a bool tensor of shape ({size}, {h}, {w})", value))
+    gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+    labels, donor_labels = labels.long().cpu(), donor_labels.long().cpu()
+    recipient_masks, donor_masks = recipient_masks.bool().cpu(), donor_masks.bool().cpu()
+    in_place = float(donor_masks.float().mean()) > COMPACT
+    by_class = {int(c): torch.nonzero(donor_labels == c).view(-1) for c in donor_labels.unique()}
+    classes = sorted(by_class)
+    rows = []  # (recipient, donor, placebo donor, target)
+    for i in range(n):
+        others = [c for c in classes if c != int(labels[i])]
+        if not others:
+            continue
+        order = torch.randperm(len(others), generator=gen).tolist()
+        for d in range(config.donor_draws):
+            t = others[order[d % len(others)]]
+            j = _pick(by_class[t], gen)
+            placebo_pool = by_class.get(int(labels[i]))
+            if placebo_pool is None:  # no donor of the recipient's class: one of a third class
+                third = [c for c in others if c != t]
+                if not third:
+                    continue
+                placebo_pool = by_class[third[int(torch.randint(len(third), (1,), generator=gen))]]
+            rows.append((i, j, _pick(placebo_pool, gen), t))
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.long)
+        return InterventionPlan(empty, empty, empty, empty, empty, empty.bool(), torch.zeros(0, 2, dtype=torch.long),
+                                recipient_masks, donor_masks, in_place, n, 0)
+    rec, don, pla, tgt = (torch.tensor(col, dtype=torch.long) for col in zip(*rows))
+    offsets = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks, donor_masks, in_place,
+                               config.num_controls, gen)  # (P, K, 2), -1 where missing
+    pairs = torch.arange(rec.shape[0])
+    places = [(torch.zeros(rec.shape[0], 2, dtype=torch.long), torch.ones(rec.shape[0], dtype=torch.bool))]
+    for k in range(offsets.shape[1]):
+        places.append((offsets[:, k].clamp_min(0), offsets[:, k, 0] >= 0))
+    cols: Dict[str, list] = {key: [] for key in ("recipient", "donor", "target", "place", "pair", "placebo", "offset")}
+    for place, (offset, ok) in enumerate(places):
+        for placebo, source in ((False, don), (True, pla)):
+            cols["recipient"].append(rec[ok])
+            cols["donor"].append(source[ok])
+            cols["target"].append(tgt[ok])
+            cols["place"].append(torch.full((int(ok.sum()),), place, dtype=torch.long))
+            cols["pair"].append(pairs[ok])
+            cols["placebo"].append(torch.full((int(ok.sum()),), placebo, dtype=torch.bool))
+            cols["offset"].append(offset[ok])
+    return InterventionPlan(**{k: torch.cat(v) for k, v in cols.items()}, recipient_masks=recipient_masks,
+                            donor_masks=donor_masks, in_place=in_place, num_recipients=n,
+                            num_controls=int(offsets.shape[1]))
+
+
+def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, pla: Tensor, recipient_masks: Tensor,
+                     donor_masks: Tensor, in_place: bool, count: int, gen: torch.Generator, block: int = 32) -> Tensor:
+    """Per pair, ``count`` roll offsets ``(P, count, 2)`` (-1 where fewer exist) of the union of its masks that do not
+    overlap it, the ones whose real edit changes the recipient most among ``TRIES_PER_CONTROL * count`` draws."""
+    p = rec.shape[0]
+    h, w = inputs.shape[-2:]
+    tries = TRIES_PER_CONTROL * count
+    offsets = torch.stack([torch.randint(h, (p, tries), generator=gen), torch.randint(w, (p, tries), generator=gen)], -1)
+    out = torch.full((p, count, 2), -1, dtype=torch.long)
+    for start in range(0, p, block):  # bounded memory: (block * tries) edited images at a time
+        q = slice(start, min(start + block, p))
+        b = rec[q].shape[0]
+        flat = offsets[q].reshape(-1, 2)
+        union = recipient_masks[rec[q]] | donor_masks[don[q]] | donor_masks[pla[q]]
+        union_t = union.repeat_interleave(tries, 0)
+        free = ~(_rolled(union_t, flat) & union_t).flatten(1).any(1) & (flat != 0).any(1)
+        free &= union_t.flatten(1).any(1)
+        a = _rolled(recipient_masks[rec[q]].repeat_interleave(tries, 0), flat)
+        d = _rolled(donor_masks[don[q]].repeat_interleave(tries, 0), flat)
+        x = inputs[rec[q]].repeat_interleave(tries, 0)
+        change = (_edit(x, donors[don[q]].repeat_interleave(tries, 0), a, d, in_place) - x).pow(2).flatten(1).sum(1)
+        score = torch.where(free, change, torch.full_like(change, -1.0)).view(b, tries)
+        order = torch.argsort(-score, dim=1, stable=True)[:, :count]
+        chosen = offsets[q].gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
+        ok = score.gather(1, order) >= 0
+        out[q] = torch.where(ok.unsqueeze(-1), chosen, torch.full_like(chosen, -1))
+    return out
+
+
+def run_plan(forward: Callable[[Tensor], Tensor], inputs: Tensor, donors: Tensor, plan: InterventionPlan,
+             index: Optional[Tensor] = None, batch_size: int = 256) -> Dict[str, Tensor]:
+    """The forward passes of a plan (all edits, or those in ``index``): per edit the log-probability of its target
+    class ``"logp"`` and the predicted class ``"pred"``, both ``(len(index),)`` on the CPU."""
+    index = torch.arange(len(plan)) if index is None else index.cpu()
+    logp, pred = [], []
+    for start in range(0, index.numel(), batch_size):
+        part = index[start:start + batch_size]
+        logits = forward(plan.edited(inputs, donors, part)).float()
+        lsm = torch.log_softmax(logits, dim=1)
+        logp.append(lsm.gather(1, plan.target[part].to(lsm.device).view(-1, 1)).view(-1).cpu())
+        pred.append(lsm.argmax(1).cpu())
+    empty = torch.zeros(0)
+    return {"logp": torch.cat(logp) if logp else empty, "pred": torch.cat(pred) if pred else empty.long()}
+
+
+@dataclass
+class Verdict:
+    """The outcome of the test for one region: ``alarm``, the figures in ``stats`` (each a scalar tag; see
+    :data:`STATS`) and ``reason``, one sentence saying why."""
+
+    alarm: bool
+    stats: Dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+STATS = {
+    "alarm": "1 when the region is judged a shortcut this run",
+    "pull": "mean specific pull (nats): how much the donor's region content raises the donor's label, beyond a placebo's",
+    "pull_z": "z of the pull (test 1: does the model read class evidence from the region?)",
+    "control_pull": "mean pull of the strongest control place (nats); NaN without controls",
+    "excess": "pull minus control_pull (nats), per probe sample",
+    "excess_z": "z of the excess (test 2: beyond ordinary content?); NaN without controls",
+    "flip": "share of edits that turn the prediction into the donor's label, minus the placebo's",
+    "controls": "mean number of control places per probe sample",
+}
+
+
+def _z(values: Tensor) -> Tuple[float, float]:
+    n = values.numel()
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = float(values.mean())
+    sd = float(values.std(unbiased=True)) if n > 1 else 0.0
+    if sd == 0.0:
+        return mean, (math.inf if mean > 0 else 0.0)
+    return mean, mean / (sd / math.sqrt(n))
+
+
+def decide(plan: InterventionPlan, effects: Dict[str, Tensor], config: ShortcutConfig = ShortcutConfig()) -> Verdict:
+    """The verdict of the two tests (module docstring) from a plan and its forward passes (:func:`run_plan`)."""
+    nan = float("nan")
+    if len(plan) == 0:
+        return Verdict(False, {"alarm": 0.0, "pull": nan, "pull_z": nan, "control_pull": nan, "excess": nan,
+                               "excess_z": nan, "flip": nan, "controls": 0.0},
+                       "no probe sample could be given content of another class: nothing to test")
+    logp, pred = effects["logp"].double(), effects["pred"]
+    num_pairs = int(plan.pair.max()) + 1
+    places = plan.num_controls + 1
+    grid = torch.full((num_pairs, places, 2), nan, dtype=torch.float64)
+    grid[plan.pair, plan.place, plan.placebo.long()] = logp
+    pull = grid[..., 0] - grid[..., 1]  # (P, places), NaN where the place is missing
+    hits = torch.zeros(num_pairs, 2, dtype=torch.float64)
+    region = plan.place == 0
+    hits[plan.pair[region], plan.placebo[region].long()] = (pred[region] == plan.target[region]).double()
+    pair_rec = torch.zeros(num_pairs, dtype=torch.long)
+    pair_rec[plan.pair] = plan.recipient
+    strongest = pull[:, 1:].nan_to_num(-math.inf).amax(1) if places > 1 else torch.full((num_pairs,), -math.inf,
+                                                                                            dtype=torch.float64)
+    has_control = torch.isfinite(strongest)
+    g, c, counts = [], [], []
+    for i in pair_rec.unique().tolist():
+        mine = pair_rec == i
+        g.append(float(pull[mine, 0].mean()))
+        both = mine & has_control
+        c.append(float(strongest[both].mean()) if bool(both.any()) else nan)
+        counts.append(float((~torch.isnan(pull[mine, 1:])).sum(1).double().mean()) if places > 1 else 0.0)
+    g_t, c_t = torch.tensor(g, dtype=torch.float64), torch.tensor(c, dtype=torch.float64)
+    pull_mean, pull_z = _z(g_t)
+    with_controls = ~torch.isnan(c_t)
+    excess, excess_z = _z((g_t - c_t)[with_controls])
+    control_pull = float(c_t[with_controls].mean()) if bool(with_controls.any()) else nan
+    stats = {"pull": pull_mean, "pull_z": pull_z, "control_pull": control_pull, "excess": excess, "excess_z": excess_z,
+             "flip": float(hits[:, 0].mean() - hits[:, 1].mean()), "controls": float(sum(counts) / len(counts))}
+    zc = config.z
+    uses = pull_z >= zc and pull_mean >= config.min_pull
+    controlled = bool(with_controls.sum() >= 2)
+    beyond = (not controlled) or (excess_z >= zc and excess >= config.min_pull)
+    alarm = bool(uses and beyond)
+    if not uses:
+        reason = (f"the region's content pulls predictions toward its donor's label by {pull_mean:+.3f} nats "
+                  f"(z {pull_z:.1f}); an alarm needs >= {config.min_pull:.3f} at z >= {zc:.2f}")
+    elif not controlled:
+        reason = (f"the model reads class evidence from the region (pull {pull_mean:+.3f} nats, z {pull_z:.1f}); the "
+                  "region is too large to move, so no control place could tell it from ordinary content")
+    elif not beyond:
+        reason = (f"the model reads class evidence from the region (pull {pull_mean:+.3f} nats, z {pull_z:.1f}), but no "
+                  f"more than from other places of its shape (excess {excess:+.3f}, z {excess_z:.1f})")
+    else:
+        reason = (f"pasting the region's content from other classes pulls predictions toward their labels by "
+                  f"{pull_mean:+.3f} nats (z {pull_z:.1f}), {excess:+.3f} more than the strongest other place of its "
+                  f"shape (z {excess_z:.1f}); it flips {stats['flip']:.2f} of them")
+    stats["alarm"] = float(alarm)
+    return Verdict(alarm, stats, reason)
