@@ -70,7 +70,7 @@ def test_masks(forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, donor_
     """Plan, run and decide for given masks (the shared step of both jobs)."""
     plan = plan_interventions(x, y, donor_x, donor_y, masks, donor_masks, config)
     effects = run_plan(forward, x, donor_x, plan, batch_size=config.batch_size)
-    return decide(plan, effects, config), plan
+    return decide(effects, plan.targets(), config), plan
 
 
 def check_region(model: Forward, probe_x: Tensor, probe_y: Optional[Tensor], donor_x: Optional[Tensor],

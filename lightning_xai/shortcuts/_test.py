@@ -107,24 +107,31 @@ class ShortcutConfig:
 class InterventionPlan:
     """What to edit, before any forward pass: edit ``e`` pastes donor ``donor[e]``'s content into probe sample
     ``recipient[e]`` at place ``place[e]`` (0: the region, ``1..K``: controls, the masks rolled by ``offset[e]``), and
-    the log-probability of class ``target[e]`` is read. ``pair[e]`` numbers the (recipient, draw) pairs; a pair's
-    real edit and its placebo share ``pair``, ``place`` and ``offset`` and differ in ``placebo``."""
+    the log-probability of class ``target[e]`` is read. A draw's real edit and its placebo share ``recipient``,
+    ``draw``, ``place`` and ``offset`` and differ in ``placebo``."""
 
     recipient: Tensor
     donor: Tensor
     target: Tensor
     place: Tensor
-    pair: Tensor
+    draw: Tensor
     placebo: Tensor
     offset: Tensor
     recipient_masks: Tensor
     donor_masks: Tensor
     in_place: bool
     num_recipients: int
+    num_draws: int
     num_controls: int
 
     def __len__(self) -> int:
         return int(self.recipient.shape[0])
+
+    def targets(self) -> Tensor:
+        """The target class of every probe sample's draws ``(N, donor_draws)`` (-1 where a draw does not exist)."""
+        out = torch.full((self.num_recipients, self.num_draws), -1, dtype=torch.long)
+        out[self.recipient, self.draw] = self.target
+        return out
 
     def edited(self, inputs: Tensor, donors: Tensor, index: Tensor) -> Tensor:
         """The edited inputs of edits ``index`` ``(len(index), C, H, W)``."""
@@ -195,7 +202,7 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
     in_place = float(donor_masks.float().mean()) > COMPACT
     by_class = {int(c): torch.nonzero(donor_labels == c).view(-1) for c in donor_labels.unique()}
     classes = sorted(by_class)
-    rows = []  # (recipient, donor, placebo donor, target)
+    rows = []  # (recipient, draw, donor, placebo donor, target)
     for i in range(n):
         others = [c for c in classes if c != int(labels[i])]
         if not others:
@@ -210,31 +217,30 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
                 if not third:
                     continue
                 placebo_pool = by_class[third[int(torch.randint(len(third), (1,), generator=gen))]]
-            rows.append((i, j, _pick(placebo_pool, gen), t))
+            rows.append((i, d, j, _pick(placebo_pool, gen), t))
     if not rows:
         empty = torch.zeros(0, dtype=torch.long)
         return InterventionPlan(empty, empty, empty, empty, empty, empty.bool(), torch.zeros(0, 2, dtype=torch.long),
-                                recipient_masks, donor_masks, in_place, n, 0)
-    rec, don, pla, tgt = (torch.tensor(col, dtype=torch.long) for col in zip(*rows))
+                                recipient_masks, donor_masks, in_place, n, config.donor_draws, config.num_controls)
+    rec, draw, don, pla, tgt = (torch.tensor(col, dtype=torch.long) for col in zip(*rows))
     offsets = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks, donor_masks, in_place,
                                config.num_controls, gen)  # (P, K, 2), -1 where missing
-    pairs = torch.arange(rec.shape[0])
     places = [(torch.zeros(rec.shape[0], 2, dtype=torch.long), torch.ones(rec.shape[0], dtype=torch.bool))]
-    for k in range(offsets.shape[1]):
-        places.append((offsets[:, k].clamp_min(0), offsets[:, k, 0] >= 0))
-    cols: Dict[str, list] = {key: [] for key in ("recipient", "donor", "target", "place", "pair", "placebo", "offset")}
+    places += [(offsets[:, k].clamp_min(0), offsets[:, k, 0] >= 0) for k in range(config.num_controls)]
+    cols: Dict[str, list] = {key: [] for key in ("recipient", "donor", "target", "place", "draw", "placebo", "offset")}
     for place, (offset, ok) in enumerate(places):
         for placebo, source in ((False, don), (True, pla)):
+            count = int(ok.sum())
             cols["recipient"].append(rec[ok])
             cols["donor"].append(source[ok])
             cols["target"].append(tgt[ok])
-            cols["place"].append(torch.full((int(ok.sum()),), place, dtype=torch.long))
-            cols["pair"].append(pairs[ok])
-            cols["placebo"].append(torch.full((int(ok.sum()),), placebo, dtype=torch.bool))
+            cols["place"].append(torch.full((count,), place, dtype=torch.long))
+            cols["draw"].append(draw[ok])
+            cols["placebo"].append(torch.full((count,), placebo, dtype=torch.bool))
             cols["offset"].append(offset[ok])
     return InterventionPlan(**{k: torch.cat(v) for k, v in cols.items()}, recipient_masks=recipient_masks,
-                            donor_masks=donor_masks, in_place=in_place, num_recipients=n,
-                            num_controls=int(offsets.shape[1]))
+                            donor_masks=donor_masks, in_place=in_place, num_recipients=n, num_draws=config.donor_draws,
+                            num_controls=config.num_controls)
 
 
 def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, pla: Tensor, recipient_masks: Tensor,
@@ -267,19 +273,24 @@ def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, p
 
 
 def run_plan(forward: Callable[[Tensor], Tensor], inputs: Tensor, donors: Tensor, plan: InterventionPlan,
-             index: Optional[Tensor] = None, batch_size: int = 256) -> Dict[str, Tensor]:
-    """The forward passes of a plan (all edits, or those in ``index``): per edit the log-probability of its target
-    class ``"logp"`` and the predicted class ``"pred"``, both ``(len(index),)`` on the CPU."""
-    index = torch.arange(len(plan)) if index is None else index.cpu()
-    logp, pred = [], []
-    for start in range(0, index.numel(), batch_size):
-        part = index[start:start + batch_size]
+             rows: Optional[Tuple[int, int]] = None, batch_size: int = 256) -> Dict[str, Tensor]:
+    """The forward passes of the edits of probe samples ``rows`` (``[start, stop)``, default all), laid out per
+    probe sample: ``"logp"`` the log-probability of the edit's target class and ``"pred"`` the predicted class, each
+    ``(stop - start, donor_draws, 1 + num_controls, 2)`` (place 0: the region; last axis: real edit, placebo), on the
+    CPU; NaN (``"pred"``: -1) where an edit does not exist."""
+    start, stop = rows if rows is not None else (0, plan.num_recipients)
+    shape = (stop - start, plan.num_draws, plan.num_controls + 1, 2)
+    logp = torch.full(shape, float("nan"))
+    pred = torch.full(shape, -1, dtype=torch.long)
+    index = torch.nonzero((plan.recipient >= start) & (plan.recipient < stop)).view(-1)
+    for first in range(0, index.numel(), batch_size):
+        part = index[first:first + batch_size]
         logits = forward(plan.edited(inputs, donors, part)).float()
-        lsm = torch.log_softmax(logits, dim=1)
-        logp.append(lsm.gather(1, plan.target[part].to(lsm.device).view(-1, 1)).view(-1).cpu())
-        pred.append(lsm.argmax(1).cpu())
-    empty = torch.zeros(0)
-    return {"logp": torch.cat(logp) if logp else empty, "pred": torch.cat(pred) if pred else empty.long()}
+        lsm = torch.log_softmax(logits, dim=1).cpu()
+        at = (plan.recipient[part] - start, plan.draw[part], plan.place[part], plan.placebo[part].long())
+        logp[at] = lsm.gather(1, plan.target[part].view(-1, 1)).view(-1)
+        pred[at] = lsm.argmax(1)
+    return {"logp": logp, "pred": pred}
 
 
 @dataclass
@@ -315,50 +326,43 @@ def _z(values: Tensor) -> Tuple[float, float]:
     return mean, mean / (sd / math.sqrt(n))
 
 
-def decide(plan: InterventionPlan, effects: Dict[str, Tensor], config: ShortcutConfig = ShortcutConfig()) -> Verdict:
-    """The verdict of the two tests (module docstring) from a plan and its forward passes (:func:`run_plan`)."""
+def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig = ShortcutConfig()) -> Verdict:
+    """The verdict of the two tests (module docstring) from the forward passes of a plan (:func:`run_plan` of every
+    probe sample) and the edits' target classes laid out alike (:meth:`InterventionPlan.targets`)."""
     nan = float("nan")
-    if len(plan) == 0:
+    logp = effects["logp"].double()  # (N, D, P, 2)
+    pull = logp[..., 0] - logp[..., 1]  # (N, D, P)
+    region = pull[:, :, 0]
+    exists = ~torch.isnan(region)
+    if not bool(exists.any()):
         return Verdict(False, {"alarm": 0.0, "pull": nan, "pull_z": nan, "control_pull": nan, "excess": nan,
                                "excess_z": nan, "flip": nan, "controls": 0.0},
                        "no probe sample could be given content of another class: nothing to test")
-    logp, pred = effects["logp"].double(), effects["pred"]
-    num_pairs = int(plan.pair.max()) + 1
-    places = plan.num_controls + 1
-    grid = torch.full((num_pairs, places, 2), nan, dtype=torch.float64)
-    grid[plan.pair, plan.place, plan.placebo.long()] = logp
-    pull = grid[..., 0] - grid[..., 1]  # (P, places), NaN where the place is missing
-    hits = torch.zeros(num_pairs, 2, dtype=torch.float64)
-    region = plan.place == 0
-    hits[plan.pair[region], plan.placebo[region].long()] = (pred[region] == plan.target[region]).double()
-    pair_rec = torch.zeros(num_pairs, dtype=torch.long)
-    pair_rec[plan.pair] = plan.recipient
-    strongest = pull[:, 1:].nan_to_num(-math.inf).amax(1) if places > 1 else torch.full((num_pairs,), -math.inf,
-                                                                                            dtype=torch.float64)
-    has_control = torch.isfinite(strongest)
-    g, c, counts = [], [], []
-    for i in pair_rec.unique().tolist():
-        mine = pair_rec == i
-        g.append(float(pull[mine, 0].mean()))
-        both = mine & has_control
-        c.append(float(strongest[both].mean()) if bool(both.any()) else nan)
-        counts.append(float((~torch.isnan(pull[mine, 1:])).sum(1).double().mean()) if places > 1 else 0.0)
-    g_t, c_t = torch.tensor(g, dtype=torch.float64), torch.tensor(c, dtype=torch.float64)
-    pull_mean, pull_z = _z(g_t)
-    with_controls = ~torch.isnan(c_t)
-    excess, excess_z = _z((g_t - c_t)[with_controls])
-    control_pull = float(c_t[with_controls].mean()) if bool(with_controls.any()) else nan
+    tested = exists.any(1)  # probe samples with at least one draw
+    g = region.nan_to_num(0).sum(1)[tested] / exists.sum(1)[tested]
+    strongest = pull[:, :, 1:].nan_to_num(-math.inf).amax(2) if pull.shape[2] > 1 else region.new_full(region.shape, -math.inf)
+    controlled = torch.isfinite(strongest) & exists  # (N, D)
+    with_controls = controlled.any(1)
+    c = strongest.where(controlled, torch.zeros_like(strongest)).sum(1) / controlled.sum(1).clamp_min(1)
+    d = (region.nan_to_num(0).where(controlled, torch.zeros_like(region)).sum(1) / controlled.sum(1).clamp_min(1)
+         - c)[with_controls]
+    pull_mean, pull_z = _z(g)
+    excess, excess_z = _z(d)
+    control_pull = float(c[with_controls].mean()) if bool(with_controls.any()) else nan
+    hits = (effects["pred"][:, :, 0] == targets.unsqueeze(-1)).double()  # (N, D, 2): predicted the donor's label
+    flip = float(hits[..., 0][exists].mean() - hits[..., 1][exists].mean())
+    places = (~torch.isnan(pull[:, :, 1:])).sum(2).double()
     stats = {"pull": pull_mean, "pull_z": pull_z, "control_pull": control_pull, "excess": excess, "excess_z": excess_z,
-             "flip": float(hits[:, 0].mean() - hits[:, 1].mean()), "controls": float(sum(counts) / len(counts))}
+             "flip": flip, "controls": float(places[exists].mean())}
     zc = config.z
     uses = pull_z >= zc and pull_mean >= config.min_pull
-    controlled = bool(with_controls.sum() >= 2)
-    beyond = (not controlled) or (excess_z >= zc and excess >= config.min_pull)
+    has_controls = int(with_controls.sum()) >= 2
+    beyond = (not has_controls) or (excess_z >= zc and excess >= config.min_pull)
     alarm = bool(uses and beyond)
     if not uses:
         reason = (f"the region's content pulls predictions toward its donor's label by {pull_mean:+.3f} nats "
                   f"(z {pull_z:.1f}); an alarm needs >= {config.min_pull:.3f} at z >= {zc:.2f}")
-    elif not controlled:
+    elif not has_controls:
         reason = (f"the model reads class evidence from the region (pull {pull_mean:+.3f} nats, z {pull_z:.1f}); the "
                   "region is too large to move, so no control place could tell it from ordinary content")
     elif not beyond:
@@ -367,6 +371,6 @@ def decide(plan: InterventionPlan, effects: Dict[str, Tensor], config: ShortcutC
     else:
         reason = (f"pasting the region's content from other classes pulls predictions toward their labels by "
                   f"{pull_mean:+.3f} nats (z {pull_z:.1f}), {excess:+.3f} more than the strongest other place of its "
-                  f"shape (z {excess_z:.1f}); it flips {stats['flip']:.2f} of them")
+                  f"shape (z {excess_z:.1f}); it flips {flip:.2f} of them")
     stats["alarm"] = float(alarm)
     return Verdict(alarm, stats, reason)
