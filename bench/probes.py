@@ -66,8 +66,8 @@ class TimedMonitor(LinearProbeMonitor):
     def _batch_start(self):
         return self._timed(super()._batch_start)
 
-    def _batch_end(self, trainer, pl_module, batch, dataloader_idx):
-        return self._timed(super()._batch_end, trainer, pl_module, batch, dataloader_idx)
+    def update(self, trainer, pl_module, batch, dataloader_idx):
+        return self._timed(super().update, trainer, pl_module, batch, dataloader_idx)
 
     def _finish(self, trainer, pl_module):
         return self._timed(super()._finish, trainer, pl_module)

@@ -21,7 +21,7 @@ from helpers import DigitsModule, TinyTextNet, digits_loaders, tiny_trainer
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
                            SampleInfluenceMonitor, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
 from lightning_xai._lightning import MisconfigurationException, MisconfigurationTypeError
-from lightning_xai.callbacks.base import XAICallback
+from lightning_xai.callbacks import XAICallback
 
 WRONG = object()  # a wrong value for nearly every option
 

@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from lightning_xai.callbacks.base import gather_rows
+from lightning_xai.callbacks._ranks import gather_rows
 
 
 class _Group:

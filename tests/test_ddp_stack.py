@@ -265,7 +265,7 @@ def test_featvis_target_sets_are_shared_out_over_ranks():
 
 
 def test_split_rows_covers_every_row_once():
-    from lightning_xai.callbacks.base import split_rows
+    from lightning_xai.callbacks._ranks import split_rows
 
     for n in range(0, 9):
         for world in (1, 2, 3, 4):

@@ -312,7 +312,7 @@ def test_shares_of_the_probe_set_give_the_one_process_figures(regions):
     """What each DDP rank computes (its rows of the probe set, `split_rows`) put together equals the one-process
     result, controls and swap partners included: the interventions are planned on the whole probe set with a
     generator seeded alike on every rank."""
-    from lightning_xai.callbacks.base import split_rows
+    from lightning_xai.callbacks._ranks import split_rows
 
     x, y = corner_set(7, random_mark=True)
     module = FrozenModule(Reader(corner=True), lr=0.0)

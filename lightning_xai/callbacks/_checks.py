@@ -21,7 +21,8 @@ from lightning_xai._utils import expected, resolve_layer, resolve_layer_patterns
 from lightning_xai.attribution import get_method, registry
 from lightning_xai.attribution._common import as_baseline
 from lightning_xai.attribution.grad_cam import default_layer
-from lightning_xai.callbacks.base import ProbeSetCallback, extract_xy
+from lightning_xai.callbacks._batches import extract_xy
+from lightning_xai.callbacks._probe_set import ProbeSetCallback
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -111,7 +112,7 @@ def check_method_layers(pl_module: nn.Module, name: str, fn: Callable[..., Any],
 
 
 class SampleCheckedCallback(ProbeSetCallback):
-    """A :class:`~lightning_xai.callbacks.base.ProbeSetCallback` whose options that need the model or the data are
+    """A :class:`~lightning_xai.callbacks.ProbeSetCallback` whose options that need the model or the data are
     refused before training.
 
     The checks run once per ``fit``/``validate``/``test``, on one sample: the user's probe set at the start (when

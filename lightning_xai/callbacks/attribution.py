@@ -54,6 +54,9 @@ EVOLUTION_SIDE = 64  # px: evolution maps are kept area-pooled to at most this s
 class AttributionMonitor(SampleCheckedCallback):
     """Logs attribution heatmaps of a fixed probe set to TensorBoard (and other image loggers).
 
+    A probe-set callback (:class:`~lightning_xai.callbacks.ProbeSetCallback`): the probe set is chosen once; each run
+    computes the attribution maps (``compute``) then the figures and scalars (``report``).
+
     Args:
         methods: attribution methods: names (``"saliency"``, ``"input_x_gradient"``, ``"smoothgrad"``,
             ``"integrated_gradients"``, ``"occlusion"``, ``"grad_cam"``, ``"lime"``), ``(name, options)``
@@ -73,9 +76,9 @@ class AttributionMonitor(SampleCheckedCallback):
         evolution_samples: probe samples (evenly spaced over the probe set) shown over the epochs in
             ``<method>/evolution``; ``0`` logs no evolution figure.
         top_fraction: fraction of pixels for the concentration figure (default 5 %).
-        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
+        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
-            :class:`~lightning_xai.callbacks.base.XAICallback`.
+            :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
         ``xai/attribution/<method>`` and ``xai/attribution/<method>/evolution`` (images: rows are probe

@@ -20,7 +20,8 @@ from lightning_xai._lightning import MisconfigurationException, refuse_bad_optio
 from typing_extensions import override
 
 from lightning_xai._utils import check_int, check_positive_int, check_real, expected, resolve_layer
-from lightning_xai.callbacks.base import BatchToXY, XAICallback, extract_xy
+from lightning_xai.callbacks._batches import BatchToXY, extract_xy
+from lightning_xai.callbacks._streaming import StreamingCallback
 from lightning_xai.featvis import OUTPUT, Objective, make_param, objectives_from_spec, render
 from lightning_xai.logging import log_image, warn_once
 from lightning_xai.render import image_figure
@@ -29,8 +30,12 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-class FeatureVisMonitor(XAICallback):
+class FeatureVisMonitor(StreamingCallback):
     """Logs activation-maximisation images of class logits, channels or neurons while the model trains.
+
+    A streaming callback (:class:`~lightning_xai.callbacks.StreamingCallback`): the validation batches give the
+    input shape and value range (:meth:`update`, until both are known); on the cadence's epochs the epoch's end
+    renders every target set (``compute``) and logs the grids (``report``).
 
     Args:
         targets: target sets, each logged as one grid. Forms: ``("logits", [0, ..., 9])`` (class logits
@@ -59,7 +64,7 @@ class FeatureVisMonitor(XAICallback):
         num_threads: CPU intra-op threads while rendering (restored after); ``1`` is much faster for
             small models on a busy CPU. ``None`` leaves the setting alone.
         run_on_fit_end, on_error, prefix, output_key, forward: see
-            :class:`~lightning_xai.callbacks.base.XAICallback`.
+            :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
         ``xai/featvis/<label>`` (image grid, one cell per target) and ``xai/featvis/<label>/activation``
@@ -78,6 +83,7 @@ class FeatureVisMonitor(XAICallback):
     """
 
     area = "featvis"
+    computing = "explaining"
 
     def __init__(
         self,
@@ -184,17 +190,10 @@ class FeatureVisMonitor(XAICallback):
             self.value_range = (lo, hi if hi > lo else lo + 1.0)
 
     @override
-    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        with self.guard("reading a validation batch", trainer.current_epoch, "pass `input_shape=` and `value_range=`",
-                        skips_run=False):
-            self._observe(batch, dataloader_idx)
-
-    @override
-    def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
-                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        with self.guard("reading a test batch", trainer.current_epoch, "pass `input_shape=` and `value_range=`",
-                        skips_run=False):
+    def update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, dataloader_idx: int) -> None:
+        """Take the input shape and value range from the first batch (when not given)."""
+        what = "reading a test batch" if trainer.testing else "reading a validation batch"
+        with self.guard(what, trainer.current_epoch, "pass `input_shape=` and `value_range=`", skips_run=False):
             self._observe(batch, dataloader_idx)
 
     # ------------------------------------------------------------------ the run
@@ -246,7 +245,10 @@ class FeatureVisMonitor(XAICallback):
                                         num_threads=self.num_threads)
         return results
 
-    def _report(self, trainer: "pl.Trainer", results: Dict[str, Any], epoch: int) -> Dict[str, float]:
+    @override
+    def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", results: Dict[str, Any],
+               epoch: int) -> Dict[str, float]:
+        """The mean activation reached per target set; the grids logged on rank zero."""
         metrics = {self.tag(label, "activation"): float(res.activations.mean()) for label, res in results.items()}
         self.last_activations = {label: res.activations.detach().cpu() for label, res in results.items()}
         if trainer.is_global_zero:
@@ -267,28 +269,24 @@ class FeatureVisMonitor(XAICallback):
                             subtitle="each cell: the input that maximises the target below it, and the value reached",
                             captions=captions, ncols=self.ncols, min_side=self.min_side)
 
-    def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
-        """Render every target set and log on rank zero. Under DDP the target sets are shared out over the
-        ranks and the renders gathered; a set renders the same on any rank (its own seeded generator)."""
-        epoch = self.begin_run(trainer, via_module)
+    @override
+    def compute(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int) -> Optional[Dict[str, Any]]:
+        """Render every target set. Under DDP the target sets are shared out over the ranks and the renders
+        gathered; a set renders the same on any rank (its own seeded generator). None when a rank failed or the
+        input shape is unknown."""
         if trainer.world_size > 1:
             self._agree_input(trainer)
         world, rank = self.work_split(trainer)
         if self.input_shape is None or self.value_range is None:
             warn_once("noshape", "FeatureVisMonitor: no validation batch was seen, so the input shape and "
                                  "range are unknown; pass `input_shape=` and `value_range=`. Skipping.", owner=self)
-            return
+            return None
         owners = self._owners(world)
         mine = [label for label, owner in owners.items() if owner == rank]
         results = self.guarded(lambda: self._render_all(pl_module, mine), "rendering feature visualisations", epoch)
         if world > 1:  # every rank joins the gather, also one that failed, so none waits
             results = self._gather(trainer, results)
-        if results is None:
-            return
-        metrics = self.guarded(lambda: self._report(trainer, results, epoch), "logging", epoch)
-        if metrics is not None:
-            self.log_metrics(trainer, pl_module, metrics, via_module=via_module, seconds=True)
-        self.last_explained_epoch = epoch
+        return results
 
 
 def _cell_name(objective_name: str) -> str:

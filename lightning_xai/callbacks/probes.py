@@ -28,8 +28,9 @@ from typing_extensions import override
 from lightning_xai._utils import (check_bool, check_choice, check_int, check_positive_int, check_real, eager_compiled,
                                   expected, is_compiled, preserve_modes)
 from lightning_xai.callbacks import cost
-from lightning_xai.callbacks.base import (BATCH_FIX, BatchToXY, XAICallback, class_labels, extract_xy, first_loader,
-                                         gather_rows)
+from lightning_xai.callbacks._batches import BATCH_FIX, BatchToXY, class_labels, extract_xy, first_loader
+from lightning_xai.callbacks._ranks import gather_rows
+from lightning_xai.callbacks._streaming import StreamingCallback
 from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
 from lightning_xai.probes import ActivationCapture, Reducer, input_reducer, make_reducer
 from lightning_xai.probes.epoch import EpochProbe, control_table
@@ -47,8 +48,12 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-class LinearProbeMonitor(XAICallback):
+class LinearProbeMonitor(StreamingCallback):
     """Per-layer linear probes with controls and baselines, logged every validation epoch.
+
+    A streaming callback (:class:`~lightning_xai.callbacks.StreamingCallback`): on the cadence's epochs, hooks
+    attached at the epoch's start capture each validation batch's features (:meth:`update`); the epoch's end fits
+    the probes (``compute``) and logs them (``report``).
 
     Args:
         layers: dotted layer names or glob patterns (``"net.0.*"``) of the LightningModule; an
@@ -60,7 +65,7 @@ class LinearProbeMonitor(XAICallback):
         concepts: extra per-sample properties to probe, ``{name: batch -> LongTensor (N,)}`` (e.g.
             "has a watermark"); each gets the same metrics under ``<layer>/<name>/...``.
         batch_to_xy: ``batch -> (inputs, labels)`` for batch formats
-            :func:`~lightning_xai.callbacks.base.extract_xy` does not know.
+            :func:`~lightning_xai.callbacks.extract_xy` does not know.
         solver: ``"ridge"`` (streamed closed form, default) or ``"logistic"`` (a few L-BFGS steps).
         alphas: ridge strengths to choose from (``None``: a grid relative to the feature scale).
         cv: how the ridge strength is chosen: ``"gcv"`` or ``k`` folds.
@@ -74,7 +79,7 @@ class LinearProbeMonitor(XAICallback):
         max_dim: widest feature kept without projection by ``"auto"``.
         seed: seed of random projections and of the control-label permutation (private generators).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
-            :class:`~lightning_xai.callbacks.base.XAICallback` (``forward(pl_module, x)`` is also how the
+            :class:`~lightning_xai.callbacks.XAICallback` (``forward(pl_module, x)`` is also how the
             untrained copy is run).
 
     Tags (``prefix="xai"``), per layer and for ``input``:
@@ -91,6 +96,8 @@ class LinearProbeMonitor(XAICallback):
     """
 
     area = "probe"
+    computing = "fitting probes"
+    reporting = "logging probes"
 
     def __init__(
         self,
@@ -281,7 +288,9 @@ class LinearProbeMonitor(XAICallback):
             self._capture.clear()  # drop features from forwards outside validation_step (e.g. other callbacks)
             self._capture.take_seconds()  # their hook time too: it was charged to whoever ran those forwards
 
-    def _batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, dataloader_idx: int) -> None:
+    @override
+    def update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, dataloader_idx: int) -> None:
+        """Capture and reduce this batch's features (hooks fired in ``validation_step``) and add them to the probes."""
         if not self._collecting:
             return
         if dataloader_idx != 0:
@@ -364,17 +373,16 @@ class LinearProbeMonitor(XAICallback):
 
     def _finish_run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._release()
-        epoch = trainer.current_epoch
+        self.finish(trainer, pl_module, trainer.current_epoch)
+
+    @override
+    def compute(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                epoch: int) -> Dict[str, Dict[str, Dict[str, float]]]:
+        """Fit the probes of this epoch's features: ``{source: {target: {metric: value}}}`` (see :meth:`_fit`)."""
         probes, self._probes = self._probes, {}
         if self._untrained is not None and any(k.startswith(UNTRAINED) for k in probes):
             self._untrained = self._untrained_capture = None  # used once; free the copy
-        results = self.guarded(lambda: self._fit(trainer, probes), "fitting probes", epoch)
-        if not results:
-            return
-        metrics = self.guarded(lambda: self._report(trainer, results, epoch), "logging probes", epoch)
-        if metrics is not None:
-            self.log_metrics(trainer, pl_module, metrics, seconds=True)
-        self.last_explained_epoch = epoch
+        return self._fit(trainer, probes)
 
     def _sum(self, trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
         if trainer.world_size <= 1:
@@ -459,7 +467,9 @@ class LinearProbeMonitor(XAICallback):
     def _metric_tag(self, source: str, target: str, metric: str) -> str:
         return self.tag(source, metric) if target == LABEL else self.tag(source, target, metric)
 
-    def _report(self, trainer: "pl.Trainer", results: Dict[str, Dict[str, Dict[str, float]]], epoch: int) -> Dict[str, float]:
+    @override
+    def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+               results: Dict[str, Dict[str, Dict[str, float]]], epoch: int) -> Dict[str, float]:
         for key, per_target in results.items():
             flat = {}
             for target, m in per_target.items():
@@ -578,11 +588,6 @@ class LinearProbeMonitor(XAICallback):
         self._batch_start()
 
     @override
-    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._batch_end(trainer, pl_module, batch, dataloader_idx)
-
-    @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         try:
             self._finish(trainer, pl_module)
@@ -598,11 +603,6 @@ class LinearProbeMonitor(XAICallback):
     def on_test_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                             batch_idx: int, dataloader_idx: int = 0) -> None:
         self._batch_start()
-
-    @override
-    def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._batch_end(trainer, pl_module, batch, dataloader_idx)
 
     @override
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

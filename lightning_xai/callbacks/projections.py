@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 class ProjectionMonitor(SampleCheckedCallback):
     """Logs per-layer projections of a fixed probe set: projector embeddings, PCA scatters, separation.
 
+    A probe-set callback (:class:`~lightning_xai.callbacks.ProbeSetCallback`): the probe set is chosen once; each run
+    computes the layers' activations (``compute``) then the projections and scalars (``report``).
+
     Args:
         layers: dotted layer names or glob patterns (``"encoder.layers.*"``) of the LightningModule.
         reduce: how a layer's activations become one row per sample, the probes' reducer specs:
@@ -47,9 +50,9 @@ class ProjectionMonitor(SampleCheckedCallback):
         thumbnails: attach the inputs as projector sprites when they are images ``(N, C, H, W)``.
         thumbnail_size: short side, in pixels, of each sprite.
         class_names: names for the class indices in the scatter legend and the projector metadata.
-        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
+        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
-            :class:`~lightning_xai.callbacks.base.XAICallback`.
+            :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
         ``xai/projection/<layer>/pca`` (image), ``xai/projection/<layer>/separation`` and

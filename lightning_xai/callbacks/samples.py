@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected, forked_rng
 from lightning_xai.callbacks._checks import SampleCheckedCallback
-from lightning_xai.callbacks.base import class_labels, extract_xy
+from lightning_xai.callbacks._batches import class_labels, extract_xy
 from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import Figure, fit_cells, grid_figure, to_display
 from lightning_xai.samples import (
@@ -75,6 +75,9 @@ def _train_dataset(trainer: "pl.Trainer") -> Optional[Any]:
 class SampleInfluenceMonitor(SampleCheckedCallback):
     """Logs sample-level explanations: supporting neighbours, representer points, suspect labels and sparse samples.
 
+    A probe-set callback (:class:`~lightning_xai.callbacks.ProbeSetCallback`): the probe set is chosen once; each run
+    computes features of the probe set and the training subset (``compute``) then the neighbour figures (``report``).
+
     Args:
         layer: dotted name of the feature layer (relative to the LightningModule, e.g. ``"net.1.3"``); default:
             the last ``nn.Linear``, whose *input* is taken. An unknown name lists the valid ones.
@@ -94,9 +97,9 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
             (needed under ``trainer.validate()``/``test()`` when the module defines no ``train_dataloader``).
         batch_size: samples per forward pass over the training data.
         denormalize: maps normalised inputs back to display values.
-        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
+        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
         every_n_epochs: cadence (default 5: each run is a pass over up to ``max_train_samples`` samples).
-        run_on_fit_end, on_error, prefix, output_key, forward: see :class:`~lightning_xai.callbacks.base.XAICallback`.
+        run_on_fit_end, on_error, prefix, output_key, forward: see :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
         images ``xai/samples/neighbours``, ``xai/samples/representers``, ``xai/samples/suspects``,

@@ -50,8 +50,8 @@ from lightning_xai.attribution import method_passes
 from lightning_xai.callbacks import shared
 from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_layer_names, check_method_layers,
                                             check_method_options, resolve_method)
-from lightning_xai.callbacks.base import (BATCH_FIX, Buckets, choose_stratified, class_labels,
-                                         collect_rows, extract_xy, gather_shares, split_rows)
+from lightning_xai.callbacks._batches import BATCH_FIX, Buckets, choose_stratified, class_labels, collect_rows, extract_xy
+from lightning_xai.callbacks._ranks import gather_shares, split_rows
 from lightning_xai.logging import log_image
 from lightning_xai.render import CYAN, RED, evidence_figure, maps_figure, share_maps
 from lightning_xai.shortcuts import (FILLS, MIN_EXCESS, MIN_MATCH, MIN_Z, PLACEMENTS, SANITY_THRESHOLD, SUSPECTS,

@@ -61,6 +61,9 @@ def feature_importance(attributions: Tensor, classes: Optional[Tensor] = None) -
 class TabularAttributionMonitor(SampleCheckedCallback):
     """Logs per-feature attributions of a fixed probe set of tabular rows as a bar chart and scalars.
 
+    A probe-set callback (:class:`~lightning_xai.callbacks.ProbeSetCallback`): the probe set is chosen once; each run
+    computes the per-feature attributions (``compute``) then the bar chart and scalars (``report``).
+
     Args:
         feature_names: one name per input column ``F``; distinct, also as scalar tags (``/`` becomes ``_``).
         method: an attribution method spec of :func:`lightning_xai.attribution.get_method` that runs on rows:
@@ -74,9 +77,9 @@ class TabularAttributionMonitor(SampleCheckedCallback):
         max_classes: above this many classes only the overall bars are drawn.
         max_features: the chart shows the features with the largest overall bars, at most this many
             (every feature still gets its scalar).
-        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
+        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
-            :class:`~lightning_xai.callbacks.base.XAICallback`.
+            :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):
         ``xai/tabular/<method>`` (bar-chart image) and ``xai/tabular/<method>/<feature>`` (mean

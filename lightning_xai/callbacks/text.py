@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 class TokenAttributionMonitor(SampleCheckedCallback):
     """Logs token attributions of a fixed probe set of token-id sequences.
 
+    A probe-set callback (:class:`~lightning_xai.callbacks.ProbeSetCallback`): the probe set is chosen once; each run
+    computes the token attributions (``compute``) then the highlighted text and scalars (``report``).
+
     Args:
         embedding_layer: dotted name (or the module) of the layer whose output is the token
             embeddings ``(N, T, E)``, e.g. ``"model.embeddings.word_embeddings"``.
@@ -46,9 +49,9 @@ class TokenAttributionMonitor(SampleCheckedCallback):
         pad_token_id: padding id: used by ``baseline="pad"`` and left out of the rendered sentences.
         watch_tokens: tokens (strings or ids) whose attribution share is logged as a scalar.
         top_k: tokens shown in bold per sentence.
-        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.base.ProbeSetCallback`).
+        probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward: see
-            :class:`~lightning_xai.callbacks.base.XAICallback` (``forward(pl_module, input_ids)`` must
+            :class:`~lightning_xai.callbacks.XAICallback` (``forward(pl_module, input_ids)`` must
             run the embedding layer).
 
     Tags (with the default ``prefix="xai"``):

@@ -1,0 +1,353 @@
+"""The small base every lightning_xai callback shares.
+
+:class:`XAICallback` holds what each callback needs and none should write twice: cadence (``every_n_epochs``, a run at
+fit end, sanity-check and ``fast_dev_run`` skipping), the error policy (``on_error``, :meth:`~XAICallback.guard`,
+:meth:`~XAICallback.agree`), tags (``<prefix>/<area>/...``), ``state_dict``, the strategy and precision checks, the
+model's logits function, the "do no harm" context (eval mode, gradients enabled even under ``inference_mode``, global
+RNGs forked) and where a run's work goes over ranks (:meth:`~XAICallback.work_split`).
+
+Every callback is one of two kinds, each a subclass of this base:
+
+* :class:`~lightning_xai.callbacks.ProbeSetCallback`: choose a probe set once, then each run computes on it (every
+  model pass) and reports (logs, no model pass).
+* :class:`~lightning_xai.callbacks.StreamingCallback`: reads the validation batches as Lightning runs them, then
+  finishes at the epoch's end: compute, then report.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_xai._lightning import CALLBACK_BASES, FITTING, MisconfigurationException, is_a, refuse_bad_options
+from lightning_xai._utils import (check_bool, check_choice, check_positive_int, eager_compiled, expected, forked_rng,
+                                  gradient_context, is_compiled, preserve_modes, select_output, two_class_logits)
+from lightning_xai.callbacks import cost
+from lightning_xai.logging import log_scalars, logging_step
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning packages' Callback
+    """Base class of all lightning_xai callbacks (see the module docstring); a callback subclasses one of its two
+    kinds, :class:`~lightning_xai.callbacks.ProbeSetCallback` or :class:`~lightning_xai.callbacks.StreamingCallback`,
+    and implements :meth:`explain` through it.
+
+    The cadence is deterministic: a validation epoch is explained when its index among the fit's validation
+    epochs (``current_epoch // check_val_every_n_epoch``) is a multiple of ``every_n_epochs``, and at the end of
+    ``fit`` if the last validated epoch was not; the same epochs on any machine and after a resume. Nothing is
+    skipped to save time: each run logs its cost as ``<prefix>/<area>/seconds`` and the end of ``fit`` prints a
+    table of every callback's runs and share of the fit's wall time (:mod:`lightning_xai.callbacks.cost`).
+
+    Args:
+        every_n_epochs: explain every n-th validation epoch (the first one included).
+        run_on_fit_end: also explain the last validated epoch at the end of ``fit`` if the cadence skipped it.
+        on_error: ``"warn"`` (default) warns once with the exception and skips that epoch's explanation,
+            never losing the training run; ``"raise"`` re-raises.
+        prefix: root of every tag this callback logs (``<prefix>/<area>/...``).
+        output_key: picks the logits from a model returning a tuple/list (an int) or dict (a key).
+        forward: ``forward(pl_module, inputs) -> logits`` for anything else; overrides ``output_key``.
+    """
+
+    #: Strategy class names (either Lightning package): one device, the DDP family, and ModelParallelStrategy
+    #: (FSDP2 ``fully_shard`` / tensor parallel), where every rank takes part in every pass (see :meth:`work_split`).
+    supported_strategies = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
+    sharded_strategies = ("ModelParallelStrategy",)
+    area = "xai"  # tag area below the prefix, e.g. "attribution"
+    kind = ""  # "probe set" or "streaming": which of the two lifecycles (see the module docstring)
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        run_on_fit_end: bool = True,
+        on_error: str = "warn",
+        prefix: str = "xai",
+        output_key: Union[None, int, str] = None,
+        forward: Optional[Callable[[Any, Tensor], Tensor]] = None,
+    ) -> None:
+        super().__init__()
+        with refuse_bad_options():
+            check_positive_int("every_n_epochs", every_n_epochs)
+            check_bool("run_on_fit_end", run_on_fit_end)
+            check_choice("on_error", on_error, ("warn", "raise"))
+            if not isinstance(prefix, str) or not prefix.strip("/"):
+                raise MisconfigurationException(expected("prefix", "a non-empty str", prefix))
+            if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, (int, str))):
+                raise TypeError(expected("output_key", "None, an int (tuple/list outputs) or a str (dict outputs)",
+                                         type(output_key).__name__))
+            if forward is not None and not callable(forward):
+                raise TypeError(expected("forward", "a callable (pl_module, inputs) -> logits", forward))
+        self.every_n_epochs = every_n_epochs
+        self.run_on_fit_end = run_on_fit_end
+        self.on_error = on_error
+        self.prefix = prefix.strip("/")
+        self.output_key = output_key
+        self.forward = forward
+        self.last_explained_epoch: int = -2  # -1 is used for "before training"
+        self.errors: int = 0
+        self._last_validated_epoch: Optional[int] = None
+        self._last_attempted_epoch: Optional[int] = None
+        self._run_start: Optional[float] = None  # perf_counter() at the start of the current run's timed work
+        self._failed = False  # a failure on this rank since the ranks last agreed (see `agree`)
+        self._warned_failures: set = set()
+        self._rank_note = ""  # " on rank r" under DDP, in failure warnings
+        self.sharded = False  # set at setup: a sharded strategy needs every rank in every pass
+
+    # ------------------------------------------------------------------ naming and state
+    def tag(self, *parts: Any) -> str:
+        """``<prefix>/<area>/<parts...>``."""
+        return "/".join([self.prefix, self.area] + [str(p) for p in parts if p != ""])
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, area=self.area)
+
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        return {"last_explained_epoch": self.last_explained_epoch, "errors": self.errors}
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.last_explained_epoch = int(state_dict.get("last_explained_epoch", -2))
+        self.errors = int(state_dict.get("errors", 0))
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        strategy = trainer.strategy
+        if (is_a(strategy, "FSDPStrategy", "DeepSpeedStrategy") or type(strategy).__name__.startswith("DeepSpeed")
+                or not is_a(strategy, *self.supported_strategies)):
+            raise MisconfigurationException(
+                expected(f"{type(self).__name__}'s strategy",
+                         "a single-device strategy, DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook') or "
+                         "ModelParallelStrategy (FSDP2 fully_shard); FSDP1 ('fsdp') and DeepSpeed are not supported: "
+                         "shard the model with ModelParallelStrategy instead", type(strategy).__name__))
+        self.sharded = is_a(strategy, *self.sharded_strategies)
+        if is_compiled(pl_module) and not hasattr(torch.compiler, "set_stance"):
+            raise MisconfigurationException(
+                expected(f"{type(self).__name__}'s torch version", "torch >= 2.6 (torch.compiler.set_stance) for a "
+                         "torch.compile'd model; or pass the uncompiled module", torch.__version__))
+        precision = str(getattr(trainer, "precision", "32-true"))
+        if precision in ("16-true", "bf16-true") or precision.startswith("transformer-engine"):
+            raise MisconfigurationException(
+                expected(f"{type(self).__name__}'s Trainer precision", "one that keeps float32 or float64 weights "
+                         "('32-true', '64-true', '16-mixed', 'bf16-mixed'): explanations need input gradients, which "
+                         "underflow in half precision", precision))
+        self._rank_note = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
+        if stage == "fit":
+            cost.book(trainer, new_fit=True).register(id(self), self.cost_name())
+
+    def cost_name(self) -> str:
+        """This callback's row in the end-of-fit cost table: its class, and its prefix when not the default."""
+        name = type(self).__name__
+        return name if self.prefix == "xai" else f"{name} ({self.prefix})"
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        book = cost.book(trainer)
+        if not book.finished:  # the first callback torn down reports for all of them
+            book.finished = True
+            if trainer.is_global_zero and book.names:
+                cost.print_table(book)
+
+    # ------------------------------------------------------------------ model access
+    def logits_fn(self, pl_module: "pl.LightningModule") -> Callable[[Tensor], Tensor]:
+        """``inputs -> logits (N, classes)`` for the unwrapped module, honouring ``forward``/``output_key``; a model
+        with one binary logit is seen as two classes (:func:`~lightning_xai._utils.two_class_logits`)."""
+        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
+
+        def cast(x: Tensor) -> Tensor:  # probe inputs are float32; a 64-true model takes float64
+            return x.to(dtype) if dtype is not None and x.is_floating_point() and x.dtype != dtype else x
+
+        if self.forward is not None:
+            user = self.forward
+            return lambda x: two_class_logits(user(pl_module, cast(x)))
+        key = self.output_key
+        return lambda x: two_class_logits(select_output(pl_module(cast(x)), key))
+
+    @contextlib.contextmanager
+    def explain_context(self, pl_module: "pl.LightningModule") -> Iterator[None]:
+        """Eval mode with every flag restored, gradients on (even under ``inference_mode``), every global RNG
+        forked (Python's, NumPy's, torch's), compiled modules run eagerly (so forward hooks fire and nothing is
+        recompiled)."""
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with forked_rng(devices), eager_compiled(), gradient_context(), \
+                preserve_modes(pl_module, eval_mode=True):
+            yield
+
+    # ------------------------------------------------------------------ cadence
+    def active(self, trainer: "pl.Trainer") -> bool:
+        """False during the sanity check and under ``fast_dev_run`` (quiet)."""
+        return not trainer.sanity_checking and not trainer.fast_dev_run
+
+    def due(self, trainer: "pl.Trainer") -> bool:
+        """Whether this validation epoch is on the cadence (always, under ``validate()``/``test()``)."""
+        if trainer.state.fn != FITTING:
+            return True
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
+        return self.scheduled(trainer, epoch) or (self.run_on_fit_end and last)
+
+    def scheduled(self, trainer: "pl.Trainer", epoch: int) -> bool:
+        """Whether ``epoch`` is on the cadence: its index among the fit's validation epochs is a multiple of
+        ``every_n_epochs`` (a function of the epoch number alone, so a resumed run explains the same epochs)."""
+        every_val = trainer.check_val_every_n_epoch or 1  # None: validation by steps, in every epoch
+        return (epoch // every_val) % self.every_n_epochs == 0
+
+    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
+        """The model passes one run takes (over all ranks), in sample forward+backward equivalents (a forward
+        alone counts 1/3), for the benchmarks' floors. ``None`` (the default): not known."""
+        return None
+
+    @contextlib.contextmanager
+    def timed(self, trainer: "pl.Trainer", epoch: Optional[int] = None, run: bool = True) -> Iterator[None]:
+        """Add the enclosed work's wall time to this callback's cost (``epoch`` given: a new run starts;
+        ``run=False``: a one-off cost outside any run, e.g. copying the model at fit start)."""
+        book = cost.book(trainer)
+        if epoch is not None:
+            book.begin(id(self))
+        self._run_start = start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._run_start = None
+            book.charge(id(self), time.perf_counter() - start, run=run)
+
+    def run_seconds(self, trainer: "pl.Trainer") -> float:
+        """Seconds the current run has taken so far (what ``<prefix>/<area>/seconds`` reports)."""
+        book = cost.book(trainer)
+        ongoing = 0.0 if self._run_start is None else time.perf_counter() - self._run_start
+        return book.current.get(id(self), 0.0) + ongoing
+
+    @contextlib.contextmanager
+    def guard(self, what: str, epoch: Optional[int], fix: str = "", skips_run: bool = True) -> Iterator[None]:
+        """Run the body under the ``on_error`` policy. ``"raise"``: exceptions propagate. ``"warn"``: an exception
+        ends the body, is counted, and is warned about on the rank where it happened (naming the callback, the
+        epoch, what failed and ``fix``); with ``skips_run`` it also marks this rank as failed, so the next
+        :meth:`agree` makes every rank skip the run together (no rank is left waiting in a collective).
+        A bad option (:class:`~lightning_xai._lightning.MisconfigurationException`) always propagates: it is the
+        same on every rank and would fail every run."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - the policy decides
+            if self.on_error == "raise" or isinstance(err, MisconfigurationException):
+                raise
+            self.errors += 1
+            self._failed = self._failed or skips_run
+            self._warn_failure(err, what, epoch, fix)
+
+    def guarded(self, fn: Callable[[], Any], what: str, epoch: Optional[int], fix: str = "") -> Any:
+        """``fn()`` under :meth:`guard`; None when it failed and was skipped."""
+        with self.guard(what, epoch, fix):
+            return fn()
+        return None
+
+    def _warn_failure(self, err: BaseException, what: str, epoch: Optional[int], fix: str) -> None:
+        key = (what, type(err).__name__)
+        if key in self._warned_failures:
+            return
+        self._warned_failures.add(key)
+        when = "" if epoch is None else f" at epoch {epoch}"
+        hint = f" {fix.rstrip('.')}." if fix else ""
+        warnings.warn(
+            f"{type(self).__name__} failed while {what}{when}{self._rank_note} and skipped it: "
+            f"{type(err).__name__}: {err}.{hint} Training goes on; pass on_error='raise' to stop instead "
+            "(shown once per kind of failure).", RuntimeWarning, stacklevel=2)
+
+    def work_split(self, trainer: "pl.Trainer") -> Tuple[int, int]:
+        """``(world, rank)`` over which a run's work is shared out (the distributed policy, in one place).
+
+        Under DDP every rank holds the whole model: each explains its contiguous share of the probe set
+        (:func:`~lightning_xai.callbacks._ranks.split_rows`) and the shares are gathered on every rank
+        (:func:`~lightning_xai.callbacks._ranks.gather_shares`), so the figures equal one process's. Under a
+        sharded strategy a forward pass needs every rank, in the same order and the same number of times: every
+        rank explains the whole probe set in lockstep (``(1, 0)``: nothing to split or gather) and rank zero logs.
+        """
+        if self.sharded or trainer.world_size <= 1:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def agree(self, trainer: "pl.Trainer", ok: bool = True) -> bool:
+        """True when ``ok`` and no failure was recorded since the last agreement, on every rank (one all-reduce
+        under DDP, so call it on every rank at the same point). Clears the recorded failure."""
+        ok = bool(ok) and not self._failed
+        self._failed = False
+        if trainer.world_size > 1:
+            failed = torch.tensor([0.0 if ok else 1.0], device=trainer.strategy.root_device)
+            ok = float(trainer.strategy.reduce(failed, reduce_op="sum").item()) == 0
+        return ok
+
+    # ------------------------------------------------------------------ logging helpers
+    def log_metrics(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", metrics: Mapping[str, Any],
+                    via_module: bool = True, seconds: bool = False) -> None:
+        """Scalars through ``pl_module.log`` (monitorable) or, where that is not allowed, to every logger;
+        ``seconds=True`` (a run's last call) adds the run's cost so far as ``<prefix>/<area>/seconds``."""
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if seconds:
+            metrics[self.tag("seconds")] = self.run_seconds(trainer)
+        if not metrics:
+            return
+        fitting = trainer.state.fn == FITTING
+        if via_module:  # into trainer.callback_metrics (EarlyStopping/ModelCheckpoint) and what validate() returns
+            for name, value in metrics.items():
+                pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False,
+                              logger=not fitting)
+        if (fitting or not via_module) and trainer.is_global_zero:  # in fit: at the images' step (logging_step)
+            log_scalars(trainer, metrics)
+
+    def step(self, trainer: "pl.Trainer") -> int:
+        return logging_step(trainer)
+
+
+    # ------------------------------------------------------------------ the run and its hooks
+    def begin_run(self, trainer: "pl.Trainer", via_module: bool) -> int:
+        """The epoch a run explains (at fit end: the last validated one); records the attempt."""
+        epoch = trainer.current_epoch
+        if not via_module and self._last_validated_epoch is not None:
+            epoch = self._last_validated_epoch
+        self._last_attempted_epoch = epoch
+        return epoch
+
+    def explain(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", via_module: bool = True) -> None:
+        """Explain and log once; ``via_module=False`` where ``pl_module.log`` is not allowed (fit end)."""
+        raise NotImplementedError
+
+    def _on_eval_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.active(trainer):
+            return
+        self._last_validated_epoch = trainer.current_epoch
+        if self.due(trainer):
+            self._run(trainer, pl_module, trainer.current_epoch, via_module=True)
+
+    def _run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int, via_module: bool) -> None:
+        """One run: the ranks first agree that none failed since the last run (else all skip it together), then
+        :meth:`explain` under the error policy, timed."""
+        with self.timed(trainer, epoch):
+            if not self.agree(trainer):
+                self._last_attempted_epoch = epoch
+                return
+            with self.guard("explaining", epoch):
+                self.explain(trainer, pl_module, via_module=via_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._on_eval_epoch_end(trainer, pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._on_eval_epoch_end(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if (self.run_on_fit_end and self.active(trainer) and self._last_validated_epoch is not None
+                and self._last_validated_epoch != self._last_attempted_epoch):
+            self._run(trainer, pl_module, self._last_validated_epoch, via_module=False)
