@@ -138,15 +138,18 @@ def _mark_code(x: torch.Tensor) -> torch.Tensor:
 
 def summarize(rows, alarms, run, log_dir, seconds, clean) -> None:
     print(f"\n== lightning_xai shortcut-digits demo ({run} run, {seconds:.0f} s) ==")
-    head = f"{'epoch':>5} {'val acc':>8} {'held-out acc':>13} {'saliency on mark':>17} {'flip rate':>10} {'alarm':>6}"
+    head = (f"{'epoch':>5} {'val acc':>8} {'held-out acc':>13} {'saliency on mark':>17} {'pull':>6} {'pull z':>7} "
+            f"{'excess z':>9} {'alarm':>6}")
     print(head)
     for r in rows:  # "-": not computed at that epoch
         print(f"{r['epoch']:>5} {cell(r, 'val_acc', 8)} {cell(r, 'heldout_clean_acc', 13)} "
               f"{cell(r, 'xai/shortcut/mark/share_ratio', 17, '.2f', 'x')} "
-              f"{cell(r, 'xai/shortcut/mark/flip_rate', 10)} {cell(r, 'xai/shortcut/mark/alarm', 6, '.0f')}")
+              f"{cell(r, 'xai/shortcut/mark/pull', 6, '.2f')} {cell(r, 'xai/shortcut/mark/pull_z', 7, '.1f')} "
+              f"{cell(r, 'xai/shortcut/mark/excess_z', 9, '.1f')} {cell(r, 'xai/shortcut/mark/alarm', 6, '.0f')}")
     print("\n'saliency on mark' is the share of saliency on the 2x2 mark divided by the mark's share of the image "
-          "(1.0x = no preference);\n'flip rate' is the share of probe predictions that change when the mark is "
-          "replaced, against control regions of the same size.")
+          "(1.0x = no preference);\n'pull' (nats) is how much pasting another class' mark raises that class' log-probability "
+          "beyond a placebo paste,\n'pull z' its z, and 'excess z' the z of its excess over the strongest other place "
+          "of the mark's shape\n(an alarm needs both z >= 3.72 and both effects >= 0.049 nats; docs/shortcuts.md).")
     if alarms:
         print("\nShortcutMonitor raised the alarm:\n  " + alarms[0])
     else:

@@ -15,7 +15,8 @@ _CALLBACKS = {
     "LinearProbeMonitor": "lightning_xai.callbacks.probes",
     "ProjectionMonitor": "lightning_xai.callbacks.projections",
     "SampleInfluenceMonitor": "lightning_xai.callbacks.samples",
-    "ShortcutMonitor": "lightning_xai.callbacks.shortcuts",
+    "ShortcutDiscovery": "lightning_xai.callbacks._shortcuts",
+    "ShortcutMonitor": "lightning_xai.callbacks._shortcuts",
     "TabularAttributionMonitor": "lightning_xai.callbacks.tabular",
     "TokenAttributionMonitor": "lightning_xai.callbacks.text",
 }

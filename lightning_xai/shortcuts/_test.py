@@ -22,8 +22,8 @@ averaged (``G_i``).
 **Controls.** The same pair of edits is repeated at ``num_controls`` other places: the union of the masks rolled
 by an offset where it does not overlap itself; of ``4 * num_controls`` random such offsets the ones whose edit
 changes the recipient most are kept (for ordinary content, swapping more of it moves the prediction at least as
-much: these are the places where object content pulls hardest). ``C_i`` is the mean over the recipient's pairs of
-the strongest control's pull. A large region has no such offset: it has no controls.
+much: these are places of content, mostly the object). ``C_i`` is the mean pull of the recipient's control places.
+A large region has no such offset: it has no controls.
 
 **Verdict.** Two one-sided tests over the ``N`` recipients, each at level ``alpha`` (intersection-union: the alarm
 fires only if both reject, so its false-alarm rate under either null is at most ``alpha``):
@@ -31,8 +31,8 @@ fires only if both reject, so its false-alarm rate under either null is at most 
 1. *use*: H0 ``E[G] <= 0`` (the region's content carries no class evidence the model reads). Statistic
    ``z = mean(G) / (sd(G) / sqrt(N))``, approximately standard normal under H0 by the central limit theorem
    (``N`` = 128 recipients by default).
-2. *beyond ordinary content*: H0 ``E[G - C] <= 0`` (the region pulls no harder than the strongest control place,
-   which changes the input at least as much where possible). Same statistic on ``G_i - C_i``; skipped, and said so,
+2. *beyond ordinary content*: H0 ``E[G - C] <= 0`` (the region pulls no harder than a typical place of its shape
+   carrying as much content). Same statistic on ``G_i - C_i``; skipped, and said so,
    when the region has no controls.
 
 Each mean must also reach ``min_pull`` nats, the minimal effect: ``log 1.05``, a 5 % rise of the donor label's
@@ -307,7 +307,7 @@ STATS = {
     "alarm": "1 when the region is judged a shortcut this run",
     "pull": "mean specific pull (nats): how much the donor's region content raises the donor's label, beyond a placebo's",
     "pull_z": "z of the pull (test 1: does the model read class evidence from the region?)",
-    "control_pull": "mean pull of the strongest control place (nats); NaN without controls",
+    "control_pull": "mean pull of the control places (nats); NaN without controls",
     "excess": "pull minus control_pull (nats), per probe sample",
     "excess_z": "z of the excess (test 2: beyond ordinary content?); NaN without controls",
     "flip": "share of edits that turn the prediction into the donor's label, minus the placebo's",
@@ -340,10 +340,12 @@ def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig =
                        "no probe sample could be given content of another class: nothing to test")
     tested = exists.any(1)  # probe samples with at least one draw
     g = region.nan_to_num(0).sum(1)[tested] / exists.sum(1)[tested]
-    strongest = pull[:, :, 1:].nan_to_num(-math.inf).amax(2) if pull.shape[2] > 1 else region.new_full(region.shape, -math.inf)
-    controlled = torch.isfinite(strongest) & exists  # (N, D)
+    ctl = pull[:, :, 1:]
+    counted = (~torch.isnan(ctl)).sum(2)
+    typical = ctl.nan_to_num(0).sum(2) / counted.clamp_min(1)  # (N, D): the mean control place's pull
+    controlled = (counted > 0) & exists
     with_controls = controlled.any(1)
-    c = strongest.where(controlled, torch.zeros_like(strongest)).sum(1) / controlled.sum(1).clamp_min(1)
+    c = typical.where(controlled, torch.zeros_like(typical)).sum(1) / controlled.sum(1).clamp_min(1)
     d = (region.nan_to_num(0).where(controlled, torch.zeros_like(region)).sum(1) / controlled.sum(1).clamp_min(1)
          - c)[with_controls]
     pull_mean, pull_z = _z(g)
@@ -367,10 +369,10 @@ def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig =
                   "region is too large to move, so no control place could tell it from ordinary content")
     elif not beyond:
         reason = (f"the model reads class evidence from the region (pull {pull_mean:+.3f} nats, z {pull_z:.1f}), but no "
-                  f"more than from other places of its shape (excess {excess:+.3f}, z {excess_z:.1f})")
+                  f"more than from typical places of its shape (excess {excess:+.3f}, z {excess_z:.1f})")
     else:
         reason = (f"pasting the region's content from other classes pulls predictions toward their labels by "
-                  f"{pull_mean:+.3f} nats (z {pull_z:.1f}), {excess:+.3f} more than the strongest other place of its "
+                  f"{pull_mean:+.3f} nats (z {pull_z:.1f}), {excess:+.3f} more than typical other places of its "
                   f"shape (z {excess_z:.1f}); it flips {flip:.2f} of them")
     stats["alarm"] = float(alarm)
     return Verdict(alarm, stats, reason)
