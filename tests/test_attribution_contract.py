@@ -247,7 +247,8 @@ def test_bad_model_output(batch):
 def test_registry_names_and_specs():
     assert set(METHODS) == {"saliency", "input_x_gradient", "smoothgrad", "integrated_gradients", "occlusion",
                             "grad_cam", "lime"}
-    for name, fn in METHODS.items():
+    for name, row in METHODS.items():
+        fn = row.fn
         assert get_method(name) == (name, fn, {})
         assert get_method(fn) == (name, fn, {})
     name, fn, options = get_method(("smoothgrad", {"samples": 4, "kind": "vargrad"}))
@@ -286,7 +287,7 @@ def test_captum_adapter(cnn, batch):
     t = cnn(batch).argmax(1)
     name, fn, options = get_method(captum_attr.Saliency(cnn))
     assert name == "captum_saliency" and isinstance(fn, CaptumMethod) and options == {}
-    assert not is_signed(name, options)
+    assert not is_signed(fn, options)  # the adapter carries its flag
     assert torch.equal(fn(cnn, batch, t, **options), saliency(cnn, batch, t))
     assert torch.equal(fn(cnn, batch, None), saliency(cnn, batch, t))  # None -> predicted class
     assert torch.equal(fn(cnn, batch, lambda out: out[:, 1]), saliency(cnn, batch, 1))  # callable target
@@ -294,7 +295,7 @@ def test_captum_adapter(cnn, batch):
     other = small_cnn().eval()
     assert torch.equal(fn(other, batch, 1, abs=False), saliency(other, batch, 1, abs=False))
     name, fn, _ = get_method((captum_attr.IntegratedGradients(cnn), {"n_steps": 8, "method": "riemann_middle"}))
-    assert name == "captum_integrated_gradients" and is_signed(name)
+    assert name == "captum_integrated_gradients" and is_signed(fn)
     ours = integrated_gradients(cnn, batch, t, steps=8, method="riemann_middle")
     assert (fn(cnn, batch, t) - ours).abs().max() <= 1e-6
     cam = from_captum(captum_attr.LayerGradCam, layer=cnn[0][3], relu_attributions=True)

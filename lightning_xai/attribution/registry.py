@@ -1,11 +1,11 @@
-"""Method registry (names -> functions), method specs for callbacks, sign flags and the Captum adapter."""
+"""The table of built-in attribution methods (:data:`METHODS`), method specs for callbacks, and the Captum adapter."""
 from __future__ import annotations
 
 import functools
 import inspect
 import re
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,35 +17,66 @@ from lightning_xai.attribution.gradient import (_gradient_validate_args, _salien
                                                 _smoothgrad_validate_args, input_x_gradient, saliency, smoothgrad)
 from lightning_xai.attribution.integrated_gradients import _integrated_gradients_validate_args, integrated_gradients
 from lightning_xai.attribution.lime import _lime_validate_args, lime
-from lightning_xai.attribution.occlusion import _occlusion_validate_args, occlusion
+from lightning_xai.attribution.occlusion import _occlusion_validate_args, _window_slices, occlusion, occlusion_windows
 
 AttributionFn = Callable[..., Any]
+Option = Callable[[str], Any]  # an option's value: the one given, else the method's default
 
-#: Built-in methods by name; each is called as ``fn(model, inputs, target, **options)``.
-METHODS: Dict[str, AttributionFn] = {
-    "saliency": saliency,
-    "input_x_gradient": input_x_gradient,
-    "smoothgrad": smoothgrad,
-    "integrated_gradients": integrated_gradients,
-    "occlusion": occlusion,
-    "grad_cam": grad_cam,
-    "lime": lime,
+
+class Method(NamedTuple):
+    """What the package knows about one built-in method: a row of :data:`METHODS`.
+
+    Attributes:
+        fn: the method, called as ``fn(model, inputs, target, **options)``.
+        validate: ``validate(model, inputs, target, **options)`` checks every option the method takes (named as in
+            its signature) before its first forward pass; see :func:`validate_options`.
+        signed: ``signed(option) -> bool``: whether its maps carry a sign with these options (see :func:`is_signed`).
+        passes: ``passes(option, sample_shape) -> float or None``: model passes per input sample of one call, in
+            forward+backward equivalents (a forward alone counts 1/3); see :func:`method_passes`.
+    """
+
+    fn: AttributionFn
+    validate: Callable[..., Any]
+    signed: Callable[[Option], bool]
+    passes: Callable[[Option, Optional[Tuple[int, ...]]], Optional[float]]
+
+
+def _occlusion_passes(option: Option, sample_shape: Optional[Tuple[int, ...]]) -> Optional[float]:
+    """One forward per window position, and f(x); unknown without the sample's shape."""
+    if sample_shape is None:
+        return None
+    shape = tuple(int(d) for d in sample_shape)
+    return (len(_window_slices(shape, *occlusion_windows(shape, option("window"), option("stride")))) + 1) / 3
+
+
+#: The built-in methods, by name: one row (:class:`Method`) each, the only place their facts live.
+METHODS: Dict[str, Method] = {
+    "saliency": Method(saliency, _saliency_validate_args, lambda o: not o("abs"), lambda o, s: 1.0),
+    "input_x_gradient": Method(input_x_gradient, _gradient_validate_args, lambda o: True, lambda o, s: 1.0),
+    "smoothgrad": Method(smoothgrad, _smoothgrad_validate_args,
+                         lambda o: o("kind") == "smoothgrad" and not o("abs"), lambda o, s: float(o("samples"))),
+    # the completeness gap (return_delta) needs f(x) and f(baseline): two forwards
+    "integrated_gradients": Method(integrated_gradients, _integrated_gradients_validate_args, lambda o: True,
+                                   lambda o, s: float(o("steps")) + (2 / 3 if o("return_delta") else 0.0)),
+    "occlusion": Method(occlusion, _occlusion_validate_args, lambda o: True, _occlusion_passes),
+    "grad_cam": Method(grad_cam, _grad_cam_validate_args, lambda o: not o("relu"), lambda o, s: 1.0),
+    "lime": Method(lime, _lime_validate_args, lambda o: True, lambda o, s: float(o("samples")) / 3),
 }
 
-#: Each built-in method's validator: ``validator(model, inputs, target, **options)`` checks every option the method
-#: takes (named as in the method's signature) before its first forward pass; see :func:`validate_options`.
-VALIDATORS: Dict[str, Callable[..., Any]] = {
-    "saliency": _saliency_validate_args,
-    "input_x_gradient": _gradient_validate_args,
-    "smoothgrad": _smoothgrad_validate_args,
-    "integrated_gradients": _integrated_gradients_validate_args,
-    "occlusion": _occlusion_validate_args,
-    "grad_cam": _grad_cam_validate_args,
-    "lime": _lime_validate_args,
-}
 
-# signedness of methods that are not built in (adapters, user callables), recorded by get_method
-_CUSTOM_SIGNED: Dict[str, bool] = {}
+def _builtin(method: Any) -> Optional[Tuple[str, Method]]:
+    """The row of a built-in method given by name or by function; None for anything else."""
+    if isinstance(method, str):
+        return (method, METHODS[method]) if method in METHODS else None
+    for name, row in METHODS.items():
+        if row.fn is method:
+            return name, row
+    return None
+
+
+def _option_getter(fn: AttributionFn, options: Optional[Mapping[str, Any]]) -> Option:
+    given = dict(options or {})
+    return lambda key: given[key] if key in given else _defaults(fn)[key]
 
 
 def _option_names(fn: AttributionFn) -> Optional[Tuple[str, ...]]:
@@ -110,7 +141,7 @@ def get_method(spec: Any) -> Tuple[str, AttributionFn, Dict[str, Any]]:
     if isinstance(spec, str):
         if spec not in METHODS:
             raise ValueError(expected("method", _valid_specs(), spec))
-        return spec, METHODS[spec], {}
+        return spec, METHODS[spec].fn, {}
     if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], Mapping):
         head, options = spec
         if isinstance(head, str):
@@ -118,30 +149,25 @@ def get_method(spec: Any) -> Tuple[str, AttributionFn, Dict[str, Any]]:
             return name, fn, _check_options(name, fn, options)
         if _is_captum_attribution(head) or _is_captum_class(head):
             adapter = from_captum(head, **dict(options))
-            _CUSTOM_SIGNED[adapter.name] = adapter.signed
             return adapter.name, adapter, {}
         name, fn, _ = get_method(head)
         return name, fn, _check_options(name, fn, options)
     if _is_captum_attribution(spec) or _is_captum_class(spec):
         spec = from_captum(spec)
     if isinstance(spec, CaptumMethod):
-        _CUSTOM_SIGNED[spec.name] = spec.signed
         return spec.name, spec, {}
     if callable(spec) and not isinstance(spec, Tensor):
-        for name, fn in METHODS.items():
-            if spec is fn:
-                return name, fn, {}
+        found = _builtin(spec)
+        if found is not None:
+            return found[0], spec, {}
         name = getattr(spec, "name", None) or getattr(spec, "__name__", None) or type(spec).__name__
         if not isinstance(name, str):
             name = type(spec).__name__
-        signed = getattr(spec, "signed", None)
-        if isinstance(signed, bool):
-            _CUSTOM_SIGNED[name] = signed
         return name, spec, {}
     raise TypeError(expected("method", _valid_specs(), type(spec).__name__))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
 def _defaults(fn: AttributionFn) -> Dict[str, Any]:
     return {name: p.default for name, p in inspect.signature(fn).parameters.items()}
 
@@ -149,7 +175,7 @@ def _defaults(fn: AttributionFn) -> Dict[str, Any]:
 def validate_options(name: str, fn: AttributionFn, options: Mapping[str, Any], model: Any, inputs: Tensor,
                      target: Target = None) -> None:
     """Check ``options`` of a resolved method spec as the method itself would before its first forward pass: option
-    names against its signature, values by its validator (:data:`VALIDATORS`), defaults for the options not given.
+    names against its signature, values by its validator (:attr:`Method.validate`), defaults for the options not given.
     Captum adapters and user callables are not checked. A Grad-CAM ``layer`` name is looked up in the model only when
     the method runs.
 
@@ -162,12 +188,12 @@ def validate_options(name: str, fn: AttributionFn, options: Mapping[str, Any], m
         ...
         ValueError: Expected `steps` to be a positive int, but got 0.
     """
-    validator = VALIDATORS.get(name)
-    if validator is None or METHODS.get(name) is not fn:
+    row = METHODS.get(name)
+    if row is None or row.fn is not fn:
         return
     given = {**_defaults(fn), **_check_options(name, fn, options)}
-    wanted = list(inspect.signature(validator).parameters)[3:]
-    validator(model, inputs, target, **{key: given[key] for key in wanted})
+    wanted = list(inspect.signature(row.validate).parameters)[3:]
+    row.validate(model, inputs, target, **{key: given[key] for key in wanted})
 
 
 def method_passes(name: str, fn: AttributionFn, options: Mapping[str, Any],
@@ -182,32 +208,17 @@ def method_passes(name: str, fn: AttributionFn, options: Mapping[str, Any],
         >>> round(method_passes("integrated_gradients", integrated_gradients, {"steps": 16, "return_delta": True}), 3)
         16.667
     """
-    if METHODS.get(name) is not fn:
+    row = METHODS.get(name)
+    if row is None or row.fn is not fn:
         return None
-
-    def option(key: str) -> Any:
-        return options[key] if key in options else _defaults(fn)[key]
-
-    if name in ("saliency", "input_x_gradient", "grad_cam"):
-        return 1.0
-    if name == "smoothgrad":
-        return float(option("samples"))
-    if name == "integrated_gradients":  # the completeness gap needs f(x) and f(baseline)
-        return float(option("steps")) + (2 / 3 if option("return_delta") else 0.0)
-    if name == "lime":
-        return float(option("samples")) / 3
-    if name == "occlusion" and sample_shape is not None:  # one forward per window position, and f(x)
-        from lightning_xai.attribution.occlusion import _window_slices, occlusion_windows
-
-        shape = tuple(int(d) for d in sample_shape)
-        return (len(_window_slices(shape, *occlusion_windows(shape, option("window"), option("stride")))) + 1) / 3
-    return None
+    return row.passes(_option_getter(fn, options), sample_shape)
 
 
-def is_signed(name: Any, options: Optional[Mapping[str, Any]] = None) -> bool:
+def is_signed(method: Any, options: Optional[Mapping[str, Any]] = None) -> bool:
     """Whether maps of this method (with these options) carry a sign, for choosing a colour map.
 
-    Unsigned: ``saliency`` with ``abs=True`` (default), ``smoothgrad`` unless ``kind="smoothgrad"``
+    ``method`` is a built-in method's name or function, or what :func:`get_method` resolved (a Captum adapter, a
+    callable). Unsigned: ``saliency`` with ``abs=True`` (default), ``smoothgrad`` unless ``kind="smoothgrad"``
     and ``abs=False``, ``grad_cam`` with ``relu=True`` (default). Signed: ``input_x_gradient``,
     ``integrated_gradients``, ``occlusion``, ``lime``. Captum adapters and callables carry their own
     flag (a ``signed`` attribute); anything unknown counts as signed.
@@ -216,19 +227,11 @@ def is_signed(name: Any, options: Optional[Mapping[str, Any]] = None) -> bool:
         >>> is_signed("saliency"), is_signed("saliency", {"abs": False}), is_signed("integrated_gradients")
         (False, True, True)
     """
-    options = dict(options or {})
-    if not isinstance(name, str):
-        signed = getattr(name, "signed", None)
-        return signed if isinstance(signed, bool) else True
-    if name == "saliency":
-        return not options.get("abs", True)
-    if name == "smoothgrad":
-        return options.get("kind", "smoothgrad") == "smoothgrad" and not options.get("abs", True)
-    if name == "grad_cam":
-        return not options.get("relu", True)
-    if name in ("input_x_gradient", "integrated_gradients", "occlusion", "lime"):
-        return True
-    return _CUSTOM_SIGNED.get(name, True)
+    found = _builtin(method)
+    if found is not None:
+        return bool(found[1].signed(_option_getter(found[1].fn, options)))
+    signed = getattr(method, "signed", None)
+    return signed if isinstance(signed, bool) else True
 
 
 # --------------------------------------------------------------------------- Captum adapter

@@ -82,7 +82,8 @@ def check_method_options(name: str, fn: Callable[..., Any], options: Mapping[str
     Raises:
         MisconfigurationException: with the method's own message, naming the option.
     """
-    if registry.VALIDATORS.get(name) is None or registry.METHODS.get(name) is not fn:
+    row = registry.METHODS.get(name)
+    if row is None or row.fn is not fn:
         return
     opts = dict(options)
     with refuse_bad_options():
@@ -101,7 +102,7 @@ def check_method_options(name: str, fn: Callable[..., Any], options: Mapping[str
 def check_method_layers(pl_module: nn.Module, name: str, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
     """Refuse a Grad-CAM ``layer`` the model does not have (the message lists the valid names), or a model without a
     convolution to default to."""
-    if name != "grad_cam" or registry.METHODS.get(name) is not fn:
+    if name != "grad_cam" or registry.METHODS[name].fn is not fn:
         return
     layer = options.get("layer")
     with refuse_bad_options():

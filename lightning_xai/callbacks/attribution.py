@@ -266,8 +266,8 @@ class AttributionMonitor(SampleCheckedCallback):
         captions = [[f"label {labels[i]} · pred {int(pred[i])}", f"conf {float(conf[i]):.2f} · expl. {int(target[i])}"]
                     for i in range(x.shape[0])]
         target_desc = f"class {self.target}" if isinstance(self.target, int) else f"the {self.target}"
-        for name, _, options in self.methods:
-            signed = is_signed(name, options)
+        for name, fn, options in self.methods:
+            signed = is_signed(fn, options)
             values = share_maps(results[f"attr/{name}"].cpu(), signed, size=tuple(x.shape[-2:]))  # (N, H, W)
             scale, note = None, ""
             if self.scale == "fixed":

@@ -120,7 +120,7 @@ class TabularAttributionMonitor(SampleCheckedCallback):
                     "feature_names", f"names that give distinct scalar tags ('/' becomes '_'), not two giving {tag!r}",
                     [other, name]))
         self.method_name, self.method_fn, self.method_options = resolve_method("method", method)
-        if METHODS.get(self.method_name) is self.method_fn and self.method_name not in ROW_METHODS:
+        if self.method_name in METHODS and METHODS[self.method_name].fn is self.method_fn and self.method_name not in ROW_METHODS:
             raise MisconfigurationException(expected(
                 "method", "a method that runs on (N, F) rows: " + ", ".join(map(repr, ROW_METHODS)) + ", a (name, "
                 "options) pair of one, a Captum Attribution object or a callable", self.method_name))
