@@ -20,18 +20,18 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from lightning_xai._utils import check_choice, expected
 from lightning_xai.attribution import method_passes
-from lightning_xai.callbacks import shared
+from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._batches import BATCH_FIX, Buckets, choose_stratified, class_labels, collect_rows, extract_xy
 from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_layers, check_method_options, resolve_method
 from lightning_xai.callbacks._ranks import split_rows
-from lightning_xai.logging import log_image
+from lightning_xai._logging import log_image
 from lightning_xai.render import CYAN, RED, evidence_figure, maps_figure, share_maps
 from lightning_xai.shortcuts import InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions, run_plan
 from lightning_xai.shortcuts._api import DISCOVERY_PRESETS, _proposals
 from lightning_xai.shortcuts._test import STATS
-from lightning_xai.shortcuts.metrics import region_metrics
-from lightning_xai.shortcuts.regions import normalize_regions, region_masks
-from lightning_xai.shortcuts.spray import class_mean_maps
+from lightning_xai.shortcuts import region_metrics
+from lightning_xai.shortcuts._regions import normalize_regions, region_masks
+from lightning_xai.shortcuts._hotspots import class_mean_maps
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

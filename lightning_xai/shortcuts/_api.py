@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from lightning_xai._utils import expected, preserve_modes
 from lightning_xai.shortcuts._test import (InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions,
                                            run_plan)
-from lightning_xai.shortcuts.corners import atypical_corners, find_stamps, stamp_donor_masks
-from lightning_xai.shortcuts.hotspots import find_hotspot, flat_background
-from lightning_xai.shortcuts.regions import region_masks
+from lightning_xai.shortcuts._corners import atypical_corners, find_stamps, stamp_donor_masks
+from lightning_xai.shortcuts._hotspots import find_hotspot, flat_background
+from lightning_xai.shortcuts._regions import region_masks
 
 Forward = Union[nn.Module, Callable[[Tensor], Tensor]]
 DISCOVERY_PRESETS = ("corners", "border")  # where source tags and frames usually sit

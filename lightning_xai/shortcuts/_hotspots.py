@@ -13,7 +13,7 @@ is not proposed. A hotspot is the 4-connected component around the peak of ``S``
 ``S_p >= rel_threshold * max S``, kept when ``max S >= min_score``, its area is at most
 ``max_area`` of the image and its mean ``eta^2`` at most :data:`MAX_ETA2` (0.1: on noisy digits the
 objects' pixels reach 0.1-0.5, a mark with a class-independent code stays near 0). It is only a *candidate*: the intervention check
-(:mod:`.interventions`, :mod:`.alarm`) decides whether the model relies on it. Maps from Input x
+(:mod:`._test`) decides whether the model relies on it. Maps from Input x
 Gradient or Occlusion concentrate on a bright mark where plain saliency may not.
 
 :func:`flat_background` proposes the other kind of candidate: per sample, the pixels of one exact value
@@ -22,17 +22,39 @@ covering a large share of the image (the black PNG backgrounds of the Pokemon/Di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_xai._utils import expected
-from lightning_xai.shortcuts.spray import downsample_maps
 
 
 MAX_ETA2 = 0.1
+
+
+def downsample_maps(maps: Tensor, size: int = 16) -> Tensor:
+    """``|a|`` summed over channels, area-pooled so the long side is at most ``size``, each map summing to 1 ``(N, h, w)``."""
+    if maps.ndim == 4:
+        a = maps.detach().float().abs().sum(1)
+    elif maps.ndim == 3:
+        a = maps.detach().float().abs()
+    else:
+        raise ValueError(expected("maps", "a tensor of shape (N, C, H, W) or (N, H, W)", maps))
+    a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    h, w = a.shape[-2:]
+    scale = max(h, w) / size
+    if scale > 1:
+        a = F.adaptive_avg_pool2d(a.unsqueeze(1), (max(1, round(h / scale)), max(1, round(w / scale)))).squeeze(1)
+    return a / a.flatten(1).sum(1).clamp_min(1e-30).view(-1, 1, 1)
+
+
+def class_mean_maps(maps: Tensor, labels: Tensor, size: Optional[int] = None) -> Dict[int, Tensor]:
+    """Per class, the mean of the sum-normalised ``|a|`` maps ``(h, w)`` (downsampled when ``size`` is given)."""
+    small = downsample_maps(maps, size if size is not None else max(maps.shape[-2:]))
+    classes: List[int] = sorted(set(labels.tolist()))
+    return {int(c): small[labels == c].mean(0) for c in classes}
 
 
 @dataclass

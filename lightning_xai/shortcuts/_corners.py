@@ -12,7 +12,7 @@ check (:mod:`.interventions`, :mod:`.alarm`) then decides whether the model reli
 * :func:`find_stamps`: corner windows whose content recurs (to ``rel_tol`` of the typical distance between
   samples there) in at least ``min_copies`` other samples, is not the usual content there (the median) and is
   not uniform: a source tag, a logo, a text stamp, pasted pixel for pixel. Flat marks are left to
-  :func:`atypical_corners` and :func:`~lightning_xai.shortcuts.hotspots.flat_background` (a flat corner of a
+  :func:`atypical_corners` and :func:`~lightning_xai.shortcuts._hotspots.flat_background` (a flat corner of a
   background recurs in every image of one brightness).
 
 Only the four corners are searched: windows along the whole border or anywhere else cover stroke ends,
@@ -162,7 +162,7 @@ def find_stamps(inputs: Tensor, side: Optional[int] = None, min_copies: int = 3,
 
 def stamp_donor_masks(inputs: Tensor, stamps: StampResult, own: Union[StampResult, None, str] = "find") -> Tensor:
     """The stamp windows of other samples ``(M, H, W)`` (the reference samples that give the swapped-in content,
-    see ``donors`` of :func:`~lightning_xai.shortcuts.interventions.intervene`).
+    see :func:`~lightning_xai.shortcuts.plan_interventions`).
 
     Args:
         inputs: those samples ``(M, C, H, W)``.
