@@ -37,7 +37,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_xai import AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ShortcutMonitor
-from lightning_xai.callbacks import cost
+from lightning_xai.callbacks import _cost as cost
 
 SIDE, CLASSES, TRAIN, VAL, BATCH = 32, 10, 50_000, 10_000, 128
 PROBE_LAYERS = ["net.1", "net.2"]  # the second and third block's outputs (32x8x8, 64x4x4)

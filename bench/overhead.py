@@ -14,7 +14,7 @@ LinearProbeMonitor on the conv and linear layers, ShortcutMonitor on the mark; e
 epoch (their default cadence). Every configuration is timed in the same process, interleaved (the order reversed
 every other round); a configuration's ratio is the median over rounds of its fit time / the plain fit's time in
 the same round (the machine's speed drifts between rounds), and the ratio to the plain fit is the figure that
-matters. The cost book of the median whole-stack run (:mod:`lightning_xai.callbacks.cost`) says how many runs
+matters. The cost book of the median whole-stack run (:mod:`lightning_xai.callbacks._cost`) says how many runs
 each callback made and what they cost.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from shortcut_digits import DigitsClassifier  # noqa: E402
 
 from lightning_xai import AttributionMonitor, LinearProbeMonitor, ShortcutMonitor  # noqa: E402
-from lightning_xai.callbacks import cost  # noqa: E402
+from lightning_xai.callbacks import _cost as cost  # noqa: E402
 from lightning_xai.datasets import region_mask, shortcut_digits  # noqa: E402
 
 

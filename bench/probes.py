@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_xai.callbacks.probes import LinearProbeMonitor
+from lightning_xai.callbacks._probes import LinearProbeMonitor
 from lightning_xai.probes import ActivationCapture
-from lightning_xai.probes.epoch import EpochProbe, control_table
+from lightning_xai.probes._epoch import EpochProbe, control_table
 
 
 class Net(pl.LightningModule):

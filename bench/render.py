@@ -106,9 +106,9 @@ def attribution_share(epochs: int) -> None:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
-    import lightning_xai.callbacks.attribution as module
+    import lightning_xai.callbacks._attribution as module
     from lightning_xai import AttributionMonitor
-    from lightning_xai.callbacks import cost
+    from lightning_xai.callbacks import _cost as cost
     from lightning_xai.datasets import shortcut_digits
     from shortcut_digits import DigitsClassifier
 

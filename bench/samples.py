@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_xai.datasets import load_digits_tensors, split_indices
-from lightning_xai.samples import capture_features, last_linear, representer_points, suspect_scores
-from lightning_xai.samples import representer as _rep
+from lightning_xai.samples import capture_features, representer_points, suspect_scores
+from lightning_xai.samples._features import last_linear
+from lightning_xai.samples import _representer as _rep
 
 
 def small_cnn() -> nn.Sequential:

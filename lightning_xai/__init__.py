@@ -10,15 +10,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _CALLBACKS = {
-    "AttributionMonitor": "lightning_xai.callbacks.attribution",
-    "FeatureVisMonitor": "lightning_xai.callbacks.featvis",
-    "LinearProbeMonitor": "lightning_xai.callbacks.probes",
-    "ProjectionMonitor": "lightning_xai.callbacks.projections",
-    "SampleInfluenceMonitor": "lightning_xai.callbacks.samples",
+    "AttributionMonitor": "lightning_xai.callbacks._attribution",
+    "FeatureVisMonitor": "lightning_xai.callbacks._featvis",
+    "LinearProbeMonitor": "lightning_xai.callbacks._probes",
+    "ProjectionMonitor": "lightning_xai.callbacks._projections",
+    "SampleInfluenceMonitor": "lightning_xai.callbacks._samples",
     "ShortcutDiscovery": "lightning_xai.callbacks._shortcuts",
     "ShortcutMonitor": "lightning_xai.callbacks._shortcuts",
-    "TabularAttributionMonitor": "lightning_xai.callbacks.tabular",
-    "TokenAttributionMonitor": "lightning_xai.callbacks.text",
+    "TabularAttributionMonitor": "lightning_xai.callbacks._tabular",
+    "TokenAttributionMonitor": "lightning_xai.callbacks._text",
 }
 
 __all__ = sorted(_CALLBACKS) + ["__version__"]

@@ -7,7 +7,7 @@ reached through public objects the two packages share (``trainer.state.fn`` is a
 ``lightning_utilities``' rank-zero helpers) or recognised by class name (strategies, loggers), so a
 ``lightning.pytorch`` strategy and a ``pytorch_lightning`` one are treated alike.
 
-Only the callbacks and :mod:`lightning_xai.logging` import this module; the pure cores never do.
+Only the callbacks and :mod:`lightning_xai._logging` import this module; the pure cores never do.
 """
 from __future__ import annotations
 

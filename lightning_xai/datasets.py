@@ -23,6 +23,9 @@ from torch import Tensor
 
 from lightning_xai._utils import check_choice, expected
 
+__all__ = ["MODES", "NUM_CLASSES", "VARIANTS", "ShortcutData", "load_digits_tensors", "plant", "region_mask",
+           "shortcut_digits", "split_indices"]
+
 VARIANTS = ("corner_intensity", "random_corner", "watermark", "background")
 MODES = ("planted", "random", "none")
 NUM_CLASSES = 10

@@ -6,17 +6,9 @@ import torch
 from torch import nn
 
 from helpers import small_cnn
-from lightning_xai.attribution import (
-    grad_cam,
-    input_x_gradient,
-    integrated_gradients,
-    lime,
-    occlusion,
-    occlusion_windows,
-    quadrature,
-    saliency,
-    smoothgrad,
-)
+from lightning_xai.attribution import grad_cam, input_x_gradient, integrated_gradients, lime, occlusion, saliency, smoothgrad
+from lightning_xai.attribution._integrated_gradients import quadrature
+from lightning_xai.attribution._occlusion import occlusion_windows
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from helpers import (DigitsModule, FigureSpy, digits_loaders, hook_count, png_equals, read_events, read_text, small_cnn,
                      tiny_trainer, trained_weights)
-from lightning_xai.callbacks.attribution import AttributionMonitor, top_share
+from lightning_xai.callbacks._attribution import AttributionMonitor, top_share
 
 FAST = ("saliency", ("integrated_gradients", {"steps": 8}))
 
@@ -33,7 +33,7 @@ def _fit(tmp_path, callbacks, epochs=2, logger=True, **kw):
 
 
 def _spy(monkeypatch):
-    import lightning_xai.callbacks.attribution as module
+    import lightning_xai.callbacks._attribution as module
 
     return FigureSpy(monkeypatch, module, "attribution_figure", "evolution_figure")
 

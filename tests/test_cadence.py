@@ -15,7 +15,7 @@ from helpers import (PACKAGES, TinyTextNet, classifier, digits_data, lightning_p
                      tiny_trainer)
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
                            SampleInfluenceMonitor, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
-from lightning_xai.callbacks import cost
+from lightning_xai.callbacks import _cost as cost
 from lightning_xai.text.synthetic import VOCAB, spurious_token_data
 
 EPOCHS = 3

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_unchanged, small_cnn, snapshot
-from lightning_xai.featvis import (L1, L2, Blur, FourierParam, GeneratorParam, Jitter, Objective, Pad, PixelParam,
-                                   RandomRotate, RandomScale, TotalVariation, channel, class_logit, color_correlation,
-                                   direction, diversity, layer_objective, neuron, objectives_from_spec, render)
+from lightning_xai.featvis import L1, L2, Blur, FourierParam, GeneratorParam, Jitter, Objective, Pad, PixelParam, RandomRotate, RandomScale, TotalVariation, channel, class_logit, direction, diversity, layer_objective, neuron, render
+from lightning_xai.featvis._objectives import objectives_from_spec
+from lightning_xai.featvis._param import color_correlation
 
 
 # --------------------------------------------------------------------------- data and models

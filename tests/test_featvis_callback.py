@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from helpers import FigureSpy, assert_unchanged, png_equals, small_cnn, snapshot
-from lightning_xai.callbacks.featvis import FeatureVisMonitor
+from lightning_xai.callbacks._featvis import FeatureVisMonitor
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def _events(tmp_path):
 
 
 def test_tensorboard_round_trip(tmp_path, digits_data, monkeypatch):
-    import lightning_xai.callbacks.featvis as featvis_module
+    import lightning_xai.callbacks._featvis as featvis_module
 
     drawn = FigureSpy(monkeypatch, featvis_module, "image_figure")["image_figure"]
     monitor = FeatureVisMonitor(targets=[("logits", range(10)), ("net.0.4", "channels", range(4))],

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from helpers import DigitsModule, FigureSpy, digits_loaders, hook_count, png_equals, read_events, tiny_trainer, trained_weights
-from lightning_xai.callbacks.probes import LinearProbeMonitor
+from lightning_xai.callbacks._probes import LinearProbeMonitor
 from lightning_xai.probes import Reducer
 
 LAYERS = ["net.0.2", "net.0.4", "net.1.3"]
@@ -30,7 +30,7 @@ def _fit(tmp_path, callbacks, n_train=256, n_val=400, max_epochs=2, logger=True,
 def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("probes")
     monitor = LinearProbeMonitor(layers=LAYERS, concepts={"big": lambda batch: (batch[1] >= 5).long()}, on_error="raise")
-    import lightning_xai.callbacks.probes as probes_module
+    import lightning_xai.callbacks._probes as probes_module
 
     with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("always")

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from helpers import assert_unchanged, small_cnn, snapshot
-from lightning_xai.probes import ActivationCapture, Reducer, StreamingRidge, fit_logistic, make_reducer, one_hot
+from lightning_xai.probes import ActivationCapture, Reducer, StreamingRidge, fit_logistic, make_reducer
+from lightning_xai.probes._ridge import one_hot
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.linear_model import Ridge  # noqa: E402

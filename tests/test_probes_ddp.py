@@ -7,7 +7,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from helpers import DigitsModule, digits_loaders, is_timing, tiny_trainer
-from lightning_xai.callbacks.probes import LinearProbeMonitor
+from lightning_xai.callbacks._probes import LinearProbeMonitor
 
 
 class DumpProbeMetrics(Callback):

@@ -5,7 +5,7 @@ from torch import nn
 
 from lightning_xai.datasets import load_digits_tensors
 from lightning_xai.probes import ActivationCapture
-from lightning_xai.probes.epoch import EpochProbe, control_table
+from lightning_xai.probes._epoch import EpochProbe, control_table
 
 
 class SkipMLP(nn.Module):

@@ -120,7 +120,7 @@ def _fit(tmp_path, callbacks, seed=0, epochs=2):
 
 
 def test_projection_monitor_writes_projector_images_and_scalars(tmp_path):
-    from lightning_xai.callbacks.projections import ProjectionMonitor
+    from lightning_xai.callbacks._projections import ProjectionMonitor
 
     monitor = ProjectionMonitor(layers=["net.0.3", "net.1.3"], reduce="flatten", probe_samples=20)
     _, trainer = _fit(tmp_path, [monitor])
@@ -164,7 +164,7 @@ def test_projection_monitor_writes_projector_images_and_scalars(tmp_path):
 
 
 def test_projection_monitor_does_no_harm(tmp_path):
-    from lightning_xai.callbacks.projections import ProjectionMonitor
+    from lightning_xai.callbacks._projections import ProjectionMonitor
 
     plain, _ = _fit(tmp_path / "a", [])
     watched, _ = _fit(tmp_path / "b", [ProjectionMonitor(layers=["net.0.1", "net.1.3"], probe_samples=16)])
@@ -176,7 +176,7 @@ def test_projection_monitor_does_no_harm(tmp_path):
 def test_projection_monitor_compute_hygiene_and_bad_layer(tmp_path):
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    from lightning_xai.callbacks.projections import ProjectionMonitor
+    from lightning_xai.callbacks._projections import ProjectionMonitor
 
     module = DigitsModule()
     module.train()

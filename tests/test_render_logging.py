@@ -8,7 +8,7 @@ import pytest
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from lightning_xai import logging as xlog
+from lightning_xai import _logging as xlog
 from lightning_xai.render import apply_colormap, make_grid, normalize_maps, to_display
 
 

@@ -7,17 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_unchanged, small_cnn, snapshot
-from lightning_xai.samples import (
-    capture_features,
-    cosine_topk,
-    last_linear,
-    read_samples,
-    representer_points,
-    representer_values,
-    resolve_feature_layer,
-    support,
-    suspect_scores,
-)
+from lightning_xai.samples import capture_features, cosine_topk, representer_points, support, suspect_scores
+from lightning_xai.samples._features import last_linear, read_samples, resolve_feature_layer
+from lightning_xai.samples._representer import representer_values
 
 
 def _gen(seed):
@@ -82,7 +74,7 @@ def test_representer_decomposition_reproduces_refit_logits(targets, fit_bias, la
 
 
 def test_representer_lbfgs_path_for_many_weights():
-    from lightning_xai.samples import representer as R
+    from lightning_xai.samples import _representer as R
 
     f = torch.randn(200, 30, generator=_gen(9))
     y = torch.randint(0, 4, (200,), generator=_gen(10))

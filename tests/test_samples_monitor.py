@@ -7,7 +7,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from helpers import DigitsModule, FigureSpy, assert_unchanged, digits_data, digits_loaders, hook_count, png_equals, \
     read_events, snapshot, tiny_trainer, trained_weights
-from lightning_xai.callbacks.samples import SampleInfluenceMonitor
+from lightning_xai.callbacks._samples import SampleInfluenceMonitor
 
 _TAGS = ("neighbours", "representers", "suspects", "sparse")
 
@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("samples")
     shared = {}
     monitor = _monitor()
-    import lightning_xai.callbacks.samples as samples_module
+    import lightning_xai.callbacks._samples as samples_module
 
     with pytest.MonkeyPatch.context() as mp:
         drawn = FigureSpy(mp, samples_module, "grid_figure")

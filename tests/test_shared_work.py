@@ -1,4 +1,4 @@
-"""Work shared between callbacks (lightning_xai.callbacks.shared): the same attribution of the same probe rows at the
+"""Work shared between callbacks (lightning_xai.callbacks._shared): the same attribution of the same probe rows at the
 same model state is computed once, every figure is the one an unshared run logs, and the validation pass Lightning
 runs anyway is the only pass that feeds the activation hooks."""
 import contextlib
@@ -11,7 +11,7 @@ from helpers import PACKAGES, classifier, digits_loaders, is_timing, lightning_p
 
 from lightning_xai import AttributionMonitor, LinearProbeMonitor, ShortcutMonitor
 from lightning_xai.attribution import get_method
-from lightning_xai.callbacks import shared
+from lightning_xai.callbacks import _shared as shared
 
 
 class CountingNet(nn.Module):

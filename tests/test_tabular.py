@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from helpers import DigitsModule, assert_unchanged, read_events, snapshot, tiny_trainer
-from lightning_xai.callbacks.tabular import TabularAttributionMonitor, feature_importance
+from lightning_xai.callbacks._tabular import TabularAttributionMonitor, feature_importance
 
 FEATURES = ["age", "height", "decisive", "noise/a", "noise b", "weight"]
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_unchanged, hook_count, read_events, snapshot, tiny_trainer
-from lightning_xai.text import EmbeddingSwap, attribution_markdown, token_attributions, token_share, tokens_markdown
+from lightning_xai.text import attribution_markdown, token_attributions, token_share, tokens_markdown
+from lightning_xai.text._attribution import EmbeddingSwap
 from lightning_xai.text.synthetic import SPURIOUS, VOCAB, spurious_token_data
 
 
@@ -204,7 +205,7 @@ def _fit_text(tmp_path, callbacks, epochs=2):
 
 
 def test_token_attribution_monitor_logs_text_and_scalars_and_does_no_harm(tmp_path):
-    from lightning_xai.callbacks.text import TokenAttributionMonitor
+    from lightning_xai.callbacks._text import TokenAttributionMonitor
 
     monitor = TokenAttributionMonitor("net.embedding", vocab=list(VOCAB), watch_tokens=["zz", "missing"],
                                       options={"steps": 16}, probe_samples=8)
@@ -230,7 +231,7 @@ def test_token_attribution_monitor_logs_text_and_scalars_and_does_no_harm(tmp_pa
 def test_token_attribution_monitor_bad_config(tmp_path):
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    from lightning_xai.callbacks.text import TokenAttributionMonitor
+    from lightning_xai.callbacks._text import TokenAttributionMonitor
 
     with pytest.raises(MisconfigurationException, match="method"):
         TokenAttributionMonitor("net.embedding", vocab=list(VOCAB), method="occlusion")
@@ -242,8 +243,8 @@ def test_token_attribution_monitor_bad_config(tmp_path):
 
 def test_monitors_work_under_validate_inference_mode(tmp_path):
     """trainer.validate() runs under torch.inference_mode(); the probe ids are inference tensors there."""
-    from lightning_xai.callbacks.projections import ProjectionMonitor
-    from lightning_xai.callbacks.text import TokenAttributionMonitor
+    from lightning_xai.callbacks._projections import ProjectionMonitor
+    from lightning_xai.callbacks._text import TokenAttributionMonitor
 
     val = DataLoader(TensorDataset(*spurious_token_data(32, shortcut="random", seed=1).tensors()), batch_size=32)
     callbacks = [TokenAttributionMonitor("net.embedding", vocab=list(VOCAB), watch_tokens=[1], options={"steps": 8},

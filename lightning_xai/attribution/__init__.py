@@ -11,20 +11,19 @@ forward pass are capped by an argument that does not change the result.
 This package imports torch only (no Lightning, TensorBoard or matplotlib); Captum is imported
 lazily by :func:`from_captum`.
 """
-from lightning_xai.attribution._common import DEFAULT_MAX_ROWS
-from lightning_xai.attribution.grad_cam import grad_cam
-from lightning_xai.attribution.gradient import input_x_gradient, saliency, smoothgrad
-from lightning_xai.attribution.integrated_gradients import gaussian_blur, integrated_gradients, quadrature
-from lightning_xai.attribution.lime import grid_segments, lime
-from lightning_xai.attribution.occlusion import occlusion, occlusion_windows
-from lightning_xai.attribution.registry import (METHODS, CaptumMethod, PinnedOptions, from_captum, get_method, is_signed,
-                                                method_passes)
+
+from lightning_xai.attribution._grad_cam import grad_cam
+from lightning_xai.attribution._gradient import input_x_gradient, saliency, smoothgrad
+from lightning_xai.attribution._integrated_gradients import gaussian_blur, integrated_gradients
+from lightning_xai.attribution._lime import grid_segments, lime
+from lightning_xai.attribution._occlusion import occlusion
+from lightning_xai.attribution._registry import (METHODS, CaptumMethod, Method, from_captum, get_method, is_signed,
+                                                 method_passes)
 
 __all__ = [
-    "DEFAULT_MAX_ROWS",
     "METHODS",
+    "Method",
     "CaptumMethod",
-    "PinnedOptions",
     "from_captum",
     "gaussian_blur",
     "get_method",
@@ -36,8 +35,6 @@ __all__ = [
     "lime",
     "method_passes",
     "occlusion",
-    "occlusion_windows",
-    "quadrature",
     "saliency",
     "smoothgrad",
 ]

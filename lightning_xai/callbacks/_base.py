@@ -27,8 +27,8 @@ from typing_extensions import override
 from lightning_xai._lightning import CALLBACK_BASES, FITTING, MisconfigurationException, is_a, refuse_bad_options
 from lightning_xai._utils import (check_bool, check_choice, check_positive_int, eager_compiled, expected, forked_rng,
                                   gradient_context, is_compiled, preserve_modes, select_output, two_class_logits)
-from lightning_xai.callbacks import cost
-from lightning_xai.logging import log_scalars, logging_step
+from lightning_xai.callbacks import _cost as cost
+from lightning_xai._logging import log_scalars, logging_step
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -43,7 +43,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
     epochs (``current_epoch // check_val_every_n_epoch``) is a multiple of ``every_n_epochs``, and at the end of
     ``fit`` if the last validated epoch was not; the same epochs on any machine and after a resume. Nothing is
     skipped to save time: each run logs its cost as ``<prefix>/<area>/seconds`` and the end of ``fit`` prints a
-    table of every callback's runs and share of the fit's wall time (:mod:`lightning_xai.callbacks.cost`).
+    table of every callback's runs and share of the fit's wall time (:mod:`lightning_xai.callbacks._cost`).
 
     Args:
         every_n_epochs: explain every n-th validation epoch (the first one included).

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_xai._utils import expected
 from lightning_xai.callbacks._ranks import gather_rows
-from lightning_xai.logging import warn_once
+from lightning_xai._logging import warn_once
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

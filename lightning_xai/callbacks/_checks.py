@@ -2,7 +2,7 @@
 and the options that need the model or the data checked on the first sample a callback sees.
 
 :func:`check_method_options` runs a built-in method's validator (``_integrated_gradients_validate_args``, ...,
-through :func:`~lightning_xai.attribution.registry.validate_options`). Without data it runs it on placeholder inputs
+through :func:`~lightning_xai.attribution._registry.validate_options`). Without data it runs it on placeholder inputs
 (a stride-0 view of one zero, sized so the options' own shapes fit), so only what needs the real input shape waits:
 the occlusion window against the input's sides, a baseline tensor's broadcast, LIME segments against the image.
 :class:`SampleCheckedCallback` runs those, and whatever a subclass adds in :meth:`~SampleCheckedCallback.check_sample`,
@@ -18,9 +18,10 @@ from typing_extensions import override
 
 from lightning_xai._lightning import MisconfigurationException, MisconfigurationTypeError, refuse_bad_options
 from lightning_xai._utils import expected, resolve_layer, resolve_layer_patterns, select_output, two_class_logits
-from lightning_xai.attribution import get_method, registry
+from lightning_xai.attribution import _registry as registry
+from lightning_xai.attribution import get_method
 from lightning_xai.attribution._common import as_baseline
-from lightning_xai.attribution.grad_cam import default_layer
+from lightning_xai.attribution._grad_cam import default_layer
 from lightning_xai.callbacks._batches import extract_xy
 from lightning_xai.callbacks._probe_set import ProbeSetCallback
 
@@ -71,7 +72,7 @@ def resolve_method(option: str, spec: Any) -> Tuple[str, Callable[..., Any], Dic
 def check_method_options(name: str, fn: Callable[..., Any], options: Mapping[str, Any], sample: Optional[Tensor] = None,
                          ndim: int = 4) -> None:
     """Refuse options a built-in attribution method would refuse, before it runs, by the method's own validator
-    (:func:`~lightning_xai.attribution.registry.validate_options`).
+    (:func:`~lightning_xai.attribution._registry.validate_options`).
 
     Args:
         name, fn, options: a resolved method spec (:func:`~lightning_xai.attribution.get_method`); Captum

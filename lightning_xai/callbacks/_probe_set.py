@@ -20,7 +20,7 @@ from lightning_xai.callbacks._base import XAICallback
 from lightning_xai.callbacks._batches import (BATCH_FIX, BatchToXY, Buckets, choose_stratified, class_labels,
                                              collect_rows, extract_xy, first_loader)
 from lightning_xai.callbacks._ranks import gather_shares, split_rows
-from lightning_xai.logging import warn_once
+from lightning_xai._logging import warn_once
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

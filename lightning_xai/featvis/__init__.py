@@ -5,19 +5,38 @@
 :func:`neuron`, :func:`layer_objective`, :func:`class_logit`, :func:`direction`, weighted sums and
 :func:`diversity`) under random transforms and regularisers.
 """
-from lightning_xai.featvis.objectives import (OUTPUT, Objective, channel, class_logit, direction, diversity,
-                                              layer_objective, neuron, objectives_from_spec)
-from lightning_xai.featvis.optimize import FeatureVisResult, render
-from lightning_xai.featvis.param import (IMAGENET_COLOR_SQRT, FourierParam, GeneratorParam, Parametrization,
-                                         PixelParam, color_correlation, make_param)
-from lightning_xai.featvis.transforms import (L1, L2, Blur, Compose, Jitter, Pad, RandomRotate, RandomScale,
-                                              Regularizer, TotalVariation, default_regularizers, default_transforms,
-                                              gaussian_blur)
+
+from lightning_xai.featvis._objectives import Objective, channel, class_logit, direction, diversity, layer_objective, neuron
+from lightning_xai.featvis._optimize import FeatureVisResult, render
+from lightning_xai.featvis._param import FourierParam, GeneratorParam, Parametrization, PixelParam, make_param
+from lightning_xai.featvis._transforms import (L1, L2, Blur, Compose, Jitter, Pad, RandomRotate, RandomScale, Regularizer,
+                                               TotalVariation, default_regularizers, default_transforms)
 
 __all__ = [
-    "OUTPUT", "Objective", "channel", "class_logit", "direction", "diversity", "layer_objective", "neuron",
-    "objectives_from_spec", "FeatureVisResult", "render", "IMAGENET_COLOR_SQRT", "FourierParam", "GeneratorParam",
-    "Parametrization", "PixelParam", "color_correlation", "make_param", "L1", "L2", "Blur", "Compose", "Jitter",
-    "Pad", "RandomRotate", "RandomScale", "Regularizer", "TotalVariation", "default_regularizers",
-    "default_transforms", "gaussian_blur",
+    "Objective",
+    "channel",
+    "class_logit",
+    "direction",
+    "diversity",
+    "layer_objective",
+    "neuron",
+    "FeatureVisResult",
+    "render",
+    "FourierParam",
+    "GeneratorParam",
+    "Parametrization",
+    "PixelParam",
+    "make_param",
+    "L1",
+    "L2",
+    "Blur",
+    "Compose",
+    "Jitter",
+    "Pad",
+    "RandomRotate",
+    "RandomScale",
+    "Regularizer",
+    "TotalVariation",
+    "default_regularizers",
+    "default_transforms",
 ]

@@ -1,8 +1,9 @@
 """Linear probes on hooked activations: capture, feature reduction and probe solvers (pure torch)."""
-from lightning_xai.probes.capture import ActivationCapture, first_tensor
-from lightning_xai.probes.logistic import LogisticSolution, fit_logistic
-from lightning_xai.probes.reduce import Reducer, input_reducer, make_reducer
-from lightning_xai.probes.ridge import RidgeSolution, StreamingRidge, one_hot
+
+from lightning_xai.probes._capture import ActivationCapture
+from lightning_xai.probes._logistic import LogisticSolution, fit_logistic
+from lightning_xai.probes._reduce import Reducer, make_reducer
+from lightning_xai.probes._ridge import RidgeSolution, StreamingRidge
 
 __all__ = [
     "ActivationCapture",
@@ -10,9 +11,6 @@ __all__ = [
     "Reducer",
     "RidgeSolution",
     "StreamingRidge",
-    "first_tensor",
     "fit_logistic",
-    "input_reducer",
     "make_reducer",
-    "one_hot",
 ]

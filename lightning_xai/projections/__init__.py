@@ -1,12 +1,13 @@
 """Layer projections, pure torch: capture activations (with the probes core's hooks and reducers), PCA,
 class-separation scores.
 
-These feed :class:`lightning_xai.callbacks.projections.ProjectionMonitor`, which sends each layer's
+These feed :class:`lightning_xai.ProjectionMonitor`, which sends each layer's
 probe-set activations to TensorBoard's projector and logs a PCA scatter and a separation score.
 """
-from lightning_xai.projections.activations import capture_activations
-from lightning_xai.projections.pca import PCAResult, pca
-from lightning_xai.projections.separation import SEPARATION_METHODS, class_separation, silhouette_score, variance_ratio
+
+from lightning_xai.projections._activations import capture_activations
+from lightning_xai.projections._pca import PCAResult, pca
+from lightning_xai.projections._separation import SEPARATION_METHODS, class_separation, silhouette_score, variance_ratio
 
 __all__ = [
     "PCAResult",

@@ -2,7 +2,7 @@
 
 Drawn with matplotlib's object API on an Agg canvas (no ``pyplot``, so no global figure state or
 backend switch), imported on first use. Images are float tensors ``(3, H, W)`` in ``[0, 1]``, ready for
-:func:`lightning_xai.logging.log_image`.
+:func:`lightning_xai._logging.log_image`.
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ from torch import Tensor
 
 from lightning_xai._utils import check_choice, check_positive_int, expected
 
+__all__ = ["MODES", "NEGATIVE_WORDS", "NEUTRAL_WORDS", "PAD", "POSITIVE_WORDS", "SPURIOUS", "VOCAB", "TokenData",
+           "spurious_token_data", "vocab"]
+
 PAD, SPURIOUS = "<pad>", "zz"
 POSITIVE_WORDS = ("good", "great", "fine", "superb", "lovely", "fun")
 NEGATIVE_WORDS = ("bad", "awful", "poor", "dull", "boring", "weak")

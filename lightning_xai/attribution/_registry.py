@@ -12,12 +12,12 @@ from torch import Tensor
 
 from lightning_xai._utils import Target, expected
 from lightning_xai.attribution._common import guarded, private_copy, resolve_target_chunked, DEFAULT_MAX_ROWS
-from lightning_xai.attribution.grad_cam import _grad_cam_validate_args, grad_cam
-from lightning_xai.attribution.gradient import (_gradient_validate_args, _saliency_validate_args,
+from lightning_xai.attribution._grad_cam import _grad_cam_validate_args, grad_cam
+from lightning_xai.attribution._gradient import (_gradient_validate_args, _saliency_validate_args,
                                                 _smoothgrad_validate_args, input_x_gradient, saliency, smoothgrad)
-from lightning_xai.attribution.integrated_gradients import _integrated_gradients_validate_args, integrated_gradients
-from lightning_xai.attribution.lime import _lime_validate_args, lime
-from lightning_xai.attribution.occlusion import _occlusion_validate_args, _window_slices, occlusion, occlusion_windows
+from lightning_xai.attribution._integrated_gradients import _integrated_gradients_validate_args, integrated_gradients
+from lightning_xai.attribution._lime import _lime_validate_args, lime
+from lightning_xai.attribution._occlusion import _occlusion_validate_args, _window_slices, occlusion, occlusion_windows
 
 AttributionFn = Callable[..., Any]
 Option = Callable[[str], Any]  # an option's value: the one given, else the method's default

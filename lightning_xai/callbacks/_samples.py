@@ -29,21 +29,11 @@ from typing_extensions import override
 from lightning_xai._utils import check_choice, check_positive_int, expected, forked_rng
 from lightning_xai.callbacks._checks import SampleCheckedCallback
 from lightning_xai.callbacks._batches import class_labels, extract_xy
-from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
+from lightning_xai._logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import Figure, fit_cells, grid_figure, to_display
-from lightning_xai.samples import (
-    RepresenterFit,
-    capture_features,
-    cosine_topk,
-    dataset_features,
-    first_samples,
-    read_samples,
-    representer_points,
-    resolve_feature_layer,
-    support,
-    suspect_scores,
-)
-from lightning_xai.samples.representer import SUSPECT_MODES
+from lightning_xai.samples import RepresenterFit, capture_features, cosine_topk, dataset_features, representer_points, support, suspect_scores
+from lightning_xai.samples._features import first_samples, read_samples, resolve_feature_layer
+from lightning_xai.samples._representer import SUSPECT_MODES
 
 _GREEN = (0.1, 0.7, 0.2)
 _RED = (0.85, 0.1, 0.1)

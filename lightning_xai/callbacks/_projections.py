@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import check_bool, check_positive_int, expected
 from lightning_xai.callbacks._checks import SampleCheckedCallback, check_layer_names
-from lightning_xai.logging import log_embedding, log_image, tensorboard_writers, warn_once
+from lightning_xai._logging import log_embedding, log_image, tensorboard_writers, warn_once
 from lightning_xai.probes import make_reducer
 from lightning_xai.projections import SEPARATION_METHODS, capture_activations, class_separation, pca
 from lightning_xai.render import scatter_image

@@ -21,9 +21,10 @@ from lightning_xai._lightning import MisconfigurationException, refuse_bad_optio
 from typing_extensions import override
 
 from lightning_xai._utils import check_bool, check_positive_int, eager_compiled, expected
-from lightning_xai.attribution import METHODS, PinnedOptions
+from lightning_xai.attribution import METHODS
+from lightning_xai.attribution._registry import PinnedOptions
 from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_options, resolve_method
-from lightning_xai.logging import log_image, warn_once
+from lightning_xai._logging import log_image, warn_once
 from lightning_xai.render import barh_image
 
 ROW_METHODS = ("integrated_gradients", "saliency", "input_x_gradient", "smoothgrad", "occlusion")  # built-ins for rows

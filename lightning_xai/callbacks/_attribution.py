@@ -21,11 +21,12 @@ from lightning_xai._lightning import MisconfigurationException, Misconfiguration
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_int, check_real, eager_compiled, expected
-from lightning_xai.attribution import PinnedOptions, is_signed, method_passes
-from lightning_xai.callbacks import shared
+from lightning_xai.attribution import is_signed, method_passes
+from lightning_xai.attribution._registry import PinnedOptions
+from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_method_layers, check_method_options,
                                             resolve_method)
-from lightning_xai.logging import log_image, log_text, markdown_table, warn_once
+from lightning_xai._logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import (MAX_COLUMNS, attribution_figure, evolution_figure, pool_to, robust_max, share_maps,
                                   spread)
 

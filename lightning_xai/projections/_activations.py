@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lightning_xai._utils import check_positive_int, chunks, eager_compiled, expected, preserve_modes
 from lightning_xai.probes import ActivationCapture
-from lightning_xai.probes.reduce import DEFAULT_MAX_DIM, ReduceSpec
+from lightning_xai.probes._reduce import DEFAULT_MAX_DIM, ReduceSpec
 
 
 def capture_activations(

@@ -22,8 +22,9 @@ from typing_extensions import override
 from lightning_xai._utils import check_int, check_positive_int, check_real, expected, resolve_layer
 from lightning_xai.callbacks._batches import BatchToXY, extract_xy
 from lightning_xai.callbacks._streaming import StreamingCallback
-from lightning_xai.featvis import OUTPUT, Objective, make_param, objectives_from_spec, render
-from lightning_xai.logging import log_image, warn_once
+from lightning_xai.featvis import Objective, make_param, render
+from lightning_xai.featvis._objectives import OUTPUT, objectives_from_spec
+from lightning_xai._logging import log_image, warn_once
 from lightning_xai.render import image_figure
 
 if TYPE_CHECKING:

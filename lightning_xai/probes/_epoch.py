@@ -2,7 +2,7 @@
 
 Rows arrive in batches with a *global sample index* (the position of the sample in the evaluation
 set). Every ``holdout_every``-th index is held out; the rest stream into a
-:class:`~lightning_xai.probes.ridge.StreamingRidge`. Reduced features are kept as float32
+:class:`~lightning_xai.probes._ridge.StreamingRidge`. Reduced features are kept as float32
 (``samples x reduced dim``, never the raw map) so the probe can be scored on the held-out rows and,
 for the control task, on its own training rows.
 
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from lightning_xai._utils import check_choice, check_positive_int, expected
-from lightning_xai.probes.logistic import fit_logistic
-from lightning_xai.probes.ridge import StreamingRidge, one_hot
+from lightning_xai.probes._logistic import fit_logistic
+from lightning_xai.probes._ridge import StreamingRidge, one_hot
 
 CONTROL = "control:"  # prefix of a control target's name
 Predictions = Dict[str, Tuple[Tensor, Tensor]]  # split -> (predicted class, true class)

@@ -20,11 +20,12 @@ from lightning_xai._lightning import MisconfigurationException, refuse_bad_optio
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, eager_compiled, expected, resolve_layer
-from lightning_xai.attribution import PinnedOptions, get_method
+from lightning_xai.attribution import get_method
+from lightning_xai.attribution._registry import PinnedOptions
 from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_options
-from lightning_xai.logging import log_text, warn_once
+from lightning_xai._logging import log_text, warn_once
 from lightning_xai.text import BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions, token_share
-from lightning_xai.text.render import Vocab
+from lightning_xai.text._render import Vocab
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

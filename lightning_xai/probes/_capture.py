@@ -2,7 +2,7 @@
 
 :class:`ActivationCapture` registers one forward hook per layer (all held in a :class:`HookSet`, so
 they go away on :meth:`ActivationCapture.detach` or when a ``with`` block exits, even on error). The
-hook detaches the output, applies the layer's :class:`~lightning_xai.probes.reduce.Reducer` at once
+hook detaches the output, applies the layer's :class:`~lightning_xai.probes._reduce.Reducer` at once
 (so a large map is never kept), and queues the ``(N, k)`` features until :meth:`pop` collects them.
 
 Pure torch.
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai._utils import HookSet, expected, resolve_layer_patterns
-from lightning_xai.probes.reduce import ReduceSpec, make_reducer
+from lightning_xai.probes._reduce import ReduceSpec, make_reducer
 
 
 def first_tensor(output: Any) -> Optional[Tensor]:
@@ -37,7 +37,7 @@ class ActivationCapture:
         model: the module whose layers are hooked.
         layers: dotted names or glob patterns (``"features.*"``), resolved in model order.
         reduce: one reducer spec for every layer, or ``{layer: spec}`` (layers not named use ``"auto"``).
-            See :func:`~lightning_xai.probes.reduce.make_reducer`.
+            See :func:`~lightning_xai.probes._reduce.make_reducer`.
         max_dim: widest feature the automatic reducer keeps without projecting.
         seed: seed of random projections.
 

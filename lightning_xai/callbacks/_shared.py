@@ -12,7 +12,7 @@ same class. The attribution cores are per-sample in eval mode (a row's map does 
 figures are those of an unshared run, up to the rounding of kernels whose arithmetic depends on the batch size (a
 GEMM's tail rows: at most 6e-10 on a small CNN's saliency maps, the same as the cores' ``batch_size`` option).
 
-The store is weakly keyed by the Trainer (like :func:`lightning_xai.callbacks.cost.book`) and holds one model state
+The store is weakly keyed by the Trainer (like :func:`lightning_xai.callbacks._cost.book`) and holds one model state
 at a time: the stage, epoch and global step, and a fingerprint of the values of every parameter and buffer (so
 weights edited by hand between two ``validate()`` calls are not mistaken for the old ones). Asking under a new state
 drops what the old one held.

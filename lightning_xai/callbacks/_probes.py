@@ -27,14 +27,15 @@ from typing_extensions import override
 
 from lightning_xai._utils import (check_bool, check_choice, check_int, check_positive_int, check_real, eager_compiled,
                                   expected, is_compiled, preserve_modes)
-from lightning_xai.callbacks import cost
+from lightning_xai.callbacks import _cost as cost
 from lightning_xai.callbacks._batches import BATCH_FIX, BatchToXY, class_labels, extract_xy, first_loader
 from lightning_xai.callbacks._ranks import gather_rows
 from lightning_xai.callbacks._streaming import StreamingCallback
-from lightning_xai.logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
-from lightning_xai.probes import ActivationCapture, Reducer, input_reducer, make_reducer
-from lightning_xai.probes.epoch import EpochProbe, control_table
-from lightning_xai.probes.reduce import ReduceSpec
+from lightning_xai._logging import add_custom_scalars, log_image, log_text, markdown_table, warn_once
+from lightning_xai.probes import ActivationCapture, Reducer, make_reducer
+from lightning_xai.probes._reduce import input_reducer
+from lightning_xai.probes._epoch import EpochProbe, control_table
+from lightning_xai.probes._reduce import ReduceSpec
 from lightning_xai.render import matrix_figure, spread
 
 LABEL = "label"
