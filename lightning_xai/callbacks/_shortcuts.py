@@ -154,8 +154,11 @@ class _ShortcutCallback(SampleCheckedCallback):
 
     # ------------------------------------------------------------------ the run
     def _rows(self, pl_module: "pl.LightningModule", x: Tensor) -> Tuple[int, int]:
-        """This rank's rows of the probe set (``x`` is that share)."""
-        start, stop, _ = split_rows(self.probe_x.shape[0], *self.work_split(pl_module.trainer))
+        """This rank's rows ``[start, stop)`` of the probe set (``x`` is that share, see ``work_split``)."""
+        n = self.probe_x.shape[0]
+        if x.shape[0] == n:
+            return 0, n
+        start, stop, _ = split_rows(n, *self.work_split(pl_module.trainer))
         if stop - start != x.shape[0]:
             raise RuntimeError(f"the probe share has {x.shape[0]} rows, expected {stop - start}")
         return start, stop
@@ -237,7 +240,7 @@ class _ShortcutCallback(SampleCheckedCallback):
         s = verdict.stats
         grey = (0.45, 0.55, 0.7)
         bars = [("specific pull (nats)", [("region", s["pull"], RED), ("control places (mean)", s["control_pull"], grey)])]
-        notes = [verdict.reason, f"tests at z >= {self.config.z:.2f} (alpha {self.config.alpha:g}) and effect >= "
+        notes = [verdict.reason, f"tests at level {self.config.alpha:g} (pooled z >= {self.config.z:.2f}) and effect >= "
                  f"{self.config.min_pull:.3f} nats; samples shown: the {len(order)} the region's content pulled most"]
         fig = evidence_figure(x.cpu()[order], plan.masks(index_t), ctl_masks, edited,
                               title=f"{what} · {name} · epoch {epoch} · {'ALARM' if verdict.alarm else 'no alarm'}",

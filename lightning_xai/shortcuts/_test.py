@@ -25,20 +25,21 @@ changes the recipient most are kept (for ordinary content, swapping more of it m
 much: these are places of content, mostly the object). ``C_i`` is the mean pull of the recipient's control places.
 A large region has no such offset: it has no controls.
 
-**Verdict.** Two one-sided tests over the ``N`` recipients, each at level ``alpha`` (intersection-union: the alarm
-fires only if both reject, so its false-alarm rate under either null is at most ``alpha``):
+**Verdict.** Two one-sided tests over the ``N`` recipients (intersection-union: the alarm needs both to reject, so
+its false-alarm rate under either null is at most their level):
 
 1. *use*: H0 ``E[G] <= 0`` (the region's content carries no class evidence the model reads). Statistic
    ``z = mean(G) / (sd(G) / sqrt(N))``, approximately standard normal under H0 by the central limit theorem
    (``N`` = 128 recipients by default).
 2. *beyond ordinary content*: H0 ``E[G - C] <= 0`` (the region pulls no harder than a typical place of its shape
-   carrying as much content). Same statistic on ``G_i - C_i``; skipped, and said so,
-   when the region has no controls.
+   carrying as much content). Same statistic on ``G_i - C_i``; skipped, and said so, when the region has no controls.
 
-Each mean must also reach ``min_pull`` nats, the minimal effect: ``log 1.05``, a 5 % rise of the donor label's
-probability, the scale of the 5-point accuracy loss that makes a shortcut matter. ``alpha`` defaults to ``1e-4``
-(``z >= 3.72``): about a dozen checks per fit (epochs x regions) keep the chance of a false alarm in a clean fit
-near 0.1 %.
+Both run pooled over the donors' classes at level ``alpha / 2``, and for each donor class on its own (a watermark
+on some classes only pulls toward those) at ``alpha / (2 C)``: by Bonferroni the ``1 + C`` pairs of tests keep the
+false-alarm rate at most ``alpha``. Each mean must also reach ``min_pull`` nats, the minimal effect: ``log 1.05``, a
+5 % rise of the donor label's probability, the scale of the 5-point accuracy loss that makes a shortcut matter.
+``alpha`` defaults to ``1e-4`` (pooled ``z >= 3.89``; per class, with 10 classes, ``z >= 4.42``): a dozen checks per
+fit (epochs x regions) keep the chance of a false alarm in a clean fit near 0.1 %.
 """
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ class ShortcutConfig:
 
     @property
     def z(self) -> float:
-        """The critical value ``Phi^-1(1 - alpha)``."""
-        return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - self.alpha, dtype=torch.float64)))
+        """The critical value of the pooled tests, ``Phi^-1(1 - alpha / 2)`` (see :func:`decide`)."""
+        return _critical(self.alpha / 2)
 
     def as_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -285,7 +286,8 @@ def run_plan(forward: Callable[[Tensor], Tensor], inputs: Tensor, donors: Tensor
     index = torch.nonzero((plan.recipient >= start) & (plan.recipient < stop)).view(-1)
     for first in range(0, index.numel(), batch_size):
         part = index[first:first + batch_size]
-        logits = forward(plan.edited(inputs, donors, part)).float()
+        with torch.no_grad():
+            logits = forward(plan.edited(inputs, donors, part)).float()
         lsm = torch.log_softmax(logits, dim=1).cpu()
         at = (plan.recipient[part] - start, plan.draw[part], plan.place[part], plan.placebo[part].long())
         logp[at] = lsm.gather(1, plan.target[part].view(-1, 1)).view(-1)
@@ -312,6 +314,7 @@ STATS = {
     "excess_z": "z of the excess (test 2: beyond ordinary content?); NaN without controls",
     "flip": "share of edits that turn the prediction into the donor's label, minus the placebo's",
     "controls": "mean number of control places per probe sample",
+    "class": "the donor class whose content in the region pulls hardest (-1: none tested)",
 }
 
 
@@ -326,53 +329,92 @@ def _z(values: Tensor) -> Tuple[float, float]:
     return mean, mean / (sd / math.sqrt(n))
 
 
-def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig = ShortcutConfig()) -> Verdict:
-    """The verdict of the two tests (module docstring) from the forward passes of a plan (:func:`run_plan` of every
-    probe sample) and the edits' target classes laid out alike (:meth:`InterventionPlan.targets`)."""
-    nan = float("nan")
-    logp = effects["logp"].double()  # (N, D, P, 2)
-    pull = logp[..., 0] - logp[..., 1]  # (N, D, P)
+def _both_tests(pull: Tensor, keep: Tensor) -> Dict[str, float]:
+    """Test 1 and test 2 over the probe samples, from the draws ``keep`` ``(N, D)`` of ``pull (N, D, places)``."""
     region = pull[:, :, 0]
-    exists = ~torch.isnan(region)
-    if not bool(exists.any()):
-        return Verdict(False, {"alarm": 0.0, "pull": nan, "pull_z": nan, "control_pull": nan, "excess": nan,
-                               "excess_z": nan, "flip": nan, "controls": 0.0},
-                       "no probe sample could be given content of another class: nothing to test")
-    tested = exists.any(1)  # probe samples with at least one draw
-    g = region.nan_to_num(0).sum(1)[tested] / exists.sum(1)[tested]
+    exists = ~torch.isnan(region) & keep
+    tested = exists.any(1)
+    g = region.where(exists, torch.zeros_like(region)).sum(1)[tested] / exists.sum(1)[tested]
     ctl = pull[:, :, 1:]
     counted = (~torch.isnan(ctl)).sum(2)
     typical = ctl.nan_to_num(0).sum(2) / counted.clamp_min(1)  # (N, D): the mean control place's pull
     controlled = (counted > 0) & exists
     with_controls = controlled.any(1)
-    c = typical.where(controlled, torch.zeros_like(typical)).sum(1) / controlled.sum(1).clamp_min(1)
-    d = (region.nan_to_num(0).where(controlled, torch.zeros_like(region)).sum(1) / controlled.sum(1).clamp_min(1)
-         - c)[with_controls]
+    per = controlled.sum(1).clamp_min(1)
+    c = typical.where(controlled, torch.zeros_like(typical)).sum(1) / per
+    d = (region.where(controlled, torch.zeros_like(region)).sum(1) / per - c)[with_controls]
     pull_mean, pull_z = _z(g)
     excess, excess_z = _z(d)
-    control_pull = float(c[with_controls].mean()) if bool(with_controls.any()) else nan
+    return {"pull": pull_mean, "pull_z": pull_z, "excess": excess, "excess_z": excess_z,
+            "control_pull": float(c[with_controls].mean()) if bool(with_controls.any()) else float("nan"),
+            "with_controls": float(with_controls.sum())}
+
+
+def _fires(t: Dict[str, float], z: float, min_pull: float) -> Tuple[bool, bool, bool]:
+    """(test 1 rejects, the region has controls, test 2 rejects or cannot be run)."""
+    uses = t["pull_z"] >= z and t["pull"] >= min_pull
+    has_controls = t["with_controls"] >= 2
+    beyond = (not has_controls) or (t["excess_z"] >= z and t["excess"] >= min_pull)
+    return uses, has_controls, beyond
+
+
+def _critical(alpha: float) -> float:
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - alpha, dtype=torch.float64)))
+
+
+def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig = ShortcutConfig()) -> Verdict:
+    """The verdict from the forward passes of a plan (:func:`run_plan` of every probe sample) and the edits' target
+    classes laid out alike (:meth:`InterventionPlan.targets`).
+
+    The two tests run pooled over every donor class at level ``alpha / 2`` and for each donor class ``t`` on its own
+    (the draws whose donor is of class ``t``; a mark on some classes only pulls toward those) at ``alpha / (2 C)``
+    for ``C`` classes: by Bonferroni the family of ``1 + C`` tests keeps the false-alarm rate at most ``alpha``.
+    """
+    nan = float("nan")
+    logp = effects["logp"].double()  # (N, D, P, 2)
+    pull = logp[..., 0] - logp[..., 1]  # (N, D, P)
+    exists = ~torch.isnan(pull[:, :, 0])
+    if not bool(exists.any()):
+        return Verdict(False, {"alarm": 0.0, "pull": nan, "pull_z": nan, "control_pull": nan, "excess": nan,
+                               "excess_z": nan, "flip": nan, "controls": 0.0, "class": -1.0},
+                       "no probe sample could be given content of another class: nothing to test")
+    pooled = _both_tests(pull, exists)
+    classes = sorted(int(c) for c in targets[exists].unique())
+    z_pooled = _critical(config.alpha / 2)
+    z_class = _critical(config.alpha / (2 * max(len(classes), 1)))
+    per_class = {c: _both_tests(pull, exists & (targets == c)) for c in classes}
     hits = (effects["pred"][:, :, 0] == targets.unsqueeze(-1)).double()  # (N, D, 2): predicted the donor's label
     flip = float(hits[..., 0][exists].mean() - hits[..., 1][exists].mean())
     places = (~torch.isnan(pull[:, :, 1:])).sum(2).double()
-    stats = {"pull": pull_mean, "pull_z": pull_z, "control_pull": control_pull, "excess": excess, "excess_z": excess_z,
-             "flip": flip, "controls": float(places[exists].mean())}
-    zc = config.z
-    uses = pull_z >= zc and pull_mean >= config.min_pull
-    has_controls = int(with_controls.sum()) >= 2
-    beyond = (not has_controls) or (excess_z >= zc and excess >= config.min_pull)
-    alarm = bool(uses and beyond)
-    if not uses:
-        reason = (f"the region's content pulls predictions toward its donor's label by {pull_mean:+.3f} nats "
-                  f"(z {pull_z:.1f}); an alarm needs >= {config.min_pull:.3f} at z >= {zc:.2f}")
-    elif not has_controls:
-        reason = (f"the model reads class evidence from the region (pull {pull_mean:+.3f} nats, z {pull_z:.1f}); the "
-                  "region is too large to move, so no control place could tell it from ordinary content")
-    elif not beyond:
-        reason = (f"the model reads class evidence from the region (pull {pull_mean:+.3f} nats, z {pull_z:.1f}), but no "
-                  f"more than from typical places of its shape (excess {excess:+.3f}, z {excess_z:.1f})")
-    else:
+
+    def strength(t: Dict[str, float]) -> float:
+        z = min(t["pull_z"], t["excess_z"]) if t["with_controls"] >= 2 else t["pull_z"]
+        return z if z == z else -math.inf
+
+    best = max(classes, key=lambda c: (strength(per_class[c]), -c)) if classes else -1
+    uses, has_controls, beyond = _fires(pooled, z_pooled, config.min_pull)
+    firing_classes = [c for c in classes if all(_fires(per_class[c], z_class, config.min_pull)[::2])]
+    alarm = bool((uses and beyond) or firing_classes)
+    stats = {k: pooled[k] for k in ("pull", "pull_z", "control_pull", "excess", "excess_z")}
+    stats.update(flip=flip, controls=float(places[exists].mean()), **{"class": float(best)})
+    if uses and beyond:
         reason = (f"pasting the region's content from other classes pulls predictions toward their labels by "
-                  f"{pull_mean:+.3f} nats (z {pull_z:.1f}), {excess:+.3f} more than typical other places of its "
-                  f"shape (z {excess_z:.1f}); it flips {flip:.2f} of them")
+                  f"{pooled['pull']:+.3f} nats (z {pooled['pull_z']:.1f})"
+                  + (f", {pooled['excess']:+.3f} more than typical other places of its shape (z {pooled['excess_z']:.1f})"
+                     if has_controls else "; the region is too large to move, so no control place could tell it from "
+                     "ordinary content") + f"; it flips {flip:.2f} of them")
+    elif firing_classes:
+        t = per_class[firing_classes[0]]
+        reason = (f"pasting the region's content from class {firing_classes[0]} pulls predictions toward that class by "
+                  f"{t['pull']:+.3f} nats (z {t['pull_z']:.1f}), {t['excess']:+.3f} more than typical other places of "
+                  f"its shape (z {t['excess_z']:.1f}); over all classes the pull is {pooled['pull']:+.3f}")
+    elif not uses:
+        reason = (f"the region's content pulls predictions toward its donor's label by {pooled['pull']:+.3f} nats "
+                  f"(z {pooled['pull_z']:.1f}; strongest class {best}: z {per_class[best]['pull_z']:.1f}); an alarm "
+                  f"needs >= {config.min_pull:.3f} at z >= {z_pooled:.2f} (one class: {z_class:.2f})")
+    else:
+        reason = (f"the model reads class evidence from the region (pull {pooled['pull']:+.3f} nats, z "
+                  f"{pooled['pull_z']:.1f}), but no more than from typical places of its shape (excess "
+                  f"{pooled['excess']:+.3f}, z {pooled['excess_z']:.1f})")
     stats["alarm"] = float(alarm)
     return Verdict(alarm, stats, reason)

@@ -1,0 +1,488 @@
+"""The shortcut test (lightning_xai.shortcuts) on hand-built models whose reliance is known, and the two callbacks
+(ShortcutMonitor, ShortcutDiscovery) in real Trainers: tags, evidence, actions, do-no-harm, resume, rank shares."""
+import json
+import math
+import warnings
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import (DigitsModule, FigureSpy, assert_unchanged, png_equals, read_events, small_cnn, snapshot,
+                     tiny_trainer, trained_weights)
+from lightning_xai import ShortcutDiscovery, ShortcutMonitor
+from lightning_xai.shortcuts import (ShortcutConfig, check_region, decide, discover, plan_interventions,
+                                     region_metrics, run_plan)
+from lightning_xai.shortcuts._test import STATS
+
+LEVELS = 0.2 + 0.2 * torch.arange(5).float()  # the five class codes
+
+
+def corner_set(n=200, seed=0, random_mark=False, texture=0.1):
+    """8x8 images: noise up to ``texture``, a top-left 2x2 mark coding the class (or a random class), and a class-coded
+    centre blob (the object)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * texture
+    y = torch.arange(n) % 5
+    code = torch.randint(0, 5, (n,), generator=g) if random_mark else y
+    x[:, 0, :2, :2] = LEVELS[code].view(-1, 1, 1)
+    x[:, 0, 3:5, 3:5] = LEVELS[y].view(-1, 1, 1)
+    return x, y
+
+
+class Reader(nn.Module):
+    """Hand-built classifier reading the class from the mean of one 2x2 patch (the corner mark or the centre object)."""
+
+    def __init__(self, corner: bool) -> None:
+        super().__init__()
+        self.corner = corner
+        self.lin = nn.Linear(1, 5)
+        with torch.no_grad():  # logits -50 (v - level_c)^2 expanded: linear in v plus a constant per class
+            self.lin.weight.copy_((100 * LEVELS).view(5, 1))
+            self.lin.bias.copy_(-50 * LEVELS ** 2)
+
+    def forward(self, x):
+        v = x[:, :, :2, :2].mean((1, 2, 3)) if self.corner else x[:, :, 3:5, 3:5].mean((1, 2, 3))
+        return self.lin(v.unsqueeze(1))
+
+
+# ---------------------------------------------------------------------------------------------------- the pure test
+def test_config_refuses_bad_values():
+    for name, bad in (("donor_draws", 0), ("num_controls", -1), ("patience", 0), ("batch_size", 1.5),
+                      ("reference_samples", -1), ("seed", True), ("alpha", 0.0), ("alpha", 0.7), ("min_pull", -0.1)):
+        with pytest.raises(ValueError, match=f"ShortcutConfig.{name}"):
+            ShortcutConfig(**{name: bad})
+    assert abs(ShortcutConfig(alpha=0.05).z - 1.960) < 1e-3  # pooled tests at alpha / 2
+
+
+@pytest.mark.parametrize("corner", [True, False], ids=["reads_mark", "reads_object"])
+def test_named_region_verdict_follows_what_the_model_reads(corner):
+    x, y = corner_set(100, random_mark=True)  # the mark is absent from the probe set (random code)
+    dx, dy = corner_set(200, seed=1)  # and carries the label in the training samples that give the content
+    verdict = check_region(Reader(corner), x, y, dx, dy, (0, 0, 2, 2))
+    assert set(verdict.stats) == set(STATS) and verdict.reason
+    if corner:
+        assert verdict.alarm and verdict.stats["pull"] > 1 and verdict.stats["flip"] > 0.5
+        assert verdict.stats["excess_z"] >= ShortcutConfig().z
+    else:  # the corner carries no class evidence this model reads: exactly no pull
+        assert not verdict.alarm and verdict.stats["pull"] == 0.0 and "pulls predictions" in verdict.reason
+
+
+class QuarterPattern(nn.Module):
+    """Reads the class from a thin stripe pattern inside the top-left quarter: stripe k lit = class k."""
+
+    def forward(self, x):
+        return 20 * x[:, 0, :4, 0:4:1].mean(2)[:, :4] - 10  # rows 0..3 of the quarter's first four columns
+
+
+def stripes(n, seed, texture=0.6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * texture
+    y = torch.arange(n) % 4
+    x[:, 0, :4, :4] *= 0.1
+    x[torch.arange(n), 0, y, :4] = 1.0
+    return x, y
+
+
+def test_a_large_region_with_a_thin_pattern_gets_a_verdict():
+    """The issue's first case: a region of a quarter of the image whose thin pattern decides every prediction. No
+    control changes the input as much, which is no reason to withhold the verdict."""
+    x, y = stripes(64, 0)
+    dx, dy = stripes(128, 1)
+    verdict = check_region(QuarterPattern(), x, y, dx, dy, (0, 0, 4, 4))
+    assert verdict.alarm and verdict.stats["flip"] > 0.9
+    clean = check_region(QuarterPattern(), x, y, dx, dy, (4, 4, 4, 4))  # the pattern is not there
+    assert not clean.alarm and clean.stats["pull"] == 0.0
+
+
+GLYPH = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+
+
+def glyph_set(n, seed, glyph_classes=(0, 1)):
+    """16x16 noise with a class-coded bar (the object); images of ``glyph_classes`` carry a 2x2 glyph of value exactly
+    1.0 at a random place (a watermark on some classes only)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 16, 16, generator=g) * 0.5
+    y = torch.arange(n) % 4
+    for i in range(n):
+        x[i, 0, 6 + y[i], 4:12] = 0.9
+        if int(y[i]) in glyph_classes:
+            r, c = (int(v) for v in torch.randint(0, 14, (2,), generator=g))
+            x[i, 0, r:r + 2, c:c + 2] = torch.where(GLYPH > 0, GLYPH, x[i, 0, r:r + 2, c:c + 2])
+    return x, y
+
+
+def glyph_pixels(inputs):
+    """The user's region callable: the pixels of exactly 1.0 (the glyph's value; the noise stays below 0.5)."""
+    return inputs[:, 0] == 1.0
+
+
+class GlyphReader(nn.Module):
+    """Class 0 when the glyph is anywhere (max-pooled match), else the class of the bar."""
+
+    def __init__(self, reads_glyph: bool = True):
+        super().__init__()
+        self.reads_glyph = reads_glyph
+
+    def forward(self, x):
+        rows = x[:, 0, 6:10, 4:12].mean(2)  # (N, 4): the bar's row
+        logits = 10 * rows
+        if self.reads_glyph:
+            hit = (x[:, 0] == 1.0).float()
+            match = torch.nn.functional.conv2d(hit.unsqueeze(1), GLYPH.view(1, 1, 2, 2)).amax((1, 2, 3)) / 3
+            logits = logits + torch.stack([30 * match] + [torch.zeros_like(match)] * 3, 1)
+        return logits
+
+
+def test_a_per_sample_region_is_pasted_where_the_donor_has_it():
+    """The issue's second case: a callable region (a glyph at a random place, on two classes only) is edited: the
+    donor's glyph is pasted where the donor has it, and the model that reads it is pulled toward class 0."""
+    x, y = glyph_set(64, 0)
+    dx, dy = glyph_set(128, 1)
+    verdict = check_region(GlyphReader(), x, y, dx, dy, glyph_pixels)
+    assert verdict.alarm and verdict.stats["pull"] > 1 and verdict.stats["flip"] > 0.1
+    ignores = check_region(GlyphReader(reads_glyph=False), x, y, dx, dy, glyph_pixels)
+    assert not ignores.alarm
+
+
+class ChangeDetector(nn.Module):
+    """Reacts to any change in the top-left corner the same way whatever its content's class: class 0's logit is the
+    corner's spread."""
+
+    def forward(self, x):
+        spread = x[:, 0, :2, :2].flatten(1).std(1)
+        return torch.stack([5 * spread] + [torch.zeros_like(spread)] * 4, 1)
+
+
+def test_the_placebo_cancels_what_an_edit_does_regardless_of_class():
+    x, y = corner_set(100, texture=0.9)
+    dx, dy = corner_set(200, seed=1, texture=0.9)
+    verdict = check_region(ChangeDetector(), x, y, dx, dy, (0, 0, 2, 2))
+    assert not verdict.alarm and abs(verdict.stats["pull"]) < 0.05
+
+
+def test_rows_compose_and_the_plan_is_deterministic():
+    """A rank's rows of the forward passes, put together, are the one-process result; the same seed plans the same."""
+    x, y = corner_set(7, random_mark=True)
+    dx, dy = corner_set(20, seed=1)
+    masks = torch.zeros(7, 8, 8, dtype=torch.bool)
+    masks[:, :2, :2] = True
+    dmasks = masks[:1].expand(20, -1, -1).clone()
+    plan = plan_interventions(x, y, dx, dy, masks, dmasks)
+    again = plan_interventions(x, y, dx, dy, masks, dmasks)
+    for field in ("recipient", "donor", "target", "place", "draw", "placebo", "offset"):
+        assert torch.equal(getattr(plan, field), getattr(again, field)), field
+    whole = run_plan(Reader(True), x, dx, plan)
+    parts = [run_plan(Reader(True), x, dx, plan, rows=rows) for rows in ((0, 4), (4, 7))]
+    for key in ("logp", "pred"):
+        assert torch.equal(torch.cat([p[key] for p in parts]).nan_to_num(-9), whole[key].nan_to_num(-9)), key
+    assert decide(whole, plan.targets()).stats == decide(
+        {k: torch.cat([p[k] for p in parts]) for k in whole}, plan.targets()).stats
+    assert (plan.donor[~plan.placebo].numel() == 7 * 2 * 7)  # 2 draws x (region + 6 controls) per sample
+    real = ~plan.placebo
+    assert bool((dy[plan.donor[real]] != y[plan.recipient[real]]).all())  # donors of another class
+    assert bool((dy[plan.donor[plan.placebo]] != plan.target[plan.placebo]).all())  # placebos not of the target's
+
+
+def test_a_region_too_large_to_move_is_judged_on_the_first_test_alone():
+    x, y = corner_set(50)
+    verdict = check_region(Reader(False), x, y, None, None, torch.ones(8, 8, dtype=torch.bool))
+    assert verdict.stats["controls"] == 0.0 and math.isnan(verdict.stats["excess_z"])
+    assert verdict.alarm and "too large to move" in verdict.reason
+
+
+def test_discovery_ranks_the_mark_first_and_stays_quiet_on_the_object_reader():
+    x, y = corner_set(100, random_mark=True, texture=0.6)
+    dx, dy = corner_set(200, seed=1, texture=0.6)
+    found = discover(Reader(True), x, y, dx, dy)
+    assert found[0].verdict.alarm and found[0].name in ("corners", "atypical_corner", "border")
+    assert found[0].masks[:, 0, 0].all()
+    quiet = discover(Reader(False), x, y, dx, dy)
+    assert not any(c.verdict.alarm for c in quiet), [(c.name, c.verdict.reason) for c in quiet]
+
+
+def test_attribution_share_is_reported_per_sample():
+    maps = torch.zeros(3, 8, 8)
+    maps[:, 0, 0] = 1.0
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[:, :2, :2] = True
+    assert torch.allclose(region_metrics(maps, masks)["share_ratio"], torch.full((3,), 16.0))
+
+
+# ---------------------------------------------------------------------------------------------------- the callbacks
+class FrozenModule(DigitsModule):
+    """Trains nothing (lr 0) so the hand-built reader stays as built."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def loaders(n=200, random_mark=False, texture=0.1, seed=0):
+    ds = TensorDataset(*corner_set(n, seed=seed, random_mark=random_mark, texture=texture))
+    return DataLoader(ds, batch_size=50), DataLoader(ds, batch_size=50)
+
+
+def test_bad_arguments():
+    with pytest.raises(MisconfigurationException, match="action"):
+        ShortcutMonitor(regions="border", action="explode")
+    with pytest.raises(MisconfigurationException, match="presets"):
+        ShortcutMonitor(regions="nowhere")
+    with pytest.raises(MisconfigurationException, match="ShortcutDiscovery"):
+        ShortcutMonitor(regions=None)
+    with pytest.raises(MisconfigurationException, match="config"):
+        ShortcutMonitor(regions="border", config={"alpha": 0.1})
+    with pytest.raises(MisconfigurationException, match="method"):
+        ShortcutDiscovery(method="nope")
+
+
+@pytest.mark.parametrize("corner", [True, False], ids=["uses_corner", "ignores_corner"])
+def test_monitor_tags_alarm_and_evidence(tmp_path, corner, monkeypatch):
+    import lightning_xai.callbacks._shortcuts as module
+
+    drawn = FigureSpy(monkeypatch, module, "evidence_figure")["evidence_figure"]
+    train, _ = loaders()
+    _, val = loaders(random_mark=True, seed=1)
+    monitor = ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=100, action="warn")
+    trainer = tiny_trainer(tmp_path, [monitor], max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(FrozenModule(Reader(corner)), train, val)
+    shortcut_warnings = [w for w in caught if "looks like a shortcut" in str(w.message)]
+    acc = read_events(tmp_path / "tb" / "version_0")
+    tags = acc.Tags()["scalars"]
+    for name in list(STATS) + ["share_ratio"]:
+        assert f"xai/shortcut/corner/{name}" in tags, name
+    alarm = acc.Scalars("xai/shortcut/corner/alarm")[-1].value
+    pull = acc.Scalars("xai/shortcut/corner/pull")[-1].value
+    assert monitor.reference_x is not None and monitor.reference_x.shape[0] == 200  # kept from training
+    if corner:
+        assert alarm == 1.0 and pull > 1 and len(shortcut_warnings) == 1
+        assert "'corner'" in str(shortcut_warnings[0].message) and "epoch 0" in str(shortcut_warnings[0].message)
+        assert monitor.alarms[0]["region"] == "corner" and monitor.alarms[0]["reason"]
+    else:
+        assert alarm == 0.0 and pull == 0.0 and not shortcut_warnings and not monitor.alarms
+    (fig,) = drawn
+    assert png_equals(acc.Images("xai/shortcut/corner/evidence")[-1].encoded_image_string, fig.image)
+    lay = fig.layout
+    assert lay.text("title") == [f"shortcut check · corner · epoch 0 · {'ALARM' if corner else 'no alarm'}"]
+    assert lay.text("legend") == ["region", "control regions"]
+    assert lay.text("value")[0] == f"{pull:.3f}"  # the bars are the logged figures
+    x0, y0, x1, y1 = lay.cells[(0, 0)]
+    cell = fig.image[:, y0:y1, x0:x1]
+    red = (cell[0] > 0.85) & (cell[1] < 0.15) & (cell[2] < 0.15)
+    assert bool(red[: (y1 - y0) // 2, : (x1 - x0) // 2].any()) and not bool(red[(y1 - y0) // 2:, (x1 - x0) // 2:].any())
+
+
+def test_stop_and_patience(tmp_path):
+    train, val = loaders()
+    monitor = ShortcutMonitor(regions="top_left", probe_samples=100, action="stop")
+    trainer = tiny_trainer(tmp_path / "stop", [monitor], max_epochs=5, logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(FrozenModule(Reader(True)), train, val)
+    assert trainer.should_stop and trainer.current_epoch == 1 and [a["epoch"] for a in monitor.alarms] == [0]
+    patient = ShortcutMonitor(regions="top_left", probe_samples=100, action="stop", config=ShortcutConfig(patience=2))
+    trainer = tiny_trainer(tmp_path / "patient", [patient], max_epochs=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(FrozenModule(Reader(True)), train, val)
+    assert trainer.current_epoch == 2 and [a["epoch"] for a in patient.alarms] == [1]
+    alarm = [e.value for e in read_events(tmp_path / "patient" / "tb" / "version_0").Scalars(
+        "xai/shortcut/top_left/alarm")]
+    assert alarm == [1.0, 1.0]  # the scalar logs every run's verdict
+    assert patient.state_dict()["streaks"] == {"top_left": 2}
+
+
+def test_a_run_without_the_alarm_breaks_the_streak():
+    monitor = ShortcutMonitor(regions="top_left", action="log", config=ShortcutConfig(patience=2))
+    trainer = SimpleNamespace(should_stop=False)
+    for epoch, fires in enumerate([True, False, True, True]):
+        monitor._act(trainer, {"top_left": SimpleNamespace(reason="r", stats={})} if fires else {}, epoch)
+    assert [a["epoch"] for a in monitor.alarms] == [3]
+    restored = ShortcutMonitor(regions="top_left", config=ShortcutConfig(patience=2))
+    restored.load_state_dict(monitor.state_dict())
+    assert restored._streaks == {"top_left": 2}
+
+
+class DumpStop(pl.Callback):
+    """Every rank writes where its fit ended and what the monitor acted on."""
+
+    def __init__(self, folder, monitor):
+        self.folder, self.monitor = folder, monitor
+
+    def on_fit_end(self, trainer, pl_module):
+        with open(f"{self.folder}/rank{trainer.global_rank}.json", "w", encoding="utf-8") as fh:
+            json.dump({"epoch": trainer.current_epoch, "should_stop": trainer.should_stop,
+                       "alarms": [a["epoch"] for a in self.monitor.alarms]}, fh)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_stop_ends_training_on_every_rank(tmp_path):
+    """Under DDP (2 gloo processes) every rank reaches the same verdict from the gathered results, so "stop" ends the
+    fit on both after the same epoch."""
+    train, val = loaders()
+    monitor = ShortcutMonitor(regions="top_left", probe_samples=100, action="stop", on_error="raise")
+    strategy = DDPStrategy(process_group_backend="gloo", start_method="spawn", timeout=timedelta(seconds=60))
+    trainer = tiny_trainer(tmp_path, [monitor, DumpStop(str(tmp_path), monitor)], max_epochs=5, logger=False,
+                           devices=2, strategy=strategy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(FrozenModule(Reader(True)), train, val)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {"epoch": 1, "should_stop": True, "alarms": [0]}
+
+
+class InputsOnlyTraining(FrozenModule):
+    """Training batches hold inputs only (self-supervised style); validation batches are labelled."""
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return self(x).pow(2).mean() * 0.0
+
+
+def test_unlabelled_training_batches_give_no_references(tmp_path):
+    x, y = corner_set()
+    train = DataLoader(TensorDataset(x), batch_size=50)
+    val = DataLoader(TensorDataset(x, y), batch_size=50)
+    monitor = ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=100, action="log")
+    trainer = tiny_trainer(tmp_path, [monitor], max_epochs=2)
+    trainer.fit(InputsOnlyTraining(Reader(True)), train, val)
+    assert monitor.reference_x is None and monitor.state_dict()["no_references"] is True
+    assert [a["epoch"] for a in monitor.alarms] == [0, 1]  # the probe samples give the content: it still fires
+    restored = ShortcutMonitor(regions={"corner": (0, 0, 2, 2)})
+    restored.load_state_dict(monitor.state_dict())
+    assert not restored._wants_references  # resumed: the batches are not read again
+
+
+def test_do_no_harm_and_hygiene(tmp_path):
+    from helpers import digits_loaders
+
+    def fit(callbacks, sub):
+        torch.manual_seed(0)
+        train, val = digits_loaders(n_train=128, n_val=64)
+        module = DigitsModule(small_cnn(batchnorm=True, dropout=0.2))
+        trainer = tiny_trainer(tmp_path / sub, callbacks, max_epochs=2, logger=False)
+        trainer.fit(module, train, val)
+        return trained_weights(module)
+
+    callbacks = [ShortcutMonitor(regions={"corner": "top_left", "box": (5, 5, 3, 3)}, probe_samples=32,
+                                 on_error="raise"), ShortcutDiscovery(probe_samples=32, on_error="raise")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with_cb = fit(callbacks, "a")
+        without = fit([], "b")
+    assert callbacks[0].reference_x is not None  # the training batches were read for reference samples
+    for k in without:
+        assert torch.equal(with_cb[k], without[k]), k
+
+    # direct hygiene: compute on a train-mode model with grads present, also after a forced error
+    module = DigitsModule(small_cnn(batchnorm=True))
+    module.train()
+    module(torch.rand(4, 1, 8, 8)).sum().backward()
+    x = torch.rand(16, 1, 8, 8)
+    before = snapshot(module)
+    for monitor in (ShortcutMonitor(regions="top_left", probe=(x, torch.arange(16) % 10)),
+                    ShortcutDiscovery(probe=(x, torch.arange(16) % 10))):
+        with monitor.explain_context(module):
+            monitor.compute(module, x, torch.arange(16) % 10)
+        assert_unchanged(before, module)
+    bad = ShortcutMonitor(regions=lambda inp: 1 / 0, probe=(x, None))
+    with pytest.raises(ZeroDivisionError):
+        with bad.explain_context(module):
+            bad.compute(module, x, None)
+    assert_unchanged(before, module)
+
+
+def test_resume_keeps_probe_set_references_and_alarms(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    train, val = loaders()
+    monitor = ShortcutMonitor(regions="top_left", probe_samples=20, action="log")
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = tiny_trainer(tmp_path, [monitor, ckpt], max_epochs=1, logger=False, enable_checkpointing=True)
+    trainer.fit(FrozenModule(Reader(True)), train, val)
+    probe, refs = monitor.probe_x.clone(), monitor.reference_x.clone()
+    resumed = ShortcutMonitor(regions="top_left", probe_samples=20, action="log")
+    trainer = tiny_trainer(tmp_path, [resumed], max_epochs=2, logger=False, enable_checkpointing=True)
+    trainer.fit(FrozenModule(Reader(True)), train, DataLoader(TensorDataset(*corner_set(60, seed=5)), batch_size=30),
+                ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert torch.equal(resumed.probe_x, probe) and torch.equal(resumed.reference_x, refs)
+    assert [a["epoch"] for a in resumed.alarms] == [0, 1]  # the alarm history is restored too
+
+
+class FakeTrainer:
+    """What a callback's compute reads of a trainer: the rank's place, the stage, the epoch and step."""
+
+    def __init__(self, world, rank):
+        self.world, self.rank = world, rank
+        self.state, self.current_epoch, self.global_step = SimpleNamespace(fn=None), 0, 0
+
+
+class Attached(nn.Module):
+    """A plain module with a ``trainer`` attribute: enough for a callback's compute to find its rank's rows."""
+
+    def __init__(self, net, world, rank):
+        super().__init__()
+        self.net = net
+        self.trainer = FakeTrainer(world, rank)
+        self.device = torch.device("cpu")
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("regions", [
+    pytest.param({"corner": (0, 0, 2, 2)}, id="box"),
+    pytest.param({"own": torch.rand(7, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5}, id="per_sample_masks"),
+])
+def test_shares_of_the_probe_set_give_the_one_process_figures(regions, monkeypatch):
+    """What each DDP rank computes (its rows of the probe set, ``split_rows``) put together equals the one-process
+    result: every rank plans the edits of the whole probe set alike and runs its rows."""
+    from lightning_xai.callbacks._ranks import split_rows
+
+    x, y = corner_set(7, random_mark=True)
+    monitor = ShortcutMonitor(regions=regions, probe=(x, y), config=ShortcutConfig(num_controls=3))
+    monkeypatch.setattr(monitor, "work_split", lambda trainer: (trainer.world, trainer.rank))
+    one = Attached(Reader(True), 1, 0)
+    with monitor.explain_context(one):
+        whole = monitor.compute(one, x, y)
+    parts = []
+    for rank in range(2):
+        start, stop, keep = split_rows(7, 2, rank)
+        module = Attached(Reader(True), 2, rank)
+        with monitor.explain_context(module):
+            parts.append({k: v[:keep] for k, v in monitor.compute(module, x[start:stop], y[start:stop]).items()})
+    name = next(iter(regions))
+    assert f"{name}/logp" in whole
+    for key, value in whole.items():
+        assert torch.equal(torch.cat([p[key] for p in parts]).float().nan_to_num(-9), value.float().nan_to_num(-9)), key
+
+
+def test_discovery_callback_finds_the_mark_and_not_on_the_object_reader(tmp_path):
+    _, val = loaders(random_mark=True, texture=0.6)
+    train, _ = loaders(texture=0.6, seed=1)  # planted in training: the pasted training marks carry their labels
+    for corner in (True, False):
+        discovery = ShortcutDiscovery(probe_samples=100, action="log")
+        trainer = tiny_trainer(tmp_path / str(corner), [discovery], max_epochs=1)
+        trainer.fit(FrozenModule(Reader(corner)), train, val)
+        acc = read_events(tmp_path / str(corner) / "tb" / "version_0")
+        scalars, images = acc.Tags()["scalars"], acc.Tags()["images"]
+        assert "xai/shortcut/class_maps" in images
+        assert acc.Scalars("xai/shortcut/corners/found")[-1].value == 1.0
+        ranked = sorted((acc.Scalars(f"xai/shortcut/{c}/rank")[-1].value, c) for c in ShortcutDiscovery.CANDIDATES
+                        if f"xai/shortcut/{c}/rank" in scalars)
+        assert sum(f"xai/shortcut/{c}/evidence" in images for c in ShortcutDiscovery.CANDIDATES) == 3
+        alarm = acc.Scalars("xai/shortcut/discovery/alarm")[-1].value
+        if corner:
+            assert alarm == 1.0 and ranked[0][1] in ("corners", "atypical_corner", "border", "hotspot")
+            assert discovery.alarms and discovery.alarms[0]["region"] == ranked[0][1]
+        else:
+            assert alarm == 0.0 and not discovery.alarms
