@@ -40,7 +40,8 @@ def small_cnn(num_classes: int = 10) -> nn.Sequential:
     """Same architecture as ``tests/helpers.small_cnn`` (kept here so the benchmark does not import Lightning)."""
     features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                              nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes))
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes))
     return nn.Sequential(features, head)
 
 
@@ -118,14 +119,16 @@ def main() -> None:
     for name, _, _, unit, count in methods:
         floor = count * med["floor " + unit]
         ours, theirs = med["ours " + name], med["captum " + name]
-        what = f"{count} x {'fwd+bwd' if unit == 'fb' else 'fwd'}" if count > 1 else ("fwd+bwd" if unit == "fb" else "fwd")
-        print(f"| {name} | {ours:.1f} | {floor:.1f} ({what}) | {ours / floor:.2f} | {theirs:.1f} | {ours / theirs:.2f} |")
+        what = f"{count} x {'fwd+bwd' if unit == 'fb' else 'fwd'}" if count > 1 else (
+            "fwd+bwd" if unit == "fb" else "fwd")
+        print(f"| {name} | {ours:.1f} | {floor:.1f} ({what}) | {ours / floor:.2f} | {theirs:.1f} "
+              f"| {ours / theirs:.2f} |")
 
     if args.sweep:
         sweep: Dict[str, Callable[[], object]] = {"floor fb": fwd_bwd, "floor f": fwd}
         for rows in (64, 128, 256, 512, 2048):
             sweep[f"IG 32 steps, {rows} rows/pass"] = (lambda r=rows: integrated_gradients(model, x, t, steps=32,
-                                                                                          internal_batch_size=r))
+                                                                                           internal_batch_size=r))
         for rows in (64, 128, 256, 1024):
             sweep[f"SmoothGrad 16, {rows} rows/pass"] = lambda r=rows: smoothgrad(model, x, t, samples=16, batch_size=r)
         for ppe in (1, 2, 4, 16):

@@ -61,7 +61,7 @@ def make_images(n: int, seed: int) -> Tuple[Tensor, Tensor]:
         b = c.shape[0]
         phase = torch.rand(b, 1, 1, generator=g) * 2 * math.pi
         wave = torch.sin(2 * math.pi * freq[c].view(b, 1, 1) * (xx * angle[c].cos().view(b, 1, 1)
-                                                                  + yy * angle[c].sin().view(b, 1, 1)) + phase)
+                                                                + yy * angle[c].sin().view(b, 1, 1)) + phase)
         colour = (palette[c] + 0.15 * torch.randn(b, 3, generator=g)).view(b, 3, 1, 1)
         img = colour * (0.55 + 0.35 * wave.unsqueeze(1))  # (b, 3, 32, 32)
         centre = torch.rand(b, 2, 1, 1, generator=g) * 0.6 + 0.2
@@ -171,7 +171,8 @@ def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> 
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks,
                          limit_train_batches=limit_train_batches,
-                         logger=TensorBoardLogger(tempfile.mkdtemp(prefix="xai-cifar-")),  # images encoded as in a real run
+                         logger=TensorBoardLogger(tempfile.mkdtemp(prefix="xai-cifar-")
+                                                  ),  # images encoded as in a real run
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          num_sanity_val_steps=0)
     model = SmallCNN()
@@ -281,7 +282,8 @@ def measure(rounds: int, epochs: int, rss_rounds: int, rss_limit: int) -> Dict[s
             s["model"] = None
     rss = []
     for r in range(rss_rounds):
-        pair = {which: peak_rss(which, epochs, rss_limit) for which in (("none", "stack") if r % 2 == 0 else ("stack", "none"))}
+        pair = {which: peak_rss(which, epochs, rss_limit)
+                for which in (("none", "stack") if r % 2 == 0 else ("stack", "none"))}
         rss.append(pair)
         print(f"# rss round {r}: {pair}", flush=True)
     return {"plain": plain, "stack": stack, "rss": rss, "epochs": epochs, "rss_limit": rss_limit}
@@ -297,18 +299,20 @@ def report(res: Dict[str, Any]) -> None:
 def report_time(res: Dict[str, Any]) -> None:
     plain, stack, epochs = res["plain"], res["stack"], res["epochs"]
     ratios = [s["seconds"] / p["seconds"] for s, p in zip(stack, plain)]
-    print(f"\nCIFAR-sized fit: {SIZES['train']:,} training and {SIZES['val']:,} validation images of 3x{SIDE}x{SIDE}, small CNN, batch "
-          f"{BATCH}, {epochs} epoch(s), {torch.get_num_threads()} threads; {len(ratios)} rounds, each a fit without "
-          "callbacks and one with the default stack, interleaved (order reversed every other round); validation "
-          f"accuracy after the fit {statistics.median(p['val_acc'] for p in plain):.3f}.\n")
+    print(f"\nCIFAR-sized fit: {SIZES['train']:,} training and {SIZES['val']:,} validation images of "
+          f"3x{SIDE}x{SIDE}, small CNN, batch {BATCH}, {epochs} epoch(s), {torch.get_num_threads()} threads; "
+          f"{len(ratios)} rounds, each a fit without callbacks and one with the default stack, interleaved (order "
+          f"reversed every other round); validation accuracy after the fit "
+          f"{statistics.median(p['val_acc'] for p in plain):.3f}.\n")
     print("| callbacks | fit seconds (median) | / no callbacks (median of the rounds' ratios) | rounds' ratios |")
     print("|---|---:|---:|---|")
     print(f"| none | {statistics.median(p['seconds'] for p in plain):.1f} | 1.000 | – |")
-    print(f"| default stack | {statistics.median(s['seconds'] for s in stack):.1f} | **{statistics.median(ratios):.3f}** | "
-          f"{', '.join(f'{r:.3f}' for r in ratios)} |")
+    print(f"| default stack | {statistics.median(s['seconds'] for s in stack):.1f} | "
+          f"**{statistics.median(ratios):.3f}** | {', '.join(f'{r:.3f}' for r in ratios)} |")
     cpu = [s["cpu"] / p["cpu"] for s, p in zip(stack, plain)]
-    print(f"\nThe same in process CPU time (user + system, both threads; what other jobs on the machine take barely moves "
-          f"it): plain fit {statistics.median(p['cpu'] for p in plain):.1f} s, stack {statistics.median(s['cpu'] for s in stack):.1f} s, "
+    print(f"\nThe same in process CPU time (user + system, both threads; what other jobs on the machine take barely "
+          f"moves it): plain fit {statistics.median(p['cpu'] for p in plain):.1f} s, "
+          f"stack {statistics.median(s['cpu'] for s in stack):.1f} s, "
           f"ratio **{statistics.median(cpu):.3f}** ({', '.join(f'{r:.3f}' for r in cpu)}).")
     # within one fit: its time over its time without the explaining the cost book charged (drift between fits cancels)
     within = [s["seconds"] / (s["seconds"] - sum(v["seconds"] for v in s["spent"].values())) for s in stack]
@@ -316,11 +320,12 @@ def report_time(res: Dict[str, Any]) -> None:
           f"**{statistics.median(within):.3f}** ({', '.join(f'{r:.3f}' for r in within)}).")
     names = list(stack[0]["spent"])
     print("\nEach callback, median over the rounds: seconds per run (cost book), share of the plain fit "
-          "(its seconds / the same round's fit without callbacks), and its floor: declared passes per run x the cost of "
-          "one forward+backward per sample of the model (eval mode, 128 rows, input gradient; a forward alone counts "
-          "1/3), timed in the same fit just before and just after the callback's run (the timers' own time is taken "
-          "out of the stack's fit time).\n")
-    print("| callback | runs | seconds per run | share of the plain fit | declared passes per run | floor (s) | run / floor |")
+          "(its seconds / the same round's fit without callbacks), and its floor: declared passes per run x the cost "
+          "of one forward+backward per sample of the model (eval mode, 128 rows, input gradient; a forward alone "
+          "counts 1/3), timed in the same fit just before and just after the callback's run (the timers' own time is "
+          "taken out of the stack's fit time).\n")
+    print("| callback | runs | seconds per run | share of the plain fit | declared passes per run | floor (s) "
+          "| run / floor |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     steady = 0.0
     for name in names:
@@ -345,8 +350,8 @@ def report_time(res: Dict[str, Any]) -> None:
         print(f"| {name} | {runs} | {per_run:.2f} | {100 * share:.1f} % | {work_txt} | {floor} | {floor_ratio} |")
         every = 5 if name == "FeatureVisMonitor" else 1
         steady += per_run / every
-    print("\nIn CPU time: each callback's epoch-end work (between the timers around it; LinearProbeMonitor's capture and "
-          "untrained forward during the validation batches are not in it) against its floor in CPU time.\n")
+    print("\nIn CPU time: each callback's epoch-end work (between the timers around it; LinearProbeMonitor's capture "
+          "and untrained forward during the validation batches are not in it) against its floor in CPU time.\n")
     print("| callback | CPU seconds per run | share of the plain fit's CPU | floor (CPU s) | run / floor |")
     print("|---|---:|---:|---:|---:|")
     for i, name in enumerate(names):
@@ -374,8 +379,9 @@ def report_memory(res: Dict[str, Any]) -> None:
     epochs = res["epochs"]
     if res["rss"]:
         ratio = statistics.median(pr["stack"][0] / pr["none"][0] for pr in res["rss"])
-        print(f"\nPeak resident memory (VmHWM) of fits in child processes, {len(res['rss'])} pair(s), {epochs} epoch(s) "
-              f"of {res['rss_limit']} training batches (the whole validation set, every callback run):\n")
+        print(f"\nPeak resident memory (VmHWM) of fits in child processes, {len(res['rss'])} pair(s), "
+              f"{epochs} epoch(s) of {res['rss_limit']} training batches (the whole validation set, every callback "
+              "run):\n")
         print("| callbacks | RSS when the fit starts (MiB) | peak RSS during the fit (MiB) |")
         print("|---|---:|---:|")
         for which, label in (("none", "none"), ("stack", "default stack")):

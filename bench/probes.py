@@ -83,8 +83,9 @@ def overhead(samples: int, repeats: int, root: str) -> None:
     monitor = TimedMonitor(layers=layers)
 
     def run(callbacks, tag):
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(root, name=tag), callbacks=callbacks,
-                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(root, name=tag),
+                             callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False)
         start = time.perf_counter()
         trainer.validate(model, loader, verbose=False)
         return time.perf_counter() - start
@@ -101,7 +102,8 @@ def overhead(samples: int, repeats: int, root: str) -> None:
         own.append(TimedMonitor.spent / (probed[-1] - TimedMonitor.spent))
     base, with_cb = statistics.median(plain), statistics.median(probed)
     print(f"\n## Overhead: {samples} validation samples, 4 probed layers (GAP: 32/64/128/128 dims), {repeats} repeats")
-    print("| run | median s | added share, A/B (with - without) / without | added share, in-run (own time / rest of epoch) |")
+    print("| run | median s | added share, A/B (with - without) / without "
+          "| added share, in-run (own time / rest of epoch) |")
     print("|---|---|---|---|")
     print(f"| validate, no monitor | {base:.2f} | - | - |")
     print(f"| validate + LinearProbeMonitor (steady state) | {with_cb:.2f} | {100 * (with_cb - base) / base:+.1f} % | "
@@ -115,8 +117,10 @@ def memory(samples: int, side: int, channels: int) -> None:
     conv = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
     gen = torch.Generator().manual_seed(0)
     raw = samples * channels * side * side * 4
-    print(f"\n## Memory: conv map {channels}x{side}x{side}, {samples} samples (raw float32 maps: {raw / 2**20:,.0f} MiB)")
-    print("| reducer | feature dim | kept by the probe (features + ridge statistics) | share of raw maps | peak RSS MiB |")
+    print(
+        f"\n## Memory: conv map {channels}x{side}x{side}, {samples} samples (raw float32 maps: {raw / 2**20:,.0f} MiB)")
+    print("| reducer | feature dim | kept by the probe (features + ridge statistics) | share of raw maps "
+          "| peak RSS MiB |")
     print("|---|---|---|---|---|")
     for spec in ("gap", "gap+max", "pool2", ("rproj", 256)):
         probe = EpochProbe()

@@ -55,6 +55,7 @@ def figures(repeats: int) -> None:
     captions = [[f"label {i % 10} · pred {i % 10}", f"conf 0.9{i % 10} · expl. {i % 10}"] for i in range(32)]
     masks = torch.zeros(4, 8, 8, dtype=torch.bool)
     masks[:, :2, :2] = True
+
     def evolution():
         return evolution_figure(digits[:4], [(str(e), maps[:4]) for e in range(8)], False,
                                 title="saliency over the epochs", scale=3.0, row_labels=[["#0", "label 0"]] * 4,
@@ -129,7 +130,7 @@ def attribution_share(epochs: int) -> None:
     monitor = AttributionMonitor(methods=("saliency", "smoothgrad", "integrated_gradients"), probe_samples=20)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=pl.loggers.TensorBoardLogger(
         os.path.join("runs", "bench_render")), callbacks=[monitor], enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(DigitsClassifier(), DataLoader(TensorDataset(train.x, train.y), batch_size=64, shuffle=True),

@@ -40,14 +40,15 @@ class DigitsClassifier(DigitsSteps, pl.LightningModule):
 class ShortcutDigitsData(pl.LightningDataModule):
     """Digits with a planted shortcut (see lightning_xai.datasets)."""
 
-    def __init__(self, variant: str = "corner_intensity", train_shortcut: str = "planted", val_shortcut: str = "planted",
-                 noise: float = 0.25, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, variant: str = "corner_intensity", train_shortcut: str = "planted",
+                 val_shortcut: str = "planted", noise: float = 0.25, batch_size: int = 64, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        self.train, self.val = shortcut_digits(hp.variant, hp.train_shortcut, hp.val_shortcut, noise=hp.noise, seed=hp.seed)
+        self.train, self.val = shortcut_digits(hp.variant, hp.train_shortcut,
+                                               hp.val_shortcut, noise=hp.noise, seed=hp.seed)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.train.x, self.train.y), batch_size=self.hparams.batch_size, shuffle=True)

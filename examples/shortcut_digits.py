@@ -103,8 +103,10 @@ def main() -> None:
 
     mode = "none" if args.clean else "planted"
     noise = 0.25
-    train, val = shortcut_digits("corner_intensity", train_shortcut=mode, val_shortcut=mode, noise=noise, seed=args.seed)
-    _, heldout = shortcut_digits("corner_intensity", train_shortcut=mode, val_shortcut="random", noise=noise, seed=args.seed)
+    train, val = shortcut_digits("corner_intensity", train_shortcut=mode,
+                                 val_shortcut=mode, noise=noise, seed=args.seed)
+    _, heldout = shortcut_digits("corner_intensity", train_shortcut=mode,
+                                 val_shortcut="random", noise=noise, seed=args.seed)
     # the mark's brightness code as a concept label for the probes (0 where there is no mark)
     train_loader = DataLoader(TensorDataset(train.x, train.y), batch_size=64, shuffle=True)
     val_loaders = [DataLoader(TensorDataset(val.x, val.y), batch_size=128),
@@ -147,9 +149,10 @@ def summarize(rows, alarms, run, log_dir, seconds, clean) -> None:
               f"{cell(r, 'xai/shortcut/mark/pull', 6, '.2f')} {cell(r, 'xai/shortcut/mark/pull_z', 7, '.1f')} "
               f"{cell(r, 'xai/shortcut/mark/excess_z', 9, '.1f')} {cell(r, 'xai/shortcut/mark/alarm', 6, '.0f')}")
     print("\n'saliency on mark' is the share of saliency on the 2x2 mark divided by the mark's share of the image "
-          "(1.0x = no preference);\n'pull' (nats) is how much pasting another class' mark raises that class' log-probability "
-          "beyond a placebo paste,\n'pull z' its z, and 'excess z' the z of its excess over the strongest other place "
-          "of the mark's shape\n(an alarm needs both z >= 3.72 and both effects >= 0.049 nats; docs/shortcuts.md).")
+          "(1.0x = no preference);\n'pull' (nats) is how much pasting another class' mark raises that class' "
+          "log-probability beyond a placebo paste,\n'pull z' its z, and 'excess z' the z of its excess over the "
+          "strongest other place of the mark's shape\n(an alarm needs both z >= 3.72 and both effects >= 0.049 nats; "
+          "docs/shortcuts.md).")
     if alarms:
         print("\nShortcutMonitor raised the alarm:\n  " + alarms[0])
     else:

@@ -235,7 +235,8 @@ def resolve_layer_patterns(model: nn.Module, patterns: Sequence[str], name: str 
             raise TypeError(expected(name, "a list of layer names or glob patterns", pattern))
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            raise ValueError(expected(name, "names or patterns matching the model's layers: " + ", ".join(names), pattern))
+            raise ValueError(expected(name, "names or patterns matching the model's layers: " + ", ".join(names),
+                                      pattern))
         chosen.extend(h for h in hits if h not in chosen)
     return [n for n in names if n in chosen]
 
@@ -251,7 +252,8 @@ def as_logits(output: Any) -> Tensor:
         if output.ndim == 1:
             return output.unsqueeze(1)
         if output.ndim != 2:
-            raise ValueError(expected("model output", "logits of shape (N, classes), or (N,) / (N, 1) for one binary logit", output))
+            raise ValueError(
+                expected("model output", "logits of shape (N, classes), or (N,) / (N, 1) for one binary logit", output))
         return output
     raise TypeError(
         expected(

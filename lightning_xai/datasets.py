@@ -55,7 +55,8 @@ def load_digits_tensors() -> Tuple[Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError("The digits data needs scikit-learn: `pip install scikit-learn` (or the `demo` extra).") from err
+        raise ImportError(
+            "The digits data needs scikit-learn: `pip install scikit-learn` (or the `demo` extra).") from err
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return x, torch.tensor(data.target, dtype=torch.long)

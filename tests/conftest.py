@@ -14,3 +14,12 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def cnn():
+    """A small CNN in eval mode, seeded (the attribution tests' model)."""
+    from helpers import small_cnn
+
+    torch.manual_seed(0)
+    return small_cnn().eval()

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 
-def small_cnn(num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True, dropout: float = 0.0) -> nn.Sequential:
+def small_cnn(num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True,
+              dropout: float = 0.0) -> nn.Sequential:
     """A tiny CNN for 8x8 (digits) or larger images, with named layers ``features.*`` and ``head``."""
     layers = [nn.Conv2d(in_channels, 8, 3, padding=1)]
     if batchnorm:
@@ -147,7 +148,8 @@ def digits_data(n_train: int = 256, n_val: int = 64):
     from lightning_xai.datasets import load_digits_tensors
 
     x, y = load_digits_tensors()
-    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:n_train + n_val], y[n_train:n_train + n_val])
+    val = slice(n_train, n_train + n_val)
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[val], y[val])
 
 
 def digits_loaders(n_train: int = 256, n_val: int = 64, batch_size: int = 32):

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from helpers import small_cnn
-from lightning_xai.attribution import grad_cam, input_x_gradient, integrated_gradients, lime, occlusion, saliency, smoothgrad
+from lightning_xai.attribution import (grad_cam, input_x_gradient, integrated_gradients, lime, occlusion, saliency,
+                                       smoothgrad)
 from lightning_xai.attribution._integrated_gradients import quadrature
 from lightning_xai.attribution._occlusion import occlusion_windows
 
@@ -14,12 +15,6 @@ from lightning_xai.attribution._occlusion import occlusion_windows
 @pytest.fixture
 def captum_attr():
     return pytest.importorskip("captum.attr")
-
-
-@pytest.fixture
-def cnn():
-    torch.manual_seed(0)
-    return small_cnn().eval()
 
 
 @pytest.fixture
@@ -139,7 +134,8 @@ def test_smoothgrad_family_from_the_same_draws(cnn, batch, kind):
     grads = torch.stack([saliency(cnn, batch + sigma * eps[s], t) for s in range(samples)])  # (S, N, ...)
     ref = {"smoothgrad": grads.mean(0), "smoothgrad_sq": (grads ** 2).mean(0),
            "vargrad": (grads ** 2).mean(0) - grads.mean(0) ** 2}[kind]
-    ours = smoothgrad(cnn, batch, t, samples=samples, noise=noise, kind=kind, generator=torch.Generator().manual_seed(7))
+    ours = smoothgrad(cnn, batch, t, samples=samples, noise=noise,
+                      kind=kind, generator=torch.Generator().manual_seed(7))
     assert (ours - ref).abs().max() <= 1e-6
     again = smoothgrad(cnn, batch, t, samples=samples, noise=noise, kind=kind, generator=7)
     assert torch.equal(ours, again)
@@ -216,7 +212,8 @@ def test_integrated_gradients_completeness(trained_cnn):
     t = _target(model, x)
     attr, delta = integrated_gradients(model, x, t, steps=64, return_delta=True)
     with torch.no_grad():
-        gap = model(x).gather(1, t.view(-1, 1)).squeeze(1) - model(torch.zeros_like(x)).gather(1, t.view(-1, 1)).squeeze(1)
+        gap = model(x).gather(1, t.view(-1, 1)).squeeze(1) - \
+                    model(torch.zeros_like(x)).gather(1, t.view(-1, 1)).squeeze(1)
     assert float((delta.abs() / gap.abs()).median()) <= 1e-2
     assert torch.equal(delta, attr.flatten(1).sum(1) - gap)
 

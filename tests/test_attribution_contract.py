@@ -24,9 +24,6 @@ from lightning_xai.attribution import (
 )
 
 
-from test_attribution import cnn  # noqa: F401,E402  (shared fixture; torch threads are set in conftest)
-
-
 @pytest.fixture
 def batch():
     return torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -124,7 +121,8 @@ def test_no_side_effects_after_forced_exception(fn, options, batch, where):
 
 
 @pytest.mark.parametrize("fn,options", METHOD_CASES)
-@pytest.mark.parametrize("context", [pytest.param("no_grad", id="no_grad"), pytest.param("inference", id="inference_mode")])
+@pytest.mark.parametrize("context", [pytest.param("no_grad", id="no_grad"),
+                                     pytest.param("inference", id="inference_mode")])
 def test_grad_contexts(cnn, batch, fn, options, context):
     ref = _first(fn(cnn, batch, 3, **options))
     before = snapshot(cnn)
@@ -182,7 +180,7 @@ def test_target_forms(cnn, batch, fn, options):
     pytest.param(lambda out: out, ValueError, r"target\(output\)", id="callable-wrong-shape"),
 ])
 @pytest.mark.parametrize("fn", [pytest.param(f, id=f.__name__) for f in (saliency, integrated_gradients, occlusion,
-                                                                        grad_cam, smoothgrad, lime)])
+                                                                         grad_cam, smoothgrad, lime)])
 def test_bad_targets(cnn, batch, fn, target, error, match):
     before = snapshot(cnn)
     with pytest.raises(error, match=match):
@@ -199,7 +197,8 @@ def test_bad_targets(cnn, batch, fn, target, error, match):
     pytest.param(integrated_gradients, {"method": "riemann_trapezoid", "steps": 1}, ValueError, ">= 2",
                  id="ig-trapezoid-steps"),
     pytest.param(integrated_gradients, {"baseline": "black"}, ValueError, "'blur', 'uniform'", id="ig-baseline-name"),
-    pytest.param(integrated_gradients, {"baseline": torch.zeros(3, 3)}, ValueError, "broadcastable", id="ig-baseline-shape"),
+    pytest.param(integrated_gradients, {"baseline": torch.zeros(3, 3)},
+                 ValueError, "broadcastable", id="ig-baseline-shape"),
     pytest.param(integrated_gradients, {"internal_batch_size": 0}, ValueError, "`internal_batch_size`", id="ig-ibs"),
     pytest.param(integrated_gradients, {"generator": "seed"}, TypeError, "`generator`", id="ig-generator"),
     pytest.param(saliency, {"batch_size": 2.0}, TypeError, "`batch_size`.*positive int", id="batch-size-float"),
@@ -262,7 +261,8 @@ def test_registry_names_and_specs():
 
 @pytest.mark.parametrize("spec,error,match", [
     pytest.param("gradcam", ValueError, "'saliency', 'input_x_gradient'.*'lime'", id="unknown-name"),
-    pytest.param(("integrated_gradients", {"n_steps": 5}), ValueError, "options of 'integrated_gradients'.*steps.*but got 'n_steps'", id="unknown-option"),
+    pytest.param(("integrated_gradients", {"n_steps": 5}), ValueError,
+                 "options of 'integrated_gradients'.*steps.*but got 'n_steps'", id="unknown-option"),
     pytest.param(("saliency", {1: 2}), TypeError, "dict of keyword", id="bad-options"),
     pytest.param(42, TypeError, "a method name", id="int"),
 ])

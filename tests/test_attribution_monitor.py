@@ -58,7 +58,8 @@ def test_logs_images_text_and_scalars(tmp_path, monkeypatch):
     captions = layout.text("caption")
     assert [c.split(" · ")[0] for c in captions[::2]] == [f"label {v}" for v in labels]  # one block per probe sample
     assert all(c.startswith("conf ") and " · expl. " in c for c in captions[1::2])
-    assert "colorbar" in layout.regions and layout.scale[0] == "inferno" and layout.scale[2] == monitor.scales["saliency"][0]
+    assert "colorbar" in layout.regions and layout.scale[0] == "inferno"
+    assert layout.scale[2] == monitor.scales["saliency"][0]
     assert layout.regions["header"][3] <= min(box[1] for box in layout.cells.values())  # headers above the cells
     share = [s.value for s in acc.Scalars("xai/attribution/saliency/top5_share")]
     assert len(share) == 2 and all(0.05 <= v <= 1.0 for v in share)
@@ -144,7 +145,8 @@ def test_top_share_bounds():
 
 def test_do_no_harm_bit_identical_weights(tmp_path):
     _, plain = _fit(tmp_path / "a", [])
-    monitor = AttributionMonitor(methods=("saliency", ("smoothgrad", {"samples": 4}), ("integrated_gradients", {"steps": 4})),
+    methods = ("saliency", ("smoothgrad", {"samples": 4}), ("integrated_gradients", {"steps": 4}))
+    monitor = AttributionMonitor(methods=methods,
                                  probe_samples=8)
     _, explained = _fit(tmp_path / "b", [monitor])
     assert monitor.last_explained_epoch == 1

@@ -39,7 +39,8 @@ def test_classes_without_samples_are_skipped_by_the_stratified_probe_set(tmp_pat
     keep = y < 3  # only classes 0, 1, 2 in validation
     monitor = AttributionMonitor(methods=("saliency",), probe_samples=9)
     trainer = tiny_trainer(tmp_path, callbacks=[monitor], max_epochs=1)
-    trainer.fit(DigitsModule(), DataLoader(train, batch_size=32), DataLoader(TensorDataset(x[keep], y[keep]), batch_size=32))
+    trainer.fit(DigitsModule(), DataLoader(train, batch_size=32),
+                DataLoader(TensorDataset(x[keep], y[keep]), batch_size=32))
     assert monitor.probe_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 

@@ -101,7 +101,8 @@ def test_the_old_gather_failed_on_an_empty_rank():
         except RuntimeError as err:
             errors.append(err)
 
-    threads = [threading.Thread(target=old, args=(0, torch.ones(2, 3))), threading.Thread(target=old, args=(1, torch.empty(0)))]
+    threads = [threading.Thread(target=old, args=(0, torch.ones(2, 3))),
+               threading.Thread(target=old, args=(1, torch.empty(0)))]
     for t in threads:
         t.start()
     for t in threads:

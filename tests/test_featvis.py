@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_unchanged, small_cnn, snapshot
-from lightning_xai.featvis import L1, L2, Blur, FourierParam, GeneratorParam, Jitter, Objective, Pad, PixelParam, RandomRotate, RandomScale, TotalVariation, channel, class_logit, direction, diversity, layer_objective, neuron, render
+from lightning_xai.featvis import (L1, L2, Blur, FourierParam, GeneratorParam, Jitter, Objective, Pad, PixelParam,
+                                   RandomRotate, RandomScale, TotalVariation, channel, class_logit, direction,
+                                   diversity, layer_objective, neuron, render)
 from lightning_xai.featvis._objectives import objectives_from_spec
 from lightning_xai.featvis._param import color_correlation
 
@@ -133,7 +135,8 @@ def _gabor_bank(thetas, size=9, freq=0.2, sigma=2.5):
     yy, xx = torch.meshgrid(r, r, indexing="ij")
     kernels = []
     for t in thetas:
-        g = torch.exp(-(xx ** 2 + yy ** 2) / (2 * sigma ** 2)) * torch.cos(2 * math.pi * freq * (xx * math.cos(t) + yy * math.sin(t)))
+        g = (torch.exp(-(xx ** 2 + yy ** 2) / (2 * sigma ** 2))
+             * torch.cos(2 * math.pi * freq * (xx * math.cos(t) + yy * math.sin(t))))
         kernels.append(g - g.mean())  # zero mean: a flat image gives no response
     conv = nn.Conv2d(1, len(thetas), size, bias=False)
     with torch.no_grad():
@@ -194,7 +197,8 @@ def test_generator_prior_decodes_to_target_class(digits, digits_net):
 
 # --------------------------------------------------------------------------- objectives and parts
 def test_objective_algebra():
-    acts = {"a": torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 2, 2), "logits": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    acts = {"a": torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 2, 2),
+            "logits": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
     c0 = channel("a", 0)
     torch.testing.assert_close(c0(acts), torch.tensor([1.5, 13.5]))
     torch.testing.assert_close(channel("a", 0, "sum")(acts), torch.tensor([6.0, 54.0]))
@@ -276,7 +280,8 @@ def test_inference_mode_and_forward_callable(digits_net):
         pytest.param(dict(input_shape=(8, 8)), ValueError, "Expected `input_shape`", id="shape"),
         pytest.param(dict(param="wavelet"), ValueError, "Expected `param` to be 'fourier', 'pixel'", id="param"),
         pytest.param(dict(objectives=[]), ValueError, "Expected `objectives`", id="empty"),
-        pytest.param(dict(objectives=[channel("features.9", 0)]), ValueError, "layers: 0, 0.0, 0.1", id="unknown-layer"),
+        pytest.param(dict(objectives=[channel("features.9", 0)]),
+                     ValueError, "layers: 0, 0.0, 0.1", id="unknown-layer"),
         pytest.param(dict(value_range=(1.0, 0.0)), ValueError, "Expected `value_range`", id="range"),
     ],
 )

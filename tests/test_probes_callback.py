@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from helpers import DigitsModule, FigureSpy, digits_loaders, hook_count, png_equals, read_events, tiny_trainer, trained_weights
+from helpers import (DigitsModule, FigureSpy, digits_loaders, hook_count, png_equals, read_events, tiny_trainer,
+                     trained_weights)
 from lightning_xai.callbacks._probes import LinearProbeMonitor
 from lightning_xai.probes import Reducer
 
@@ -29,7 +30,8 @@ def _fit(tmp_path, callbacks, n_train=256, n_val=400, max_epochs=2, logger=True,
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("probes")
-    monitor = LinearProbeMonitor(layers=LAYERS, concepts={"big": lambda batch: (batch[1] >= 5).long()}, on_error="raise")
+    monitor = LinearProbeMonitor(layers=LAYERS, concepts={
+                                 "big": lambda batch: (batch[1] >= 5).long()}, on_error="raise")
     import lightning_xai.callbacks._probes as probes_module
 
     with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as mp:
@@ -210,5 +212,6 @@ def test_a_failing_probe_warns_and_never_stops_training(tmp_path):
     assert monitor.errors == 1 and monitor.history == {} and hook_count(module) == 0
     with pytest.raises(RuntimeError, match="reducer exploded"):
         tiny_trainer(tmp_path, logger=False, callbacks=[
-            LinearProbeMonitor(layers=["net.0.4"], reduce=_BrokenReducer(), on_error="raise")]).validate(module, val, verbose=False)
+            LinearProbeMonitor(layers=["net.0.4"], reduce=_BrokenReducer(), on_error="raise")]
+        ).validate(module, val, verbose=False)
     assert hook_count(module) == 0

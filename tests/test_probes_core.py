@@ -35,7 +35,8 @@ def test_ridge_matches_sklearn(alpha):
     np.testing.assert_allclose(sol.predict(x).numpy(), ref.predict(x.numpy()), atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [pytest.param(1, id="rows-1"), pytest.param(7, id="rows-7"), pytest.param(64, id="rows-64")])
+@pytest.mark.parametrize("chunk", [pytest.param(1, id="rows-1"), pytest.param(7, id="rows-7"),
+                                   pytest.param(64, id="rows-64")])
 def test_chunked_equals_one_batch(chunk):
     x, y = _data()
     whole, parts = StreamingRidge(), StreamingRidge()
@@ -199,5 +200,3 @@ def test_logistic_probe_fits_separable_data():
     with torch.inference_mode():  # as inside Lightning's evaluation loops
         sol = fit_logistic(x.float(), y, num_classes=3, l2=1e-4)
     assert float((sol.classify(x) == y).float().mean()) > 0.9
-
-

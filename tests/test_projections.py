@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from helpers import DigitsModule, assert_unchanged, digits_loaders, hook_count, read_events, small_cnn, snapshot, tiny_trainer
+from helpers import (DigitsModule, assert_unchanged, digits_loaders, hook_count, read_events, small_cnn, snapshot,
+                     tiny_trainer)
 from lightning_xai.projections import capture_activations, class_separation, pca, silhouette_score, variance_ratio
 
 sklearn = pytest.importorskip("sklearn")
@@ -19,7 +20,8 @@ def test_pca_matches_sklearn(n, d, k):
     x = torch.randn(n, d) @ torch.randn(d, d) + 3.0
     ours = pca(x, n_components=k)
     ref = PCA(n_components=k, svd_solver="full").fit(x.double().numpy())
-    torch.testing.assert_close(ours.explained_variance.double(), torch.tensor(ref.explained_variance_), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.explained_variance.double(), torch.tensor(
+        ref.explained_variance_), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.explained_variance_ratio.double(), torch.tensor(ref.explained_variance_ratio_),
                                rtol=1e-5, atol=1e-6)
     comps = torch.tensor(ref.components_, dtype=torch.float32)
@@ -55,7 +57,8 @@ def test_separation_matches_sklearn(classes):
     x = torch.randn(60, 7) + labels.float().unsqueeze(1)
     labels[0] = classes  # a class with a single sample (silhouette 0 by convention)
     assert float(silhouette_score(x, labels)) == pytest.approx(sk_silhouette(x.numpy(), labels.numpy()), abs=1e-5)
-    assert float(variance_ratio(x, labels)) == pytest.approx(calinski_harabasz_score(x.numpy(), labels.numpy()), rel=1e-5)
+    assert float(variance_ratio(x, labels)) == pytest.approx(
+        calinski_harabasz_score(x.numpy(), labels.numpy()), rel=1e-5)
 
 
 def test_separation_grows_with_distance_and_handles_one_class():

@@ -219,5 +219,3 @@ def test_read_samples_uses_dataset_indexing_only():
     x, y = read_samples(ds, [3, 1, 7], lambda b: (b[0], b[1]), batch_size=2)
     assert torch.equal(torch.get_rng_state(), rng)
     assert x.view(-1).tolist() == [3.0, 1.0, 7.0] and y.tolist() == [3, 1, 7]
-
-

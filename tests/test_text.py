@@ -148,7 +148,8 @@ def test_token_share_and_markdown_rendering():
     share = token_share(attr, ids, 1)
     assert share[0].item() == pytest.approx(0.9) and torch.isnan(share[1])
     vocab = ["<pad>", "zz", "a|b", "x*", "y", "z"]
-    md = attribution_markdown(ids, attr, vocab, labels=torch.tensor([1, 0]), preds=torch.tensor([1, 1]), skip_ids=[0], top_k=1)
+    md = attribution_markdown(ids, attr, vocab, labels=torch.tensor(
+        [1, 0]), preds=torch.tensor([1, 1]), skip_ids=[0], top_k=1)
     assert "**zz**(+0.90)" in md and "<pad>" not in md
     assert "a\\|b(+0.10)" in md and "**x\\***(+0.50)" in md and "y(-0.25)" in md
     assert tokens_markdown(["a"], torch.tensor([0.0])) == "**a**(+0.00)"

@@ -26,5 +26,6 @@ def test_images_reach_wandb_offline_and_tensorboard(tmp_path, monkeypatch):
     finally:
         wandb.finish()
     assert "xai/attribution/saliency" in read_events(tb.log_dir).Tags()["images"]
-    media = glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*", "files", "media", "images", "xai", "attribution", "*"))
+    media = glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*",
+                      "files", "media", "images", "xai", "attribution", "*"))
     assert media, os.listdir(os.path.join(str(tmp_path), "wandb"))

@@ -304,7 +304,8 @@ def forward_scores(model: Callable[[Tensor], Any], x: Tensor, target: Target, ma
     return torch.cat(parts)
 
 
-def expanded_chunks(repeats: int, n: int, max_rows: int, device: torch.device) -> Iterator[Tuple[int, int, Tensor, Tensor]]:
+def expanded_chunks(repeats: int, n: int, max_rows: int,
+                    device: torch.device) -> Iterator[Tuple[int, int, Tensor, Tensor]]:
     """Chunks of the ``repeats * n`` rows of an expanded batch laid out repeat-major (``row = k * n + i``).
 
     Yields ``(start, stop, k, i)``: the row range and, per row, its repeat index ``k`` (step, noise

@@ -76,7 +76,8 @@ def _dense_labels(segments: Tensor) -> Tuple[Tensor, Tensor]:
         dense[i] = inverse
         counts.append(int(inverse.max()) + 1)
     s_max = max(counts)
-    valid = torch.arange(s_max, device=segments.device).view(1, -1) < torch.tensor(counts, device=segments.device).view(-1, 1)
+    valid = torch.arange(s_max, device=segments.device).view(
+        1, -1) < torch.tensor(counts, device=segments.device).view(-1, 1)
     return dense, valid
 
 

@@ -14,7 +14,7 @@ from lightning_xai._utils import Target, expected
 from lightning_xai.attribution._common import guarded, private_copy, resolve_target_chunked, DEFAULT_MAX_ROWS
 from lightning_xai.attribution._grad_cam import _grad_cam_validate_args, grad_cam
 from lightning_xai.attribution._gradient import (_gradient_validate_args, _saliency_validate_args,
-                                                _smoothgrad_validate_args, input_x_gradient, saliency, smoothgrad)
+                                                 _smoothgrad_validate_args, input_x_gradient, saliency, smoothgrad)
 from lightning_xai.attribution._integrated_gradients import _integrated_gradients_validate_args, integrated_gradients
 from lightning_xai.attribution._lime import _lime_validate_args, lime
 from lightning_xai.attribution._occlusion import _occlusion_validate_args, _window_slices, occlusion, occlusion_windows
@@ -324,7 +324,7 @@ class CaptumMethod:
 
 def from_captum(attribution: Any, signed: Optional[bool] = None, seed: int = 0,
                 **attribute_kwargs: Any) -> CaptumMethod:
-    """Wrap a Captum attribution object (or class) as a method with the signature ``(model, inputs, target, **options)``.
+    """Wrap a Captum attribution object (or class) as a method called ``(model, inputs, target, **options)``.
 
     The model runs in eval mode, every flag restored after (with a warning if it was in train mode).
 

@@ -25,14 +25,13 @@ from lightning_xai.attribution import is_signed, method_passes
 from lightning_xai.attribution._registry import PinnedOptions
 from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_method_layers, check_method_options,
-                                            resolve_method)
+                                             resolve_method)
 from lightning_xai._logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import (MAX_COLUMNS, attribution_figure, evolution_figure, pool_to, robust_max, share_maps,
                                   spread)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
 
 
 def top_share(maps: Tensor, fraction: float = 0.05) -> Tensor:
@@ -108,7 +107,9 @@ class AttributionMonitor(SampleCheckedCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(methods, (str, tuple)) and (isinstance(methods, str) or (len(methods) == 2 and isinstance(methods[1], dict))):
+        one = isinstance(methods, str) or (isinstance(methods, tuple) and len(methods) == 2
+                                           and isinstance(methods[1], dict))
+        if one:
             methods = [methods]
         if not isinstance(methods, (list, tuple)):
             raise MisconfigurationTypeError(expected("methods", "a method spec or a list of them (see `get_method`)",
@@ -161,7 +162,8 @@ class AttributionMonitor(SampleCheckedCallback):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.scales = {str(n): (float(s), int(e)) for n, (s, e) in state_dict.get("scales", {}).items()}
-        self.evolution = {str(n): {int(e): t for e, t in per.items()} for n, per in state_dict.get("evolution", {}).items()}
+        self.evolution = {str(n): {int(e): t for e, t in per.items()}
+                          for n, per in state_dict.get("evolution", {}).items()}
         self.evolution_preds = {int(e): t for e, t in state_dict.get("evolution_preds", {}).items()}
 
     @override
@@ -238,7 +240,8 @@ class AttributionMonitor(SampleCheckedCallback):
             finite = torch.isfinite(attr)
             if not bool(finite.all()):
                 warn_once(f"nonfinite-{name}", f"AttributionMonitor: method {name!r} gave NaN/inf attributions "
-                                               f"at epoch {epoch}; they are drawn as 0 and left out of the scalars.", owner=self)
+                                               f"at epoch {epoch}; they are drawn as 0 and left out of the scalars.",
+                          owner=self)
             metrics[self.tag(name, f"top{pct}_share")] = float(results[f"top_share/{name}"].nanmean())
             if f"gap/{name}" in results:
                 metrics[self.tag(name, "completeness_gap")] = float(results[f"gap/{name}"].nanmedian())
@@ -308,7 +311,9 @@ class AttributionMonitor(SampleCheckedCallback):
         target_desc = f"class {self.target}" if isinstance(self.target, int) else self.target
         rows = []
         for i in range(results["pred"].shape[0]):
-            rows.append([i, "-" if y is None else int(y[i]), int(results["pred"][i]), f"{float(results['conf'][i]):.3f}",
+            rows.append([i, "-" if y is None else int(y[i]), int(results["pred"][i]),
+                         f"{float(results['conf'][i]):.3f}",
                          int(results["target"][i]), f"{float(results['target_prob'][i]):.3f}"])
         head = f"Epoch {epoch}: rows of the attribution images, top to bottom (explained class: {target_desc}).\n\n"
-        return head + markdown_table(["row", "label", "prediction", "confidence", "explained class", "p(explained)"], rows)
+        columns = ["row", "label", "prediction", "confidence", "explained class", "p(explained)"]
+        return head + markdown_table(columns, rows)

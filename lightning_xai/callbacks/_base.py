@@ -307,8 +307,8 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
     def step(self, trainer: "pl.Trainer") -> int:
         return logging_step(trainer)
 
-
     # ------------------------------------------------------------------ the run and its hooks
+
     def begin_run(self, trainer: "pl.Trainer", via_module: bool) -> int:
         """The epoch a run explains (at fit end: the last validated one); records the attempt."""
         epoch = trainer.current_epoch

@@ -34,7 +34,8 @@ def extract_xy(batch: Any, batch_to_xy: Optional[BatchToXY] = None) -> Tuple[Ten
         if isinstance(out, Tensor):
             return out, None
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor)):
-            raise ValueError(expected("batch_to_xy(batch)", "a tensor or a pair (inputs, labels or None)", type(out).__name__))
+            raise ValueError(expected("batch_to_xy(batch)",
+                             "a tensor or a pair (inputs, labels or None)", type(out).__name__))
         return out[0], out[1]
     if isinstance(batch, Tensor):
         return batch, None
@@ -74,13 +75,11 @@ def class_labels(y: Optional[Tensor], n: int, owner: Any = None) -> Optional[Ten
     return None
 
 
-
 def first_loader(loaders: Any) -> Any:
     """The first of Lightning's dataloaders (a loader, or a list/tuple of them; None when there are none)."""
     if isinstance(loaders, (list, tuple)):
         return loaders[0] if loaders else None
     return loaders
-
 
 
 Buckets = Dict[int, List[Tuple[Tensor, Optional[Tensor]]]]  # class (-1: no labels) -> (sample, label) in loading order

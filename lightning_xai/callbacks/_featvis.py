@@ -125,16 +125,19 @@ class FeatureVisMonitor(StreamingCallback):
                 raise MisconfigurationException(expected(name, f"None or a list of {what}", value))
         labels = [label for label, _ in self.target_sets]
         if len(set(labels)) != len(labels):
-            raise MisconfigurationException(expected("targets", "target sets with distinct labels (layer names)", labels))
+            raise MisconfigurationException(
+                expected("targets", "target sets with distinct labels (layer names)", labels))
         with refuse_bad_options():
             check_real("lr", lr, 0, low_open=True)
         if input_shape is not None and (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3
                                         or not all(isinstance(s, int) and s > 0 for s in input_shape)):
-            raise MisconfigurationException(expected("input_shape", "(C, H, W) with positive ints or None", repr(input_shape)))
+            raise MisconfigurationException(
+                expected("input_shape", "(C, H, W) with positive ints or None", repr(input_shape)))
         if value_range is not None:
             _check_value_range(value_range, None if input_shape is None else input_shape[0])
         if batch_to_xy is not None and not callable(batch_to_xy):
-            raise MisconfigurationException(expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
+            raise MisconfigurationException(
+                expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
         self.steps, self.lr, self.param, self.seed = steps, float(lr), param, seed
         self.transforms = None if transforms is None else list(transforms)
         self.regularizers = None if regularizers is None else list(regularizers)
@@ -223,7 +226,8 @@ class FeatureVisMonitor(StreamingCallback):
 
     def _gather(self, trainer: "pl.Trainer", results: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         """Every rank's renders on every rank, in target-set order; None on every rank when any rank failed."""
-        local = None if results is None else {label: res._replace(images=res.images.cpu(), activations=res.activations.cpu(),
+        local = None if results is None else {label: res._replace(images=res.images.cpu(),
+                                                                  activations=res.activations.cpu(),
                                                                   history={k: v.cpu() for k, v in res.history.items()})
                                               for label, res in results.items()}
         everyone: List[Any] = [None] * trainer.world_size
@@ -259,13 +263,15 @@ class FeatureVisMonitor(StreamingCallback):
                       for v in self.value_range)
             for label, res in results.items():
                 images = ((res.images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)  # (K, C, H, W) in [0, 1]
-                log_image(trainer, self.tag(label), self._figure(label, images, res.activations, epoch).image, step=step)
+                log_image(trainer, self.tag(label), self._figure(
+                    label, images, res.activations, epoch).image, step=step)
         return metrics
 
     def _figure(self, label: str, images: Tensor, activations: Tensor, epoch: int) -> Any:
         """The grid of one target set: each image above what it maximises and the value reached."""
         objs = dict(self.target_sets)[label]
-        captions = [[_cell_name(obj.name), f"{float(a):.3g}"] for obj, a in zip(objs, activations.detach().float().cpu())]
+        captions = [[_cell_name(obj.name), f"{float(a):.3g}"]
+                    for obj, a in zip(objs, activations.detach().float().cpu())]
         return image_figure(images, title=f"feature visualisation · {label} · epoch {epoch}",
                             subtitle="each cell: the input that maximises the target below it, and the value reached",
                             captions=captions, ncols=self.ncols, min_side=self.min_side)

@@ -18,7 +18,7 @@ from lightning_xai._lightning import FITTING, TESTING, MisconfigurationException
 from lightning_xai._utils import check_positive_int, expected, forked_rng
 from lightning_xai.callbacks._base import XAICallback
 from lightning_xai.callbacks._batches import (BATCH_FIX, BatchToXY, Buckets, choose_stratified, class_labels,
-                                             collect_rows, extract_xy, first_loader)
+                                              collect_rows, extract_xy, first_loader)
 from lightning_xai.callbacks._ranks import gather_shares, split_rows
 from lightning_xai._logging import warn_once
 
@@ -55,7 +55,8 @@ class ProbeSetCallback(XAICallback):
         with refuse_bad_options():
             check_positive_int("probe_samples", probe_samples)
         if batch_to_xy is not None and not callable(batch_to_xy):
-            raise MisconfigurationException(expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
+            raise MisconfigurationException(
+                expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
         self.probe_samples = probe_samples
         self.batch_to_xy = batch_to_xy
         self.probe_x: Optional[Tensor] = None
@@ -71,7 +72,8 @@ class ProbeSetCallback(XAICallback):
             x, y = probe, None
         elif isinstance(probe, (tuple, list)) and len(probe) == 2 and isinstance(probe[0], Tensor):
             x, y = probe
-        elif isinstance(probe, (tuple, list, range)) and all(isinstance(i, int) and not isinstance(i, bool) for i in probe):
+        elif (isinstance(probe, (tuple, list, range))
+              and all(isinstance(i, int) and not isinstance(i, bool) for i in probe)):
             if len(probe) == 0:
                 raise MisconfigurationException(expected("probe", "a non-empty list of dataset indices", list(probe)))
             self._probe_indices = list(probe)
@@ -81,7 +83,8 @@ class ProbeSetCallback(XAICallback):
                 expected("probe", "None, a tensor of inputs, a pair (inputs, labels) or a list of dataset indices",
                          type(probe).__name__))
         if x.ndim < 2 or x.shape[0] == 0:
-            raise MisconfigurationException(expected("probe", "inputs with a batch dimension and at least one sample", x))
+            raise MisconfigurationException(
+                expected("probe", "inputs with a batch dimension and at least one sample", x))
         if not (x.is_floating_point() or self.accepts_integer_inputs):
             raise MisconfigurationException(expected("probe", "floating-point inputs", x))
         if y is not None and (not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0]):
@@ -96,7 +99,8 @@ class ProbeSetCallback(XAICallback):
     def check_target(target: Any) -> None:
         """``target`` must be ``"label"``, ``"prediction"`` or a class index."""
         if not (target in TARGETS or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
-            raise MisconfigurationException(expected("target", "'label', 'prediction' or a class index (int >= 0)", target))
+            raise MisconfigurationException(
+                expected("target", "'label', 'prediction' or a class index (int >= 0)", target))
 
     def targets_for(self, target: Union[str, int], preds: Tensor, y: Optional[Tensor]) -> Tensor:
         """Per-sample classes to explain: the labels, the predictions or a fixed class (labels fall back to
@@ -131,7 +135,8 @@ class ProbeSetCallback(XAICallback):
         return self.probe_x is not None
 
     def probe_size(self) -> Tuple[int, Optional[Tuple[int, ...]]]:
-        """Rows of the probe set (``probe_samples`` until it is chosen) and the shape of one sample (None until then)."""
+        """Rows of the probe set (``probe_samples`` until it is chosen) and the shape of one sample (None until
+        then)."""
         if self.probe_x is None:
             return self.probe_samples, None
         return int(self.probe_x.shape[0]), tuple(self.probe_x.shape[1:])
@@ -183,11 +188,13 @@ class ProbeSetCallback(XAICallback):
         loader = first_loader(trainer.val_dataloaders if trainer.state.fn != TESTING else trainer.test_dataloaders)
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
-            raise MisconfigurationException("`probe` was given as dataset indices, but no validation dataset was found.")
+            raise MisconfigurationException(
+                "`probe` was given as dataset indices, but no validation dataset was found.")
         size = len(dataset)
         bad = [i for i in self._probe_indices if not -size <= i < size]
         if bad:
-            raise MisconfigurationException(expected("probe", f"indices into the validation dataset of {size} samples", bad))
+            raise MisconfigurationException(
+                expected("probe", f"indices into the validation dataset of {size} samples", bad))
         from torch.utils.data import default_collate
 
         with forked_rng():  # a dataset drawing random augmentations must not move training's random streams

@@ -121,7 +121,8 @@ class LinearProbeMonitor(StreamingCallback):
         if isinstance(layers, str):
             layers = [layers]
         if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) for n in layers):
-            raise MisconfigurationException(expected("layers", "a non-empty list of layer names or glob patterns", layers))
+            raise MisconfigurationException(
+                expected("layers", "a non-empty list of layer names or glob patterns", layers))
         if concepts is not None and not isinstance(concepts, Mapping):
             raise MisconfigurationException(expected(
                 "concepts", "None or a mapping name -> callable batch -> LongTensor (N,)", type(concepts).__name__))
@@ -129,10 +130,11 @@ class LinearProbeMonitor(StreamingCallback):
         for name, fn in concepts.items():
             if not isinstance(name, str) or not name or name == LABEL or "/" in name or not callable(fn):
                 raise MisconfigurationException(
-                    expected("concepts", f"a mapping of names (not {LABEL!r}, no '/') to callables batch -> LongTensor (N,)",
-                             name))
+                    expected("concepts", f"a mapping of names (not {LABEL!r}, no '/') to callables "
+                             "batch -> LongTensor (N,)", name))
         if batch_to_xy is not None and not callable(batch_to_xy):
-            raise MisconfigurationException(expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
+            raise MisconfigurationException(
+                expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
         with refuse_bad_options():
             check_choice("solver", solver, ("ridge", "logistic"))
             check_positive_int("holdout_every", holdout_every)
@@ -193,11 +195,13 @@ class LinearProbeMonitor(StreamingCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         with refuse_bad_options():
-            self._capture = ActivationCapture(pl_module, self.layer_patterns, self.reduce, max_dim=self.max_dim, seed=self.seed)
+            self._capture = ActivationCapture(pl_module, self.layer_patterns,
+                                              self.reduce, max_dim=self.max_dim, seed=self.seed)
         self._capture.raise_errors = self.on_error == "raise"
         self.layers = list(self._capture.names)
         if INPUT in self.layers:
-            raise MisconfigurationException(expected("layers", f"names other than {INPUT!r} (used by the input baseline)", INPUT))
+            raise MisconfigurationException(
+                expected("layers", f"names other than {INPUT!r} (used by the input baseline)", INPUT))
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -333,10 +337,11 @@ class LinearProbeMonitor(StreamingCallback):
             if x.is_floating_point():
                 if self._input_reducer is None:
                     self._input_reducer = input_reducer(tuple(x.shape), max_dim=min(self.max_dim, INPUT_MAX_DIM),
-                                                         seed=self.seed)
+                                                        seed=self.seed)
                 feats[INPUT] = self._input_reducer(x).float()
             else:
-                warn_once("int-input", "LinearProbeMonitor: integer inputs (token ids) have no input baseline.", owner=self)
+                warn_once("int-input", "LinearProbeMonitor: integer inputs (token ids) have no input baseline.",
+                          owner=self)
         for key, f in feats.items():
             self._probes.setdefault(key, self._new_probe()).add(f, labels, index)
 
@@ -451,7 +456,8 @@ class LinearProbeMonitor(StreamingCallback):
                     pred, true = preds[name][split]
                     if true.numel():
                         acc = multiclass_accuracy(pred, true, num_classes=num_classes[name], average="micro")
-                        counts += [torch.round(acc.double() * true.numel()), torch.tensor(float(true.numel()), dtype=torch.float64)]
+                        counts += [torch.round(acc.double() * true.numel()),
+                                   torch.tensor(float(true.numel()), dtype=torch.float64)]
                     else:
                         counts += [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
                     layout.append((key, name, split))
@@ -523,7 +529,8 @@ class LinearProbeMonitor(StreamingCallback):
             return
         charts: Dict[str, list] = {}
         for metric in METRICS + ("untrained_accuracy",):
-            tags = sorted(t for t in metrics if t.endswith("/" + metric) and t.count("/") == self.tag("x", metric).count("/"))
+            tags = sorted(t for t in metrics if t.endswith("/" + metric)
+                          and t.count("/") == self.tag("x", metric).count("/"))
             if tags:
                 charts[metric] = ["Multiline", [re.escape(t) for t in tags]]
         add_custom_scalars(trainer, {self.tag(): charts})
@@ -562,7 +569,8 @@ class LinearProbeMonitor(StreamingCallback):
             keep = [j for j, c in enumerate(cols) if c == "untrained"] + \
                 spread([j for j, c in enumerate(cols) if c != "untrained"], MATRIX_EPOCHS)
             more = len(cols) - len(keep)
-            fig = matrix_figure(100 * values[:, keep], rows, ["init" if cols[j] == "untrained" else cols[j] for j in keep],
+            shown = ["init" if cols[j] == "untrained" else cols[j] for j in keep]
+            fig = matrix_figure(100 * values[:, keep], rows, shown,
                                 title=f"{what} · epoch {epoch}",
                                 subtitle="rows: the raw input, then each probed layer; columns: init (the model before "
                                          "training), then each probed epoch" +

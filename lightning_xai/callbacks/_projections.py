@@ -89,7 +89,8 @@ class ProjectionMonitor(SampleCheckedCallback):
         if isinstance(layers, str):
             layers = [layers]
         if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers):
-            raise MisconfigurationException(expected("layers", "a non-empty list of layer names or glob patterns", layers))
+            raise MisconfigurationException(
+                expected("layers", "a non-empty list of layer names or glob patterns", layers))
         with refuse_bad_options():
             make_reducer(reduce)
         if separation not in SEPARATION_METHODS:
@@ -171,7 +172,8 @@ class ProjectionMonitor(SampleCheckedCallback):
                          step: int) -> None:
         if not tensorboard_writers(trainer):
             warn_once("noprojector", "ProjectionMonitor: no TensorBoardLogger is attached, so the projector "
-                                     "embeddings are skipped (the PCA images and scalars are still logged).", owner=self)
+                                     "embeddings are skipped (the PCA images and scalars are still logged).",
+                      owner=self)
             return
         preds = results["pred"].cpu().tolist()
         if y is not None:
@@ -190,4 +192,3 @@ class ProjectionMonitor(SampleCheckedCallback):
         from lightning_xai.render import to_display, upscale
 
         return upscale(to_display(x.detach().cpu()), self.thumbnail_size)  # (N, 3, H', W')
-

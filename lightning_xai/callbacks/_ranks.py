@@ -13,6 +13,7 @@ from lightning_xai._utils import expected
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
+
 def split_rows(n: int, world: int, rank: int) -> Tuple[int, int, int]:
     """This rank's contiguous share ``[start, stop)`` of ``n`` rows and how many of its results to keep.
 
@@ -25,7 +26,6 @@ def split_rows(n: int, world: int, rank: int) -> Tuple[int, int, int]:
     if start == stop and n > 0:
         return n - 1, n, 0
     return start, stop, stop - start
-
 
 
 def _stack_from_ranks(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
@@ -65,17 +65,18 @@ def gather_rows(trainer: "pl.Trainer", tensor: Tensor) -> Tensor:
     desc[0], desc[1], desc[2] = rows, code, max(tensor.ndim - 1, 0)
     if code >= 0:
         desc[3: 3 + tensor.ndim - 1] = torch.tensor(tensor.shape[1:], dtype=torch.long)
-    table = _stack_from_ranks(trainer, desc.to(strategy.root_device)).view(trainer.world_size, -1).cpu()  # (world, 3 + max_dims)
+    table = _stack_from_ranks(trainer, desc.to(strategy.root_device)).view(
+        trainer.world_size, -1).cpu()  # (world, 3 + max_dims)
     sizes = table[:, 0].tolist()
     full = [r for r, s in enumerate(sizes) if s > 0]
     if not full:
         return tensor
     ref = table[full[0]]
     if int(ref[1]) < 0 or any(not torch.equal(table[r, 1:], ref[1:]) for r in full):
+        seen = {r: (tuple(table[r, 3: 3 + int(table[r, 2])].tolist()),
+                    dtypes[int(table[r, 1])] if table[r, 1] >= 0 else "unsupported") for r in full}
         raise ValueError(expected("gather_rows' tensors", f"the same trailing shape and a dtype of {dtypes} on every "
-                                  "rank with rows", {r: (tuple(table[r, 3: 3 + int(table[r, 2])].tolist()),
-                                                         dtypes[int(table[r, 1])] if table[r, 1] >= 0 else "unsupported")
-                                                     for r in full}))
+                                  "rank with rows", seen))
     dtype, shape = dtypes[int(ref[1])], tuple(int(s) for s in ref[3: 3 + int(ref[2])])
     if rows == 0:
         tensor = torch.empty((0,) + shape, dtype=dtype, device=tensor.device)

@@ -31,7 +31,8 @@ from lightning_xai.callbacks._checks import SampleCheckedCallback
 from lightning_xai.callbacks._batches import class_labels, extract_xy
 from lightning_xai._logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import Figure, fit_cells, grid_figure, to_display
-from lightning_xai.samples import RepresenterFit, capture_features, cosine_topk, dataset_features, representer_points, support, suspect_scores
+from lightning_xai.samples import (RepresenterFit, capture_features, cosine_topk, dataset_features, representer_points,
+                                   support, suspect_scores)
 from lightning_xai.samples._features import first_samples, read_samples, resolve_feature_layer
 from lightning_xai.samples._representer import SUSPECT_MODES
 
@@ -300,7 +301,8 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
             for _, idx, values, fmt in groups:
                 cells.append(self._cells(self._train_images(idx[i])))
                 labels = self._label_of(idx[i])
-                caps += [[f"y {'–' if lab is None else lab}", fmt.format(float(v))] for lab, v in zip(labels, values[i])]
+                caps += [[f"y {'–' if lab is None else lab}", fmt.format(float(v))]
+                         for lab, v in zip(labels, values[i])]
                 colours += [self._colour(lab, int(pred[i])) for lab in labels]
             rows.append(torch.cat(cells))
             captions.append(caps)
@@ -346,7 +348,8 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
         log_text(trainer, self.tag("neighbours", "table"), markdown_table(
             ["probe", "label", "pred", "conf", "support", "nearest training samples #index:label (cosine)"], rows),
             step)
-        probe_caps = [[f"label {'–' if ylab[i] is None else ylab[i]}", f"pred {int(pred[i])}"] for i in range(x.shape[0])]
+        probe_caps = [[f"label {'–' if ylab[i] is None else ylab[i]}", f"pred {int(pred[i])}"]
+                      for i in range(x.shape[0])]
         if images:
             log_image(trainer, self.tag("neighbours"), self._rows_figure(
                 x_cpu, probe_caps, pred, [("most similar training samples", nn_idx, results["nn_sim"].cpu(), "{:.2f}")],

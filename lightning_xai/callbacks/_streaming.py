@@ -43,7 +43,8 @@ class StreamingCallback(XAICallback):
         """Log figures (rank zero only) and return the scalars to log; called on every rank, no model pass."""
         raise NotImplementedError
 
-    def finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int, via_module: bool = True) -> None:
+    def finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int,
+               via_module: bool = True) -> None:
         """``compute`` then ``report``, each under the error policy; the scalars logged with the run's cost."""
         results = self.guarded(lambda: self.compute(trainer, pl_module, epoch), self.computing, epoch)
         if not results:

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-def feature_importance(attributions: Tensor, classes: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], List[int]]:
+def feature_importance(attributions: Tensor,
+                       classes: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], List[int]]:
     r"""Mean absolute attribution per feature, overall and per class.
 
     :math:`I_f = \frac{1}{N}\sum_i |A_{i,f}|` and :math:`I_{c,f}` the same mean over the rows of class :math:`c`.
@@ -109,7 +110,8 @@ class TabularAttributionMonitor(SampleCheckedCallback):
         super().__init__(probe_samples=probe_samples, **kwargs)
         if isinstance(feature_names, str) or not isinstance(feature_names, (list, tuple)) or not feature_names \
                 or not all(isinstance(f, str) and f for f in feature_names):
-            raise MisconfigurationException(expected("feature_names", "a non-empty list of non-empty str", feature_names))
+            raise MisconfigurationException(
+                expected("feature_names", "a non-empty list of non-empty str", feature_names))
         if len(set(feature_names)) != len(feature_names):
             raise MisconfigurationException(expected("feature_names", "distinct names", list(feature_names)))
         tags: Dict[str, str] = {}
@@ -121,7 +123,8 @@ class TabularAttributionMonitor(SampleCheckedCallback):
                     "feature_names", f"names that give distinct scalar tags ('/' becomes '_'), not two giving {tag!r}",
                     [other, name]))
         self.method_name, self.method_fn, self.method_options = resolve_method("method", method)
-        if self.method_name in METHODS and METHODS[self.method_name].fn is self.method_fn and self.method_name not in ROW_METHODS:
+        builtin = self.method_name in METHODS and METHODS[self.method_name].fn is self.method_fn
+        if builtin and self.method_name not in ROW_METHODS:
             raise MisconfigurationException(expected(
                 "method", "a method that runs on (N, F) rows: " + ", ".join(map(repr, ROW_METHODS)) + ", a (name, "
                 "options) pair of one, a Captum Attribution object or a callable", self.method_name))

@@ -24,12 +24,12 @@ from lightning_xai.attribution import get_method
 from lightning_xai.attribution._registry import PinnedOptions
 from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_options
 from lightning_xai._logging import log_text, warn_once
-from lightning_xai.text import BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions, token_share
+from lightning_xai.text import (BASELINES, TOKEN_METHODS, attribution_markdown, decode_tokens, token_attributions,
+                                token_share)
 from lightning_xai.text._render import Vocab
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
 
 
 class TokenAttributionMonitor(SampleCheckedCallback):
@@ -86,8 +86,10 @@ class TokenAttributionMonitor(SampleCheckedCallback):
     ) -> None:
         super().__init__(probe_samples=probe_samples, **kwargs)
         if not isinstance(embedding_layer, (str, nn.Module)) or embedding_layer == "":
-            raise MisconfigurationException(expected("embedding_layer", "a dotted layer name or an nn.Module", embedding_layer))
-        if not (callable(vocab) or (isinstance(vocab, (list, tuple)) and vocab and all(isinstance(v, str) for v in vocab))):
+            raise MisconfigurationException(
+                expected("embedding_layer", "a dotted layer name or an nn.Module", embedding_layer))
+        words = isinstance(vocab, (list, tuple)) and vocab and all(isinstance(v, str) for v in vocab)
+        if not (callable(vocab) or words):
             raise MisconfigurationException(expected("vocab", "a non-empty list of str or a callable id -> str",
                                                      type(vocab).__name__))
         with refuse_bad_options():
@@ -103,7 +105,8 @@ class TokenAttributionMonitor(SampleCheckedCallback):
         check_method_options(name, fn, checked, ndim=3)
         self.check_target(target)
         if not (isinstance(baseline, Tensor) and not baseline.is_floating_point() or baseline in BASELINES):
-            raise MisconfigurationException(expected("baseline", "'pad', 'zero' or a LongTensor of token ids", baseline))
+            raise MisconfigurationException(
+                expected("baseline", "'pad', 'zero' or a LongTensor of token ids", baseline))
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
             raise MisconfigurationException(expected("pad_token_id", "an int", pad_token_id))
         if isinstance(watch_tokens, (str, int)) and not isinstance(watch_tokens, bool):

@@ -6,11 +6,12 @@
 :func:`diversity`) under random transforms and regularisers.
 """
 
-from lightning_xai.featvis._objectives import Objective, channel, class_logit, direction, diversity, layer_objective, neuron
+from lightning_xai.featvis._objectives import (Objective, channel, class_logit, direction, diversity, layer_objective,
+                                               neuron)
 from lightning_xai.featvis._optimize import FeatureVisResult, render
 from lightning_xai.featvis._param import FourierParam, GeneratorParam, Parametrization, PixelParam, make_param
-from lightning_xai.featvis._transforms import (L1, L2, Blur, Compose, Jitter, Pad, RandomRotate, RandomScale, Regularizer,
-                                               TotalVariation, default_regularizers, default_transforms)
+from lightning_xai.featvis._transforms import (L1, L2, Blur, Compose, Jitter, Pad, RandomRotate, RandomScale,
+                                               Regularizer, TotalVariation, default_regularizers, default_transforms)
 
 __all__ = [
     "Objective",

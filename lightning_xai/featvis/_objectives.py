@@ -41,7 +41,8 @@ class Objective:
         tensor([0.9000, 0.9000])
     """
 
-    def __init__(self, fn: Callable[[Activations], Tensor], layers: Sequence[LayerRef] = (), name: str = "objective") -> None:
+    def __init__(self, fn: Callable[[Activations], Tensor], layers: Sequence[LayerRef] = (),
+                 name: str = "objective") -> None:
         if not callable(fn):
             raise TypeError(expected("fn", "a callable activations -> (B,)", type(fn).__name__))
         self.fn = fn
@@ -135,7 +136,8 @@ def _channel(layer: LayerRef, index: int, reduction: str, acts: Activations) -> 
 
 def neuron(layer: LayerRef, index: int, y: Optional[int] = None, x: Optional[int] = None) -> Objective:
     """One unit of a channel at position ``(y, x)`` (the centre by default)."""
-    return Objective(partial(_neuron, layer, index, y, x), [layer], f"{_label(layer)}:{index}@{'c' if y is None else (y, x)}")
+    where = "c" if y is None else (y, x)
+    return Objective(partial(_neuron, layer, index, y, x), [layer], f"{_label(layer)}:{index}@{where}")
 
 
 def _neuron(layer: LayerRef, index: int, y: Optional[int], x: Optional[int], acts: Activations) -> Tensor:
@@ -227,7 +229,8 @@ def objectives_from_spec(spec: Any, name: str = "targets") -> Tuple[str, List[Ob
     forms = ("('logits', [classes]), (layer, 'channels', indices), (layer, 'neurons', indices), "
              "(layer, 'layer') or (label, [Objective, ...])")
     if not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3) or not isinstance(spec[0], (str, nn.Module)):
-        raise ValueError(expected(name, "a target spec such as " + forms, spec if isinstance(spec, str) else repr(spec)))
+        raise ValueError(expected(name, "a target spec such as " + forms,
+                         spec if isinstance(spec, str) else repr(spec)))
     layer = spec[0]
     label = _label(layer)
     if len(spec) == 2 and spec[1] == "layer":

@@ -22,12 +22,12 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 from torch import Tensor, nn
 
-from lightning_xai._utils import (HookSet, check_positive_int, eager_compiled, expected, frozen_params, gradient_context,
-                                  preserve_modes, resolve_layer)
+from lightning_xai._utils import (HookSet, check_positive_int, eager_compiled, expected, frozen_params,
+                                  gradient_context, preserve_modes, resolve_layer)
 from lightning_xai.featvis._objectives import OUTPUT, Activations, Objective, class_logit
 from lightning_xai.featvis._param import Parametrization, _range_tensors, make_param
 from lightning_xai.featvis._transforms import (Compose, RegularizerLike, Transform, default_regularizers,
-                                              default_transforms)
+                                               default_transforms)
 
 ObjectiveLike = Union[Objective, int]
 

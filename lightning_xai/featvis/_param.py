@@ -75,7 +75,8 @@ class Parametrization:
         return []
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator, std: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _randn(shape: Sequence[int], generator: torch.Generator, std: float, device: torch.device,
+           dtype: torch.dtype) -> Tensor:
     # drawn on the generator's device (CPU) so results do not depend on the model's device
     return (torch.randn(*shape, generator=generator, dtype=torch.float32) * std).to(device=device, dtype=dtype)
 
@@ -233,7 +234,8 @@ class GeneratorParam(Parametrization):
     def build(self, shape, value_range, generator, device, dtype=torch.float32) -> None:
         k, c = shape[0], shape[1]
         self._lo, self._hi = _range_tensors(value_range, c, device, dtype)
-        self._clip = None if self.clip is None else tuple(torch.as_tensor(v).to(device=device, dtype=dtype) for v in self.clip)
+        self._clip = None if self.clip is None else tuple(
+            torch.as_tensor(v).to(device=device, dtype=dtype) for v in self.clip)
         code = _randn((k,) + self.code_shape, generator, self.sd, device, dtype)
         if self._clip is not None:
             code = torch.max(torch.min(code, self._clip[1]), self._clip[0])
@@ -245,7 +247,8 @@ class GeneratorParam(Parametrization):
     def __call__(self) -> Tensor:
         images = self.generator(self.code)
         if not isinstance(images, Tensor) or images.ndim != 4:
-            raise ValueError(expected("generator(code)", "images of shape (K, C, H, W)", images if isinstance(images, Tensor) else type(images).__name__))
+            raise ValueError(expected("generator(code)", "images of shape (K, C, H, W)",
+                             images if isinstance(images, Tensor) else type(images).__name__))
         if self.clamp_output:
             images = torch.max(torch.min(images, self._hi), self._lo)
         return images

@@ -1,4 +1,4 @@
-"""Random transforms (robustness priors) and regularisers (image priors) for feature visualisation.
+r"""Random transforms (robustness priors) and regularisers (image priors) for feature visualisation.
 
 Transforms are applied to the image before each forward pass, so the optimum must survive small
 shifts, scalings and rotations; this removes most adversarial high-frequency patterns (Olah et al.,
@@ -189,7 +189,8 @@ class Regularizer:
 
 
 class L1(Regularizer):
-    r"""Sparsity, :math:`\frac{1}{CHW}\sum |X - c|` (the lecture's prior :math:`R(X) = -\sum |X_{ij}|`, with ``c = 0``)."""
+    r"""Sparsity, :math:`\frac{1}{CHW}\sum |X - c|` (the lecture's prior :math:`R(X) = -\sum |X_{ij}|`, with
+    ``c = 0``)."""
 
     def __init__(self, weight: float = 0.05, center: float = 0.0) -> None:
         super().__init__(weight)

@@ -53,7 +53,8 @@ class ActivationCapture:
         (torch.Size([5, 4]), 0)
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], reduce: Union[ReduceSpec, Mapping[str, ReduceSpec]] = "auto",
+    def __init__(self, model: nn.Module, layers: Sequence[str],
+                 reduce: Union[ReduceSpec, Mapping[str, ReduceSpec]] = "auto",
                  max_dim: int = 1024, seed: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(expected("model", "an nn.Module", type(model).__name__))
@@ -66,7 +67,8 @@ class ActivationCapture:
         if isinstance(reduce, Mapping):
             unknown = [k for k in reduce if k not in self.names]
             if unknown:
-                raise ValueError(expected("reduce", "a mapping keyed by the chosen layers: " + ", ".join(self.names), unknown))
+                raise ValueError(expected("reduce", "a mapping keyed by the chosen layers: " + ", ".join(self.names),
+                                          unknown))
             self.reducers = {n: make_reducer(reduce.get(n, "auto"), seed=seed, max_dim=max_dim) for n in self.names}
         else:
             shared = make_reducer(reduce, seed=seed, max_dim=max_dim)

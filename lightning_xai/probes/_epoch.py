@@ -140,8 +140,10 @@ class EpochProbe:
 
     def nbytes(self) -> int:
         """Bytes held: stored features and labels plus the ridge statistics."""
-        total = sum(t.numel() * t.element_size() for t in self._train + self._hold + self._train_index + self._hold_index)
-        total += sum(t.numel() * t.element_size() for v in list(self._train_y.values()) + list(self._hold_y.values()) for t in v)
+        total = sum(t.numel() * t.element_size()
+                    for t in self._train + self._hold + self._train_index + self._hold_index)
+        total += sum(t.numel() * t.element_size()
+                     for v in list(self._train_y.values()) + list(self._hold_y.values()) for t in v)
         if self.ridge.dim is not None:
             total += self.ridge.pack().numel() * 8
         return total

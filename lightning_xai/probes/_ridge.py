@@ -1,4 +1,4 @@
-"""Streaming closed-form ridge regression with an intercept, for linear probes.
+r"""Streaming closed-form ridge regression with an intercept, for linear probes.
 
 Each batch adds to float64 sufficient statistics (``n``, ``sum x``, ``X^T X``, and per target
 ``sum y``, ``X^T Y``, ``sum y^2``); nothing per sample is kept, so memory is ``O(d^2)`` whatever the
@@ -185,7 +185,8 @@ class StreamingRidge:
     def target_names(self) -> List[str]:
         return sorted(self._folds[0].targets) if self._folds else []
 
-    def update(self, x: Tensor, y: Union[Tensor, Mapping[str, Tensor], None] = None, folds: Optional[Tensor] = None) -> None:
+    def update(self, x: Tensor, y: Union[Tensor, Mapping[str, Tensor], None] = None,
+               folds: Optional[Tensor] = None) -> None:
         """Add rows ``x`` ``(N, d)`` with targets ``y`` ``(N, t)`` (or ``{name: (N, t_name)}``).
 
         Args:
@@ -195,7 +196,8 @@ class StreamingRidge:
             folds: ``(N,)`` fold index in ``[0, k)`` of each row; required when ``cv`` is an int.
         """
         if not isinstance(x, Tensor) or x.ndim != 2:
-            raise ValueError(expected("x", "a tensor of shape (N, d)", x if isinstance(x, Tensor) else type(x).__name__))
+            raise ValueError(expected("x", "a tensor of shape (N, d)",
+                             x if isinstance(x, Tensor) else type(x).__name__))
         targets = {} if y is None else ({DEFAULT_TARGET: y} if isinstance(y, Tensor) else dict(y))
         for name, t in targets.items():
             if t.ndim == 1:
@@ -333,7 +335,8 @@ class StreamingRidge:
         z = v.T @ cxy  # (d, t)
         alphas = self._grid(s).to(s.device)
         if alpha is not None:
-            chosen, scores, alphas = float(alpha), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+            chosen, scores, alphas = float(alpha), torch.empty(
+                0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
         elif self.num_folds == 1:
             yy = (yty - n * my * my).sum()
             ratio = (s[:, None] + 2 * alphas[None]) / (s[:, None] + alphas[None]) ** 2  # (d, A)
@@ -346,7 +349,8 @@ class StreamingRidge:
             scores = self._kfold_scores(target, alphas)
             chosen = float(alphas[int(torch.argmin(scores))])
         coef = v @ (z / (s + chosen)[:, None])
-        return RidgeSolution(coef=coef, intercept=my - mx @ coef, alpha=chosen, alphas=alphas.cpu(), scores=scores.cpu())
+        return RidgeSolution(coef=coef, intercept=my - mx @ coef, alpha=chosen, alphas=alphas.cpu(),
+                             scores=scores.cpu())
 
     def _kfold_scores(self, target: str, alphas: Tensor) -> Tensor:
         """Mean over folds of the held-out mean squared error (averaged over target columns), per alpha."""

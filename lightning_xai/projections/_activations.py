@@ -73,6 +73,7 @@ def capture_activations(
             feats = capture.pop(rows=stop - start)
             for name in capture.names:
                 if name not in feats:
-                    raise ValueError(f"Layer {name!r} did not run on the batch in the forward pass, so it has no activations.")
+                    raise ValueError(
+                        f"Layer {name!r} did not run on the batch in the forward pass, so it has no activations.")
                 parts[name].append(feats[name])
     return {name: torch.cat(parts[name]) for name in capture.names}

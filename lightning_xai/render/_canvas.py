@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_xai.render._maps import apply_colormap
 
 Box = Tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 RGB = Tuple[float, float, float]

@@ -268,7 +268,6 @@ def image_figure(images: Tensor, *, title: str, subtitle: str = "", captions: Op
                        upscale=factor)
 
 
-
 def evidence_figure(inputs: Tensor, masks: Tensor, controls: Tensor, edited: Tensor, *, title: str, subtitle: str = "",
                     captions: Optional[Sequence[Sequence[str]]] = None,
                     bars: Optional[Sequence[Tuple[str, Sequence[Tuple[str, float, RGB]]]]] = None,

@@ -88,7 +88,8 @@ def barh_image(values: Tensor, names: Sequence[str], title: str = "", xlabel: st
     rows = torch.arange(f, dtype=torch.float32)
     for i in range(s):
         label = series[i] if series is not None else None
-        ax.barh((rows - 0.4 + height * (i + 0.5)).numpy(), vals[i].numpy(), height=height, color=colours[i], label=label)
+        ax.barh((rows - 0.4 + height * (i + 0.5)).numpy(),
+                vals[i].numpy(), height=height, color=colours[i], label=label)
     ax.set_yticks(rows.numpy())
     ax.set_yticklabels(list(names), fontsize=7)
     ax.invert_yaxis()

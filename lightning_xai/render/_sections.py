@@ -17,6 +17,7 @@ from lightning_xai._utils import expected
 from lightning_xai.render._canvas import _HEAVY, GREY, RGB, Canvas, Section, line_height, text_width, to_uint8, wrap
 from lightning_xai.render._maps import apply_colormap
 
+
 class Title(Section):
     """A bold title and an optional grey subtitle, both wrapped to the figure's width."""
 

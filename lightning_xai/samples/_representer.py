@@ -140,8 +140,8 @@ def _newton(weight: Tensor, f: Tensor, p: Tensor, lam: float, max_iter: int, tol
 
 
 def _representer_points_compute(features: Tensor, targets: Tensor, num_classes: Optional[int], lam: float,
-                                 fit_bias: bool, max_iter: int, tol: float,
-                                 init: Optional[Tensor]) -> RepresenterFit:
+                                fit_bias: bool, max_iter: int, tol: float,
+                                init: Optional[Tensor]) -> RepresenterFit:
     with gradient_context():
         f = features.detach().to(torch.float64).clone()  # a normal tensor even under inference_mode
         if fit_bias:

@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_xai._utils import (HookSet, Target, check_choice, eager_compiled, expected, frozen_params, gradient_context,
-                                  resolve_layer, validate_target)
+from lightning_xai._utils import (HookSet, Target, check_choice, eager_compiled, expected, frozen_params,
+                                  gradient_context, resolve_layer, validate_target)
 from lightning_xai.attribution import input_x_gradient, integrated_gradients, saliency, smoothgrad
 
 #: Methods that work on embeddings (the image-only ones, occlusion/Grad-CAM/LIME, are left out).
@@ -111,7 +111,8 @@ class EmbeddingSwap:
 def _token_attributions_validate_args(model: Any, input_ids: Any, target: Target, method: Any, baseline: Any,
                                       forward: Any) -> None:
     if not callable(model):
-        raise TypeError(expected("model", "an nn.Module or a callable returning logits (N, classes)", type(model).__name__))
+        raise TypeError(expected("model", "an nn.Module or a callable returning logits (N, classes)",
+                                 type(model).__name__))
     if forward is not None and not callable(forward):
         raise TypeError(expected("forward", "a callable input_ids -> logits", type(forward).__name__))
     if not isinstance(input_ids, Tensor) or input_ids.is_floating_point() or input_ids.is_complex():

@@ -78,7 +78,7 @@ def attribution_markdown(
         raise ValueError(expected("attributions", f"the shape of input_ids {tuple(input_ids.shape)}", attributions))
     skip = set(int(s) for s in skip_ids)
     lines = ([header, ""] if header else []) + ["| # | label | prediction | tokens (share of \\|attribution\\|) |",
-                                                 "|---|---|---|---|"]
+                                                "|---|---|---|---|"]
     for i in range(input_ids.shape[0]):
         ids = input_ids[i].tolist()
         keep = [t for t, tok in enumerate(ids) if int(tok) not in skip]
