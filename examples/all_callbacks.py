@@ -60,7 +60,7 @@ COLUMNS = [
     ("IG top-5 share", "xai/attribution/integrated_gradients/top5_share", ".3f"),
     ("probe acc net.1.2", "xai/probe/net.1.2/accuracy", ".3f"),
     ("featvis logit act.", "xai/featvis/logits/activation", ".2f"),
-    ("mark flip rate", "xai/shortcut/mark/flip_rate", ".3f"),
+    ("mark pull (nats)", "xai/shortcut/mark/pull", ".3f"),
     ("neighbour agreement", "xai/samples/neighbour_agreement", ".3f"),
     ("separation net.1.2", "xai/projection/net.1.2/separation", ".3f"),
 ]

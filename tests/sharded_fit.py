@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from helpers import digits_data, small_cnn  # noqa: E402
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,  # noqa: E402
-                           SampleInfluenceMonitor, ShortcutMonitor)
+                           SampleInfluenceMonitor, ShortcutDiscovery, ShortcutMonitor)
+from lightning_xai.shortcuts import ShortcutConfig  # noqa: E402
 
 
 def _probe(n: int):
@@ -38,10 +39,10 @@ CASES = {
                  ("lime", {"samples": 16, "grid": (4, 4)}), ("grad_cam", {"layer": "net.0.2"})),
         probe=_probe(7)),
     "probes": lambda: LinearProbeMonitor(layers=["net.0.2", "net.1.3"], untrained_baseline=False),
-    "shortcut": lambda: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe=_probe(19), num_controls=2,
-                                        reference_samples=0, action="log"),
-    "discovery": lambda: ShortcutMonitor(probe=_probe(19), num_controls=2, reference_samples=0, action="log",
-                                         prefix="discovery"),
+    "shortcut": lambda: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe=_probe(19), action="log",
+                                        config=ShortcutConfig(num_controls=2, reference_samples=0)),
+    "discovery": lambda: ShortcutDiscovery(probe=_probe(19), action="log", prefix="discovery",
+                                           config=ShortcutConfig(num_controls=2, reference_samples=0)),
     # an objective on an inner layer of a sharded unit, and one on the logits
     "featvis": lambda: FeatureVisMonitor(targets=[("logits", (0, 1, 2)), ("net.0.2", "channels", (0, 1))],
                                          every_n_epochs=1, steps=4),

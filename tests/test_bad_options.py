@@ -19,7 +19,8 @@ import pytorch_lightning as pl
 
 from helpers import DigitsModule, TinyTextNet, digits_loaders, tiny_trainer
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
-                           SampleInfluenceMonitor, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
+                           SampleInfluenceMonitor, ShortcutDiscovery, ShortcutMonitor, TabularAttributionMonitor,
+                           TokenAttributionMonitor)
 from lightning_xai._lightning import MisconfigurationException, MisconfigurationTypeError
 from lightning_xai.callbacks import XAICallback
 
@@ -38,6 +39,7 @@ REQUIRED = {  # the arguments without a default, with good values
     ProjectionMonitor: dict(layers=["net.0.0"]),
     TokenAttributionMonitor: dict(embedding_layer="embedding", vocab=["a", "b"]),
     TabularAttributionMonitor: dict(feature_names=["a", "b"]),
+    ShortcutMonitor: dict(regions="top_left"),
 }
 
 COMMON = {  # XAICallback's options, and ProbeSetCallback's for the callbacks that have a probe set
@@ -122,28 +124,16 @@ AT_CONSTRUCTION = {
         "denormalize": [3],
     },
     ShortcutMonitor: {
-        "regions": [{}, "nowhere", (0, 0, 0, 2), (-1, 0, 2, 2),
-                    Named({"hotspot": "border"}, "region names"), Named({"m": torch.zeros(8, 8)}, "region 'm'"),
+        "regions": [None, {}, "nowhere", (0, 0, 0, 2), (-1, 0, 2, 2), Named({"m": torch.zeros(8, 8)}, "region 'm'"),
                     Named({"m": torch.ones(5, 8, 8)}, "region 'm'")],
         "method": ["nope", Named(("saliency", {"abs": "x"}), "abs")],
-        "discovery_method": ["nope", Named(("integrated_gradients", {"steps": 0}), "steps")],
-        "fill": ["x"],
-        "num_controls": [0],
-        "placement": ["x"],
         "action": ["explode"],
-        "patience": [0],
-        "reference_samples": [-1],
-        "donor_draws": [0],
-        "min_excess": [0, 2],
-        "min_z": [-1],
-        "min_match": [-1],
-        "find_regions": ["yes"],
-        "spray": [1],
-        "max_clusters": [0, "4"],
-        "sanity_check": ["yes"],
-        "sanity_layers": [0, [], [3]],
-        "sanity_threshold": [0, "1"],
-        "seed": ["a"],
+        "config": [Named({"alpha": 0.1}, "config"), 3],
+    },
+    ShortcutDiscovery: {
+        "method": ["nope", Named(("integrated_gradients", {"steps": 0}), "steps")],
+        "action": ["explode"],
+        "config": [Named({"alpha": 0.1}, "config")],
     },
     TokenAttributionMonitor: {
         "embedding_layer": ["", 3],
@@ -270,12 +260,9 @@ BEFORE_TRAINING = [
      "shape (8, 8)"),
     (lambda: ShortcutMonitor(regions={"m": torch.ones(5, 5)}, probe=torch.rand(4, 1, 8, 8)), _images, "regions",
      "`region 'm'`"),
-    (lambda: ShortcutMonitor(regions="top_left", sanity_layers=["nope"]), _images, "sanity_layers",
-     "`sanity_layers` to be names or patterns matching"),
     (lambda: ShortcutMonitor(regions="top_left", method=("grad_cam", {"layer": "nope"})), _images, "method",
      "`layer`"),
-    (lambda: ShortcutMonitor(regions="top_left", discovery_method=("occlusion", {"window": 9})), _images,
-     "discovery_method", "`window`"),
+    (lambda: ShortcutDiscovery(method=("occlusion", {"window": 9})), _images, "method", "`window`"),
     (lambda: ShortcutMonitor(regions=lambda x: torch.ones(3, 3)), _images, "regions", "`region 'region'`"),
     (lambda: TokenAttributionMonitor("nope", vocab=VOCAB), _tokens, "embedding_layer", "`embedding_layer`"),
     (lambda: TokenAttributionMonitor("net.embedding", vocab=VOCAB, target=2), _tokens, "target", "`target`"),
@@ -301,7 +288,7 @@ def test_every_option_has_a_bad_value():
     """Each constructor argument of each callback has wrong values of its own in the tables above, so a new option
     cannot slip in with the generic ``WRONG`` alone."""
     assert set(AT_CONSTRUCTION) == {AttributionMonitor, LinearProbeMonitor, ProjectionMonitor, FeatureVisMonitor,
-                                    SampleInfluenceMonitor, ShortcutMonitor, TokenAttributionMonitor,
+                                    SampleInfluenceMonitor, ShortcutDiscovery, ShortcutMonitor, TokenAttributionMonitor,
                                     TabularAttributionMonitor}
     for cls, table in AT_CONSTRUCTION.items():
         missing = [o for o in options(cls) if not table.get(o) and not COMMON.get(o)]

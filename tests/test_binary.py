@@ -14,7 +14,7 @@ import lightning_xai as lx
 from helpers import read_events, small_cnn, tiny_trainer
 from lightning_xai._utils import class_probs, two_class_logits
 from lightning_xai.datasets import load_digits_tensors
-from lightning_xai.shortcuts import intervene, shortcut_alarm
+from lightning_xai.shortcuts import check_region
 
 
 @pytest.mark.parametrize("shape", [(5,), (5, 1)])
@@ -42,24 +42,15 @@ class CornerLogit(nn.Module):
         return 12.0 * (x[:, :, :2, :2].mean((1, 2, 3)) - 0.5).unsqueeze(1)
 
 
-def test_intervention_on_a_single_logit_model_sees_the_shift():
-    # a softmax over one logit is always 1: the shift was 0 and the alarm could never fire on such a model
-    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    x[:, :, :2, :2] = 0.2
-    x[::2, :, :2, :2] = 0.8  # half the samples carry the mark
-    masks = torch.zeros(64, 8, 8, dtype=torch.bool)
-    masks[:, :2, :2] = True
-    model = CornerLogit()
-    out = intervene(model, x, masks, num_controls=4, generator=torch.Generator().manual_seed(0))
-    p = torch.sigmoid(model(x).view(-1))
-    edited = x.clone()
-    edited[:, :, :2, :2] = x[out["partner"]][:, :, :2, :2]
-    expected_shift = (torch.sigmoid(model(edited).view(-1)) - p).abs()  # total variation of two classes
-    torch.testing.assert_close(out["shift"], expected_shift)
-    assert float(out["shift"].mean()) > 0.5
-    assert float(out["control_shift"].max()) == 0.0  # controls outside the corner do nothing
-    assert shortcut_alarm(out["shift"], out["control_shift"], change=out["change"],
-                          control_change=out["control_change"]).fired
+def test_the_shortcut_test_reads_a_single_logit_model_as_two_classes():
+    # a softmax over one logit is always 1: the model's log-odds must be read as two classes for any pull to show
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 8, 8, generator=g)
+    y = (torch.arange(64) % 2)
+    x[:, :, :2, :2] = (0.2 + 0.6 * y.float()).view(-1, 1, 1, 1)  # the mark codes the class
+    verdict = check_region(CornerLogit(), x, y, None, None, (0, 0, 2, 2))
+    assert verdict.alarm and verdict.stats["flip"] > 0.9 and verdict.stats["pull"] > 1
+    assert verdict.stats["control_pull"] == 0.0  # places outside the corner do nothing
 
 
 class BinaryModule(pl.LightningModule):
@@ -97,8 +88,7 @@ def _binary_shortcut_loaders():
 def test_callbacks_explain_a_bce_model_and_catch_its_shortcut(tmp_path):
     pl.seed_everything(0)
     train, val = _binary_shortcut_loaders()
-    shortcut = lx.ShortcutMonitor(regions={"mark": (0, 0, 2, 2)}, action="log", probe_samples=64,
-                                  sanity_check=False)
+    shortcut = lx.ShortcutMonitor(regions={"mark": (0, 0, 2, 2)}, action="log", probe_samples=64)
     attribution = lx.AttributionMonitor(methods=["saliency"], target="label", probe_samples=8)
     trainer = tiny_trainer(tmp_path, callbacks=[shortcut, attribution], max_epochs=2)
     with warnings.catch_warnings(record=True) as caught:
@@ -109,6 +99,6 @@ def test_callbacks_explain_a_bce_model_and_catch_its_shortcut(tmp_path):
     assert set(shortcut.probe_y.unique().tolist()) == {0, 1}  # float labels became the classes 0 and 1
     metrics = trainer.callback_metrics
     assert float(metrics["xai/shortcut/mark/alarm"]) == 1.0
-    assert float(metrics["xai/shortcut/mark/shift"]) > 0.3
+    assert float(metrics["xai/shortcut/mark/pull"]) > 0.3
     events = read_events(tmp_path / "tb" / "version_0")
     assert any(tag.startswith("xai/attribution/") for tag in events.Tags()["images"])

@@ -170,7 +170,8 @@ def event_dir(tmp_path_factory):
 
     from helpers import DigitsModule, digits_loaders, tiny_trainer
     from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
-                               SampleInfluenceMonitor, ShortcutMonitor)
+                               SampleInfluenceMonitor, ShortcutDiscovery, ShortcutMonitor)
+    from lightning_xai.shortcuts import ShortcutConfig
 
     tmp = tmp_path_factory.mktemp("browser")
     pl.seed_everything(0)
@@ -179,8 +180,9 @@ def event_dir(tmp_path_factory):
         LinearProbeMonitor(layers=["net.0.2", "net.1.3"]),
         FeatureVisMonitor(targets=[("logits", range(10)), ("net.0.3", "channels", range(4))], steps=8,
                           every_n_epochs=1),
-        ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, find_regions=True, probe_samples=30, num_controls=2,
-                        donor_draws=1, max_clusters=2, action="log"),
+        ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=30, action="log",
+                        config=ShortcutConfig(num_controls=2, donor_draws=1)),
+        ShortcutDiscovery(probe_samples=30, action="log", config=ShortcutConfig(num_controls=2, donor_draws=1)),
         SampleInfluenceMonitor(probe_samples=4, k=3, support_k=3, num_representers=2, num_suspects=6, num_sparse=2,
                                max_train_samples=64, every_n_epochs=1),
         ProjectionMonitor(layers=["net.1.3"], probe_samples=32),

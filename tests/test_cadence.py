@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from helpers import (PACKAGES, TinyTextNet, classifier, digits_data, lightning_package, read_events, small_cnn,
                      tiny_trainer)
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
-                           SampleInfluenceMonitor, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
+                           SampleInfluenceMonitor, ShortcutDiscovery, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
 from lightning_xai.callbacks import _cost as cost
 from lightning_xai.text.synthetic import VOCAB, spurious_token_data
 
@@ -50,7 +50,8 @@ DEFAULTS: Dict[str, Tuple[Callable[[], object], Callable[[str], tuple]]] = {
     "projection": (lambda: ProjectionMonitor(layers=["net.1.3"]), _digits),
     "featvis": (lambda: FeatureVisMonitor(), _digits),
     "samples": (lambda: SampleInfluenceMonitor(), _digits),
-    "shortcut": (lambda: ShortcutMonitor(), _digits),
+    "shortcut": (lambda: ShortcutMonitor(regions="top_left"), _digits),
+    "discovery": (lambda: ShortcutDiscovery(), _digits),
     "text": (lambda: TokenAttributionMonitor("net.embedding", vocab=list(VOCAB)), _text),
     "tabular": (lambda: TabularAttributionMonitor(FEATURES), _tabular),
 }
@@ -90,7 +91,8 @@ def test_default_options_explain_every_scheduled_epoch(tmp_path, case, package):
     assert figures, f"{case} logged nothing but its wall time"
     steps = set()
     for tag in figures:
-        read = acc.Images if tag in acc.Tags()["images"] else acc.Scalars if tag in acc.Tags()["scalars"] else acc.Tensors
+        read = acc.Images if tag in acc.Tags()["images"] else acc.Scalars if tag in acc.Tags()[
+                                             "scalars"] else acc.Tensors
         steps |= {ev.step for ev in read(tag)}
     assert steps == {epoch_steps[e] for e in expected}
     assert callback.last_explained_epoch == EPOCHS - 1

@@ -20,10 +20,12 @@ from torch.utils.data import DataLoader, TensorDataset
 import pytorch_lightning as pl
 from pytorch_lightning import Callback
 
-from helpers import DigitsModule, TinyTextNet, digits_data, hook_count, is_timing, read_events, small_cnn, tiny_trainer, trained_weights
+from helpers import (DigitsModule, TinyTextNet, digits_data, hook_count, is_timing, read_events, small_cnn,
+                     tiny_trainer, trained_weights)
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
                            SampleInfluenceMonitor, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
 from lightning_xai._utils import eager_compiled, is_compiled
+from lightning_xai.shortcuts import ShortcutConfig
 from lightning_xai.text.synthetic import VOCAB, spurious_token_data
 
 EPOCHS = 2
@@ -77,7 +79,7 @@ CASES: Dict[str, Tuple[str, Callable[[Callable[[str], str]], Callback]]] = {
     "probes": ("digits", lambda L: LinearProbeMonitor(layers=[L("0.3"), L("1.3")], on_error="raise")),
     "featvis": ("digits", lambda L: FeatureVisMonitor(targets=[("logits", (0, 1)), (L("0.3"), "channels", (0, 1))],
                                                       every_n_epochs=1, steps=4, min_side=8, on_error="raise")),
-    "shortcut": ("digits", lambda L: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, num_controls=2,
+    "shortcut": ("digits", lambda L: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, config=ShortcutConfig(num_controls=2),
                                                      probe_samples=10, action="log", on_error="raise")),
     "samples": ("digits", lambda L: SampleInfluenceMonitor(
         layer=L("1.3"), every_n_epochs=1, probe_samples=4, k=2, support_k=2, num_representers=2, num_suspects=4,

@@ -20,6 +20,7 @@ from helpers import (DigitsModule, PACKAGES, classifier, digits_data, lightning_
                      tiny_trainer, trained_weights)
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
                            SampleInfluenceMonitor, ShortcutMonitor)
+from lightning_xai.shortcuts import ShortcutConfig
 from lightning_xai._lightning import MisconfigurationException
 
 needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -68,8 +69,8 @@ def _odd_val(kind: str, n: int) -> TensorDataset:
     pytest.param(lambda: AttributionMonitor(methods="saliency", probe_samples=6), id="attribution"),
     pytest.param(lambda: ProjectionMonitor(layers=["net.1.3"], probe_samples=12), id="projection"),
     pytest.param(lambda: SampleInfluenceMonitor(every_n_epochs=1, probe_samples=4, max_train_samples=64), id="samples"),
-    pytest.param(lambda: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=16, num_controls=2,
-                                         action="log"), id="shortcut"),
+    pytest.param(lambda: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=16, action="log",
+                                         config=ShortcutConfig(num_controls=2)), id="shortcut"),
 ])
 def test_labels_that_are_not_classes_are_ignored_with_a_warning(tmp_path, make, kind):
     train, val = _odd_val(kind, 256), _odd_val(kind, 48)  # training batches too (ShortcutMonitor reads them)
@@ -185,7 +186,8 @@ def test_no_callback_moves_python_numpy_or_torch_random_streams(tmp_path):
     callbacks = [
         SampleInfluenceMonitor(every_n_epochs=1, probe_samples=4, max_train_samples=64),  # reads training samples
         AttributionMonitor(methods=("saliency", ("smoothgrad", {"samples": 4})), probe=[0, 3, 5]),  # reads val[i]
-        ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=16, num_controls=2, action="log"),
+        ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=16, action="log",
+                        config=ShortcutConfig(num_controls=2)),
         LinearProbeMonitor(layers=["net.1.3"]),
         FeatureVisMonitor(every_n_epochs=1, steps=4),
     ]
@@ -199,13 +201,14 @@ def test_no_callback_moves_python_numpy_or_torch_random_streams(tmp_path):
 
 # --------------------------------------------------------------------------- precisions
 ALL = [
-    pytest.param(lambda: AttributionMonitor(methods=("saliency", ("integrated_gradients", {"steps": 4}))), id="attribution"),
+    pytest.param(lambda: AttributionMonitor(
+        methods=("saliency", ("integrated_gradients", {"steps": 4}))), id="attribution"),
     pytest.param(lambda: LinearProbeMonitor(layers=["net.1.3"]), id="probes"),
     pytest.param(lambda: ProjectionMonitor(layers=["net.1.3"]), id="projection"),
     pytest.param(lambda: FeatureVisMonitor(every_n_epochs=1, steps=4), id="featvis"),
     pytest.param(lambda: SampleInfluenceMonitor(every_n_epochs=1, probe_samples=4, max_train_samples=64), id="samples"),
-    pytest.param(lambda: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=16, num_controls=2,
-                                         action="log"), id="shortcut"),
+    pytest.param(lambda: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=16, action="log",
+                                         config=ShortcutConfig(num_controls=2)), id="shortcut"),
 ]
 
 
@@ -271,7 +274,8 @@ def forward_failing_on_rank_1(module, x):
 @needs_gloo
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [
-    pytest.param(lambda: LinearProbeMonitor(layers=["net.1.3"], concepts={"odd": concept_failing_on_rank_1}), id="probes"),
+    pytest.param(lambda: LinearProbeMonitor(layers=["net.1.3"], concepts={
+                 "odd": concept_failing_on_rank_1}), id="probes"),
     pytest.param(lambda: AttributionMonitor(methods="saliency", probe_samples=6, forward=forward_failing_on_rank_1),
                  id="attribution"),
 ])

@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import PACKAGES, classifier, digits_loaders, is_timing, lightning_package, read_events, small_cnn, tiny_trainer
+from helpers import (PACKAGES, classifier, digits_loaders, is_timing, lightning_package, read_events, small_cnn,
+                     tiny_trainer)
 
 from lightning_xai import AttributionMonitor, LinearProbeMonitor, ShortcutMonitor
+from lightning_xai.shortcuts import ShortcutConfig
 from lightning_xai.attribution import get_method
 from lightning_xai.callbacks import _shared as shared
 
@@ -37,8 +39,8 @@ class CountingNet(nn.Module):
 def _stack():
     # both explain the label with saliency; the 8 attribution probes are the first rows per class of the 32
     return [AttributionMonitor(methods=("saliency",), probe_samples=8, evolution_samples=0),
-            ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=32, reference_samples=0, num_controls=2,
-                            action="log")]
+            ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=32, action="log",
+                            config=ShortcutConfig(reference_samples=0, num_controls=2))]
 
 
 def _fit(tmp_path, package="pytorch_lightning", share=True, epochs=2):
@@ -57,7 +59,8 @@ def _fit(tmp_path, package="pytorch_lightning", share=True, epochs=2):
 def test_saliency_of_shared_probe_rows_is_computed_once(tmp_path, package):
     _, net, (attribution, shortcut) = _fit(tmp_path / "shared", package)
     assert attribution.errors == shortcut.errors == 0
-    assert set(map(tuple, attribution.probe_x.flatten(1).tolist())) <= set(map(tuple, shortcut.probe_x.flatten(1).tolist()))
+    assert set(map(tuple, attribution.probe_x.flatten(1).tolist())) <= set(
+        map(tuple, shortcut.probe_x.flatten(1).tolist()))
     # per epoch: the 8 attribution rows once, then only the 24 shortcut rows not among them
     assert net.grad_rows == 2 * 32
     _, alone, _ = _fit(tmp_path / "alone", package, share=False)

@@ -43,6 +43,14 @@ ATTRIBUTION_STATS = {"share_ratio": "attribution share inside the region over it
                                     "anywhere else); never raises an alarm"}
 
 
+def _canonical(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    """The samples sorted by label, then content: the same set gives the same plan whatever order the training batches
+    (one process, or several ranks' shares) brought it in."""
+    keys = [(int(label), tuple(row)) for label, row in zip(y.tolist(), x.flatten(1).tolist())]
+    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)
+    return x[order].contiguous(), y[order].contiguous()
+
+
 class _ShortcutCallback(SampleCheckedCallback):
     """What both shortcut callbacks share: options, reference samples, plans, actions and evidence figures."""
 
@@ -148,7 +156,7 @@ class _ShortcutCallback(SampleCheckedCallback):
                               "choosing the reference samples", trainer.current_epoch)
         self._buckets = {}
         if chosen is not None and chosen[0] is not None and chosen[1] is not None:
-            self.reference_x, self.reference_y = chosen[0], chosen[1].long()
+            self.reference_x, self.reference_y = _canonical(chosen[0], chosen[1].long())
         else:
             self._no_references = True
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_xai._utils import expected, preserve_modes
+from lightning_xai._utils import expected, preserve_modes, two_class_logits
 from lightning_xai.shortcuts._test import (InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions,
                                            run_plan)
 from lightning_xai.shortcuts._corners import atypical_corners, find_stamps, stamp_donor_masks
@@ -53,7 +53,8 @@ def _donor_set(forward: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tenso
                donor_y: Optional[Tensor], batch_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Probe labels (predictions where none) and the donors (the probe set itself where none are given)."""
     def predict(inputs: Tensor) -> Tensor:
-        return torch.cat([forward(inputs[i:i + batch_size]).argmax(1).cpu() for i in range(0, inputs.shape[0], batch_size)])
+        return torch.cat([two_class_logits(forward(inputs[i:i + batch_size])).argmax(1).cpu()
+                          for i in range(0, inputs.shape[0], batch_size)])
     if x.ndim != 4 or not x.is_floating_point():
         raise ValueError(expected("probe_x", "float images of shape (N, C, H, W)", x))
     y = predict(x) if y is None else y.long().cpu()

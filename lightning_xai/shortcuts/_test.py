@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from lightning_xai._utils import expected
+from lightning_xai._utils import expected, two_class_logits
 
 COMPACT = 0.25  # donor masks covering at most this share of the image (on average) are transplanted, not replaced in place
 TRIES_PER_CONTROL = 4  # random offsets drawn per control kept
@@ -287,7 +287,7 @@ def run_plan(forward: Callable[[Tensor], Tensor], inputs: Tensor, donors: Tensor
     for first in range(0, index.numel(), batch_size):
         part = index[first:first + batch_size]
         with torch.no_grad():
-            logits = forward(plan.edited(inputs, donors, part)).float()
+            logits = two_class_logits(forward(plan.edited(inputs, donors, part))).float()
         lsm = torch.log_softmax(logits, dim=1).cpu()
         at = (plan.recipient[part] - start, plan.draw[part], plan.place[part], plan.placebo[part].long())
         logp[at] = lsm.gather(1, plan.target[part].view(-1, 1)).view(-1)
