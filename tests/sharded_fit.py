@@ -107,8 +107,8 @@ def main(out: str, devices: int) -> None:
     strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
                                      timeout=timedelta(seconds=60)) if devices > 1 else "auto"
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
-                        callbacks=[*monitors, Dump(out, monitors)], enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+                        callbacks=[*monitors, Dump(out, monitors)], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
     train, val = digits_data(128, 64)
     trainer.fit(Sharded(), DataLoader(train, batch_size=32), DataLoader(val, batch_size=16))
 

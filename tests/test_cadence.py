@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from helpers import (PACKAGES, TinyTextNet, classifier, digits_data, lightning_package, read_events, small_cnn,
                      tiny_trainer)
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
-                           SampleInfluenceMonitor, ShortcutDiscovery, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
+                           SampleInfluenceMonitor, ShortcutDiscovery, ShortcutMonitor, TabularAttributionMonitor,
+                           TokenAttributionMonitor)
 from lightning_xai.callbacks import _cost as cost
 from lightning_xai.text.synthetic import VOCAB, spurious_token_data
 
@@ -40,7 +41,8 @@ def _tabular(package: str):
         return TensorDataset(x, (x[:, 1] - 0.5 * x[:, 3] > 0).long())
 
     net = nn.Sequential(nn.Linear(len(FEATURES), 16), nn.ReLU(), nn.Linear(16, 2))
-    return classifier(package, net, lr=0.05), DataLoader(make(128, 0), batch_size=32), DataLoader(make(32, 1), batch_size=32)
+    train, val = DataLoader(make(128, 0), batch_size=32), DataLoader(make(32, 1), batch_size=32)
+    return classifier(package, net, lr=0.05), train, val
 
 
 # only the arguments a callback cannot do without; everything else at its default

@@ -79,8 +79,9 @@ CASES: Dict[str, Tuple[str, Callable[[Callable[[str], str]], Callback]]] = {
     "probes": ("digits", lambda L: LinearProbeMonitor(layers=[L("0.3"), L("1.3")], on_error="raise")),
     "featvis": ("digits", lambda L: FeatureVisMonitor(targets=[("logits", (0, 1)), (L("0.3"), "channels", (0, 1))],
                                                       every_n_epochs=1, steps=4, min_side=8, on_error="raise")),
-    "shortcut": ("digits", lambda L: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, config=ShortcutConfig(num_controls=2),
-                                                     probe_samples=10, action="log", on_error="raise")),
+    "shortcut": ("digits", lambda L: ShortcutMonitor(regions={"corner": (0, 0, 2, 2)},
+                                                     config=ShortcutConfig(num_controls=2), probe_samples=10,
+                                                     action="log", on_error="raise")),
     "samples": ("digits", lambda L: SampleInfluenceMonitor(
         layer=L("1.3"), every_n_epochs=1, probe_samples=4, k=2, support_k=2, num_representers=2, num_suspects=4,
         num_sparse=2, max_train_samples=32, on_error="raise")),

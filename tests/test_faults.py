@@ -21,7 +21,6 @@ from helpers import (DigitsModule, PACKAGES, classifier, digits_data, lightning_
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
                            SampleInfluenceMonitor, ShortcutMonitor)
 from lightning_xai.shortcuts import ShortcutConfig
-from lightning_xai._lightning import MisconfigurationException
 
 needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -25,7 +25,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from helpers import (DigitsModule, TinyTextNet, digits_data, is_timing, read_events, small_cnn, tiny_trainer,
                      trained_weights)
 from lightning_xai import (AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ProjectionMonitor,
-                           SampleInfluenceMonitor, ShortcutDiscovery, ShortcutMonitor, TabularAttributionMonitor, TokenAttributionMonitor)
+                           SampleInfluenceMonitor, ShortcutDiscovery, ShortcutMonitor, TabularAttributionMonitor,
+                           TokenAttributionMonitor)
 from lightning_xai.shortcuts import ShortcutConfig
 from lightning_xai.text.synthetic import VOCAB, spurious_token_data
 
@@ -92,7 +93,8 @@ def _noise_tunnel():
 CASES: Dict[str, Tuple[Callable[[], Callback], Callable[[], tuple]]] = {
     "attribution": (lambda: AttributionMonitor(
         methods=("saliency", ("smoothgrad", {"samples": 4}),
-                 ("integrated_gradients", {"steps": 4, "baseline": "uniform"}), ("lime", {"samples": 16, "grid": (4, 4)}), ("grad_cam", {"layer": "net.0.3"})),
+                 ("integrated_gradients", {"steps": 4, "baseline": "uniform"}),
+                 ("lime", {"samples": 16, "grid": (4, 4)}), ("grad_cam", {"layer": "net.0.3"})),
         probe_samples=6, on_error="raise"), _digits),
     # the global RNG (Captum's NoiseTunnel) and a user's generator, whose states a resumed run does not have
     "attribution-rng": (lambda: AttributionMonitor(
@@ -208,6 +210,7 @@ def test_stopped_and_resumed_run_logs_the_same_figures(tmp_path, case):
     assert before and len(before) < len(got), "each part of the interrupted run logs something"
     assert sorted(got) == sorted(expected)
     # the same epochs explained (the keys, `seconds` included); the same figures (all but the wall times)
+
     def same(a, b):  # NaN (a figure without data, e.g. no control place) equals NaN
         return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 

@@ -21,14 +21,15 @@ from lightning_xai._lightning import MisconfigurationException, refuse_bad_optio
 from lightning_xai._utils import check_choice, expected
 from lightning_xai.attribution import method_passes
 from lightning_xai.callbacks import _shared as shared
-from lightning_xai.callbacks._batches import BATCH_FIX, Buckets, choose_stratified, class_labels, collect_rows, extract_xy
-from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_layers, check_method_options, resolve_method
+from lightning_xai.callbacks._batches import (BATCH_FIX, Buckets, choose_stratified, class_labels, collect_rows,
+                                              extract_xy)
+from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_method_layers, check_method_options,
+                                             resolve_method)
 from lightning_xai.callbacks._ranks import split_rows
 from lightning_xai._logging import log_image
-from lightning_xai.render import CYAN, RED, evidence_figure, maps_figure, share_maps
+from lightning_xai.render import RED, evidence_figure, maps_figure, share_maps
 from lightning_xai.shortcuts import InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions, run_plan
 from lightning_xai.shortcuts._api import DISCOVERY_PRESETS, _proposals
-from lightning_xai.shortcuts._test import STATS
 from lightning_xai.shortcuts import region_metrics
 from lightning_xai.shortcuts._regions import normalize_regions, region_masks
 from lightning_xai.shortcuts._hotspots import class_mean_maps
@@ -182,8 +183,8 @@ class _ShortcutCallback(SampleCheckedCallback):
               donor_masks: Tensor) -> InterventionPlan:
         """The plan of ``name``, kept while the probe set and the donors are the same tensors and masks."""
         kept = self._plans.get(name)
-        if kept is not None and kept[0] is self.probe_x and kept[1] is self.reference_x and torch.equal(kept[2], masks) \
-                and torch.equal(kept[3], donor_masks) and torch.equal(kept[4], labels):
+        if (kept is not None and kept[0] is self.probe_x and kept[1] is self.reference_x and torch.equal(kept[2], masks)
+                and torch.equal(kept[3], donor_masks) and torch.equal(kept[4], labels)):
             return kept[5]
         plan = plan_interventions(x.cpu(), labels, donors.cpu(), donor_labels, masks.cpu(), donor_masks.cpu(),
                                   self.config)
@@ -247,13 +248,16 @@ class _ShortcutCallback(SampleCheckedCallback):
                      f"pull {float(pull[i]):+.2f} nats"] for i, a, t in zip(order, after, targets)]
         s = verdict.stats
         grey = (0.45, 0.55, 0.7)
-        bars = [("specific pull (nats)", [("region", s["pull"], RED), ("control places (mean)", s["control_pull"], grey)])]
-        notes = [verdict.reason, f"tests at level {self.config.alpha:g} (pooled z >= {self.config.z:.2f}) and effect >= "
+        bars = [("specific pull (nats)", [("region", s["pull"], RED),
+                                          ("control places (mean)", s["control_pull"], grey)])]
+        notes = [verdict.reason, f"tests at level {self.config.alpha:g} (pooled z >= {self.config.z:.2f}) and "
+                 f"effect >= "
                  f"{self.config.min_pull:.3f} nats; samples shown: the {len(order)} the region's content pulled most"]
         fig = evidence_figure(x.cpu()[order], plan.masks(index_t), ctl_masks, edited,
                               title=f"{what} · {name} · epoch {epoch} · {'ALARM' if verdict.alarm else 'no alarm'}",
                               subtitle="another class' content pasted into the region (and, for comparison, at control "
-                                       "places); a shortcut pulls the prediction toward that class from the region only",
+                                       "places); a shortcut pulls the prediction toward that class from the region "
+                                       "only",
                               captions=captions, bars=[b for b in bars if not math.isnan(b[1][1][1])] or bars[:0],
                               notes=notes)
         log_image(trainer, self.tag(name, "evidence"), fig.image)

@@ -8,7 +8,8 @@ content gives?" for a region the user names; :func:`discover` proposes candidate
 """
 from lightning_xai.shortcuts._api import Candidate, check_region, discover
 from lightning_xai.shortcuts._metrics import region_metrics
-from lightning_xai.shortcuts._test import InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions, run_plan
+from lightning_xai.shortcuts._test import (InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions,
+                                           run_plan)
 
 __all__ = ["Candidate", "InterventionPlan", "ShortcutConfig", "Verdict", "check_region", "decide", "discover",
            "plan_interventions", "region_metrics", "run_plan"]

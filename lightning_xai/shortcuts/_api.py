@@ -134,7 +134,8 @@ def _proposals(x: Tensor, y: Tensor, dx: Tensor, maps: Optional[Tensor]) -> Dict
         out[name] = (region_masks(name, x), region_masks(name, dx))
     flat, donor_flat = flat_background(x), flat_background(dx)
     if flat is not None:
-        out["flat_background"] = (flat, donor_flat if donor_flat is not None else torch.zeros_like(dx[:, 0], dtype=torch.bool))
+        none = torch.zeros_like(dx[:, 0], dtype=torch.bool)
+        out["flat_background"] = (flat, donor_flat if donor_flat is not None else none)
     out["atypical_corner"] = (atypical_corners(x), atypical_corners(dx))
     stamps = find_stamps(x)
     if stamps is not None:

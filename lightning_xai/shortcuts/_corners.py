@@ -79,7 +79,7 @@ def atypical_corners(inputs: Tensor, side: Optional[int] = None) -> Tensor:
     """Per sample, the corner window whose content departs most from the probe set's there ``(N, H, W)``.
 
     The departure of a window is the mean over its pixels (and channels) of the robust z-score
-    :math:`|x_{n,p} - \\operatorname{med}_m x_{m,p}| / \\max(\\operatorname{MAD}_p, 0.01\\,(\max x - \min x))`, so a
+    :math:`|x_{n,p} - \\operatorname{med}_m x_{m,p}| / \\max(\\operatorname{MAD}_p, 0.01\\,(\\max x - \\min x))`, so a
     bright mark on a dark corner scores high wherever it sits. Model-free: the region cannot have been chosen
     where the model is sensitive.
 
@@ -103,7 +103,8 @@ def atypical_corners(inputs: Tensor, side: Optional[int] = None) -> Tensor:
     return windows[score.argmax(1)].contiguous()
 
 
-def find_stamps(inputs: Tensor, side: Optional[int] = None, min_copies: int = 3, rel_tol: float = 0.03) -> Optional[StampResult]:
+def find_stamps(inputs: Tensor, side: Optional[int] = None, min_copies: int = 3,
+                rel_tol: float = 0.03) -> Optional[StampResult]:
     """Samples carrying a pasted pattern in a corner, or None when fewer than ``min_copies + 1`` do.
 
     In each corner window a sample is a *carrier* when at least ``min_copies`` other samples hold the same
@@ -182,7 +183,8 @@ def stamp_donor_masks(inputs: Tensor, stamps: StampResult, own: Union[StampResul
             raise ValueError(expected("own", "a find_stamps result, None (no stamps of their own) or 'find'", own))
         own = find_stamps(inputs)
     elif own is not None and not isinstance(own, StampResult):
-        raise TypeError(expected("own", "a find_stamps result, None (no stamps of their own) or 'find'", type(own).__name__))
+        raise TypeError(expected("own", "a find_stamps result, None (no stamps of their own) or 'find'",
+                                 type(own).__name__))
     if own is not None and own.masks.shape[-2:] == stamps.masks.shape[-2:]:
         return own.masks
     windows, counts = torch.unique(stamps.masks[stamps.carriers].flatten(1), dim=0, return_counts=True)

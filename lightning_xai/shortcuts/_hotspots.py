@@ -12,7 +12,8 @@ the pixel that the class does *not* explain, so the object, whose content distin
 is not proposed. A hotspot is the 4-connected component around the peak of ``S`` of pixels with
 ``S_p >= rel_threshold * max S``, kept when ``max S >= min_score``, its area is at most
 ``max_area`` of the image and its mean ``eta^2`` at most :data:`MAX_ETA2` (0.1: on noisy digits the
-objects' pixels reach 0.1-0.5, a mark with a class-independent code stays near 0). It is only a *candidate*: the intervention check
+objects' pixels reach 0.1-0.5, a mark with a class-independent code stays near 0). It is only a *candidate*: the
+intervention check
 (:mod:`._test`) decides whether the model relies on it. Maps from Input x
 Gradient or Occlusion concentrate on a bright mark where plain saliency may not.
 
@@ -35,7 +36,8 @@ MAX_ETA2 = 0.1
 
 
 def downsample_maps(maps: Tensor, size: int = 16) -> Tensor:
-    """``|a|`` summed over channels, area-pooled so the long side is at most ``size``, each map summing to 1 ``(N, h, w)``."""
+    """``|a|`` summed over channels, area-pooled so the long side is at most ``size``, each map summing to 1
+    ``(N, h, w)``."""
     if maps.ndim == 4:
         a = maps.detach().float().abs().sum(1)
     elif maps.ndim == 3:
@@ -67,7 +69,7 @@ class HotspotResult:
 
 
 def consistency_map(maps: Tensor, labels: Tensor, size: int = 32, eps: float = 1e-2) -> Tensor:
-    """The geometric mean over classes of class-mean attribution relative to uniform ``(h, w)`` (see module docstring)."""
+    """The geometric mean over classes of class-mean attribution relative to uniform ``(h, w)`` (module docstring)."""
     if labels.ndim != 1 or labels.shape[0] != maps.shape[0]:
         raise ValueError(expected("labels", f"a tensor of shape ({maps.shape[0]},)", labels))
     small = downsample_maps(maps, size)  # (N, h, w), each sums to 1
@@ -159,7 +161,8 @@ def find_hotspot(maps: Tensor, labels: Tensor, size: int = 32, rel_threshold: fl
     return HotspotResult(comp, score, peak)
 
 
-def flat_background(inputs: Tensor, min_share: float = 0.25, min_samples: float = 0.5, atol: float = 1e-6) -> Optional[Tensor]:
+def flat_background(inputs: Tensor, min_share: float = 0.25, min_samples: float = 0.5,
+                    atol: float = 1e-6) -> Optional[Tensor]:
     """Per-sample masks of a flat background ``(N, H, W)``: the pixels holding the sample's most frequent value.
 
     The black PNG background of the Pokemon/Digimon classifier is the case in point: a large area of one
@@ -185,4 +188,3 @@ def flat_background(inputs: Tensor, min_share: float = 0.25, min_samples: float 
     if float(masks.any(1).float().mean()) < min_samples:
         return None
     return masks.view(n, h, w)
-

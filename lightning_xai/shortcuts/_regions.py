@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_xai._utils import expected
@@ -36,7 +35,8 @@ def preset_mask(name: str, size: Tuple[int, int]) -> Tensor:
         4
     """
     if name not in PRESETS:
-        raise ValueError(expected("region", "a box, a mask, a callable or one of the presets " + ", ".join(map(repr, PRESETS)), name))
+        raise ValueError(expected("region", "a box, a mask, a callable or one of the presets "
+                                  + ", ".join(map(repr, PRESETS)), name))
     h, w = size
     mask = torch.zeros(h, w, dtype=torch.bool)
     side = max(1, round(min(h, w) / 4))
@@ -138,7 +138,8 @@ def region_masks(spec: RegionSpec, inputs: Tensor, name: str = "region") -> Tens
     elif callable(spec):
         mask = spec(inputs)
         if not isinstance(mask, Tensor):
-            raise ValueError(expected(f"region {name!r}(inputs)", "a mask tensor (H, W) or (N, H, W)", type(mask).__name__))
+            raise ValueError(expected(f"region {name!r}(inputs)", "a mask tensor (H, W) or (N, H, W)",
+                                      type(mask).__name__))
     else:
         raise TypeError(expected(f"region {name!r}", "a mask, a box, a preset name or a callable", type(spec).__name__))
     if tuple(mask.shape) not in ((h, w), (n, h, w)):  # before expanding, which would raise torch's own error

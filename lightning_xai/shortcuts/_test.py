@@ -52,7 +52,7 @@ from torch import Tensor
 
 from lightning_xai._utils import expected, two_class_logits
 
-COMPACT = 0.25  # donor masks covering at most this share of the image (on average) are transplanted, not replaced in place
+COMPACT = 0.25  # donor masks covering at most this share of the image (on average) are transplanted, else replaced
 TRIES_PER_CONTROL = 4  # random offsets drawn per control kept
 
 
@@ -187,7 +187,8 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
         ValueError: on shapes that do not fit; the message names the argument.
     """
     if inputs.ndim != 4 or donors.ndim != 4 or donors.shape[1:] != inputs.shape[1:]:
-        raise ValueError(expected("donors", f"images of the probe samples' shape (M, {', '.join(map(str, inputs.shape[1:]))})",
+        shape = ", ".join(map(str, inputs.shape[1:]))
+        raise ValueError(expected("donors", f"images of the probe samples' shape (M, {shape})",
                                   donors))
     n, _, h, w = inputs.shape
     m = donors.shape[0]
@@ -251,7 +252,8 @@ def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, p
     p = rec.shape[0]
     h, w = inputs.shape[-2:]
     tries = TRIES_PER_CONTROL * count
-    offsets = torch.stack([torch.randint(h, (p, tries), generator=gen), torch.randint(w, (p, tries), generator=gen)], -1)
+    offsets = torch.stack([torch.randint(h, (p, tries), generator=gen),
+                           torch.randint(w, (p, tries), generator=gen)], -1)
     out = torch.full((p, count, 2), -1, dtype=torch.long)
     for start in range(0, p, block):  # bounded memory: (block * tries) edited images at a time
         q = slice(start, min(start + block, p))
@@ -307,7 +309,7 @@ class Verdict:
 
 STATS = {
     "alarm": "1 when the region is judged a shortcut this run",
-    "pull": "mean specific pull (nats): how much the donor's region content raises the donor's label, beyond a placebo's",
+    "pull": "mean specific pull (nats): how much a donor's region content raises the donor's label beyond a placebo",
     "pull_z": "z of the pull (test 1: does the model read class evidence from the region?)",
     "control_pull": "mean pull of the control places (nats); NaN without controls",
     "excess": "pull minus control_pull (nats), per probe sample",
@@ -400,7 +402,8 @@ def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig =
     if uses and beyond:
         reason = (f"pasting the region's content from other classes pulls predictions toward their labels by "
                   f"{pooled['pull']:+.3f} nats (z {pooled['pull_z']:.1f})"
-                  + (f", {pooled['excess']:+.3f} more than typical other places of its shape (z {pooled['excess_z']:.1f})"
+                  + (f", {pooled['excess']:+.3f} more than typical other places of its shape "
+                     f"(z {pooled['excess_z']:.1f})"
                      if has_controls else "; the region is too large to move, so no control place could tell it from "
                      "ordinary content") + f"; it flips {flip:.2f} of them")
     elif firing_classes:
