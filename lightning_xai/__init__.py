@@ -4,8 +4,8 @@ Callbacks (``Trainer(callbacks=[...])``) are thin layers over pure-torch cores:
 ``lightning_xai.attribution``, ``probes``, ``featvis``, ``shortcuts``, ``samples``, ``projections``, ``text``.
 The callbacks are imported lazily (PEP 562), so importing a core never loads Lightning.
 """
-from importlib import import_module
-from typing import Any
+from importlib import import_module as _import_module
+from typing import Any as _Any
 
 __version__ = "0.1.0"
 
@@ -24,13 +24,13 @@ _CALLBACKS = {
 __all__ = sorted(_CALLBACKS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name in _CALLBACKS:
-        value = getattr(import_module(_CALLBACKS[name]), name)
+        value = getattr(_import_module(_CALLBACKS[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lightning_xai' has no attribute {name!r}")
 
 
 def __dir__() -> list:
-    return sorted(list(globals()) + list(_CALLBACKS))
+    return sorted(set(globals()) | set(_CALLBACKS))

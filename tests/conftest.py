@@ -4,7 +4,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+# helpers.py and sharded_fit.py, for the test modules in every area folder below
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The suite runs with `pytest -n 2` on 2 cores: one torch thread per worker avoids oversubscription,
 # which makes the tiny models here 10x slower.
 torch.set_num_threads(1)

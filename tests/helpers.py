@@ -1,10 +1,19 @@
-"""Test helpers shared by all test modules: tiny models, seeded data and a hygiene snapshot."""
+"""Test helpers shared by all test modules: tiny models, seeded data and a hygiene snapshot.
+
+The suite's test modules live in one folder per area (``tests/attribution/``, ``tests/callbacks/``, ...);
+``conftest.py`` puts this folder on ``sys.path``, so every one of them imports ``helpers`` (and the root conftest's
+fixtures apply).
+"""
 from __future__ import annotations
 
+import os
 from typing import Any, Dict
 
 import torch
 from torch import nn
+
+TESTS = os.path.dirname(os.path.abspath(__file__))  # this folder: helpers, conftest.py and sharded_fit.py
+ROOT = os.path.dirname(TESTS)  # the repository (examples/, README.md)
 
 
 def small_cnn(num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True,

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from helpers import PACKAGES, lightning_package, read_events
+from helpers import PACKAGES, ROOT, lightning_package, read_events
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2
 
 

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from helpers import read_events
+from helpers import ROOT, read_events
 from test_cli_config import logged_epochs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from all_callbacks import COLUMNS  # noqa: E402
 from text_spurious_token import FIGURES  # noqa: E402

@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from helpers import lightning_package
+from helpers import TESTS, lightning_package
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = TESTS  # sharded_fit.py, the script each fit runs
 needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 

@@ -6,9 +6,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import hook_count, read_events, tiny_trainer, trained_weights
+from helpers import ROOT, hook_count, read_events, tiny_trainer, trained_weights
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 from all_callbacks import callbacks  # noqa: E402
 from shortcut_digits import DigitsClassifier  # noqa: E402
 
