@@ -358,11 +358,9 @@ class ShortcutMonitor(_ShortcutCallback):
                                     for i in range(0, whole.shape[0], self.config.batch_size)])
         labels = labels.cpu()
         for name in self.regions:
-            results[f"{name}/share_ratio"] = region_metrics(maps, region_masks(self.regions[name] if not (
-                isinstance(self.regions[name], Tensor) and self.regions[name].ndim == 3) else
-                self.regions[name][rows[0]:rows[1]], x, name))["share_ratio"]
             donors, donor_labels = self._donors(whole, labels)
             masks, donor_masks, own = self._region_masks(name, whole, donors)
+            results[f"{name}/share_ratio"] = region_metrics(maps, masks[rows[0]:rows[1]].to(maps.device))["share_ratio"]
             if own:
                 donors, donor_labels = whole, labels
             self._run_plan(pl_module, name, whole, labels, masks, donors, donor_labels, donor_masks, rows, results)
