@@ -1,6 +1,6 @@
 """A fit under ModelParallelStrategy (FSDP2 ``fully_shard``, 2 CPU processes, gloo) or in one process, for
-tests/test_sharded.py. Lightning's ModelParallelStrategy starts the other rank by re-running this script, so the
-test runs it as a subprocess: ``python tests/sharded_fit.py <out_dir> <devices>``. One fit holds every case.
+tests/distributed/test_sharded.py. Lightning's ModelParallelStrategy starts the other rank by re-running this script,
+so the test runs it as a subprocess: ``python tests/sharded_fit.py <out_dir> <devices>``. One fit holds every case.
 
 Each rank writes ``<out_dir>/rank<r>.json``: the callbacks' metrics after the fit (seconds excluded), their last
 explained epochs and error counts, and the number of forward passes of the network on that rank.

@@ -6,7 +6,7 @@ them) to the Images dashboard, a few tags at a time (a tag filter per page, as T
 waits for the images, and checks that each one loaded (non-zero natural size, the size logged) and is not blank
 (drawn on a canvas: many distinct colours). Without Chromium, its driver or Selenium the test is skipped, saying which.
 
-``python tests/test_browser.py --logdir runs/shortcut_digits/shortcut --filter xai/attribution --out
+``python tests/render/test_browser.py --logdir runs/shortcut_digits/shortcut --filter xai/attribution --out
 docs/img/tensorboard.png`` takes the README's screenshot the same way.
 """
 from __future__ import annotations
