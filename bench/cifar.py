@@ -159,10 +159,28 @@ class PassTimer(pl.Callback):
         self.marks.append((cpu, time.process_time()))
 
 
+def time_reports(cb: Any) -> None:
+    """Keep the seconds ``cb.report`` takes (figures, text and scalars, and logging them: no model pass) in
+    ``cb.report_seconds``."""
+    report, cb.report_seconds = cb.report, 0.0
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return report(*args, **kwargs)
+        finally:
+            cb.report_seconds += time.perf_counter() - start
+
+    cb.report = timed
+
+
 def timed_stack() -> Tuple[list, List[PassTimer]]:
-    """The default stack with a :class:`PassTimer` before the first callback and after each one."""
+    """The default stack with a :class:`PassTimer` before the first callback and after each one, and each callback's
+    report timed (:func:`time_reports`)."""
     timers = [PassTimer() for _ in range(5)]
     stack = default_stack()
+    for cb in stack:
+        time_reports(cb)
     return [timers[0]] + [c for cb, t in zip(stack, timers[1:]) for c in (cb, t)], timers
 
 
@@ -176,15 +194,17 @@ def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> 
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          num_sanity_val_steps=0)
     model = SmallCNN()
+    load = os.getloadavg()[0]
     start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, *loaders(data))
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     book = cost.book(trainer)
     spent = {type(cb).__name__: {"runs": book.runs.get(id(cb), 0), "seconds": book.seconds.get(id(cb), 0.0),
-                                 "work": cb.estimated_work(trainer)}
+                                 "work": cb.estimated_work(trainer), "report": getattr(cb, "report_seconds", None)}
              for cb in trainer.callbacks if id(cb) in book.names}
     return {"seconds": seconds, "cpu": cpu, "model": model, "spent": spent, "callbacks": callbacks,
-            "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan")))}
+            "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan"))),
+            "load": (load, os.getloadavg()[0])}
 
 
 def pass_seconds(model: nn.Module, rows: int = BATCH, repeats: int = 7) -> Tuple[float, float, float, float]:
@@ -207,12 +227,6 @@ def pass_seconds(model: nn.Module, rows: int = BATCH, repeats: int = 7) -> Tuple
         fw.append(time.perf_counter() - t)
         fw_cpu.append(time.process_time() - c)
     return tuple(statistics.median(v[1:]) / rows for v in (fb, fw, fb_cpu, fw_cpu))
-
-
-def featvis_work(cb: FeatureVisMonitor) -> float:
-    """FeatureVisMonitor's floor in sample passes: each optimiser step is a forward+backward of every image of every
-    target set (the library declares none for it)."""
-    return float(cb.steps * sum(len(objs) for _, objs in cb.target_sets))
 
 
 def peak_kb() -> int:
@@ -275,7 +289,8 @@ def measure(rounds: int, epochs: int, rss_rounds: int, rss_limit: int) -> Dict[s
                 stack.append(out)
             else:
                 plain.append(out)
-            print(f"# round {r} {which}: {out['seconds']:.1f} s", flush=True)
+            print(f"# round {r} {which}: {out['seconds']:.1f} s, load average (1 min) {out['load'][0]:.1f} at the "
+                  f"start, {out['load'][1]:.1f} at the end", flush=True)
         out["model"] = None
         report({"plain": plain, "stack": stack, "rss": [], "epochs": epochs})  # so far
         for s in stack:
@@ -309,6 +324,9 @@ def report_time(res: Dict[str, Any]) -> None:
     print(f"| none | {statistics.median(p['seconds'] for p in plain):.1f} | 1.000 | – |")
     print(f"| default stack | {statistics.median(s['seconds'] for s in stack):.1f} | "
           f"**{statistics.median(ratios):.3f}** | {', '.join(f'{r:.3f}' for r in ratios)} |")
+    print("\nLoad average (1 min, 2 cores) at the start and end of each fit, per round (plain; stack): "
+          + "; ".join(f"{p['load'][0]:.1f}-{p['load'][1]:.1f}, {s['load'][0]:.1f}-{s['load'][1]:.1f}"
+                      for p, s in zip(plain, stack)) + ".")
     cpu = [s["cpu"] / p["cpu"] for s, p in zip(stack, plain)]
     print(f"\nThe same in process CPU time (user + system, both threads; what other jobs on the machine take barely "
           f"moves it): plain fit {statistics.median(p['cpu'] for p in plain):.1f} s, "
@@ -323,22 +341,19 @@ def report_time(res: Dict[str, Any]) -> None:
           "(its seconds / the same round's fit without callbacks), and its floor: declared passes per run x the cost "
           "of one forward+backward per sample of the model (eval mode, 128 rows, input gradient; a forward alone "
           "counts 1/3), timed in the same fit just before and just after the callback's run (the timers' own time is "
-          "taken out of the stack's fit time).\n")
-    print("| callback | runs | seconds per run | share of the plain fit | declared passes per run | floor (s) "
-          "| run / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "taken out of the stack's fit time). Of each run, the report's seconds (figures, text, scalars and logging "
+          "them: no model pass), and the rest of the run against the floor.\n")
+    print("| callback | runs | seconds per run | of which report | share of the plain fit | declared passes per run "
+          "| floor (s) | run / floor | (run - report) / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     steady = 0.0
     for name in names:
         runs = stack[0]["spent"][name]["runs"]
         per_run = statistics.median(s["spent"][name]["seconds"] / max(s["spent"][name]["runs"], 1) for s in stack)
         share = statistics.median(s["spent"][name]["seconds"] / p["seconds"] for s, p in zip(stack, plain))
-        works = []
-        for s in stack:
-            work = s["spent"][name]["work"]
-            if work is None and name == "FeatureVisMonitor":
-                work = featvis_work(next(cb for cb in s["callbacks"] if type(cb).__name__ == name))
-            works.append(work)
-        floor_ratio = floor = "–"
+        works = [s["spent"][name]["work"] for s in stack]
+        floor_ratio = floor = rest_ratio = "–"
+        reports = [(s["spent"][name]["report"] or 0.0) / max(s["spent"][name]["runs"], 1) for s in stack]
         i = names.index(name)  # its timers: the one before it and the one after it, at each epoch
         near = [statistics.mean(c[0] for t in s["timers"][i:i + 2] for c in t) for s in stack]
         if all(w is not None for w in works):
@@ -346,8 +361,12 @@ def report_time(res: Dict[str, Any]) -> None:
             floor = f"{statistics.median(floors):.2f}"
             floor_ratio = "**{:.2f}**".format(statistics.median(
                 s["spent"][name]["seconds"] / max(s["spent"][name]["runs"], 1) / f for s, f in zip(stack, floors)))
+            rest_ratio = "{:.2f}".format(statistics.median(
+                (s["spent"][name]["seconds"] / max(s["spent"][name]["runs"], 1) - r) / f
+                for s, r, f in zip(stack, reports, floors)))
         work_txt = "–" if works[0] is None else f"{statistics.median(works):,.0f}"
-        print(f"| {name} | {runs} | {per_run:.2f} | {100 * share:.1f} % | {work_txt} | {floor} | {floor_ratio} |")
+        print(f"| {name} | {runs} | {per_run:.2f} | {statistics.median(reports):.2f} | {100 * share:.1f} % | "
+              f"{work_txt} | {floor} | {floor_ratio} | {rest_ratio} |")
         every = 5 if name == "FeatureVisMonitor" else 1
         steady += per_run / every
     print("\nIn CPU time: each callback's epoch-end work (between the timers around it; LinearProbeMonitor's capture "
@@ -357,8 +376,9 @@ def report_time(res: Dict[str, Any]) -> None:
     for i, name in enumerate(names):
         runs = [max(s["spent"][name]["runs"], 1) for s in stack]
         per_run = [s["cpu_spent"][name] / r for s, r in zip(stack, runs)]
-        work = [s["spent"][name]["work"] if s["spent"][name]["work"] is not None else
-                featvis_work(next(cb for cb in s["callbacks"] if type(cb).__name__ == name)) for s in stack]
+        work = [s["spent"][name]["work"] for s in stack]
+        if any(w is None for w in work):
+            continue
         near = [statistics.mean(c[2] for t in s["timers"][i:i + 2] for c in t) for s in stack]
         floors = [w * fb for w, fb in zip(work, near)]
         share = statistics.median(s["cpu_spent"][name] / p["cpu"] for s, p in zip(stack, plain))

@@ -29,6 +29,7 @@ from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_method
 from lightning_xai._logging import log_image, log_text, markdown_table, warn_once
 from lightning_xai.render import (MAX_COLUMNS, attribution_figure, evolution_figure, pool_to, robust_max, share_maps,
                                   spread)
+from lightning_xai.render._maps import one_thread
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -221,7 +222,8 @@ class AttributionMonitor(SampleCheckedCallback):
             attr, delta = (out if wants_delta else (out, None))
             attr = attr.detach()
             results[f"attr/{name}"] = attr
-            results[f"top_share/{name}"] = top_share(attr, self.top_fraction)
+            with one_thread():  # small element-wise work: see lightning_xai.render._maps.one_thread
+                results[f"top_share/{name}"] = top_share(attr, self.top_fraction)
             if delta is not None:
                 total = attr.flatten(1).sum(1)
                 results[f"gap/{name}"] = delta.abs() / (total - delta).abs().clamp_min(1e-12)  # |δ| / |f(x) − f(b)|
@@ -230,6 +232,13 @@ class AttributionMonitor(SampleCheckedCallback):
     @override
     def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
                results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
+        """Scalars, figures and the probe table, drawn with one torch thread (no model pass here; see
+        :func:`lightning_xai.render._maps.one_thread`)."""
+        with one_thread():
+            return self._report(trainer, x, y, results, epoch)
+
+    def _report(self, trainer: "pl.Trainer", x: Tensor, y: Optional[Tensor], results: Dict[str, Tensor],
+                epoch: int) -> Dict[str, float]:
         metrics: Dict[str, float] = {}
         pct = int(round(self.top_fraction * 100))
         if not bool(torch.isfinite(x).all()):

@@ -26,6 +26,7 @@ from lightning_xai.featvis import Objective, make_param, render
 from lightning_xai.featvis._objectives import OUTPUT, objectives_from_spec
 from lightning_xai._logging import log_image, warn_once
 from lightning_xai.render import image_figure
+from lightning_xai.render._maps import one_thread
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -168,6 +169,12 @@ class FeatureVisMonitor(StreamingCallback):
         if not self._user_range and state_dict.get("value_range") is not None:
             self.value_range = tuple(state_dict["value_range"])
 
+    @override
+    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
+        """Per image (one per target of every set) a forward+backward at each of the ``steps`` optimiser steps and a
+        forward (1/3) of the final image; the same over all ranks (each set renders on one of them)."""
+        return sum(len(objs) for _, objs in self.target_sets) * (self.steps + 1 / 3)
+
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -257,15 +264,19 @@ class FeatureVisMonitor(StreamingCallback):
         metrics = {self.tag(label, "activation"): float(res.activations.mean()) for label, res in results.items()}
         self.last_activations = {label: res.activations.detach().cpu() for label, res in results.items()}
         if trainer.is_global_zero:
-            step = self.step(trainer)
-            c = self.input_shape[0]
-            lo, hi = (torch.as_tensor(v, dtype=torch.float32).reshape(-1).view(1, -1, 1, 1).expand(1, c, 1, 1)
-                      for v in self.value_range)
-            for label, res in results.items():
-                images = ((res.images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)  # (K, C, H, W) in [0, 1]
-                log_image(trainer, self.tag(label), self._figure(
-                    label, images, res.activations, epoch).image, step=step)
+            with one_thread():  # no model pass here: see lightning_xai.render._maps.one_thread
+                self._log_grids(trainer, results, epoch)
         return metrics
+
+    def _log_grids(self, trainer: "pl.Trainer", results: Dict[str, Any], epoch: int) -> None:
+        """One image grid per target set, to every image logger."""
+        step = self.step(trainer)
+        c = self.input_shape[0]
+        lo, hi = (torch.as_tensor(v, dtype=torch.float32).reshape(-1).view(1, -1, 1, 1).expand(1, c, 1, 1)
+                  for v in self.value_range)
+        for label, res in results.items():
+            images = ((res.images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)  # (K, C, H, W) in [0, 1]
+            log_image(trainer, self.tag(label), self._figure(label, images, res.activations, epoch).image, step=step)
 
     def _figure(self, label: str, images: Tensor, activations: Tensor, epoch: int) -> Any:
         """The grid of one target set: each image above what it maximises and the value reached."""

@@ -1,5 +1,6 @@
 """The figures the callbacks log, each one readable on its own: a title saying what and which epoch,
-column headers, labels under or beside every cell, and a colour bar with its scale.
+column headers, labels under or beside every cell, and a colour bar with its scale. Each figure is drawn with one
+torch thread (:func:`~lightning_xai.render._maps.one_thread`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from lightning_xai._utils import expected
 from lightning_xai.render._canvas import RGB, Figure, Section, compose
 from lightning_xai.render._canvas import to_uint8
 from lightning_xai.render._maps import (CELL_MAX, CELL_MIN, DIVERGING_CMAP, SEQUENTIAL_CMAP, apply_colormap, fit_cells,
-                                        heat, normalize_maps, overlay, ring, to_display)
+                                        heat, normalize_maps, overlay, ring, single_threaded, to_display)
 from lightning_xai.render._sections import Bars, ColorBar, ColorBarSection, Grid, Legend, Matrix, Notes, Title
 
 MAX_COLUMNS = 10  # epochs shown in an evolution figure; beyond this, spread evenly, first and latest kept
@@ -46,6 +47,7 @@ def auto_columns(n: int) -> int:
     return max(1, min(n, round(math.sqrt(n / 2.3))))
 
 
+@single_threaded
 def grid_figure(cells: Any, *, title: str, subtitle: str = "", headers: Sequence[str] = (),
                 groups: Sequence[Tuple[int, int, str]] = (), captions: Optional[Sequence[Sequence[str]]] = None,
                 cell_captions: Optional[Sequence[Sequence[Sequence[str]]]] = None,
@@ -109,6 +111,7 @@ def _scaled(values: Tensor, signed: bool, scale: Optional[float], outlier_perc: 
     return normalize_maps(values, signed, outlier_perc, scale=scale)  # (N, H, W) in [0, 1]
 
 
+@single_threaded
 def attribution_figure(inputs: Tensor, values: Tensor, signed: bool, *, title: str, subtitle: str = "",
                        captions: Optional[Sequence[Sequence[str]]] = None, scale: Optional[float] = None,
                        outlier_perc: float = 1.0, denormalize: Optional[Callable[[Tensor], Tensor]] = None,
@@ -143,6 +146,7 @@ def attribution_figure(inputs: Tensor, values: Tensor, signed: bool, *, title: s
                        colorbar=attribution_colorbar(signed, scale, scale_note), upscale=factor)
 
 
+@single_threaded
 def evolution_figure(inputs: Tensor, columns: Sequence[Tuple[str, Tensor]], signed: bool, *, title: str,
                      subtitle: str = "", scale: Optional[float] = None, outlier_perc: float = 1.0,
                      row_labels: Optional[Sequence[Sequence[str]]] = None,
@@ -181,6 +185,7 @@ def _same_factor(small: Sequence[int], big: Sequence[int]) -> bool:
     return big[0] % small[0] == 0 and big[1] % small[1] == 0 and big[0] // small[0] == big[1] // small[1]
 
 
+@single_threaded
 def matrix_figure(values: Tensor, row_names: Sequence[str], col_names: Sequence[str], *, title: str,
                   subtitle: str = "", cmap: str = "viridis", lo: float = 0.0, hi: float = 1.0, label: str = "",
                   fmt: str = "{:.2f}", corner: str = "", notes: Sequence[str] = ()) -> Figure:
@@ -221,6 +226,7 @@ def _paint(pixels: np.ndarray, where: np.ndarray, colour: RGB) -> np.ndarray:
     return np.where(where[..., None], np.asarray([round(c * 255) for c in colour], dtype=np.uint8), pixels)
 
 
+@single_threaded
 def maps_figure(values: Tensor, *, title: str, subtitle: str = "", captions: Optional[Sequence[Sequence[str]]] = None,
                 label: str = "", lo: float = 0.0, hi: Optional[float] = None, cmap: str = SEQUENTIAL_CMAP,
                 masks: Optional[Tensor] = None, min_side: int = 96, ncols: Optional[int] = None,
@@ -246,6 +252,7 @@ def maps_figure(values: Tensor, *, title: str, subtitle: str = "", captions: Opt
                        legend=legend, colorbar=ColorBar(cmap, lo, top, label), notes=notes)
 
 
+@single_threaded
 def image_figure(images: Tensor, *, title: str, subtitle: str = "", captions: Optional[Sequence[Sequence[str]]] = None,
                  ncols: Optional[int] = None, min_side: int = CELL_MIN,
                  frames: Optional[Sequence[Optional[RGB]]] = None,
@@ -268,6 +275,7 @@ def image_figure(images: Tensor, *, title: str, subtitle: str = "", captions: Op
                        upscale=factor)
 
 
+@single_threaded
 def evidence_figure(inputs: Tensor, masks: Tensor, controls: Tensor, edited: Tensor, *, title: str, subtitle: str = "",
                     captions: Optional[Sequence[Sequence[str]]] = None,
                     bars: Optional[Sequence[Tuple[str, Sequence[Tuple[str, float, RGB]]]]] = None,

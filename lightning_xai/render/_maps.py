@@ -3,12 +3,15 @@
 Inputs and outputs are torch tensors (colour-map tables come from matplotlib once, then are cached), so a
 grid of 64 maps renders in milliseconds. Images are float tensors ``(3, H, W)`` or ``(N, 3, H, W)`` in
 ``[0, 1]``. The table lookups and square roots run in numpy: torch runs those kernels in parallel even on a
-few thousand values, and on busy cores each call then waits milliseconds for a second thread.
+few thousand values, and on busy cores each call then waits milliseconds for a second thread; what stays in torch
+runs with one intra-op thread (:func:`one_thread`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from functools import lru_cache
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +24,38 @@ SEQUENTIAL_CMAP = "inferno"
 DIVERGING_CMAP = "RdBu_r"
 CELL_MIN = 48  # px: small inputs (8x8 digits) are upscaled by an integer factor to at least this side
 CELL_MAX = 128  # px: larger inputs are shrunk (antialiased) to this side, so a grid stays a figure, not a poster
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch's intra-op threads set to one inside the block, the previous number restored after (also on error).
+
+    Drawing runs element-wise operations on a few thousand to a few hundred thousand values; torch runs each in
+    parallel, and on cores shared with other work every such call then waits for its second thread. An attribution
+    figure of 32 images of 3x32x32 took 93 ms with 2 threads on a busy 2-core machine and 23 ms with one
+    (``bench/render.py --threads``); the figure is the same.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def single_threaded(fn: _F) -> _F:
+    """``fn`` run inside :func:`one_thread`."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with one_thread():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @lru_cache(maxsize=16)

@@ -316,8 +316,11 @@ class Grid(Section):
         lay = canvas.layout
         top = y
         pixels = self.cells if isinstance(self.cells, np.ndarray) else to_uint8(self.cells)  # (N, K, h, w, 3)
-        if self.upscale > 1:
-            pixels = pixels.repeat(self.upscale, axis=2).repeat(self.upscale, axis=3)
+        if self.upscale > 1:  # nearest neighbour in one copy: each pixel broadcast to an upscale x upscale block
+            n, k, h, w, c = pixels.shape
+            u = self.upscale
+            pixels = np.broadcast_to(pixels[:, :, :, None, :, None, :], (n, k, h, u, w, u, c)).reshape(
+                n, k, h * u, w * u, c)
         caption_lines = max((len(c) for row in self.cell_captions for c in row), default=0)
         for c in range(self.ncols):  # the headers above every block column
             xs = self._column_x(g, x + g["label"] + c * (g["block"] + g["hgap"]))
