@@ -846,10 +846,7 @@ def evaluate_run(spec, cache, mode, api, config_kwargs, epochs):
                 rows.append(dict(epoch=e, region=name, alarm=bool(v.alarm),
                                  stats={k: float(x) for k, x in v.stats.items()}, ms=1000 * dt / len(px)))
         return dict(id=spec["id"], rows=rows)
-    if spec["family"] is not None and FAMILY[spec["family"]]["region_less"]:
-        target = torch.ones(px.shape[0], *px.shape[-2:], dtype=torch.bool)
-    else:
-        target = data.get("probe_target")
+    target = data.get("probe_target")
     for e in epochs:
         model = model_at(e)
         t = time.perf_counter()
@@ -897,8 +894,12 @@ def cmd_evaluate(args):
         _report_shortcut(results, args.mode)
 
 
-def _top3_hit(row):
-    """A candidate among the first 3 whose masks cover at least half of the shortcut's probe pixels."""
+def _top3_hit(row, region_less=False):
+    """A candidate among the first 3 whose masks cover at least half of the shortcut's probe pixels; for a
+    region-less shortcut (it is in every pixel, so coverage says nothing) a candidate among the first 3 that
+    alarms."""
+    if region_less:
+        return any(c["alarm"] for c in row["candidates"][:3])
     return any((c["coverage"] or 0) >= 0.5 for c in row["candidates"][:3])
 
 
@@ -952,8 +953,8 @@ def _report_shortcut(results, mode):
                 if dl is None:
                     continue
                 by = [row for row in r["rows"] if row["epoch"] <= dl]
-                hit_dl += any(_top3_hit(row) for row in by)
-                hit_last += _top3_hit(r["rows"][-1])
+                hit_dl += any(_top3_hit(row, FAMILY[fam]["region_less"]) for row in by)
+                hit_last += _top3_hit(r["rows"][-1], FAMILY[fam]["region_less"])
                 alarm_dl += any(c["alarm"] for row in by for c in row["candidates"])
             print(f"| {fam} | {len(fr)} | {relied} | {hit_dl}/{relied} | {hit_last}/{relied} | {alarm_dl}/{relied} "
                   f"| {np.median(ms):.2f} |")
