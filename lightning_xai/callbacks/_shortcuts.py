@@ -119,6 +119,20 @@ class _ShortcutCallback(SampleCheckedCallback):
         """Forward passes per probe sample and region: donor draws x (region + controls) x (edit + placebo)."""
         return self.config.donor_draws * (1 + self.config.num_controls) * 2
 
+    def regions_tested(self) -> int:
+        """Regions (or candidates) tested per run."""
+        raise NotImplementedError
+
+    @override
+    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
+        """Probe samples x (prediction + attribution passes + the edits' forward passes of every region), in
+        forward-and-backward passes (a forward pass counts a third)."""
+        rows, shape = self.probe_size()
+        passes = method_passes(*self.method, shape)
+        if passes is None:
+            return None
+        return rows * (1 / 3 + passes + self.regions_tested() * self.edits_per_sample() / 3)
+
     # ------------------------------------------------------------------ reference samples (training batches)
     @property
     def _wants_references(self) -> bool:
@@ -311,14 +325,8 @@ class ShortcutMonitor(_ShortcutCallback):
                     f"region {name!r}", "one mask (H, W) for every sample, or one per probe sample (N, H, W) with "
                     + ("`probe=` given as N samples" if given is None else f"N = {given}, the `probe` samples"), spec))
 
-    @override
-    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
-        """Probe samples x (prediction + attribution passes + the edits' forward passes of every region)."""
-        rows, shape = self.probe_size()
-        passes = method_passes(*self.method, shape)
-        if passes is None:
-            return None
-        return rows * (1 / 3 + passes + len(self.regions) * self.edits_per_sample() / 3)
+    def regions_tested(self) -> int:
+        return len(self.regions)
 
     @override
     def check_sample(self, pl_module: "pl.LightningModule", x: Tensor) -> None:
@@ -413,13 +421,8 @@ class ShortcutDiscovery(_ShortcutCallback):
         super().__init__(method, action, config, probe_samples, **kwargs)
         self._found: Dict[str, Tensor] = {}
 
-    @override
-    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
-        rows, shape = self.probe_size()
-        passes = method_passes(*self.method, shape)
-        if passes is None:
-            return None
-        return rows * (1 / 3 + passes + len(self.CANDIDATES) * self.edits_per_sample() / 3)
+    def regions_tested(self) -> int:
+        return len(self.CANDIDATES)  # at most; a candidate that is not found this run costs nothing
 
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
