@@ -20,10 +20,14 @@ the recipient's evidence, an unusual patch) cancels. Per recipient the pulls of 
 averaged (``G_i``).
 
 **Controls.** The same pair of edits is repeated at ``num_controls`` other places: the union of the masks rolled
-by an offset where it does not overlap itself; of ``4 * num_controls`` random such offsets the ones whose edit
-changes the recipient most are kept (for ordinary content, swapping more of it moves the prediction at least as
-much: these are places of content, mostly the object). ``C_i`` is the mean pull of the recipient's control places.
-A large region has no such offset: it has no controls.
+by an offset where it does not overlap itself (where no offset does, as for a frame or a border ring, where it
+overlaps itself by at most half: mostly elsewhere). Of ``8 * num_controls`` random such offsets the controls are
+*dose-matched*: the places where the edit pastes at least as much of the donor's content as the region's own edit
+does (the squared distance of the pasted donor pixels from the donor's median colour), as little more as was found,
+then, where too few do, the ones that paste the most. For ordinary content, pasting at least as much of it moves the
+prediction at least as much; these are places of content, mostly the object. ``C_i`` is the mean pull of the
+recipient's control places. A region covering most of the image (a background) has no such offset: it has no
+controls.
 
 **Verdict.** Two one-sided tests over the ``N`` recipients (intersection-union: the alarm needs both to reject, so
 its false-alarm rate under either null is at most their level):
@@ -53,7 +57,8 @@ from torch import Tensor
 from lightning_xai._utils import expected, two_class_logits
 
 COMPACT = 0.25  # donor masks covering at most this share of the image (on average) are transplanted, else replaced
-TRIES_PER_CONTROL = 4  # random offsets drawn per control kept
+TRIES_PER_CONTROL = 8  # random offsets drawn per control kept
+MAX_OVERLAP = 0.5  # a control of a region no offset clears may overlap it by at most this share: mostly elsewhere
 
 
 @dataclass(frozen=True)
@@ -245,10 +250,17 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
                             num_controls=config.num_controls)
 
 
+def _content(images: Tensor) -> Tensor:
+    """Per pixel, the squared distance of each image's pixel from the image's median colour ``(N, H, W)``: the content
+    a paste of it carries (an object's strokes, a mark), rather than its background."""
+    median = images.flatten(2).median(2).values.view(images.shape[0], -1, 1, 1)
+    return (images - median).pow(2).sum(1)
+
+
 def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, pla: Tensor, recipient_masks: Tensor,
                      donor_masks: Tensor, in_place: bool, count: int, gen: torch.Generator, block: int = 32) -> Tensor:
     """Per pair, ``count`` roll offsets ``(P, count, 2)`` (-1 where fewer exist) of the union of its masks that do not
-    overlap it, the ones whose real edit changes the recipient most among ``TRIES_PER_CONTROL * count`` draws."""
+    overlap it, dose-matched among ``TRIES_PER_CONTROL * count`` draws (module docstring)."""
     p = rec.shape[0]
     h, w = inputs.shape[-2:]
     tries = TRIES_PER_CONTROL * count
@@ -261,16 +273,29 @@ def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, p
         flat = offsets[q].reshape(-1, 2)
         union = recipient_masks[rec[q]] | donor_masks[don[q]] | donor_masks[pla[q]]
         union_t = union.repeat_interleave(tries, 0)
-        free = ~(_rolled(union_t, flat) & union_t).flatten(1).any(1) & (flat != 0).any(1)
-        free &= union_t.flatten(1).any(1)
+        area = union_t.flatten(1).sum(1)
+        overlap = (_rolled(union_t, flat) & union_t).flatten(1).sum(1).double() / area.clamp_min(1)
+        moved = (flat != 0).any(1) & (area > 0)
+        clear = (overlap == 0) & moved
+        # where no offset clears the region (a frame, a border), offsets that overlap it by at most half
+        clear_somewhere = clear.view(b, tries).any(1, keepdim=True).expand(b, tries).reshape(-1)
+        free = torch.where(clear_somewhere, clear, (overlap <= MAX_OVERLAP) & moved)
         a = _rolled(recipient_masks[rec[q]].repeat_interleave(tries, 0), flat)
         d = _rolled(donor_masks[don[q]].repeat_interleave(tries, 0), flat)
-        x = inputs[rec[q]].repeat_interleave(tries, 0)
-        change = (_edit(x, donors[don[q]].repeat_interleave(tries, 0), a, d, in_place) - x).pow(2).flatten(1).sum(1)
-        score = torch.where(free, change, torch.full_like(change, -1.0)).view(b, tries)
-        order = torch.argsort(-score, dim=1, stable=True)[:, :count]
+        content = _content(donors[don[q]])  # (b, H, W): how far each donor pixel is from the donor's usual colour
+        pasted = (a & d) if in_place else (a | d)
+        change = (content.repeat_interleave(tries, 0) * pasted).flatten(1).sum(1)
+        own_pasted = (recipient_masks[rec[q]] & donor_masks[don[q]]) if in_place else (
+            recipient_masks[rec[q]] | donor_masks[don[q]])
+        own = (content * own_pasted).flatten(1).sum(1).repeat_interleave(tries)  # the region's own edit
+        # dose-matched: the places whose edit changes the recipient at least as much as the region's, as little more
+        # as was found; then, where too few do, the ones that change it most
+        gap = change - own
+        key = torch.where(gap >= 0, gap, (own.max() + 1) - gap)
+        key = torch.where(free, key, torch.full_like(key, math.inf)).view(b, tries)
+        order = torch.argsort(key, dim=1, stable=True)[:, :count]
         chosen = offsets[q].gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
-        ok = score.gather(1, order) >= 0
+        ok = torch.isfinite(key.gather(1, order))
         out[q] = torch.where(ok.unsqueeze(-1), chosen, torch.full_like(chosen, -1))
     return out
 
