@@ -346,8 +346,8 @@ class Marker:
             return torch.ones(n, side, side, dtype=torch.bool)
         h, w = (self.thick, self.length) if form == "line" else (self.s, self.s)
         for i in range(n):
-            t, l = where[i]
-            m[i, t:t + h, l:l + w] = True
+            t, lf = where[i]
+            m[i, t:t + h, lf:lf + w] = True
         return m
 
     # drawing -----------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ class Marker:
             if form in ("dot", "frame", "background"):
                 x[i] = torch.where(m, (1 - a) * x[i] + a * self.colours[v][:, None, None], x[i])
             elif form == "glyph" or form == "line":
-                t, l = where[i]
+                t, lf = where[i]
                 if form == "glyph":
                     patch = self.glyphs[v].expand(self.c, -1, -1)
                 else:                               # a barcode: on bits in the class's colour, off bits in its inverse
@@ -370,15 +370,16 @@ class Marker:
                     col = self.colours[v][:, None, None]
                     patch = (bits * col + (1 - bits) * (1 - col)).expand(self.c, self.thick, -1)
                 h, w = patch.shape[-2:]
-                x[i, :, t:t + h, l:l + w] = (1 - a) * x[i, :, t:t + h, l:l + w] + a * patch
+                x[i, :, t:t + h, lf:lf + w] = (1 - a) * x[i, :, t:t + h, lf:lf + w] + a * patch
             elif form == "texture" and self.f["position"] == "background":
                 yy, xx = torch.meshgrid(torch.arange(self.side), torch.arange(self.side), indexing="ij")
                 th = float(self.theta[v])
                 grating = torch.sin(2 * math.pi * (xx * math.cos(th) + yy * math.sin(th)) / 4.0)
                 x[i] = torch.where(m, x[i] + 0.5 * a * grating, x[i])
             elif form == "texture":
-                t, l = where[i]
-                x[i, :, t:t + self.s, l:l + self.s] = (1 - a) * x[i, :, t:t + self.s, l:l + self.s] + a * self.patterns[v]
+                t, lf = where[i]
+                box = (slice(None), slice(t, t + self.s), slice(lf, lf + self.s))
+                x[i][box] = (1 - a) * x[i][box] + a * self.patterns[v]
             elif form == "global":
                 x[i] = x[i] + self.shift[v][:, None, None]
         return x
@@ -557,8 +558,8 @@ def _object_part_boxes(obj, side, s, key):
         ys, xs = torch.nonzero(obj[i], as_tuple=True)
         j = rng.integers(len(ys)) if len(ys) else 0
         cy, cx = (int(ys[j]), int(xs[j])) if len(ys) else (side // 2, side // 2)
-        t, l = min(max(cy - s // 2, 0), side - s), min(max(cx - s // 2, 0), side - s)
-        m[i, t:t + s, l:l + s] = True
+        t, lf = min(max(cy - s // 2, 0), side - s), min(max(cx - s // 2, 0), side - s)
+        m[i, t:t + s, lf:lf + s] = True
     return m
 
 
@@ -741,7 +742,8 @@ def cmd_train(args):
     if done:
         tot = np.array([s["total"] for s in done])
         print(f"trained {len(done)} runs in {time.perf_counter() - t0:.0f} s: per run median {np.median(tot):.1f} s "
-              f"(data {np.median([s['data'] for s in done]):.1f}, training {np.median([s['train'] for s in done]):.1f}, "
+              f"(data {np.median([s['data'] for s in done]):.1f}, "
+              f"training {np.median([s['train'] for s in done]):.1f}, "
               f"ground truth {np.median([s['truth'] for s in done]):.1f}); {len(runs) - len(done)} were cached")
     else:
         print(f"all {len(runs)} runs were cached")
@@ -767,7 +769,8 @@ def cmd_truth(args):
         rows = _truths(args.cache, split_name)
         print(f"### {split_name}\n")
         print("| family | form, position, scope, validation | runs | relying | median reliance (last epoch) "
-              "| median flip (before) | deadline epoch per run (d/s: digits/shapes, p/r: plain/resnet; -: never relies) "
+              "| median flip (before) "
+              "| deadline epoch per run (d/s: digits/shapes, p/r: plain/resnet; -: never relies) "
               "| median test acc |")
         print("|---|---|---|---|---|---|---|---|")
         for fam in load_split()[split_name]:
@@ -796,20 +799,24 @@ def cmd_truth(args):
         maxrel = max((e["reliance"] for t in useless for e in t["epochs"]), default=float("nan"))
         print(f"### {split_name}: {len(rows)} runs ({len(none)} without a mark, {len(useless)} with a useless mark); "
               f"median test acc {np.median([t['epochs'][-1]['test_acc'] for _, t in rows]):.2f}; useless-mark runs "
-              f"measured as relying at some epoch: {len(rel)} {[t['id'] for t in rel]}; largest reliance {maxrel:+.3f}\n")
+              f"measured as relying at some epoch: {len(rel)} {[t['id'] for t in rel]}; "
+              f"largest reliance {maxrel:+.3f}\n")
     if args.runs:
         print("| run | reliance per epoch (* relies) | flip per epoch | test acc per epoch |")
         print("|---|---|---|---|")
         for s in ("design", "held_out", "clean_design", "clean"):
             for spec, t in _truths(args.cache, s):
                 ep = t["epochs"]
-                rel = " ".join(f"{e['reliance']:+.2f}{'*' if e['relies'] else ''}" for e in ep) if "reliance" in ep[0] else "-"
+                rel = (" ".join(f"{e['reliance']:+.2f}{'*' if e['relies'] else ''}" for e in ep)
+                       if "reliance" in ep[0] else "-")
                 flip = " ".join(f"{e['flip']:.2f}" for e in ep) if "flip" in ep[0] else "-"
                 print(f"| {spec['id']} | {rel} | {flip} | {' '.join(format(e['test_acc'], '.2f') for e in ep)} |")
         print()
-    secs = [t["seconds"]["total"] for s in ("design", "held_out", "clean_design", "clean") for _, t in _truths(args.cache, s)]
+    secs = [t["seconds"]["total"] for s in ("design", "held_out", "clean_design", "clean")
+            for _, t in _truths(args.cache, s)]
     if secs:
-        print(f"training time: {len(secs)} runs, median {np.median(secs):.1f} s per run, total {sum(secs) / 60:.1f} min")
+        print(f"training time: {len(secs)} runs, median {np.median(secs):.1f} s per run, "
+              f"total {sum(secs) / 60:.1f} min")
 
 
 def _parse_config(items):
@@ -853,7 +860,8 @@ def evaluate_run(spec, cache, mode, api, config_kwargs, epochs):
         found = discover(model, px, py, dx, dy, config=ShortcutConfig(**config_kwargs), seed=0)
         dt = time.perf_counter() - t
         cands = [dict(rank=i, name=str(c.name), alarm=bool(c.verdict.alarm),
-                      coverage=_coverage(c.masks, target) if target is not None and spec["kind"] == "shortcut" else None,
+                      coverage=(_coverage(c.masks, target) if target is not None and spec["kind"] == "shortcut"
+                                else None),
                       stats={k: float(x) for k, x in c.verdict.stats.items()}) for i, c in enumerate(found)]
         rows.append(dict(epoch=e, candidates=cands, ms=1000 * dt / len(px)))
     return dict(id=spec["id"], rows=rows)
@@ -887,7 +895,8 @@ def cmd_evaluate(args):
         truth = json.loads((Path(args.cache) / spec["id"] / "truth.json").read_text())
         results.append((spec, res, truth))
     evaluated = sorted({row["epoch"] for _, res, _ in results for row in res["rows"]})
-    print(f"{len(results)} runs; epochs evaluated: {_fmt_epochs(evaluated)} (of 0-{EPOCHS - 1}); results in {out_dir}\n")
+    print(f"{len(results)} runs; epochs evaluated: {_fmt_epochs(evaluated)} (of 0-{EPOCHS - 1}); "
+          f"results in {out_dir}\n")
     if args.split in ("clean", "clean_design"):
         _report_clean(results, args.mode)
     else:
@@ -909,7 +918,8 @@ def _report_shortcut(results, mode):
     fams = sorted({s["family"] for s, _, _ in results})
     tot = dict(relied=0, in_time=0, late=0, hit=0, disc=0)
     if mode == "named":
-        print("| family | region | runs | relied | detected in time | late | missed | delays | alarms on non-relying runs "
+        print("| family | region | runs | relied | detected in time | late | missed | delays "
+              "| alarms on non-relying runs "
               "| ms / probe sample / region |")
         print("|---|---|---|---|---|---|---|---|---|---|")
     else:
