@@ -393,6 +393,25 @@ def report_time(res: Dict[str, Any]) -> None:
           "forward+backward).")
     print(f"Per epoch of a long fit at the default cadences (every callback every epoch, FeatureVisMonitor every 5th): "
           f"{steady:.1f} s of explaining per {epoch:.1f} s epoch = **{1 + steady / epoch:.3f}x**.")
+    if "ShortcutMonitor" in names:
+        forward_priced(stack, names.index("ShortcutMonitor"))
+
+
+def forward_priced(stack: List[Dict[str, Any]], i: int) -> None:
+    """ShortcutMonitor's floor with its forward passes at the measured cost of a forward instead of 1/3 of a
+    forward+backward: its passes are forwards but for one saliency pass per probe sample."""
+    ratios = []
+    for s in stack:
+        cb = next(c for c in s["callbacks"] if type(c).__name__ == "ShortcutMonitor")
+        rows, _ = cb.probe_size()
+        spent = s["spent"]["ShortcutMonitor"]
+        forwards = 3 * (spent["work"] - rows)  # every pass but the saliency's forward+backward per probe sample
+        near = [c for t in s["timers"][i:i + 2] for c in t]
+        fb, fw = statistics.mean(c[0] for c in near), statistics.mean(c[1] for c in near)
+        ratios.append(spent["seconds"] / max(spent["runs"], 1) / (rows * fb + forwards * fw))
+    print(f"ShortcutMonitor's floor with its {3 * (spent['work'] - rows):,.0f} forward passes per run priced at the "
+          f"measured forward (not 1/3 of a forward+backward) and its {rows} saliency passes at a forward+backward: "
+          f"run / floor **{statistics.median(ratios):.2f}** ({', '.join(f'{r:.2f}' for r in ratios)}).")
 
 
 def report_memory(res: Dict[str, Any]) -> None:

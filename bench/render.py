@@ -1,10 +1,13 @@
 """Benchmark: milliseconds per figure, and the share of rendering in an AttributionMonitor run on the demo.
 
-    python bench/render.py [--repeats 20] [--epochs 4]
+    python bench/render.py [--repeats 20] [--epochs 4] [--threads 2]
 
-Part 1 draws each figure the callbacks log, at the demo's sizes (8x8 digits), ``--repeats`` times after a warm-up
-(fonts and colour maps are loaded once per process), and prints the median milliseconds per figure, then encoding
-it as PNG (what ``log_image`` does) for comparison.
+Part 1 draws each figure the callbacks log, at the demo's sizes (8x8 digits) and one at the CIFAR-sized benchmark's
+(32 images of 3x32x32, ``bench/cifar.py``), ``--repeats`` times after a warm-up (fonts and colour maps are loaded once
+per process), and prints the median milliseconds per figure as the library draws it (one torch thread:
+``render._maps.one_thread``) and with ``--threads`` torch threads (the figure functions' own setting switched off,
+interleaved with the first), then encoding it as PNG at zlib level 6 (what TensorBoard's ``add_image`` does, through
+``log_image``) and at level 1, for comparison. The load average is printed with the table.
 
 Part 2 fits the shortcut-digits demo's model for ``--epochs`` epochs with the demo's AttributionMonitor
 (saliency, SmoothGrad, Integrated Gradients; 20 probe samples) and times, inside the monitor's runs, the figure
@@ -14,18 +17,20 @@ writer), against the run's whole wall time (the cost ledger): ratios measured in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
 from lightning_xai import render  # noqa: E402
+from lightning_xai.render import _maps as maps_module  # noqa: E402
 from lightning_xai.render import (CYAN, RED, attribution_figure, barh_image, evidence_figure,  # noqa: E402
                                   evolution_figure, grid_figure, image_figure, maps_figure, matrix_figure,
                                   scatter_image, share_maps)
@@ -41,11 +46,29 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def _png_ms(image: torch.Tensor, repeats: int) -> float:
+def _paired_ms(fn: Callable[[], object], repeats: int) -> Tuple[float, float]:
+    """Median milliseconds of ``fn`` as the library runs it (one torch thread) and with every torch thread (the figure
+    functions' :func:`~lightning_xai.render._maps.one_thread` replaced by a no-op), the two interleaved."""
+    own = maps_module.one_thread
+    fn()  # warm-up: fonts, colour maps, matplotlib's first figure
+    times: Tuple[List[float], List[float]] = ([], [])
+    try:
+        for _ in range(repeats):
+            for k, threaded in enumerate((own, contextlib.nullcontext)):
+                maps_module.one_thread = threaded
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+    finally:
+        maps_module.one_thread = own
+    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
+
+
+def _png_ms(image: torch.Tensor, repeats: int, level: int = 6) -> float:
     from PIL import Image
 
     hwc = (image.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
-    return _median_ms(lambda: Image.fromarray(hwc).save(io.BytesIO(), format="PNG"), repeats)
+    return _median_ms(lambda: Image.fromarray(hwc).save(io.BytesIO(), format="PNG", compress_level=level), repeats)
 
 
 def figures(repeats: int) -> None:
@@ -73,9 +96,13 @@ def figures(repeats: int) -> None:
                                captions=[["pred 1 → 2 · shift 0.9", "controls: shift 0.1"]] * 4,
                                bars=[("output shift", [("region", 0.4, RED), ("controls", 0.1, CYAN)])])
 
+    cifar = torch.rand(32, 3, 32, 32, generator=g)
+    cifar_maps = share_maps(torch.rand(32, 3, 32, 32, generator=g), signed=False)
     cases: Dict[str, Callable[[], object]] = {
         "attribution, 20 probe digits": lambda: attribution_figure(
             digits[:20], maps[:20], False, title="saliency · epoch 3", captions=captions[:20], scale=3.0),
+        "attribution, 32 probe images 3x32x32": lambda: attribution_figure(
+            cifar, cifar_maps, False, title="saliency · epoch 3", captions=captions, scale=3.0),
         "attribution, 32 probe digits": lambda: attribution_figure(
             digits, maps, False, title="saliency · epoch 3", captions=captions, scale=3.0),
         "evolution, 4 samples x 8 epochs": evolution,
@@ -93,12 +120,18 @@ def figures(repeats: int) -> None:
         "bars (matplotlib)": lambda: barh_image(torch.rand(8, generator=g), [f"feature {i}" for i in range(8)],
                                                 title="t"),
     }
-    print(f"{'figure':40s} {'size (W x H)':>13s} {'ms / figure':>12s} {'PNG ms':>8s}")
+    print(f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} (1, 5, 15 min) on "
+          f"{os.cpu_count()} cores; torch threads {torch.get_num_threads()}\n")
+    print("| figure | size (W x H) | ms / figure | ms, all torch threads | PNG ms (level 6) | PNG ms (level 1) |")
+    print("|---|---|---:|---:|---:|---:|")
     for name, fn in cases.items():
         out = fn()
         image = out.image if isinstance(out, render.Figure) else out
         size = f"{image.shape[2]} x {image.shape[1]}"
-        print(f"{name:40s} {size:>13s} {_median_ms(fn, repeats):12.1f} {_png_ms(image, max(3, repeats // 4)):8.1f}")
+        one, every = _paired_ms(fn, repeats)
+        png = [_png_ms(image, max(3, repeats // 4), level) for level in (6, 1)]
+        print(f"| {name} | {size} | {one:.1f} | {every:.1f} | {png[0]:.1f} | {png[1]:.1f} |")
+    print(f"\nload average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 def attribution_share(epochs: int) -> None:
@@ -149,8 +182,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     figures(args.repeats)
     attribution_share(args.epochs)
 
