@@ -29,7 +29,7 @@ from lightning_xai.callbacks._ranks import split_rows
 from lightning_xai._logging import log_image
 from lightning_xai.render import RED, evidence_figure, maps_figure, share_maps
 from lightning_xai.shortcuts import InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions, run_plan
-from lightning_xai.shortcuts._api import DISCOVERY_PRESETS, _proposals
+from lightning_xai.shortcuts._api import DISCOVERY_PRESETS, _proposals, discovery_level, evidence_rank
 from lightning_xai.shortcuts import region_metrics
 from lightning_xai.shortcuts._regions import normalize_regions, region_masks
 from lightning_xai.shortcuts._hotspots import class_mean_maps
@@ -448,15 +448,9 @@ class ShortcutDiscovery(_ShortcutCallback):
     def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
                results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
         found = [name for name in self.CANDIDATES if name in self._found]
-        level = ShortcutConfig(**{**self.config.as_dict(), "alpha": self.config.alpha / max(len(found), 1)})
+        level = discovery_level(self.config, len(found))
         verdicts = {name: self._verdict(name, results, level) for name in found}
-
-        def strength(name: str) -> float:
-            s = verdicts[name].stats
-            z = s["excess_z"] if s["excess_z"] == s["excess_z"] else s["pull_z"]
-            return z if z == z else -math.inf
-
-        ranked = sorted(found, key=lambda n: (not verdicts[n].alarm, -strength(n), n))
+        ranked = sorted(found, key=lambda n: (*evidence_rank(verdicts[n]), n))
         metrics: Dict[str, float] = {self.tag("discovery", "candidates"): float(len(found))}
         for name in self.CANDIDATES:
             metrics[self.tag(name, "found")] = float(name in verdicts)

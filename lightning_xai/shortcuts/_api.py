@@ -10,6 +10,7 @@ from the model (an input-independent hotspot). Every candidate goes through the 
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -38,11 +39,18 @@ class Candidate:
     verdict: Verdict
     plan: InterventionPlan
 
-    @property
-    def strength(self) -> float:
-        """What candidates are ranked by: the excess z over controls, else the pull z."""
-        z = self.verdict.stats.get("excess_z", float("nan"))
-        return z if z == z else self.verdict.stats.get("pull_z", float("nan"))
+
+def evidence_rank(verdict: Verdict) -> Tuple[bool, float]:
+    """The sort key of candidates, strongest first: alarms first, then the excess z over controls (else the pull z;
+    a candidate without either last)."""
+    z = verdict.stats.get("excess_z", float("nan"))
+    z = z if z == z else verdict.stats.get("pull_z", float("nan"))
+    return not verdict.alarm, -z if z == z else math.inf
+
+
+def discovery_level(config: ShortcutConfig, candidates: int) -> ShortcutConfig:
+    """``config`` at level ``alpha / candidates`` (Bonferroni over the candidates tested)."""
+    return replace(config, alpha=config.alpha / max(candidates, 1))
 
 
 def _context(model: Forward) -> Any:
@@ -119,12 +127,12 @@ def discover(model: Forward, probe_x: Tensor, probe_y: Optional[Tensor], donor_x
     with _context(model), torch.no_grad():
         x, y, dx, dy = _donor_set(model, probe_x, probe_y, donor_x, donor_y, config.batch_size)
         proposals = _proposals(x.cpu(), y, dx.cpu(), maps)
-        level = replace(config, alpha=config.alpha / max(len(proposals), 1))
+        level = discovery_level(config, len(proposals))
         found = []
         for name, (masks, donor_masks) in proposals.items():
             verdict, plan = test_masks(model, x, y, dx, dy, masks, donor_masks, level)
             found.append(Candidate(name, masks, verdict, plan))
-    return sorted(found, key=lambda c: (not c.verdict.alarm, -(c.strength if c.strength == c.strength else -1e9)))
+    return sorted(found, key=lambda c: evidence_rank(c.verdict))
 
 
 def _proposals(x: Tensor, y: Tensor, dx: Tensor, maps: Optional[Tensor]) -> Dict[str, Tuple[Tensor, Tensor]]:

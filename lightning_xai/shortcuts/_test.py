@@ -48,8 +48,8 @@ fit (epochs x regions) keep the chance of a false alarm in a clean fit near 0.1 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -104,9 +104,6 @@ class ShortcutConfig:
     def z(self) -> float:
         """The critical value of the pooled tests, ``Phi^-1(1 - alpha / 2)`` (see :func:`decide`)."""
         return _critical(self.alpha / 2)
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
