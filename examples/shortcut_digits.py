@@ -159,7 +159,7 @@ def summarize(rows, alarms, run, log_dir, seconds, clean) -> None:
         print("\nShortcutMonitor raised no alarm." + ("" if clean else " (unexpected for the shortcut run)"))
     print(f"\nLook at: tensorboard --logdir {os.path.dirname(log_dir)}\n"
           "  IMAGES  xai/attribution/<method>: heatmaps of 20 probe digits per epoch (input | heatmap | overlay)\n"
-          "  SCALARS xai/shortcut/mark/*: share on the mark, flip rate, alarm; xai/probe/*: probe accuracies\n"
+          "  SCALARS xai/shortcut/mark/*: pull, excess, alarm, share on the mark; xai/probe/*: probe accuracies\n"
           "  TEXT    xai/attribution/probes: label, prediction and confidence of every row")
 
 
