@@ -1,0 +1,105 @@
+"""log_image's PNG path: encoded here at zlib level 1 and written through the SummaryWriter's public
+``file_writer.add_summary``; ``add_image`` for a writer without an open file writer. Pixels read back exactly."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from lightning_xai import _logging as xlog
+from helpers import read_events
+
+
+class _Trainer:
+    def __init__(self, tmp_path, loggers):
+        self.loggers, self.default_root_dir, self.global_step = loggers, str(tmp_path), 3
+
+
+def _pixels(image):
+    return (image.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _decoded(encoded):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+
+
+def _zlib_level(encoded):
+    """The compression level a PNG's zlib stream declares (FLEVEL of its header: 0 fastest .. 3 maximum)."""
+    start = encoded.index(b"IDAT") + 4
+    return encoded[start + 1] >> 6
+
+
+def test_png_is_written_at_level_1_through_the_file_writer_and_read_back_exactly(tmp_path, monkeypatch):
+    tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("add_image must not run when the writer has an open file_writer")
+
+    monkeypatch.setattr(tb.experiment, "add_image", refuse)
+    image = torch.rand(3, 40, 56)
+    assert xlog.log_image(_Trainer(tmp_path, [tb]), "xai/png", image) == []
+    tb.experiment.flush()
+    (event,) = read_events(tb.log_dir).Images("xai/png")
+    assert event.step == 3 and (event.height, event.width) == (40, 56)
+    assert np.array_equal(_decoded(event.encoded_image_string), _pixels(image))  # lossless, rounded as log_image does
+    assert event.encoded_image_string == xlog.encode_png(_pixels(image), 1)
+    assert _zlib_level(event.encoded_image_string) == 0  # zlib's header: level 1 is FLEVEL 0 ("fastest")
+    assert _zlib_level(xlog.encode_png(_pixels(image), 6)) == 2  # TensorBoard's level 6: FLEVEL 2 ("default")
+
+
+def test_a_closed_writer_falls_back_to_add_image_and_reopens(tmp_path):
+    tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    writer = tb.experiment
+    writer.close()
+    assert writer.file_writer is None
+    image = torch.rand(3, 9, 11)
+    xlog.log_image(_Trainer(tmp_path, [tb]), "xai/closed", image)
+    writer.flush()
+    (event,) = read_events(tb.log_dir).Images("xai/closed")
+    assert np.array_equal(_decoded(event.encoded_image_string), _pixels(image))
+
+
+class _Writer:
+    """A writer without ``file_writer`` (as tensorboardX's or a user's): only ``add_image``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add_image(self, tag, img, global_step=None, dataformats="CHW"):
+        self.calls.append((tag, img, global_step, dataformats))
+
+
+class _OtherTensorBoard(TensorBoardLogger):
+    def __init__(self, root):
+        super().__init__(root, name="other", version=0)
+        self.writer = _Writer()
+
+    @property
+    def experiment(self):
+        return self.writer
+
+
+def test_a_writer_without_file_writer_gets_add_image(tmp_path):
+    tb = _OtherTensorBoard(str(tmp_path))
+    image = torch.rand(3, 6, 5)
+    assert xlog.log_image(_Trainer(tmp_path, [tb]), "xai/other", image) == []
+    ((tag, pixels, step, formats),) = tb.writer.calls
+    assert (tag, step, formats) == ("xai/other", 3, "HWC")
+    assert pixels.dtype == np.uint8 and np.array_equal(pixels, _pixels(image))
+
+
+def test_a_foreign_writer_with_a_file_writer_is_not_handed_tensorboard_protos():
+    writer = _Writer()
+    writer.file_writer = object()  # e.g. tensorboardX's, which takes its own protos
+    xlog.add_png(writer, "t", np.zeros((2, 2, 3), np.uint8), 0)
+    assert len(writer.calls) == 1
+
+
+@pytest.mark.parametrize("level", [pytest.param(1, id="level-1"), pytest.param(6, id="level-6")])
+def test_encode_png_is_lossless(level):
+    pixels = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    encoded = xlog.encode_png(pixels, level)
+    assert np.array_equal(_decoded(encoded), pixels)
