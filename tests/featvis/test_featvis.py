@@ -359,3 +359,70 @@ def test_num_threads_is_restored():
             render(small_cnn(), [0], (1, 8, 8), steps=2, num_threads=0)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("transforms", [
+    pytest.param(lambda: [Jitter(2), RandomScale((0.95, 1.05)), RandomRotate(5.0), Jitter(1)], id="default-32px"),
+    pytest.param(lambda: [RandomRotate(20), RandomScale((0.8, 1.2))], id="rotate-then-scale"),
+    pytest.param(lambda: [Jitter(0), Jitter(3), RandomScale((1.0, 1.3))], id="jitter-0-is-identity"),
+])
+def test_compose_resamples_once_with_the_product_of_the_matrices(transforms):
+    """On a linear ramp bilinear interpolation is exact, so one resampling with the composed matrix gives what
+    applying the transforms one by one gives, wherever no step samples outside the image; the draws are the same."""
+    from lightning_xai.featvis import Compose
+
+    h, w = 64, 72
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    ramp = torch.stack([0.3 * xx + 0.1 * yy, -0.2 * xx + 0.5 * yy + 3.0]).unsqueeze(0).repeat(5, 1, 1, 1)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    one_by_one = ramp
+    for t in transforms():
+        one_by_one = t(one_by_one, g1)
+    fused = Compose(transforms())(ramp, g2)
+    assert torch.equal(g1.get_state(), g2.get_state())  # the same draws, in the same order
+    inner = (slice(None), slice(None), slice(20, h - 20), slice(20, w - 20))  # no step reaches the border
+    torch.testing.assert_close(fused[inner], one_by_one[inner], atol=1e-9, rtol=0)
+    assert fused.shape == ramp.shape
+
+
+def test_compose_resamples_once_per_run_of_affine_transforms(monkeypatch):
+    from lightning_xai.featvis import Compose
+    from lightning_xai.featvis import _transforms
+
+    calls = []
+    original = _transforms.F.grid_sample
+    monkeypatch.setattr(_transforms.F, "grid_sample", lambda *a, **k: calls.append(1) or original(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 20, 20)
+    Compose([Jitter(2), RandomScale(), RandomRotate(5.0), Jitter(1)])(x, g)
+    assert len(calls) == 1
+    calls.clear()  # a Pad or a different padding mode ends a run
+    out = Compose([Jitter(1), Pad(2), RandomRotate(5.0), RandomScale(padding_mode="zeros")])(x, g)
+    assert len(calls) == 3 and out.shape == (2, 3, 24, 24)
+
+
+@pytest.mark.parametrize("size", [pytest.param((32, 32), id="square"), pytest.param((12, 20), id="wide")])
+def test_affine_resampling_matches_affine_grid(size):
+    """``_affine``'s grid is ``F.affine_grid``'s (``align_corners=False``), computed as one matrix product."""
+    from lightning_xai.featvis._transforms import _affine
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, *size, generator=g)
+    theta = torch.eye(2, 3).repeat(4, 1, 1) + 0.1 * torch.randn(4, 2, 3, generator=g)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    torch.testing.assert_close(_affine(x, theta, "reflection"), expected, atol=1e-5, rtol=0)
+
+
+def test_colour_mixing_is_the_channel_matrix_product():
+    """``_to_image`` mixes decorrelated channels with the colour matrix: ``einsum('kchw,dc->kdhw')`` then the sigmoid
+    into the value range."""
+    param = FourierParam()
+    g = torch.Generator().manual_seed(0)
+    param.build((4, 3, 10, 12), (0.0, 2.0), g, torch.device("cpu"))
+    u = torch.randn(4, 3, 10, 12, generator=g)
+    expected = 2.0 * torch.sigmoid(torch.einsum("kchw,dc->kdhw", u, param._mix))
+    out = param._to_image(u)
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous()
