@@ -6,8 +6,12 @@ mask and ``B`` the donor's (equal for a fixed region; per sample for a callable)
 
 * a *compact* region (donor masks cover at most :data:`COMPACT` of the image on average: a mark, a glyph) is
   *transplanted*: ``x' = r_j`` on ``A | B``, ``x_i`` elsewhere (a watermark moves with its pixels);
-* a *large* region (a background, a frame) is replaced *in place*: ``x' = r_j`` on ``A & B`` and the donor's mean
-  colour over ``B`` on ``A & ~B``, so the donor's object outline cannot leak in through its mask.
+* a *large* region (a background, a frame) is replaced *in place*: ``x' = r_j`` where the recipient, the donor and
+  the placebo donor (below) all have the region, ``x_i`` elsewhere. Pasting only where both donors have it keeps
+  the donors' objects out: whatever shape the pasted area has, the real edit and its placebo share it. A per-sample
+  large mask (a background drawn around each image's object) loses its edge ring first (pixels with a neighbour
+  outside it), which carries the faint edge of the object it borders (anti-aliasing, interpolation, blur): one
+  pixel, the resolution of a mask's edge.
 
 **Specific pull.** Each edit is paired with a *placebo*: the same edit at the same place with the content of a
 donor ``r_k`` whose label is not ``t_j`` (preferably ``y_i``). The pull of the pair is
@@ -19,15 +23,19 @@ the same pixels in the same way, so whatever the edit does regardless of the con
 the recipient's evidence, an unusual patch) cancels. Per recipient the pulls of ``donor_draws`` pairs are
 averaged (``G_i``).
 
-**Controls.** The same pair of edits is repeated at ``num_controls`` other places: the union of the masks rolled
-by an offset where it does not overlap itself (where no offset does, as for a frame or a border ring, where it
-overlaps itself by at most half: mostly elsewhere). Of ``8 * num_controls`` random such offsets the controls are
+**Controls.** The same pair of edits is repeated at ``num_controls`` other places. For a fixed region these are
+the union of the masks rolled by an offset where it does not overlap itself (where no offset does, as for a frame
+or a border ring, where it overlaps itself by at most half: mostly elsewhere). For a per-sample region (a mark that
+moves, a box around each image's object) they are *the same selection made on other samples*: the recipient-side
+mask of another probe sample and the donor-side masks of other donors, not on the pair's own donor regions (or on
+them by at most half where none clears them). Under the null that the region is an ordinary place of the kind the
+selection picks, the region and these controls are exchangeable; a rolled copy is not (a box centred on an object
+pixel rolled elsewhere mostly lands on background). Of ``8 * num_controls`` random candidates the controls are
 *dose-matched*: the places where the edit pastes at least as much of the donor's content as the region's own edit
 does (the squared distance of the pasted donor pixels from the donor's median colour), as little more as was found,
 then, where too few do, the ones that paste the most. For ordinary content, pasting at least as much of it moves the
-prediction at least as much; these are places of content, mostly the object. ``C_i`` is the mean pull of the
-recipient's control places. A region covering most of the image (a background) has no such offset: it has no
-controls.
+prediction at least as much. ``C_i`` is the mean pull of the recipient's control places. A region covering most of
+the image (a background) has no such place: it has no controls.
 
 **Verdict.** Two one-sided tests over the ``N`` recipients (intersection-union: the alarm needs both to reject, so
 its false-alarm rate under either null is at most their level):
@@ -111,7 +119,10 @@ class InterventionPlan:
     """What to edit, before any forward pass: edit ``e`` pastes donor ``donor[e]``'s content into probe sample
     ``recipient[e]`` at place ``place[e]`` (0: the region, ``1..K``: controls, the masks rolled by ``offset[e]``), and
     the log-probability of class ``target[e]`` is read. A draw's real edit and its placebo share ``recipient``,
-    ``draw``, ``place`` and ``offset`` and differ in ``placebo``."""
+    ``draw``, ``place`` and ``offset`` and differ in ``placebo``. The edit's pixels are the recipient's mask and the
+    donor-side mask ``donor_masks[b_mask[e]]`` (in place: also ``donor_masks[c_mask[e]]``, its partner's), rolled by
+    ``offset[e]``. At the region and at the rolled controls of a fixed region ``b_mask`` is the edit's own donor; at
+    the controls of a per-sample region it is the donor the control donor stands for (its content pasted there)."""
 
     recipient: Tensor
     donor: Tensor
@@ -120,6 +131,8 @@ class InterventionPlan:
     draw: Tensor
     placebo: Tensor
     offset: Tensor
+    b_mask: Tensor
+    c_mask: Tensor
     recipient_masks: Tensor
     donor_masks: Tensor
     in_place: bool
@@ -141,14 +154,18 @@ class InterventionPlan:
         x = inputs[self.recipient[index].to(inputs.device)]
         r = donors[self.donor[index].to(donors.device)].to(x)
         a = _rolled(self.recipient_masks[self.recipient[index]], self.offset[index]).to(x.device)
-        b = _rolled(self.donor_masks[self.donor[index]], self.offset[index]).to(x.device)
+        b = _rolled(self.donor_masks[self.b_mask[index]], self.offset[index]).to(x.device)
+        if self.in_place:  # the pixels both donors of the pair have in the region
+            b = b & _rolled(self.donor_masks[self.c_mask[index]], self.offset[index]).to(x.device)
         return _edit(x, r, a, b, self.in_place)
 
     def masks(self, index: Tensor) -> Tensor:
-        """The pixels edit ``index`` may change ``(len(index), H, W)``: its recipient's and donor's masks there."""
+        """The pixels edit ``index`` may change ``(len(index), H, W)``: its recipient-side and donor-side masks."""
         a = self.recipient_masks[self.recipient[index]]
-        b = self.donor_masks[self.donor[index]]
-        return _rolled(a if self.in_place else a | b, self.offset[index])
+        b = self.donor_masks[self.b_mask[index]]
+        if self.in_place:
+            return _rolled(a & b & self.donor_masks[self.c_mask[index]], self.offset[index])
+        return _rolled(a | b, self.offset[index])
 
 
 def _rolled(masks: Tensor, offsets: Tensor) -> Tensor:
@@ -161,13 +178,7 @@ def _rolled(masks: Tensor, offsets: Tensor) -> Tensor:
 
 def _edit(x: Tensor, r: Tensor, a: Tensor, b: Tensor, in_place: bool) -> Tensor:
     a, b = a.unsqueeze(1), b.unsqueeze(1)
-    if not in_place:
-        return torch.where(a | b, r, x)
-    both = a & b
-    count = b.sum((2, 3), keepdim=True)
-    mean = (r * b).sum((2, 3), keepdim=True) / count.clamp_min(1)
-    fill = torch.where(count > 0, mean, r)  # a donor without the region: its own pixels there
-    return torch.where(both, r, torch.where(a & ~b, fill.expand_as(r), x))
+    return torch.where((a & b) if in_place else (a | b), r, x)
 
 
 def _pick(pool: Tensor, generator: torch.Generator) -> int:
@@ -225,15 +236,29 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
     if not rows:
         empty = torch.zeros(0, dtype=torch.long)
         return InterventionPlan(empty, empty, empty, empty, empty, empty.bool(), torch.zeros(0, 2, dtype=torch.long),
-                                recipient_masks, donor_masks, in_place, n, config.donor_draws, config.num_controls)
+                                empty, empty, recipient_masks, donor_masks, in_place, n, config.donor_draws,
+                                config.num_controls)
     rec, draw, don, pla, tgt = (torch.tensor(col, dtype=torch.long) for col in zip(*rows))
-    offsets = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks, donor_masks, in_place,
-                               config.num_controls, gen)  # (P, K, 2), -1 where missing
-    places = [(torch.zeros(rec.shape[0], 2, dtype=torch.long), torch.ones(rec.shape[0], dtype=torch.bool))]
-    places += [(offsets[:, k].clamp_min(0), offsets[:, k, 0] >= 0) for k in range(config.num_controls)]
-    cols: Dict[str, list] = {key: [] for key in ("recipient", "donor", "target", "place", "draw", "placebo", "offset")}
-    for place, (offset, ok) in enumerate(places):
-        for placebo, source in ((False, don), (True, pla)):
+    per_sample = _per_sample(recipient_masks) or _per_sample(donor_masks)
+    if per_sample and in_place:  # a per-sample mask's edge ring belongs to the content it borders
+        recipient_masks, donor_masks = _inner(recipient_masks), _inner(donor_masks)
+    if per_sample:
+        picked = _content_controls(donors.cpu(), donor_labels, rec, don, pla, recipient_masks, donor_masks, in_place,
+                                   config.num_controls)  # (P, K, 2), -1 where missing
+        still = torch.zeros(rec.shape[0], 2, dtype=torch.long)
+        places = [(still, torch.ones(rec.shape[0], dtype=torch.bool), don, pla)]
+        places += [(still, picked[:, k, 0] >= 0, picked[:, k, 0].clamp_min(0), picked[:, k, 1].clamp_min(0))
+                   for k in range(config.num_controls)]
+    else:
+        offsets = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks, donor_masks, in_place,
+                                   config.num_controls, gen)  # (P, K, 2), -1 where missing
+        places = [(torch.zeros(rec.shape[0], 2, dtype=torch.long), torch.ones(rec.shape[0], dtype=torch.bool),
+                   don, pla)]
+        places += [(offsets[:, k].clamp_min(0), offsets[:, k, 0] >= 0, don, pla) for k in range(config.num_controls)]
+    keys = ("recipient", "donor", "target", "place", "draw", "placebo", "offset", "b_mask", "c_mask")
+    cols: Dict[str, list] = {key: [] for key in keys}
+    for place, (offset, ok, real, placebo_donor) in enumerate(places):
+        for placebo, source, b_mask, c_mask in ((False, real, don, pla), (True, placebo_donor, pla, don)):
             count = int(ok.sum())
             cols["recipient"].append(rec[ok])
             cols["donor"].append(source[ok])
@@ -242,9 +267,22 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
             cols["draw"].append(draw[ok])
             cols["placebo"].append(torch.full((count,), placebo, dtype=torch.bool))
             cols["offset"].append(offset[ok])
+            cols["b_mask"].append(b_mask[ok])
+            cols["c_mask"].append(c_mask[ok])
     return InterventionPlan(**{k: torch.cat(v) for k, v in cols.items()}, recipient_masks=recipient_masks,
                             donor_masks=donor_masks, in_place=in_place, num_recipients=n, num_draws=config.donor_draws,
                             num_controls=config.num_controls)
+
+
+def _inner(masks: Tensor) -> Tensor:
+    """The pixels of each mask ``(N, H, W)`` whose 8 neighbours are all in it (the image's edge counts as inside)."""
+    outside = torch.nn.functional.max_pool2d((~masks).float().unsqueeze(1), 3, stride=1, padding=1)
+    return outside.squeeze(1) == 0
+
+
+def _per_sample(masks: Tensor) -> bool:
+    """Whether the masks differ between samples (a region given per sample, e.g. by a callable)."""
+    return masks.shape[0] > 1 and not bool((masks == masks[:1]).all())
 
 
 def _content(images: Tensor) -> Tensor:
@@ -295,6 +333,39 @@ def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, p
         ok = torch.isfinite(key.gather(1, order))
         out[q] = torch.where(ok.unsqueeze(-1), chosen, torch.full_like(chosen, -1))
     return out
+
+
+def _content_controls(donors: Tensor, donor_labels: Tensor, rec: Tensor, don: Tensor, pla: Tensor,
+                      recipient_masks: Tensor, donor_masks: Tensor, in_place: bool, count: int) -> Tensor:
+    """Per pair, ``count`` control donors of a per-sample region ``(P, count, 2)`` (-1 where fewer exist): for the real
+    edit, other donors of the real donor's class, and for the placebo, of the placebo's class, whose content is pasted
+    at the pair's own pixels. A candidate's own region should not cover those pixels (it would carry the region's
+    content there): clear of them first, then covering at most half of them. Within that, dose-matched: the
+    candidates pasting at least as much content as the donor it stands for, as little more as was found, then the
+    ones pasting the most."""
+    p = rec.shape[0]
+    out = torch.full((p, count, 2), -1, dtype=torch.long)
+    content = _content(donors).flatten(1).double()  # (M, H * W)
+    regions = donor_masks.flatten(1).double()
+    a = recipient_masks[rec].flatten(1)
+    for side, (own, partner) in enumerate(((don, pla), (pla, don))):
+        b, c = donor_masks[own].flatten(1), donor_masks[partner].flatten(1)
+        pasted = (a & b & c) if in_place else (a | b)  # (P, H * W): the pixels this side's edit changes
+        dose = pasted.double() @ content.T  # (P, M): each donor's content there
+        own_dose = dose.gather(1, own.view(-1, 1))
+        theirs = b.double() @ regions.T / b.sum(1, keepdim=True).clamp_min(1).double()  # share of b they cover
+        usable = (donor_labels.view(1, -1) == donor_labels[own].view(-1, 1)) & (pasted.any(1, keepdim=True))
+        usable[torch.arange(p), own] = False
+        clear, near = (theirs == 0) & usable, (theirs <= MAX_OVERLAP) & usable
+        gap = dose - own_dose
+        reach = gap >= 0
+        tier = torch.where(clear & reach, 0, torch.where(near & reach, 1, torch.where(clear, 2, 3))).double()
+        key = torch.where(near, tier * (gap.abs().max() + 1) + gap.abs(), torch.full_like(gap, math.inf))
+        order = torch.argsort(key, dim=1, stable=True)[:, :count]
+        ok = torch.isfinite(key.gather(1, order))
+        out[..., side] = torch.where(ok, order, torch.full_like(order, -1))
+    both = (out >= 0).all(-1, keepdim=True)
+    return torch.where(both, out, torch.full_like(out, -1))
 
 
 def run_plan(forward: Callable[[Tensor], Tensor], inputs: Tensor, donors: Tensor, plan: InterventionPlan,
