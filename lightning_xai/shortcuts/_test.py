@@ -23,19 +23,25 @@ the same pixels in the same way, so whatever the edit does regardless of the con
 the recipient's evidence, an unusual patch) cancels. Per recipient the pulls of ``donor_draws`` pairs are
 averaged (``G_i``).
 
-**Controls.** The same pair of edits is repeated at ``num_controls`` other places. For a fixed region these are
-the union of the masks rolled by an offset where it does not overlap itself (where no offset does, as for a frame
-or a border ring, where it overlaps itself by at most half: mostly elsewhere). For a per-sample region (a mark that
-moves, a box around each image's object) they are *the same selection made on other samples*: the recipient-side
-mask of another probe sample and the donor-side masks of other donors, not on the pair's own donor regions (or on
-them by at most half where none clears them). Under the null that the region is an ordinary place of the kind the
-selection picks, the region and these controls are exchangeable; a rolled copy is not (a box centred on an object
-pixel rolled elsewhere mostly lands on background). Of ``8 * num_controls`` random candidates the controls are
-*dose-matched*: the places where the edit pastes at least as much of the donor's content as the region's own edit
-does (the squared distance of the pasted donor pixels from the donor's median colour), as little more as was found,
-then, where too few do, the ones that paste the most. For ordinary content, pasting at least as much of it moves the
-prediction at least as much. ``C_i`` is the mean pull of the recipient's control places. A region covering most of
-the image (a background) has no such place: it has no controls.
+**Controls.** For a fixed region, the same pair of edits is repeated at ``num_controls`` other places: the union of
+the masks rolled by an offset where it does not overlap itself (where no offset does, as for a frame or a border
+ring, where it overlaps itself by at most half: mostly elsewhere). Of ``8 * num_controls`` random such offsets the
+controls are *dose-matched*: the places where the edit pastes at least as much of the donor's content as the region's
+own edit does (the squared distance of the pasted donor pixels from the donor's median colour), as little more as was
+found, then, where too few do, the ones that paste the most. For ordinary content, pasting at least as much of it
+moves the prediction at least as much.
+
+For a per-sample region (a mark that moves, a box drawn around each image's object) the region's place is chosen by
+the donor's own content, so no other place is like it; the controls keep the place and change the content:
+``num_controls`` other donors of the real donor's class (and of the placebo's class, for the placebo), pasted at the
+pair's own pixels. A control donor's own region must not lie there (it would carry the region's content: a mark):
+clear of those pixels first, then covering at most half of them. Among them, dose-matched as above. The question
+becomes: does this donor's content in its region pull harder than other same-class content at the same pixels? A
+mark does (other donors have ordinary content there); a part of an object does not (other donors of the class have
+their object there too).
+
+``C_i`` is the mean pull of the recipient's controls. A region covering most of the image (a background) has no
+place clear of itself, and every donor's own background covers its pixels: it has no controls.
 
 **Verdict.** Two one-sided tests over the ``N`` recipients (intersection-union: the alarm needs both to reject, so
 its false-alarm rate under either null is at most their level):
@@ -353,7 +359,8 @@ def _content_controls(donors: Tensor, donor_labels: Tensor, rec: Tensor, don: Te
         pasted = (a & b & c) if in_place else (a | b)  # (P, H * W): the pixels this side's edit changes
         dose = pasted.double() @ content.T  # (P, M): each donor's content there
         own_dose = dose.gather(1, own.view(-1, 1))
-        theirs = b.double() @ regions.T / b.sum(1, keepdim=True).clamp_min(1).double()  # share of b they cover
+        # the share of each candidate's own region that lies on the pasted pixels
+        theirs = pasted.double() @ regions.T / regions.sum(1).clamp_min(1).view(1, -1)
         usable = (donor_labels.view(1, -1) == donor_labels[own].view(-1, 1)) & (pasted.any(1, keepdim=True))
         usable[torch.arange(p), own] = False
         clear, near = (theirs == 0) & usable, (theirs <= MAX_OVERLAP) & usable
