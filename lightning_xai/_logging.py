@@ -24,6 +24,7 @@ from torch import Tensor
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from lightning_xai._lightning import is_a
+from lightning_xai.render._canvas import Figure
 
 Logger = Any  # a logger of either Lightning package
 
@@ -130,14 +131,15 @@ def add_png(writer: Any, tag: str, pixels: Any, step: int) -> None:
     file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
-def log_image(trainer: Any, tag: str, image: Tensor, step: Optional[int] = None) -> List[str]:
-    """Send an image ``(3, H, W)`` in ``[0, 1]`` to every image-capable logger (TensorBoard: :func:`add_png`).
+def log_image(trainer: Any, tag: str, image: Any, step: Optional[int] = None) -> List[str]:
+    """Send an image ``(3, H, W)`` in ``[0, 1]``, or a :class:`~lightning_xai.render.Figure` (its uint8 pixels as
+    drawn), to every image-capable logger (TensorBoard: :func:`add_png`).
 
     Returns:
         The file paths written when no logger could take it (empty otherwise).
     """
     step = logging_step(trainer) if step is None else step
-    pixels = _to_uint8_hwc(image)  # (H, W, 3) uint8, clamped to [0, 1] first
+    pixels = image.pixels if isinstance(image, Figure) else _to_uint8_hwc(image)  # (H, W, 3) uint8
     loggers = image_loggers(trainer)
     for lg in loggers:
         if _is_tensorboard(lg):

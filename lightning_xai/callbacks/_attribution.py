@@ -295,10 +295,10 @@ class AttributionMonitor(SampleCheckedCallback):
             fig = attribution_figure(x_cpu, values, signed, title=f"{name} · epoch {epoch}",
                                      subtitle=f"class explained: {target_desc}", captions=captions, scale=scale,
                                      outlier_perc=self.outlier_perc, denormalize=self.denormalize, scale_note=note)
-            log_image(trainer, self.tag(name), fig.image)
+            log_image(trainer, self.tag(name), fig)
             if rows.numel():
                 log_image(trainer, self.tag(name, "evolution"),
-                          self._evolution_figure(name, x_cpu[rows], rows, y, signed, scale, note).image)
+                          self._evolution_figure(name, x_cpu[rows], rows, y, signed, scale, note))
 
     def _evolution_figure(self, name: str, inputs: Tensor, rows: Tensor, y: Optional[Tensor], signed: bool,
                           scale: Optional[float], note: str) -> Any:

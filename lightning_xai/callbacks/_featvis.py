@@ -276,7 +276,7 @@ class FeatureVisMonitor(StreamingCallback):
                   for v in self.value_range)
         for label, res in results.items():
             images = ((res.images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)  # (K, C, H, W) in [0, 1]
-            log_image(trainer, self.tag(label), self._figure(label, images, res.activations, epoch).image, step=step)
+            log_image(trainer, self.tag(label), self._figure(label, images, res.activations, epoch), step=step)
 
     def _figure(self, label: str, images: Tensor, activations: Tensor, epoch: int) -> Any:
         """The grid of one target set: each image above what it maximises and the value reached."""

@@ -137,10 +137,16 @@ class Layout:
 
 
 class Figure(NamedTuple):
-    """A rendered figure: ``image (3, H, W)`` in ``[0, 1]`` and its :class:`Layout`."""
+    """A rendered figure: ``pixels (H, W, 3)`` uint8 as drawn (what :func:`~lightning_xai._logging.log_image` encodes)
+    and its :class:`Layout`; ``image`` is the same as a ``(3, H, W)`` float tensor in ``[0, 1]``."""
 
-    image: Tensor
+    pixels: np.ndarray
     layout: Layout
+
+    @property
+    def image(self) -> Tensor:
+        """``(3, H, W)`` float32 in ``[0, 1]``: ``pixels / 255``, channels first (a new tensor at every access)."""
+        return torch.from_numpy(np.multiply(self.pixels.transpose(2, 0, 1), np.float32(1 / 255), dtype=np.float32))
 
 
 # --------------------------------------------------------------------------- the canvas
@@ -238,9 +244,8 @@ class Canvas:
         return box
 
     def finish(self) -> Figure:
-        """The figure: the pixels as a ``(3, H, W)`` float tensor in ``[0, 1]`` and the layout."""
-        pixels = np.multiply(self.pixels.transpose(2, 0, 1), np.float32(1 / 255), dtype=np.float32)  # (3, H, W)
-        return Figure(torch.from_numpy(pixels), self.layout)
+        """The figure: the pixels and the layout."""
+        return Figure(self.pixels, self.layout)
 
 
 # --------------------------------------------------------------------------- sections

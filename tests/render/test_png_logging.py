@@ -103,3 +103,24 @@ def test_encode_png_is_lossless(level):
     pixels = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
     encoded = xlog.encode_png(pixels, level)
     assert np.array_equal(_decoded(encoded), pixels)
+
+
+def test_a_figure_is_logged_from_its_uint8_pixels(tmp_path):
+    """A Figure goes to TensorBoard as the pixels it was drawn with: the same PNG as its float image would give."""
+    from lightning_xai.render import attribution_figure
+
+    g = torch.Generator().manual_seed(0)
+    fig = attribution_figure(torch.rand(3, 3, 8, 8, generator=g), torch.rand(3, 8, 8, generator=g), False,
+                             title="t", scale=1.0)
+    assert fig.pixels.dtype == np.uint8 and fig.pixels.shape == fig.image.permute(1, 2, 0).shape
+    torch.testing.assert_close(fig.image, torch.from_numpy(fig.pixels).permute(2, 0, 1).float() / 255, rtol=0,
+                               atol=1e-7)
+    tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    trainer = _Trainer(tmp_path, [tb])
+    xlog.log_image(trainer, "xai/figure", fig)
+    xlog.log_image(trainer, "xai/image", fig.image)
+    tb.experiment.flush()
+    acc = read_events(tb.log_dir)
+    (from_figure,), (from_image,) = acc.Images("xai/figure"), acc.Images("xai/image")
+    assert from_figure.encoded_image_string == from_image.encoded_image_string
+    assert np.array_equal(_decoded(from_figure.encoded_image_string), fig.pixels)
