@@ -1,6 +1,6 @@
 """Overhead: a fit's time with the default callback stack / without callbacks, on a CIFAR-sized fit and on the demo.
 
-    python bench/overhead.py [--rounds 3] [--rss-rounds 1]           # the CIFAR-sized fit (bench/cifar.py), #24
+    python bench/overhead.py [--rounds 3] [--rss-rounds 1] [--epochs 1] [--threads 2]   # the CIFAR-sized fit, #24
     python bench/overhead.py --case demo [--repeats 7] [--epochs 8] [--threads 2]
 
 The default case is the realistic one: 50,000 training images of 3x32x32 made locally, a small CNN, batch 128, with and
@@ -82,15 +82,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", choices=("cifar", "demo"), default="cifar")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per fit (default: demo 8, cifar 1)")
     parser.add_argument("--threads", type=int, default=2)
     args, rest = parser.parse_known_args()
     if args.case == "cifar":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import cifar  # noqa: E402  (bench/cifar.py: its own options, e.g. --rounds, --rss-rounds)
 
-        cifar.main(rest + ["--threads", str(args.threads)])
+        epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
+        cifar.main(rest + epochs + ["--threads", str(args.threads)])
         return
+    args.epochs = 8 if args.epochs is None else args.epochs
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.set_num_threads(args.threads)
