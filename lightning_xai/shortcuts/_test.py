@@ -248,19 +248,29 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
     per_sample = _per_sample(recipient_masks) or _per_sample(donor_masks)
     if per_sample and in_place:  # a per-sample mask's edge ring belongs to the content it borders
         recipient_masks, donor_masks = _inner(recipient_masks), _inner(donor_masks)
-    if per_sample:
-        picked = _content_controls(donors.cpu(), donor_labels, rec, don, pla, recipient_masks, donor_masks, in_place,
-                                   config.num_controls)  # (P, K, 2), -1 where missing
-        still = torch.zeros(rec.shape[0], 2, dtype=torch.long)
-        places = [(still, torch.ones(rec.shape[0], dtype=torch.bool), don, pla)]
-        places += [(still, picked[:, k, 0] >= 0, picked[:, k, 0].clamp_min(0), picked[:, k, 1].clamp_min(0))
-                   for k in range(config.num_controls)]
+    k = config.num_controls
+    offsets, rolled_reached = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks, donor_masks,
+                                               in_place, k, gen)  # (P, K, 2), -1 where missing
+    still = torch.zeros(rec.shape[0], 2, dtype=torch.long)
+    places = [(still, torch.ones(rec.shape[0], dtype=torch.bool), don, pla)]
+    if per_sample:  # same-class content at the pair's pixels first, then rolled places; those reaching the dose first
+        picked, picked_reached = _content_controls(donors.cpu(), donor_labels, rec, don, pla, recipient_masks,
+                                                   donor_masks, in_place, k)  # (P, K, 2), -1 where missing
+        slot = torch.arange(k).view(1, k)
+        rank = torch.cat([torch.where(picked_reached, slot, 2 * k + slot), torch.where(rolled_reached, k + slot,
+                                                                                       3 * k + slot)], 1).double()
+        rank = rank.where(torch.cat([picked[..., 0] >= 0, offsets[..., 0] >= 0], 1), torch.tensor(math.inf))
+        order = torch.argsort(rank, dim=1, stable=True)[:, :k]
+        ok = torch.isfinite(rank.gather(1, order))
+        content = order < k
+        idx = order % k
+        at = torch.arange(rec.shape[0]).view(-1, 1)
+        offset = torch.where(content.unsqueeze(-1), torch.zeros_like(offsets), offsets[at, idx].clamp_min(0))
+        real = torch.where(content, picked[at, idx, 0], don.view(-1, 1)).clamp_min(0)
+        placebo_donor = torch.where(content, picked[at, idx, 1], pla.view(-1, 1)).clamp_min(0)
+        places += [(offset[:, c], ok[:, c], real[:, c], placebo_donor[:, c]) for c in range(k)]
     else:
-        offsets = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks, donor_masks, in_place,
-                                   config.num_controls, gen)  # (P, K, 2), -1 where missing
-        places = [(torch.zeros(rec.shape[0], 2, dtype=torch.long), torch.ones(rec.shape[0], dtype=torch.bool),
-                   don, pla)]
-        places += [(offsets[:, k].clamp_min(0), offsets[:, k, 0] >= 0, don, pla) for k in range(config.num_controls)]
+        places += [(offsets[:, c].clamp_min(0), offsets[:, c, 0] >= 0, don, pla) for c in range(k)]
     keys = ("recipient", "donor", "target", "place", "draw", "placebo", "offset", "b_mask", "c_mask")
     cols: Dict[str, list] = {key: [] for key in keys}
     for place, (offset, ok, real, placebo_donor) in enumerate(places):
@@ -301,13 +311,15 @@ def _content(images: Tensor) -> Tensor:
 def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, pla: Tensor, recipient_masks: Tensor,
                      donor_masks: Tensor, in_place: bool, count: int, gen: torch.Generator, block: int = 32) -> Tensor:
     """Per pair, ``count`` roll offsets ``(P, count, 2)`` (-1 where fewer exist) of the union of its masks that do not
-    overlap it, dose-matched among ``TRIES_PER_CONTROL * count`` draws (module docstring)."""
+    overlap it, dose-matched among ``TRIES_PER_CONTROL * count`` draws (module docstring), and whether each reached
+    the region's dose ``(P, count)``."""
     p = rec.shape[0]
     h, w = inputs.shape[-2:]
     tries = TRIES_PER_CONTROL * count
     offsets = torch.stack([torch.randint(h, (p, tries), generator=gen),
                            torch.randint(w, (p, tries), generator=gen)], -1)
     out = torch.full((p, count, 2), -1, dtype=torch.long)
+    reached = torch.zeros(p, count, dtype=torch.bool)
     for start in range(0, p, block):  # bounded memory: (block * tries) edited images at a time
         q = slice(start, min(start + block, p))
         b = rec[q].shape[0]
@@ -338,7 +350,8 @@ def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, p
         chosen = offsets[q].gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
         ok = torch.isfinite(key.gather(1, order))
         out[q] = torch.where(ok.unsqueeze(-1), chosen, torch.full_like(chosen, -1))
-    return out
+        reached[q] = ok & (gap.view(b, tries).gather(1, order) >= 0)
+    return out, reached
 
 
 def _content_controls(donors: Tensor, donor_labels: Tensor, rec: Tensor, don: Tensor, pla: Tensor,
@@ -348,9 +361,10 @@ def _content_controls(donors: Tensor, donor_labels: Tensor, rec: Tensor, don: Te
     at the pair's own pixels. A candidate's own region should not cover those pixels (it would carry the region's
     content there): clear of them first, then covering at most half of them. Within that, dose-matched: the
     candidates pasting at least as much content as the donor it stands for, as little more as was found, then the
-    ones pasting the most."""
+    ones pasting the most. Also whether both of a control's donors reached their dose ``(P, count)``."""
     p = rec.shape[0]
     out = torch.full((p, count, 2), -1, dtype=torch.long)
+    reached = torch.ones(p, count, dtype=torch.bool)
     content = _content(donors).flatten(1).double()  # (M, H * W)
     regions = donor_masks.flatten(1).double()
     a = recipient_masks[rec].flatten(1)
@@ -371,8 +385,9 @@ def _content_controls(donors: Tensor, donor_labels: Tensor, rec: Tensor, don: Te
         order = torch.argsort(key, dim=1, stable=True)[:, :count]
         ok = torch.isfinite(key.gather(1, order))
         out[..., side] = torch.where(ok, order, torch.full_like(order, -1))
+        reached &= ok & (reach.gather(1, order))
     both = (out >= 0).all(-1, keepdim=True)
-    return torch.where(both, out, torch.full_like(out, -1))
+    return torch.where(both, out, torch.full_like(out, -1)), reached & both.squeeze(-1)
 
 
 def run_plan(forward: Callable[[Tensor], Tensor], inputs: Tensor, donors: Tensor, plan: InterventionPlan,
