@@ -840,7 +840,7 @@ def _coverage(masks, target):
 
 def evaluate_run(spec, cache, mode, api, config_kwargs, epochs):
     """One run through the detector at the given epochs: a list of rows (named) or candidate lists (discovery)."""
-    ShortcutConfig, check_region, discover = api
+    ShortcutConfig, check_region, discover, input_x_gradient = api
     meta, data, truth, model_at = load_run(cache, spec["id"])
     px, py, dx, dy = data["probe_x"], data["probe_y"], data["donor_x"], data["donor_y"]
     rows = []
@@ -861,7 +861,9 @@ def evaluate_run(spec, cache, mode, api, config_kwargs, epochs):
     for e in epochs:
         model = model_at(e)
         t = time.perf_counter()
-        found = discover(model, px, py, dx, dy, config=ShortcutConfig(**config_kwargs), seed=0)
+        # the maps ShortcutDiscovery computes by default (Input x Gradient of the labels), for the hotspot candidate
+        maps = input_x_gradient(model, px, target=py)
+        found = discover(model, px, py, dx, dy, config=ShortcutConfig(**config_kwargs), seed=0, maps=maps)
         dt = time.perf_counter() - t
         cands = [dict(rank=i, name=str(c.name), alarm=bool(c.verdict.alarm),
                       coverage=(_coverage(c.masks, target) if target is not None and spec["kind"] == "shortcut"
@@ -874,11 +876,12 @@ def evaluate_run(spec, cache, mode, api, config_kwargs, epochs):
 def cmd_evaluate(args):
     torch.set_num_threads(args.threads)
     try:
+        from lightning_xai.attribution import input_x_gradient
         from lightning_xai.shortcuts import ShortcutConfig, check_region, discover
     except ImportError as err:
         sys.exit(f"lightning_xai.shortcuts does not offer the detector interface yet ({err}); "
                  "the training caches and `truth` do not need it")
-    api = (ShortcutConfig, check_region, discover)
+    api = (ShortcutConfig, check_region, discover, input_x_gradient)
     config_kwargs = _parse_config(args.config)
     out_dir = Path(args.cache) / "_eval" / args.tag / args.mode
     out_dir.mkdir(parents=True, exist_ok=True)
