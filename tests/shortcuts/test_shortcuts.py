@@ -281,6 +281,16 @@ def test_discovery_ranks_the_mark_first_and_stays_quiet_on_the_object_reader():
     assert not any(c.verdict.alarm for c in quiet), [(c.name, c.verdict.reason) for c in quiet]
 
 
+def test_discovery_stays_quiet_when_objects_reach_into_the_corners():
+    """Objects jittered into the corners make a corner window atypical for the object's own content; its controls
+    (same-class content there, else other places as content-heavy) are object content too: no alarm."""
+    x, y = centred_objects(100, 0)
+    dx, dy = centred_objects(200, 1)
+    found = discover(LevelCounter(), x, y, dx, dy)
+    assert "atypical_corner" in [c.name for c in found]
+    assert not any(c.verdict.alarm for c in found), [(c.name, c.verdict.reason) for c in found]
+
+
 def test_attribution_share_is_reported_per_sample():
     maps = torch.zeros(3, 8, 8)
     maps[:, 0, 0] = 1.0
