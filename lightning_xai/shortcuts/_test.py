@@ -32,13 +32,15 @@ found, then, where too few do, the ones that paste the most. For ordinary conten
 moves the prediction at least as much.
 
 For a per-sample region (a mark that moves, a box drawn around each image's object) the region's place is chosen by
-the donor's own content, so no other place is like it; the controls keep the place and change the content:
-``num_controls`` other donors of the real donor's class (and of the placebo's class, for the placebo), pasted at the
-pair's own pixels. A control donor's own region must not lie there (it would carry the region's content: a mark):
-clear of those pixels first, then covering at most half of them. Among them, dose-matched as above. The question
-becomes: does this donor's content in its region pull harder than other same-class content at the same pixels? A
-mark does (other donors have ordinary content there); a part of an object does not (other donors of the class have
-their object there too).
+the donor's own content, so a rolled copy is not like it (a box centred on an object pixel, rolled, mostly lands on
+background). Its controls come first from *same-class content at the same pixels*: other donors of the real donor's
+class (and of the placebo's class, for the placebo) pasted at the pair's own pixels, whose own region does not lie
+there (it would carry the region's content: a mark), clear of them first, then covering at most half of them. The
+question becomes: does this donor's content in its region pull harder than other same-class content at the same
+pixels? A mark does (other donors have ordinary content there); a part of an object does not (other donors of the
+class have their object there too). Controls of both kinds are dose-matched; same-class content reaching the region's
+dose comes first, then rolled places reaching it (a window chosen for its extreme content, such as a corner the object
+reaches into, finds its match on the object elsewhere), then the closest of either.
 
 ``C_i`` is the mean pull of the recipient's controls. A region covering most of the image (a background) has no
 place clear of itself, and every donor's own background covers its pixels: it has no controls.
