@@ -243,11 +243,14 @@ class _ShortcutCallback(SampleCheckedCallback):
         if not order:
             return
         real = ~plan.placebo & (plan.draw == 0)
-        index, controls = [], []
+        index, controls, same_place = [], [], []
         for i in order:
             mine = real & (plan.recipient == i)
             index.append(int(torch.nonzero(mine & (plan.place == 0))[0]))
-            ctl = torch.nonzero(mine & (plan.place > 0)).view(-1)
+            others = mine & (plan.place > 0)
+            moved = others & (plan.donor == plan.donor[index[-1]])  # rolled places; the rest: other donors' content
+            same_place.append(int((others & ~moved).sum()))
+            ctl = torch.nonzero(moved).view(-1)
             controls.append(plan.masks(ctl) if ctl.numel() else torch.zeros(0, *x.shape[-2:], dtype=torch.bool))
         index_t = torch.tensor(index)
         k = max(c.shape[0] for c in controls)
@@ -259,7 +262,8 @@ class _ShortcutCallback(SampleCheckedCallback):
         targets = plan.target[index_t]
         after = results[f"{name}/pred"][order, 0, 0, 0]
         captions = [[f"pred {int(before[i])} → {int(a)} (donor's label {int(t)})",
-                     f"pull {float(pull[i]):+.2f} nats"] for i, a, t in zip(order, after, targets)]
+                     f"pull {float(pull[i]):+.2f} nats"] + ([f"{k} control(s): same-class content here"] if k else [])
+                    for i, a, t, k in zip(order, after, targets, same_place)]
         s = verdict.stats
         grey = (0.45, 0.55, 0.7)
         bars = [("specific pull (nats)", [("region", s["pull"], RED),
@@ -270,8 +274,8 @@ class _ShortcutCallback(SampleCheckedCallback):
         fig = evidence_figure(x.cpu()[order], plan.masks(index_t), ctl_masks, edited,
                               title=f"{what} · {name} · epoch {epoch} · {'ALARM' if verdict.alarm else 'no alarm'}",
                               subtitle="another class' content pasted into the region (and, for comparison, at control "
-                                       "places); a shortcut pulls the prediction toward that class from the region "
-                                       "only",
+                                       "places or, for a per-sample region, other same-class content pasted there); "
+                                       "a shortcut pulls the prediction toward that class from the region only",
                               captions=captions, bars=[b for b in bars if not math.isnan(b[1][1][1])] or bars[:0],
                               notes=notes)
         log_image(trainer, self.tag(name, "evidence"), fig.image)
