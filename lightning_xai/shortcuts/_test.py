@@ -42,8 +42,9 @@ class have their object there too). Controls of both kinds are dose-matched; sam
 dose comes first, then rolled places reaching it (a window chosen for its extreme content, such as a corner the object
 reaches into, finds its match on the object elsewhere), then the closest of either.
 
-``C_i`` is the mean pull of the recipient's controls. A region covering most of the image (a background) has no
-place clear of itself, and every donor's own background covers its pixels: it has no controls.
+``C_i`` is the mean pull of the recipient's controls. A per-sample region covering most of the image (a background)
+has no controls: every donor's background covers its pixels, and a rolled copy lands mostly on background again,
+the region's own kind of content.
 
 **Verdict.** Two one-sided tests over the ``N`` recipients (intersection-union: the alarm needs both to reject, so
 its false-alarm rate under either null is at most their level):
@@ -251,11 +252,14 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
     if per_sample and in_place:  # a per-sample mask's edge ring belongs to the content it borders
         recipient_masks, donor_masks = _inner(recipient_masks), _inner(donor_masks)
     k = config.num_controls
-    offsets, rolled_reached = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks, donor_masks,
-                                               in_place, k, gen)  # (P, K, 2), -1 where missing
     still = torch.zeros(rec.shape[0], 2, dtype=torch.long)
     places = [(still, torch.ones(rec.shape[0], dtype=torch.bool), don, pla)]
-    if per_sample:  # same-class content at the pair's pixels first, then rolled places; those reaching the dose first
+    if not (per_sample and in_place):  # a background drawn per image: every place is more of its kind, no control
+        offsets, rolled_reached = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks,
+                                                   donor_masks, in_place, k, gen)  # (P, K, 2), -1 where missing
+    if per_sample and in_place:
+        pass
+    elif per_sample:  # same-class content at the pair's pixels first, then rolled places; those reaching the dose first
         picked, picked_reached = _content_controls(donors.cpu(), donor_labels, rec, don, pla, recipient_masks,
                                                    donor_masks, in_place, k)  # (P, K, 2), -1 where missing
         slot = torch.arange(k).view(1, k)
