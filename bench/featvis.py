@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python bench/featvis.py            # 1x8x8 and 1x32x32, 1 and 2 intra-op threads
-    python bench/featvis.py --repeats 5
+    python bench/featvis.py --repeats 5 --threads 1
 
 The model is ``tests/helpers.small_cnn`` (random weights: timing does not depend on training). The
 ratio column is (seconds per render step) / (seconds of one forward + backward of the same batch of
@@ -38,10 +38,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=256, help="render steps (the default of render/FeatureVisMonitor)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts to time")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
-    for threads in (1, 2):
+    for threads in args.threads:
         torch.set_num_threads(threads)
         for side in (8, 32):
             model = small_cnn()
