@@ -29,7 +29,8 @@ from lightning_xai.callbacks._ranks import split_rows
 from lightning_xai._logging import log_image
 from lightning_xai.render import RED, evidence_figure, maps_figure, share_maps
 from lightning_xai.shortcuts import InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions, run_plan
-from lightning_xai.shortcuts._api import DISCOVERY_PRESETS, _proposals, discovery_level, evidence_rank
+from lightning_xai.shortcuts._api import (DISCOVERY_PRESETS, _proposals, candidate_verdict, discovery_level,
+                                          evidence_rank)
 from lightning_xai.shortcuts import region_metrics
 from lightning_xai.shortcuts._regions import normalize_regions, region_masks
 from lightning_xai.shortcuts._hotspots import class_mean_maps
@@ -453,7 +454,7 @@ class ShortcutDiscovery(_ShortcutCallback):
                results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
         found = [name for name in self.CANDIDATES if name in self._found]
         level = discovery_level(self.config, len(found))
-        verdicts = {name: self._verdict(name, results, level) for name in found}
+        verdicts = {name: candidate_verdict(name, self._verdict(name, results, level)) for name in found}
         ranked = sorted(found, key=lambda n: (*evidence_rank(verdicts[n]), n))
         metrics: Dict[str, float] = {self.tag("discovery", "candidates"): float(len(found))}
         for name in self.CANDIDATES:

@@ -6,7 +6,8 @@ Discovery proposes candidate regions from the inputs alone (presets where tags a
 each sample's atypical corner, patterns pasted identically into several images) and, given attribution maps, one
 from the model (an input-independent hotspot). Every candidate goes through the same test at level
 ``alpha / (number of candidates)`` (Bonferroni), so a clean model raises a discovery alarm with probability at most
-``alpha`` per run; candidates are ranked by the evidence (``excess_z``, else ``pull_z``) for a person to judge.
+``alpha`` per run; candidates are ranked by the evidence (``excess_z``, else ``pull_z``) for a person to judge. The
+hotspot is ranked and shown, never alarmed on (:func:`candidate_verdict`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from lightning_xai.shortcuts._regions import region_masks
 
 Forward = Union[nn.Module, Callable[[Tensor], Tensor]]
 DISCOVERY_PRESETS = ("corners", "border")  # where source tags and frames usually sit
+SHOWN_ONLY = ("hotspot",)  # candidates ranked and shown, never alarmed on (see :func:`candidate_verdict`)
 
 
 @dataclass
@@ -46,6 +48,16 @@ def evidence_rank(verdict: Verdict) -> Tuple[bool, float]:
     z = verdict.stats.get("excess_z", float("nan"))
     z = z if z == z else verdict.stats.get("pull_z", float("nan"))
     return not verdict.alarm, -z if z == z else math.inf
+
+
+def candidate_verdict(name: str, verdict: Verdict) -> Verdict:
+    """A discovery candidate's verdict. The ``hotspot`` (where every class attends) is also where objects sit when they
+    are centred, a fixed region over the object whose rolled controls land on background: its test cannot tell a
+    shortcut from the object, so it is ranked and shown for a person to judge but raises no alarm."""
+    if name not in SHOWN_ONLY or not verdict.alarm:
+        return verdict
+    return Verdict(False, {**verdict.stats, "alarm": 0.0}, verdict.reason + "; a hotspot is shown, not alarmed on: "
+                   "where every class attends may be where the objects sit")
 
 
 def discovery_level(config: ShortcutConfig, candidates: int) -> ShortcutConfig:
@@ -131,7 +143,7 @@ def discover(model: Forward, probe_x: Tensor, probe_y: Optional[Tensor], donor_x
         found = []
         for name, (masks, donor_masks) in proposals.items():
             verdict, plan = test_masks(model, x, y, dx, dy, masks, donor_masks, level)
-            found.append(Candidate(name, masks, verdict, plan))
+            found.append(Candidate(name, masks, candidate_verdict(name, verdict), plan))
     return sorted(found, key=lambda c: evidence_rank(c.verdict))
 
 

@@ -291,6 +291,22 @@ def test_discovery_stays_quiet_when_objects_reach_into_the_corners():
     assert not any(c.verdict.alarm for c in found), [(c.name, c.verdict.reason) for c in found]
 
 
+def test_a_shown_only_candidate_is_ranked_but_raises_no_alarm(monkeypatch):
+    """The hotspot (where every class attends, also where centred objects sit) is shown, never alarmed on; the same
+    rule, applied to the corner candidates of a model that reads the corner mark, keeps them ranked first and quiet."""
+    import lightning_xai.shortcuts._api as api
+
+    x, y = corner_set(100, random_mark=True, texture=0.6)
+    dx, dy = corner_set(200, seed=1, texture=0.6)
+    assert api.SHOWN_ONLY == ("hotspot",)
+    loud = discover(Reader(True), x, y, dx, dy)
+    monkeypatch.setattr(api, "SHOWN_ONLY", tuple(c.name for c in loud))
+    quiet = discover(Reader(True), x, y, dx, dy)
+    assert loud[0].verdict.alarm and not any(c.verdict.alarm for c in quiet)
+    assert quiet[0].name == loud[0].name and "shown, not alarmed on" in quiet[0].verdict.reason
+    assert quiet[0].verdict.stats["alarm"] == 0.0 and quiet[0].verdict.stats["pull"] == loud[0].verdict.stats["pull"]
+
+
 def test_attribution_share_is_reported_per_sample():
     maps = torch.zeros(3, 8, 8)
     maps[:, 0, 0] = 1.0
