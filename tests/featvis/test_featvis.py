@@ -426,3 +426,22 @@ def test_colour_mixing_is_the_channel_matrix_product():
     out = param._to_image(u)
     torch.testing.assert_close(out, expected)
     assert out.is_contiguous()
+
+
+def test_render_falls_back_to_plain_adam_without_a_fused_kernel(monkeypatch):
+    """Where torch has no fused Adam for the tensors (older torch on CPU, some dtypes), render uses the plain one."""
+    plain = torch.optim.Adam
+    made = []
+
+    class NoFused(plain):
+        def __init__(self, params, *args, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` is not supported here")
+            made.append(kwargs)
+            super().__init__(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", NoFused)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.zeros(1, 1, 8, 8))
+    out = render(net, [0, 1], (1, 8, 8), steps=4)
+    assert len(made) == 1 and out.images.shape == (2, 1, 8, 8)
