@@ -28,7 +28,7 @@ from lightning_xai.render._canvas import Figure
 
 Logger = Any  # a logger of either Lightning package
 
-PNG_LEVEL = 1  # zlib level of the PNGs encoded here: 3.8x faster than TensorBoard's 6, 5 % larger (docs/benchmarks.md)
+PNG_LEVEL = 1  # zlib level of the PNGs encoded here: 3.7x faster than TensorBoard's 6, 8 % larger (docs/benchmarks.md)
 
 _warned: set = set()
 _warned_by: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()

@@ -200,9 +200,10 @@ class Compose:
         pending: Optional[Tensor] = None  # (K, 2, 3): the affine transforms not resampled yet
         mode = ""
         for t in self.transforms:
-            if pending is not None and not (isinstance(t, _Affine) and t.padding_mode == mode):
+            affine = isinstance(t, _Affine) and type(t).__call__ is _Affine.__call__  # not one with its own __call__
+            if pending is not None and not (affine and t.padding_mode == mode):
                 images, pending = _affine(images, pending, mode), None
-            if isinstance(t, _Affine):
+            if affine:
                 theta = t.theta(images, generator)
                 if theta is not None:
                     pending, mode = (theta if pending is None else _then(pending, theta)), t.padding_mode

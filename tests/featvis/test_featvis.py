@@ -445,3 +445,16 @@ def test_render_falls_back_to_plain_adam_without_a_fused_kernel(monkeypatch):
     net(torch.zeros(1, 1, 8, 8))
     out = render(net, [0, 1], (1, 8, 8), steps=4)
     assert len(made) == 1 and out.images.shape == (2, 1, 8, 8)
+
+
+def test_compose_calls_a_transform_that_has_its_own_call():
+    """A subclass of an affine transform that overrides ``__call__`` is called, not folded into the matrix product."""
+    from lightning_xai.featvis import Compose
+
+    class Flipped(Jitter):
+        def __call__(self, images, generator):
+            return images.flip(-1)
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    out = Compose([Flipped(1)])(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, x.flip(-1))
