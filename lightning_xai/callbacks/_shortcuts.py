@@ -29,8 +29,8 @@ from lightning_xai.callbacks._ranks import split_rows
 from lightning_xai._logging import log_image
 from lightning_xai.render import RED, evidence_figure, maps_figure, share_maps
 from lightning_xai.shortcuts import InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions, run_plan
-from lightning_xai.shortcuts._api import (DISCOVERY_PRESETS, _proposals, candidate_verdict, discovery_level,
-                                          evidence_rank)
+from lightning_xai.shortcuts._api import (DISCOVERY_PRESETS, SELECTED, _proposals, candidate_verdict,
+                                          discovery_level, evidence_rank)
 from lightning_xai.shortcuts import region_metrics
 from lightning_xai.shortcuts._regions import normalize_regions, region_masks
 from lightning_xai.shortcuts._hotspots import class_mean_maps
@@ -202,9 +202,13 @@ class _ShortcutCallback(SampleCheckedCallback):
                 and torch.equal(kept[3], donor_masks) and torch.equal(kept[4], labels)):
             return kept[5]
         plan = plan_interventions(x.cpu(), labels, donors.cpu(), donor_labels, masks.cpu(), donor_masks.cpu(),
-                                  self.config)
+                                  self.config, selected=self._selected(name))
         self._plans[name] = (self.probe_x, self.reference_x, masks.cpu(), donor_masks.cpu(), labels.clone(), plan)
         return plan
+
+    def _selected(self, name: str) -> bool:
+        """Whether region ``name``'s per-sample masks were chosen for unusual content (discovery's candidates)."""
+        return False
 
     def _run_plan(self, pl_module: "pl.LightningModule", name: str, x: Tensor, labels: Tensor, masks: Tensor,
                   donors: Tensor, donor_labels: Tensor, donor_masks: Tensor, rows: Tuple[int, int],
@@ -428,6 +432,9 @@ class ShortcutDiscovery(_ShortcutCallback):
 
     def regions_tested(self) -> int:
         return len(self.CANDIDATES)  # at most; a candidate that is not found this run costs nothing
+
+    def _selected(self, name: str) -> bool:
+        return name in SELECTED
 
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:

@@ -29,6 +29,7 @@ from lightning_xai.shortcuts._regions import region_masks
 Forward = Union[nn.Module, Callable[[Tensor], Tensor]]
 DISCOVERY_PRESETS = ("corners", "border")  # where source tags and frames usually sit
 SHOWN_ONLY = ("hotspot",)  # candidates ranked and shown, never alarmed on (see :func:`candidate_verdict`)
+SELECTED = ("flat_background", "atypical_corner", "stamp")  # per-sample windows chosen for unusual content
 
 
 @dataclass
@@ -87,9 +88,11 @@ def _donor_set(forward: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tenso
 
 
 def test_masks(forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, donor_x: Tensor, donor_y: Tensor,
-               masks: Tensor, donor_masks: Tensor, config: ShortcutConfig) -> Tuple[Verdict, InterventionPlan]:
-    """Plan, run and decide for given masks (the shared step of both jobs)."""
-    plan = plan_interventions(x, y, donor_x, donor_y, masks, donor_masks, config)
+               masks: Tensor, donor_masks: Tensor, config: ShortcutConfig,
+               selected: bool = False) -> Tuple[Verdict, InterventionPlan]:
+    """Plan, run and decide for given masks (the shared step of both jobs); ``selected`` as in
+    :func:`~lightning_xai.shortcuts._test.plan_interventions`."""
+    plan = plan_interventions(x, y, donor_x, donor_y, masks, donor_masks, config, selected=selected)
     effects = run_plan(forward, x, donor_x, plan, batch_size=config.batch_size)
     return decide(effects, plan.targets(), config), plan
 
@@ -142,7 +145,7 @@ def discover(model: Forward, probe_x: Tensor, probe_y: Optional[Tensor], donor_x
         level = discovery_level(config, len(proposals))
         found = []
         for name, (masks, donor_masks) in proposals.items():
-            verdict, plan = test_masks(model, x, y, dx, dy, masks, donor_masks, level)
+            verdict, plan = test_masks(model, x, y, dx, dy, masks, donor_masks, level, selected=name in SELECTED)
             found.append(Candidate(name, masks, candidate_verdict(name, verdict), plan))
     return sorted(found, key=lambda c: evidence_rank(c.verdict))
 

@@ -196,7 +196,7 @@ def _pick(pool: Tensor, generator: torch.Generator) -> int:
 
 def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_labels: Tensor, recipient_masks: Tensor,
                        donor_masks: Tensor, config: ShortcutConfig = ShortcutConfig(),
-                       generator: Optional[torch.Generator] = None) -> InterventionPlan:
+                       generator: Optional[torch.Generator] = None, selected: bool = False) -> InterventionPlan:
     """Plan the edits of the test (module docstring): donors, placebos and control places for every probe sample.
 
     Args:
@@ -204,6 +204,9 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
         donors: samples giving the pasted content ``(M, C, H, W)``; donor_labels: their classes ``(M,)``.
         recipient_masks: ``(N, H, W)`` bool; donor_masks: ``(M, H, W)`` bool.
         generator: the private generator (default: seeded with ``config.seed``).
+        selected: the per-sample masks were chosen where each sample's content is most unusual (discovery's
+            atypical corner, stamps): such content is more distinctive than other same-class content at those
+            pixels by construction, so the controls are rolled places only, as for a fixed region.
 
     Raises:
         ValueError: on shapes that do not fit; the message names the argument.
@@ -249,17 +252,18 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
                                 config.num_controls)
     rec, draw, don, pla, tgt = (torch.tensor(col, dtype=torch.long) for col in zip(*rows))
     per_sample = _per_sample(recipient_masks) or _per_sample(donor_masks)
-    if per_sample and in_place:  # a per-sample mask's edge ring belongs to the content it borders
+    drawn = per_sample and not selected  # a region drawn per sample by a rule (a mark, a box around the object)
+    if drawn and in_place:  # a per-sample mask's edge ring belongs to the content it borders
         recipient_masks, donor_masks = _inner(recipient_masks), _inner(donor_masks)
     k = config.num_controls
     still = torch.zeros(rec.shape[0], 2, dtype=torch.long)
     places = [(still, torch.ones(rec.shape[0], dtype=torch.bool), don, pla)]
-    if not (per_sample and in_place):  # a background drawn per image: every place is more of its kind, no control
+    if not (drawn and in_place):  # a background drawn per image: every place is more of its kind, no control
         offsets, rolled_reached = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks,
                                                    donor_masks, in_place, k, gen)  # (P, K, 2), -1 where missing
-    if per_sample and in_place:
+    if drawn and in_place:
         pass
-    elif per_sample:  # same-class content at the pair's pixels first, then rolled places; those reaching the dose first
+    elif drawn:  # same-class content at the pair's pixels first, then rolled places; those reaching the dose first
         picked, picked_reached = _content_controls(donors.cpu(), donor_labels, rec, don, pla, recipient_masks,
                                                    donor_masks, in_place, k)  # (P, K, 2), -1 where missing
         slot = torch.arange(k).view(1, k)
