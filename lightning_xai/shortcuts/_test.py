@@ -261,9 +261,7 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
     if not (drawn and in_place):  # a background drawn per image: every place is more of its kind, no control
         offsets, rolled_reached = _control_offsets(inputs.cpu(), donors.cpu(), rec, don, pla, recipient_masks,
                                                    donor_masks, in_place, k, gen)  # (P, K, 2), -1 where missing
-    if drawn and in_place:
-        pass
-    elif drawn:  # same-class content at the pair's pixels first, then rolled places; those reaching the dose first
+    if drawn and not in_place:  # same-class content at the pair's pixels, then rolled places; reaching the dose first
         picked, picked_reached = _content_controls(donors.cpu(), donor_labels, rec, don, pla, recipient_masks,
                                                    donor_masks, in_place, k)  # (P, K, 2), -1 where missing
         slot = torch.arange(k).view(1, k)
@@ -279,7 +277,7 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
         real = torch.where(content, picked[at, idx, 0], don.view(-1, 1)).clamp_min(0)
         placebo_donor = torch.where(content, picked[at, idx, 1], pla.view(-1, 1)).clamp_min(0)
         places += [(offset[:, c], ok[:, c], real[:, c], placebo_donor[:, c]) for c in range(k)]
-    else:
+    elif not drawn:
         places += [(offsets[:, c].clamp_min(0), offsets[:, c, 0] >= 0, don, pla) for c in range(k)]
     keys = ("recipient", "donor", "target", "place", "draw", "placebo", "offset", "b_mask", "c_mask")
     cols: Dict[str, list] = {key: [] for key in keys}
@@ -319,7 +317,8 @@ def _content(images: Tensor) -> Tensor:
 
 
 def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, pla: Tensor, recipient_masks: Tensor,
-                     donor_masks: Tensor, in_place: bool, count: int, gen: torch.Generator, block: int = 32) -> Tensor:
+                     donor_masks: Tensor, in_place: bool, count: int, gen: torch.Generator,
+                     block: int = 32) -> Tuple[Tensor, Tensor]:
     """Per pair, ``count`` roll offsets ``(P, count, 2)`` (-1 where fewer exist) of the union of its masks that do not
     overlap it, dose-matched among ``TRIES_PER_CONTROL * count`` draws (module docstring), and whether each reached
     the region's dose ``(P, count)``."""
@@ -365,7 +364,8 @@ def _control_offsets(inputs: Tensor, donors: Tensor, rec: Tensor, don: Tensor, p
 
 
 def _content_controls(donors: Tensor, donor_labels: Tensor, rec: Tensor, don: Tensor, pla: Tensor,
-                      recipient_masks: Tensor, donor_masks: Tensor, in_place: bool, count: int) -> Tensor:
+                      recipient_masks: Tensor, donor_masks: Tensor, in_place: bool,
+                      count: int) -> Tuple[Tensor, Tensor]:
     """Per pair, ``count`` control donors of a per-sample region ``(P, count, 2)`` (-1 where fewer exist): for the real
     edit, other donors of the real donor's class, and for the placebo, of the placebo's class, whose content is pasted
     at the pair's own pixels. A candidate's own region should not cover those pixels (it would carry the region's
