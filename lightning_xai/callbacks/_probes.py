@@ -576,7 +576,7 @@ class LinearProbeMonitor(StreamingCallback):
                                          "training), then each probed epoch" +
                                          (f" ({more} epochs left out, evenly spread)" if more else ""),
                                 cmap=cmap, lo=lo, hi=100.0, fmt=fmt, label=label, corner="layer \\ epoch")
-            log_image(trainer, tag, fig.image)
+            log_image(trainer, tag, fig)
         values, rows, cols = self.heatmap_values("accuracy")
         sel, _, _ = self.heatmap_values("selectivity")
         table = [[r] + [f"{float(values[i, j]):.3f} ({float(sel[i, j]):+.3f})" for j in range(len(cols))]

@@ -354,7 +354,7 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
             log_image(trainer, self.tag("neighbours"), self._rows_figure(
                 x_cpu, probe_caps, pred, [("most similar training samples", nn_idx, results["nn_sim"].cpu(), "{:.2f}")],
                 f"nearest training samples · epoch {epoch}",
-                f"by cosine similarity of the features ({self._feature_name()}; value under each)").image, step)
+                f"by cosine similarity of the features ({self._feature_name()}; value under each)"), step)
 
         # representers
         rows = [[i, ylab[i], int(pred[i]), f"{float(results['refit_logit'][i]):.3f}",
@@ -372,7 +372,7 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
                                           ("push it down", neg_idx, results["neg_val"].cpu(), "{:+.3g}")],
                 f"representer points · epoch {epoch}",
                 "training samples whose representer value (under each) adds most to, and takes most from, the "
-                "probe's predicted logit (Yeh et al. 2018)").image, step)
+                "probe's predicted logit (Yeh et al. 2018)"), step)
 
         # suspects
         sus = bank["suspects"].cpu()
@@ -393,7 +393,7 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
                               frames=[[self._colour(lab, int(bank["pred"][j]))] for j, lab in zip(sus.tolist(), given)],
                               legend=((_GREEN, "model agrees with the label", "frame"),
                                       (_RED, "model predicts another class", "frame")))
-            log_image(trainer, self.tag("suspects"), fig.image, step)
+            log_image(trainer, self.tag("suspects"), fig, step)
 
         # sparse
         low = sup.argsort()[: self.num_sparse]
@@ -406,5 +406,5 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
                 x_cpu[low], caps, pred[low], [("nearest training samples", nn_idx[low], results["nn_sim"].cpu()[low],
                                                "{:.2f}")],
                 f"least covered probe samples · epoch {epoch}",
-                "lowest support (mean cosine to the nearest training features) first").image, step)
+                "lowest support (mean cosine to the nearest training features) first"), step)
         return metrics

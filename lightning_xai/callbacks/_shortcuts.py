@@ -283,7 +283,7 @@ class _ShortcutCallback(SampleCheckedCallback):
                                        "a shortcut pulls the prediction toward that class from the region only",
                               captions=captions, bars=[b for b in bars if not math.isnan(b[1][1][1])] or bars[:0],
                               notes=notes)
-        log_image(trainer, self.tag(name, "evidence"), fig.image)
+        log_image(trainer, self.tag(name, "evidence"), fig)
 
 
 class ShortcutMonitor(_ShortcutCallback):
@@ -487,4 +487,4 @@ class ShortcutDiscovery(_ShortcutCallback):
             stack, title=f"where each class' attribution sits · epoch {epoch}",
             subtitle=f"mean {self.method[0]} map of each class' probe samples, one colour scale: a place every class "
                      "attends to is a candidate",
-            captions=[[f"class {c}"] for c in classes], label="× an even share of the map's |attribution|").image)
+            captions=[[f"class {c}"] for c in classes], label="× an even share of the map's |attribution|"))

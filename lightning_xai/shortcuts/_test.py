@@ -162,17 +162,14 @@ class InterventionPlan:
         """The edited inputs of edits ``index`` ``(len(index), C, H, W)``."""
         x = inputs[self.recipient[index].to(inputs.device)]
         r = donors[self.donor[index].to(donors.device)].to(x)
-        a = _rolled(self.recipient_masks[self.recipient[index]], self.offset[index]).to(x.device)
-        b = _rolled(self.donor_masks[self.b_mask[index]], self.offset[index]).to(x.device)
-        if self.in_place:  # the pixels both donors of the pair have in the region
-            b = b & _rolled(self.donor_masks[self.c_mask[index]], self.offset[index]).to(x.device)
-        return _edit(x, r, a, b, self.in_place)
+        return torch.where(self.masks(index).to(x.device).unsqueeze(1), r, x)
 
     def masks(self, index: Tensor) -> Tensor:
-        """The pixels edit ``index`` may change ``(len(index), H, W)``: its recipient-side and donor-side masks."""
+        """The pixels edit ``index`` changes ``(len(index), H, W)``: the union of its recipient-side and donor-side
+        masks (in place: where those and the partner's donor-side mask all hold), rolled by its offset."""
         a = self.recipient_masks[self.recipient[index]]
         b = self.donor_masks[self.b_mask[index]]
-        if self.in_place:
+        if self.in_place:  # the pixels both donors of the pair have in the region
             return _rolled(a & b & self.donor_masks[self.c_mask[index]], self.offset[index])
         return _rolled(a | b, self.offset[index])
 
@@ -183,11 +180,6 @@ def _rolled(masks: Tensor, offsets: Tensor) -> Tensor:
     iy = (torch.arange(h).view(1, h, 1) - offsets[:, 0].view(b, 1, 1)) % h
     ix = (torch.arange(w).view(1, 1, w) - offsets[:, 1].view(b, 1, 1)) % w
     return masks[torch.arange(b).view(b, 1, 1), iy, ix]
-
-
-def _edit(x: Tensor, r: Tensor, a: Tensor, b: Tensor, in_place: bool) -> Tensor:
-    a, b = a.unsqueeze(1), b.unsqueeze(1)
-    return torch.where((a & b) if in_place else (a | b), r, x)
 
 
 def _pick(pool: Tensor, generator: torch.Generator) -> int:
