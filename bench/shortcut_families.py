@@ -92,6 +92,8 @@ REGIONED = [f["name"] for f in FAMILIES if not f["region_less"]]
 SPLIT_SEED = 20261204
 N_CLEAN_DESIGN, N_CLEAN_HELD_OUT = 6, 26      # per dataset x architecture
 FRESH_CLEAN_FIRST = 200  # clean_fresh: seeds 200..225, added (2026-12-04) after the clean split's results were read
+FRESH2_CLEAN_FIRST = 300  # clean_fresh2: seeds 300..325, added (2026-12-04) after clean_fresh's results were read
+CLEAN_SPLITS = ("clean_design", "clean", "clean_fresh", "clean_fresh2")
 
 
 def _split_ok(half):
@@ -126,10 +128,10 @@ def load_split():
 
 def runs_of(split_name, split=None):
     """Run specs (dicts) of a split: 'design', 'held_out', 'clean' (held-out clean), 'clean_design', 'clean_fresh'
-    (a second held-out clean set, never read before the detector it measures was frozen), 'all'."""
+    and 'clean_fresh2' (further held-out clean sets, each added before the detector it measures ran on it), 'all'."""
     split = split or load_split()
     if split_name == "all":
-        return [r for s in ("design", "held_out", "clean_design", "clean", "clean_fresh") for r in runs_of(s, split)]
+        return [r for s in ("design", "held_out") + CLEAN_SPLITS for r in runs_of(s, split)]
     runs = []
     if split_name in ("design", "held_out"):
         for fam in split[split_name]:
@@ -137,9 +139,10 @@ def runs_of(split_name, split=None):
                 runs.append(dict(kind="shortcut", family=fam, dataset=d, arch=a, seed=0, split=split_name,
                                  id=f"{fam}-{d}-{a}-s0"))
         return runs
-    if split_name in ("clean", "clean_design", "clean_fresh"):
+    if split_name in CLEAN_SPLITS:
         first, n = {"clean": (100, N_CLEAN_HELD_OUT), "clean_design": (0, N_CLEAN_DESIGN),
-                    "clean_fresh": (FRESH_CLEAN_FIRST, N_CLEAN_HELD_OUT)}[split_name]
+                    "clean_fresh": (FRESH_CLEAN_FIRST, N_CLEAN_HELD_OUT),
+                    "clean_fresh2": (FRESH2_CLEAN_FIRST, N_CLEAN_HELD_OUT)}[split_name]
         for d, a in COMBOS:
             for seed in range(first, first + n):
                 # even seeds: no shortcut; odd seeds: a region-ful family's mark with a random (useless) code
@@ -151,7 +154,7 @@ def runs_of(split_name, split=None):
                     runs.append(dict(kind="useless", family=fam, dataset=d, arch=a, seed=seed, split=split_name,
                                      id=f"clean-{fam}-{d}-{a}-s{seed}"))
         return runs
-    raise ValueError(f"Expected split to be one of design, held_out, clean, clean_design, clean_fresh, all, but got "
+    raise ValueError(f"Expected split to be one of design, held_out, {', '.join(CLEAN_SPLITS)}, all, but got "
                      f"{split_name!r}")
 
 
@@ -793,7 +796,7 @@ def cmd_truth(args):
                   f"| {np.median([l['flip'] for l in last]):.2f} ({np.median([l['flip_before'] for l in last]):.2f}) "
                   f"| {per_run} | {np.median([l['test_acc'] for l in last]):.2f} |")
         print()
-    for split_name in ("clean_design", "clean", "clean_fresh"):
+    for split_name in CLEAN_SPLITS:
         rows = _truths(args.cache, split_name)
         if not rows:
             continue
@@ -808,7 +811,7 @@ def cmd_truth(args):
     if args.runs:
         print("| run | reliance per epoch (* relies) | flip per epoch | test acc per epoch |")
         print("|---|---|---|---|")
-        for s in ("design", "held_out", "clean_design", "clean", "clean_fresh"):
+        for s in ("design", "held_out") + CLEAN_SPLITS:
             for spec, t in _truths(args.cache, s):
                 ep = t["epochs"]
                 rel = (" ".join(f"{e['reliance']:+.2f}{'*' if e['relies'] else ''}" for e in ep)
@@ -816,7 +819,7 @@ def cmd_truth(args):
                 flip = " ".join(f"{e['flip']:.2f}" for e in ep) if "flip" in ep[0] else "-"
                 print(f"| {spec['id']} | {rel} | {flip} | {' '.join(format(e['test_acc'], '.2f') for e in ep)} |")
         print()
-    secs = [t["seconds"]["total"] for s in ("design", "held_out", "clean_design", "clean", "clean_fresh")
+    secs = [t["seconds"]["total"] for s in ("design", "held_out") + CLEAN_SPLITS
             for _, t in _truths(args.cache, s)]
     if secs:
         print(f"training time: {len(secs)} runs, median {np.median(secs):.1f} s per run, "
@@ -904,7 +907,7 @@ def cmd_evaluate(args):
     evaluated = sorted({row["epoch"] for _, res, _ in results for row in res["rows"]})
     print(f"{len(results)} runs; epochs evaluated: {_fmt_epochs(evaluated)} (of 0-{EPOCHS - 1}); "
           f"results in {out_dir}\n")
-    if args.split in ("clean", "clean_design", "clean_fresh"):
+    if args.split in CLEAN_SPLITS:
         _report_clean(results, args.mode)
     else:
         _report_shortcut(results, args.mode)
@@ -1023,13 +1026,13 @@ def main(argv=None):
     s = sub.add_parser("split", help="draw the design / held-out split (done once; committed)")
     s.add_argument("--force", action="store_true")
     s = sub.add_parser("train", help="train and cache the runs of a split (skips cached runs)")
-    s.add_argument("--split", default="all", choices=["design", "held_out", "clean", "clean_design", "clean_fresh",
+    s.add_argument("--split", default="all", choices=["design", "held_out", *CLEAN_SPLITS,
                                                       "all"])
     s.add_argument("--only", nargs="*", help="substrings of run ids to train")
     s = sub.add_parser("truth", help="the ground-truth table from the cache")
     s.add_argument("--runs", action="store_true", help="also one row per run, every epoch")
     s = sub.add_parser("evaluate", help="run the detector on cached checkpoints")
-    s.add_argument("--split", required=True, choices=["design", "held_out", "clean", "clean_design", "clean_fresh"])
+    s.add_argument("--split", required=True, choices=["design", "held_out", *CLEAN_SPLITS])
     s.add_argument("--mode", required=True, choices=["named", "discovery"])
     s.add_argument("--epochs", type=int, nargs="*", help="epochs to check (default: all)")
     s.add_argument("--only", nargs="*", help="substrings of run ids")
