@@ -273,9 +273,9 @@ class _ShortcutCallback(SampleCheckedCallback):
         grey = (0.45, 0.55, 0.7)
         bars = [("specific pull (nats)", [("region", s["pull"], RED),
                                           ("control places (mean)", s["control_pull"], grey)])]
-        notes = [verdict.reason, f"tests at level {self.config.alpha:g} (pooled z >= {self.config.z:.2f}) and "
-                 f"effect >= "
-                 f"{self.config.min_pull:.3f} nats; samples shown: the {len(order)} the region's content pulled most"]
+        notes = [verdict.reason, f"tests at level {self.config.alpha:g} (pooled, Student's t: z >= "
+                 f"{self.config.z(len(x)):.2f}) and effect >= {self.config.min_pull:.3f} nats; samples shown: the "
+                 f"{len(order)} the region's content pulled most"]
         fig = evidence_figure(x.cpu()[order], plan.masks(index_t), ctl_masks, edited,
                               title=f"{what} · {name} · epoch {epoch} · {'ALARM' if verdict.alarm else 'no alarm'}",
                               subtitle="another class' content pasted into the region (and, for comparison, at control "

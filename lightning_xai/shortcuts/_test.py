@@ -10,8 +10,9 @@ mask and ``B`` the donor's (equal for a fixed region; per sample for a callable)
   the placebo donor (below) all have the region, ``x_i`` elsewhere. Pasting only where both donors have it keeps
   the donors' objects out: whatever shape the pasted area has, the real edit and its placebo share it. A per-sample
   large mask (a background drawn around each image's object) loses its edge ring first (pixels with a neighbour
-  outside it), which carries the faint edge of the object it borders (anti-aliasing, interpolation, blur): one
-  pixel, the resolution of a mask's edge.
+  outside it; one pixel, the resolution of a mask's edge), and then each next ring for as long as the rings are
+  measurably unlike the ring inside them (:func:`_halo_depth`): they carry the faint edge of the object they border
+  (anti-aliasing, interpolation, blur), object content rather than background.
 
 **Specific pull.** Each edit is paired with a *placebo*: the same edit at the same place with the content of a
 donor ``r_k`` whose label is not ``t_j`` (preferably ``y_i``). The pull of the pair is
@@ -50,8 +51,9 @@ the region's own kind of content.
 its false-alarm rate under either null is at most their level):
 
 1. *use*: H0 ``E[G] <= 0`` (the region's content carries no class evidence the model reads). Statistic
-   ``z = mean(G) / (sd(G) / sqrt(N))``, approximately standard normal under H0 by the central limit theorem
-   (``N`` = 128 recipients by default).
+   ``z = mean(G) / (sd(G) / sqrt(n))`` over the ``n`` recipients tested, referred to Student's t with ``n - 1``
+   degrees of freedom (its distribution when the ``G_i`` are normal; the standard normal only as ``n`` grows: a
+   per-class test sees a few dozen recipients, where the normal's critical value would be far too low).
 2. *beyond ordinary content*: H0 ``E[G - C] <= 0`` (the region pulls no harder than a typical place of its shape
    carrying as much content). Same statistic on ``G_i - C_i``; skipped, and said so, when the region has no controls.
 
@@ -59,11 +61,13 @@ Both run pooled over the donors' classes at level ``alpha / 2``, and for each do
 on some classes only pulls toward those) at ``alpha / (2 C)``: by Bonferroni the ``1 + C`` pairs of tests keep the
 false-alarm rate at most ``alpha``. Each mean must also reach ``min_pull`` nats, the minimal effect: ``log 1.05``, a
 5 % rise of the donor label's probability, the scale of the 5-point accuracy loss that makes a shortcut matter.
-``alpha`` defaults to ``1e-4`` (pooled ``z >= 3.89``; per class, with 10 classes, ``z >= 4.42``): a dozen checks per
-fit (epochs x regions) keep the chance of a false alarm in a clean fit near 0.1 %.
+``alpha`` defaults to ``1e-4`` (pooled, over 128 recipients, ``z >= 4.02``; per class, with 10 classes and about 28
+recipients, ``z >= 5.4``): a dozen checks per fit (epochs x regions) keep the chance of a false alarm in a clean fit
+near 0.1 %.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -76,6 +80,7 @@ from lightning_xai._utils import expected, two_class_logits
 COMPACT = 0.25  # donor masks covering at most this share of the image (on average) are transplanted, else replaced
 TRIES_PER_CONTROL = 8  # random offsets drawn per control kept
 MAX_OVERLAP = 0.5  # a control of a region no offset clears may overlap it by at most this share: mostly elsewhere
+HALO_LEVEL = 0.05  # a per-sample background's edge ring unlike its deeper pixels at this level is the object's edge
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,8 @@ class ShortcutConfig:
     Args:
         donor_draws: donors (each paired with a placebo) pasted into every probe sample.
         num_controls: control places per (probe sample, donor).
-        alpha: one-sided level of each of the two tests (``z >= Phi^-1(1 - alpha)``).
+        alpha: level of the family of tests of one region at one epoch (pooled tests at ``alpha / 2``, per class at
+            ``alpha / (2 C)``; each one-sided against Student's t).
         min_pull: minimal effect in nats for both tests.
         patience: runs in a row a region must fire before the callback acts (like EarlyStopping's).
         reference_samples: training samples kept (stratified by class) to give the pasted content; ``0`` pastes
@@ -117,10 +123,10 @@ class ShortcutConfig:
         if isinstance(self.min_pull, bool) or not isinstance(self.min_pull, (int, float)) or not self.min_pull >= 0:
             raise ValueError(expected("ShortcutConfig.min_pull", "a float >= 0 (nats)", self.min_pull))
 
-    @property
-    def z(self) -> float:
-        """The critical value of the pooled tests, ``Phi^-1(1 - alpha / 2)`` (see :func:`decide`)."""
-        return _critical(self.alpha / 2)
+    def z(self, samples: int) -> float:
+        """The critical value of the pooled tests over ``samples`` probe samples: Student's t quantile
+        ``t_{samples - 1}^{-1}(1 - alpha / 2)`` (see :func:`decide`)."""
+        return t_critical(self.alpha / 2, samples - 1)
 
 
 @dataclass
@@ -245,8 +251,9 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
     rec, draw, don, pla, tgt = (torch.tensor(col, dtype=torch.long) for col in zip(*rows))
     per_sample = _per_sample(recipient_masks) or _per_sample(donor_masks)
     drawn = per_sample and not selected  # a region drawn per sample by a rule (a mark, a box around the object)
-    if drawn and in_place:  # a per-sample mask's edge ring belongs to the content it borders
-        recipient_masks, donor_masks = _inner(recipient_masks), _inner(donor_masks)
+    if drawn and in_place:  # a per-sample mask's edge rings that carry the content it borders are left out
+        for _ in range(_halo_depth(torch.cat([inputs.cpu(), donors.cpu()]), torch.cat([recipient_masks, donor_masks]))):
+            recipient_masks, donor_masks = _inner(recipient_masks), _inner(donor_masks)
     k = config.num_controls
     still = torch.zeros(rec.shape[0], 2, dtype=torch.long)
     places = [(still, torch.ones(rec.shape[0], dtype=torch.bool), don, pla)]
@@ -294,6 +301,40 @@ def _inner(masks: Tensor) -> Tensor:
     """The pixels of each mask ``(N, H, W)`` whose 8 neighbours are all in it (the image's edge counts as inside)."""
     outside = torch.nn.functional.max_pool2d((~masks).float().unsqueeze(1), 3, stride=1, padding=1)
     return outside.squeeze(1) == 0
+
+
+def _halo_depth(images: Tensor, masks: Tensor) -> int:
+    """How many edge rings of per-sample large masks ``(N, H, W)`` to leave out: the object a background borders spills
+    its faint edge into it (anti-aliasing, interpolation, blur) by an unknown width.
+
+    Ring 1 (pixels with a neighbour outside the mask) always goes: one pixel is the resolution of a mask's edge. Each
+    next ring ``k`` goes too while it is unlike the ring inside it, ``k + 1``: per image, ``D_i`` is the mean over ring
+    ``k`` of ``||x - m_i||^2`` minus its mean over ring ``k + 1``, with ``m_i`` the image's median colour over the
+    pixels deeper still (neither ring, so neither is fitted by it); H0 ``E[D] <= 0`` (ring ``k`` is no further from
+    the background's colour than the next), one-sided t-test at :data:`HALO_LEVEL`. An object's spill fades inwards,
+    so it fails H0; noise, a tint or a texture do not. Leaving out a ring that is background costs a little power;
+    pasting one that is object content can raise a false alarm, hence a liberal level. Rings stop going when fewer
+    than half of the masks' pixels would be left (the region stays mostly tested).
+    """
+    depth, current = 1, _inner(masks)
+    half = 0.5 * float(masks.sum())
+    while True:
+        inside = _inner(current)
+        deeper = _inner(inside)
+        if float(inside.sum()) < half:
+            return depth
+        ring, next_ring = current & ~inside, inside & ~deeper
+        rows = ring.any(2).any(1) & next_ring.any(2).any(1) & deeper.any(2).any(1)
+        if int(rows.sum()) < 2:
+            return depth
+        centre = images.where(deeper.unsqueeze(1), torch.tensor(float("nan"))).flatten(2).nanmedian(2).values
+        sq = (images - centre.view(*centre.shape, 1, 1)).pow(2).sum(1)
+        gap = ((sq * ring).sum((1, 2)) / ring.sum((1, 2)).clamp_min(1)
+               - (sq * next_ring).sum((1, 2)) / next_ring.sum((1, 2)).clamp_min(1))[rows].double()
+        _, t = _z(gap)
+        if not t_tail(t, float(rows.sum()) - 1) <= HALO_LEVEL:
+            return depth
+        depth, current = depth + 1, inside
 
 
 def _per_sample(masks: Tensor) -> bool:
@@ -466,19 +507,77 @@ def _both_tests(pull: Tensor, keep: Tensor) -> Dict[str, float]:
     excess, excess_z = _z(d)
     return {"pull": pull_mean, "pull_z": pull_z, "excess": excess, "excess_z": excess_z,
             "control_pull": float(c[with_controls].mean()) if bool(with_controls.any()) else float("nan"),
-            "with_controls": float(with_controls.sum())}
+            "tested": float(g.numel()), "with_controls": float(with_controls.sum())}
 
 
-def _fires(t: Dict[str, float], z: float, min_pull: float) -> Tuple[bool, bool, bool]:
-    """(test 1 rejects, the region has controls, test 2 rejects or cannot be run)."""
-    uses = t["pull_z"] >= z and t["pull"] >= min_pull
+def _fires(t: Dict[str, float], level: float, min_pull: float) -> Tuple[bool, bool, bool]:
+    """(test 1 rejects, the region has controls, test 2 rejects or cannot be run), each test at one-sided ``level``
+    against Student's t with (samples - 1) degrees of freedom."""
+    uses = t["pull_z"] >= t_critical(level, t["tested"] - 1) and t["pull"] >= min_pull
     has_controls = t["with_controls"] >= 2
-    beyond = (not has_controls) or (t["excess_z"] >= z and t["excess"] >= min_pull)
+    beyond = (not has_controls) or (t["excess_z"] >= t_critical(level, t["with_controls"] - 1)
+                                    and t["excess"] >= min_pull)
     return uses, has_controls, beyond
 
 
-def _critical(alpha: float) -> float:
-    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - alpha, dtype=torch.float64)))
+def t_tail(t: float, df: float) -> float:
+    """``P(T > t)`` for Student's ``T`` with ``df`` degrees of freedom.
+
+    ``P(T > t) = I_x(df/2, 1/2) / 2`` with ``x = df / (df + t^2)`` for ``t >= 0`` (``I`` the regularised incomplete
+    beta function, evaluated by its continued fraction with the modified Lentz method), and ``1 - P(T > -t)`` below 0.
+    """
+    if t != t or df != df or df <= 0:
+        return float("nan")
+    if math.isinf(t):
+        return 0.0 if t > 0 else 1.0
+    if t < 0:
+        return 1.0 - t_tail(-t, df)
+    return 0.5 * _beta_regularised(df / (df + t * t), df / 2, 0.5)
+
+
+def _beta_regularised(x: float, a: float, b: float) -> float:
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):  # the continued fraction converges fast below this point
+        return 1.0 - _beta_regularised(1.0 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    frac = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            frac *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * frac / a
+
+
+@functools.lru_cache(maxsize=4096)
+def t_critical(alpha: float, df: float) -> float:
+    """The one-sided critical value ``t`` with ``P(T > t) = alpha`` for Student's ``T`` with ``df`` degrees of
+    freedom (bisection on :func:`t_tail`; ``inf`` when ``df < 1``)."""
+    if not df >= 1:
+        return math.inf
+    lo, hi = 0.0, 1.0
+    while t_tail(hi, df) > alpha:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if t_tail(mid, df) > alpha:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-9 * hi:
+            break
+    return hi
 
 
 def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig = ShortcutConfig()) -> Verdict:
@@ -499,8 +598,8 @@ def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig =
                        "no probe sample could be given content of another class: nothing to test")
     pooled = _both_tests(pull, exists)
     classes = sorted(int(c) for c in targets[exists].unique())
-    z_pooled = _critical(config.alpha / 2)
-    z_class = _critical(config.alpha / (2 * max(len(classes), 1)))
+    level_pooled = config.alpha / 2
+    level_class = config.alpha / (2 * max(len(classes), 1))
     per_class = {c: _both_tests(pull, exists & (targets == c)) for c in classes}
     hits = (effects["pred"][:, :, 0] == targets.unsqueeze(-1)).double()  # (N, D, 2): predicted the donor's label
     flip = float(hits[..., 0][exists].mean() - hits[..., 1][exists].mean())
@@ -511,8 +610,8 @@ def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig =
         return z if z == z else -math.inf
 
     best = max(classes, key=lambda c: (strength(per_class[c]), -c)) if classes else -1
-    uses, has_controls, beyond = _fires(pooled, z_pooled, config.min_pull)
-    firing_classes = [c for c in classes if all(_fires(per_class[c], z_class, config.min_pull)[::2])]
+    uses, has_controls, beyond = _fires(pooled, level_pooled, config.min_pull)
+    firing_classes = [c for c in classes if all(_fires(per_class[c], level_class, config.min_pull)[::2])]
     alarm = bool((uses and beyond) or firing_classes)
     stats = {k: pooled[k] for k in ("pull", "pull_z", "control_pull", "excess", "excess_z")}
     stats.update(flip=flip, controls=float(places[exists].mean()), **{"class": float(best)})
@@ -529,12 +628,15 @@ def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig =
                   f"{t['pull']:+.3f} nats (z {t['pull_z']:.1f}), {t['excess']:+.3f} more than typical other places of "
                   f"its shape (z {t['excess_z']:.1f}); over all classes the pull is {pooled['pull']:+.3f}")
     elif not uses:
+        one = per_class[best]
         reason = (f"the region's content pulls predictions toward its donor's label by {pooled['pull']:+.3f} nats "
-                  f"(z {pooled['pull_z']:.1f}; strongest class {best}: z {per_class[best]['pull_z']:.1f}); an alarm "
-                  f"needs >= {config.min_pull:.3f} at z >= {z_pooled:.2f} (one class: {z_class:.2f})")
+                  f"(z {pooled['pull_z']:.1f}; strongest class {best}: z {one['pull_z']:.1f}); an alarm "
+                  f"needs >= {config.min_pull:.3f} at z >= {t_critical(level_pooled, pooled['tested'] - 1):.2f} "
+                  f"(class {best}: {t_critical(level_class, one['tested'] - 1):.2f})")
     else:
         reason = (f"the model reads class evidence from the region (pull {pooled['pull']:+.3f} nats, z "
                   f"{pooled['pull_z']:.1f}), but no more than from typical places of its shape (excess "
-                  f"{pooled['excess']:+.3f}, z {pooled['excess_z']:.1f})")
+                  f"{pooled['excess']:+.3f}, z {pooled['excess_z']:.1f}; an alarm needs z >= "
+                  f"{t_critical(level_pooled, pooled['with_controls'] - 1):.2f})")
     stats["alarm"] = float(alarm)
     return Verdict(alarm, stats, reason)

@@ -19,7 +19,7 @@ from helpers import (DigitsModule, FigureSpy, assert_unchanged, png_equals, read
 from lightning_xai import ShortcutDiscovery, ShortcutMonitor
 from lightning_xai.shortcuts import (ShortcutConfig, check_region, decide, discover, plan_interventions,
                                      region_metrics, run_plan)
-from lightning_xai.shortcuts._test import STATS
+from lightning_xai.shortcuts._test import STATS, _halo_depth, t_critical, t_tail
 
 LEVELS = 0.2 + 0.2 * torch.arange(5).float()  # the five class codes
 
@@ -58,7 +58,49 @@ def test_config_refuses_bad_values():
                       ("reference_samples", -1), ("seed", True), ("alpha", 0.0), ("alpha", 0.7), ("min_pull", -0.1)):
         with pytest.raises(ValueError, match=f"ShortcutConfig.{name}"):
             ShortcutConfig(**{name: bad})
-    assert abs(ShortcutConfig(alpha=0.05).z - 1.960) < 1e-3  # pooled tests at alpha / 2
+    assert abs(ShortcutConfig(alpha=0.05).z(10 ** 7) - 1.960) < 1e-3  # pooled tests at alpha / 2: t -> normal
+    assert abs(ShortcutConfig(alpha=0.05).z(10) - 2.262) < 1e-3  # Student's t, 9 degrees of freedom
+
+
+def test_student_t_tail_and_quantile():
+    for t in (0.0, 0.3, 1.0, 4.4, 30.0):  # closed forms: df 1 is Cauchy's, df 2 has an algebraic tail
+        assert abs(t_tail(t, 1) - (0.5 - math.atan(t) / math.pi)) < 1e-12
+        assert abs(t_tail(t, 2) - (0.5 - t / (2 * math.sqrt(2 + t * t)))) < 1e-12
+        assert abs(t_tail(-t, 5) - (1 - t_tail(t, 5))) < 1e-12
+        normal = 0.5 * math.erfc(t / math.sqrt(2))
+        assert abs(t_tail(t, 1e7) - normal) <= 1e-4 * normal + 1e-15
+    for df in (1, 3, 27, 127):
+        for alpha in (0.05, 5e-5, 5e-6):
+            assert abs(t_tail(t_critical(alpha, df), df) / alpha - 1) < 1e-6
+    assert t_critical(5e-6, 27) > t_critical(5e-6, 127) > t_critical(5e-6, 10 ** 7)  # fewer samples, a higher bar
+    assert math.isinf(t_critical(0.05, 0)) and math.isnan(t_tail(1.0, 0))
+
+
+def pulls_to_effects(pull, targets, controls=3):
+    """Effects as :func:`run_plan` gives them from pulls ``(N, D)``: the real edit's log-probability is the pull, the
+    placebo's 0, and every control place pulls 0."""
+    n, d = pull.shape
+    logp = torch.zeros(n, d, 1 + controls, 2, dtype=torch.float64)
+    logp[:, :, 0, 0] = pull
+    return {"logp": logp, "pred": torch.zeros(n, d, 1 + controls, 2, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("t_stat", [6.0, 15.0])
+def test_a_per_class_test_on_few_samples_is_judged_against_student_t(t_stat):
+    """Ten recipients got class 0's content and pull with t = 6: past the normal bar of a per-class test (4.42 for 10
+    classes at alpha 1e-4) but far from Student's t with 9 degrees of freedom (10.5), which is the distribution of the
+    statistic when the pulls are normal; t = 15 passes both."""
+    g = torch.Generator().manual_seed(0)
+    n = 100
+    targets = torch.stack([1 + torch.arange(n) % 9, 1 + (torch.arange(n) + 4) % 9], 1)
+    targets[:10, 0] = 0
+    pull = 0.01 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    few = torch.randn(10, generator=g, dtype=torch.float64)
+    few = (few - few.mean()) / few.std() * 0.3  # sd 0.3, mean chosen to give t = t_stat
+    pull[:10, 0] = few + t_stat * 0.3 / math.sqrt(10)
+    verdict = decide(pulls_to_effects(pull, targets), targets)
+    assert t_critical(1e-4 / 20, 9) > t_stat > 4.42 or t_stat > t_critical(1e-4 / 20, 9)
+    assert verdict.alarm == (t_stat > t_critical(1e-4 / 20, 9)), verdict.reason
 
 
 @pytest.mark.parametrize("corner", [True, False], ids=["reads_mark", "reads_object"])
@@ -69,7 +111,7 @@ def test_named_region_verdict_follows_what_the_model_reads(corner):
     assert set(verdict.stats) == set(STATS) and verdict.reason
     if corner:
         assert verdict.alarm and verdict.stats["pull"] > 1 and verdict.stats["flip"] > 0.5
-        assert verdict.stats["excess_z"] >= ShortcutConfig().z
+        assert verdict.stats["excess_z"] >= ShortcutConfig().z(100)
     else:  # the corner carries no class evidence this model reads: exactly no pull
         assert not verdict.alarm and verdict.stats["pull"] == 0.0 and "pulls predictions" in verdict.reason
 
@@ -190,7 +232,7 @@ def test_a_box_around_each_images_object_is_ordinary_content():
     x, y = centred_objects(100, 0)
     dx, dy = centred_objects(200, 1)
     verdict = check_region(LevelCounter(), x, y, dx, dy, object_part_boxes)
-    assert verdict.stats["pull_z"] > ShortcutConfig().z and verdict.stats["controls"] > 3
+    assert verdict.stats["pull_z"] > ShortcutConfig().z(100) and verdict.stats["controls"] > 3
     assert not verdict.alarm, verdict.reason
     marked = torch.cat([x, dx])  # the same model with a class-coded 2x2 dot in the top-left corner: read, alarm
     dot = torch.zeros(16, 16, dtype=torch.bool)
@@ -223,6 +265,43 @@ def test_a_per_sample_large_region_is_pasted_where_all_three_masks_hold():
             changed = (plan.edited(x, dx, torch.tensor([edit]))[0, 0] != x[i, 0])
             assert bool((changed <= allowed).all()) and torch.equal(plan.masks(torch.tensor([edit]))[0], allowed)
             assert torch.equal(plan.edited(x, dx, torch.tensor([edit]))[0, 0][allowed], dx[donor, 0][allowed])
+
+
+def blurred_objects(n, seed, blur=True, tint=0.0):
+    """``centred_objects`` before the noise, optionally blurred by a 5x5 binomial kernel (the edge spills 2 px out:
+    5/16, then 1/16, of the level), under noise up to 0.1 on a background of level ``tint``; and each image's
+    background as a user would threshold it (below half the object's level)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 5
+    obj = torch.zeros(n, 1, 16, 16)
+    shift = torch.randint(-2, 3, (n, 2), generator=g)
+    for i in range(n):
+        r, c = 5 + int(shift[i, 0]), 5 + int(shift[i, 1])
+        obj[i, 0, r:r + 6, c:c + 6] = LEVELS[y[i]]
+    background = obj[:, 0] < 0.5 * LEVELS[y].view(-1, 1, 1)
+    if blur:
+        k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+        obj = torch.nn.functional.conv2d(obj, (k[:, None] * k[None, :]).view(1, 1, 5, 5), padding=2)
+        background = obj[:, 0] < 0.5 * LEVELS[y].view(-1, 1, 1)
+    return obj + tint + torch.rand(n, 1, 16, 16, generator=g) * 0.1, background
+
+
+def test_a_per_sample_background_leaves_out_the_rings_its_object_spills_into():
+    """A thresholded background holds the blurred object's faint edge two rings deep: both go (depth 2, where version
+    2 of the test left out one); sharp objects, on a plain or a tinted background, lose only the edge ring."""
+    x, masks = blurred_objects(300, 0)
+    assert _halo_depth(x, masks) == 2
+    for tint in (0.0, 0.3):
+        x, masks = blurred_objects(300, 0, blur=False, tint=tint)
+        assert _halo_depth(x, masks) == 1
+    x, masks = blurred_objects(300, 0, blur=False)  # a background brightening towards the image's edge
+    ramp = torch.linspace(-1, 1, 16).abs()
+    x = x + 0.5 * torch.maximum(ramp.view(1, 1, 16, 1), ramp.view(1, 1, 1, 16))
+    depth = _halo_depth(x, masks)
+    left = masks.clone()
+    for _ in range(depth):
+        left = torch.nn.functional.max_pool2d((~left).float().unsqueeze(1), 3, 1, 1).squeeze(1) == 0
+    assert depth > 1 and float(left.sum()) >= 0.5 * float(masks.sum())  # ring after ring, but half stays
 
 
 class ChangeDetector(nn.Module):
