@@ -132,8 +132,8 @@ def memory(samples: int, side: int, channels: int) -> None:
                 feats = cap.pop(rows=xb.shape[0])["1"]
                 probe.add(feats, {"label": yb}, torch.arange(start, start + xb.shape[0]))
         kept = probe.nbytes()
-        labels = torch.cat([torch.cat(probe._train_y["label"]), torch.cat(probe._hold_y["label"])])
-        index = torch.cat([torch.cat(probe._train_index), torch.cat(probe._hold_index)])
+        index, labels = probe.labels()
+        labels = labels["label"]
         table = torch.full((samples,), -1, dtype=torch.long)
         table[index] = labels
         probe.prepare({"label": 10}, {"label": control_table(table)})

@@ -231,14 +231,18 @@ class LinearProbeMonitor(StreamingCallback):
 
     @override
     def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
-        """Validation samples x (a forward of the untrained copy, if any, + capturing, reducing and fitting,
-        taken as one forward's worth); None when the validation set has no length."""
+        """The model passes of the current run (between runs: of the next one). While the untrained copy made at fit
+        start waits to be probed, a forward of it (1/3) per validation sample; else none: the features come from
+        the validation forward Lightning runs anyway, and capturing, reducing and fitting them is no model pass.
+        None when the validation set has no length."""
+        if not self._wants_untrained():
+            return 0.0
         loader = None if trainer is None else first_loader(trainer.val_dataloaders)
         try:
             rows = len(loader.dataset)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - no loader, an iterable dataset: not known
             return None
-        return rows * ((1 / 3 if self.untrained_baseline else 0.0) + 1 / 3)
+        return rows / 3
 
     def _reducers_for_copy(self) -> Dict[str, Reducer]:
         return dict(self._capture.reducers)  # same reducers, so projections match the trained layers
@@ -343,7 +347,10 @@ class LinearProbeMonitor(StreamingCallback):
                 warn_once("int-input", "LinearProbeMonitor: integer inputs (token ids) have no input baseline.",
                           owner=self)
         for key, f in feats.items():
-            self._probes.setdefault(key, self._new_probe()).add(f, labels, index)
+            probe = self._probes.get(key)
+            if probe is None:
+                probe = self._probes[key] = self._new_probe()
+            probe.add(f, labels, index)
 
     def _concept(self, fn: Callable[[Any], Tensor], batch: Any, name: str, n: int) -> Tensor:
         out = fn(batch)
@@ -454,14 +461,9 @@ class LinearProbeMonitor(StreamingCallback):
             for name in names:
                 for split in splits:
                     pred, true = preds[name][split]
-                    if true.numel():
-                        acc = multiclass_accuracy(pred, true, num_classes=num_classes[name], average="micro")
-                        counts += [torch.round(acc.double() * true.numel()),
-                                   torch.tensor(float(true.numel()), dtype=torch.float64)]
-                    else:
-                        counts += [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+                    counts.append(self._correct(pred, true, num_classes[name]))
                     layout.append((key, name, split))
-        totals = self._sum(trainer, torch.stack([c.to(rows.device).double() for c in counts])).view(-1, 2).cpu()
+        totals = self._sum(trainer, torch.stack(counts).to(rows.device)).view(-1, 2).cpu()
         out: Dict[str, Dict[str, Dict[str, float]]] = {}
         for (key, name, split), (correct, n) in zip(layout, totals.tolist()):
             out.setdefault(key, {}).setdefault(name, {})[split] = correct / n if n else float("nan")
@@ -470,6 +472,15 @@ class LinearProbeMonitor(StreamingCallback):
                 m = out[key][name]
                 m["alpha"] = probes[key].alphas[name]
         return out
+
+    @staticmethod
+    def _correct(pred: Tensor, true: Tensor, num_classes: int) -> Tensor:
+        """``(correct, rows)`` as float64 ``(2,)``: the micro accuracy's counts (summed over ranks)."""
+        if not true.numel():
+            return torch.zeros(2, dtype=torch.float64)
+        if int(true.min()) < 0 or int(true.max()) >= num_classes:  # torchmetrics names what is wrong with them
+            multiclass_accuracy(pred, true, num_classes=num_classes, average="micro")
+        return torch.tensor([float((pred == true).sum()), float(true.numel())], dtype=torch.float64)
 
     def _metric_tag(self, source: str, target: str, metric: str) -> str:
         return self.tag(source, metric) if target == LABEL else self.tag(source, target, metric)

@@ -2,7 +2,8 @@
 
 Rows arrive in batches with a *global sample index* (the position of the sample in the evaluation
 set). Every ``holdout_every``-th index is held out; the rest stream into a
-:class:`~lightning_xai.probes._ridge.StreamingRidge`. Reduced features are kept as float32
+:class:`~lightning_xai.probes._ridge.StreamingRidge`, a few thousand rows at a time (one product where one per batch
+would cost Python and dispatch per batch, and a bounded copy). Reduced features are kept as float32
 (``samples x reduced dim``, never the raw map) so the probe can be scored on the held-out rows and,
 for the control task, on its own training rows.
 
@@ -26,6 +27,7 @@ from lightning_xai.probes._ridge import StreamingRidge, one_hot
 
 CONTROL = "control:"  # prefix of a control target's name
 Predictions = Dict[str, Tuple[Tensor, Tensor]]  # split -> (predicted class, true class)
+FLUSH_ROWS = 4096  # rows kept pending before their statistics are added: 32 batches of 128 per product
 
 
 def holdout_mask(index: Tensor, holdout_every: int) -> Tensor:
@@ -81,6 +83,9 @@ class EpochProbe:
         self.holdout_every = holdout_every
         self.solver = solver
         self.logistic_l2 = logistic_l2
+        # batches added since the last _flush: (features (N, k), index (N,), labels {target: (N,)}), copies
+        self._pending: List[Tuple[Tensor, Tensor, Dict[str, Tensor]]] = []
+        self._pending_rows = 0
         self._train: List[Tensor] = []
         self._hold: List[Tensor] = []
         self._train_index: List[Tensor] = []
@@ -99,24 +104,44 @@ class EpochProbe:
         """Add a batch: features ``(N, k)``, labels ``{target: (N,) int}``, global sample indices ``(N,)``.
 
         A row with a NaN/inf feature is added as zeros (it would make every statistic NaN) and counted in
-        :attr:`nonfinite_rows`.
+        :attr:`nonfinite_rows`. The batch is copied and kept; its statistics are added together with the other
+        batches' when they are next needed (one product over all rows instead of one per batch).
         """
         if features.ndim != 2:
             raise ValueError(expected("features", "a tensor of shape (N, k)", features))
-        index = index.to(features.device).long()
+        if self.ridge.dim is None:
+            self.ridge.init(features.shape[1], features.device)
+        elif features.shape[1] != self.ridge.dim:
+            raise ValueError(expected("features", f"{self.ridge.dim} columns, as in earlier batches", features))
+        # copies: the caller may reuse its buffers (a flattened input is a view of the batch)
+        self._pending.append((features.detach().float().clone(), index.detach().long().view(-1).clone(),
+                              {k: v.detach().long().view(-1).clone() for k, v in labels.items()}))
+        self._pending_rows += features.shape[0]
+        if self._pending_rows >= FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Split the pending batches into training and held-out rows and add the training rows' statistics."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        feats = torch.cat([f for f, _, _ in pending])  # (N, k)
+        device = feats.device
+        index = torch.cat([i.to(device) for _, i, _ in pending])  # (N,)
+        names = list(dict.fromkeys(k for _, _, y in pending for k in y))
+        # a target missing from a batch is unknown (-1) there: a zero row of its one-hot targets
+        unknown = lambda n: torch.full((n,), -1, dtype=torch.long, device=device)  # noqa: E731
+        labels = {k: torch.cat([y[k].to(device) if k in y else unknown(f.shape[0]) for f, _, y in pending])
+                  for k in names}
+        bad = ~torch.isfinite(feats).all(1, keepdim=True)  # (N, 1)
+        feats = torch.where(bad, torch.zeros((), dtype=feats.dtype, device=device), feats)
+        self._nonfinite = self._nonfinite.to(device) + bad.sum()
         hold = holdout_mask(index, self.holdout_every)
         train = ~hold
-        feats = features.detach().float()
-        bad = ~torch.isfinite(feats).all(1, keepdim=True)  # (N, 1)
-        feats = torch.where(bad, torch.zeros((), dtype=feats.dtype, device=feats.device), feats)
-        self._nonfinite = self._nonfinite.to(feats.device) + bad.sum()
-        labels = {k: v.detach().to(features.device).long().view(-1) for k, v in labels.items()}
         xt = feats[train]
         if xt.shape[0]:
             targets = {k: one_hot(v[train], int(v.max()) + 1) for k, v in labels.items()}
             self.ridge.update(xt, targets, folds=self._folds(index[train]))
-        elif self.ridge.dim is None:
-            self.ridge.init(feats.shape[1], feats.device)
         self._train.append(xt)
         self._hold.append(feats[hold])
         self._train_index.append(index[train])
@@ -128,18 +153,22 @@ class EpochProbe:
     @property
     def nonfinite_rows(self) -> int:
         """Rows added so far whose features held NaN/inf (added as zeros)."""
+        self._flush()
         return int(self._nonfinite)
 
     @property
     def n_train(self) -> int:
+        self._flush()
         return sum(t.shape[0] for t in self._train)
 
     @property
     def n_holdout(self) -> int:
+        self._flush()
         return sum(t.shape[0] for t in self._hold)
 
     def nbytes(self) -> int:
         """Bytes held: stored features and labels plus the ridge statistics."""
+        self._flush()
         total = sum(t.numel() * t.element_size()
                     for t in self._train + self._hold + self._train_index + self._hold_index)
         total += sum(t.numel() * t.element_size()
@@ -149,6 +178,8 @@ class EpochProbe:
         return total
 
     def _cat(self, chunks: List[Tensor], width: Optional[int] = None) -> Tensor:
+        if len(chunks) == 1:
+            return chunks[0]
         if chunks:
             return torch.cat(chunks)
         return torch.empty(0, width or 0)
@@ -161,6 +192,7 @@ class EpochProbe:
             num_classes: classes per target, agreed across processes.
             control: per target, the :func:`control_table` indexed by global sample index.
         """
+        self._flush()
         self.num_classes = dict(num_classes)
         x_train = self._cat(self._train)
         train_index = self._cat(self._train_index).long().view(-1)
@@ -183,6 +215,7 @@ class EpochProbe:
 
     def pack(self) -> Tensor:
         """The ridge statistics as one flat float64 tensor (sum it across processes, then :meth:`unpack`)."""
+        self._flush()
         return self.ridge.pack()
 
     def unpack(self, flat: Tensor) -> None:
@@ -195,6 +228,7 @@ class EpochProbe:
             ``{target: {"holdout", "train", "control_holdout", "control_train": (pred, true)}, ...}``
             and, per target, the chosen strength under ``"alpha"`` in :attr:`alphas`.
         """
+        self._flush()
         x_train, x_hold = self._cat(self._train), self._cat(self._hold)
         out: Dict[str, Predictions] = {}
         self.alphas: Dict[str, float] = {}
@@ -223,6 +257,7 @@ class EpochProbe:
 
     def labels(self) -> Tuple[Tensor, Dict[str, Tensor]]:
         """All rows' global indices ``(N,)`` and labels ``{target: (N,)}`` (training rows first)."""
+        self._flush()
         index = torch.cat([self._cat(self._train_index), self._cat(self._hold_index)]).long().view(-1)
         return index, {k: torch.cat([self._cat(self._train_y[k]), self._cat(self._hold_y[k])]).long().view(-1)
                        for k in self._train_y}

@@ -101,6 +101,24 @@ def test_untrained_baseline_is_the_model_at_fit_start(fitted):
     assert sorted(monitor.history["net.0.4"]) == [0, 1]
 
 
+def test_declared_passes_are_the_untrained_forward_only(tmp_path):
+    # the features come from Lightning's validation forward: only the untrained copy's forward is a model pass
+    class Declared(pl.Callback):
+        def __init__(self, monitor):
+            self.monitor, self.seen = monitor, []
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.seen.append(self.monitor.estimated_work(trainer))
+
+    with_copy = LinearProbeMonitor(layers=LAYERS[:1])
+    without = LinearProbeMonitor(layers=LAYERS[1:2], untrained_baseline=False)
+    spies = [Declared(with_copy), Declared(without)]
+    _fit(tmp_path, [with_copy, without] + spies, logger=False, max_epochs=3)
+    assert spies[0].seen == [pytest.approx(400 / 3), 0.0, 0.0]
+    assert spies[1].seen == [0.0, 0.0, 0.0]
+
+
 def test_hooks_removed_after_validation(fitted):
     _, _, module, _, _ = fitted
     assert hook_count(module) == 0

@@ -200,3 +200,50 @@ def test_logistic_probe_fits_separable_data():
     with torch.inference_mode():  # as inside Lightning's evaluation loops
         sol = fit_logistic(x.float(), y, num_classes=3, l2=1e-4)
     assert float((sol.classify(x) == y).float().mean()) > 0.9
+
+
+def _epoch_probe_results(batches, x, labels, n):
+    from lightning_xai.probes._epoch import EpochProbe, control_table
+
+    probe = EpochProbe(holdout_every=5)
+    for start in range(0, n, batches):
+        rows = slice(start, start + batches)
+        probe.add(x[rows], {"label": labels[rows]}, torch.arange(start, start + batches))
+    probe.prepare({"label": 4}, {"label": control_table(labels)})
+    preds = probe.predict()["label"]
+    return probe, {split: pred for split, (pred, _) in preds.items()}
+
+
+@pytest.mark.parametrize("rows", [pytest.param(1, id="rows-1"), pytest.param(16, id="rows-16"),
+                                  pytest.param(6000, id="one-batch")])
+def test_epoch_probe_batching_and_flushing_do_not_change_the_probe(rows):
+    # 6,000 rows: more than one flush of pending batches (FLUSH_ROWS) unless added at once
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    labels = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, 6, generator=g) + 0.7 * torch.nn.functional.one_hot(labels, 6).float()
+    x[7, 2] = float("nan")  # added as zeros, counted
+    ref_probe, ref = _epoch_probe_results(n, x, labels, n)
+    probe, got = _epoch_probe_results(rows, x, labels, n)
+    assert probe.nonfinite_rows == ref_probe.nonfinite_rows == 1
+    assert probe.alphas["label"] == pytest.approx(ref_probe.alphas["label"], rel=1e-9)
+    for split in ref:
+        assert torch.equal(got[split], ref[split]), split
+
+
+def test_epoch_probe_keeps_copies_of_what_it_was_given():
+    from lightning_xai.probes._epoch import EpochProbe, control_table
+
+    g = torch.Generator().manual_seed(1)
+    x, labels = torch.randn(40, 3, generator=g), torch.arange(40) % 2
+    kept, reused = EpochProbe(), EpochProbe()
+    kept.add(x.clone(), {"label": labels.clone()}, torch.arange(40))
+    buffer_x, buffer_y = x.clone(), labels.clone()
+    reused.add(buffer_x.view(40, 3), {"label": buffer_y}, torch.arange(40))
+    buffer_x.zero_()  # a caller reusing its buffers (a flattened input is a view of the batch)
+    buffer_y.fill_(1)
+    for p in (kept, reused):
+        p.prepare({"label": 2}, {"label": control_table(labels)})
+    a, b = kept.predict()["label"], reused.predict()["label"]
+    for split in a:
+        assert torch.equal(a[split][0], b[split][0]) and torch.equal(a[split][1], b[split][1])
