@@ -145,12 +145,18 @@ class PassTimer(pl.Callback):
     def __init__(self) -> None:
         self.costs: List[Tuple[float, ...]] = []  # per sample: forward+backward, forward (wall), the same in CPU
         self.marks: List[Tuple[float, float]] = []  # process CPU time when it started and ended, per epoch
+        # per epoch, per explaining callback (class name): its declared passes, runs so far and current run's seconds
+        self.books: List[Dict[str, Tuple[Any, int, float]]] = []
         self.seconds = self.cpu = 0.0
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         start, cpu = time.perf_counter(), time.process_time()
+        book = cost.book(trainer)
+        self.books.append({type(cb).__name__: (cb.estimated_work(trainer), book.runs.get(id(cb), 0),
+                                               book.current.get(id(cb), 0.0))
+                           for cb in trainer.callbacks if id(cb) in book.names})
         training = pl_module.training
         self.costs.append(pass_seconds(pl_module, repeats=3))
         pl_module.train(training)
@@ -184,6 +190,25 @@ def timed_stack() -> Tuple[list, List[PassTimer]]:
     return [timers[0]] + [c for cb, t in zip(stack, timers[1:]) for c in (cb, t)], timers
 
 
+def declared_runs(name: str, before: PassTimer, after: PassTimer) -> Dict[str, Any]:
+    """A callback's runs as the timers around it saw them at each validation epoch's end: the passes it declared
+    just before its run (``estimated_work`` at that moment: LinearProbeMonitor's differ between runs), the run's
+    seconds (cost book), and the floor of each run priced at the forward+backward the two timers measured then."""
+    declared, seconds, floors, forwards = [], [], [], []
+    runs = 0
+    for b, a, cb, ca in zip(before.books, after.books, before.costs, after.costs):
+        work, _, _ = b[name]
+        _, now, current = a[name]
+        if now > runs:  # it ran in this epoch
+            declared.append(work)
+            seconds.append(current)
+            if work is not None:
+                floors.append(work * (cb[0] + ca[0]) / 2)
+                forwards.append(3 * work * (cb[1] + ca[1]) / 2)  # every declared pass taken as a forward
+        runs = now
+    return {"declared": declared, "run_seconds": seconds, "floors": floors, "forward_floors": forwards}
+
+
 def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> Dict[str, Any]:
     """One fit: wall seconds, the model, and per callback (class name) its runs, seconds and declared work."""
     pl.seed_everything(0, verbose=False)
@@ -202,6 +227,10 @@ def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> 
     spent = {type(cb).__name__: {"runs": book.runs.get(id(cb), 0), "seconds": book.seconds.get(id(cb), 0.0),
                                  "work": cb.estimated_work(trainer), "report": getattr(cb, "report_seconds", None)}
              for cb in trainer.callbacks if id(cb) in book.names}
+    for i, cb in enumerate(callbacks):  # with timers around it: the passes it declared at each run, and the runs
+        if id(cb) in book.names and 0 < i < len(callbacks) - 1 and isinstance(callbacks[i - 1], PassTimer) \
+                and isinstance(callbacks[i + 1], PassTimer):
+            spent[type(cb).__name__].update(declared_runs(type(cb).__name__, callbacks[i - 1], callbacks[i + 1]))
     return {"seconds": seconds, "cpu": cpu, "model": model, "spent": spent, "callbacks": callbacks,
             "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan"))),
             "load": (load, os.getloadavg()[0])}
@@ -260,7 +289,7 @@ def peak_rss(which: str, epochs: int, limit: int) -> Tuple[int, float, int]:
     return int(got["maxrss_kb"]), float(got["seconds"]), int(got["before_kb"])
 
 
-def measure(rounds: int, epochs: int, rss_rounds: int, rss_limit: int) -> Dict[str, Any]:
+def measure(rounds: int, epochs: int, rss_rounds: int, rss_limit: int, plain_fits: bool = True) -> Dict[str, Any]:
     """The CIFAR-sized case: ``rounds`` pairs of fits (no callbacks / the default stack), interleaved in this process
     with the order reversed every other round; after each stack fit, the cost of one pass of the model it trained;
     then ``rss_rounds`` pairs of fits in child processes for peak memory (``rss_limit`` training batches per epoch:
@@ -274,7 +303,7 @@ def measure(rounds: int, epochs: int, rss_rounds: int, rss_limit: int) -> Dict[s
     trainer.fit(fit_model, warm)  # warm-up: allocator, thread pool
     plain, stack = [], []
     for r in range(rounds):
-        for which in (("none", "stack") if r % 2 == 0 else ("stack", "none")):
+        for which in (("none", "stack") if r % 2 == 0 else ("stack", "none")) if plain_fits else ("stack",):
             callbacks, timers = timed_stack() if which == "stack" else ([], [])
             out = fit(callbacks, epochs, data)
             if which == "stack":
@@ -316,59 +345,69 @@ def report_time(res: Dict[str, Any]) -> None:
     ratios = [s["seconds"] / p["seconds"] for s, p in zip(stack, plain)]
     print(f"\nCIFAR-sized fit: {SIZES['train']:,} training and {SIZES['val']:,} validation images of "
           f"3x{SIDE}x{SIDE}, small CNN, batch {BATCH}, {epochs} epoch(s), {torch.get_num_threads()} threads; "
-          f"{len(ratios)} rounds, each a fit without callbacks and one with the default stack, interleaved (order "
-          f"reversed every other round); validation accuracy after the fit "
-          f"{statistics.median(p['val_acc'] for p in plain):.3f}.\n")
-    print("| callbacks | fit seconds (median) | / no callbacks (median of the rounds' ratios) | rounds' ratios |")
-    print("|---|---:|---:|---|")
-    print(f"| none | {statistics.median(p['seconds'] for p in plain):.1f} | 1.000 | – |")
-    print(f"| default stack | {statistics.median(s['seconds'] for s in stack):.1f} | "
-          f"**{statistics.median(ratios):.3f}** | {', '.join(f'{r:.3f}' for r in ratios)} |")
-    print("\nLoad average (1 min, 2 cores) at the start and end of each fit, per round (plain; stack): "
-          + "; ".join(f"{p['load'][0]:.1f}-{p['load'][1]:.1f}, {s['load'][0]:.1f}-{s['load'][1]:.1f}"
-                      for p, s in zip(plain, stack)) + ".")
-    cpu = [s["cpu"] / p["cpu"] for s, p in zip(stack, plain)]
-    print(f"\nThe same in process CPU time (user + system, both threads; what other jobs on the machine take barely "
-          f"moves it): plain fit {statistics.median(p['cpu'] for p in plain):.1f} s, "
-          f"stack {statistics.median(s['cpu'] for s in stack):.1f} s, "
-          f"ratio **{statistics.median(cpu):.3f}** ({', '.join(f'{r:.3f}' for r in cpu)}).")
+          + (f"{len(ratios)} rounds, each a fit without callbacks and one with the default stack, interleaved (order "
+             f"reversed every other round); validation accuracy after the fit "
+             f"{statistics.median(p['val_acc'] for p in plain):.3f}.\n" if plain else
+             f"{len(stack)} fits with the default stack only (--no-plain); validation accuracy after the fit "
+             f"{statistics.median(s['val_acc'] for s in stack):.3f}.\n"))
+    if plain:
+        print("| callbacks | fit seconds (median) | / no callbacks (median of the rounds' ratios) | rounds' ratios |")
+        print("|---|---:|---:|---|")
+        print(f"| none | {statistics.median(p['seconds'] for p in plain):.1f} | 1.000 | – |")
+        print(f"| default stack | {statistics.median(s['seconds'] for s in stack):.1f} | "
+              f"**{statistics.median(ratios):.3f}** | {', '.join(f'{r:.3f}' for r in ratios)} |")
+        print("\nLoad average (1 min, 2 cores) at the start and end of each fit, per round (plain; stack): "
+              + "; ".join(f"{p['load'][0]:.1f}-{p['load'][1]:.1f}, {s['load'][0]:.1f}-{s['load'][1]:.1f}"
+                          for p, s in zip(plain, stack)) + ".")
+        cpu = [s["cpu"] / p["cpu"] for s, p in zip(stack, plain)]
+        print(f"\nThe same in process CPU time (user + system, both threads; what other jobs on the machine take "
+              f"barely moves it): plain fit {statistics.median(p['cpu'] for p in plain):.1f} s, "
+              f"stack {statistics.median(s['cpu'] for s in stack):.1f} s, "
+              f"ratio **{statistics.median(cpu):.3f}** ({', '.join(f'{r:.3f}' for r in cpu)}).")
+    else:
+        fits = ", ".join(f"{s['seconds']:.1f} s" for s in stack)
+        print(f"Stack fits: {fits}; load average (1 min, 2 cores) "
+              "at the start and end of each: " + "; ".join(f"{s['load'][0]:.1f}-{s['load'][1]:.1f}" for s in stack)
+              + ".")
     # within one fit: its time over its time without the explaining the cost book charged (drift between fits cancels)
     within = [s["seconds"] / (s["seconds"] - sum(v["seconds"] for v in s["spent"].values())) for s in stack]
     print(f"\nWithin each stack fit, fit time / (fit time - the cost book's explaining seconds): "
           f"**{statistics.median(within):.3f}** ({', '.join(f'{r:.3f}' for r in within)}).")
     names = list(stack[0]["spent"])
-    print("\nEach callback, median over the rounds: seconds per run (cost book), share of the plain fit "
-          "(its seconds / the same round's fit without callbacks), and its floor: declared passes per run x the cost "
-          "of one forward+backward per sample of the model (eval mode, 128 rows, input gradient; a forward alone "
-          "counts 1/3), timed in the same fit just before and just after the callback's run (the timers' own time is "
-          "taken out of the stack's fit time). Of each run, the report's seconds (figures, text, scalars and logging "
-          "them: no model pass), and the rest of the run against the floor.\n")
-    print("| callback | runs | seconds per run | of which report | share of the plain fit | declared passes per run "
-          "| floor (s) | run / floor | (run - report) / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\nEach callback, median over the fits: seconds per run (cost book: all its seconds, one-off ones such as "
+          "LinearProbeMonitor's copy of the model included, over its runs), the report's seconds (figures, text, "
+          "scalars and logging them: no model pass), the median run (the cost book's seconds of each run), share of "
+          "the plain fit (its seconds / the same round's fit without callbacks), and its floor: the passes it "
+          "declared at each run (estimated_work just before it) x the cost of one forward+backward per sample of "
+          "the model (eval mode, 128 rows, input gradient; a forward alone counts 1/3), timed in the same fit just "
+          "before and just after the callback's run (the timers' own time is taken out of the stack's fit time).\n")
+    print("| callback | runs | seconds per run | of which report | median run | share of the plain fit "
+          "| declared passes per run | floor per run (s) | run / floor | (run - report) / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     steady = 0.0
     for name in names:
-        runs = stack[0]["spent"][name]["runs"]
-        per_run = statistics.median(s["spent"][name]["seconds"] / max(s["spent"][name]["runs"], 1) for s in stack)
-        share = statistics.median(s["spent"][name]["seconds"] / p["seconds"] for s, p in zip(stack, plain))
-        works = [s["spent"][name]["work"] for s in stack]
-        floor_ratio = floor = rest_ratio = "–"
-        reports = [(s["spent"][name]["report"] or 0.0) / max(s["spent"][name]["runs"], 1) for s in stack]
-        i = names.index(name)  # its timers: the one before it and the one after it, at each epoch
-        near = [statistics.mean(c[0] for t in s["timers"][i:i + 2] for c in t) for s in stack]
-        if all(w is not None for w in works):
-            floors = [w * fb for w, fb in zip(works, near)]
+        got = [s["spent"][name] for s in stack]
+        runs = got[0]["runs"]
+        per_run = statistics.median(g["seconds"] / max(g["runs"], 1) for g in got)
+        median_run = statistics.median(statistics.median(g["run_seconds"]) if g.get("run_seconds") else
+                                       g["seconds"] / max(g["runs"], 1) for g in got)
+        share = "–" if not plain else "{:.1f} %".format(100 * statistics.median(
+            g["seconds"] / p["seconds"] for g, p in zip(got, plain)))
+        reports = [(g["report"] or 0.0) / max(g["runs"], 1) for g in got]
+        floor_ratio = floor = rest_ratio = work_txt = "–"
+        if all(g.get("declared") and None not in g["declared"] for g in got):
+            floors = [sum(g["floors"]) / max(g["runs"], 1) for g in got]  # per run, each run at its own price
+            work_txt = f"{statistics.median(sum(g['declared']) / max(g['runs'], 1) for g in got):,.0f}"
             floor = f"{statistics.median(floors):.2f}"
-            floor_ratio = "**{:.2f}**".format(statistics.median(
-                s["spent"][name]["seconds"] / max(s["spent"][name]["runs"], 1) / f for s, f in zip(stack, floors)))
-            rest_ratio = "{:.2f}".format(statistics.median(
-                (s["spent"][name]["seconds"] / max(s["spent"][name]["runs"], 1) - r) / f
-                for s, r, f in zip(stack, reports, floors)))
-        work_txt = "–" if works[0] is None else f"{statistics.median(works):,.0f}"
-        print(f"| {name} | {runs} | {per_run:.2f} | {statistics.median(reports):.2f} | {100 * share:.1f} % | "
+            if min(floors) > 0:
+                floor_ratio = "**{:.2f}**".format(statistics.median(
+                    g["seconds"] / max(g["runs"], 1) / f for g, f in zip(got, floors)))
+                rest_ratio = "{:.2f}".format(statistics.median(
+                    (g["seconds"] / max(g["runs"], 1) - r) / f for g, r, f in zip(got, reports, floors)))
+        print(f"| {name} | {runs} | {per_run:.2f} | {statistics.median(reports):.2f} | {median_run:.2f} | {share} | "
               f"{work_txt} | {floor} | {floor_ratio} | {rest_ratio} |")
         every = 5 if name == "FeatureVisMonitor" else 1
-        steady += per_run / every
+        steady += median_run / every
     print("\nIn CPU time: each callback's epoch-end work (between the timers around it; LinearProbeMonitor's capture "
           "and untrained forward during the validation batches are not in it) against its floor in CPU time.\n")
     print("| callback | CPU seconds per run | share of the plain fit's CPU | floor (CPU s) | run / floor |")
@@ -376,25 +415,39 @@ def report_time(res: Dict[str, Any]) -> None:
     for i, name in enumerate(names):
         runs = [max(s["spent"][name]["runs"], 1) for s in stack]
         per_run = [s["cpu_spent"][name] / r for s, r in zip(stack, runs)]
-        work = [s["spent"][name]["work"] for s in stack]
-        if any(w is None for w in work):
+        work = [s["spent"][name].get("declared") for s in stack]
+        if any(not w or None in w for w in work):
             continue
         near = [statistics.mean(c[2] for t in s["timers"][i:i + 2] for c in t) for s in stack]
-        floors = [w * fb for w, fb in zip(work, near)]
-        share = statistics.median(s["cpu_spent"][name] / p["cpu"] for s, p in zip(stack, plain))
-        print(f"| {name} | {statistics.median(per_run):.2f} | {100 * share:.1f} % | {statistics.median(floors):.2f} | "
-              f"**{statistics.median(r / f for r, f in zip(per_run, floors)):.2f}** |")
-    epoch = statistics.median(p["seconds"] for p in plain) / epochs
+        floors = [sum(w) / r * fb for w, r, fb in zip(work, runs, near)]
+        share = "–" if not plain else "{:.1f} %".format(100 * statistics.median(
+            s["cpu_spent"][name] / p["cpu"] for s, p in zip(stack, plain)))
+        ratio = "–" if min(floors) <= 0 else \
+            f"**{statistics.median(r / f for r, f in zip(per_run, floors)):.2f}**"
+        print(f"| {name} | {statistics.median(per_run):.2f} | {share} | {statistics.median(floors):.2f} | "
+              f"{ratio} |")
+    if plain:
+        epoch = statistics.median(p["seconds"] for p in plain) / epochs
+    else:  # the stack fit without the explaining
+        epoch = statistics.median(s["seconds"] - sum(v["seconds"] for v in s["spent"].values()) for s in stack) / epochs
     fb = statistics.median(s["pass"][0] for s in stack) * 1e3
     fw = statistics.median(s["pass"][1] for s in stack) * 1e3
     spread_fb = [c[0] * 1e3 for s in stack for t in s["timers"] for c in t]
     print(f"\nOne pass of the model: forward+backward {fb:.3f} ms per sample (median; {min(spread_fb):.3f}-"
           f"{max(spread_fb):.3f} ms over the fits' timers), forward alone {fw:.3f} ms ({fw / fb:.2f} of a "
           "forward+backward).")
-    print(f"Per epoch of a long fit at the default cadences (every callback every epoch, FeatureVisMonitor every 5th): "
-          f"{steady:.1f} s of explaining per {epoch:.1f} s epoch = **{1 + steady / epoch:.3f}x**.")
+    print(f"Per epoch of a long fit at the default cadences (every callback every epoch, FeatureVisMonitor every 5th; "
+          f"each callback's median run): {steady:.1f} s of explaining per {epoch:.1f} s epoch "
+          + ("" if plain else "(the stack fit's own, without its explaining) ") + f"= **{1 + steady / epoch:.3f}x**.")
     if "ShortcutMonitor" in names:
         forward_priced(stack, names.index("ShortcutMonitor"))
+    if "LinearProbeMonitor" in names and all(s["spent"]["LinearProbeMonitor"].get("forward_floors") for s in stack):
+        got = [s["spent"]["LinearProbeMonitor"] for s in stack]
+        ratios = [g["seconds"] / sum(g["forward_floors"]) for g in got if sum(g["forward_floors"]) > 0]
+        if ratios:
+            print(f"LinearProbeMonitor's floor with its declared passes priced at the measured forward (they are the "
+                  f"untrained copy's forward): all its seconds in the fit / that floor "
+                  f"**{statistics.median(ratios):.2f}** ({', '.join(f'{r:.2f}' for r in ratios)}).")
 
 
 def forward_priced(stack: List[Dict[str, Any]], i: int) -> None:
@@ -405,11 +458,12 @@ def forward_priced(stack: List[Dict[str, Any]], i: int) -> None:
         cb = next(c for c in s["callbacks"] if type(c).__name__ == "ShortcutMonitor")
         rows, _ = cb.probe_size()
         spent = s["spent"]["ShortcutMonitor"]
-        forwards = 3 * (spent["work"] - rows)  # every pass but the saliency's forward+backward per probe sample
+        work = statistics.mean(spent["declared"]) if spent.get("declared") else spent["work"]
+        forwards = 3 * (work - rows)  # every pass but the saliency's forward+backward per probe sample
         near = [c for t in s["timers"][i:i + 2] for c in t]
         fb, fw = statistics.mean(c[0] for c in near), statistics.mean(c[1] for c in near)
         ratios.append(spent["seconds"] / max(spent["runs"], 1) / (rows * fb + forwards * fw))
-    print(f"ShortcutMonitor's floor with its {3 * (spent['work'] - rows):,.0f} forward passes per run priced at the "
+    print(f"ShortcutMonitor's floor with its {forwards:,.0f} forward passes per run priced at the "
           f"measured forward (not 1/3 of a forward+backward) and its {rows} saliency passes at a forward+backward: "
           f"run / floor **{statistics.median(ratios):.2f}** ({', '.join(f'{r:.2f}' for r in ratios)}).")
 
@@ -441,6 +495,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rss-limit", type=int, default=40, help="training batches per epoch of the memory fits")
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # a child's training batches
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-plain", action="store_true",
+                        help="fit with the stack only (the within-fit ratio and the callbacks' floors need no other)")
     parser.add_argument("--train", type=int, default=TRAIN)
     parser.add_argument("--val", type=int, default=VAL)
     args = parser.parse_args(argv)
@@ -452,7 +508,7 @@ def main(argv=None) -> None:
     if args.child:
         child(args.child, args.epochs, args.limit)
         return
-    report(measure(args.rounds, args.epochs, args.rss_rounds, args.rss_limit))
+    report(measure(args.rounds, args.epochs, args.rss_rounds, args.rss_limit, plain_fits=not args.no_plain))
 
 
 if __name__ == "__main__":
