@@ -6,9 +6,10 @@ Part 1 draws each figure the callbacks log, at the demo's sizes (8x8 digits) and
 (32 images of 3x32x32, ``bench/cifar.py``), ``--repeats`` times after a warm-up (fonts and colour maps are loaded once
 per process), and prints the median milliseconds per figure as the library draws it (one torch thread:
 ``render._maps.one_thread``) and with ``--threads`` torch threads (the figure functions' own setting switched off,
-interleaved with the first), then encoding it as PNG at zlib level 6 (what TensorBoard's ``add_image`` does) and at
-level 1 (what ``log_image`` does), the level-1 file's size, and the CRC-32C TensorBoard's record writer computes over
-it in pure Python (in its writer thread, after ``log_image`` returns). The load average is printed with the table.
+interleaved with the first), then encoding it as PNG with Pillow at zlib level 6 (what TensorBoard's ``add_image``
+does) and at level 1, and with ``log_image``'s own encoder (``_logging.encode_png``: rows unfiltered or Up-filtered,
+zlib level 1), that file's size, and the CRC-32C TensorBoard's record writer computes over it in pure Python (in its
+writer thread, after ``log_image`` returns). The load average is printed with the table.
 
 Part 2 fits the shortcut-digits demo's model for ``--epochs`` epochs with the demo's AttributionMonitor
 (saliency, SmoothGrad, Integrated Gradients; 20 probe samples) and times, inside the monitor's runs, the figure
@@ -66,9 +67,15 @@ def _paired_ms(fn: Callable[[], object], repeats: int) -> Tuple[float, float]:
 
 
 def _png_ms(image: torch.Tensor, repeats: int, level: int = 6) -> float:
+    """Milliseconds to encode ``image`` as PNG: with Pillow at zlib ``level`` (``add_image``'s encoder at 6), or,
+    ``level=None``, with ``log_image``'s own encoder (:func:`~lightning_xai._logging.encode_png`)."""
     from PIL import Image
 
+    from lightning_xai._logging import encode_png
+
     hwc = (image.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+    if level is None:
+        return _median_ms(lambda: encode_png(hwc), repeats)
     return _median_ms(lambda: Image.fromarray(hwc).save(io.BytesIO(), format="PNG", compress_level=level), repeats)
 
 
@@ -134,18 +141,19 @@ def figures(repeats: int) -> None:
     }
     print(f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} (1, 5, 15 min) on "
           f"{os.cpu_count()} cores; torch threads {torch.get_num_threads()}\n")
-    print("| figure | size (W x H) | ms / figure | ms, all torch threads | PNG ms (level 6) | PNG ms (level 1) "
-          "| PNG KB (level 1) | TensorBoard's record CRC ms |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| figure | size (W x H) | ms / figure | ms, all torch threads | PNG ms (Pillow, level 6) "
+          "| PNG ms (Pillow, level 1) | PNG ms (log_image's encoder) | PNG KB (log_image's) "
+          "| TensorBoard's record CRC ms |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, fn in cases.items():
         out = fn()
         image = out.image if isinstance(out, render.Figure) else out
         size = f"{image.shape[2]} x {image.shape[1]}"
         one, every = _paired_ms(fn, repeats)
-        png = [_png_ms(image, max(3, repeats // 4), level) for level in (6, 1)]
+        png = [_png_ms(image, max(3, repeats // 4), level) for level in (6, 1, None)]
         size_b, crc = _record_cost(image, max(3, repeats // 4))
-        print(f"| {name} | {size} | {one:.1f} | {every:.1f} | {png[0]:.1f} | {png[1]:.1f} | {size_b / 1000:.0f} "
-              f"| {crc:.1f} |")
+        print(f"| {name} | {size} | {one:.1f} | {every:.1f} | {png[0]:.1f} | {png[1]:.1f} | {png[2]:.1f} | "
+              f"{size_b / 1000:.0f} | {crc:.1f} |")
     print(f"\nload average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

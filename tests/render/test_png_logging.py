@@ -105,6 +105,29 @@ def test_encode_png_is_lossless(level):
     assert np.array_equal(_decoded(encoded), pixels)
 
 
+@pytest.mark.parametrize("shape", [pytest.param((1, 1, 3), id="1x1"), pytest.param((1, 9, 3), id="one-row"),
+                                   pytest.param((9, 1, 3), id="one-column"), pytest.param((20, 30, 4), id="rgba"),
+                                   pytest.param((9, 11), id="grey")])
+@pytest.mark.parametrize("content", ["noise", "repeated-rows", "smooth", "white"])
+def test_encode_png_rows_filtered_or_not_decode_exactly(shape, content):
+    """Each row is stored unfiltered or with the Up filter (whichever the heuristic picks): Pillow decodes the
+    same pixels, whatever the content and shape."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    if content == "noise":
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    elif content == "repeated-rows":  # cells enlarged by repeating pixels
+        pixels = np.repeat(rng.integers(0, 256, (shape[0] // 2 + 1,) + shape[1:], dtype=np.uint8), 2, 0)[:shape[0]]
+    elif content == "smooth":
+        ramp = np.add.outer(np.arange(shape[0]), 3 * np.arange(shape[1])) % 256
+        pixels = np.broadcast_to(ramp.reshape(shape[:2] + (1,) * (len(shape) - 2)), shape).astype(np.uint8)
+    else:
+        pixels = np.full(shape, 255, dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(xlog.encode_png(pixels))))
+    assert np.array_equal(decoded.reshape(pixels.shape), pixels)
+
+
 def test_a_figure_is_logged_from_its_uint8_pixels(tmp_path):
     """A Figure goes to TensorBoard as the pixels it was drawn with: the same PNG as its float image would give."""
     from lightning_xai.render import attribution_figure
