@@ -121,10 +121,11 @@ def encode_png(pixels: Any, level: int = PNG_LEVEL) -> bytes:
     use_up = magnitude(up) < magnitude(rows)  # (H,)
     body = np.empty((h, 1 + w * c), dtype=np.uint8)  # each row: its filter type byte, then its bytes
     body[:, 0] = np.where(use_up, 2, 0)
-    np.copyto(body[:, 1:], np.where(use_up[:, None], up, rows))
+    body[:, 1:] = rows
+    body[use_up, 1:] = up[use_up]
     header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(body.tobytes(), level)) + _png_chunk(b"IEND", b""))
+            + _png_chunk(b"IDAT", zlib.compress(body, level)) + _png_chunk(b"IEND", b""))
 
 
 def _torch_summary_writer(writer: Any) -> bool:
