@@ -2,14 +2,15 @@
 
     python bench/render.py [--repeats 20] [--epochs 4] [--threads 2]
 
-Part 1 draws each figure the callbacks log, at the demo's sizes (8x8 digits) and one at the CIFAR-sized benchmark's
-(32 images of 3x32x32, ``bench/cifar.py``), ``--repeats`` times after a warm-up (fonts and colour maps are loaded once
-per process), and prints the median milliseconds per figure as the library draws it (one torch thread:
+Part 1 draws each figure the callbacks log, at the demo's sizes (8x8 digits) and one at the CIFAR-sized benchmark's (32
+images of 3x32x32, ``bench/cifar.py``; also with new captions at every call, as in a fit, where each caption is rendered
+by PIL again rather than taken from the text cache), ``--repeats`` times after a warm-up (fonts and colour maps are
+loaded once per process), and prints the median milliseconds per figure as the library draws it (one torch thread:
 ``render._maps.one_thread``) and with ``--threads`` torch threads (the figure functions' own setting switched off,
-interleaved with the first), then encoding it as PNG with Pillow at zlib level 6 (what TensorBoard's ``add_image``
-does) and at level 1, and with ``log_image``'s own encoder (``_logging.encode_png``: rows unfiltered or Up-filtered,
-zlib level 1), that file's size, and the CRC-32C TensorBoard's record writer computes over it in pure Python (in its
-writer thread, after ``log_image`` returns). The load average is printed with the table.
+interleaved with the first), then encoding it as PNG with Pillow at zlib level 6 (what TensorBoard's ``add_image`` does)
+and at level 1, and with ``log_image``'s own encoder (``_logging.encode_png``: rows unfiltered or Up-filtered, zlib
+level 1), that file's size, and the CRC-32C TensorBoard's record writer computes over it in pure Python (in its writer
+thread, after ``log_image`` returns). The load average is printed with the table.
 
 Part 2 fits the shortcut-digits demo's model for ``--epochs`` epochs with the demo's AttributionMonitor
 (saliency, SmoothGrad, Integrated Gradients; 20 probe samples) and times, inside the monitor's runs, the figure
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import os
 import statistics
 import sys
@@ -115,6 +117,16 @@ def figures(repeats: int) -> None:
                                captions=[["pred 1 → 2 · shift 0.9", "controls: shift 0.1"]] * 4,
                                bars=[("output shift", [("region", 0.4, RED), ("controls", 0.1, CYAN)])])
 
+    calls = itertools.count()
+
+    def fresh_captions():
+        """In a fit every epoch's captions are new strings (confidences, predictions): each line is rendered by PIL
+        again instead of coming from the canvas' text cache."""
+        n = next(calls)
+        lines = [[f"label {i % 10} · pred {(i + n) % 10}", f"conf {(37 * (i + 32 * n)) % 1000 / 1000:.3f} · expl. "
+                  f"{(i + n) % 10}"] for i in range(32)]
+        return attribution_figure(cifar, cifar_maps, False, title=f"saliency · epoch {n}", captions=lines, scale=3.0)
+
     cifar = torch.rand(32, 3, 32, 32, generator=g)
     cifar_maps = share_maps(torch.rand(32, 3, 32, 32, generator=g), signed=False)
     cases: Dict[str, Callable[[], object]] = {
@@ -122,6 +134,7 @@ def figures(repeats: int) -> None:
             digits[:20], maps[:20], False, title="saliency · epoch 3", captions=captions[:20], scale=3.0),
         "attribution, 32 probe images 3x32x32": lambda: attribution_figure(
             cifar, cifar_maps, False, title="saliency · epoch 3", captions=captions, scale=3.0),
+        "attribution, 32 probe images 3x32x32, new captions at every call (as in a fit)": fresh_captions,
         "attribution, 32 probe digits": lambda: attribution_figure(
             digits, maps, False, title="saliency · epoch 3", captions=captions, scale=3.0),
         "evolution, 4 samples x 8 epochs": evolution,
