@@ -864,9 +864,11 @@ def evaluate_run(spec, cache, mode, api, config_kwargs, epochs):
     for e in epochs:
         model = model_at(e)
         t = time.perf_counter()
-        # the maps ShortcutDiscovery computes by default (Input x Gradient of the labels), for the hotspot candidate
+        # the maps ShortcutDiscovery computes by default (Input x Gradient of the labels), for the model's candidates
         maps = input_x_gradient(model, px, target=py)
-        found = discover(model, px, py, dx, dy, config=ShortcutConfig(**config_kwargs), seed=0, maps=maps)
+        donor_maps = input_x_gradient(model, dx, target=dy)  # for each sample's attribution peak, donors included
+        found = discover(model, px, py, dx, dy, config=ShortcutConfig(**config_kwargs), seed=0, maps=maps,
+                         donor_maps=donor_maps)
         dt = time.perf_counter() - t
         cands = [dict(rank=i, name=str(c.name), alarm=bool(c.verdict.alarm),
                       coverage=(_coverage(c.masks, target) if target is not None and spec["kind"] == "shortcut"

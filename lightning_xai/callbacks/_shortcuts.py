@@ -406,24 +406,26 @@ class ShortcutDiscovery(_ShortcutCallback):
 
     Every explained epoch it proposes candidate regions from the inputs (the presets ``"corners"`` and ``"border"``,
     where tags and frames sit; each sample's flat background; each sample's atypical corner; a pattern pasted
-    identically into several images) and one from the model (an input-independent hotspot of ``method``'s maps),
+    identically into several images) and two from the model (an input-independent hotspot of ``method``'s maps, and
+    each sample's attribution peak, where a mark that moves from image to image would be; both shown, never alarmed on),
     tests each as :class:`ShortcutMonitor` tests a named region at level ``alpha / (number of candidates)``, logs the
     evidence of the ``3`` strongest for a person to judge and raises an alarm only when a candidate passes both tests:
     content the model reads more than typical places of its shape, which object content spread over the image
     does not give.
 
     Args:
-        method: attribution method of the hotspot candidate and the class maps (default Input x Gradient).
+        method: attribution method of the hotspot and attribution-peak candidates and the class maps (default
+            Input x Gradient).
         action: ``"warn"`` (default), ``"stop"`` or ``"log"``.
         config, probe_samples, **kwargs: as for :class:`ShortcutMonitor`.
 
     Tags (``prefix="xai"``): ``xai/shortcut/discovery/{alarm, candidates}``, per candidate
     ``xai/shortcut/<candidate>/{found, alarm, pull, pull_z, control_pull, excess, excess_z, flip, controls, rank}``
-    (candidates: ``corners, border, flat_background, atypical_corner, stamp, hotspot``), the images
+    (candidates: ``corners, border, flat_background, atypical_corner, stamp, hotspot, attribution_peak``), the images
     ``xai/shortcut/<candidate>/evidence`` of the strongest three and ``xai/shortcut/class_maps``.
     """
 
-    CANDIDATES = DISCOVERY_PRESETS + ("flat_background", "atypical_corner", "stamp", "hotspot")
+    CANDIDATES = DISCOVERY_PRESETS + ("flat_background", "atypical_corner", "stamp", "hotspot", "attribution_peak")
 
     def __init__(self, method: Any = "input_x_gradient", action: str = "warn",
                  config: Optional[ShortcutConfig] = None, probe_samples: int = 128, **kwargs: Any) -> None:
@@ -448,7 +450,9 @@ class ShortcutDiscovery(_ShortcutCallback):
         labels = (self.probe_y if self.probe_y is not None else pred_all).cpu()
         maps = shared.attribute(self, pl_module, self.method, forward, whole, labels.to(whole.device)).detach()
         donors, donor_labels = self._donors(whole, labels)
-        proposals = _proposals(whole.cpu(), labels, donors.cpu(), maps)
+        donor_maps = maps if donors is whole else shared.attribute(
+            self, pl_module, self.method, forward, donors, donor_labels.to(donors.device)).detach()
+        proposals = _proposals(whole.cpu(), labels, donors.cpu(), maps, donor_maps)
         self._found = {name: masks for name, (masks, _) in proposals.items()}
         results: Dict[str, Tensor] = {"pred": pred_all[rows[0]:rows[1]],
                                       "maps": maps.float().abs().sum(1)[rows[0]:rows[1]]}
@@ -461,8 +465,9 @@ class ShortcutDiscovery(_ShortcutCallback):
                results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
         found = [name for name in self.CANDIDATES if name in self._found]
         level = discovery_level(self.config, len(found))
-        verdicts = {name: candidate_verdict(name, self._verdict(name, results, level)) for name in found}
-        ranked = sorted(found, key=lambda n: (*evidence_rank(verdicts[n]), n))
+        tested = {name: self._verdict(name, results, level) for name in found}
+        verdicts = {name: candidate_verdict(name, verdict) for name, verdict in tested.items()}
+        ranked = sorted(found, key=lambda n: (*evidence_rank(n, tested[n]), n))
         metrics: Dict[str, float] = {self.tag("discovery", "candidates"): float(len(found))}
         for name in self.CANDIDATES:
             metrics[self.tag(name, "found")] = float(name in verdicts)

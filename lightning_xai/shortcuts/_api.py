@@ -3,11 +3,12 @@
 Both plan the edits (:func:`~lightning_xai.shortcuts._test.plan_interventions`), run them
 (:func:`~lightning_xai.shortcuts._test.run_plan`) and decide (:func:`~lightning_xai.shortcuts._test.decide`).
 Discovery proposes candidate regions from the inputs alone (presets where tags and frames sit, flat backgrounds,
-each sample's atypical corner, patterns pasted identically into several images) and, given attribution maps, one
-from the model (an input-independent hotspot). Every candidate goes through the same test at level
-``alpha / (number of candidates)`` (Bonferroni), so a clean model raises a discovery alarm with probability at most
-``alpha`` per run; candidates are ranked by the evidence (``excess_z``, else ``pull_z``) for a person to judge. The
-hotspot is ranked and shown, never alarmed on (:func:`candidate_verdict`).
+each sample's atypical corner, patterns pasted identically into several images) and, given attribution maps, two
+from the model (an input-independent hotspot; with the donors' maps too, each sample's attribution peak). Every
+candidate goes through the same test at level ``alpha / (number of candidates)`` (Bonferroni), so a clean model
+raises a discovery alarm with probability at most ``alpha`` per run; candidates are ranked by the evidence
+(``excess_z``, else ``pull_z``) for a person to judge. The candidates from the model are ranked and shown, never
+alarmed on (:func:`candidate_verdict`).
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from lightning_xai._utils import expected, preserve_modes, two_class_logits
 from lightning_xai.shortcuts._test import (InterventionPlan, ShortcutConfig, Verdict, decide, plan_interventions,
                                            run_plan)
 from lightning_xai.shortcuts._corners import atypical_corners, find_stamps, stamp_donor_masks
-from lightning_xai.shortcuts._hotspots import find_hotspot, flat_background
+from lightning_xai.shortcuts._hotspots import attribution_peaks, find_hotspot, flat_background
 from lightning_xai.shortcuts._regions import region_masks
 
 Forward = Union[nn.Module, Callable[[Tensor], Tensor]]
 DISCOVERY_PRESETS = ("corners", "border")  # where source tags and frames usually sit
-SHOWN_ONLY = ("hotspot",)  # candidates ranked and shown, never alarmed on (see :func:`candidate_verdict`)
+SHOWN_ONLY = ("hotspot", "attribution_peak")  # ranked and shown, never alarmed on (see :func:`candidate_verdict`)
 SELECTED = ("flat_background", "atypical_corner", "stamp")  # per-sample windows chosen for unusual content
 
 
@@ -43,22 +44,32 @@ class Candidate:
     plan: InterventionPlan
 
 
-def evidence_rank(verdict: Verdict) -> Tuple[bool, float]:
-    """The sort key of candidates, strongest first: alarms first, then the excess z over controls (else the pull z;
-    a candidate without either last)."""
+def evidence_rank(name: str, verdict: Verdict) -> Tuple[int, float]:
+    """The sort key of candidate ``name`` from its test's ``verdict`` (before :func:`candidate_verdict`), strongest
+    first: candidates whose test passes (alarms, and shown-only candidates that would have alarmed), then the other
+    candidates by the excess z over controls (else the pull z; a candidate without either after them), then the
+    shown-only candidates whose test does not pass. How a shown-only candidate was chosen biases its test towards a
+    pull (:func:`candidate_verdict`), so its z does not compare with the other candidates'; it comes first only on
+    evidence strong enough to pass."""
     z = verdict.stats.get("excess_z", float("nan"))
     z = z if z == z else verdict.stats.get("pull_z", float("nan"))
-    return not verdict.alarm, -z if z == z else math.inf
+    tier = 0 if verdict.alarm else 2 if name in SHOWN_ONLY else 1
+    return tier, -z if z == z else math.inf
 
 
 def candidate_verdict(name: str, verdict: Verdict) -> Verdict:
-    """A discovery candidate's verdict. The ``hotspot`` (where every class attends) is also where objects sit when they
-    are centred, a fixed region over the object whose rolled controls land on background: its test cannot tell a
-    shortcut from the object, so it is ranked and shown for a person to judge but raises no alarm."""
+    """A discovery candidate's verdict. The candidates found from the model's attribution maps are ranked and shown
+    for a person to judge but raise no alarm: the ``hotspot`` (where every class attends) is also where objects sit
+    when they are centred, a fixed region over the object whose rolled controls land on background; each sample's
+    ``attribution_peak`` is where that sample's content tells the model most, so it out-pulls other same-class content
+    at those pixels by construction. Neither test can tell a shortcut there from the object."""
     if name not in SHOWN_ONLY or not verdict.alarm:
         return verdict
-    return Verdict(False, {**verdict.stats, "alarm": 0.0}, verdict.reason + "; a hotspot is shown, not alarmed on: "
-                   "where every class attends may be where the objects sit")
+    why = {"hotspot": "where every class attends may be where the objects sit",
+           "attribution_peak": "each sample's most telling content is there by construction"}.get(
+        name, "it is found from the model's attribution maps")
+    return Verdict(False, {**verdict.stats, "alarm": 0.0}, verdict.reason + f"; {name} is shown, not alarmed on: "
+                   + why)
 
 
 def discovery_level(config: ShortcutConfig, candidates: int) -> ShortcutConfig:
@@ -130,27 +141,32 @@ def check_region(model: Forward, probe_x: Tensor, probe_y: Optional[Tensor], don
 
 def discover(model: Forward, probe_x: Tensor, probe_y: Optional[Tensor], donor_x: Optional[Tensor],
              donor_y: Optional[Tensor], config: ShortcutConfig = ShortcutConfig(), seed: Optional[int] = None,
-             maps: Optional[Tensor] = None) -> List[Candidate]:
+             maps: Optional[Tensor] = None, donor_maps: Optional[Tensor] = None) -> List[Candidate]:
     """Propose candidate shortcut regions and test each (module docstring); ranked, strongest evidence first.
 
     Args:
         model, probe_x, probe_y, donor_x, donor_y, seed: as in :func:`check_region`.
         maps: attribution maps of the probe samples ``(N, H, W)`` or ``(N, C, H, W)``; with them an input-independent
             hotspot is also proposed.
+        donor_maps: the donors' maps (the same method, each donor's own label); with ``maps`` each sample's
+            attribution peak is also proposed (a window where a moving mark the model reads would be).
     """
     config = config if seed is None else replace(config, seed=seed)
     with _context(model), torch.no_grad():
         x, y, dx, dy = _donor_set(model, probe_x, probe_y, donor_x, donor_y, config.batch_size)
-        proposals = _proposals(x.cpu(), y, dx.cpu(), maps)
+        if donor_maps is None and donor_x is None and maps is not None:
+            donor_maps = maps  # the probe samples give the content
+        proposals = _proposals(x.cpu(), y, dx.cpu(), maps, donor_maps)
         level = discovery_level(config, len(proposals))
         found = []
         for name, (masks, donor_masks) in proposals.items():
             verdict, plan = test_masks(model, x, y, dx, dy, masks, donor_masks, level, selected=name in SELECTED)
-            found.append(Candidate(name, masks, candidate_verdict(name, verdict), plan))
-    return sorted(found, key=lambda c: evidence_rank(c.verdict))
+            found.append((evidence_rank(name, verdict), Candidate(name, masks, candidate_verdict(name, verdict), plan)))
+    return [c for _, c in sorted(found, key=lambda kc: kc[0])]
 
 
-def _proposals(x: Tensor, y: Tensor, dx: Tensor, maps: Optional[Tensor]) -> Dict[str, Tuple[Tensor, Tensor]]:
+def _proposals(x: Tensor, y: Tensor, dx: Tensor, maps: Optional[Tensor],
+               donor_maps: Optional[Tensor] = None) -> Dict[str, Tuple[Tensor, Tensor]]:
     """Candidate name -> (probe masks, donor masks)."""
     out: Dict[str, Tuple[Tensor, Tensor]] = {}
     for name in DISCOVERY_PRESETS:
@@ -167,4 +183,6 @@ def _proposals(x: Tensor, y: Tensor, dx: Tensor, maps: Optional[Tensor]) -> Dict
         spot = find_hotspot(maps.detach().float().abs().cpu(), y, inputs=x)
         if spot.mask is not None:
             out["hotspot"] = (region_masks(spot.mask, x), region_masks(spot.mask, dx))
+        if donor_maps is not None:
+            out["attribution_peak"] = (attribution_peaks(maps), attribution_peaks(donor_maps))
     return out

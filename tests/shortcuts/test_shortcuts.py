@@ -19,6 +19,7 @@ from helpers import (DigitsModule, FigureSpy, assert_unchanged, png_equals, read
 from lightning_xai import ShortcutDiscovery, ShortcutMonitor
 from lightning_xai.shortcuts import (ShortcutConfig, check_region, decide, discover, plan_interventions,
                                      region_metrics, run_plan)
+from lightning_xai.attribution import input_x_gradient
 from lightning_xai.shortcuts._test import STATS, _halo_depth, t_critical, t_tail
 
 LEVELS = 0.2 + 0.2 * torch.arange(5).float()  # the five class codes
@@ -377,13 +378,53 @@ def test_a_shown_only_candidate_is_ranked_but_raises_no_alarm(monkeypatch):
 
     x, y = corner_set(100, random_mark=True, texture=0.6)
     dx, dy = corner_set(200, seed=1, texture=0.6)
-    assert api.SHOWN_ONLY == ("hotspot",)
+    assert api.SHOWN_ONLY == ("hotspot", "attribution_peak")
     loud = discover(Reader(True), x, y, dx, dy)
     monkeypatch.setattr(api, "SHOWN_ONLY", tuple(c.name for c in loud))
     quiet = discover(Reader(True), x, y, dx, dy)
     assert loud[0].verdict.alarm and not any(c.verdict.alarm for c in quiet)
     assert quiet[0].name == loud[0].name and "shown, not alarmed on" in quiet[0].verdict.reason
     assert quiet[0].verdict.stats["alarm"] == 0.0 and quiet[0].verdict.stats["pull"] == loud[0].verdict.stats["pull"]
+
+
+class SoftGlyphReader(GlyphReader):
+    """GlyphReader with a differentiable glyph detector (pixels above 0.95 count), so attribution maps see the glyph."""
+
+    def forward(self, x):
+        rows = x[:, 0, 6:10, 4:12].mean(2)
+        hit = torch.relu(x[:, 0] - 0.95) * 20
+        match = torch.nn.functional.conv2d(hit.unsqueeze(1), GLYPH.view(1, 1, 2, 2)).amax((1, 2, 3)) / 3
+        return 10 * rows + torch.stack([30 * match] + [torch.zeros_like(match)] * 3, 1)
+
+
+def test_discovery_proposes_each_samples_attribution_peak_and_shows_it_only():
+    """A glyph at a random place (no preset, corner or hotspot holds it) is found by each sample's attribution peak,
+    given the donors' maps too: ranked among the first three, covering the glyphs, never alarmed on."""
+    x, y = glyph_set(64, 0)
+    dx, dy = glyph_set(128, 1)
+    model = SoftGlyphReader().eval()
+    maps = input_x_gradient(model, x, target=y)
+    found = discover(model, x, y, dx, dy, maps=maps, donor_maps=input_x_gradient(model, dx, target=dy))
+    names = [c.name for c in found]
+    peak = found[names.index("attribution_peak")]
+    glyphs = glyph_pixels(x) & (y == 0).view(-1, 1, 1)
+    assert names.index("attribution_peak") < 3 and float((peak.masks & glyphs).sum() / glyphs.sum()) > 0.9
+    assert not peak.verdict.alarm and peak.verdict.stats["excess_z"] > 4, peak.verdict.reason
+    assert "attribution_peak" not in [c.name for c in discover(model, x, y, dx, dy, maps=maps)]  # no donor maps
+
+
+def test_shown_only_candidates_rank_first_only_when_their_test_passes():
+    from lightning_xai.shortcuts._api import evidence_rank
+    from lightning_xai.shortcuts._test import Verdict
+
+    def verdict(alarm, z):
+        return Verdict(alarm, {"excess_z": z, "pull_z": z + 1}, "")
+    keys = {"corners": evidence_rank("corners", verdict(False, -6.0)),
+            "border": evidence_rank("border", verdict(False, 1.0)),
+            "peak_weak": evidence_rank("attribution_peak", verdict(False, 3.0)),
+            "stamp": evidence_rank("stamp", verdict(True, 5.0)),
+            "peak_strong": evidence_rank("attribution_peak", verdict(True, 9.0))}
+    assert sorted(keys, key=keys.get) == ["peak_strong", "stamp", "border", "corners", "peak_weak"]
 
 
 def test_attribution_share_is_reported_per_sample():
@@ -661,7 +702,9 @@ def test_discovery_callback_finds_the_mark_and_not_on_the_object_reader(tmp_path
         assert sum(f"xai/shortcut/{c}/evidence" in images for c in ShortcutDiscovery.CANDIDATES) == 3
         alarm = acc.Scalars("xai/shortcut/discovery/alarm")[-1].value
         if corner:
-            assert alarm == 1.0 and ranked[0][1] in ("corners", "atypical_corner", "border", "hotspot")
-            assert discovery.alarms and discovery.alarms[0]["region"] == ranked[0][1]
+            top = [name for _, name in ranked[:3]]  # the mark's corner, and each sample's attribution peak on it
+            assert alarm == 1.0 and ranked[0][1] in ("corners", "atypical_corner", "border", "attribution_peak")
+            assert discovery.alarms and discovery.alarms[0]["region"] in top
+            assert discovery.alarms[0]["region"] not in ("hotspot", "attribution_peak")
         else:
             assert alarm == 0.0 and not discovery.alarms
