@@ -93,7 +93,8 @@ SPLIT_SEED = 20261204
 N_CLEAN_DESIGN, N_CLEAN_HELD_OUT = 6, 26      # per dataset x architecture
 FRESH_CLEAN_FIRST = 200  # clean_fresh: seeds 200..225, added (2026-12-04) after the clean split's results were read
 FRESH2_CLEAN_FIRST = 300  # clean_fresh2: seeds 300..325, added (2026-12-04) after clean_fresh's results were read
-CLEAN_SPLITS = ("clean_design", "clean", "clean_fresh", "clean_fresh2")
+FRESH3_CLEAN_FIRST = 400  # clean_fresh3: seeds 400..425, added (2026-12-04) after clean_fresh2's results were read
+CLEAN_SPLITS = ("clean_design", "clean", "clean_fresh", "clean_fresh2", "clean_fresh3")
 
 
 def _split_ok(half):
@@ -128,7 +129,7 @@ def load_split():
 
 def runs_of(split_name, split=None):
     """Run specs (dicts) of a split: 'design', 'held_out', 'clean' (held-out clean), 'clean_design', 'clean_fresh'
-    and 'clean_fresh2' (further held-out clean sets, each added before the detector it measures ran on it), 'all'."""
+    to 'clean_fresh3' (further held-out clean sets, each added before the detector it measures ran on it), 'all'."""
     split = split or load_split()
     if split_name == "all":
         return [r for s in ("design", "held_out") + CLEAN_SPLITS for r in runs_of(s, split)]
@@ -142,7 +143,8 @@ def runs_of(split_name, split=None):
     if split_name in CLEAN_SPLITS:
         first, n = {"clean": (100, N_CLEAN_HELD_OUT), "clean_design": (0, N_CLEAN_DESIGN),
                     "clean_fresh": (FRESH_CLEAN_FIRST, N_CLEAN_HELD_OUT),
-                    "clean_fresh2": (FRESH2_CLEAN_FIRST, N_CLEAN_HELD_OUT)}[split_name]
+                    "clean_fresh2": (FRESH2_CLEAN_FIRST, N_CLEAN_HELD_OUT),
+                    "clean_fresh3": (FRESH3_CLEAN_FIRST, N_CLEAN_HELD_OUT)}[split_name]
         for d, a in COMBOS:
             for seed in range(first, first + n):
                 # even seeds: no shortcut; odd seeds: a region-ful family's mark with a random (useless) code
