@@ -12,7 +12,10 @@ mask and ``B`` the donor's (equal for a fixed region; per sample for a callable)
   large mask (a background drawn around each image's object) loses its edge ring first (pixels with a neighbour
   outside it; one pixel, the resolution of a mask's edge), and then each next ring for as long as the rings are
   measurably unlike the ring inside them (:func:`_halo_depth`): they carry the faint edge of the object they border
-  (anti-aliasing, interpolation, blur), object content rather than background.
+  (anti-aliasing, interpolation, blur), object content rather than background. Its donors are pasted turned by 180
+  degrees: donors are training samples, and a model that memorised a training image's background (its noise, pixel by
+  pixel) is pulled toward that image's label by it in place; turned, the content keeps what a background shortcut is
+  (a colour, an intensity, a texture's orientation and period) and loses what was memorised where it sat.
 
 **Specific pull.** Each edit is paired with a *placebo*: the same edit at the same place with the content of a
 donor ``r_k`` whose label is not ``t_j`` (preferably ``y_i``). The pull of the pair is
@@ -137,7 +140,8 @@ class InterventionPlan:
     ``draw``, ``place`` and ``offset`` and differ in ``placebo``. The edit's pixels are the recipient's mask and the
     donor-side mask ``donor_masks[b_mask[e]]`` (in place: also ``donor_masks[c_mask[e]]``, its partner's), rolled by
     ``offset[e]``. At the region and at the rolled controls of a fixed region ``b_mask`` is the edit's own donor; at
-    the controls of a per-sample region it is the donor the control donor stands for (its content pasted there)."""
+    the controls of a per-sample region it is the donor the control donor stands for (its content pasted there). When
+    ``turned``, the donors' content and masks are turned by 180 degrees first (a background drawn per image)."""
 
     recipient: Tensor
     donor: Tensor
@@ -154,6 +158,7 @@ class InterventionPlan:
     num_recipients: int
     num_draws: int
     num_controls: int
+    turned: bool = False
 
     def __len__(self) -> int:
         return int(self.recipient.shape[0])
@@ -168,6 +173,7 @@ class InterventionPlan:
         """The edited inputs of edits ``index`` ``(len(index), C, H, W)``."""
         x = inputs[self.recipient[index].to(inputs.device)]
         r = donors[self.donor[index].to(donors.device)].to(x)
+        r = r.flip(-2, -1) if self.turned else r
         return torch.where(self.masks(index).to(x.device).unsqueeze(1), r, x)
 
     def masks(self, index: Tensor) -> Tensor:
@@ -176,7 +182,9 @@ class InterventionPlan:
         a = self.recipient_masks[self.recipient[index]]
         b = self.donor_masks[self.b_mask[index]]
         if self.in_place:  # the pixels both donors of the pair have in the region
-            return _rolled(a & b & self.donor_masks[self.c_mask[index]], self.offset[index])
+            c = self.donor_masks[self.c_mask[index]]
+            b, c = (b.flip(-2, -1), c.flip(-2, -1)) if self.turned else (b, c)
+            return _rolled(a & b & c, self.offset[index])
         return _rolled(a | b, self.offset[index])
 
 
@@ -294,7 +302,7 @@ def plan_interventions(inputs: Tensor, labels: Tensor, donors: Tensor, donor_lab
             cols["c_mask"].append(c_mask[ok])
     return InterventionPlan(**{k: torch.cat(v) for k, v in cols.items()}, recipient_masks=recipient_masks,
                             donor_masks=donor_masks, in_place=in_place, num_recipients=n, num_draws=config.donor_draws,
-                            num_controls=config.num_controls)
+                            num_controls=config.num_controls, turned=drawn and in_place)
 
 
 def _inner(masks: Tensor) -> Tensor:

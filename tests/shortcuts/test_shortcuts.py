@@ -19,6 +19,7 @@ from helpers import (DigitsModule, FigureSpy, assert_unchanged, png_equals, read
 from lightning_xai import ShortcutDiscovery, ShortcutMonitor
 from lightning_xai.shortcuts import (ShortcutConfig, check_region, decide, discover, plan_interventions,
                                      region_metrics, run_plan)
+from lightning_xai.shortcuts._test import InterventionPlan
 from lightning_xai.attribution import input_x_gradient
 from lightning_xai.shortcuts._test import STATS, _halo_depth, t_critical, t_tail
 
@@ -248,24 +249,65 @@ def test_a_box_around_each_images_object_is_ordinary_content():
 
 def test_a_per_sample_large_region_is_pasted_where_all_three_masks_hold():
     """In place, the edit and its placebo paste where the recipient, the donor and the placebo donor all have the
-    region, one pixel inside each per-sample mask: the same pixels for both, no donor's outline."""
+    region, inside each per-sample mask's edge ring, the donors turned by 180 degrees: the same pixels for both, no
+    donor's outline."""
     x, y = centred_objects(12, 0)
     dx, dy = centred_objects(30, 1)
     masks, dmasks = x[:, 0] < 0.15, dx[:, 0] < 0.15  # per-sample backgrounds
     plan = plan_interventions(x, y, dx, dy, masks, dmasks)
-    assert plan.in_place and bool((plan.place == 0).all())  # a background: no control place
+    assert plan.in_place and plan.turned and bool((plan.place == 0).all())  # a background: no control place
+    assert _halo_depth(torch.cat([x, dx]), torch.cat([masks, dmasks])) == 1  # sharp objects: the edge ring only
     real = torch.nonzero(~plan.placebo).view(-1)
     for e in real.tolist():
         i, j = int(plan.recipient[e]), int(plan.donor[e])
         pair = torch.nonzero(plan.placebo & (plan.recipient == i) & (plan.draw == plan.draw[e])).view(-1)
         k = int(plan.donor[pair[0]])
         inner = [torch.nn.functional.max_pool2d((~m).float()[None, None], 3, 1, 1)[0, 0] == 0
-                 for m in (masks[i], dmasks[j], dmasks[k])]
+                 for m in (masks[i], dmasks[j].flip(-2, -1), dmasks[k].flip(-2, -1))]
         allowed = inner[0] & inner[1] & inner[2]
         for edit, donor in ((e, j), (int(pair[0]), k)):
             changed = (plan.edited(x, dx, torch.tensor([edit]))[0, 0] != x[i, 0])
             assert bool((changed <= allowed).all()) and torch.equal(plan.masks(torch.tensor([edit]))[0], allowed)
-            assert torch.equal(plan.edited(x, dx, torch.tensor([edit]))[0, 0][allowed], dx[donor, 0][allowed])
+            turned = dx[donor, 0].flip(-2, -1)
+            assert torch.equal(plan.edited(x, dx, torch.tensor([edit]))[0, 0][allowed], turned[allowed])
+
+
+class NoiseMemoriser(nn.Module):
+    """Memorised its training images' background noise: class c's logit is the match of the input with the noise
+    of the training images of class c, pixel by pixel (a position-specific memory, as a flattening head can hold)."""
+
+    def __init__(self, train_x, train_y, classes=5):
+        super().__init__()
+        noise = (train_x - train_x.mean((2, 3), keepdim=True)) * (train_x < 0.15)
+        self.memory = torch.stack([noise[train_y == c].sum(0) for c in range(classes)])  # (C, 1, H, W)
+
+    def forward(self, x):
+        return 40 * torch.einsum("nchw,kchw->nk", x - x.mean((2, 3), keepdim=True), self.memory)
+
+
+def test_a_per_sample_background_is_pasted_turned_so_memorised_donors_do_not_pull():
+    """Donors are training samples. A model that memorised their background noise is pulled toward a donor's label by
+    its own background pasted in place (a clean model, yet test 1 alone would fire); turned by 180 degrees, the same
+    content carries no memory and pulls nothing. A class-coded background tint survives the turn and still alarms."""
+    x, y = centred_objects(100, 0)
+    dx, dy = centred_objects(200, 1)
+    memoriser = NoiseMemoriser(dx, dy)
+    background = lambda inputs: inputs[:, 0] < 0.15  # noqa: E731
+    plan = plan_interventions(x, y, dx, dy, background(x), background(dx))
+    untuned = InterventionPlan(**{**plan.__dict__, "turned": False})  # what pasting in place would do
+    as_is = decide(run_plan(memoriser, x, dx, untuned), untuned.targets())
+    verdict = check_region(memoriser, x, y, dx, dy, background)
+    assert as_is.alarm and as_is.stats["pull"] > 0.5 and not verdict.alarm, (as_is.reason, verdict.reason)
+    tint = torch.cat([y, dy]).float().view(-1, 1, 1, 1) * 0.01  # the background's level codes the class
+    tinted = torch.cat([x, dx]) + tint * (torch.cat([x, dx]) < 0.15)
+
+    class TintReader(nn.Module):
+        def forward(self, inputs):
+            level = (inputs * (inputs < 0.15)).sum((1, 2, 3)) / (inputs < 0.15).sum((1, 2, 3))
+            return -8e4 * (level.view(-1, 1) - 0.05 - 0.01 * torch.arange(5.0).view(1, 5)) ** 2
+
+    assert TintReader()(tinted).argmax(1).eq(torch.cat([y, dy])).float().mean() > 0.9
+    assert check_region(TintReader(), tinted[:100], y, tinted[100:], dy, background).alarm
 
 
 def blurred_objects(n, seed, blur=True, tint=0.0):
