@@ -83,7 +83,7 @@ from lightning_xai._utils import expected, two_class_logits
 COMPACT = 0.25  # donor masks covering at most this share of the image (on average) are transplanted, else replaced
 TRIES_PER_CONTROL = 8  # random offsets drawn per control kept
 MAX_OVERLAP = 0.5  # a control of a region no offset clears may overlap it by at most this share: mostly elsewhere
-HALO_LEVEL = 0.05  # a per-sample background's edge ring unlike its deeper pixels at this level is the object's edge
+HALO_LEVEL = 0.05  # a per-sample background's edge ring unlike the ring inside it at this level is the object's edge
 
 
 @dataclass(frozen=True)
@@ -544,6 +544,7 @@ def t_tail(t: float, df: float) -> float:
 
 
 def _beta_regularised(x: float, a: float, b: float) -> float:
+    """The regularised incomplete beta function ``I_x(a, b)`` (continued fraction, modified Lentz method)."""
     if x <= 0.0:
         return 0.0
     if x >= 1.0:
