@@ -22,9 +22,9 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 from torch import Tensor, nn
 
-from lightning_xai._utils import (HookSet, as_logits, check_positive_int, eager_compiled, expected, frozen_params,
+from lightning_xai._utils import (HookSet, check_positive_int, eager_compiled, expected, frozen_params,
                                   gradient_context, preserve_modes, resolve_layer)
-from lightning_xai.featvis._objectives import OUTPUT, Activations, Objective, class_indices, class_logit
+from lightning_xai.featvis._objectives import OUTPUT, Activations, Objective, class_logit
 from lightning_xai.featvis._param import Parametrization, _range_tensors, make_param
 from lightning_xai.featvis._transforms import (Compose, RegularizerLike, Transform, default_regularizers,
                                                default_transforms)
@@ -214,25 +214,12 @@ def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, in
             acts[key] = _first_tensor(output)
         return hook
 
-    classes = class_indices(objs)
-    gather: Optional[Tensor] = None  # (K, 1) class per image, once the first output has been checked
-
     def evaluate(x: Tensor) -> Tensor:
-        nonlocal gather
         acts.clear()
         out = run(x)
-        if classes is not None and isinstance(out, Tensor) and gather is not None:
-            # every objective a class logit: logits[k, classes[k]] in one gather (the same values and gradient as
-            # each objective's column picked and stacked)
-            stacked = as_logits(out).gather(1, gather).squeeze(1)  # (K,)
-            if sharded and out.is_floating_point() and out.requires_grad:
-                stacked = stacked + 0.0 * out.reshape(out.shape[0], -1).sum(1).to(stacked.dtype)
-            return stacked
         if needs_output:
             acts[OUTPUT] = out
-        scores = [obj(acts) for obj in objs]  # each (B,): the objectives check the output the first time
-        if classes is not None and isinstance(out, Tensor):
-            gather = torch.tensor(classes, device=out.device).view(-1, 1)
+        scores = [obj(acts) for obj in objs]  # each (B,)
         for j, s in enumerate(scores):
             if not isinstance(s, Tensor) or s.shape != (k,):
                 raise ValueError(expected(f"objective {objs[j]!r} output", f"a tensor of shape ({k},)",

@@ -111,21 +111,6 @@ def test_seed_reproduces_exactly(digits_net):
                        render(digits_net, 2, (1, 8, 8), steps=8, generator=g2).images)
 
 
-def test_class_objectives_gathered_at_once_give_the_same_images(digits_net):
-    """Objectives that are all class logits are read with one gather; ``+ 0.0`` (an exact no-op) takes each
-    objective's own path: the same images, activations and history, bit for bit."""
-    from lightning_xai.featvis._objectives import class_indices
-
-    plain = [class_logit(c) for c in (3, 5, 0)]
-    assert class_indices(plain) == [3, 5, 0] and class_indices([o + 0.0 for o in plain]) is None
-    a = render(digits_net, plain, (1, 8, 8), steps=16, seed=3)
-    b = render(digits_net, [o + 0.0 for o in plain], (1, 8, 8), steps=16, seed=3)
-    assert torch.equal(a.images, b.images) and torch.equal(a.activations, b.activations)
-    assert torch.equal(a.history["objective"], b.history["objective"])
-    with pytest.raises(ValueError, match="class index"):
-        render(digits_net, [class_logit(10)], (1, 8, 8), steps=2)
-
-
 def _high_freq_fraction(images, cutoff=0.25):
     x = images - images.mean((2, 3), keepdim=True)
     power = torch.fft.fft2(x).abs().pow(2).sum((0, 1))
