@@ -17,9 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from helpers import (DigitsModule, FigureSpy, assert_unchanged, png_equals, read_events, small_cnn, snapshot,
                      tiny_trainer, trained_weights)
 from lightning_xai import ShortcutDiscovery, ShortcutMonitor
-from lightning_xai.shortcuts import (ShortcutConfig, check_region, decide, discover, plan_interventions,
-                                     region_metrics, run_plan)
-from lightning_xai.shortcuts._test import InterventionPlan
+from lightning_xai.shortcuts import (InterventionPlan, ShortcutConfig, check_region, decide, discover,
+                                     plan_interventions, region_metrics, run_plan)
 from lightning_xai.attribution import input_x_gradient
 from lightning_xai.shortcuts._test import STATS, _halo_depth, t_critical, t_tail
 
