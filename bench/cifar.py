@@ -154,7 +154,7 @@ class PassTimer(pl.Callback):
             return
         start, cpu = time.perf_counter(), time.process_time()
         book = cost.book(trainer)
-        self.books.append({type(cb).__name__: (cb.estimated_work(trainer), book.runs.get(id(cb), 0),
+        self.books.append({type(cb).__name__: (cb.estimated_passes(trainer), book.runs.get(id(cb), 0),
                                                book.current.get(id(cb), 0.0))
                            for cb in trainer.callbacks if id(cb) in book.names})
         training = pl_module.training
@@ -192,9 +192,10 @@ def timed_stack() -> Tuple[list, List[PassTimer]]:
 
 def declared_runs(name: str, before: PassTimer, after: PassTimer) -> Dict[str, Any]:
     """A callback's runs as the timers around it saw them at each validation epoch's end: the passes it declared
-    just before its run (``estimated_work`` at that moment: LinearProbeMonitor's differ between runs), the run's
-    seconds (cost book), and the floor of each run priced at the forward+backward the two timers measured then."""
-    declared, seconds, floors, forwards = [], [], [], []
+    just before its run (``estimated_passes`` at that moment: LinearProbeMonitor's differ between runs), the run's
+    seconds (cost book), and the floor of each run: its forwards priced at the forward and its forward+backward
+    passes at the forward+backward the two timers measured then, in wall time and in CPU time."""
+    declared, seconds, floors, cpu_floors = [], [], [], []
     runs = 0
     for b, a, cb, ca in zip(before.books, after.books, before.costs, after.costs):
         work, _, _ = b[name]
@@ -203,10 +204,11 @@ def declared_runs(name: str, before: PassTimer, after: PassTimer) -> Dict[str, A
             declared.append(work)
             seconds.append(current)
             if work is not None:
-                floors.append(work * (cb[0] + ca[0]) / 2)
-                forwards.append(3 * work * (cb[1] + ca[1]) / 2)  # every declared pass taken as a forward
+                price = [(x + y) / 2 for x, y in zip(cb, ca)]  # forward+backward, forward; then the same in CPU
+                floors.append(work.gradient * price[0] + work.forward * price[1])
+                cpu_floors.append(work.gradient * price[2] + work.forward * price[3])
         runs = now
-    return {"declared": declared, "run_seconds": seconds, "floors": floors, "forward_floors": forwards}
+    return {"declared": declared, "run_seconds": seconds, "floors": floors, "cpu_floors": cpu_floors}
 
 
 def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> Dict[str, Any]:
@@ -225,7 +227,7 @@ def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> 
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     book = cost.book(trainer)
     spent = {type(cb).__name__: {"runs": book.runs.get(id(cb), 0), "seconds": book.seconds.get(id(cb), 0.0),
-                                 "work": cb.estimated_work(trainer), "report": getattr(cb, "report_seconds", None)}
+                                 "work": cb.estimated_passes(trainer), "report": getattr(cb, "report_seconds", None)}
              for cb in trainer.callbacks if id(cb) in book.names}
     for i, cb in enumerate(callbacks):  # with timers around it: the passes it declared at each run, and the runs
         if id(cb) in book.names and 0 < i < len(callbacks) - 1 and isinstance(callbacks[i - 1], PassTimer) \
@@ -378,11 +380,13 @@ def report_time(res: Dict[str, Any]) -> None:
           "LinearProbeMonitor's copy of the model included, over its runs), the report's seconds (figures, text, "
           "scalars and logging them: no model pass), the median run (the cost book's seconds of each run), share of "
           "the plain fit (its seconds / the same round's fit without callbacks), and its floor: the passes it "
-          "declared at each run (estimated_work just before it) x the cost of one forward+backward per sample of "
-          "the model (eval mode, 128 rows, input gradient; a forward alone counts 1/3), timed in the same fit just "
-          "before and just after the callback's run (the timers' own time is taken out of the stack's fit time).\n")
+          "declared at each run (estimated_passes just before it: forwards alone, and forward+backward passes), "
+          "each priced at the cost of one such pass per sample of the model (eval mode, 128 rows; the backward to "
+          "the input), timed in the same fit just before and just after the callback's run (the timers' own time is "
+          "taken out of the stack's fit time).\n")
     print("| callback | runs | seconds per run | of which report | median run | share of the plain fit "
-          "| declared passes per run | floor per run (s) | run / floor | (run - report) / floor |")
+          "| declared passes per run (forwards + forward+backward) | floor per run (s) | run / floor "
+          "| (run - report) / floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     steady = 0.0
     for name in names:
@@ -397,7 +401,9 @@ def report_time(res: Dict[str, Any]) -> None:
         floor_ratio = floor = rest_ratio = work_txt = "–"
         if all(g.get("declared") and None not in g["declared"] for g in got):
             floors = [sum(g["floors"]) / max(g["runs"], 1) for g in got]  # per run, each run at its own price
-            work_txt = f"{statistics.median(sum(g['declared']) / max(g['runs'], 1) for g in got):,.0f}"
+            fwd = statistics.median(sum(d.forward for d in g["declared"]) / max(g["runs"], 1) for g in got)
+            grad = statistics.median(sum(d.gradient for d in g["declared"]) / max(g["runs"], 1) for g in got)
+            work_txt = f"{fwd:,.0f} + {grad:,.0f}"
             floor = f"{statistics.median(floors):.2f}"
             if min(floors) > 0:
                 floor_ratio = "**{:.2f}**".format(statistics.median(
@@ -418,8 +424,7 @@ def report_time(res: Dict[str, Any]) -> None:
         work = [s["spent"][name].get("declared") for s in stack]
         if any(not w or None in w for w in work):
             continue
-        near = [statistics.mean(c[2] for t in s["timers"][i:i + 2] for c in t) for s in stack]
-        floors = [sum(w) / r * fb for w, r, fb in zip(work, runs, near)]
+        floors = [sum(s["spent"][name]["cpu_floors"]) / r for s, r in zip(stack, runs)]
         share = "–" if not plain else "{:.1f} %".format(100 * statistics.median(
             s["cpu_spent"][name] / p["cpu"] for s, p in zip(stack, plain)))
         ratio = "–" if min(floors) <= 0 else \
@@ -439,33 +444,14 @@ def report_time(res: Dict[str, Any]) -> None:
     print(f"Per epoch of a long fit at the default cadences (every callback every epoch, FeatureVisMonitor every 5th; "
           f"each callback's median run): {steady:.1f} s of explaining per {epoch:.1f} s epoch "
           + ("" if plain else "(the stack fit's own, without its explaining) ") + f"= **{1 + steady / epoch:.3f}x**.")
-    if "ShortcutMonitor" in names:
-        forward_priced(stack, names.index("ShortcutMonitor"))
-    if "LinearProbeMonitor" in names and all(s["spent"]["LinearProbeMonitor"].get("forward_floors") for s in stack):
-        got = [s["spent"]["LinearProbeMonitor"] for s in stack]
-        ratios = [g["seconds"] / sum(g["forward_floors"]) for g in got if sum(g["forward_floors"]) > 0]
-        if ratios:
-            print(f"LinearProbeMonitor's floor with its declared passes priced at the measured forward (they are the "
-                  f"untrained copy's forward): all its seconds in the fit / that floor "
-                  f"**{statistics.median(ratios):.2f}** ({', '.join(f'{r:.2f}' for r in ratios)}).")
-
-
-def forward_priced(stack: List[Dict[str, Any]], i: int) -> None:
-    """ShortcutMonitor's floor with its forward passes at the measured cost of a forward instead of 1/3 of a
-    forward+backward: its passes are forwards but for one saliency pass per probe sample."""
-    ratios = []
-    for s in stack:
-        cb = next(c for c in s["callbacks"] if type(c).__name__ == "ShortcutMonitor")
-        rows, _ = cb.probe_size()
-        spent = s["spent"]["ShortcutMonitor"]
-        work = statistics.mean(spent["declared"]) if spent.get("declared") else spent["work"]
-        forwards = 3 * (work - rows)  # every pass but the saliency's forward+backward per probe sample
-        near = [c for t in s["timers"][i:i + 2] for c in t]
-        fb, fw = statistics.mean(c[0] for c in near), statistics.mean(c[1] for c in near)
-        ratios.append(spent["seconds"] / max(spent["runs"], 1) / (rows * fb + forwards * fw))
-    print(f"ShortcutMonitor's floor with its {forwards:,.0f} forward passes per run priced at the "
-          f"measured forward (not 1/3 of a forward+backward) and its {rows} saliency passes at a forward+backward: "
-          f"run / floor **{statistics.median(ratios):.2f}** ({', '.join(f'{r:.2f}' for r in ratios)}).")
+    floors = 0.0
+    for name in names:
+        got = [s["spent"][name] for s in stack]
+        if all(g.get("floors") for g in got):
+            every = 5 if name == "FeatureVisMonitor" else 1
+            floors += statistics.median(statistics.median(g["floors"]) for g in got) / every
+    print(f"The same at every callback's median floor instead of its median run (the defaults' work alone, as if "
+          f"each callback cost exactly its declared passes): {floors:.1f} s = **{1 + floors / epoch:.3f}x**.")
 
 
 def report_memory(res: Dict[str, Any]) -> None:

@@ -12,12 +12,46 @@ from __future__ import annotations
 import fnmatch
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 Target = Union[None, int, Tensor, Callable[[Tensor], Tensor]]
+
+
+@dataclass(frozen=True)
+class Passes:
+    """Model passes of some work, counted per sample: ``forward`` forwards alone (no gradient) and ``gradient``
+    forward+backward passes (a gradient with respect to the input). The benchmarks price each kind at its own
+    measured cost; :attr:`equivalent` is the older single count (a forward alone taken as a third of a
+    forward+backward).
+
+    Example:
+        >>> 32 * (Passes(forward=1) + Passes(gradient=16))
+        Passes(forward=32.0, gradient=512.0)
+    """
+
+    forward: float = 0.0
+    gradient: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "forward", float(self.forward))
+        object.__setattr__(self, "gradient", float(self.gradient))
+
+    def __add__(self, other: "Passes") -> "Passes":
+        return Passes(self.forward + other.forward, self.gradient + other.gradient)
+
+    def __mul__(self, k: float) -> "Passes":
+        return Passes(self.forward * k, self.gradient * k)
+
+    __rmul__ = __mul__
+
+    @property
+    def equivalent(self) -> float:
+        """Forward+backward equivalents, a forward alone counting 1/3."""
+        return self.gradient + self.forward / 3
 
 
 # --------------------------------------------------------------------------- messages

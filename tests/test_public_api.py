@@ -16,9 +16,9 @@ EXPORTS = {
         "TokenAttributionMonitor", "__version__",
     ],
     "lightning_xai.attribution": [
-        "CaptumMethod", "METHODS", "Method", "from_captum", "gaussian_blur", "get_method", "grad_cam",
-        "grid_segments", "input_x_gradient", "integrated_gradients", "is_signed", "lime", "method_passes",
-        "occlusion", "saliency", "smoothgrad",
+        "CaptumMethod", "METHODS", "Method", "Passes", "from_captum", "gaussian_blur", "get_method", "grad_cam",
+        "grid_segments", "input_x_gradient", "integrated_gradients", "is_signed", "lime", "method_pass_counts",
+        "method_passes", "occlusion", "saliency", "smoothgrad",
     ],
     "lightning_xai.callbacks": [
         "ProbeSetCallback", "StreamingCallback", "XAICallback", "extract_xy",

@@ -12,17 +12,19 @@ This package imports torch only (no Lightning, TensorBoard or matplotlib); Captu
 lazily by :func:`from_captum`.
 """
 
+from lightning_xai._utils import Passes
 from lightning_xai.attribution._grad_cam import grad_cam
 from lightning_xai.attribution._gradient import input_x_gradient, saliency, smoothgrad
 from lightning_xai.attribution._integrated_gradients import gaussian_blur, integrated_gradients
 from lightning_xai.attribution._lime import grid_segments, lime
 from lightning_xai.attribution._occlusion import occlusion
 from lightning_xai.attribution._registry import (METHODS, CaptumMethod, Method, from_captum, get_method, is_signed,
-                                                 method_passes)
+                                                 method_pass_counts, method_passes)
 
 __all__ = [
     "METHODS",
     "Method",
+    "Passes",
     "CaptumMethod",
     "from_captum",
     "gaussian_blur",
@@ -33,6 +35,7 @@ __all__ = [
     "integrated_gradients",
     "is_signed",
     "lime",
+    "method_pass_counts",
     "method_passes",
     "occlusion",
     "saliency",

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from lightning_xai._utils import Target, expected
+from lightning_xai._utils import Passes, Target, expected
 from lightning_xai.attribution._common import guarded, private_copy, resolve_target_chunked, DEFAULT_MAX_ROWS
 from lightning_xai.attribution._grad_cam import _grad_cam_validate_args, grad_cam
 from lightning_xai.attribution._gradient import (_gradient_validate_args, _saliency_validate_args,
@@ -31,36 +31,39 @@ class Method(NamedTuple):
         validate: ``validate(model, inputs, target, **options)`` checks every option the method takes (named as in
             its signature) before its first forward pass; see :func:`validate_options`.
         signed: ``signed(option) -> bool``: whether its maps carry a sign with these options (see :func:`is_signed`).
-        passes: ``passes(option, sample_shape) -> float or None``: model passes per input sample of one call, in
-            forward+backward equivalents (a forward alone counts 1/3); see :func:`method_passes`.
+        passes: ``passes(option, sample_shape) -> Passes or None``: model passes per input sample of one call
+            (forwards alone and forward+backward passes); see :func:`method_pass_counts`.
     """
 
     fn: AttributionFn
     validate: Callable[..., Any]
     signed: Callable[[Option], bool]
-    passes: Callable[[Option, Optional[Tuple[int, ...]]], Optional[float]]
+    passes: Callable[[Option, Optional[Tuple[int, ...]]], Optional[Passes]]
 
 
-def _occlusion_passes(option: Option, sample_shape: Optional[Tuple[int, ...]]) -> Optional[float]:
+def _occlusion_passes(option: Option, sample_shape: Optional[Tuple[int, ...]]) -> Optional[Passes]:
     """One forward per window position, and f(x); unknown without the sample's shape."""
     if sample_shape is None:
         return None
     shape = tuple(int(d) for d in sample_shape)
-    return (len(_window_slices(shape, *occlusion_windows(shape, option("window"), option("stride")))) + 1) / 3
+    return Passes(forward=len(_window_slices(shape, *occlusion_windows(shape, option("window"), option("stride"))))
+                  + 1)
 
 
 #: The built-in methods, by name: one row (:class:`Method`) each, the only place their facts live.
 METHODS: Dict[str, Method] = {
-    "saliency": Method(saliency, _saliency_validate_args, lambda o: not o("abs"), lambda o, s: 1.0),
-    "input_x_gradient": Method(input_x_gradient, _gradient_validate_args, lambda o: True, lambda o, s: 1.0),
+    "saliency": Method(saliency, _saliency_validate_args, lambda o: not o("abs"), lambda o, s: Passes(gradient=1)),
+    "input_x_gradient": Method(input_x_gradient, _gradient_validate_args, lambda o: True,
+                               lambda o, s: Passes(gradient=1)),
     "smoothgrad": Method(smoothgrad, _smoothgrad_validate_args,
-                         lambda o: o("kind") == "smoothgrad" and not o("abs"), lambda o, s: float(o("samples"))),
+                         lambda o: o("kind") == "smoothgrad" and not o("abs"),
+                         lambda o, s: Passes(gradient=o("samples"))),
     # the completeness gap (return_delta) needs f(x) and f(baseline): two forwards
     "integrated_gradients": Method(integrated_gradients, _integrated_gradients_validate_args, lambda o: True,
-                                   lambda o, s: float(o("steps")) + (2 / 3 if o("return_delta") else 0.0)),
+                                   lambda o, s: Passes(forward=2 if o("return_delta") else 0, gradient=o("steps"))),
     "occlusion": Method(occlusion, _occlusion_validate_args, lambda o: True, _occlusion_passes),
-    "grad_cam": Method(grad_cam, _grad_cam_validate_args, lambda o: not o("relu"), lambda o, s: 1.0),
-    "lime": Method(lime, _lime_validate_args, lambda o: True, lambda o, s: float(o("samples")) / 3),
+    "grad_cam": Method(grad_cam, _grad_cam_validate_args, lambda o: not o("relu"), lambda o, s: Passes(gradient=1)),
+    "lime": Method(lime, _lime_validate_args, lambda o: True, lambda o, s: Passes(forward=o("samples"))),
 }
 
 
@@ -207,6 +210,19 @@ def method_passes(name: str, fn: AttributionFn, options: Mapping[str, Any],
         8.0
         >>> round(method_passes("integrated_gradients", integrated_gradients, {"steps": 16, "return_delta": True}), 3)
         16.667
+    """
+    passes = method_pass_counts(name, fn, options, sample_shape)
+    return None if passes is None else passes.equivalent
+
+
+def method_pass_counts(name: str, fn: AttributionFn, options: Mapping[str, Any],
+                       sample_shape: Optional[Tuple[int, ...]] = None) -> Optional[Passes]:
+    """Model passes per input sample of one call: forwards alone and forward+backward passes, which the benchmarks
+    price each at its measured cost. ``None`` when not known (as :func:`method_passes`).
+
+    Example:
+        >>> method_pass_counts("integrated_gradients", integrated_gradients, {"steps": 16, "return_delta": True})
+        Passes(forward=2.0, gradient=16.0)
     """
     row = METHODS.get(name)
     if row is None or row.fn is not fn:

@@ -20,8 +20,8 @@ from torch import Tensor
 from lightning_xai._lightning import MisconfigurationException, MisconfigurationTypeError, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import check_choice, check_int, check_real, eager_compiled, expected
-from lightning_xai.attribution import is_signed, method_passes
+from lightning_xai._utils import Passes, check_choice, check_int, check_real, eager_compiled, expected
+from lightning_xai.attribution import is_signed, method_pass_counts
 from lightning_xai.attribution._registry import PinnedOptions
 from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_method_layers, check_method_options,
@@ -168,14 +168,14 @@ class AttributionMonitor(SampleCheckedCallback):
         self.evolution_preds = {int(e): t for e, t in state_dict.get("evolution_preds", {}).items()}
 
     @override
-    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
+    def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """Probe samples x (the prediction's forward + every method's passes); None if a method's is unknown."""
         rows, shape = self.probe_size()
-        passes = [method_passes(name, fn, {"return_delta": name == "integrated_gradients", **options}, shape)
+        passes = [method_pass_counts(name, fn, {"return_delta": name == "integrated_gradients", **options}, shape)
                   for name, fn, options in self.methods]
         if any(p is None for p in passes):
             return None
-        return rows * (1 / 3 + sum(passes))
+        return rows * sum(passes, Passes(forward=1))
 
     # ------------------------------------------------------------------ checks
     @staticmethod

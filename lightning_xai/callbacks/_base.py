@@ -25,8 +25,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_xai._lightning import CALLBACK_BASES, FITTING, MisconfigurationException, is_a, refuse_bad_options
-from lightning_xai._utils import (check_bool, check_choice, check_positive_int, eager_compiled, expected, forked_rng,
-                                  gradient_context, is_compiled, preserve_modes, select_output, two_class_logits)
+from lightning_xai._utils import (Passes, check_bool, check_choice, check_positive_int, eager_compiled, expected,
+                                  forked_rng, gradient_context, is_compiled, preserve_modes, select_output,
+                                  two_class_logits)
 from lightning_xai.callbacks import _cost as cost
 from lightning_xai._logging import log_scalars, logging_step
 
@@ -203,10 +204,15 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         every_val = trainer.check_val_every_n_epoch or 1  # None: validation by steps, in every epoch
         return (epoch // every_val) % self.every_n_epochs == 0
 
-    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
-        """The model passes one run takes (over all ranks), in sample forward+backward equivalents (a forward
-        alone counts 1/3), for the benchmarks' floors. ``None`` (the default): not known."""
+    def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
+        """The model passes one run takes (over all ranks), counted per sample: forwards alone and forward+backward
+        passes, for the benchmarks' floors (each priced at its measured cost). ``None`` (the default): not known."""
         return None
+
+    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
+        """:meth:`estimated_passes` in sample forward+backward equivalents (a forward alone counts 1/3)."""
+        passes = self.estimated_passes(trainer)
+        return None if passes is None else passes.equivalent
 
     @contextlib.contextmanager
     def timed(self, trainer: "pl.Trainer", epoch: Optional[int] = None, run: bool = True) -> Iterator[None]:

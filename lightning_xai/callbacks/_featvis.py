@@ -19,7 +19,7 @@ from torch import Tensor
 from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import check_int, check_positive_int, check_real, expected, resolve_layer
+from lightning_xai._utils import Passes, check_int, check_positive_int, check_real, expected, resolve_layer
 from lightning_xai.callbacks._batches import BatchToXY, extract_xy
 from lightning_xai.callbacks._streaming import StreamingCallback
 from lightning_xai.featvis import Objective, make_param, render
@@ -170,10 +170,10 @@ class FeatureVisMonitor(StreamingCallback):
             self.value_range = tuple(state_dict["value_range"])
 
     @override
-    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
+    def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """Per image (one per target of every set) a forward+backward at each of the ``steps`` optimiser steps and a
-        forward (1/3) of the final image; the same over all ranks (each set renders on one of them)."""
-        return sum(len(objs) for _, objs in self.target_sets) * (self.steps + 1 / 3)
+        forward of the final image; the same over all ranks (each set renders on one of them)."""
+        return sum(len(objs) for _, objs in self.target_sets) * Passes(forward=1, gradient=self.steps)
 
     # ------------------------------------------------------------------ setup
     @override

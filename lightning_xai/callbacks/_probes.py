@@ -25,8 +25,8 @@ from lightning_xai._lightning import MisconfigurationException, refuse_bad_optio
 from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
 
-from lightning_xai._utils import (check_bool, check_choice, check_int, check_positive_int, check_real, eager_compiled,
-                                  expected, is_compiled, preserve_modes)
+from lightning_xai._utils import (Passes, check_bool, check_choice, check_int, check_positive_int, check_real,
+                                  eager_compiled, expected, is_compiled, preserve_modes)
 from lightning_xai.callbacks import _cost as cost
 from lightning_xai.callbacks._batches import BATCH_FIX, BatchToXY, class_labels, extract_xy, first_loader
 from lightning_xai.callbacks._ranks import gather_rows
@@ -230,19 +230,19 @@ class LinearProbeMonitor(StreamingCallback):
                                                     max_dim=self.max_dim, seed=self.seed)
 
     @override
-    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
+    def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """The model passes of the current run (between runs: of the next one). While the untrained copy made at fit
-        start waits to be probed, a forward of it (1/3) per validation sample; else none: the features come from
-        the validation forward Lightning runs anyway, and capturing, reducing and fitting them is no model pass.
+        start waits to be probed, a forward of it per validation sample; else none: the features come from the
+        validation forward Lightning runs anyway, and capturing, reducing and fitting them is no model pass.
         None when the validation set has no length."""
         if not self._wants_untrained():
-            return 0.0
+            return Passes()
         loader = None if trainer is None else first_loader(trainer.val_dataloaders)
         try:
             rows = len(loader.dataset)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - no loader, an iterable dataset: not known
             return None
-        return rows / 3
+        return Passes(forward=rows)
 
     def _reducers_for_copy(self) -> Dict[str, Reducer]:
         return dict(self._capture.reducers)  # same reducers, so projections match the trained layers

@@ -18,8 +18,8 @@ from typing_extensions import override
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
-from lightning_xai._utils import check_choice, expected
-from lightning_xai.attribution import method_passes
+from lightning_xai._utils import Passes, check_choice, expected
+from lightning_xai.attribution import method_pass_counts
 from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._batches import (BATCH_FIX, Buckets, choose_stratified, class_labels, collect_rows,
                                               extract_xy)
@@ -125,14 +125,14 @@ class _ShortcutCallback(SampleCheckedCallback):
         raise NotImplementedError
 
     @override
-    def estimated_work(self, trainer: Optional["pl.Trainer"] = None) -> Optional[float]:
-        """Probe samples x (prediction + attribution passes + the edits' forward passes of every region), in
-        forward-and-backward passes (a forward pass counts a third)."""
+    def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
+        """Probe samples x (a prediction's forward, the attribution's passes and the edits' forwards of every
+        region)."""
         rows, shape = self.probe_size()
-        passes = method_passes(*self.method, shape)
+        passes = method_pass_counts(*self.method, shape)
         if passes is None:
             return None
-        return rows * (1 / 3 + passes + self.regions_tested() * self.edits_per_sample() / 3)
+        return rows * (Passes(forward=1 + self.regions_tested() * self.edits_per_sample()) + passes)
 
     # ------------------------------------------------------------------ reference samples (training batches)
     @property
@@ -434,6 +434,15 @@ class ShortcutDiscovery(_ShortcutCallback):
 
     def regions_tested(self) -> int:
         return len(self.CANDIDATES)  # at most; a candidate that is not found this run costs nothing
+
+    @override
+    def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
+        """The probe set's passes (see the base class) and the donors' attribution maps."""
+        passes = super().estimated_passes(trainer)
+        donors = method_pass_counts(*self.method, self.probe_size()[1])
+        if passes is None or donors is None:
+            return passes
+        return passes + self.config.reference_samples * donors
 
     def _selected(self, name: str) -> bool:
         return name in SELECTED

@@ -10,7 +10,7 @@ from torch import nn
 from helpers import (PACKAGES, classifier, digits_loaders, is_timing, lightning_package, read_events, small_cnn,
                      tiny_trainer)
 
-from lightning_xai import AttributionMonitor, LinearProbeMonitor, ShortcutMonitor
+from lightning_xai import AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ShortcutMonitor
 from lightning_xai.shortcuts import ShortcutConfig
 from lightning_xai.attribution import get_method
 from lightning_xai.callbacks import _shared as shared
@@ -192,3 +192,47 @@ def test_validation_pass_is_the_only_pass_feeding_the_activation_hooks(tmp_path)
     assert all(cb.errors == 0 for cb in callbacks[:3])
     assert [v for k, v in seen if k == "hooks"] == [[1, 1]] * 4  # 2 epochs x 2 validation batches
     assert [v for k, v in seen if k == "forwards"] == [1] * 4
+
+
+class _Rows(__import__("pytorch_lightning").Callback):
+    """Placed before and after a callback: the rows ``net`` counted during that callback's epoch-end run."""
+
+    def __init__(self, net, runs=None):
+        self.net, self.runs = net, runs
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self.runs is None:  # the one before the callback
+            self.start = (self.net.no_grad_rows, self.net.grad_rows)
+        else:
+            before = self.runs[0].start
+            self.runs[1].append((self.net.no_grad_rows - before[0], self.net.grad_rows - before[1]))
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: AttributionMonitor(methods=("saliency", ("smoothgrad", {"samples": 3}),
+                                                     ("integrated_gradients", {"steps": 5})),
+                                            probe_samples=8, evolution_samples=0), id="attribution"),
+    pytest.param(lambda: ShortcutMonitor(regions={"corner": (0, 0, 2, 2), "side": (0, 6, 8, 2)}, probe_samples=16,
+                                         action="log", config=ShortcutConfig(reference_samples=0, num_controls=2)),
+                 id="shortcut"),
+    pytest.param(lambda: FeatureVisMonitor(targets=[("logits", (0, 3))], steps=4, every_n_epochs=1), id="featvis"),
+])
+def test_declared_passes_are_the_rows_through_the_model(tmp_path, make):
+    """``estimated_passes``: forwards alone and forward+backward passes per run, as the rows the model saw then."""
+    pl = lightning_package("pytorch_lightning")
+    pl.seed_everything(0)
+    net = CountingNet()
+    callback = make()
+    runs = []
+    before = _Rows(net)
+    after = _Rows(net, (before, runs))
+    declared = []
+    spy = type("Spy", (pl.Callback,), {"on_validation_epoch_end": lambda s, t, m: declared.append(
+        callback.estimated_passes(t))})()
+    trainer = tiny_trainer(tmp_path, callbacks=[spy, before, callback, after], max_epochs=2)
+    with shared.disabled():
+        trainer.fit(classifier(net=net), *digits_loaders(n_train=128, n_val=64))
+    assert callback.errors == 0 and len(runs) == 2
+    for passes, (forward_rows, gradient_rows) in zip(declared, runs):
+        assert (passes.forward, passes.gradient) == (forward_rows, gradient_rows)
+        assert callback.estimated_work(trainer) == pytest.approx(gradient_rows + forward_rows / 3)
