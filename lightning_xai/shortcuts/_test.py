@@ -171,29 +171,31 @@ class InterventionPlan:
 
     def edited(self, inputs: Tensor, donors: Tensor, index: Tensor) -> Tensor:
         """The edited inputs of edits ``index`` ``(len(index), C, H, W)``."""
-        x = inputs[self.recipient[index].to(inputs.device)]
-        r = donors[self.donor[index].to(donors.device)].to(x)
+        x = inputs.index_select(0, self.recipient[index].to(inputs.device))
+        r = donors.index_select(0, self.donor[index].to(donors.device)).to(x)
         r = r.flip(-2, -1) if self.turned else r
-        return torch.where(self.masks(index).to(x.device).unsqueeze(1), r, x)
+        return torch.where(self.masks(index).to(x.device).unsqueeze(1), r, x, out=x)
 
     def masks(self, index: Tensor) -> Tensor:
         """The pixels edit ``index`` changes ``(len(index), H, W)``: the union of its recipient-side and donor-side
         masks (in place: where those and the partner's donor-side mask all hold), rolled by its offset."""
-        a = self.recipient_masks[self.recipient[index]]
-        b = self.donor_masks[self.b_mask[index]]
+        a = self.recipient_masks.index_select(0, self.recipient[index])
+        b = self.donor_masks.index_select(0, self.b_mask[index])
         if self.in_place:  # the pixels both donors of the pair have in the region
-            c = self.donor_masks[self.c_mask[index]]
+            c = self.donor_masks.index_select(0, self.c_mask[index])
             b, c = (b.flip(-2, -1), c.flip(-2, -1)) if self.turned else (b, c)
             return _rolled(a & b & c, self.offset[index])
         return _rolled(a | b, self.offset[index])
 
 
 def _rolled(masks: Tensor, offsets: Tensor) -> Tensor:
-    """Each mask ``(B, H, W)`` rolled by its offset ``(B, 2)`` (as :func:`torch.roll`, wrapping around)."""
+    """Each mask ``(B, H, W)`` rolled by its offset ``(B, 2)`` (as :func:`torch.roll`, wrapping around): its rows
+    picked in rolled order, then each row's columns."""
     b, h, w = masks.shape
-    iy = (torch.arange(h).view(1, h, 1) - offsets[:, 0].view(b, 1, 1)) % h
-    ix = (torch.arange(w).view(1, 1, w) - offsets[:, 1].view(b, 1, 1)) % w
-    return masks[torch.arange(b).view(b, 1, 1), iy, ix]
+    iy = (torch.arange(h).view(1, h) - offsets[:, :1]) % h  # (B, H)
+    ix = (torch.arange(w).view(1, w) - offsets[:, 1:]) % w  # (B, W)
+    rows = masks[torch.arange(b).view(b, 1), iy]
+    return rows.gather(2, ix.view(b, 1, w).expand(b, h, w))
 
 
 def _pick(pool: Tensor, generator: torch.Generator) -> int:

@@ -749,3 +749,13 @@ def test_discovery_callback_finds_the_mark_and_not_on_the_object_reader(tmp_path
             assert discovery.alarms[0]["region"] not in ("hotspot", "attribution_peak")
         else:
             assert alarm == 0.0 and not discovery.alarms
+
+
+def test_rolled_masks_are_torch_roll_of_each_mask():
+    from lightning_xai.shortcuts._test import _rolled
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(40, 5, 7, generator=g) > 0.6
+    offsets = torch.stack([torch.randint(-5, 10, (40,), generator=g), torch.randint(-7, 14, (40,), generator=g)], 1)
+    want = torch.stack([torch.roll(m, (int(o[0]), int(o[1])), (0, 1)) for m, o in zip(masks, offsets)])
+    assert torch.equal(_rolled(masks, offsets), want)
