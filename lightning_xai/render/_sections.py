@@ -264,19 +264,17 @@ class Grid(Section):
         h, w = (side * self.upscale for side in self._hw)
         fw = max(2, f // 6) if self.frames is not None else 0
         gap = max(3, f // 4) + 2 * fw
-        col = [w + 2 * fw] * self.k
-        for j in range(self.k):
-            if j < len(self.headers):
-                col[j] = max(col[j], text_width(self.headers[j], f) + 4)
-            for row in self.cell_captions:
-                col[j] = max([col[j]] + [text_width(line, f - 1) + 4 for line in row[j]])
+        cell_w, caption_w, label_w = self._text_widths(f)
+        col = [max(w + 2 * fw, cell_w[j]) for j in range(self.k)]
+        for j in range(min(self.k, len(self.headers))):
+            col[j] = max(col[j], text_width(self.headers[j], f) + 4)
         div = f
         for start, stop, text in self.groups:  # widen the span's last column until its text fits
             span = sum(col[start:stop]) + gap * (stop - start - 1)
             col[stop - 1] += max(0, text_width(text, f) + f - span)
         inner = sum(col) + gap * (self.k - 1) + div * len(self.dividers)
-        block = max([inner] + [text_width(line, f) + 4 for c in self.captions for line in c])
-        label = (max(text_width(line, f) for r in self.row_labels for line in r) + f) if self.row_labels else 0
+        block = max(inner, caption_w)
+        label = label_w + f if self.row_labels else 0
         caption_lines = max((len(c) for row in self.cell_captions for c in row), default=0)
         block_lines = max((len(c) for c in self.captions), default=0)
         block_h = 2 * fw + h + caption_lines * line_height(f - 1) + block_lines * line_height(f) + max(2, f // 4)
@@ -288,6 +286,19 @@ class Grid(Section):
                     block_h=block_h, header_h=header_h, rows=rows, vgap=vgap, hgap=hgap,
                     width=label + self.ncols * block + (self.ncols - 1) * hgap,
                     height=header_h + rows * block_h + (rows - 1) * vgap)
+
+    def _text_widths(self, f: int) -> Tuple[List[int], int, int]:
+        """The widest caption line under each cell column (+ 4 px), under a block (+ 4 px), and of the row labels, at
+        font size ``f`` (measured once per size and weight: the geometry is asked for at several column counts)."""
+        key = ("text", f, _HEAVY.get())
+        if key not in self._cache:
+            lines = [set(line for row in self.cell_captions for line in row[j]) for j in range(self.k)]
+            cell = [max((text_width(line, f - 1) + 4 for line in col), default=0) for col in lines]
+            caption = max((text_width(line, f) + 4 for line in set(x for c in self.captions for x in c)), default=0)
+            label = max((text_width(line, f) for r in self.row_labels for line in r), default=0) if self.row_labels \
+                else 0
+            self._cache[key] = (cell, caption, label)
+        return self._cache[key]
 
     def min_width(self, f: int) -> int:
         return self._geometry(f)["width"]
