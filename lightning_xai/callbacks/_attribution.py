@@ -275,9 +275,9 @@ class AttributionMonitor(SampleCheckedCallback):
         rows = self._evolution_rows(x.shape[0])
         if rows.numel():
             self.evolution_preds[epoch] = torch.stack([pred[rows].float(), conf[rows].float()], 1)
-        labels = ["–" if y is None else str(int(v)) for v in (y.cpu() if y is not None else pred)]
-        captions = [[f"label {labels[i]} · pred {int(pred[i])}", f"conf {float(conf[i]):.2f} · expl. {int(target[i])}"]
-                    for i in range(x.shape[0])]
+        labels = ["–"] * x.shape[0] if y is None else [str(int(v)) for v in y.cpu().tolist()]
+        captions = [[f"label {label} · pred {p}", f"conf {c:.2f} · expl. {t}"]  # Python numbers: no per-item tensor op
+                    for label, p, c, t in zip(labels, pred.tolist(), conf.tolist(), target.tolist())]
         target_desc = f"class {self.target}" if isinstance(self.target, int) else f"the {self.target}"
         for name, fn, options in self.methods:
             signed = is_signed(fn, options)
@@ -306,9 +306,10 @@ class AttributionMonitor(SampleCheckedCallback):
         shown = spread(epochs, MAX_COLUMNS)
         columns = [(str(e), self.evolution[name][e].float()) for e in shown]
         preds = [self.evolution_preds.get(e) for e in shown]
-        cell_captions = [[[]] + [[] if p is None or i >= p.shape[0] else [f"{int(p[i, 0])}", f"{float(p[i, 1]):.2f}"]
+        preds = [None if p is None else p.tolist() for p in preds]  # (k, 2) each
+        cell_captions = [[[]] + [[] if p is None or i >= len(p) else [f"{int(p[i][0])}", f"{p[i][1]:.2f}"]
                                  for p in preds] for i in range(rows.numel())]
-        row_labels = [[f"#{int(r)}", "label " + ("–" if y is None else str(int(y[int(r)])))] for r in rows]
+        row_labels = [[f"#{r}", "label " + ("–" if y is None else str(int(y[r])))] for r in rows.tolist()]
         more = f" ({len(shown)} of {len(epochs)} explained epochs, evenly spread)" if len(shown) < len(epochs) else ""
         return evolution_figure(inputs, columns, signed, title=f"{name} over the epochs{more}",
                                 subtitle="each cell: the heatmap over the input at that epoch; below it the predicted "
@@ -318,11 +319,9 @@ class AttributionMonitor(SampleCheckedCallback):
 
     def _table(self, y: Optional[Tensor], results: Dict[str, Tensor], epoch: int) -> str:
         target_desc = f"class {self.target}" if isinstance(self.target, int) else self.target
-        rows = []
-        for i in range(results["pred"].shape[0]):
-            rows.append([i, "-" if y is None else int(y[i]), int(results["pred"][i]),
-                         f"{float(results['conf'][i]):.3f}",
-                         int(results["target"][i]), f"{float(results['target_prob'][i]):.3f}"])
+        pred, conf, target, prob = (results[k].tolist() for k in ("pred", "conf", "target", "target_prob"))
+        labels = ["-"] * len(pred) if y is None else [int(v) for v in y.tolist()]
+        rows = [[i, labels[i], pred[i], f"{conf[i]:.3f}", target[i], f"{prob[i]:.3f}"] for i in range(len(pred))]
         head = f"Epoch {epoch}: rows of the attribution images, top to bottom (explained class: {target_desc}).\n\n"
         columns = ["row", "label", "prediction", "confidence", "explained class", "p(explained)"]
         return head + markdown_table(columns, rows)
