@@ -106,13 +106,19 @@ class ColorBarSection(Section):
     def min_width(self, f: int) -> int:
         return 8 * f + sum(text_width(label, f - 1) for _, label in self.ticks) // 2
 
+    @staticmethod
+    def _gap(f: int) -> int:
+        """Pixels between the label's last line and the bar's frame, clear of the descenders (y, p, ')')."""
+        return max(2, f // 4)
+
     def height(self, f: int, width: int) -> int:
-        return len(wrap(self.bar.label, width, f)) * line_height(f) + f + line_height(f - 1) + 3
+        return (len(wrap(self.bar.label, width, f)) * line_height(f) + self._gap(f) + f + line_height(f - 1) + 3)
 
     def draw(self, canvas: Canvas, x: int, y: int, width: int, f: int) -> None:
         for line in wrap(self.bar.label, width, f):
             canvas.text(line, x, y, "colorbar")
             y += line_height(f)
+        y += self._gap(f)
         bw, bh = self._bar_width(f, width), f
         x0 = x + text_width(self.ticks[0][1], f - 1) // 2  # room for the first tick's label
         bw = min(bw, width - (x0 - x) - text_width(self.ticks[-1][1], f - 1) // 2)

@@ -148,3 +148,14 @@ def test_spread_and_columns():
     assert spread(range(5), 12) == [0, 1, 2, 3, 4]
     assert spread(range(30), 4) == [0, 10, 19, 29]  # first and latest kept
     assert [auto_columns(n) for n in (1, 4, 10, 32)] == [1, 1, 2, 4]
+
+
+@pytest.mark.parametrize("n", [4, 32])
+def test_colour_bar_frame_clears_its_label(n):
+    """The bar's one-pixel frame sits below the label's last line box, which holds its descenders (it overlapped
+    that box by a pixel, and descenders touched the frame)."""
+    fig = attribution_figure(torch.rand(n, 1, 8, 8), torch.rand(n, 8, 8), False, title="t", captions=_captions(n),
+                             scale=1.0)
+    label_bottom = max(t.box[3] for t in fig.layout.texts if t.role == "colorbar")
+    frame_top = fig.layout.regions["colorbar"][1] - 1
+    assert frame_top > label_bottom
