@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
+from lightning_xai._crc import fast_record_checksums
 from lightning_xai._lightning import is_a
 from lightning_xai.render._canvas import Figure
 
@@ -147,6 +148,8 @@ def add_png(writer: Any, tag: str, pixels: Any, step: int) -> None:
     A torch ``SummaryWriter`` with an open ``file_writer`` gets the PNG encoded here at :data:`PNG_LEVEL` through
     ``file_writer.add_summary`` (public API; TensorBoard's ``add_image`` encodes at zlib level 6, most of the cost of
     logging a large figure); any other writer (closed, tensorboardX) gets ``add_image``. The pixels are the same.
+    The torch writer's records are then checksummed by :func:`lightning_xai._crc.fast_record_checksums` (the same
+    bytes; TensorBoard's own checksum of a large figure costs more than encoding it).
     """
     file_writer = getattr(writer, "file_writer", None) if _torch_summary_writer(writer) else None
     if file_writer is None:
@@ -154,6 +157,7 @@ def add_png(writer: Any, tag: str, pixels: Any, step: int) -> None:
         return
     from tensorboard.compat.proto.summary_pb2 import Summary
 
+    fast_record_checksums(writer)
     h, w, c = pixels.shape
     image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=encode_png(pixels))
     file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
