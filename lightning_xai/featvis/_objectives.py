@@ -169,6 +169,19 @@ def _class_logit(index: int, output_key: Any, acts: Activations) -> Tensor:
     return logits[:, index]
 
 
+def class_indices(objs: Sequence[Objective]) -> Optional[List[int]]:
+    """The classes when every objective is a plain :func:`class_logit` of the model output (:data:`OUTPUT`), else
+    None: objective ``k`` on image ``k`` is then ``logits[k, classes[k]]``, linear in the logits."""
+    out = []
+    for obj in objs:
+        fn = obj.fn
+        if not (isinstance(fn, partial) and fn.func is _class_logit and len(fn.args) == 2 and fn.args[1] == OUTPUT
+                and not fn.keywords):
+            return None
+        out.append(fn.args[0])
+    return out
+
+
 def direction(layer: LayerRef, vector: Tensor, cossim_pow: float = 0.0) -> Objective:
     r"""Activation along a direction in channel space, :math:`\langle \bar a, v\rangle\,\cos(\bar a, v)^p`.
 

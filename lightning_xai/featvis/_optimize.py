@@ -21,13 +21,14 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adam import adam
 
-from lightning_xai._utils import (HookSet, check_positive_int, eager_compiled, expected, frozen_params,
+from lightning_xai._utils import (HookSet, as_logits, check_positive_int, eager_compiled, expected, frozen_params,
                                   gradient_context, preserve_modes, resolve_layer)
-from lightning_xai.featvis._objectives import OUTPUT, Activations, Objective, class_logit
+from lightning_xai.featvis._objectives import OUTPUT, Activations, Objective, class_indices, class_logit
 from lightning_xai.featvis._param import Parametrization, _range_tensors, make_param
-from lightning_xai.featvis._transforms import (Compose, RegularizerLike, Transform, default_regularizers,
-                                               default_transforms)
+from lightning_xai.featvis._transforms import (Compose, Regularizer, RegularizerLike, Transform,
+                                               default_regularizers, default_transforms)
 
 ObjectiveLike = Union[Objective, int]
 
@@ -184,19 +185,52 @@ def _resolve_layers(model: Any, objs: Sequence[Objective]) -> Dict[Any, nn.Modul
     return out
 
 
-def _adam(tensors: List[Tensor], lr: float) -> torch.optim.Adam:
-    """Adam, its fused kernel where torch has one for these tensors (on CPU since torch 2.4: one kernel instead of a
-    dozen small ones per step; the same update up to rounding)."""
-    try:
-        return torch.optim.Adam(tensors, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.Adam(tensors, lr=lr)
+class _Adam:
+    """``torch.optim.Adam(tensors, lr)``'s update (default betas and eps) through torch's functional ``adam``, with
+    the fused kernel where torch has one for these tensors (on CPU since torch 2.4: one kernel instead of a dozen
+    small ones per step), else the plain one: the same update up to rounding. ``Optimizer.step`` spends more time in
+    Python per step (hooks, parameter groups, state look-ups) than the update takes on a render's one tensor."""
+
+    def __init__(self, tensors: List[Tensor], lr: float) -> None:
+        self.tensors, self.lr, self.fused, self.t = tensors, lr, True, 0
+        self.exp_avgs = [torch.zeros_like(t, memory_format=torch.preserve_format) for t in tensors]
+        self.exp_avg_sqs = [torch.zeros_like(t, memory_format=torch.preserve_format) for t in tensors]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=t.device) for t in tensors]
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[Tensor]) -> None:
+        self.t += 1
+        try:
+            self._update(grads)
+        except RuntimeError:  # no fused kernel for this device or dtype: the plain update from the same state
+            if not self.fused:
+                raise
+            self.fused = False
+            for s in self.steps:  # the fused path may have counted this step before its kernel refused
+                s.fill_(self.t - 1)
+            self._update(grads)
+
+    def _update(self, grads: Sequence[Tensor]) -> None:
+        adam(self.tensors, list(grads), self.exp_avgs, self.exp_avg_sqs, [], self.steps, fused=self.fused,
+             foreach=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8,
+             maximize=False)
 
 
 def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, int], steps: int, lr: float,
                     param: Parametrization, transform: Compose, regs: List[RegularizerLike],
                     generator: torch.Generator, value_range: Tuple[Any, Any], forward: Optional[Callable],
                     layers: Dict[Any, nn.Module]) -> FeatureVisResult:
+    r"""The loop. Each step takes one gradient of
+
+    .. math:: \mathcal{L} = -\sum_k o_k(f(T(X_k))) + \sum_{r,k} R_r(X_k)
+
+    with respect to the parametrisation, by one backward pass from two places: the model output (or the objectives'
+    sum) and the images. At the images it injects the regularisers' gradient, :math:`\sum_r \nabla_X R_r`, which
+    :class:`~lightning_xai.featvis.Regularizer` s compute in closed form; other callables are traced by autograd.
+    When every objective is a class logit (:func:`~lightning_xai.featvis._objectives.class_indices`) the objective's
+    gradient with respect to the logits is the constant :math:`-E` with :math:`E_{k, c_k} = 1`, injected at the
+    output with no objective in the graph. The history's loss is :math:`\mathcal{L}` summed at the end.
+    """
     k = len(objs)
     device, dtype = _model_device_dtype(model)
     needs_output = any(key == OUTPUT for obj in objs for key in obj.layers)
@@ -205,9 +239,12 @@ def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, in
     # output: a gradient that enters inside a unit (an objective on an inner layer) needs the model's output in the
     # graph too, with weight zero (same gradient, every unit's hook fires).
     sharded = isinstance(model, nn.Module) and any(type(p).__name__ == "DTensor" for p in model.parameters())
+    classes = None if sharded else class_indices(objs)
+    closed = [r for r in regs if isinstance(r, Regularizer)]  # gradient in closed form
+    traced = [r for r in regs if not isinstance(r, Regularizer)]  # other callables: through autograd
     acts: Activations = {}
     objective_hist: List[Tensor] = []
-    loss_hist: List[Tensor] = []
+    penalty_hist: List[Tensor] = []
 
     def capture(key: Any) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -244,28 +281,63 @@ def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, in
         unit_range = bool((lo == 0).all() and (hi == 1).all())  # the regularisers' [0, 1] is the value range itself
         param.build((k,) + shape, value_range, generator, device, dtype)
         tensors = param.parameters()
-        optimizer = _adam(tensors, lr)
+        adam = _Adam(tensors, lr)
+        minus_e: Optional[Tensor] = None  # (K, classes): -1 at (k, classes[k])
+        rows = cols = torch.arange(k, device=device)
+        span = hi - lo
         for _ in range(steps):
             images = param()  # (K, C, H, W)
-            scores = evaluate(transform(images, generator))
-            loss_k = -scores
-            if regs:
-                unit = images if unit_range else (images - lo) / (hi - lo)
-                for r in regs:
-                    loss_k = loss_k + r(unit)
-            loss = loss_k.sum()
-            grads = torch.autograd.grad(loss, tensors)
-            for t, g in zip(tensors, grads):
-                t.grad = g
-            optimizer.step()
+            x = transform(images, generator)
+            outputs: List[Tensor] = []
+            grad_outputs: List[Optional[Tensor]] = []
+            total: Optional[Tensor] = None
+            if classes is not None:
+                logits = as_logits(run(x))  # (K, classes)
+                if minus_e is None:  # the first step: the objectives check the output and their class indices
+                    for obj in objs:
+                        obj({OUTPUT: logits.detach()})
+                    if logits.shape[0] != k:
+                        raise ValueError(expected("model output", f"one row per image, ({k}, classes)", logits))
+                    rows, cols = rows.to(logits.device), torch.tensor(classes, device=logits.device)
+                    minus_e = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+                    minus_e[rows, cols] = -1.0
+                scores = logits.detach()  # (K, classes); objective k is column classes[k] of row k
+                outputs.append(logits)
+                grad_outputs.append(minus_e)
+            else:
+                scores = evaluate(x)
+                total = -scores.sum()
+            penalty: Optional[Tensor] = None  # (K,) the regularisers' sum
+            if traced:
+                unit = images if unit_range else (images - lo) / span
+                for r in traced:
+                    value = r(unit)
+                    total = value.sum() if total is None else total + value.sum()
+                    penalty = value.detach() if penalty is None else penalty + value.detach()
+            if closed:
+                unit = images.detach() if unit_range else (images.detach() - lo) / span
+                grad = None
+                for r in closed:
+                    value, g = r.penalty_and_grad(unit)
+                    penalty = value if penalty is None else penalty + value
+                    grad = g if grad is None else grad.add_(g)
+                outputs.append(images)
+                grad_outputs.append(grad if unit_range else grad / span)
+            if total is not None:
+                outputs.append(total)
+                grad_outputs.append(None)
+            adam.step(torch.autograd.grad(outputs, tensors, grad_outputs))
             with torch.no_grad():
                 param.after_step()
             objective_hist.append(scores.detach())
-            loss_hist.append(loss.detach())
+            if penalty is not None:
+                penalty_hist.append(penalty)
         with torch.no_grad():
             images = param().detach()
             final = evaluate(images).detach()
-        for t in tensors:
-            t.grad = None
-    history = {"objective": torch.stack(objective_hist), "loss": torch.stack(loss_hist)}
+    objective = torch.stack(objective_hist)  # (steps, K), or (steps, K, classes) for class objectives
+    if classes is not None:
+        objective = objective[:, rows, cols]  # (steps, K)
+    loss = (torch.stack(penalty_hist) - objective if penalty_hist else -objective).sum(1)  # (steps,)
+    history = {"objective": objective, "loss": loss}
     return FeatureVisResult(images, final, history)

@@ -100,6 +100,8 @@ class _SigmoidImage(Parametrization):
     def _setup_colour(self, c: int, value_range: Range, device: torch.device, dtype: torch.dtype) -> int:
         self._c = c
         self._lo, self._hi = _range_tensors(value_range, c, device, dtype)
+        self._span = self._hi - self._lo
+        self._unit = bool((self._lo == 0).all() and (self._hi == 1).all())
         self._mix = None
         if self.grayscale or c == 1 or not self.decorrelate:
             return 1 if self.grayscale else c
@@ -120,9 +122,14 @@ class _SigmoidImage(Parametrization):
         if self._mix is not None:  # (C, C') @ (C', K * H * W): one matrix product (einsum's batched one is slower)
             k, c, h, w = u.shape
             u = (self._mix @ u.transpose(0, 1).reshape(c, -1)).view(-1, k, h, w).transpose(0, 1).contiguous()
+        return self._squash(u)
+
+    def _squash(self, u: Tensor) -> Tensor:
+        """``lo + (hi - lo) * sigmoid(u)``, the grey channel repeated over ``C`` (the sigmoid alone for ``[0, 1]``)."""
         if u.shape[1] != self._c:
             u = u.expand(-1, self._c, -1, -1)
-        return self._lo + (self._hi - self._lo) * torch.sigmoid(u)
+        x = torch.sigmoid(u)
+        return x if self._unit else torch.addcmul(self._lo, self._span, x)
 
 
 class PixelParam(_SigmoidImage):
@@ -164,11 +171,14 @@ def _frequency_scale(h: int, w: int, decay_power: float) -> Tensor:
 class FourierParam(_SigmoidImage):
     r"""The image's 2-D spectrum, scaled by :math:`1/f^{d}`, then ``irfft2``, colour mixing and a sigmoid.
 
-    .. math:: X = lo + (hi - lo)\,\sigma\big(M\,\mathcal{F}^{-1}[S \odot \hat U]\big),\quad S_f = f^{-d}
+    .. math:: X = lo + (hi - lo)\,\sigma\big(M\,\mathcal{F}^{-1}[S \odot \hat U]\big)
+              = lo + (hi - lo)\,\sigma\big(\mathcal{F}^{-1}[S \odot M \hat U]\big),\quad S_f = f^{-d}
 
     Adam moves every coefficient of :math:`\hat U` at a similar rate, so low frequencies, scaled up by
     :math:`S`, change fastest and high-frequency noise stays small (Olah et al., 2017,
-    https://distill.pub/2017/feature-visualization/).
+    https://distill.pub/2017/feature-visualization/). The colour matrix :math:`M` mixes channels at each frequency and
+    the inverse transform acts on each channel alone, so the two commute (the second form): the spectrum is held
+    channel-major, ``(C', K, H, W // 2 + 1, 2)``, and the mixing is one matrix product on it, with no transposes.
 
     Args:
         decay_power: exponent ``d`` of the ``1/f`` scaling (0 gives an orthonormal pixel basis).
@@ -187,17 +197,23 @@ class FourierParam(_SigmoidImage):
         k, c, h, w = shape
         channels = self._setup_colour(c, value_range, device, dtype)
         self._hw = (h, w)
-        self._scale = _frequency_scale(h, w, self.decay_power).to(device=device, dtype=dtype)
-        # real and imaginary parts, (K, C', H, W//2+1, 2)
-        self.spectrum = _randn((k, channels, h, w // 2 + 1, 2), generator, self.sd, device, dtype).requires_grad_(True)
+        # (H, W//2+1, 2): the same scale for the real and the imaginary part, held in full (a product broadcast over
+        # the last dimension is several times slower)
+        scale = _frequency_scale(h, w, self.decay_power).to(device=device, dtype=dtype)
+        self._scale = scale.unsqueeze(-1).expand(h, w // 2 + 1, 2).contiguous()
+        # real and imaginary parts, drawn as (K, C', H, W//2+1, 2) and held channel-major, (C', K, H, W//2+1, 2)
+        start = _randn((k, channels, h, w // 2 + 1, 2), generator, self.sd, device, dtype)
+        self.spectrum = start.transpose(0, 1).contiguous().requires_grad_(True)
 
     def parameters(self) -> List[Tensor]:
         return [self.spectrum]
 
     def __call__(self) -> Tensor:
-        spec = torch.view_as_complex(self.spectrum) * self._scale
-        u = torch.fft.irfft2(spec, s=self._hw, norm="ortho")  # (K, C', H, W)
-        return self._to_image(u)
+        spec = self.spectrum
+        if self._mix is not None:  # (C, C') @ (C', K * H * (W//2+1) * 2)
+            spec = (self._mix @ spec.view(spec.shape[0], -1)).view(-1, *spec.shape[1:])
+        u = torch.fft.irfft2(torch.view_as_complex(spec * self._scale), s=self._hw, norm="ortho")  # (C, K, H, W)
+        return self._squash(u.transpose(0, 1).contiguous())  # (K, C, H, W)
 
 
 class GeneratorParam(Parametrization):

@@ -29,9 +29,11 @@ from lightning_xai._utils import expected
 Transform = Callable[[Tensor, torch.Generator], Tensor]
 
 
-def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, like: Tensor) -> Tensor:
-    u = torch.rand(n, generator=generator, dtype=torch.float32)
-    return (lo + (hi - lo) * u).to(device=like.device, dtype=like.dtype)
+Affine = Tuple[float, float, float, float, float, float]  # [[a, b, tx], [c, d, ty]] of one image
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> List[float]:
+    return [lo + (hi - lo) * u for u in torch.rand(n, generator=generator, dtype=torch.float32).tolist()]
 
 
 @functools.lru_cache(maxsize=16)
@@ -55,9 +57,9 @@ def _affine(images: Tensor, theta: Tensor, padding_mode: str) -> Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
-def _matrices(a: Tensor, b: Tensor, tx: Tensor, c: Tensor, d: Tensor, ty: Tensor) -> Tensor:
-    """Per-image affine matrices ``(K, 2, 3)`` ``[[a, b, tx], [c, d, ty]]`` from six ``(K,)`` tensors."""
-    return torch.stack([a, b, tx, c, d, ty], dim=1).view(-1, 2, 3)
+def _as_theta(matrices: Sequence[Affine], like: Tensor) -> Tensor:
+    """``(K, 2, 3)`` on the device and in the dtype of ``like``, from one :data:`Affine` per image."""
+    return torch.tensor(matrices, dtype=like.dtype, device=like.device).view(-1, 2, 3)
 
 
 def _check_padding_mode(mode: str) -> None:
@@ -66,25 +68,32 @@ def _check_padding_mode(mode: str) -> None:
 
 
 class _Affine:
-    """A random resampling by per-image affine matrices: :meth:`theta` draws them (``None``: the identity, nothing
-    drawn). In a :class:`Compose`, consecutive ones with the same padding mode are resampled once."""
+    """A random resampling by per-image affine matrices: :meth:`draw` draws them as Python floats (``None``: the
+    identity, nothing drawn), :meth:`theta` as a tensor. In a :class:`Compose`, consecutive ones with the same padding
+    mode are resampled once."""
 
     padding_mode = "reflection"
 
-    def theta(self, images: Tensor, generator: torch.Generator) -> Optional[Tensor]:
+    def draw(self, k: int, h: int, w: int, generator: torch.Generator) -> Optional[List[Affine]]:
         raise NotImplementedError
+
+    def theta(self, images: Tensor, generator: torch.Generator) -> Optional[Tensor]:
+        k, _, h, w = images.shape
+        matrices = self.draw(k, h, w, generator)
+        return None if matrices is None else _as_theta(matrices, images)
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         theta = self.theta(images, generator)
         return images if theta is None else _affine(images, theta, self.padding_mode)
 
 
-def _then(first: Tensor, second: Tensor) -> Tensor:
-    """The matrix ``(K, 2, 3)`` of resampling by ``first`` and then by ``second``: output pixel ``p`` reads the first
-    input at ``first [second p; 1]``, so ``[M1 M2 | M1 b2 + b1]``."""
-    out = (first[:, :, :2].unsqueeze(3) * second.unsqueeze(1)).sum(2)  # (K, 2, 3): M1 [M2 | b2]
-    out[:, :, 2] += first[:, :, 2]
-    return out
+def _then(first: Affine, second: Affine) -> Affine:
+    """The matrix of resampling by ``first`` and then by ``second``: output pixel ``p`` reads the first input at
+    ``first [second p; 1]``, so ``[M1 M2 | M1 b2 + b1]``."""
+    a1, b1, x1, c1, d1, y1 = first
+    a2, b2, x2, c2, d2, y2 = second
+    return (a1 * a2 + b1 * c2, a1 * b2 + b1 * d2, a1 * x2 + b1 * y2 + x1,
+            c1 * a2 + d1 * c2, c1 * b2 + d1 * d2, c1 * x2 + d1 * y2 + y1)
 
 
 class Jitter(_Affine):
@@ -97,14 +106,11 @@ class Jitter(_Affine):
         self.pixels = pixels
         self.padding_mode = padding_mode
 
-    def theta(self, images: Tensor, generator: torch.Generator) -> Optional[Tensor]:
+    def draw(self, k: int, h: int, w: int, generator: torch.Generator) -> Optional[List[Affine]]:
         if self.pixels == 0:
             return None
-        k, _, h, w = images.shape
-        shifts = torch.randint(-self.pixels, self.pixels + 1, (k, 2), generator=generator).to(images)  # (K, 2) px
-        shifts = shifts * torch.tensor([2.0 / w, 2.0 / h], dtype=images.dtype, device=images.device)  # span 2
-        one, zero = torch.ones_like(shifts[:, 0]), torch.zeros_like(shifts[:, 0])
-        return _matrices(one, zero, shifts[:, 0], zero, one, shifts[:, 1])
+        shifts = torch.randint(-self.pixels, self.pixels + 1, (k, 2), generator=generator).tolist()  # (K, 2) px
+        return [(1.0, 0.0, sx * 2.0 / w, 0.0, 1.0, sy * 2.0 / h) for sx, sy in shifts]  # the image spans 2
 
     def __repr__(self) -> str:
         return f"Jitter({self.pixels})"
@@ -120,11 +126,8 @@ class RandomScale(_Affine):
         self.scales = (float(scales[0]), float(scales[1]))
         self.padding_mode = padding_mode
 
-    def theta(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        k = images.shape[0]
-        inv = 1.0 / _uniform(k, *self.scales, generator, images)
-        zero = torch.zeros_like(inv)
-        return _matrices(inv, zero, zero, zero, inv, zero)
+    def draw(self, k: int, h: int, w: int, generator: torch.Generator) -> List[Affine]:
+        return [(1.0 / s, 0.0, 0.0, 0.0, 1.0 / s, 0.0) for s in _uniform(k, *self.scales, generator)]
 
     def __repr__(self) -> str:
         return f"RandomScale({self.scales})"
@@ -140,12 +143,12 @@ class RandomRotate(_Affine):
         self.degrees = float(degrees)
         self.padding_mode = padding_mode
 
-    def theta(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        k = images.shape[0]
-        a = _uniform(k, -self.degrees, self.degrees, generator, images) * (math.pi / 180.0)
-        cos, sin = a.cos(), a.sin()
-        zero = torch.zeros_like(a)
-        return _matrices(cos, -sin, zero, sin, cos, zero)
+    def draw(self, k: int, h: int, w: int, generator: torch.Generator) -> List[Affine]:
+        out = []
+        for a in _uniform(k, -self.degrees, self.degrees, generator):
+            cos, sin = math.cos(math.radians(a)), math.sin(math.radians(a))
+            out.append((cos, -sin, 0.0, sin, cos, 0.0))
+        return out
 
     def __repr__(self) -> str:
         return f"RandomRotate({self.degrees})"
@@ -181,7 +184,8 @@ class Compose:
     r"""Apply transforms in order.
 
     Consecutive affine transforms (:class:`Jitter`, :class:`RandomScale`, :class:`RandomRotate`) with the same padding
-    mode are resampled once, with the product of their matrices (each drawn as if applied alone, in order):
+    mode are resampled once, with the product of their matrices (each drawn as if applied alone, in order; the few
+    numbers per image are drawn and multiplied as Python floats, then made one tensor):
 
     .. math:: T_n \circ \dots \circ T_1 (X)(p) = X\big(A_1 \cdots A_n\, p\big)
 
@@ -197,22 +201,32 @@ class Compose:
         self.transforms = list(transforms)
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        pending: Optional[Tensor] = None  # (K, 2, 3): the affine transforms not resampled yet
+        pending: Optional[List[Affine]] = None  # the affine transforms not resampled yet, one matrix per image
         mode = ""
         for t in self.transforms:
             affine = isinstance(t, _Affine) and type(t).__call__ is _Affine.__call__  # not one with its own __call__
             if pending is not None and not (affine and t.padding_mode == mode):
-                images, pending = _affine(images, pending, mode), None
+                images, pending = _affine(images, _as_theta(pending, images), mode), None
             if affine:
-                theta = t.theta(images, generator)
-                if theta is not None:
-                    pending, mode = (theta if pending is None else _then(pending, theta)), t.padding_mode
+                drawn = _drawn_matrices(t, images, generator)
+                if drawn is not None:
+                    pending = drawn if pending is None else [_then(p, d) for p, d in zip(pending, drawn)]
+                    mode = t.padding_mode
             else:
                 images = t(images, generator)
-        return images if pending is None else _affine(images, pending, mode)
+        return images if pending is None else _affine(images, _as_theta(pending, images), mode)
 
     def __repr__(self) -> str:
         return f"Compose({self.transforms})"
+
+
+def _drawn_matrices(t: _Affine, images: Tensor, generator: torch.Generator) -> Optional[List[Affine]]:
+    """``t``'s matrices as Python floats: from :meth:`_Affine.draw`, or from ``theta`` where a subclass overrides it."""
+    if type(t).theta is _Affine.theta:
+        k, _, h, w = images.shape
+        return t.draw(k, h, w, generator)
+    theta = t.theta(images, generator)
+    return None if theta is None else [tuple(m) for m in theta.reshape(-1, 6).tolist()]
 
 
 def default_transforms(height: int, width: int) -> List[Transform]:
@@ -225,7 +239,11 @@ def default_transforms(height: int, width: int) -> List[Transform]:
 
 # --------------------------------------------------------------------------- regularisers
 class Regularizer:
-    """Base class: ``penalty(images (K, C, H, W) in [0, 1]) -> (K,)``, multiplied by ``weight``."""
+    """Base class: ``penalty(images (K, C, H, W) in [0, 1]) -> (K,)``, multiplied by ``weight``.
+
+    :meth:`penalty_and_grad` gives the weighted penalty and its gradient with respect to the images; the built-in
+    ones compute it in closed form (no autograd graph), a subclass that only defines :meth:`penalty` through autograd.
+    """
 
     def __init__(self, weight: float) -> None:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
@@ -238,8 +256,24 @@ class Regularizer:
     def __call__(self, images: Tensor) -> Tensor:
         return self.weight * self.penalty(images)
 
+    def penalty_and_grad(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(self(images) (K,), its gradient with respect to images (K, C, H, W))``, both detached."""
+        return _autograd_penalty_and_grad(self, images)
+
+    def _closed_form_applies(self, cls: type) -> bool:
+        """Whether ``cls``'s closed-form gradient is this object's: no subclass changed its penalty."""
+        return type(self).penalty is cls.penalty and type(self).__call__ is Regularizer.__call__
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.weight})"
+
+
+def _autograd_penalty_and_grad(reg: Regularizer, images: Tensor) -> Tuple[Tensor, Tensor]:
+    with torch.enable_grad():
+        x = images.detach().requires_grad_(True)
+        value = reg(x)
+        grad, = torch.autograd.grad(value.sum(), x)
+    return value.detach(), grad
 
 
 class L1(Regularizer):
@@ -253,6 +287,14 @@ class L1(Regularizer):
     def penalty(self, images: Tensor) -> Tensor:
         return (images - self.center).abs().flatten(1).mean(1)
 
+    def penalty_and_grad(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        r"""The gradient is :math:`\frac{w}{CHW}\,\mathrm{sign}(X - c)` (0 where ``X = c``, as autograd's)."""
+        if not self._closed_form_applies(L1):
+            return _autograd_penalty_and_grad(self, images)
+        d = images.detach() - self.center if self.center else images.detach()
+        scale = self.weight / images[0].numel()
+        return d.abs().flatten(1).sum(1).mul_(scale), d.sign().mul_(scale)
+
 
 class L2(Regularizer):
     r"""L2 decay, :math:`\frac{1}{CHW}\sum (X - c)^2` (Yosinski et al., 2015)."""
@@ -263,6 +305,14 @@ class L2(Regularizer):
 
     def penalty(self, images: Tensor) -> Tensor:
         return (images - self.center).pow(2).flatten(1).mean(1)
+
+    def penalty_and_grad(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        r"""The gradient is :math:`\frac{2w}{CHW}(X - c)`."""
+        if not self._closed_form_applies(L2):
+            return _autograd_penalty_and_grad(self, images)
+        d = images.detach() - self.center
+        scale = self.weight / images[0].numel()
+        return d.pow(2).flatten(1).sum(1).mul_(scale), d.mul_(2 * scale)
 
 
 class TotalVariation(Regularizer):
@@ -275,6 +325,25 @@ class TotalVariation(Regularizer):
         dy = (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().flatten(1).sum(1)
         dx = (images[:, :, :, 1:] - images[:, :, :, :-1]).abs().flatten(1).sum(1)
         return (dx + dy) / images[0].numel()
+
+    def penalty_and_grad(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        r"""With :math:`s^y_{ij} = \mathrm{sign}(X_{i+1,j} - X_{ij})` and :math:`s^x` alike, the gradient at
+        :math:`X_{ij}` is :math:`\frac{w}{CHW}(s^y_{i-1,j} - s^y_{ij} + s^x_{i,j-1} - s^x_{ij})`, each :math:`s`
+        outside the image taken as 0 (and ``sign(0) = 0``, as autograd's)."""
+        if not self._closed_form_applies(TotalVariation):
+            return _autograd_penalty_and_grad(self, images)
+        x = images.detach()
+        scale = self.weight / x[0].numel()
+        dy = x[:, :, 1:, :] - x[:, :, :-1, :]
+        dx = x[:, :, :, 1:] - x[:, :, :, :-1]
+        value = (dy.abs().flatten(1).sum(1) + dx.abs().flatten(1).sum(1)).mul_(scale)
+        sy, sx = dy.sign_().mul_(scale), dx.sign_().mul_(scale)
+        grad = torch.zeros_like(x)
+        grad[:, :, 1:, :] += sy
+        grad[:, :, :-1, :] -= sy
+        grad[:, :, :, 1:] += sx
+        grad[:, :, :, :-1] -= sx
+        return value, grad
 
 
 def gaussian_blur(images: Tensor, sigma: float = 0.5) -> Tensor:
@@ -306,6 +375,14 @@ class Blur(Regularizer):
     def penalty(self, images: Tensor) -> Tensor:
         target = gaussian_blur(images.detach(), self.sigma)
         return 0.5 * (images - target).pow(2).flatten(1).mean(1)
+
+    def penalty_and_grad(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        r"""The gradient is :math:`\frac{w}{CHW}(X - G_\sigma * X)` (the blur is held fixed)."""
+        if not self._closed_form_applies(Blur):
+            return _autograd_penalty_and_grad(self, images)
+        d = images.detach() - gaussian_blur(images.detach(), self.sigma)
+        scale = self.weight / images[0].numel()
+        return d.pow(2).flatten(1).sum(1).mul_(0.5 * scale), d.mul_(scale)
 
 
 def default_regularizers() -> List[Regularizer]:

@@ -415,36 +415,134 @@ def test_affine_resampling_matches_affine_grid(size):
     torch.testing.assert_close(_affine(x, theta, "reflection"), expected, atol=1e-5, rtol=0)
 
 
-def test_colour_mixing_is_the_channel_matrix_product():
-    """``_to_image`` mixes decorrelated channels with the colour matrix: ``einsum('kchw,dc->kdhw')`` then the sigmoid
-    into the value range."""
+def test_fourier_mixes_colours_in_the_frequency_domain_as_after_the_inverse_transform():
+    """The spectrum is held channel-major and mixed before ``irfft2``: the same images as ``M irfft2(S * U)`` with the
+    spectrum drawn image-major and the colours mixed in pixel space (``einsum('kchw,dc->kdhw')``), then the sigmoid
+    into the value range; the same start as drawn before."""
     param = FourierParam()
+    param.build((4, 3, 10, 12), (0.0, 2.0), torch.Generator().manual_seed(0), torch.device("cpu"))
+    start = torch.randn(4, 3, 10, 12 // 2 + 1, 2, generator=torch.Generator().manual_seed(0)) * 0.01
+    assert param.spectrum.shape == (3, 4, 10, 7, 2) and torch.equal(param.spectrum.transpose(0, 1), start)
+    with torch.no_grad():
+        param.spectrum.normal_(generator=torch.Generator().manual_seed(1))
+        spectrum = param.spectrum.transpose(0, 1)  # (K, C, H, W//2+1, 2)
+        scale = param._scale[..., 0]  # (H, W//2+1)
+        u = torch.fft.irfft2(torch.view_as_complex(spectrum.contiguous()) * scale, s=(10, 12), norm="ortho")
+        expected = 2.0 * torch.sigmoid(torch.einsum("kchw,dc->kdhw", u, param._mix))
+        out = param()
+    torch.testing.assert_close(out, expected)
+    assert out.shape == (4, 3, 10, 12) and out.is_contiguous()
+
+
+def test_pixel_colour_mixing_is_the_channel_matrix_product():
+    """``PixelParam`` mixes decorrelated channels with the colour matrix, ``einsum('kchw,dc->kdhw')``, then the
+    sigmoid into the value range."""
+    param = PixelParam(decorrelate=True)
     g = torch.Generator().manual_seed(0)
     param.build((4, 3, 10, 12), (0.0, 2.0), g, torch.device("cpu"))
-    u = torch.randn(4, 3, 10, 12, generator=g)
-    expected = 2.0 * torch.sigmoid(torch.einsum("kchw,dc->kdhw", u, param._mix))
-    out = param._to_image(u)
+    with torch.no_grad():
+        expected = 2.0 * torch.sigmoid(torch.einsum("kchw,dc->kdhw", param.pixels, param._mix))
+        out = param()
     torch.testing.assert_close(out, expected)
     assert out.is_contiguous()
 
 
-def test_render_falls_back_to_plain_adam_without_a_fused_kernel(monkeypatch):
-    """Where torch has no fused Adam for the tensors (older torch on CPU, some dtypes), render uses the plain one."""
-    plain = torch.optim.Adam
-    made = []
+def _torch_adam(tensor, grads, lr):
+    p = tensor.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=lr)
+    for g in grads:
+        p.grad = g
+        opt.step()
+    return p.detach()
 
-    class NoFused(plain):
-        def __init__(self, params, *args, fused=None, **kwargs):
+
+@pytest.mark.parametrize("fused", [pytest.param(True, id="fused"), pytest.param(False, id="no-fused-kernel")])
+def test_adam_is_torch_adam(monkeypatch, fused):
+    """The render's Adam takes torch.optim.Adam's steps (default betas and eps); where torch has no fused kernel for
+    the tensors (older torch on CPU, some dtypes) it falls back to the plain update from the same state."""
+    from lightning_xai.featvis import _optimize
+
+    if not fused:
+        functional = _optimize.adam
+
+        def no_fused(*args, fused=False, **kwargs):
             if fused:
+                torch._foreach_add_(args[5], 1)  # as torch's fused path does before its kernel
                 raise RuntimeError("`fused=True` is not supported here")
-            made.append(kwargs)
-            super().__init__(params, *args, **kwargs)
+            return functional(*args, fused=fused, **kwargs)
 
-    monkeypatch.setattr(torch.optim, "Adam", NoFused)
-    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
-    net(torch.zeros(1, 1, 8, 8))
-    out = render(net, [0, 1], (1, 8, 8), steps=4)
-    assert len(made) == 1 and out.images.shape == (2, 1, 8, 8)
+        monkeypatch.setattr(_optimize, "adam", no_fused)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 5, 4, generator=g)
+    grads = [torch.randn(3, 5, 4, generator=g) * 10.0 ** -i for i in range(6)]
+    x = start.clone().requires_grad_(True)
+    adam = _optimize._Adam([x], lr=0.05)
+    for grad in grads:
+        adam.step([grad])
+    assert adam.fused is fused
+    torch.testing.assert_close(x.detach(), _torch_adam(start, grads, 0.05), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reg", [
+    pytest.param(lambda: L1(0.3), id="L1"), pytest.param(lambda: L1(0.3, center=0.4), id="L1-centre"),
+    pytest.param(lambda: L2(0.2, center=0.1), id="L2"), pytest.param(lambda: TotalVariation(0.7), id="TV"),
+    pytest.param(lambda: Blur(0.5, sigma=0.8), id="blur"),
+])
+def test_closed_form_regularizer_gradients_are_autograds(reg):
+    """Each built-in regulariser's closed-form ``penalty_and_grad`` is its penalty and autograd's gradient of it,
+    ties (``X = c``, flat neighbours) included."""
+    from lightning_xai.featvis._transforms import _autograd_penalty_and_grad
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 7, 9, generator=g)
+    x[:, :, 2:4, 3:6] = 0.4  # ties: equal neighbours and values at L1's centre
+    r = reg()
+    value, grad = r.penalty_and_grad(x)
+    want_value, want_grad = _autograd_penalty_and_grad(r, x)
+    torch.testing.assert_close(value, want_value, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-9)
+    assert not value.requires_grad and not grad.requires_grad
+
+
+def test_regularizer_subclass_with_its_own_penalty_takes_autograds_gradient():
+    class Shifted(L1):
+        def penalty(self, images):
+            return (images - 0.5).abs().flatten(1).mean(1)
+
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    _, grad = Shifted(1.0).penalty_and_grad(x)
+    torch.testing.assert_close(grad, (x - 0.5).sign() / 16)
+
+
+def test_class_objectives_take_the_constant_gradient_with_the_same_images(digits_net):
+    """Objectives that are all class logits enter the backward pass as the constant one-hot gradient at the logits;
+    ``+ 0.0`` (an exact no-op) takes the general path, through the objectives: the same images, activations and
+    history bit for bit, and a bad class index is still refused."""
+    from lightning_xai.featvis._objectives import class_indices
+
+    plain = [class_logit(c) for c in (3, 5, 0)]
+    assert class_indices(plain) == [3, 5, 0] and class_indices([o + 0.0 for o in plain]) is None
+    a = render(digits_net, plain, (1, 8, 8), steps=16, seed=3)
+    b = render(digits_net, [o + 0.0 for o in plain], (1, 8, 8), steps=16, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.activations, b.activations)
+    assert torch.equal(a.history["objective"], b.history["objective"])
+    assert torch.equal(a.history["loss"], b.history["loss"])
+    with pytest.raises(ValueError, match="class index"):
+        render(digits_net, [class_logit(10)], (1, 8, 8), steps=2)
+
+
+def test_loss_history_is_the_objectives_and_penalties_at_each_step(digits_net):
+    """``history['loss']`` is minus the objectives plus the regularisers' penalties of the step's image, summed over
+    the images, for closed-form and traced (plain callable) regularisers alike."""
+    traced = lambda images: 0.05 * images.flatten(1).pow(2).mean(1)  # noqa: E731
+    param = FourierParam()  # the first step's image: the parametrisation's start, drawn first from the seed
+    param.build((2, 1, 8, 8), (0.0, 1.0), torch.Generator().manual_seed(0), torch.device("cpu"))
+    with torch.no_grad():
+        start = param()
+    for regs in ([L1(0.05), TotalVariation(0.05)], [traced], [L1(0.05), traced], []):
+        out = render(digits_net, [1, 4], (1, 8, 8), steps=1, regularizers=regs, transforms=[], seed=0)
+        penalty = sum((r(start).sum() for r in regs), torch.tensor(0.0))
+        torch.testing.assert_close(out.history["loss"][0], penalty - out.history["objective"][0].sum())
 
 
 def test_compose_calls_a_transform_that_has_its_own_call():
