@@ -216,6 +216,52 @@ class _Adam:
              maximize=False)
 
 
+class _ClassLogits:
+    r"""Objectives that are all class logits, :math:`o_k = y_{k, c_k}`: linear in the logits, so the gradient of
+    :math:`-\sum_k o_k` with respect to them is the constant :math:`-E`, :math:`E_{k, c_k} = 1` (0 elsewhere). It
+    enters the backward pass at the logits; no objective is in the graph. The first output is checked by the
+    objectives themselves (a class index out of range raises their error)."""
+
+    def __init__(self, objs: List[Objective], classes: List[int]) -> None:
+        self.objs, self.classes = objs, classes
+        self.minus_e: Optional[Tensor] = None  # (K, classes)
+
+    def __call__(self, output: Any) -> Tuple[Tensor, Tensor]:
+        """``(logits (K, classes), -E)`` for one model output."""
+        logits = as_logits(output)
+        if self.minus_e is None:
+            for obj in self.objs:
+                obj({OUTPUT: logits.detach()})
+            k = len(self.objs)
+            if logits.shape[0] != k:
+                raise ValueError(expected("model output", f"one row per image, ({k}, classes)", logits))
+            self.rows = torch.arange(k, device=logits.device)
+            self.cols = torch.tensor(self.classes, device=logits.device)
+            self.minus_e = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+            self.minus_e[self.rows, self.cols] = -1.0
+        return logits, self.minus_e
+
+    def picked(self, logits: Tensor) -> Tensor:
+        """``(..., K, classes)`` -> the objectives ``(..., K)``."""
+        return logits[..., self.rows, self.cols]
+
+
+def _closed_form_penalties(regs: List[Regularizer], images: Tensor, lo: Tensor, span: Tensor,
+                           unit_range: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    r"""The regularisers' summed penalty ``(K,)`` on the images rescaled to ``[0, 1]``, :math:`U = (X - lo) / span`,
+    and its gradient with respect to the images, :math:`\sum_r \nabla_U R_r / span` ``(K, C, H, W)``; ``(None,
+    None)`` without regularisers."""
+    if not regs:
+        return None, None
+    unit = images.detach() if unit_range else (images.detach() - lo) / span
+    penalty = grad = None
+    for r in regs:
+        value, g = r.penalty_and_grad(unit)
+        penalty = value if penalty is None else penalty + value
+        grad = g if grad is None else grad.add_(g)
+    return penalty, grad if unit_range else grad / span
+
+
 def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, int], steps: int, lr: float,
                     param: Parametrization, transform: Compose, regs: List[RegularizerLike],
                     generator: torch.Generator, value_range: Tuple[Any, Any], forward: Optional[Callable],
@@ -282,47 +328,33 @@ def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, in
         param.build((k,) + shape, value_range, generator, device, dtype)
         tensors = param.parameters()
         adam = _Adam(tensors, lr)
-        minus_e: Optional[Tensor] = None  # (K, classes): -1 at (k, classes[k])
-        rows = cols = torch.arange(k, device=device)
+        class_grad = None if classes is None else _ClassLogits(objs, classes)
         span = hi - lo
         for _ in range(steps):
             images = param()  # (K, C, H, W)
+            # the closed-form regularisers while the images are still in cache: penalty (K,), gradient (K, C, H, W)
+            penalty, reg_grad = _closed_form_penalties(closed, images, lo, span, unit_range)
             x = transform(images, generator)
             outputs: List[Tensor] = []
             grad_outputs: List[Optional[Tensor]] = []
             total: Optional[Tensor] = None
-            if classes is not None:
-                logits = as_logits(run(x))  # (K, classes)
-                if minus_e is None:  # the first step: the objectives check the output and their class indices
-                    for obj in objs:
-                        obj({OUTPUT: logits.detach()})
-                    if logits.shape[0] != k:
-                        raise ValueError(expected("model output", f"one row per image, ({k}, classes)", logits))
-                    rows, cols = rows.to(logits.device), torch.tensor(classes, device=logits.device)
-                    minus_e = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-                    minus_e[rows, cols] = -1.0
-                scores = logits.detach()  # (K, classes); objective k is column classes[k] of row k
+            if class_grad is not None:
+                logits, minus_e = class_grad(run(x))
+                scores = logits.detach()  # (K, classes): objective k is column classes[k] of row k
                 outputs.append(logits)
                 grad_outputs.append(minus_e)
             else:
-                scores = evaluate(x)
+                scores = evaluate(x)  # (K,)
                 total = -scores.sum()
-            penalty: Optional[Tensor] = None  # (K,) the regularisers' sum
             if traced:
                 unit = images if unit_range else (images - lo) / span
                 for r in traced:
                     value = r(unit)
                     total = value.sum() if total is None else total + value.sum()
                     penalty = value.detach() if penalty is None else penalty + value.detach()
-            if closed:
-                unit = images.detach() if unit_range else (images.detach() - lo) / span
-                grad = None
-                for r in closed:
-                    value, g = r.penalty_and_grad(unit)
-                    penalty = value if penalty is None else penalty + value
-                    grad = g if grad is None else grad.add_(g)
+            if reg_grad is not None:
                 outputs.append(images)
-                grad_outputs.append(grad if unit_range else grad / span)
+                grad_outputs.append(reg_grad)
             if total is not None:
                 outputs.append(total)
                 grad_outputs.append(None)
@@ -336,8 +368,8 @@ def _render_compute(model: Any, objs: List[Objective], shape: Tuple[int, int, in
             images = param().detach()
             final = evaluate(images).detach()
     objective = torch.stack(objective_hist)  # (steps, K), or (steps, K, classes) for class objectives
-    if classes is not None:
-        objective = objective[:, rows, cols]  # (steps, K)
+    if class_grad is not None:
+        objective = class_grad.picked(objective)  # (steps, K)
     loss = (torch.stack(penalty_hist) - objective if penalty_hist else -objective).sum(1)  # (steps,)
     history = {"objective": objective, "loss": loss}
     return FeatureVisResult(images, final, history)

@@ -334,15 +334,16 @@ class TotalVariation(Regularizer):
             return _autograd_penalty_and_grad(self, images)
         x = images.detach()
         scale = self.weight / x[0].numel()
-        dy = x[:, :, 1:, :] - x[:, :, :-1, :]
-        dx = x[:, :, :, 1:] - x[:, :, :, :-1]
-        value = (dy.abs().flatten(1).sum(1) + dx.abs().flatten(1).sum(1)).mul_(scale)
-        sy, sx = dy.sign_().mul_(scale), dx.sign_().mul_(scale)
+        dy = x[:, :, 1:] - x[:, :, :-1]  # (K, C, H - 1, W)
+        dx = x[..., 1:] - x[..., :-1]  # (K, C, H, W - 1)
+        value = (dy.abs().sum((1, 2, 3)) + dx.abs().sum((1, 2, 3))).mul_(scale)
+        sy, sx = dy.sign_(), dx.sign_()
         grad = torch.zeros_like(x)
-        grad[:, :, 1:, :] += sy
-        grad[:, :, :-1, :] -= sy
-        grad[:, :, :, 1:] += sx
-        grad[:, :, :, :-1] -= sx
+        grad[:, :, 1:].add_(sy)  # in place on views (`grad[...] += s` would also copy the result back)
+        grad[:, :, :-1].sub_(sy)
+        grad[..., 1:].add_(sx)
+        grad[..., :-1].sub_(sx)
+        grad.mul_(scale)
         return value, grad
 
 
