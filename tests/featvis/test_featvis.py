@@ -556,3 +556,25 @@ def test_compose_calls_a_transform_that_has_its_own_call():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
     out = Compose([Flipped(1)])(x, torch.Generator().manual_seed(0))
     assert torch.equal(out, x.flip(-1))
+
+
+def test_affine_draws_are_the_transforms_matrices():
+    """``draw`` gives each image's matrix as Python floats: whole-pixel shifts within the range (the image spans 2),
+    zooms within the scales, rotations within the angle; a subclass that overrides ``theta`` is composed from it."""
+    from lightning_xai.featvis import Compose
+
+    g = torch.Generator().manual_seed(0)
+    for a, b, tx, c, d, ty in Jitter(3).draw(50, 16, 20, g):
+        assert (a, b, c, d) == (1.0, 0.0, 0.0, 1.0)
+        assert abs(tx * 20 / 2 - round(tx * 20 / 2)) < 1e-12 and abs(tx * 20 / 2) <= 3 and abs(ty * 16 / 2) <= 3
+    for a, b, tx, c, d, ty in RandomScale((0.8, 1.25)).draw(50, 16, 16, g):
+        assert a == d and 0.8 <= a <= 1.25 and (b, tx, c, ty) == (0.0, 0.0, 0.0, 0.0)
+    for a, b, tx, c, d, ty in RandomRotate(10.0).draw(50, 16, 16, g):
+        assert math.isclose(a * a + c * c, 1.0) and (a, b) == (d, -c) and abs(math.degrees(math.atan2(c, a))) <= 10
+
+    class Mirror(Jitter):
+        def theta(self, images, generator):
+            return torch.tensor([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(images.shape[0], 2, 3)
+
+    x = torch.rand(2, 1, 6, 6, generator=g)
+    torch.testing.assert_close(Compose([Mirror(1), RandomScale((1.0, 1.0))])(x, g), x.flip(-1))
