@@ -16,6 +16,11 @@ declares (10 images x (256 + 1/3)) at the model's forward+backward per sample (`
 measured before each render; process CPU time, renders and floors interleaved, medians and minima over the rounds.
 It also times the model's own forward+backward of the 10 images per step (the input gradient, as a render step
 takes it) so that the rest of a step, the render's overhead, is visible.
+
+The floor's batch of 128 allocates buffers of several MB: in a short process glibc can hand them back to the system
+after each pass and fault them in again on the next (about 6,000 page faults a pass measured, 0.1 ms a sample more),
+while in a long fit the heap stays large. ``GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824:glibc.malloc.
+mmap_threshold=1073741824`` keeps it so here (the render's own small buffers are not affected).
 """
 from __future__ import annotations
 
