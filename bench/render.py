@@ -10,7 +10,8 @@ loaded once per process), and prints the median milliseconds per figure as the l
 interleaved with the first), then encoding it as PNG with Pillow at zlib level 6 (what TensorBoard's ``add_image`` does)
 and at level 1, and with ``log_image``'s own encoder (``_logging.encode_png``: rows unfiltered or Up-filtered, zlib
 level 1), that file's size, and the CRC-32C TensorBoard's record writer computes over it in pure Python (in its writer
-thread, after ``log_image`` returns). The load average is printed with the table.
+thread, after ``log_image`` returns) and the one ``log_image`` makes it use (``lightning_xai._crc``, numpy). The load
+average is printed with the table.
 
 Part 2 fits the shortcut-digits demo's model for ``--epochs`` epochs with the demo's AttributionMonitor
 (saliency, SmoothGrad, Integrated Gradients; 20 probe samples) and times, inside the monitor's runs, the figure
@@ -81,15 +82,17 @@ def _png_ms(image: torch.Tensor, repeats: int, level: int = 6) -> float:
     return _median_ms(lambda: Image.fromarray(hwc).save(io.BytesIO(), format="PNG", compress_level=level), repeats)
 
 
-def _record_cost(image: torch.Tensor, repeats: int) -> Tuple[int, float]:
-    """Bytes of the PNG ``log_image`` writes, and milliseconds of the CRC TensorBoard's record writer computes over
-    them (``masked_crc32c``, pure Python, in the writer's thread)."""
+def _record_cost(image: torch.Tensor, repeats: int) -> Tuple[int, float, float]:
+    """Bytes of the PNG ``log_image`` writes, and milliseconds of the CRC a record writer computes over them:
+    TensorBoard's (``masked_crc32c``, pure Python) and ``lightning_xai._crc``'s, which ``log_image`` has the torch
+    writer use (numpy); both in the writer's thread."""
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
+    from lightning_xai._crc import masked_crc32c as ours
     from lightning_xai._logging import _to_uint8_hwc, encode_png
 
     data = encode_png(_to_uint8_hwc(image))
-    return len(data), _median_ms(lambda: masked_crc32c(data), repeats)
+    return len(data), _median_ms(lambda: masked_crc32c(data), repeats), _median_ms(lambda: ours(data), repeats)
 
 
 def figures(repeats: int) -> None:
@@ -156,17 +159,17 @@ def figures(repeats: int) -> None:
           f"{os.cpu_count()} cores; torch threads {torch.get_num_threads()}\n")
     print("| figure | size (W x H) | ms / figure | ms, all torch threads | PNG ms (Pillow, level 6) "
           "| PNG ms (Pillow, level 1) | PNG ms (log_image's encoder) | PNG KB (log_image's) "
-          "| TensorBoard's record CRC ms |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| TensorBoard's record CRC ms | record CRC ms (lightning_xai._crc) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, fn in cases.items():
         out = fn()
         image = out.image if isinstance(out, render.Figure) else out
         size = f"{image.shape[2]} x {image.shape[1]}"
         one, every = _paired_ms(fn, repeats)
         png = [_png_ms(image, max(3, repeats // 4), level) for level in (6, 1, None)]
-        size_b, crc = _record_cost(image, max(3, repeats // 4))
+        size_b, crc, crc_ours = _record_cost(image, max(3, repeats // 4))
         print(f"| {name} | {size} | {one:.1f} | {every:.1f} | {png[0]:.1f} | {png[1]:.1f} | {png[2]:.1f} | "
-              f"{size_b / 1000:.0f} | {crc:.1f} |")
+              f"{size_b / 1000:.0f} | {crc:.1f} | {crc_ours:.1f} |")
     print(f"\nload average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
