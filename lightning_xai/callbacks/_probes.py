@@ -232,8 +232,9 @@ class LinearProbeMonitor(StreamingCallback):
     @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """The model passes of the current run (between runs: of the next one). While the untrained copy made at fit
-        start waits to be probed, a forward of it per validation sample; else none: the features come from the
-        validation forward Lightning runs anyway, and capturing, reducing and fitting them is no model pass.
+        start waits to be probed, a forward of it per validation sample (at most: it ends after the deepest probed
+        layer); else none: the features come from the validation forward Lightning runs anyway, and capturing,
+        reducing and fitting them is no model pass.
         None when the validation set has no length."""
         if not self._wants_untrained():
             return Passes()
@@ -364,10 +365,11 @@ class LinearProbeMonitor(StreamingCallback):
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), preserve_modes(model, eval_mode=True):
             self._untrained_capture.clear()
-            if self.forward is not None:
-                self.forward(model, x)
-            else:
-                model(x)
+            with self._untrained_capture.stopping(rows=x.shape[0]):  # its layers past the deepest probed one: unused
+                if self.forward is not None:
+                    self.forward(model, x)
+                else:
+                    model(x)
             feats = self._untrained_capture.pop(rows=x.shape[0])
         return {UNTRAINED + k: v for k, v in feats.items()}
 

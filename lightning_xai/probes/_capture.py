@@ -10,13 +10,18 @@ Pure torch.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from lightning_xai._utils import HookSet, expected, resolve_layer_patterns
 from lightning_xai.probes._reduce import ReduceSpec, make_reducer
+
+
+class _Captured(Exception):
+    """Raised by :meth:`ActivationCapture.stopping`'s hooks to end a forward pass once every layer is captured."""
 
 
 def first_tensor(output: Any) -> Optional[Tensor]:
@@ -146,6 +151,27 @@ class ActivationCapture:
                     out[name] = match
             chunks.clear()
         return out
+
+    @contextmanager
+    def stopping(self, rows: int) -> Iterator[None]:
+        """End the enclosed forward pass as soon as every layer has queued ``rows`` rows: the layers after the
+        deepest captured one do not run (nothing reads their output). Attach the capture first (its hooks must run
+        before these). Only its own signal is caught; its hooks are removed on exit, also on error. For a model
+        whose output is not needed, e.g. an untrained copy probed as a baseline."""
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if all(sum(c.shape[0] for c in self.pending[n]) >= rows for n in self.names):
+                raise _Captured
+
+        hooks = HookSet()
+        try:
+            for name in self.names:
+                hooks.add(self.modules[name].register_forward_hook(hook))
+            try:
+                yield
+            except _Captured:
+                pass
+        finally:
+            hooks.remove()
 
     def __enter__(self) -> "ActivationCapture":
         return self.attach()

@@ -233,3 +233,42 @@ def test_a_failing_probe_warns_and_never_stops_training(tmp_path):
             LinearProbeMonitor(layers=["net.0.4"], reduce=_BrokenReducer(), on_error="raise")]
         ).validate(module, val, verbose=False)
     assert hook_count(module) == 0
+
+
+def test_untrained_forward_stops_after_the_deepest_probed_layer(tmp_path, monkeypatch):
+    """The untrained copy's layers past the deepest probed one never run, and the baseline is what a whole forward
+    gives; the stopping hooks are gone after each forward."""
+    ran = []
+
+    class CountLater(pl.Callback):
+        def __init__(self, monitor):
+            self.monitor = monitor
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            copy = self.monitor._untrained
+            if copy is not None and not trainer.sanity_checking:
+                later = list(copy.net.children())[-1]
+                later.register_forward_hook(lambda *args: ran.append(1))
+                self.layer, self.hooks = copy.net[0][2], []
+
+        def on_validation_batch_end(self, trainer, pl_module, *args, **kwargs):
+            if hasattr(self, "layer"):
+                self.hooks.append(len(self.layer._forward_hooks))  # after the copy's forward of this batch
+
+    def baselines(run_whole):
+        if run_whole:  # the capture's stopping hooks made inert: a whole forward of the copy
+            from lightning_xai.probes import _capture
+
+            monkeypatch.setattr(_capture.ActivationCapture, "stopping", lambda self, rows: __import__(
+                "contextlib").nullcontext())
+        monitor = LinearProbeMonitor(layers=["net.0.2"], on_error="raise")
+        spy = CountLater(monitor)
+        _fit(tmp_path / str(run_whole), [monitor, spy], logger=False, max_epochs=1)
+        assert spy.hooks and set(spy.hooks) == {1}  # the capture's hook only: each stopping hook was removed
+        return monitor.baselines["untrained/net.0.2"]
+
+    stopped = baselines(False)
+    assert ran == []  # the copy's head never ran
+    whole = baselines(True)
+    assert ran  # it does in a whole forward
+    assert stopped == whole

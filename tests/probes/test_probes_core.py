@@ -247,3 +247,23 @@ def test_epoch_probe_keeps_copies_of_what_it_was_given():
     a, b = kept.predict()["label"], reused.predict()["label"]
     for split in a:
         assert torch.equal(a[split][0], b[split][0]) and torch.equal(a[split][1], b[split][1])
+
+
+def test_capture_stopping_ends_the_forward_once_every_layer_is_captured():
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise AssertionError("a layer past the captured ones ran")
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), Boom())
+    cap = ActivationCapture(model, ["0", "2"]).attach()
+    x = torch.randn(5, 4)
+    with cap.stopping(rows=5):
+        model(x)  # stopped after layer "2": Boom never runs
+    feats = cap.pop(rows=5)
+    assert set(feats) == {"0", "2"} and feats["2"].shape == (5, 2)
+    assert [len(m._forward_hooks) for m in model] == [1, 0, 1, 0]  # the capture's own hooks only
+    with pytest.raises(ValueError, match="not ours"):  # other errors pass through, the hooks still go
+        with cap.stopping(rows=5):
+            raise ValueError("not ours")
+    assert [len(m._forward_hooks) for m in model] == [1, 0, 1, 0]
+    cap.detach()
