@@ -475,6 +475,34 @@ def report_memory(res: Dict[str, Any]) -> None:
         print(f"\nPeak RSS ratio: **{ratio:.3f}**")
 
 
+def untrained_stop(rounds: int) -> None:
+    """LinearProbeMonitor on the first block only: its first run (the untrained copy's forward over the validation
+    set, ended after that block) against the same with the copy's whole forward (``ActivationCapture.stopping``
+    made inert), in alternating one-epoch fits; the baselines must agree."""
+    import contextlib
+
+    from lightning_xai.probes import _capture
+
+    data = make_data()
+    stopping = _capture.ActivationCapture.stopping
+    seconds: Dict[str, List[float]] = {"ended after the block": [], "whole forward": []}
+    try:
+        for _ in range(rounds):
+            for label in seconds:
+                _capture.ActivationCapture.stopping = stopping if label.startswith("ended") else (
+                    lambda self, rows: contextlib.nullcontext())
+                cb = LinearProbeMonitor(layers=["net.0"])
+                out = fit([cb], 1, data)
+                seconds[label].append(out["spent"]["LinearProbeMonitor"]["seconds"])
+                print(f"# {label}: {seconds[label][-1]:.2f} s, untrained baseline accuracy "
+                      f"{cb.baselines['untrained/net.0']['accuracy']:.4f}", flush=True)
+    finally:
+        _capture.ActivationCapture.stopping = stopping
+    for label, values in seconds.items():
+        print(f"LinearProbeMonitor(layers=['net.0']), one-epoch fit, {label}: median {statistics.median(values):.2f} s "
+              f"({', '.join(f'{v:.2f}' for v in values)})")
+
+
 def main(argv=None) -> None:
     import logging
     import warnings
@@ -491,6 +519,8 @@ def main(argv=None) -> None:
                         help="fit with the stack only (the within-fit ratio and the callbacks' floors need no other)")
     parser.add_argument("--train", type=int, default=TRAIN)
     parser.add_argument("--val", type=int, default=VAL)
+    parser.add_argument("--untrained-stop", action="store_true",
+                        help="LinearProbeMonitor's untrained baseline on the first block, ended there or not")
     args = parser.parse_args(argv)
     SIZES.update(train=args.train, val=args.val)
     warnings.filterwarnings("ignore")
@@ -499,6 +529,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         child(args.child, args.epochs, args.limit)
+        return
+    if args.untrained_stop:
+        untrained_stop(args.rounds)
         return
     report(measure(args.rounds, args.epochs, args.rss_rounds, args.rss_limit, plain_fits=not args.no_plain))
 
