@@ -447,6 +447,9 @@ def report_time(res: Dict[str, Any]) -> None:
     print(f"\nOne pass of the model: forward+backward {fb:.3f} ms per sample (median; {min(spread_fb):.3f}-"
           f"{max(spread_fb):.3f} ms over the fits' timers), forward alone {fw:.3f} ms ({fw / fb:.2f} of a "
           "forward+backward).")
+    if epochs < 3:  # a median run would be a first one (LinearProbeMonitor's untrained baseline, plans, scales)
+        print("Per epoch of a long fit: needs three epochs or more (each callback's median run is then a steady one).")
+        return
     print(f"Per epoch of a long fit at the default cadences (every callback every epoch, FeatureVisMonitor every 5th; "
           f"each callback's median run): {steady:.1f} s of explaining per {epoch:.1f} s epoch "
           + ("" if plain else "(the stack fit's own, without its explaining) ") + f"= **{1 + steady / epoch:.3f}x**.")
