@@ -2,8 +2,8 @@
 
 TensorBoard checksums every record it writes (``masked_crc32c`` of the length and of the data) in pure Python, one
 byte at a time: about 8 MB/s, so a 400 KB figure costs ~50 ms of a CPU core in the writer thread, more than drawing
-and encoding it. :func:`crc32c` gives the same checksums some twenty times faster; :func:`fast_record_checksums`
-makes a ``SummaryWriter``'s record writer use it (the bytes written are the same).
+and encoding it. :func:`crc32c` gives the same checksums, 17 times faster on such a figure;
+:func:`fast_record_checksums` makes a ``SummaryWriter``'s record writer use it (the bytes written are the same).
 
 The maths. With the state update ``s <- T[(s ^ b) & 0xFF] ^ (s >> 8)`` (reflected polynomial ``0x82F63B78``),
 processing bytes is linear over GF(2) in the state and the data together, and a zero state stays zero through
