@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import struct
 from functools import lru_cache
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 
 POLY = 0x82F63B78
 CHUNK = 64  # bytes per chunk: vector steps per call; the chunks are the vector's length
-MIN_BYTES = 2048  # shorter data: the byte-at-a-time loop of TensorBoard is as fast
+MIN_BYTES = 2048  # shorter data: TensorBoard's own byte-at-a-time function is as fast
 
 
 def _table() -> np.ndarray:
@@ -66,14 +66,6 @@ def _shift(state: int, nbytes: int) -> int:
     return int(value[0])
 
 
-def _crc32c_loop(data: bytes) -> int:
-    table: List[int] = TABLE.tolist()
-    s = 0xFFFFFFFF
-    for b in data:
-        s = table[(s ^ b) & 0xFF] ^ (s >> 8)
-    return s ^ 0xFFFFFFFF
-
-
 def crc32c(data: bytes) -> int:
     """The CRC-32C of ``data`` (as TensorBoard's ``crc32c``).
 
@@ -83,7 +75,9 @@ def crc32c(data: bytes) -> int:
     """
     n = len(data)
     if n < MIN_BYTES:
-        return _crc32c_loop(data)
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c as byte_at_a_time
+
+        return byte_at_a_time(data)
     chunks = 1 << max(0, (-(-n // CHUNK) - 1).bit_length())  # a power of two >= ceil(n / CHUNK)
     padded = np.zeros(chunks * CHUNK, dtype=np.uint8)
     padded[padded.size - n:] = np.frombuffer(data, dtype=np.uint8)

@@ -1,5 +1,6 @@
 """LinearProbeMonitor in a real Trainer: tags and values read back from TensorBoard, baselines,
 memorisation warning, do-no-harm, hook hygiene, configuration errors, state."""
+import contextlib
 import io
 import re
 import warnings
@@ -259,8 +260,7 @@ def test_untrained_forward_stops_after_the_deepest_probed_layer(tmp_path, monkey
         if run_whole:  # the capture's stopping hooks made inert: a whole forward of the copy
             from lightning_xai.probes import _capture
 
-            monkeypatch.setattr(_capture.ActivationCapture, "stopping", lambda self, rows: __import__(
-                "contextlib").nullcontext())
+            monkeypatch.setattr(_capture.ActivationCapture, "stopping", lambda self, rows: contextlib.nullcontext())
         monitor = LinearProbeMonitor(layers=["net.0.2"], on_error="raise")
         spy = CountLater(monitor)
         _fit(tmp_path / str(run_whole), [monitor, spy], logger=False, max_epochs=1)

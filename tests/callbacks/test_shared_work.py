@@ -194,7 +194,7 @@ def test_validation_pass_is_the_only_pass_feeding_the_activation_hooks(tmp_path)
     assert [v for k, v in seen if k == "forwards"] == [1] * 4
 
 
-class _Rows(__import__("pytorch_lightning").Callback):
+class _Rows(lightning_package("pytorch_lightning").Callback):
     """Placed before and after a callback: the rows ``net`` counted during that callback's epoch-end run."""
 
     def __init__(self, net, runs=None):
