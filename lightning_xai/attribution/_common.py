@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import types
 import warnings
 import weakref
 from contextlib import ExitStack, contextmanager
@@ -151,7 +152,8 @@ def as_baseline(baseline: Any, inputs: Tensor, name: str = "baseline") -> Tensor
 # --------------------------------------------------------------------------- models and guards
 def module_of(model: Any) -> Optional[nn.Module]:
     """The ``nn.Module`` behind ``model``: itself, a bound method's owner, a partial's function, or
-    the single module captured in a closure (e.g. ``lambda x: module(x)["logits"]``); else None.
+    the single module captured in a closure (e.g. ``lambda x: module(x)["logits"]``), looking through up to three
+    wrappers that capture one function and no module; else None.
     """
     seen = 0
     while seen < 4:
@@ -165,7 +167,7 @@ def module_of(model: Any) -> Optional[nn.Module]:
             model = model.func
             continue
         cells = getattr(model, "__closure__", None) or ()
-        found = []
+        found, inner = [], []
         for cell in cells:
             try:
                 value = cell.cell_contents
@@ -173,9 +175,13 @@ def module_of(model: Any) -> Optional[nn.Module]:
                 continue
             if isinstance(value, nn.Module):
                 found.append(value)
+            elif isinstance(value, types.FunctionType):
+                inner.append(value)
         if len(found) == 1:
             return found[0]
-        return None
+        if found or len(inner) != 1:
+            return None
+        model = inner[0]  # a wrapper of one function, e.g. ``lambda x: forward(x.double())``: look inside it
     return None
 
 

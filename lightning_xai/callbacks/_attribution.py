@@ -169,13 +169,14 @@ class AttributionMonitor(SampleCheckedCallback):
 
     @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
-        """Probe samples x (the prediction's forward + every method's passes); None if a method's is unknown."""
+        """Probe samples x (the prediction's forward + every method's passes), and the channels-last check's
+        forwards (once per fit); None if a method's is unknown."""
         rows, shape = self.probe_size()
         passes = [method_pass_counts(name, fn, {"return_delta": name == "integrated_gradients", **options}, shape)
                   for name, fn, options in self.methods]
         if any(p is None for p in passes):
             return None
-        return rows * sum(passes, Passes(forward=1))
+        return rows * sum(passes, Passes(forward=1)) + self.probe_layout_passes(trainer)
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -206,7 +207,7 @@ class AttributionMonitor(SampleCheckedCallback):
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_images(x)
-        forward = self.logits_fn(pl_module)
+        forward = self.logits_fn(pl_module, x)
         with eager_compiled():  # a compiled model runs as is, not recompiled for eval mode
             probs = shared.logits(self, pl_module, forward, x).float().softmax(1)
         conf, preds = probs.max(1)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor
 
+from lightning_xai import _layout as layout
 from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from typing_extensions import override
 
@@ -172,8 +173,14 @@ class FeatureVisMonitor(StreamingCallback):
     @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """Per image (one per target of every set) a forward+backward at each of the ``steps`` optimiser steps and a
-        forward of the final image; the same over all ranks (each set renders on one of them)."""
-        return sum(len(objs) for _, objs in self.target_sets) * Passes(forward=1, gradient=self.steps)
+        forward of the final image; the same over all ranks (each set renders on one of them); and the
+        channels-last check's forwards on every rank (once per fit)."""
+        passes = sum(len(objs) for _, objs in self.target_sets) * Passes(forward=1, gradient=self.steps)
+        if trainer is None or self.input_shape is None:
+            return passes
+        world = 1 if self.sharded else trainer.world_size
+        return passes + self.layout_check_passes(trainer.lightning_module, self.input_shape,
+                                                 [layout.CHECK_ROWS] * world)
 
     # ------------------------------------------------------------------ setup
     @override
@@ -245,9 +252,11 @@ class FeatureVisMonitor(StreamingCallback):
         return {label: merged[label] for label, _ in self.target_sets}
 
     def _render_all(self, pl_module: "pl.LightningModule", labels: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-        forward = self.logits_fn(pl_module)
         results = {}
         with self.explain_context(pl_module):
+            # the layout check's inputs: any images of the input shape (their values only need to be the same twice)
+            example = torch.rand(layout.CHECK_ROWS, *self.input_shape, generator=torch.Generator().manual_seed(0))
+            forward = self.logits_fn(pl_module, example.to(pl_module.device))
             for label, objs in self.target_sets:
                 if labels is not None and label not in labels:
                     continue

@@ -15,7 +15,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_xai._lightning import FITTING, TESTING, MisconfigurationException, refuse_bad_options
-from lightning_xai._utils import check_positive_int, expected, forked_rng
+from lightning_xai._utils import Passes, check_positive_int, expected, forked_rng
 from lightning_xai.callbacks._base import XAICallback
 from lightning_xai.callbacks._batches import (BATCH_FIX, BatchToXY, Buckets, choose_stratified, class_labels,
                                               collect_rows, extract_xy, first_loader)
@@ -133,6 +133,16 @@ class ProbeSetCallback(XAICallback):
     @property
     def has_probe(self) -> bool:
         return self.probe_x is not None
+
+    def probe_layout_passes(self, trainer: Optional["pl.Trainer"]) -> Passes:
+        """The channels-last check's forwards in the next run on the probe set (each rank checks on its share)."""
+        rows, shape = self.probe_size()
+        if trainer is None:
+            return Passes()
+        world = 1 if self.sharded else trainer.world_size
+        shares = [stop - start for start, stop, _ in (split_rows(rows, world, r) for r in range(world))]
+        dtype = torch.float32 if self.probe_x is None else self.probe_x.dtype
+        return self.layout_check_passes(trainer.lightning_module, shape, shares, dtype)
 
     def probe_size(self) -> Tuple[int, Optional[Tuple[int, ...]]]:
         """Rows of the probe set (``probe_samples`` until it is chosen) and the shape of one sample (None until

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 import torch
 from torch import Tensor, nn
 
+from lightning_xai import _layout as layout
 from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
@@ -234,7 +235,8 @@ class LinearProbeMonitor(StreamingCallback):
         """The model passes of the current run (between runs: of the next one). While the untrained copy made at fit
         start waits to be probed, a forward of it per validation sample (at most: it ends after the deepest probed
         layer); else none: the features come from the validation forward Lightning runs anyway, and capturing,
-        reducing and fitting them is no model pass.
+        reducing and fitting them is no model pass; the channels-last check of the copy adds at most
+        :data:`~lightning_xai._layout.CHECK_PASSES` x :data:`~lightning_xai._layout.CHECK_ROWS` forwards on each rank.
         None when the validation set has no length."""
         if not self._wants_untrained():
             return Passes()
@@ -243,7 +245,8 @@ class LinearProbeMonitor(StreamingCallback):
             rows = len(loader.dataset)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - no loader, an iterable dataset: not known
             return None
-        return Passes(forward=rows)
+        world = 1 if trainer is None or self.sharded else trainer.world_size
+        return Passes(forward=rows) + self.layout_check_passes(self._untrained, None, [layout.CHECK_ROWS] * world)
 
     def _reducers_for_copy(self) -> Dict[str, Reducer]:
         return dict(self._capture.reducers)  # same reducers, so projections match the trained layers
@@ -362,15 +365,23 @@ class LinearProbeMonitor(StreamingCallback):
 
     def _run_untrained(self, pl_module: "pl.LightningModule", x: Tensor) -> Dict[str, Tensor]:
         model = self._untrained.to(x.device)
+        capture = self._untrained_capture
         devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), preserve_modes(model, eval_mode=True):
-            self._untrained_capture.clear()
-            with self._untrained_capture.stopping(rows=x.shape[0]):  # its layers past the deepest probed one: unused
+
+        def features(inputs: Tensor) -> Dict[str, Tensor]:
+            capture.clear()
+            with capture.stopping(rows=inputs.shape[0]):  # its layers past the deepest probed one: unused
                 if self.forward is not None:
-                    self.forward(model, x)
+                    self.forward(model, inputs)
                 else:
-                    model(x)
-            feats = self._untrained_capture.pop(rows=x.shape[0])
+                    model(inputs)
+            return capture.pop(rows=inputs.shape[0])
+
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), preserve_modes(model, eval_mode=True):
+            error = capture.error  # the layout check's failures are its own answer, not the probe's
+            fast = self._use_channels_last(model, features, x, remember=False)
+            capture.error = error
+            feats = features(layout.channels_last(x) if fast else x)
         return {UNTRAINED + k: v for k, v in feats.items()}
 
     # ------------------------------------------------------------------ fitting and logging

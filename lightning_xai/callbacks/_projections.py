@@ -128,7 +128,7 @@ class ProjectionMonitor(SampleCheckedCallback):
     # ------------------------------------------------------------------ compute / report
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
-        logits_fn = self.logits_fn(pl_module)
+        logits_fn = self.logits_fn(pl_module, x)
         preds: List[Tensor] = []
         feats = capture_activations(pl_module, x, self.layers, reduce=self.reduce,
                                     forward=lambda inp: preds.append(logits_fn(inp).argmax(1)))

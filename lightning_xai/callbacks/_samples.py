@@ -219,12 +219,13 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
     def _to_xy(self, batch: Any) -> Tuple[Tensor, Optional[Tensor]]:
         return extract_xy(batch, self.batch_to_xy)
 
-    def _train_bank(self, pl_module: "pl.LightningModule") -> Dict[str, Any]:
-        """Features, labels, model predictions and the two representer refits of the training subset."""
+    def _train_bank(self, pl_module: "pl.LightningModule", forward: Callable[[Tensor], Tensor]) -> Dict[str, Any]:
+        """Features, labels, model predictions (``forward``: the logits function) and the two representer refits of
+        the training subset."""
         layer, capture = self._layer or resolve_feature_layer(pl_module, self.layer, self.capture)
         indices = first_samples(self._dataset, self.max_train_samples)
         feats, logits, labels = dataset_features(pl_module, layer, self._dataset, indices, self._to_xy,
-                                                 forward=self.logits_fn(pl_module), capture=capture,
+                                                 forward=forward, capture=capture,
                                                  batch_size=self.batch_size, device=pl_module.device)
         labels = class_labels(labels, feats.shape[0], self)
         probs = logits.float().softmax(1)
@@ -248,9 +249,10 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         layer, capture = self._layer or resolve_feature_layer(pl_module, self.layer, self.capture)
         with torch.no_grad():
-            bank = self._train_bank(pl_module)
+            forward = self.logits_fn(pl_module, x)
+            bank = self._train_bank(pl_module, forward)
             self._bank = bank
-            feats, logits = capture_features(pl_module, layer, x, forward=self.logits_fn(pl_module), capture=capture,
+            feats, logits = capture_features(pl_module, layer, x, forward=forward, capture=capture,
                                              batch_size=self.batch_size)
             probs = logits.float().softmax(1)
             conf, pred = probs.max(1)

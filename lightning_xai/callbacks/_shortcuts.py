@@ -127,12 +127,13 @@ class _ShortcutCallback(SampleCheckedCallback):
     @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """Probe samples x (a prediction's forward, the attribution's passes and the edits' forwards of every
-        region)."""
+        region), and the channels-last check's forwards (once per fit)."""
         rows, shape = self.probe_size()
         passes = method_pass_counts(*self.method, shape)
         if passes is None:
             return None
-        return rows * (Passes(forward=1 + self.regions_tested() * self.edits_per_sample()) + passes)
+        return (rows * (Passes(forward=1 + self.regions_tested() * self.edits_per_sample()) + passes)
+                + self.probe_layout_passes(trainer))
 
     # ------------------------------------------------------------------ reference samples (training batches)
     @property
@@ -214,7 +215,7 @@ class _ShortcutCallback(SampleCheckedCallback):
                   donors: Tensor, donor_labels: Tensor, donor_masks: Tensor, rows: Tuple[int, int],
                   results: Dict[str, Tensor]) -> None:
         plan = self._plan(name, x, labels, masks, donors, donor_labels, donor_masks)
-        out = run_plan(self.logits_fn(pl_module), x, donors, plan, rows=rows, batch_size=self.config.batch_size)
+        out = run_plan(self.logits_fn(pl_module, x), x, donors, plan, rows=rows, batch_size=self.config.batch_size)
         results[f"{name}/logp"], results[f"{name}/pred"] = out["logp"], out["pred"]
 
     def _verdict(self, name: str, results: Dict[str, Tensor], config: ShortcutConfig) -> Verdict:
@@ -363,7 +364,7 @@ class ShortcutMonitor(_ShortcutCallback):
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
         self.check_images(x)
         rows = self._rows(pl_module, x)
-        forward = self.logits_fn(pl_module)
+        forward = self.logits_fn(pl_module, x)
         pred = shared.logits(self, pl_module, forward, x).argmax(1)
         maps = shared.attribute(self, pl_module, self.method, forward, x, y if y is not None else pred).detach()
         results: Dict[str, Tensor] = {"pred": pred}
@@ -453,7 +454,7 @@ class ShortcutDiscovery(_ShortcutCallback):
         share of every candidate's edits."""
         self.check_images(x)
         rows = self._rows(pl_module, x)
-        forward = self.logits_fn(pl_module)
+        forward = self.logits_fn(pl_module, x)
         whole = self.probe_x.to(x.device, x.dtype)
         pred_all = shared.logits(self, pl_module, forward, whole).argmax(1)
         labels = (self.probe_y if self.probe_y is not None else pred_all).cpu()
