@@ -196,7 +196,7 @@ def declared_runs(name: str, before: PassTimer, after: PassTimer) -> Dict[str, A
     just before its run (``estimated_passes`` at that moment: LinearProbeMonitor's differ between runs), the run's
     seconds (cost book), and the floor of each run: its forwards priced at the forward and its forward+backward
     passes at the forward+backward the two timers measured then, in wall time and in CPU time."""
-    declared, seconds, floors, cpu_floors = [], [], [], []
+    declared, seconds, floors, cpu_floors, cl_floors = [], [], [], [], []
     runs = 0
     for b, a, cb, ca in zip(before.books, after.books, before.costs, after.costs):
         work, _, _ = b[name]
@@ -205,11 +205,14 @@ def declared_runs(name: str, before: PassTimer, after: PassTimer) -> Dict[str, A
             declared.append(work)
             seconds.append(current)
             if work is not None:
-                price = [(x + y) / 2 for x, y in zip(cb, ca)]  # forward+backward, forward; then the same in CPU
+                # forward+backward, forward; the same in CPU; the same in wall time in channels-last layout
+                price = [(x + y) / 2 for x, y in zip(cb, ca)]
                 floors.append(work.gradient * price[0] + work.forward * price[1])
                 cpu_floors.append(work.gradient * price[2] + work.forward * price[3])
+                cl_floors.append(work.gradient * price[4] + work.forward * price[5])
         runs = now
-    return {"declared": declared, "run_seconds": seconds, "floors": floors, "cpu_floors": cpu_floors}
+    return {"declared": declared, "run_seconds": seconds, "floors": floors, "cpu_floors": cpu_floors,
+            "cl_floors": cl_floors}
 
 
 def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> Dict[str, Any]:
@@ -240,30 +243,37 @@ def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> 
 
 
 def pass_seconds(model: nn.Module, rows: int = BATCH, repeats: int = 7,
-                 images: Optional[Tensor] = None) -> Tuple[float, float, float, float]:
+                 images: Optional[Tensor] = None) -> Tuple[float, ...]:
     """Seconds per sample of one forward+backward (the input gradient, as saliency takes it) and of one forward under
-    ``no_grad``, eval mode, ``rows`` per pass, in wall time and in process CPU time: medians over ``repeats``.
+    ``no_grad``, eval mode, ``rows`` per pass, in wall time and in process CPU time; then the same two in wall time
+    with the input in channels-last layout (what the callbacks' passes may run in, see lightning_xai._layout):
+    medians over ``repeats``.
 
     ``images``: the inputs (their first ``rows``), else uniform noise. The cost depends on the values: max-pooling
     compares and branches, and on this CPU pools uniform noise about a fifth slower than the model's own images, so
     the floors are priced on validation images, what the callbacks pass."""
     model.eval()
     x = images[:rows].float() / 255 if images is not None else torch.rand(rows, 3, SIDE, SIDE)
-    fb, fw, fb_cpu, fw_cpu = [], [], [], []
+    times: List[List[float]] = [[] for _ in range(6)]  # fb, fw, fb CPU, fw CPU, fb channels-last, fw channels-last
     for _ in range(repeats + 1):
-        t, c = time.perf_counter(), time.process_time()
-        with torch.enable_grad():
-            xi = x.clone().requires_grad_(True)
-            out = model(xi)
-            torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xi)
-        fb.append(time.perf_counter() - t)
-        fb_cpu.append(time.process_time() - c)
-        t, c = time.perf_counter(), time.process_time()
-        with torch.no_grad():
-            model(x)
-        fw.append(time.perf_counter() - t)
-        fw_cpu.append(time.process_time() - c)
-    return tuple(statistics.median(v[1:]) / rows for v in (fb, fw, fb_cpu, fw_cpu))
+        for layout, (fb, fw, fb_cpu, fw_cpu) in ((torch.contiguous_format, (0, 1, 2, 3)),
+                                                 (torch.channels_last, (4, 5, None, None))):
+            inputs = x.contiguous(memory_format=layout)
+            t, c = time.perf_counter(), time.process_time()
+            with torch.enable_grad():
+                xi = inputs.clone(memory_format=layout).requires_grad_(True)
+                out = model(xi)
+                torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xi)
+            times[fb].append(time.perf_counter() - t)
+            if fb_cpu is not None:
+                times[fb_cpu].append(time.process_time() - c)
+            t, c = time.perf_counter(), time.process_time()
+            with torch.no_grad():
+                model(inputs)
+            times[fw].append(time.perf_counter() - t)
+            if fw_cpu is not None:
+                times[fw_cpu].append(time.process_time() - c)
+    return tuple(statistics.median(v[1:]) / rows for v in times)
 
 
 def peak_kb() -> int:
@@ -321,8 +331,7 @@ def measure(rounds: int, epochs: int, rss_rounds: int, rss_limit: int, plain_fit
                 # CPU seconds of each callback's epoch-end work: between the timer before it and the one after it
                 out["cpu_spent"] = {type(cb).__name__: sum(b[0] - a[1] for a, b in zip(t0.marks, t1.marks))
                                     for cb, t0, t1 in zip(callbacks[1::2], timers, timers[1:])}
-                out["pass"] = statistics.median(c[0] for t in timers for c in t.costs), \
-                    statistics.median(c[1] for t in timers for c in t.costs)
+                out["pass"] = tuple(statistics.median(c[i] for t in timers for c in t.costs) for i in range(6))
                 stack.append(out)
             else:
                 plain.append(out)
@@ -390,10 +399,13 @@ def report_time(res: Dict[str, Any]) -> None:
           "each priced at the cost of one such pass per sample of the model (eval mode, 128 rows; the backward to "
           "the input), timed in the same fit just before and just after the callback's run (the timers' own time is "
           "taken out of the stack's fit time).\n")
+    print("The floor is priced in the model's own layout (NCHW, as the fit runs it). The callbacks may run their "
+          "passes in channels-last layout (lightning_xai._layout), which is faster on this CNN; the last two columns "
+          "price the same passes in channels-last, the stricter floor.\n")
     print("| callback | runs | seconds per run | of which report | median run | share of the plain fit "
           "| declared passes per run (forwards + forward+backward) | floor per run (s) | run / floor "
-          "| (run - report) / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| (run - report) / floor | channels-last floor per run (s) | run / channels-last floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     steady = 0.0
     for name in names:
         got = [s["spent"][name] for s in stack]
@@ -404,8 +416,13 @@ def report_time(res: Dict[str, Any]) -> None:
         share = "–" if not plain else "{:.1f} %".format(100 * statistics.median(
             g["seconds"] / p["seconds"] for g, p in zip(got, plain)))
         reports = [(g["report"] or 0.0) / max(g["runs"], 1) for g in got]
-        floor_ratio = floor = rest_ratio = work_txt = "–"
+        floor_ratio = floor = rest_ratio = work_txt = cl_floor = cl_ratio = "–"
         if all(g.get("declared") and None not in g["declared"] for g in got):
+            cl_floors = [sum(g["cl_floors"]) / max(g["runs"], 1) for g in got]
+            cl_floor = f"{statistics.median(cl_floors):.2f}"
+            if min(cl_floors) > 0:
+                cl_ratio = "{:.2f}".format(statistics.median(
+                    g["seconds"] / max(g["runs"], 1) / f for g, f in zip(got, cl_floors)))
             floors = [sum(g["floors"]) / max(g["runs"], 1) for g in got]  # per run, each run at its own price
             fwd = statistics.median(sum(d.forward for d in g["declared"]) / max(g["runs"], 1) for g in got)
             grad = statistics.median(sum(d.gradient for d in g["declared"]) / max(g["runs"], 1) for g in got)
@@ -417,7 +434,7 @@ def report_time(res: Dict[str, Any]) -> None:
                 rest_ratio = "{:.2f}".format(statistics.median(
                     (g["seconds"] / max(g["runs"], 1) - r) / f for g, r, f in zip(got, reports, floors)))
         print(f"| {name} | {runs} | {per_run:.2f} | {statistics.median(reports):.2f} | {median_run:.2f} | {share} | "
-              f"{work_txt} | {floor} | {floor_ratio} | {rest_ratio} |")
+              f"{work_txt} | {floor} | {floor_ratio} | {rest_ratio} | {cl_floor} | {cl_ratio} |")
         every = 5 if name == "FeatureVisMonitor" else 1
         steady += median_run / every
     print("\nIn CPU time: each callback's epoch-end work (between the timers around it; LinearProbeMonitor's capture "
@@ -446,7 +463,8 @@ def report_time(res: Dict[str, Any]) -> None:
     spread_fb = [c[0] * 1e3 for s in stack for t in s["timers"] for c in t]
     print(f"\nOne pass of the model: forward+backward {fb:.3f} ms per sample (median; {min(spread_fb):.3f}-"
           f"{max(spread_fb):.3f} ms over the fits' timers), forward alone {fw:.3f} ms ({fw / fb:.2f} of a "
-          "forward+backward).")
+          "forward+backward). In channels-last layout: forward+backward {:.3f} ms, forward {:.3f} ms.".format(
+              *(statistics.median(s["pass"][i] for s in stack) * 1e3 for i in (4, 5))))
     if epochs < 3:  # a median run would be a first one (LinearProbeMonitor's untrained baseline, plans, scales)
         print("Per epoch of a long fit: needs three epochs or more (each callback's median run is then a steady one).")
         return
