@@ -11,11 +11,10 @@ without spatial work after its first layer (a vision transformer's patch embeddi
 model may depend on the layout (``x.view(n, -1)`` after a convolution fails on a channels-last tensor). So
 :func:`choose` decides on the inputs themselves: it runs :data:`CHECK_ROWS` rows both ways, accepts channels-last
 only when nothing raises, every output agrees to a relative :data:`RTOL` (the rounding of a float32 network is
-orders of magnitude below that; a layout-dependent model is off by O(1) or fails), and its forward is faster by
-:data:`GAIN` or more (the best of two timings each way, after the comparison's runs warmed both up). Timing on
-16 rows ranks the layouts as batches of 32-128 do on the models we measured (a CIFAR-sized CNN, ResNet-, LeNet-,
-MobileNet-like CNNs, a patch-embedding transformer, two tiny CNNs on 8x8 digits); where the two are within noise
-the model keeps its own layout. See docs/design.md.
+orders of magnitude below that; a layout-dependent model is off by O(1) or fails), and its forward takes at most
+:data:`GAIN` of the default layout's time (the best of :data:`TIMINGS` timings each way, after the comparison's runs
+warmed both up). Timing on 16 rows misses some gains that batches of 32-128 show (bench/layout.py), and where the
+two layouts are within noise the model keeps its own. See docs/design.md.
 
 This module imports torch only (no Lightning).
 """
@@ -29,12 +28,15 @@ from torch import Tensor, nn
 
 #: Rows of the inputs :func:`choose` runs both ways.
 CHECK_ROWS = 16
-#: Forwards of :data:`CHECK_ROWS` rows one :func:`choose` takes: the comparison (2) and two timings each way (4).
-CHECK_PASSES = 6
+#: Timed forwards each way in :func:`choose` (the best one counts): a forward of a small model takes a tenth of a
+#: millisecond, where one scheduler tick decides a single timing.
+TIMINGS = 5
+#: Forwards of :data:`CHECK_ROWS` rows one :func:`choose` takes: the comparison (2) and the timings.
+CHECK_PASSES = 2 + 2 * TIMINGS
 #: Relative tolerance of :func:`agrees` (float32 rounding of a deep network is about 1e-6 relative).
 RTOL = 1e-3
 #: Channels-last must take at most this share of the default layout's time: a gain under 10 % is within the
-#: noise of a best-of-two timing, and then the model keeps its own layout.
+#: noise of a best-of-five timing of a small model, and then the model keeps its own layout.
 GAIN = 0.9
 
 
@@ -118,15 +120,15 @@ def agrees(run: Callable[[Tensor], Any], x: Tensor, rows: int = CHECK_ROWS) -> b
 
 def choose(run: Callable[[Tensor], Any], x: Tensor, rows: int = CHECK_ROWS) -> bool:
     """Whether to run ``run`` on inputs like ``x`` in channels-last layout: :func:`agrees`, and the forward of the
-    first ``rows`` rows takes at most :data:`GAIN` of the default layout's time (best of two timings each way).
-    :data:`CHECK_PASSES` forwards in all."""
+    first ``rows`` rows takes at most :data:`GAIN` of the default layout's time (best of :data:`TIMINGS` timings
+    each way, alternating). :data:`CHECK_PASSES` forwards in all."""
     if not agrees(run, x, rows):
         return False
     part = x[:rows].detach().contiguous()
     fast = _in_channels_last(part)
     best = [float("inf"), float("inf")]
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(TIMINGS):
             for i, inputs in enumerate((part, fast)):
                 start = time.perf_counter()
                 run(inputs)
