@@ -58,7 +58,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         channels_last: the memory layout of the explanation passes on images. ``"auto"`` (default): a model with a
             2-D convolution explaining 4-D CPU float inputs runs them in channels-last layout when a check on the
             first run's inputs (16 rows, 12 forwards, once per fit; its verdict is kept in checkpoints) gives the
-            same logits both ways to a relative 1e-3 and a forward at least 10 % faster (up to 3x on a small CNN),
+            same logits both ways to a relative 1e-3 and a forward at least 10 % faster (2.2x on a CIFAR-sized CNN),
             else in its own. Like cuDNN's ``benchmark``, the timing could choose differently in another run (the
             explanations then differ by float rounding), so with deterministic algorithms on
             (``Trainer(deterministic=True)``) ``"auto"`` keeps the model's layout. ``True``: always channels-last
