@@ -215,9 +215,25 @@ def declared_runs(name: str, before: PassTimer, after: PassTimer) -> Dict[str, A
             "cl_floors": cl_floors}
 
 
+class TrainClock(pl.Callback):
+    """Wall seconds inside the training batches (forward, backward, optimiser step), summed: the same work in a fit
+    with callbacks and one without, so a difference is the callbacks' effect on training itself."""
+
+    def __init__(self) -> None:
+        self.seconds, self._start = 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
 def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> Dict[str, Any]:
     """One fit: wall seconds, the model, and per callback (class name) its runs, seconds and declared work."""
     pl.seed_everything(0, verbose=False)
+    clock = TrainClock()
+    callbacks = [clock] + list(callbacks)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks,
                          limit_train_batches=limit_train_batches,
                          logger=TensorBoardLogger(tempfile.mkdtemp(prefix="xai-cifar-")
@@ -237,7 +253,8 @@ def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> 
         if id(cb) in book.names and 0 < i < len(callbacks) - 1 and isinstance(callbacks[i - 1], PassTimer) \
                 and isinstance(callbacks[i + 1], PassTimer):
             spent[type(cb).__name__].update(declared_runs(type(cb).__name__, callbacks[i - 1], callbacks[i + 1]))
-    return {"seconds": seconds, "cpu": cpu, "model": model, "spent": spent, "callbacks": callbacks,
+    return {"seconds": seconds, "cpu": cpu, "model": model, "spent": spent, "callbacks": callbacks[1:],
+            "train_seconds": clock.seconds,
             "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan"))),
             "load": (load, os.getloadavg()[0])}
 
@@ -376,6 +393,10 @@ def report_time(res: Dict[str, Any]) -> None:
         print("\nLoad average (1 min, 2 cores) at the start and end of each fit, per round (plain; stack): "
               + "; ".join(f"{p['load'][0]:.1f}-{p['load'][1]:.1f}, {s['load'][0]:.1f}-{s['load'][1]:.1f}"
                           for p, s in zip(plain, stack)) + ".")
+        train = [s["train_seconds"] / p["train_seconds"] for s, p in zip(stack, plain)]
+        print(f"\nTraining batches alone (forward, backward, optimiser step; the same work in both fits), stack / "
+              f"plain, per round: {', '.join(f'{r:.3f}' for r in train)} (median **{statistics.median(train):.3f}**; "
+              f"plain {statistics.median(p['train_seconds'] for p in plain):.1f} s).")
         cpu = [s["cpu"] / p["cpu"] for s, p in zip(stack, plain)]
         print(f"\nThe same in process CPU time (user + system, both threads; what other jobs on the machine take "
               f"barely moves it): plain fit {statistics.median(p['cpu'] for p in plain):.1f} s, "
