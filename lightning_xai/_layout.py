@@ -1,6 +1,6 @@
 """Channels-last memory format for the explanation passes of convolutional models on CPU.
 
-A 2-D convolutional network on CPU runs several times faster on channels-last (NHWC) inputs than on the default
+A 2-D convolutional network on CPU can run twice as fast on channels-last (NHWC) inputs as on the default
 NCHW layout: oneDNN's convolutions and max-pooling work natively in NHWC, while NCHW tensors are reordered at every
 layer. A trainer keeps the model's layout, so the explanation passes (thousands of rows per run) pay that reordering
 unless they choose otherwise. The values are the same numbers in another order; only floating-point summation order
