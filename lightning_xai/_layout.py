@@ -31,8 +31,10 @@ CHECK_ROWS = 16
 #: Timed forwards each way in :func:`choose` (the best one counts): a forward of a small model takes a tenth of a
 #: millisecond, where one scheduler tick decides a single timing.
 TIMINGS = 5
-#: Forwards of :data:`CHECK_ROWS` rows one :func:`choose` takes: the comparison (2) and the timings.
-CHECK_PASSES = 2 + 2 * TIMINGS
+#: Forwards of :data:`CHECK_ROWS` rows one :func:`agrees` takes: one in each layout.
+AGREE_PASSES = 2
+#: Forwards of :data:`CHECK_ROWS` rows one :func:`choose` takes: the comparison and the timings.
+CHECK_PASSES = AGREE_PASSES + 2 * TIMINGS
 #: Relative tolerance of :func:`agrees` (float32 rounding of a deep network is about 1e-6 relative).
 RTOL = 1e-3
 #: Channels-last must take at most this share of the default layout's time: a gain under 10 % is within the

@@ -214,8 +214,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         timing verdict a checkpoint keeps; a resumed fit then only checks that the layouts agree."""
         if self.channels_last is True:
             return example.ndim == 4
-        if self.channels_last is False or self.sharded or torch.are_deterministic_algorithms_enabled() \
-                or not layout.eligible(module, example):
+        if not self._layout_checked() or not layout.eligible(module, example):
             return False
         key = (id(module), tuple(example.shape[1:]), example.dtype)
         if key not in self._layouts:
@@ -236,8 +235,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         two (the comparison) after a resume whose checkpoint chose channels-last, none if it chose the default
         layout; none under ``True``/``False``, a sharded strategy or deterministic algorithms.
         ``row_shape`` None (not known yet): images, checked unless one was for this module."""
-        if (self.channels_last != "auto" or self.sharded or module is None
-                or torch.are_deterministic_algorithms_enabled()):
+        if not self._layout_checked() or module is None:
             return Passes()
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         done = (any(k[0] == id(module) for k in self._layouts) if row_shape is None
@@ -245,10 +243,15 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         if done or not layout.eligible(module, torch.empty((0, *(row_shape or (1, 1, 1))), dtype=dtype,
                                                            device=device)):
             return Passes()
-        passes = layout.CHECK_PASSES
-        if row_shape is not None and (tuple(row_shape), str(dtype)) in self._layout_speed:
-            passes = 2 if self._layout_speed[(tuple(row_shape), str(dtype))] else 0
+        kept = None if row_shape is None else self._layout_speed.get((tuple(row_shape), str(dtype)))
+        passes = layout.CHECK_PASSES if kept is None else layout.AGREE_PASSES if kept else 0
         return Passes(forward=sum(passes * min(layout.CHECK_ROWS, r) for r in rows))
+
+    def _layout_checked(self) -> bool:
+        """Whether ``channels_last="auto"`` checks the layout here: not on a sharded strategy (every rank must run the
+        same passes) nor with deterministic algorithms on (the timing could choose differently in another run)."""
+        return (self.channels_last is not True and self.channels_last is not False and not self.sharded
+                and not torch.are_deterministic_algorithms_enabled())
 
     @contextlib.contextmanager
     def explain_context(self, pl_module: "pl.LightningModule") -> Iterator[None]:

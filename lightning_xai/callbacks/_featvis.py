@@ -178,9 +178,8 @@ class FeatureVisMonitor(StreamingCallback):
         passes = sum(len(objs) for _, objs in self.target_sets) * Passes(forward=1, gradient=self.steps)
         if trainer is None or self.input_shape is None:
             return passes
-        world = 1 if self.sharded else trainer.world_size
         return passes + self.layout_check_passes(trainer.lightning_module, self.input_shape,
-                                                 [layout.CHECK_ROWS] * world)
+                                                 [layout.CHECK_ROWS] * trainer.world_size)
 
     # ------------------------------------------------------------------ setup
     @override

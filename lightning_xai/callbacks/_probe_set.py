@@ -139,7 +139,7 @@ class ProbeSetCallback(XAICallback):
         rows, shape = self.probe_size()
         if trainer is None:
             return Passes()
-        world = 1 if self.sharded else trainer.world_size
+        world = trainer.world_size
         shares = [stop - start for start, stop, _ in (split_rows(rows, world, r) for r in range(world))]
         dtype = torch.float32 if self.probe_x is None else self.probe_x.dtype
         return self.layout_check_passes(trainer.lightning_module, shape, shares, dtype)

@@ -245,8 +245,8 @@ class LinearProbeMonitor(StreamingCallback):
             rows = len(loader.dataset)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - no loader, an iterable dataset: not known
             return None
-        world = 1 if trainer is None or self.sharded else trainer.world_size
-        return Passes(forward=rows) + self.layout_check_passes(self._untrained, None, [layout.CHECK_ROWS] * world)
+        return Passes(forward=rows) + self.layout_check_passes(self._untrained, None,
+                                                               [layout.CHECK_ROWS] * trainer.world_size)
 
     def _reducers_for_copy(self) -> Dict[str, Reducer]:
         return dict(self._capture.reducers)  # same reducers, so projections match the trained layers
