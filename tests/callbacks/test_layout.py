@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import classifier, small_cnn, tiny_trainer
+from helpers import classifier, hook_count, small_cnn, tiny_trainer, trained_weights
 
 from lightning_xai import AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ShortcutMonitor
 from lightning_xai import _layout
@@ -182,6 +182,34 @@ def test_default_explanation_passes_run_channels_last(tmp_path, fast_wins):
     assert grads and all(grads)  # every saliency pass
     assert not all(fast for _, fast in spy.seen)  # training and Lightning's validation keep the loader's layout
     assert kept and kept[-1]["attr/saliency"].is_contiguous()
+
+
+def test_channels_last_passes_leave_training_bit_identical(tmp_path, fast_wins):
+    """No harm on the channels-last path: the same weights as a fit without callbacks (the shuffling loader reads
+    the global RNG, so a drawn number would show too), no hook left, every callback taking channels-last."""
+    def run(name, callbacks):
+        torch.manual_seed(0)
+        module = classifier(net=small_cnn(in_channels=3))
+        trainer = tiny_trainer(tmp_path / name, callbacks=callbacks, max_epochs=2, logger=False, deterministic=False)
+        torch.manual_seed(1)
+        loader = torch.utils.data.DataLoader
+        trainer.fit(module, loader(_images(64, 0), batch_size=16, shuffle=True), loader(_images(32, 1), batch_size=16))
+        return module
+
+    stack = [AttributionMonitor(methods=("saliency", "grad_cam"), probe_samples=8, evolution_samples=0),
+             ShortcutMonitor(regions={"corner": (0, 0, 4, 4)}, probe_samples=16, action="log",
+                             config=ShortcutConfig(reference_samples=0, num_controls=2)),
+             FeatureVisMonitor(targets=[("logits", (0, 3))], steps=3, every_n_epochs=1),
+             LinearProbeMonitor(layers=["net.0.2"])]
+    plain, explained = run("plain", []), run("stack", stack)
+    assert all(cb.errors == 0 and list(cb._layouts.values()) == [True] for cb in stack)
+    a, b = trained_weights(plain), trained_weights(explained)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert hook_count(explained) == 0 and explained.training
+    # the model itself keeps its layout: only the passes' inputs are converted
+    assert all(p.is_contiguous() and not (p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                                          and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1)
+               for p in explained.parameters())
 
 
 def test_a_slower_layout_is_not_taken(tmp_path, monkeypatch):
