@@ -66,6 +66,16 @@ METHODS: Dict[str, Method] = {
     "lime": Method(lime, _lime_validate_args, lambda o: True, lambda o, s: Passes(forward=o("samples"))),
 }
 
+#: Built-in methods that use the model as a function of its input alone (no hook on a layer): their passes may run on
+#: a copy computing the same function (see lightning_xai._fold).
+OUTPUT_ONLY = frozenset({"saliency", "input_x_gradient", "smoothgrad", "integrated_gradients", "occlusion", "lime"})
+
+
+def output_only(name: str, fn: Any) -> bool:
+    """Whether the method ``(name, fn)`` is a built-in one of :data:`OUTPUT_ONLY` (a user callable or a Captum
+    adapter may look inside the model)."""
+    return name in OUTPUT_ONLY and METHODS[name].fn is fn
+
 
 def _builtin(method: Any) -> Optional[Tuple[str, Method]]:
     """The row of a built-in method given by name or by function; None for anything else."""

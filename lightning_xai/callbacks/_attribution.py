@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_xai._utils import Passes, check_choice, check_int, check_real, eager_compiled, expected
 from lightning_xai.attribution import is_signed, method_pass_counts
-from lightning_xai.attribution._registry import PinnedOptions
+from lightning_xai.attribution._registry import PinnedOptions, output_only
 from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_method_layers, check_method_options,
                                              resolve_method)
@@ -168,9 +168,15 @@ class AttributionMonitor(SampleCheckedCallback):
         self.evolution_preds = {int(e): t for e, t in state_dict.get("evolution_preds", {}).items()}
 
     @override
+    def folds_model(self) -> bool:
+        """Every method is a built-in one that needs the model's output alone (not Grad-CAM, a user callable or a
+        Captum adapter)."""
+        return all(output_only(name, fn) for name, fn, _ in self.methods)
+
+    @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
-        """Probe samples x (the prediction's forward + every method's passes), and the channels-last check's
-        forwards (once per fit); None if a method's is unknown."""
+        """Probe samples x (the prediction's forward + every method's passes), and the folding and channels-last
+        checks' forwards (once per fit); None if a method's is unknown."""
         rows, shape = self.probe_size()
         passes = [method_pass_counts(name, fn, {"return_delta": name == "integrated_gradients", **options}, shape)
                   for name, fn, options in self.methods]

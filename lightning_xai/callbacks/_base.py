@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_xai import _fold as folding
 from lightning_xai import _layout as layout
 from lightning_xai._lightning import CALLBACK_BASES, FITTING, MisconfigurationException, is_a, refuse_bad_options
 from lightning_xai._utils import (Passes, check_bool, check_choice, check_positive_int, eager_compiled, expected,
@@ -63,6 +64,13 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             explanations then differ by float rounding), so with deterministic algorithms on
             (``Trainer(deterministic=True)``) ``"auto"`` keeps the model's layout. ``True``: always channels-last
             for 4-D inputs (no check); ``False``: never. See :mod:`lightning_xai._layout`.
+        fold_batchnorm: whether the explanation passes fold each BatchNorm into the convolution before it (a
+            traced copy of the forward computing the same function with fewer layers; the model itself is not
+            changed). ``"auto"`` (default) and ``True``: fold where the callback's passes need nothing but the
+            model's output (not for Grad-CAM or layer objectives) and the folded model's logits agree with the
+            model's on the first run's inputs (16 rows, 2 forwards, once per fit); ``"auto"`` not with deterministic
+            algorithms on nor on a sharded strategy, like ``channels_last``. ``False``: never. See
+            :mod:`lightning_xai._fold`.
     """
 
     #: Strategy class names (either Lightning package): one device, the DDP family, and ModelParallelStrategy
@@ -81,6 +89,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         output_key: Union[None, int, str] = None,
         forward: Optional[Callable[[Any, Tensor], Tensor]] = None,
         channels_last: Union[str, bool] = "auto",
+        fold_batchnorm: Union[str, bool] = "auto",
     ) -> None:
         super().__init__()
         with refuse_bad_options():
@@ -97,6 +106,9 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             if not (channels_last is True or channels_last is False
                     or (isinstance(channels_last, str) and channels_last == "auto")):
                 raise ValueError(expected("channels_last", "'auto', True or False", channels_last))
+            if not (fold_batchnorm is True or fold_batchnorm is False
+                    or (isinstance(fold_batchnorm, str) and fold_batchnorm == "auto")):
+                raise ValueError(expected("fold_batchnorm", "'auto', True or False", fold_batchnorm))
         self.every_n_epochs = every_n_epochs
         self.run_on_fit_end = run_on_fit_end
         self.on_error = on_error
@@ -104,6 +116,10 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         self.output_key = output_key
         self.forward = forward
         self.channels_last = channels_last
+        self.fold_batchnorm = fold_batchnorm
+        # module id -> its folded copy (None: nothing folds); (module id, row shape, dtype) -> the copy agrees
+        self._folds: Dict[int, Optional[folding.Folded]] = {}
+        self._fold_agrees: Dict[Tuple[Any, ...], bool] = {}
         self._layouts: Dict[Tuple[Any, ...], bool] = {}  # (module id, row shape, dtype) -> runs channels-last
         # (row shape, dtype name) -> the timing's verdict on the explained model, kept in checkpoints so a resumed fit
         # computes in the layout the run began with
@@ -164,6 +180,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
                          "underflow in half precision", precision))
         self._rank_note = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
         self._layouts, self._layout_speed = {}, {}  # a checkpoint's verdicts are loaded after this
+        self._folds, self._fold_agrees = {}, {}
         if stage == "fit":
             cost.book(trainer, new_fit=True).register(id(self), self.cost_name())
 
@@ -174,6 +191,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._folds, self._fold_agrees = {}, {}  # the folded copies hold the model's modules
         if stage != "fit":
             return
         book = cost.book(trainer)
@@ -188,7 +206,8 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         """``inputs -> logits (N, classes)`` for the unwrapped module, honouring ``forward``/``output_key``; a model
         with one binary logit is seen as two classes (:func:`~lightning_xai._utils.two_class_logits`).
 
-        With ``example`` (inputs like the ones to explain), 4-D inputs run in channels-last layout as
+        With ``example`` (inputs like the ones to explain), the passes run with BatchNorm folded as
+        ``fold_batchnorm`` says (when :meth:`folds_model` allows it) and 4-D inputs in channels-last layout as
         ``channels_last`` says; under ``"auto"`` :func:`lightning_xai._layout.choose` decides on ``example``'s
         first rows, once per module, row shape and dtype in a fit (call this inside :meth:`explain_context`)."""
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
@@ -198,10 +217,19 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
 
         user, key = self.forward, self.output_key
 
-        def fn(x: Tensor) -> Tensor:
+        def plain(x: Tensor) -> Tensor:
             if user is not None:
                 return two_class_logits(user(pl_module, cast(x)))
             return two_class_logits(select_output(pl_module(cast(x)), key))
+
+        folded = None if example is None else self._folded(pl_module, plain, example)
+        if folded is None:
+            fn = plain
+        else:
+            model = folded.module  # the one module this function captures (attribution methods look it up)
+
+            def fn(x: Tensor) -> Tensor:
+                return two_class_logits(select_output(model(cast(x)), key))
 
         if example is None or not self._use_channels_last(pl_module, fn, example):
             return fn
@@ -246,6 +274,56 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         kept = None if row_shape is None else self._layout_speed.get((tuple(row_shape), str(dtype)))
         passes = layout.CHECK_PASSES if kept is None else layout.AGREE_PASSES if kept else 0
         return Passes(forward=sum(passes * min(layout.CHECK_ROWS, r) for r in rows))
+
+    def folds_model(self) -> bool:
+        """Whether this callback's passes need nothing from the model but its output (no hooks on its layers), so
+        that they may run on a folded copy (see ``fold_batchnorm``). Subclasses that can say so override this."""
+        return False
+
+    def _fold_checked(self) -> bool:
+        """Whether ``fold_batchnorm`` folds here: on (``True``, or ``"auto"`` without deterministic algorithms and
+        off sharded strategies), no user ``forward`` (it may use anything of the module), and :meth:`folds_model`."""
+        if self.fold_batchnorm is False or self.forward is not None or not self.folds_model():
+            return False
+        return self.fold_batchnorm is True or (not self.sharded and not torch.are_deterministic_algorithms_enabled())
+
+    def _fold_of(self, module: Any) -> Optional[folding.Folded]:
+        """``module``'s folded copy (traced once per fit), None when nothing folds."""
+        if id(module) not in self._folds:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracing warns about what it records as constants; agrees() judges
+                self._folds[id(module)] = folding.fold(module)
+        return self._folds[id(module)]
+
+    def _folded(self, module: Any, fn: Callable[[Tensor], Any], example: Tensor) -> Optional[folding.Folded]:
+        """The folded copy ``fn``'s passes on inputs like ``example`` run on, its weights refreshed from the
+        module's; None to run the module itself. The copy must agree with ``fn`` on ``example``'s first rows (once
+        per fit for each module, row shape and dtype)."""
+        if not self._fold_checked() or not isinstance(example, Tensor):
+            return None
+        found = self._fold_of(module)
+        if found is None:
+            return None
+        found.refresh()
+        key = (id(module), tuple(example.shape[1:]), example.dtype)
+        if key not in self._fold_agrees:
+            output_key = self.output_key
+            self._fold_agrees[key] = folding.agrees(
+                fn, lambda x: two_class_logits(select_output(found(x), output_key)), example)
+        return found if self._fold_agrees[key] else None
+
+    def fold_check_passes(self, module: Any, row_shape: Optional[Tuple[int, ...]], rows: Sequence[int],
+                          dtype: torch.dtype = torch.float32) -> Passes:
+        """The forwards of the folding check still to come (see ``fold_batchnorm``): for each rank with ``rows``
+        inputs, :data:`~lightning_xai._fold.AGREE_PASSES` forwards of :data:`~lightning_xai._layout.CHECK_ROWS` of
+        them (at most), once per fit for each module, row shape and dtype that folds."""
+        if not self._fold_checked() or module is None:
+            return Passes()
+        done = (any(k[0] == id(module) for k in self._fold_agrees) if row_shape is None
+                else (id(module), tuple(row_shape), dtype) in self._fold_agrees)
+        if done or self._fold_of(module) is None:
+            return Passes()
+        return Passes(forward=sum(folding.AGREE_PASSES * min(layout.CHECK_ROWS, r) for r in rows))
 
     def _layout_checked(self) -> bool:
         """Whether ``channels_last="auto"`` checks the layout here: not on a sharded strategy (every rank must run the

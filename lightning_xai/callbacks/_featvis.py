@@ -171,6 +171,11 @@ class FeatureVisMonitor(StreamingCallback):
             self.value_range = tuple(state_dict["value_range"])
 
     @override
+    def folds_model(self) -> bool:
+        """Every objective reads the model's output alone (class logits by default), no layer."""
+        return all(key == OUTPUT for _, objs in self.target_sets for obj in objs for key in obj.layers)
+
+    @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """Per image (one per target of every set) a forward+backward at each of the ``steps`` optimiser steps and a
         forward of the final image; the same over all ranks (each set renders on one of them); and the
@@ -178,8 +183,9 @@ class FeatureVisMonitor(StreamingCallback):
         passes = sum(len(objs) for _, objs in self.target_sets) * Passes(forward=1, gradient=self.steps)
         if trainer is None or self.input_shape is None:
             return passes
-        return passes + self.layout_check_passes(trainer.lightning_module, self.input_shape,
-                                                 [layout.CHECK_ROWS] * trainer.world_size)
+        checks = [layout.CHECK_ROWS] * trainer.world_size
+        return (passes + self.fold_check_passes(trainer.lightning_module, self.input_shape, checks)
+                + self.layout_check_passes(trainer.lightning_module, self.input_shape, checks))
 
     # ------------------------------------------------------------------ setup
     @override

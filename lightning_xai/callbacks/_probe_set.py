@@ -135,14 +135,16 @@ class ProbeSetCallback(XAICallback):
         return self.probe_x is not None
 
     def probe_layout_passes(self, trainer: Optional["pl.Trainer"]) -> Passes:
-        """The channels-last check's forwards in the next run on the probe set (each rank checks on its share)."""
+        """The folding and channels-last checks' forwards in the next run on the probe set (each rank checks on its
+        share)."""
         rows, shape = self.probe_size()
         if trainer is None:
             return Passes()
         world = trainer.world_size
         shares = [stop - start for start, stop, _ in (split_rows(rows, world, r) for r in range(world))]
         dtype = torch.float32 if self.probe_x is None else self.probe_x.dtype
-        return self.layout_check_passes(trainer.lightning_module, shape, shares, dtype)
+        return (self.fold_check_passes(trainer.lightning_module, shape, shares, dtype)
+                + self.layout_check_passes(trainer.lightning_module, shape, shares, dtype))
 
     def probe_size(self) -> Tuple[int, Optional[Tuple[int, ...]]]:
         """Rows of the probe set (``probe_samples`` until it is chosen) and the shape of one sample (None until

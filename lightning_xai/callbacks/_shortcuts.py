@@ -20,6 +20,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from lightning_xai._utils import Passes, check_choice, expected
 from lightning_xai.attribution import method_pass_counts
+from lightning_xai.attribution._registry import output_only
 from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._batches import (BATCH_FIX, Buckets, choose_stratified, class_labels, collect_rows,
                                               extract_xy)
@@ -125,9 +126,14 @@ class _ShortcutCallback(SampleCheckedCallback):
         raise NotImplementedError
 
     @override
+    def folds_model(self) -> bool:
+        """The attribution method is a built-in one that needs the model's output alone (the edits' passes do)."""
+        return output_only(self.method[0], self.method[1])
+
+    @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """Probe samples x (a prediction's forward, the attribution's passes and the edits' forwards of every
-        region), and the channels-last check's forwards (once per fit)."""
+        region), and the folding and channels-last checks' forwards (once per fit)."""
         rows, shape = self.probe_size()
         passes = method_pass_counts(*self.method, shape)
         if passes is None:

@@ -50,6 +50,7 @@ COMMON = {  # XAICallback's options, and ProbeSetCallback's for the callbacks th
     "output_key": [1.5, True],
     "forward": [3],
     "channels_last": ["yes", 1, None],
+    "fold_batchnorm": ["yes", 1, None],
     "probe": [[], torch.zeros(0, 1, 8, 8), [1.5], Named((torch.zeros(3, 1, 8, 8), torch.zeros(4)), "probe labels")],
     "probe_samples": [0, 2.0],
     "batch_to_xy": [3],
