@@ -10,13 +10,17 @@ In eval mode a BatchNorm layer is an affine map per channel, :math:`\\mathrm{BN}
 forward and backward: on a CIFAR-sized CNN with three conv-BN pairs the explanation passes take about 13 % less time
 (bench/layout.py). Only float rounding differs.
 
-:func:`fold` never changes the model. It traces the module's forward with ``torch.fx`` into a graph that calls the
-module's own submodules (the same objects, parameters shared), and replaces each conv-BN pair with a new
-convolution holding the folded weights (no gradient). A pair is folded only when nothing else can see the
-convolution's output: the BatchNorm is the convolution's only user, takes it as its only argument, and neither
-module has hooks. Whatever does not trace (data-dependent control flow, unsupported calls) is not folded.
-:meth:`Folded.refresh` recomputes the folded weights from the model's current ones (call it before each run: the
-model trains in between).
+:func:`fold` never changes the model. It traces, with ``torch.fx``, a shadow of the module: a copy of every module
+object whose attributes are the model's (the same parameter and buffer tensors), so whatever the forward writes on
+``self`` while it is traced lands on the shadow. The shadows have no hooks (tracing would call them with symbols
+instead of tensors; a hook that changes an output makes the copy disagree with the model, see below), and a model
+with hooks registered for every module is not folded. The graph calls the shadow's submodules, in eval mode, and
+each conv-BN pair becomes a new convolution holding the folded weights (no gradient). A pair is folded only when nothing
+else can see the convolution's output: the BatchNorm is the convolution's only user, takes it as its only
+argument, and neither module has hooks or parametrisations. Whatever does not trace (data-dependent control flow,
+unsupported calls) and a model with a ``torch.compile``'d part are not folded. :meth:`Folded.refresh` recomputes
+the folded weights from the model's current ones (call it before each run: the model trains in between) and
+says whether the shadow still holds the model's tensors (a parameter replaced by a new object needs a new fold).
 
 Tracing follows the code once, with symbols for tensors; a forward that branches on a module flag or reads state
 set elsewhere is recorded as it ran then. So the caller checks the folded model against the model itself on the
@@ -26,7 +30,9 @@ This module imports torch only (no Lightning).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+import collections
+import copy
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +45,15 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 #: Forwards of :data:`~lightning_xai._layout.CHECK_ROWS` rows one :func:`agrees` takes: the model and the folded one.
 AGREE_PASSES = 2
+_CONTAINERS = (list, dict, set, collections.OrderedDict)
+
+
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+          "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _hooked(m: nn.Module) -> bool:
-    return any(bool(getattr(m, name, None)) for name in (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+    return any(bool(getattr(m, name, None)) for name in _HOOKS)
 
 
 def _foldable_norm(m: Any) -> bool:
@@ -59,33 +69,46 @@ def _foldable_conv(m: Any, norm: nn.Module) -> bool:
 
 def _new_conv(conv: nn.Module) -> nn.Module:
     """A convolution configured like ``conv``, with a bias, parameters without gradients (filled by refresh)."""
-    new = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                     dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-                     device=conv.weight.device, dtype=conv.weight.dtype)
+    # skip_init: no initialisation, so no draw from the global random generator (refresh fills the weights)
+    new = torch.nn.utils.skip_init(type(conv), conv.in_channels, conv.out_channels, conv.kernel_size,
+                                   stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                                   bias=True, padding_mode=conv.padding_mode, device=conv.weight.device,
+                                   dtype=conv.weight.dtype)
     new.requires_grad_(False)
     return new
 
 
 class Folded:
-    """A traced copy of a module's forward with its conv-BN pairs folded: call it like the module.
+    """A traced shadow of a module's forward with its conv-BN pairs folded: call it like the module.
 
     Attributes:
-        module: the ``torch.fx.GraphModule`` (its other submodules are the model's own objects).
-        pairs: ``(folded convolution, convolution, BatchNorm)`` per folded pair.
+        module: the ``torch.fx.GraphModule`` (its submodules are shadows of the model's, sharing their tensors).
+        pairs: ``(folded convolution, the model's convolution, the model's BatchNorm)`` per folded pair.
+        shadows: ``(the model's module, its shadow)`` for every module.
     """
 
-    def __init__(self, module: nn.Module, pairs: List[Tuple[nn.Module, nn.Module, nn.Module]]) -> None:
+    def __init__(self, module: nn.Module, pairs: List[Tuple[nn.Module, nn.Module, nn.Module]],
+                 shadows: List[Tuple[nn.Module, nn.Module]]) -> None:
         self.module = module
         self.pairs = pairs
+        self.shadows = shadows
         self.refresh()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
+    def current(self) -> bool:
+        """Whether every shadow still holds its module's parameter and buffer objects and submodules."""
+        return all(_same(s._parameters, m._parameters) and _same(s._buffers, m._buffers)
+                   and s._modules.keys() == m._modules.keys() for m, s in self.shadows)
+
     @torch.no_grad()
-    def refresh(self) -> None:
+    def refresh(self) -> bool:
         """Fold the model's current convolution weights and BatchNorm statistics: :math:`W' = W s`,
-        :math:`b' = (b - \\mu) s + \\beta`, :math:`s = \\gamma / \\sqrt{\\sigma^2 + \\epsilon}`."""
+        :math:`b' = (b - \\mu) s + \\beta`, :math:`s = \\gamma / \\sqrt{\\sigma^2 + \\epsilon}`. False (nothing
+        folded) when the model no longer holds the tensors it was traced with (:meth:`current`)."""
+        if not self.current():
+            return False
         for new, conv, norm in self.pairs:
             scale = (norm.running_var.to(conv.weight.dtype) + norm.eps).rsqrt()
             if norm.weight is not None:
@@ -98,32 +121,71 @@ class Folded:
                 shift = shift + norm.bias.to(conv.weight.dtype)
             new.weight.copy_(conv.weight * scale.view(-1, *([1] * (conv.weight.ndim - 1))))
             new.bias.copy_(shift)
+        return True
+
+
+def _same(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+
+def _shadow(module: nn.Module, made: Dict[int, Tuple[nn.Module, nn.Module]]) -> nn.Module:
+    """A new object of ``module``'s class with a copy of its attributes (the same parameter and buffer tensors; lists,
+    dicts and sets copied, so an ``append`` while tracing stays on the shadow), no hooks, in eval mode, and shadows
+    for submodules; ``made``: ``id(module) -> (module, shadow)``."""
+    if id(module) in made:
+        return made[id(module)][1]
+    twin = object.__new__(type(module))
+    twin.__dict__.update({k: copy.copy(v) if type(v) in _CONTAINERS else v for k, v in module.__dict__.items()})
+    made[id(module)] = (module, twin)
+    twin.__dict__["_parameters"] = dict(module._parameters)
+    twin.__dict__["_buffers"] = dict(module._buffers)
+    twin.__dict__["_modules"] = {k: None if v is None else _shadow(v, made) for k, v in module._modules.items()}
+    twin.__dict__["training"] = False
+    for name in _HOOKS:  # tracing would call them with symbols; the folded passes do not call them
+        if name in twin.__dict__:
+            twin.__dict__[name] = type(twin.__dict__[name])()
+    return twin
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module (``register_module_forward_hook`` and kin) are on: tracing would
+    call them with symbols."""
+    base = torch.nn.modules.module
+    return any(bool(getattr(base, name, None)) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks",
+        "_global_module_registration_hooks", "_global_parameter_registration_hooks",
+        "_global_buffer_registration_hooks"))
 
 
 def fold(module: Any) -> Optional[Folded]:
     """``module`` with its conv-BN pairs folded (see the module docstring), or None: not an ``nn.Module``, nothing
-    to fold, sharded parameters, or a forward ``torch.fx`` cannot trace. The module is not changed."""
-    if not isinstance(module, nn.Module) or not any(_foldable_norm(m) for m in module.modules()):
+    to fold, sharded parameters, a ``torch.compile``'d part, or a forward ``torch.fx`` cannot trace. The module is not
+    changed."""
+    if not isinstance(module, nn.Module) or not candidates(module):
         return None
-    if any(type(p).__name__ == "DTensor" for p in module.parameters()):
+    if _global_hooks() or any(type(p).__name__ == "DTensor" for p in module.parameters()) or any(
+            type(m).__name__ == "OptimizedModule" for m in module.modules()):
         return None
+    made: Dict[int, Tuple[nn.Module, nn.Module]] = {}
     try:
         import torch.fx as fx
 
-        graph = fx.Tracer().trace(module)
+        root = _shadow(module, made)
+        graph = fx.Tracer().trace(root)
+        graph_module = fx.GraphModule(root, graph)
     except Exception:  # noqa: BLE001 - anything fx cannot follow stays unfolded
         return None
-    modules = dict(module.named_modules())
-    graph_module = fx.GraphModule(module, graph)
+    original = {id(twin): m for m, twin in made.values()}
+    modules = dict(root.named_modules())
     pairs: List[Tuple[nn.Module, nn.Module, nn.Module]] = []
     for node in list(graph.nodes):
-        norm = modules.get(node.target) if node.op == "call_module" else None
+        norm = original.get(id(modules.get(node.target))) if node.op == "call_module" else None
         if norm is None or not _foldable_norm(norm) or len(node.args) != 1 or node.kwargs:
             continue
         source = node.args[0]
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
-        conv = modules.get(source.target)
+        conv = original.get(id(modules.get(source.target)))
         if conv is None or not _foldable_conv(conv, norm):
             continue
         name = f"_xai_folded_{len(pairs)}"
@@ -139,7 +201,15 @@ def fold(module: Any) -> Optional[Folded]:
         return None
     graph.lint()
     graph_module.recompile()
-    return Folded(graph_module, pairs)
+    graph_module.delete_all_unused_submodules()  # the folded pairs' shadows
+    graph_module.eval()
+    return Folded(graph_module, pairs, list(made.values()))
+
+
+def candidates(module: nn.Module) -> bool:
+    """Whether ``module`` holds a BatchNorm that could fold (in eval mode, with running statistics, no hooks): a
+    check without tracing."""
+    return any(_foldable_norm(m) for m in module.modules())
 
 
 def agrees(run: Callable[[Tensor], Any], folded_run: Callable[[Tensor], Any], x: Tensor,

@@ -288,12 +288,18 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         return self.fold_batchnorm is True or (not self.sharded and not torch.are_deterministic_algorithms_enabled())
 
     def _fold_of(self, module: Any) -> Optional[folding.Folded]:
-        """``module``'s folded copy (traced once per fit), None when nothing folds."""
-        if id(module) not in self._folds:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracing warns about what it records as constants; agrees() judges
-                self._folds[id(module)] = folding.fold(module)
-        return self._folds[id(module)]
+        """``module``'s folded copy with the module's current weights (traced once per fit, again if the module
+        took new parameter objects), None when nothing folds."""
+        found = self._folds.get(id(module))
+        if found is not None and not found.refresh():  # traced with tensors the module no longer holds
+            found = None
+            self._fold_agrees = {k: v for k, v in self._fold_agrees.items() if k[0] != id(module)}
+        elif id(module) in self._folds:
+            return found
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracing warns about what it records as constants; agrees() judges
+            found = self._folds[id(module)] = folding.fold(module)
+        return found
 
     def _folded(self, module: Any, fn: Callable[[Tensor], Any], example: Tensor) -> Optional[folding.Folded]:
         """The folded copy ``fn``'s passes on inputs like ``example`` run on, its weights refreshed from the
@@ -304,7 +310,6 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         found = self._fold_of(module)
         if found is None:
             return None
-        found.refresh()
         key = (id(module), tuple(example.shape[1:]), example.dtype)
         if key not in self._fold_agrees:
             output_key = self.output_key
@@ -321,7 +326,11 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             return Passes()
         done = (any(k[0] == id(module) for k in self._fold_agrees) if row_shape is None
                 else (id(module), tuple(row_shape), dtype) in self._fold_agrees)
-        if done or self._fold_of(module) is None:
+        if id(module) in self._folds:  # traced: it folds or not
+            folds = self._folds[id(module)] is not None
+        else:  # not traced yet (tracing waits for the run, in eval mode): a BatchNorm that may fold
+            folds = isinstance(module, torch.nn.Module) and folding.candidates(module)
+        if done or not folds:
             return Passes()
         return Passes(forward=sum(folding.AGREE_PASSES * min(layout.CHECK_ROWS, r) for r in rows))
 
