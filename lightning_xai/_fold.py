@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai._layout import CHECK_ROWS, _close, _leaves
+from lightning_xai._utils import forked_rng
 
 #: Convolutions a following BatchNorm folds into (exact types: a subclass may change what ``forward`` computes).
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -167,12 +168,15 @@ def fold(module: Any) -> Optional[Folded]:
             type(m).__name__ == "OptimizedModule" for m in module.modules()):
         return None
     made: Dict[int, Tuple[nn.Module, nn.Module]] = {}
+    devices = sorted({p.device for p in module.parameters() if p.device.type == "cuda"}, key=str)
     try:
         import torch.fx as fx
 
-        root = _shadow(module, made)
-        graph = fx.Tracer().trace(root)
-        graph_module = fx.GraphModule(root, graph)
+        # a forward may draw random numbers of a fixed shape while traced: every global generator is restored
+        with forked_rng(devices):
+            root = _shadow(module, made)
+            graph = fx.Tracer().trace(root)
+            graph_module = fx.GraphModule(root, graph)
     except Exception:  # noqa: BLE001 - anything fx cannot follow stays unfolded
         return None
     original = {id(twin): m for m, twin in made.values()}

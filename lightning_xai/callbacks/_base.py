@@ -326,11 +326,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             return Passes()
         done = (any(k[0] == id(module) for k in self._fold_agrees) if row_shape is None
                 else (id(module), tuple(row_shape), dtype) in self._fold_agrees)
-        if id(module) in self._folds:  # traced: it folds or not
-            folds = self._folds[id(module)] is not None
-        else:  # not traced yet (tracing waits for the run, in eval mode): a BatchNorm that may fold
-            folds = isinstance(module, torch.nn.Module) and folding.candidates(module)
-        if done or not folds:
+        if done or self._fold_of(module) is None:  # traced once per fit (the shadow is in eval mode)
             return Passes()
         return Passes(forward=sum(folding.AGREE_PASSES * min(layout.CHECK_ROWS, r) for r in rows))
 

@@ -118,6 +118,16 @@ def test_fold_never_changes_the_model_even_what_its_forward_writes_on_self():
     assert model.calls == [1]  # the model's own call; the folded one recorded on its shadow
 
 
+def test_tracing_a_forward_that_draws_random_numbers_leaves_the_generators_alone():
+    class Noisy(ResNetLike):
+        def forward(self, x):
+            return super().forward(x) + 0.0 * torch.rand(1)  # a fixed shape: drawn while traced
+
+    model, state = _trained_stats(Noisy()), torch.get_rng_state()
+    assert fold(model) is not None
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_pairs_another_layer_can_see_are_not_folded():
     class Shared(nn.Module):  # the convolution's output goes to the BatchNorm and to the head
         def __init__(self):
