@@ -31,7 +31,10 @@ This module imports torch only (no Lightning).
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
+import io
+import types
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -44,9 +47,9 @@ from lightning_xai._utils import forked_rng
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: BatchNorm layers that fold (in eval mode, with running statistics, they are a per-channel affine map).
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-#: Forwards of :data:`~lightning_xai._layout.CHECK_ROWS` rows one :func:`agrees` takes: the model and the folded one.
+#: Forward+backward passes of :data:`~lightning_xai._layout.CHECK_ROWS` rows one :func:`agrees` takes: the model and
+#: the folded copy.
 AGREE_PASSES = 2
-_CONTAINERS = (list, dict, set, collections.OrderedDict)
 
 
 _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -129,23 +132,65 @@ def _same(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
 
 
-def _shadow(module: nn.Module, made: Dict[int, Tuple[nn.Module, nn.Module]]) -> nn.Module:
-    """A new object of ``module``'s class with a copy of its attributes (the same parameter and buffer tensors; lists,
-    dicts and sets copied, so an ``append`` while tracing stays on the shadow), no hooks, in eval mode, and shadows
-    for submodules; ``made``: ``id(module) -> (module, shadow)``."""
+def _shadow(module: nn.Module, made: Dict[int, Tuple[nn.Module, nn.Module]], memo: Dict[int, Any]) -> nn.Module:
+    """A new object of ``module``'s class holding the same parameter and buffer tensors, copies of its data attributes
+    (:func:`_copy_data`: what the forward writes into them while traced stays on the shadow), its other attributes
+    shared, no hooks, in eval mode, and shadows for submodules. ``made``: ``id(module) -> (module, shadow)``;
+    ``memo``: copies made so far, holding the model's parameters and buffers as themselves."""
     if id(module) in made:
         return made[id(module)][1]
     twin = object.__new__(type(module))
-    twin.__dict__.update({k: copy.copy(v) if type(v) in _CONTAINERS else v for k, v in module.__dict__.items()})
     made[id(module)] = (module, twin)
+    for key, value in module.__dict__.items():
+        if key in ("_parameters", "_buffers", "_modules") or key in _HOOKS:
+            continue
+        twin.__dict__[key] = _copy_data(value, memo)
     twin.__dict__["_parameters"] = dict(module._parameters)
     twin.__dict__["_buffers"] = dict(module._buffers)
-    twin.__dict__["_modules"] = {k: None if v is None else _shadow(v, made) for k, v in module._modules.items()}
+    twin.__dict__["_modules"] = {k: None if v is None else _shadow(v, made, memo) for k, v in module._modules.items()}
     twin.__dict__["training"] = False
-    for name in _HOOKS:  # tracing would call them with symbols; the folded passes do not call them
-        if name in twin.__dict__:
-            twin.__dict__[name] = type(twin.__dict__[name])()
+    for name in _HOOKS:  # none: tracing would call them with symbols (see the module docstring)
+        if name in module.__dict__:
+            twin.__dict__[name] = type(module.__dict__[name])()
     return twin
+
+
+def _recomputing(m: nn.Module) -> bool:
+    """Whether ``m`` has hooks that change what its forward computes where a traced copy would not run them: forward
+    pre-hooks (the old ``weight_norm``, ``spectral_norm`` and pruning recompute the weight in one) and backward hooks
+    (they change input gradients, which the outputs alone would not show)."""
+    return any(bool(getattr(m, name, None)) for name in (
+        "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _copy_data(value: Any, memo: Dict[int, Any]) -> Any:
+    """``value`` with its data copied: tensors (detached clones; the model's parameters and buffers, in ``memo``,
+    stay themselves), lists, tuples, dicts, sets, deques and namespaces (their subclasses too), through any nesting;
+    any other object is shared."""
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, Tensor):
+        with torch.no_grad():
+            out: Any = value.detach().clone()
+    elif isinstance(value, (list, collections.deque, set, dict)):
+        out = copy.copy(value)  # the same class (defaultdict keeps its factory), emptied and refilled
+        memo[id(value)] = out
+        out.clear()
+        if isinstance(value, dict):
+            out.update({k: _copy_data(v, memo) for k, v in value.items()})
+        elif isinstance(value, set):
+            out.update(_copy_data(v, memo) for v in value)
+        else:
+            out.extend(_copy_data(v, memo) for v in value)
+    elif isinstance(value, (tuple, frozenset)):
+        items = [_copy_data(v, memo) for v in value]
+        out = type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    elif isinstance(value, types.SimpleNamespace):
+        out = types.SimpleNamespace(**{k: _copy_data(v, memo) for k, v in vars(value).items()})
+    else:
+        return value
+    memo[id(value)] = out
+    return out
 
 
 def _global_hooks() -> bool:
@@ -165,19 +210,31 @@ def fold(module: Any) -> Optional[Folded]:
     if not isinstance(module, nn.Module) or not candidates(module):
         return None
     if _global_hooks() or any(type(p).__name__ == "DTensor" for p in module.parameters()) or any(
-            type(m).__name__ == "OptimizedModule" for m in module.modules()):
+            type(m).__name__ == "OptimizedModule" or _recomputing(m) for m in module.modules()):
         return None
+    tensors = list(module.parameters()) + list(module.buffers())
+    memo: Dict[int, Any] = {id(t): t for t in tensors}
+    versions = [t._version for t in tensors]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
     made: Dict[int, Tuple[nn.Module, nn.Module]] = {}
     devices = sorted({p.device for p in module.parameters() if p.device.type == "cuda"}, key=str)
     try:
         import torch.fx as fx
 
-        # a forward may draw random numbers of a fixed shape while traced: every global generator is restored
-        with forked_rng(devices):
-            root = _shadow(module, made)
+        # a forward may draw random numbers of a fixed shape while traced: every global generator is restored; what
+        # it prints while traced is not the model's output
+        with forked_rng(devices), contextlib.redirect_stdout(io.StringIO()):
+            root = _shadow(module, made, memo)
             graph = fx.Tracer().trace(root)
             graph_module = fx.GraphModule(root, graph)
     except Exception:  # noqa: BLE001 - anything fx cannot follow stays unfolded
+        graph_module = None
+    if [t._version for t in tensors] != versions:  # the forward wrote into the model's tensors while traced
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        return None  # a model that writes into its own tensors is not folded
+    if graph_module is None:
         return None
     original = {id(twin): m for m, twin in made.values()}
     modules = dict(root.named_modules())
@@ -218,14 +275,33 @@ def candidates(module: nn.Module) -> bool:
 
 def agrees(run: Callable[[Tensor], Any], folded_run: Callable[[Tensor], Any], x: Tensor,
            rows: int = CHECK_ROWS) -> bool:
-    """Whether ``folded_run`` gives ``run``'s outputs on the first ``rows`` rows of ``x``: no exception, the same
-    tensors (integer ones equal, floating ones within :data:`~lightning_xai._layout.RTOL` of the largest finite
-    magnitude). Runs without gradients; the caller holds the model in eval mode."""
+    """Whether ``folded_run`` computes ``run``'s function on the first ``rows`` rows of ``x``: no exception, the same
+    outputs (integer tensors equal, floating ones within :data:`~lightning_xai._layout.RTOL` of the largest finite
+    magnitude) and the same input gradient of a fixed random weighting of the floating outputs (a hook that changes
+    gradients alone shows there). :data:`AGREE_PASSES` forward+backward passes; the caller holds the model in eval
+    mode."""
     part = x[:rows].detach()
-    with torch.no_grad():
-        try:
-            ref = _leaves(run(part))
-            got = _leaves(folded_run(part))
-        except Exception:  # noqa: BLE001 - a folded model that fails is not the model
-            return False
-    return len(ref) == len(got) > 0 and all(_close(a, b) for a, b in zip(ref, got))
+    try:
+        ref, ref_grad = _outputs_and_gradient(run, part)
+        got, got_grad = _outputs_and_gradient(folded_run, part)
+    except Exception:  # noqa: BLE001 - a folded model that fails is not the model
+        return False
+    if not (len(ref) == len(got) > 0 and all(_close(a, b) for a, b in zip(ref, got))):
+        return False
+    return (ref_grad is None) == (got_grad is None) and (ref_grad is None or _close(ref_grad, got_grad))
+
+
+def _outputs_and_gradient(run: Callable[[Tensor], Any], x: Tensor) -> Tuple[List[Tensor], Optional[Tensor]]:
+    """``run(x)``'s tensors (detached) and the gradient with respect to ``x`` of their floating entries weighted by
+    fixed uniform draws (a private generator; None when ``x`` is not floating or no output depends on it)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = x.clone().requires_grad_(x.is_floating_point())
+        outputs = _leaves(run(leaf))
+        scored = [t for t in outputs if t.is_floating_point() and t.requires_grad]
+        grad = None
+        if scored:
+            generator = torch.Generator().manual_seed(0)
+            total = sum((t * torch.rand(t.shape, generator=generator, dtype=t.dtype).to(t.device)).sum()
+                        for t in scored)
+            (grad,) = torch.autograd.grad(total, leaf, allow_unused=True)
+    return [t.detach() for t in outputs], grad

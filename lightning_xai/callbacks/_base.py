@@ -67,10 +67,10 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         fold_batchnorm: whether the explanation passes fold each BatchNorm into the convolution before it (a
             traced copy of the forward computing the same function with fewer layers; the model itself is not
             changed). ``"auto"`` (default) and ``True``: fold where the callback's passes need nothing but the
-            model's output (not for Grad-CAM or layer objectives) and the folded model's logits agree with the
-            model's on the first run's inputs (16 rows, 2 forwards, once per fit); ``"auto"`` not with deterministic
-            algorithms on nor on a sharded strategy, like ``channels_last``. ``False``: never. See
-            :mod:`lightning_xai._fold`.
+            model's output (not for Grad-CAM or layer objectives) and the folded copy's logits and input gradients
+            agree with the model's on the run's inputs (16 rows, 2 forward+backward passes, every run); ``"auto"``
+            not with deterministic algorithms on nor on a sharded strategy, like ``channels_last``. ``False``:
+            never. See :mod:`lightning_xai._fold`.
     """
 
     #: Strategy class names (either Lightning package): one device, the DDP family, and ModelParallelStrategy
@@ -310,25 +310,23 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         found = self._fold_of(module)
         if found is None:
             return None
-        key = (id(module), tuple(example.shape[1:]), example.dtype)
-        if key not in self._fold_agrees:
+        trainer = getattr(module, "_trainer", None)
+        run = None if trainer is None else cost.book(trainer).runs.get(id(self))
+        key = (id(module), tuple(example.shape[1:]), example.dtype, run)
+        if key not in self._fold_agrees:  # once per run: the model's other state may change between runs
             output_key = self.output_key
-            self._fold_agrees[key] = folding.agrees(
-                fn, lambda x: two_class_logits(select_output(found(x), output_key)), example)
+            verdict = folding.agrees(fn, lambda x: two_class_logits(select_output(found(x), output_key)), example)
+            self._fold_agrees = {k: v for k, v in self._fold_agrees.items() if k[3] == run}
+            self._fold_agrees[key] = verdict
         return found if self._fold_agrees[key] else None
 
-    def fold_check_passes(self, module: Any, row_shape: Optional[Tuple[int, ...]], rows: Sequence[int],
-                          dtype: torch.dtype = torch.float32) -> Passes:
-        """The forwards of the folding check still to come (see ``fold_batchnorm``): for each rank with ``rows``
-        inputs, :data:`~lightning_xai._fold.AGREE_PASSES` forwards of :data:`~lightning_xai._layout.CHECK_ROWS` of
-        them (at most), once per fit for each module, row shape and dtype that folds."""
-        if not self._fold_checked() or module is None:
+    def fold_check_passes(self, module: Any, rows: Sequence[int]) -> Passes:
+        """The folding check's passes in a run (see ``fold_batchnorm``): for each rank with ``rows`` inputs,
+        :data:`~lightning_xai._fold.AGREE_PASSES` forward+backward passes of
+        :data:`~lightning_xai._layout.CHECK_ROWS` of them (at most), in every run on a model that folds."""
+        if not self._fold_checked() or module is None or self._fold_of(module) is None:
             return Passes()
-        done = (any(k[0] == id(module) for k in self._fold_agrees) if row_shape is None
-                else (id(module), tuple(row_shape), dtype) in self._fold_agrees)
-        if done or self._fold_of(module) is None:  # traced once per fit (the shadow is in eval mode)
-            return Passes()
-        return Passes(forward=sum(folding.AGREE_PASSES * min(layout.CHECK_ROWS, r) for r in rows))
+        return Passes(gradient=sum(folding.AGREE_PASSES * min(layout.CHECK_ROWS, r) for r in rows))
 
     def _layout_checked(self) -> bool:
         """Whether ``channels_last="auto"`` checks the layout here: not on a sharded strategy (every rank must run the

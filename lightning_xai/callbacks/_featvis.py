@@ -184,7 +184,7 @@ class FeatureVisMonitor(StreamingCallback):
         if trainer is None or self.input_shape is None:
             return passes
         checks = [layout.CHECK_ROWS] * trainer.world_size
-        return (passes + self.fold_check_passes(trainer.lightning_module, self.input_shape, checks)
+        return (passes + self.fold_check_passes(trainer.lightning_module, checks)
                 + self.layout_check_passes(trainer.lightning_module, self.input_shape, checks))
 
     # ------------------------------------------------------------------ setup

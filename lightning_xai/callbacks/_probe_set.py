@@ -143,7 +143,7 @@ class ProbeSetCallback(XAICallback):
         world = trainer.world_size
         shares = [stop - start for start, stop, _ in (split_rows(rows, world, r) for r in range(world))]
         dtype = torch.float32 if self.probe_x is None else self.probe_x.dtype
-        return (self.fold_check_passes(trainer.lightning_module, shape, shares, dtype)
+        return (self.fold_check_passes(trainer.lightning_module, shares)
                 + self.layout_check_passes(trainer.lightning_module, shape, shares, dtype))
 
     def probe_size(self) -> Tuple[int, Optional[Tuple[int, ...]]]:

@@ -3,6 +3,9 @@ folded copy computes the model's function and input gradients; it folds only pai
 changes the model (not even what its forward writes on ``self`` while traced); it follows the model's weights as it
 trains; and the callbacks use it only where their passes need the model's output alone, and only when it agrees
 with the model on the inputs they explain."""
+import collections
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,6 +121,59 @@ def test_fold_never_changes_the_model_even_what_its_forward_writes_on_self():
     assert model.calls == [1]  # the model's own call; the folded one recorded on its shadow
 
 
+class Hoarder(ResNetLike):
+    """Writes what it computes into every kind of container, a namespace and a tensor attribute, and prints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue = collections.deque()
+        self.by_key = collections.defaultdict(list)
+        self.nested = {"calls": [[]]}
+        self.holder = types.SimpleNamespace(last=None)
+        self.counter = torch.zeros(())
+
+    def forward(self, x):
+        h = self.block(self.stem(x))
+        self.queue.append(h)
+        self.by_key["h"].append(h)
+        self.nested["calls"][0].append(h)
+        self.holder.last = h
+        self.counter += 1
+        print("forward of", h)
+        return self.head(h.mean((2, 3)))
+
+
+def test_what_the_forward_writes_while_traced_never_reaches_the_model(capsys):
+    model = _trained_stats(Hoarder())
+    folded = fold(model)
+    assert folded is not None and capsys.readouterr().out == ""  # the trace's print is not the model's
+    assert not model.queue and not model.by_key and model.nested == {"calls": [[]]} and model.holder.last is None
+    assert model.counter.item() == 0
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(model.queue) == 1 and isinstance(model.queue[0], torch.Tensor) and model.counter.item() == 1
+
+
+def test_models_whose_hooks_or_buffers_a_copy_would_miss_are_not_folded():
+    class Counting(ResNetLike):  # writes into a buffer of its own in every forward
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x):
+            self.seen += 1
+            return super().forward(x)
+
+    counting = _trained_stats(Counting())
+    assert fold(counting) is None and counting.seen.item() == 0  # restored after the trace
+    backward = _trained_stats(ResNetLike())  # guided-backprop style: changes the input gradients alone
+    backward.stem[2].register_full_backward_hook(lambda m, gin, gout: (gin[0].clamp_min(0),))
+    assert fold(backward) is None
+    pre = _trained_stats(ResNetLike())  # recomputes what the layer computes (as pruning and weight_norm do)
+    pre.head.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    assert fold(pre) is None
+
+
 def test_tracing_a_forward_that_draws_random_numbers_leaves_the_generators_alone():
     class Noisy(ResNetLike):
         def forward(self, x):
@@ -173,7 +229,7 @@ def test_refresh_follows_training_and_a_replaced_parameter_needs_a_new_fold():
     assert not folded.current() and not folded.refresh()
 
 
-def test_agrees_runs_check_rows_once_each_way_without_gradients():
+def test_agrees_runs_check_rows_once_each_way_with_gradients():
     model = _trained_stats(small_cnn(in_channels=3))
     folded, seen = fold(model), []
 
@@ -184,7 +240,7 @@ def test_agrees_runs_check_rows_once_each_way_without_gradients():
         return inner
 
     assert agrees(spy(model), spy(folded), torch.rand(CHECK_ROWS + 4, 3, 8, 8))
-    assert seen == [(CHECK_ROWS, False)] * AGREE_PASSES
+    assert seen == [(CHECK_ROWS, True)] * AGREE_PASSES  # forward+backward: the input gradients are compared too
     assert not agrees(model, lambda z: folded(z) + 1.0, torch.rand(4, 3, 8, 8))
     assert not agrees(model, lambda z: 1 / 0, torch.rand(4, 3, 8, 8))
 
@@ -245,7 +301,7 @@ def test_folded_and_unfolded_explanations_agree(tmp_path, verdicts):
         _fit(tmp_path / str(mode), [monitor], lambda: small_cnn(in_channels=3), epochs=2)
         assert monitor.errors == 0 and len(kept) == 2
         results[mode] = kept[-1]
-    assert verdicts == [True]  # one check, in the first run of the "auto" fit
+    assert verdicts == [True, True]  # a check in each run of the "auto" fit
     for key, value in results[False].items():
         if value.is_floating_point():
             torch.testing.assert_close(results["auto"][key], value, rtol=1e-3, atol=1e-5, msg=key)
@@ -267,7 +323,7 @@ def test_folding_leaves_training_bit_identical(tmp_path, verdicts):
     callbacks = stack()
     explained = _fit(tmp_path / "stack", callbacks, Recorder, epochs=2)
     assert all(cb.errors == 0 for cb in callbacks)  # LinearProbeMonitor's hook on the block never saw a tracing
-    assert verdicts == [True, True, True]  # Attribution, Shortcut, FeatureVis: once per fit each
+    assert verdicts == [True] * 6  # Attribution, Shortcut, FeatureVis: in each of the two runs
     a, b = trained_weights(plain), trained_weights(explained)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert hook_count(explained) == 0 and explained.training
@@ -304,12 +360,12 @@ def test_deterministic_algorithms_and_false_do_not_fold_and_true_does(tmp_path, 
     assert verdicts == [True]
 
 
-class PreHooked(ResNetLike):
-    """Its root pre-hook rescales the input: a traced copy would not run it, so the check must refuse it."""
+class Hooked(ResNetLike):
+    """A forward hook rescales the head's output: the traced copy does not run it, so the check must refuse it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_forward_pre_hook(lambda m, args: (args[0] * 3.0,))
+        self.head.register_forward_hook(lambda m, args, out: out * 3.0)
 
 
 def test_a_copy_that_differs_from_the_model_is_refused_and_the_model_explained(tmp_path, verdicts):
@@ -318,15 +374,15 @@ def test_a_copy_that_differs_from_the_model_is_refused_and_the_model_explained(t
         monitor = AttributionMonitor(methods=("saliency",), probe_samples=8, evolution_samples=0, fold_batchnorm=mode,
                                      on_error="raise")
         kept = _keep_results(monitor)
-        _fit(tmp_path / str(mode), [monitor], PreHooked)
+        _fit(tmp_path / str(mode), [monitor], Hooked)
         results[mode] = kept[-1]["attr/saliency"]
     assert verdicts == [False]
     torch.testing.assert_close(results["auto"], results[False], rtol=1e-4, atol=1e-6)
 
 
 def test_declared_passes_count_the_folding_check_once(tmp_path, monkeypatch):
-    """The first run declares the folding check's and the layout check's forwards, the next none; both as rows
-    through the model's head (the folded copy calls a shadow of it, holding the same weight)."""
+    """Every run declares the folding check's passes and the first one the layout check's forwards, as rows through
+    the model's head (the folded copy calls a shadow of it, holding the same weight)."""
     from lightning_xai import _layout
     monkeypatch.setattr(_layout, "GAIN", 1e9)
     heads, rows = [], []
@@ -361,4 +417,34 @@ def test_declared_passes_count_the_folding_check_once(tmp_path, monkeypatch):
     assert monitor.errors == 0 and len(seen) == 2
     for passes, (forward_rows, gradient_rows) in zip(declared, seen):
         assert (passes.forward, passes.gradient) == (forward_rows, gradient_rows)
-    assert seen[0][0] - seen[1][0] == (AGREE_PASSES + CHECK_PASSES) * min(CHECK_ROWS, 8)  # 8 probe rows
+    assert seen[0][0] - seen[1][0] == CHECK_PASSES * min(CHECK_ROWS, 8)  # the layout check, once; 8 probe rows
+    assert seen[0][1] == seen[1][1] == (1 + AGREE_PASSES) * 8  # saliency and the folding check, in every run
+
+
+class Scaled(ResNetLike):
+    """Its forward reads a plain attribute, which training changes: a traced copy keeps the value it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_a_copy_gone_stale_between_runs_is_caught_by_the_next_runs_check(tmp_path, verdicts):
+    pl = lightning_package("pytorch_lightning")
+
+    class Rescale(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.net.scale = 1.0 + trainer.current_epoch
+
+    results = {}
+    for mode in ("auto", False):
+        monitor = AttributionMonitor(methods=("saliency",), probe_samples=8, evolution_samples=0, fold_batchnorm=mode,
+                                     on_error="raise")
+        kept = _keep_results(monitor)
+        _fit(tmp_path / str(mode), [Rescale(), monitor], Scaled, epochs=2)
+        results[mode] = kept[-1]["attr/saliency"]
+    assert verdicts == [True, False]  # the second run's copy still multiplies by 1
+    torch.testing.assert_close(results["auto"], results[False], rtol=1e-4, atol=1e-6)
