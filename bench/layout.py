@@ -1,5 +1,7 @@
 """Channels-last against NCHW, per model: forward time NHWC / NCHW at the 16 rows ``lightning_xai._layout.choose``
-times and at batches the callbacks run, and what ``choose`` decides on the model (see docs/design.md).
+times and at batches the callbacks run, and what ``choose`` decides on the model; then BatchNorm folded into the
+convolutions (``lightning_xai._fold``): how many pairs fold, and the folded / unfolded time of a forward and of a
+forward+backward to the input at a batch, in the layout ``choose`` takes (see docs/design.md).
 
     taskset -c 1 python bench/layout.py --threads 1
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai import _layout
+from lightning_xai import _fold, _layout
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -121,10 +123,11 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s); forward time NHWC / NCHW (best of {args.repeats}); "
           f"choose(): what lightning_xai._layout.choose decides ({_layout.CHECK_ROWS} rows, GAIN {_layout.GAIN})\n")
     print(f"| model | input | NHWC / NCHW, {_layout.CHECK_ROWS} rows | rows of a batch | NHWC / NCHW, batch "
-          "| choose() |")
-    print("|---|---|---:|---:|---:|---|")
+          "| choose() | pairs folded | folded / not, forward | folded / not, forward+backward |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     for name, make, shape, batch in MODELS:
         net = make().eval()
+        _random_statistics(net)
         x = torch.rand(batch, *shape)
         ratios = []
         for rows in (_layout.CHECK_ROWS, batch):
@@ -132,9 +135,39 @@ def main(argv=None) -> None:
             fast = _layout.channels_last(part)
             with torch.no_grad():
                 ratios.append(best(lambda: net(fast), args.repeats) / best(lambda: net(part), args.repeats))
-        verdict = "channels-last" if _layout.choose(net, x) else "its own (NCHW)"
-        print(f"| {name} | {'x'.join(map(str, shape))} | {ratios[0]:.2f} | {batch} | {ratios[1]:.2f} | {verdict} |",
-              flush=True)
+        chosen = _layout.choose(net, x)
+        verdict = "channels-last" if chosen else "its own (NCHW)"
+        folded = _fold.fold(net)
+        cells = ["0", "–", "–"]
+        if folded is not None:
+            assert _fold.agrees(net, folded, x)
+            inputs = _layout.channels_last(x) if chosen else x
+            with torch.no_grad():
+                forward = best(lambda: folded(inputs), args.repeats) / best(lambda: net(inputs), args.repeats)
+            backward = (best(lambda: input_gradient(folded, inputs), args.repeats)
+                        / best(lambda: input_gradient(net, inputs), args.repeats))
+            cells = [str(len(folded.pairs)), f"{forward:.2f}", f"{backward:.2f}"]
+        print(f"| {name} | {'x'.join(map(str, shape))} | {ratios[0]:.2f} | {batch} | {ratios[1]:.2f} | {verdict} | "
+              + " | ".join(cells) + " |", flush=True)
+
+
+def input_gradient(net: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """The gradient of the summed top logits with respect to ``x`` (a saliency pass)."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = net(leaf)
+        return torch.autograd.grad(out.max(1).values.sum(), leaf)[0]
+
+
+def _random_statistics(net: nn.Module) -> None:
+    """BatchNorm statistics and affine parameters of a trained network's size (folding must change something)."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
 
 
 if __name__ == "__main__":

@@ -7,24 +7,26 @@ In eval mode a BatchNorm layer is an affine map per channel, :math:`\\mathrm{BN}
 .. math:: W' = W \\cdot s, \\qquad b' = (b - \\mu)\\, s + \\beta, \\qquad s = \\gamma / \\sqrt{\\sigma^2 + \\epsilon}
 
 (:math:`s` scales each output channel). The folded model computes the same function with one layer fewer per pair,
-forward and backward: on a CIFAR-sized CNN with three conv-BN pairs the explanation passes take about 13 % less time
-(bench/layout.py). Only float rounding differs.
+forward and backward; only float rounding differs.
 
-:func:`fold` never changes the model. It traces, with ``torch.fx``, a shadow of the module: a copy of every module
-object whose attributes are the model's (the same parameter and buffer tensors), so whatever the forward writes on
-``self`` while it is traced lands on the shadow. The shadows have no hooks (tracing would call them with symbols
-instead of tensors; a hook that changes an output makes the copy disagree with the model, see below), and a model
-with hooks registered for every module is not folded. The graph calls the shadow's submodules, in eval mode, and
-each conv-BN pair becomes a new convolution holding the folded weights (no gradient). A pair is folded only when nothing
-else can see the convolution's output: the BatchNorm is the convolution's only user, takes it as its only
-argument, and neither module has hooks or parametrisations. Whatever does not trace (data-dependent control flow,
-unsupported calls) and a model with a ``torch.compile``'d part are not folded. :meth:`Folded.refresh` recomputes
-the folded weights from the model's current ones (call it before each run: the model trains in between) and
-says whether the shadow still holds the model's tensors (a parameter replaced by a new object needs a new fold).
+:func:`fold` never changes the model. It traces, with ``torch.fx``, a shadow of the module: a new object per module
+holding the model's parameter and buffer tensors, copies of its data attributes (:func:`_copy_data`), its other
+attributes shared, no hooks, in eval mode. What the forward writes on ``self`` while traced lands on the shadow, what
+it prints is swallowed, and the global random generators are restored; a model that writes into its own parameters
+or buffers while traced gets its buffers back and is not folded. The graph calls the shadows, and each conv-BN pair
+becomes a new convolution holding the folded weights (no gradient). A pair is folded only when nothing else can see
+the convolution's output: the BatchNorm is the convolution's only user and takes it as its only argument, and
+neither module has hooks or parametrisations. Not folded at all: a forward ``torch.fx`` cannot trace (data-dependent
+control flow), a model with forward pre-hooks (the old ``weight_norm``, ``spectral_norm`` and pruning recompute
+weights in one) or backward hooks (they change input gradients alone), hooks registered for every module, a
+``torch.compile``'d part, or sharded parameters. :meth:`Folded.refresh` recomputes the folded weights from the
+model's current ones (call it before each run: the model trains in between) and says whether the shadow still holds
+the model's tensors (a parameter replaced by a new object needs a new fold).
 
-Tracing follows the code once, with symbols for tensors; a forward that branches on a module flag or reads state
-set elsewhere is recorded as it ran then. So the caller checks the folded model against the model itself on the
-inputs it is about to explain (:func:`agrees`) and uses it only when their outputs agree.
+Tracing follows the code once, with symbols for tensors: a forward that reads a flag or a value set elsewhere, or a
+forward hook that changes an output (the shadow has none), is recorded as it was then. So the caller checks the
+folded copy against the model itself on the inputs it is about to explain, in every run (:func:`agrees`: outputs
+and input gradients), and uses it only when they agree.
 
 This module imports torch only (no Lightning).
 """

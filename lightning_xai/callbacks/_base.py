@@ -117,7 +117,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         self.forward = forward
         self.channels_last = channels_last
         self.fold_batchnorm = fold_batchnorm
-        # module id -> its folded copy (None: nothing folds); (module id, row shape, dtype) -> the copy agrees
+        # module id -> its folded copy (None: nothing folds); (module id, row shape, dtype, run) -> the copy agrees
         self._folds: Dict[int, Optional[folding.Folded]] = {}
         self._fold_agrees: Dict[Tuple[Any, ...], bool] = {}
         self._layouts: Dict[Tuple[Any, ...], bool] = {}  # (module id, row shape, dtype) -> runs channels-last
@@ -222,15 +222,7 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
                 return two_class_logits(user(pl_module, cast(x)))
             return two_class_logits(select_output(pl_module(cast(x)), key))
 
-        folded = None if example is None else self._folded(pl_module, plain, example)
-        if folded is None:
-            fn = plain
-        else:
-            model = folded.module  # the one module this function captures (attribution methods look it up)
-
-            def fn(x: Tensor) -> Tensor:
-                return two_class_logits(select_output(model(cast(x)), key))
-
+        fn = (None if example is None else self._folded(pl_module, plain, example, cast)) or plain
         if example is None or not self._use_channels_last(pl_module, fn, example):
             return fn
         return lambda x: fn(layout.channels_last(x) if x.ndim == 4 else x)
@@ -301,24 +293,29 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             found = self._folds[id(module)] = folding.fold(module)
         return found
 
-    def _folded(self, module: Any, fn: Callable[[Tensor], Any], example: Tensor) -> Optional[folding.Folded]:
-        """The folded copy ``fn``'s passes on inputs like ``example`` run on, its weights refreshed from the
-        module's; None to run the module itself. The copy must agree with ``fn`` on ``example``'s first rows (once
-        per fit for each module, row shape and dtype)."""
+    def _folded(self, module: Any, plain: Callable[[Tensor], Tensor], example: Tensor,
+                cast: Callable[[Tensor], Tensor]) -> Optional[Callable[[Tensor], Tensor]]:
+        """``plain`` (``inputs -> logits`` of the module) computed by the module's folded copy, its weights refreshed
+        from the module's; None to run the module itself. The copy must agree with ``plain`` on ``example``'s first
+        rows (:func:`lightning_xai._fold.agrees`, in every run: the module's other state may change between runs)."""
         if not self._fold_checked() or not isinstance(example, Tensor):
             return None
         found = self._fold_of(module)
         if found is None:
             return None
+        model, output_key = found.module, self.output_key  # the one module it captures (attribution looks it up)
+
+        def folded(x: Tensor) -> Tensor:
+            return two_class_logits(select_output(model(cast(x)), output_key))
+
         trainer = getattr(module, "_trainer", None)
         run = None if trainer is None else cost.book(trainer).runs.get(id(self))
         key = (id(module), tuple(example.shape[1:]), example.dtype, run)
-        if key not in self._fold_agrees:  # once per run: the model's other state may change between runs
-            output_key = self.output_key
-            verdict = folding.agrees(fn, lambda x: two_class_logits(select_output(found(x), output_key)), example)
+        if key not in self._fold_agrees:
+            verdict = folding.agrees(plain, folded, example)
             self._fold_agrees = {k: v for k, v in self._fold_agrees.items() if k[3] == run}
             self._fold_agrees[key] = verdict
-        return found if self._fold_agrees[key] else None
+        return folded if self._fold_agrees[key] else None
 
     def fold_check_passes(self, module: Any, rows: Sequence[int]) -> Passes:
         """The folding check's passes in a run (see ``fold_batchnorm``): for each rank with ``rows`` inputs,
