@@ -98,15 +98,16 @@ class Folded:
         self.module = module
         self.pairs = pairs
         self.shadows = shadows
+        self._children = [dict(m._modules) for m, _ in shadows]  # each module's submodules when traced
         self.refresh()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
     def current(self) -> bool:
-        """Whether every shadow still holds its module's parameter and buffer objects and submodules."""
-        return all(_same(s._parameters, m._parameters) and _same(s._buffers, m._buffers)
-                   and s._modules.keys() == m._modules.keys() for m, s in self.shadows)
+        """Whether every module still holds the parameter and buffer objects and the submodules it was traced with."""
+        return all(_same(s._parameters, m._parameters) and _same(s._buffers, m._buffers) and _same(children, m._modules)
+                   for (m, s), children in zip(self.shadows, self._children))
 
     @torch.no_grad()
     def refresh(self) -> bool:

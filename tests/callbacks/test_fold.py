@@ -227,6 +227,10 @@ def test_refresh_follows_training_and_a_replaced_parameter_needs_a_new_fold():
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
     model[0][0].weight = nn.Parameter(torch.randn_like(model[0][0].weight))
     assert not folded.current() and not folded.refresh()
+    model = _trained_stats(small_cnn(in_channels=3))
+    folded = fold(model)
+    model[1][2] = nn.Linear(64, 32)  # a layer replaced by a new module under the same name
+    assert not folded.current()
 
 
 def test_agrees_runs_check_rows_once_each_way_with_gradients():
