@@ -90,15 +90,15 @@ class Folded:
     Attributes:
         module: the ``torch.fx.GraphModule`` (its submodules are shadows of the model's, sharing their tensors).
         pairs: ``(folded convolution, the model's convolution, the model's BatchNorm)`` per folded pair.
-        shadows: ``(the model's module, its shadow)`` for every module.
     """
 
     def __init__(self, module: nn.Module, pairs: List[Tuple[nn.Module, nn.Module, nn.Module]],
-                 shadows: List[Tuple[nn.Module, nn.Module]]) -> None:
+                 traced: List[nn.Module]) -> None:
         self.module = module
         self.pairs = pairs
-        self.shadows = shadows
-        self._children = [dict(m._modules) for m, _ in shadows]  # each module's submodules when traced
+        # every module traced, with its parameters, buffers and submodules then (the shadows of modules the graph
+        # does not call, and their copied attributes, are not kept)
+        self._traced = [(m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in traced]
         self.refresh()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -106,8 +106,8 @@ class Folded:
 
     def current(self) -> bool:
         """Whether every module still holds the parameter and buffer objects and the submodules it was traced with."""
-        return all(_same(s._parameters, m._parameters) and _same(s._buffers, m._buffers) and _same(children, m._modules)
-                   for (m, s), children in zip(self.shadows, self._children))
+        return all(_same(params, m._parameters) and _same(buffers, m._buffers) and _same(children, m._modules)
+                   for m, params, buffers, children in self._traced)
 
     @torch.no_grad()
     def refresh(self) -> bool:
@@ -267,7 +267,7 @@ def fold(module: Any) -> Optional[Folded]:
     graph_module.recompile()
     graph_module.delete_all_unused_submodules()  # the folded pairs' shadows
     graph_module.eval()
-    return Folded(graph_module, pairs, list(made.values()))
+    return Folded(graph_module, pairs, [m for m, _ in made.values()])
 
 
 def candidates(module: nn.Module) -> bool:
