@@ -78,7 +78,7 @@ class AttributionMonitor(SampleCheckedCallback):
             ``<method>/evolution``; ``0`` logs no evolution figure.
         top_fraction: fraction of pixels for the concentration figure (default 5 %).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):

@@ -66,7 +66,7 @@ class FeatureVisMonitor(StreamingCallback):
         min_side: cells are upscaled (nearest) so their short side is at least this many pixels.
         num_threads: CPU intra-op threads while rendering (restored after); ``1`` is much faster for
             small models on a busy CPU. ``None`` leaves the setting alone.
-        run_on_fit_end, on_error, prefix, output_key, forward, channels_last: see
+        run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):

@@ -38,7 +38,7 @@ class ProbeSetCallback(XAICallback):
             into the validation dataset.
         probe_samples: how many samples to choose when ``probe`` is None.
         batch_to_xy: ``batch -> (inputs, labels)`` for batch formats :func:`extract_xy` does not know.
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback`.
     """
 

@@ -80,7 +80,7 @@ class LinearProbeMonitor(StreamingCallback):
             training rows reaches this.
         max_dim: widest feature kept without projection by ``"auto"``.
         seed: seed of random projections and of the control-label permutation (private generators).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback` (``forward(pl_module, x)`` is also how the
             untrained copy is run).
 

@@ -51,7 +51,7 @@ class ProjectionMonitor(SampleCheckedCallback):
         thumbnail_size: short side, in pixels, of each sprite.
         class_names: names for the class indices in the scatter legend and the projector metadata.
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):

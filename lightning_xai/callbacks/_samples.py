@@ -90,7 +90,7 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
         denormalize: maps normalised inputs back to display values.
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
         every_n_epochs: cadence (default 5: each run is a pass over up to ``max_train_samples`` samples).
-        run_on_fit_end, on_error, prefix, output_key, forward, channels_last: see
+        run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):

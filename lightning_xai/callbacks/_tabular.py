@@ -80,7 +80,7 @@ class TabularAttributionMonitor(SampleCheckedCallback):
         max_features: the chart shows the features with the largest overall bars, at most this many
             (every feature still gets its scalar).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback`.
 
     Tags (with the default ``prefix="xai"``):

@@ -51,7 +51,7 @@ class TokenAttributionMonitor(SampleCheckedCallback):
         watch_tokens: tokens (strings or ids) whose attribution share is logged as a scalar.
         top_k: tokens shown in bold per sentence.
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
-        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last: see
+        every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback` (``forward(pl_module, input_ids)`` must
             run the embedding layer).
 
