@@ -320,3 +320,44 @@ def test_ddp_unknown_region_checks_are_shared_and_match_one_process(tmp_path):
     assert [p for p, _ in zero] == [p for p, _ in first] == [p for p, _ in one]  # the same candidates, all samples
     for (planned, ran0), (_, ran1) in zip(zero, first):
         assert (ran0, ran1) == (-(-planned // 2), planned // 2)  # each rank ran its half
+
+
+class DumpFolds(Callback):
+    """Every rank writes, after each validation epoch, whether each callback's run used the folded copy."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        verdicts = {type(cb).__name__: list(cb._fold_agrees.values()) + [cb.errors]
+                    for cb in trainer.callbacks if hasattr(cb, "_fold_agrees")}
+        with open(f"{self.path}.rank{trainer.global_rank}.epoch{trainer.current_epoch}.json", "w",
+                  encoding="utf-8") as fh:
+            json.dump(verdicts, fh)
+
+
+class BatchNormModule(DigitsModule):
+    def __init__(self):
+        super().__init__(small_cnn(batchnorm=True))
+
+
+@needs_gloo
+def test_ddp_ranks_fold_batchnorm_each_for_itself(tmp_path):
+    """Without deterministic algorithms every rank folds its own copy, checks it in each run and uses it; nothing
+    fails (on_error="raise" would end the spawned fit)."""
+    pl.seed_everything(0)
+    train, val = digits_data(n_train=128, n_val=64)
+    path = str(tmp_path / "folds")
+    callbacks = [AttributionMonitor(probe_samples=8, evolution_samples=0, on_error="raise"),
+                 ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=16, action="log", on_error="raise"),
+                 FeatureVisMonitor(targets=[("logits", (0, 3))], steps=4, on_error="raise", every_n_epochs=1)]
+    trainer = tiny_trainer(tmp_path, callbacks=callbacks + [DumpFolds(path)], logger=False, devices=2,
+                           strategy="ddp_spawn", deterministic=False, max_epochs=2)
+    trainer.fit(BatchNormModule(), DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
+    files = sorted(glob.glob(f"{path}.rank*.epoch*.json"))
+    assert len(files) == 4  # 2 ranks x 2 epochs
+    for file in files:
+        with open(file, encoding="utf-8") as fh:
+            verdicts = json.load(fh)
+        assert verdicts == {"AttributionMonitor": [True, 0], "ShortcutMonitor": [True, 0],
+                            "FeatureVisMonitor": [True, 0]}, (file, verdicts)
