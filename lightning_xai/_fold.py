@@ -12,8 +12,9 @@ forward and backward; only float rounding differs.
 :func:`fold` never changes the model. It traces, with ``torch.fx``, a shadow of the module: a new object per module
 holding the model's parameter and buffer tensors, copies of its data attributes (:func:`_copy_data`), its other
 attributes shared, no hooks, in eval mode. What the forward writes on ``self`` while traced lands on the shadow, what
-it prints is swallowed, and the global random generators are restored; a model that writes into its own parameters
-or buffers while traced gets its buffers back and is not folded. The graph calls the shadows, and each conv-BN pair
+it prints is swallowed, a LightningModule's shadow has no trainer (a ``self.log`` while traced logs nothing), and
+the global random generators are restored; a model that writes into its own parameters or buffers while traced gets
+its buffers back and is not folded. The graph calls the shadows, and each conv-BN pair
 becomes a new convolution holding the folded weights (no gradient). A pair is folded only when nothing else can see
 the convolution's output: the BatchNorm is the convolution's only user and takes it as its only argument, and
 neither module has hooks or parametrisations. Not folded at all: a forward ``torch.fx`` cannot trace (data-dependent
@@ -54,6 +55,8 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 AGREE_PASSES = 2
 
 
+#: A LightningModule's references to what runs it (a shadow holds None).
+_ATTACHED = ("_trainer", "_fabric")
 _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
           "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
@@ -147,7 +150,8 @@ def _shadow(module: nn.Module, made: Dict[int, Tuple[nn.Module, nn.Module]], mem
     for key, value in module.__dict__.items():
         if key in ("_parameters", "_buffers", "_modules") or key in _HOOKS:
             continue
-        twin.__dict__[key] = _copy_data(value, memo)
+        # a LightningModule's shadow has no trainer: a self.log() while traced would log into the real one
+        twin.__dict__[key] = None if key in _ATTACHED else _copy_data(value, memo)
     twin.__dict__["_parameters"] = dict(module._parameters)
     twin.__dict__["_buffers"] = dict(module._buffers)
     twin.__dict__["_modules"] = {k: None if v is None else _shadow(v, made, memo) for k, v in module._modules.items()}

@@ -154,6 +154,28 @@ def test_what_the_forward_writes_while_traced_never_reaches_the_model(capsys):
     assert len(model.queue) == 1 and isinstance(model.queue[0], torch.Tensor) and model.counter.item() == 1
 
 
+def test_tracing_a_lightning_module_never_reaches_its_trainer():
+    class Touched:
+        """A stand-in trainer that notes every attribute asked of it."""
+
+        def __init__(self):
+            self.__dict__["asked"] = []
+
+        def __getattr__(self, name):
+            self.asked.append(name)
+            raise AttributeError(name)
+
+    class Logging(type(classifier())):
+        def forward(self, x):
+            self.log("traced", 1.0)  # reaches the trainer's logger connector when attached
+            return self.net(x)
+
+    module = Logging(_trained_stats(small_cnn(in_channels=3)))
+    trainer = module.__dict__["_trainer"] = Touched()
+    assert fold(module) is not None
+    assert trainer.asked == []
+
+
 def test_models_whose_hooks_or_buffers_a_copy_would_miss_are_not_folded():
     class Counting(ResNetLike):  # writes into a buffer of its own in every forward
         def __init__(self):
