@@ -24,3 +24,12 @@ def cnn():
 
     torch.manual_seed(0)
     return small_cnn().eval()
+
+
+@pytest.fixture
+def nondeterministic():
+    """Deterministic algorithms off (a Trainer(deterministic=True) of an earlier test leaves them on)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(before)

@@ -476,15 +476,6 @@ def test_a_copy_gone_stale_between_runs_is_caught_by_the_next_runs_check(tmp_pat
     torch.testing.assert_close(results["auto"], results[False], rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture
-def nondeterministic():
-    """Deterministic algorithms off (a Trainer(deterministic=True) of an earlier test leaves them on)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 def test_a_float64_model_folds_and_takes_float32_inputs(nondeterministic):
     model, x = _trained_stats(ResNetLike()).double(), torch.rand(4, 3, 8, 8)
     monitor = AttributionMonitor(methods=("saliency",), channels_last=False)

@@ -229,15 +229,6 @@ def test_deterministic_algorithms_keep_the_models_layout(tmp_path, fast_wins):
     assert not any(fast for _, fast in spy.seen)  # no check either: test_shared_work counts the rows
 
 
-@pytest.fixture
-def nondeterministic():
-    """Deterministic algorithms off (a Trainer(deterministic=True) of an earlier test leaves them on)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 def test_a_checkpoints_verdict_is_kept_and_only_agreement_rechecked(monkeypatch, nondeterministic):
     monitor = AttributionMonitor(methods=("saliency",))
     net, x = small_cnn(in_channels=3).eval(), torch.rand(20, 3, 16, 16)
