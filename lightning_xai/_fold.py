@@ -112,6 +112,7 @@ class Folded:
         return all(_same(params, m._parameters) and _same(buffers, m._buffers) and _same(children, m._modules)
                    for m, params, buffers, children in self._traced)
 
+    @torch.inference_mode(False)
     @torch.no_grad()
     def refresh(self) -> bool:
         """Fold the model's current convolution weights and BatchNorm statistics: :math:`W' = W s`,
@@ -210,6 +211,7 @@ def _global_hooks() -> bool:
         "_global_buffer_registration_hooks"))
 
 
+@torch.inference_mode(False)  # called under inference_mode too (a validation hook): the copy's tensors stay normal
 def fold(module: Any) -> Optional[Folded]:
     """``module`` with its conv-BN pairs folded (see the module docstring), or None: not an ``nn.Module``, nothing
     to fold, sharded parameters, a ``torch.compile``'d part, or a forward ``torch.fx`` cannot trace. The module is not

@@ -255,6 +255,17 @@ def test_refresh_follows_training_and_a_replaced_parameter_needs_a_new_fold():
     assert not folded.current()
 
 
+def test_a_fold_made_under_inference_mode_refreshes_and_differentiates_outside_it():
+    model = _trained_stats(ResNetLike())
+    with torch.inference_mode():
+        folded = fold(model)
+        assert folded.refresh()
+    assert folded.refresh()
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(folded(x).sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(model(x).sum(), x)[0], rtol=1e-4, atol=1e-6)
+
+
 def test_agrees_runs_check_rows_once_each_way_with_gradients():
     model = _trained_stats(small_cnn(in_channels=3))
     folded, seen = fold(model), []
