@@ -175,8 +175,8 @@ class AttributionMonitor(SampleCheckedCallback):
 
     @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
-        """Probe samples x (the prediction's forward + every method's passes), and the folding and channels-last
-        checks' forwards (once per fit); None if a method's is unknown."""
+        """Probe samples x (the prediction's forward + every method's passes), the folding check's passes (every
+        run) and the channels-last check's forwards (once per fit); None if a method's is unknown."""
         rows, shape = self.probe_size()
         passes = [method_pass_counts(name, fn, {"return_delta": name == "integrated_gradients", **options}, shape)
                   for name, fn, options in self.methods]

@@ -178,8 +178,8 @@ class FeatureVisMonitor(StreamingCallback):
     @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """Per image (one per target of every set) a forward+backward at each of the ``steps`` optimiser steps and a
-        forward of the final image; the same over all ranks (each set renders on one of them); and the
-        channels-last check's forwards on every rank (once per fit)."""
+        forward of the final image; the same over all ranks (each set renders on one of them); and on every rank the
+        folding check's passes (every run) and the channels-last check's forwards (once per fit)."""
         passes = sum(len(objs) for _, objs in self.target_sets) * Passes(forward=1, gradient=self.steps)
         if trainer is None or self.input_shape is None:
             return passes

@@ -135,8 +135,8 @@ class ProbeSetCallback(XAICallback):
         return self.probe_x is not None
 
     def probe_layout_passes(self, trainer: Optional["pl.Trainer"]) -> Passes:
-        """The folding and channels-last checks' forwards in the next run on the probe set (each rank checks on its
-        share)."""
+        """The folding check's passes and the channels-last check's forwards in the next run on the probe set (each
+        rank checks on its share)."""
         rows, shape = self.probe_size()
         if trainer is None:
             return Passes()

@@ -133,7 +133,7 @@ class _ShortcutCallback(SampleCheckedCallback):
     @override
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """Probe samples x (a prediction's forward, the attribution's passes and the edits' forwards of every
-        region), and the folding and channels-last checks' forwards (once per fit)."""
+        region), the folding check's passes (every run) and the channels-last check's forwards (once per fit)."""
         rows, shape = self.probe_size()
         passes = method_pass_counts(*self.method, shape)
         if passes is None:
