@@ -2,7 +2,7 @@
 folded copy computes the model's function and input gradients; it folds only pairs nothing else can see; it never
 changes the model (not even what its forward writes on ``self`` while traced); it follows the model's weights as it
 trains; and the callbacks use it only where their passes need the model's output alone, and only when it agrees
-with the model on the inputs they explain."""
+with the model on the inputs they explain, checked in every run."""
 import collections
 import types
 
@@ -417,7 +417,7 @@ def test_a_copy_that_differs_from_the_model_is_refused_and_the_model_explained(t
     torch.testing.assert_close(results["auto"], results[False], rtol=1e-4, atol=1e-6)
 
 
-def test_declared_passes_count_the_folding_check_once(tmp_path, monkeypatch):
+def test_declared_passes_count_the_folding_check_in_every_run(tmp_path, monkeypatch):
     """Every run declares the folding check's passes and the first one the layout check's forwards, as rows through
     the model's head (the folded copy calls a shadow of it, holding the same weight)."""
     from lightning_xai import _layout
