@@ -277,17 +277,17 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         off sharded strategies), no user ``forward`` (it may use anything of the module), and :meth:`folds_model`."""
         if self.fold_batchnorm is False or self.forward is not None or not self.folds_model():
             return False
-        return self.fold_batchnorm is True or (not self.sharded and not torch.are_deterministic_algorithms_enabled())
+        return self.fold_batchnorm is True or self._rounding_may_change()
 
     def _fold_of(self, module: Any) -> Optional[folding.Folded]:
         """``module``'s folded copy with the module's current weights (traced once per fit, again if the module
         took new parameter objects), None when nothing folds."""
-        found = self._folds.get(id(module))
-        if found is not None and not found.refresh():  # traced with tensors the module no longer holds
-            found = None
+        if id(module) in self._folds:
+            found = self._folds[id(module)]
+            if found is None or found.refresh():
+                return found
+            # traced with tensors the module no longer holds: its verdicts go, and it is traced again
             self._fold_agrees = {k: v for k, v in self._fold_agrees.items() if k[0] != id(module)}
-        elif id(module) in self._folds:
-            return found
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracing warns about what it records as constants; agrees() judges
             found = self._folds[id(module)] = folding.fold(module)
@@ -326,10 +326,14 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
         return Passes(gradient=sum(folding.AGREE_PASSES * min(layout.CHECK_ROWS, r) for r in rows))
 
     def _layout_checked(self) -> bool:
-        """Whether ``channels_last="auto"`` checks the layout here: not on a sharded strategy (every rank must run the
-        same passes) nor with deterministic algorithms on (the timing could choose differently in another run)."""
-        return (self.channels_last is not True and self.channels_last is not False and not self.sharded
-                and not torch.are_deterministic_algorithms_enabled())
+        """Whether ``channels_last="auto"`` checks the layout here (see :meth:`_rounding_may_change`)."""
+        return self.channels_last is not True and self.channels_last is not False and self._rounding_may_change()
+
+    def _rounding_may_change(self) -> bool:
+        """Whether ``"auto"`` may change the passes' float rounding (layout, folding): not on a sharded strategy
+        (every rank must run the same passes) nor with deterministic algorithms on (a timing could choose differently
+        in another run, and results must repeat)."""
+        return not self.sharded and not torch.are_deterministic_algorithms_enabled()
 
     @contextlib.contextmanager
     def explain_context(self, pl_module: "pl.LightningModule") -> Iterator[None]:
