@@ -182,7 +182,7 @@ class AttributionMonitor(SampleCheckedCallback):
                   for name, fn, options in self.methods]
         if any(p is None for p in passes):
             return None
-        return rows * sum(passes, Passes(forward=1)) + self.probe_layout_passes(trainer)
+        return rows * sum(passes, Passes(forward=1)) + self.probe_check_passes(trainer)
 
     # ------------------------------------------------------------------ checks
     @staticmethod

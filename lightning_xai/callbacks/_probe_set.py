@@ -134,7 +134,7 @@ class ProbeSetCallback(XAICallback):
     def has_probe(self) -> bool:
         return self.probe_x is not None
 
-    def probe_layout_passes(self, trainer: Optional["pl.Trainer"]) -> Passes:
+    def probe_check_passes(self, trainer: Optional["pl.Trainer"]) -> Passes:
         """The folding check's passes and the channels-last check's forwards in the next run on the probe set (each
         rank checks on its share)."""
         rows, shape = self.probe_size()

@@ -139,7 +139,7 @@ class _ShortcutCallback(SampleCheckedCallback):
         if passes is None:
             return None
         return (rows * (Passes(forward=1 + self.regions_tested() * self.edits_per_sample()) + passes)
-                + self.probe_layout_passes(trainer))
+                + self.probe_check_passes(trainer))
 
     # ------------------------------------------------------------------ reference samples (training batches)
     @property
