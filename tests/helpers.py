@@ -255,3 +255,26 @@ def png_equals(encoded: bytes, image: torch.Tensor) -> bool:
     decoded = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
     drawn = (image.permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
     return decoded.shape == drawn.shape and bool((decoded == drawn).all())
+
+
+def colour_images(n: int, seed: int):
+    """A TensorDataset of ``n`` images of 3x16x16 in 10 classes, each class a colour under uniform noise (seeded):
+    images where channels-last changes the convolutions' layout."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    palette = torch.rand(10, 3, generator=torch.Generator().manual_seed(99)) * 0.7  # a colour per class
+    x = torch.rand(n, 3, 16, 16, generator=g) * 0.3 + palette[y].view(n, 3, 1, 1)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def keep_results(monitor):
+    """``monitor.compute``'s results, appended to the returned list at every run."""
+    kept, compute = [], monitor.compute
+
+    def spy(*args):
+        out = compute(*args)
+        kept.append(out)
+        return out
+
+    monitor.compute = spy
+    return kept

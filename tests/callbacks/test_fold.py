@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import (assert_unchanged, classifier, hook_count, lightning_package, snapshot, small_cnn, tiny_trainer,
-                     trained_weights)
+from helpers import (assert_unchanged, classifier, colour_images, hook_count, keep_results, lightning_package, snapshot,
+                     small_cnn, tiny_trainer, trained_weights)
 
 from lightning_xai import AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ShortcutMonitor
 from lightning_xai import _fold
@@ -283,14 +283,6 @@ def test_agrees_runs_check_rows_once_each_way_with_gradients():
 
 
 # --------------------------------------------------------------------------- the callbacks
-def _images(n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 10
-    palette = torch.rand(10, 3, generator=torch.Generator().manual_seed(99)) * 0.7
-    return torch.utils.data.TensorDataset(torch.rand(n, 3, 16, 16, generator=g) * 0.3 + palette[y].view(n, 3, 1, 1),
-                                          y)
-
-
 def _fit(tmp_path, callbacks, make_net, epochs=1, deterministic=False, seed=0):
     """A fit of ``classifier(net=make_net())`` from seeded weights and a seeded loader order."""
     torch.manual_seed(seed)
@@ -299,7 +291,8 @@ def _fit(tmp_path, callbacks, make_net, epochs=1, deterministic=False, seed=0):
                            deterministic=deterministic)
     loader = torch.utils.data.DataLoader
     torch.manual_seed(seed + 1)
-    trainer.fit(module, loader(_images(64, 0), batch_size=16, shuffle=True), loader(_images(32, 1), batch_size=16))
+    trainer.fit(module, loader(colour_images(64, 0), batch_size=16, shuffle=True),
+                loader(colour_images(32, 1), batch_size=16))
     return module
 
 
@@ -317,24 +310,13 @@ def verdicts(monkeypatch):
     return seen
 
 
-def _keep_results(monitor):
-    kept, compute = [], monitor.compute
-
-    def spy(*args):
-        kept.append(compute(*args))
-        return kept[-1]
-
-    monitor.compute = spy
-    return kept
-
-
 def test_folded_and_unfolded_explanations_agree(tmp_path, verdicts):
     results = {}
     for mode in ("auto", False):
         monitor = AttributionMonitor(methods=("saliency", ("smoothgrad", {"samples": 4}),
                                               ("integrated_gradients", {"steps": 8})),
                                      probe_samples=8, evolution_samples=0, fold_batchnorm=mode, channels_last=False)
-        kept = _keep_results(monitor)
+        kept = keep_results(monitor)
         _fit(tmp_path / str(mode), [monitor], lambda: small_cnn(in_channels=3), epochs=2)
         assert monitor.errors == 0 and len(kept) == 2
         results[mode] = kept[-1]
@@ -410,7 +392,7 @@ def test_a_copy_that_differs_from_the_model_is_refused_and_the_model_explained(t
     for mode in ("auto", False):
         monitor = AttributionMonitor(methods=("saliency",), probe_samples=8, evolution_samples=0, fold_batchnorm=mode,
                                      on_error="raise")
-        kept = _keep_results(monitor)
+        kept = keep_results(monitor)
         _fit(tmp_path / str(mode), [monitor], Hooked)
         results[mode] = kept[-1]["attr/saliency"]
     assert verdicts == [False]
@@ -480,7 +462,7 @@ def test_a_copy_gone_stale_between_runs_is_caught_by_the_next_runs_check(tmp_pat
     for mode in ("auto", False):
         monitor = AttributionMonitor(methods=("saliency",), probe_samples=8, evolution_samples=0, fold_batchnorm=mode,
                                      on_error="raise")
-        kept = _keep_results(monitor)
+        kept = keep_results(monitor)
         _fit(tmp_path / str(mode), [Rescale(), monitor], Scaled, epochs=2)
         results[mode] = kept[-1]["attr/saliency"]
     assert verdicts == [True, False]  # the second run's copy still multiplies by 1

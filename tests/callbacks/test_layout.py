@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import classifier, hook_count, small_cnn, tiny_trainer, trained_weights
+from helpers import classifier, colour_images, hook_count, keep_results, small_cnn, tiny_trainer, trained_weights
 
 from lightning_xai import AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ShortcutMonitor
 from lightning_xai import _layout
@@ -53,19 +53,6 @@ class LayoutSpy(nn.Module):
         self.seen.append((x.requires_grad, x.is_contiguous(memory_format=torch.channels_last)
                           and not x.is_contiguous()))
         return self.net(x)
-
-
-def _keep_results(monitor):
-    """``monitor.compute``'s results, appended to the returned list at every run."""
-    kept, compute = [], monitor.compute
-
-    def spy(*args):
-        out = compute(*args)
-        kept.append(out)
-        return out
-
-    monitor.compute = spy
-    return kept
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -148,21 +135,12 @@ def test_gradient_maps_are_the_same_numbers_in_either_layout(method):
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6)
 
 
-def _images(n: int, seed: int):
-    """Digits-like data in 3 channels of 16x16: images where channels-last changes the convolutions' layout."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 10
-    palette = torch.rand(10, 3, generator=torch.Generator().manual_seed(99)) * 0.7  # a colour per class
-    x = torch.rand(n, 3, 16, 16, generator=g) * 0.3 + palette[y].view(n, 3, 1, 1)
-    return torch.utils.data.TensorDataset(x, y)
-
-
 def _fit(tmp_path, callbacks, net, epochs=1, deterministic=False):
     trainer = tiny_trainer(tmp_path, callbacks=callbacks, max_epochs=epochs, logger=False,
                            deterministic=deterministic)
     loader = torch.utils.data.DataLoader
-    trainer.fit(classifier(net=net), loader(_images(64, 0), batch_size=32, shuffle=True),
-                loader(_images(32, 1), batch_size=32))
+    trainer.fit(classifier(net=net), loader(colour_images(64, 0), batch_size=32, shuffle=True),
+                loader(colour_images(32, 1), batch_size=32))
     return trainer
 
 
@@ -175,7 +153,7 @@ def fast_wins(monkeypatch):
 def test_default_explanation_passes_run_channels_last(tmp_path, fast_wins):
     spy = LayoutSpy()
     monitor = AttributionMonitor(methods=("saliency",), probe_samples=8, evolution_samples=0)
-    kept = _keep_results(monitor)
+    kept = keep_results(monitor)
     _fit(tmp_path, [monitor], spy)
     assert monitor.errors == 0 and list(monitor._layouts.values()) == [True]
     grads = [fast for wants_grad, fast in spy.seen if wants_grad]
@@ -193,7 +171,8 @@ def test_channels_last_passes_leave_training_bit_identical(tmp_path, fast_wins):
         trainer = tiny_trainer(tmp_path / name, callbacks=callbacks, max_epochs=2, logger=False, deterministic=False)
         torch.manual_seed(1)
         loader = torch.utils.data.DataLoader
-        trainer.fit(module, loader(_images(64, 0), batch_size=16, shuffle=True), loader(_images(32, 1), batch_size=16))
+        trainer.fit(module, loader(colour_images(64, 0), batch_size=16, shuffle=True),
+                    loader(colour_images(32, 1), batch_size=16))
         return module
 
     stack = [AttributionMonitor(methods=("saliency", "grad_cam"), probe_samples=8, evolution_samples=0),
@@ -261,7 +240,7 @@ def test_channels_last_false_and_auto_explain_alike(tmp_path, fast_wins):
         torch.manual_seed(0)
         monitor = AttributionMonitor(methods=("saliency", ("integrated_gradients", {"steps": 8}), "grad_cam"),
                                      probe_samples=8, evolution_samples=0, channels_last=mode)
-        kept = _keep_results(monitor)
+        kept = keep_results(monitor)
         _fit(tmp_path / str(mode), [monitor], small_cnn(in_channels=3))
         assert monitor.errors == 0 and len(kept) == 1
         assert list(monitor._layouts.values()) == ([True] if mode == "auto" else [])
