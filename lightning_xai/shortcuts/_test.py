@@ -489,11 +489,15 @@ STATS = {
 
 
 def _z(values: Tensor) -> Tuple[float, float]:
+    """The mean of ``values`` and its one-sample t statistic; NaN (no test) without two values to estimate a spread
+    from."""
     n = values.numel()
     if n == 0:
         return float("nan"), float("nan")
     mean = float(values.mean())
-    sd = float(values.std(unbiased=True)) if n > 1 else 0.0
+    if n < 2:
+        return mean, float("nan")
+    sd = float(values.std(unbiased=True))
     if sd == 0.0:
         return mean, (math.inf if mean > 0 else 0.0)
     return mean, mean / (sd / math.sqrt(n))
@@ -520,13 +524,19 @@ def _both_tests(pull: Tensor, keep: Tensor) -> Dict[str, float]:
             "tested": float(g.numel()), "with_controls": float(with_controls.sum())}
 
 
-def _fires(t: Dict[str, float], level: float, min_pull: float) -> Tuple[bool, bool, bool]:
-    """(test 1 rejects, the region has controls, test 2 rejects or cannot be run), each test at one-sided ``level``
-    against Student's t with (samples - 1) degrees of freedom."""
+def _fires(t: Dict[str, float], level: float, min_pull: float, movable: bool) -> Tuple[bool, bool, bool]:
+    """(test 1 rejects, these samples have controls, test 2 rejects or has nothing to run on), each test at one-sided
+    ``level`` against Student's t with (samples - 1) degrees of freedom, and neither on fewer than two samples.
+
+    ``movable``: some probe sample's region has a control place. A region no control place fits (too large to move)
+    is judged on test 1 alone; a movable one needs test 2 too, so samples with fewer than two controlled ones (a rare
+    donor class) cannot fire."""
     uses = t["pull_z"] >= t_critical(level, t["tested"] - 1) and t["pull"] >= min_pull
     has_controls = t["with_controls"] >= 2
-    beyond = (not has_controls) or (t["excess_z"] >= t_critical(level, t["with_controls"] - 1)
-                                    and t["excess"] >= min_pull)
+    if has_controls:
+        beyond = t["excess_z"] >= t_critical(level, t["with_controls"] - 1) and t["excess"] >= min_pull
+    else:
+        beyond = not movable
     return uses, has_controls, beyond
 
 
@@ -621,8 +631,9 @@ def decide(effects: Dict[str, Tensor], targets: Tensor, config: ShortcutConfig =
         return z if z == z else -math.inf
 
     best = max(classes, key=lambda c: (strength(per_class[c]), -c)) if classes else -1
-    uses, has_controls, beyond = _fires(pooled, level_pooled, config.min_pull)
-    firing_classes = [c for c in classes if all(_fires(per_class[c], level_class, config.min_pull)[::2])]
+    movable = pooled["with_controls"] > 0
+    uses, has_controls, beyond = _fires(pooled, level_pooled, config.min_pull, movable)
+    firing_classes = [c for c in classes if all(_fires(per_class[c], level_class, config.min_pull, movable)[::2])]
     alarm = bool((uses and beyond) or firing_classes)
     stats = {k: pooled[k] for k in ("pull", "pull_z", "control_pull", "excess", "excess_z")}
     stats.update(flip=flip, controls=float(places[exists].mean()), **{"class": float(best)})

@@ -104,6 +104,37 @@ def test_a_per_class_test_on_few_samples_is_judged_against_student_t(t_stat):
     assert verdict.alarm == (t_stat > t_critical(1e-4 / 20, 9)), verdict.reason
 
 
+@pytest.mark.parametrize("controlled", [1, 0], ids=["its_controls_pull_harder", "no_controls_for_it"])
+def test_a_donor_class_seen_once_cannot_fire(controlled):
+    """One draw of 80 has a donor of class 7, and the region pulls it by 0.2 nats (its own control places: 2.0, or
+    none). One value has no spread to test against (t undefined, not infinite), and a movable region's class with
+    fewer than two controlled samples cannot pass test 2: no alarm, on a model with no effect anywhere else."""
+    n, d, places = 40, 2, 7
+    g = torch.Generator().manual_seed(0)
+    pull = 0.01 * torch.randn(n, d, places, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 3, (n, d), generator=g)
+    targets[5, 0], pull[5, 0, 0] = 7, 0.2
+    pull[5, 0, 1:] = 2.0 if controlled else float("nan")
+    logp = torch.stack([pull, torch.zeros_like(pull)], -1)
+    verdict = decide({"logp": logp, "pred": torch.zeros(n, d, places, 2, dtype=torch.long)}, targets)
+    assert not verdict.alarm, verdict.reason
+    assert verdict.stats["class"] != 7  # its test has no statistic: never the strongest class
+
+
+def test_a_class_with_enough_samples_still_fires_without_the_pooled_test():
+    """The same layout, but class 7 is the donor of 12 draws that each pull 1 nat (spread 0.05) beyond control
+    places pulling 0: the per-class pair of tests fires although the pooled one, diluted, may not."""
+    n, d, places = 40, 2, 7
+    g = torch.Generator().manual_seed(1)
+    pull = 0.01 * torch.randn(n, d, places, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 3, (n, d), generator=g)
+    targets[:12, 0] = 7
+    pull[:12, 0, 0] = 1.0 + 0.05 * torch.randn(12, generator=g, dtype=torch.float64)
+    logp = torch.stack([pull, torch.zeros_like(pull)], -1)
+    verdict = decide({"logp": logp, "pred": torch.zeros(n, d, places, 2, dtype=torch.long)}, targets)
+    assert verdict.alarm and verdict.stats["class"] == 7, verdict.reason
+
+
 @pytest.mark.parametrize("corner", [True, False], ids=["reads_mark", "reads_object"])
 def test_named_region_verdict_follows_what_the_model_reads(corner):
     x, y = corner_set(100, random_mark=True)  # the mark is absent from the probe set (random code)
