@@ -464,9 +464,13 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             return
         fitting = trainer.state.fn == FITTING
         if via_module:  # into trainer.callback_metrics (EarlyStopping/ModelCheckpoint) and what validate() returns
-            for name, value in metrics.items():
-                pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False,
-                              logger=not fitting)
+            with warnings.catch_warnings():
+                # logger=True puts a value in what validate() returns, with or without a logger; without one,
+                # Lightning would warn once per name that none is configured
+                warnings.filterwarnings("ignore", message=r".*but have no logger configured")
+                for name, value in metrics.items():
+                    pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False,
+                                  add_dataloader_idx=False, logger=not fitting)
         if (fitting or not via_module) and trainer.is_global_zero:  # in fit: at the images' step (logging_step)
             log_scalars(trainer, metrics)
 

@@ -204,6 +204,21 @@ def test_validate_and_test_under_inference_mode(tmp_path, fn):
     assert monitor.errors == 0
 
 
+@pytest.mark.parametrize("fn", ["validate", "test"])
+def test_validate_without_a_logger_returns_the_scalars_without_a_warning_each(tmp_path, fn, monkeypatch):
+    """``logger=False``: the scalars still reach what ``validate()`` returns, and Lightning is not asked to log them
+    to a logger there is none of (it warned once per scalar)."""
+    monkeypatch.chdir(tmp_path)  # the PNGs go to ./xai/
+    monitor = AttributionMonitor(methods=("saliency",), probe_samples=4)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = getattr(trainer, fn)(DigitsModule(), digits_loaders()[1])
+    assert any(k.startswith("xai/attribution/saliency/") for k in out[0]), out
+    assert not [w for w in caught if "no logger configured" in str(w.message)]
+
+
 def test_no_logger_writes_png_and_warns_once(tmp_path):
     monitor = AttributionMonitor(methods=("saliency",), probe_samples=4)
     with pytest.warns(RuntimeWarning, match="PNG") as record:
