@@ -24,13 +24,15 @@ from lightning_xai._utils import Passes, check_int, check_positive_int, check_re
 from lightning_xai.callbacks._batches import BatchToXY, extract_xy
 from lightning_xai.callbacks._streaming import StreamingCallback
 from lightning_xai.featvis import Objective, make_param, render
-from lightning_xai.featvis._objectives import OUTPUT, objectives_from_spec
+from lightning_xai.featvis._objectives import OUTPUT, class_logit, objectives_from_spec
 from lightning_xai._logging import log_image, warn_once
 from lightning_xai.render import image_figure
 from lightning_xai.render._maps import one_thread
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+DEFAULT_CLASSES = 10  # the default target set's most class images: one grid row or two, each cell still readable
 
 
 class FeatureVisMonitor(StreamingCallback):
@@ -41,8 +43,11 @@ class FeatureVisMonitor(StreamingCallback):
     renders every target set (``compute``) and logs the grids (``report``).
 
     Args:
-        targets: target sets, each logged as one grid. Forms: ``("logits", [0, ..., 9])`` (class logits
-            of the model output), ``(layer, "channels", indices)``, ``(layer, "neurons", indices)``
+        targets: target sets, each logged as one grid. ``"logits"`` (the default): one image per class logit of the
+            model output, for its first :data:`DEFAULT_CLASSES` classes (a model with one binary logit has two:
+            class 1 raises it, class 0 lowers it), read off the model at the first run. Forms of a list of sets:
+            ``("logits", [0, ..., 9])`` (these class logits of the model output; a class the output does not have
+            is an error at each run), ``(layer, "channels", indices)``, ``(layer, "neurons", indices)``
             (centre unit of each channel), ``(layer, "layer")`` (DeepDream), or ``(label, [Objective, ...])``.
             Layer names are dotted names of the LightningModule's submodules.
         every_n_epochs: render every n-th validation epoch (default 5: rendering is slow on CPU), and
@@ -90,7 +95,7 @@ class FeatureVisMonitor(StreamingCallback):
 
     def __init__(
         self,
-        targets: Sequence[Any] = (("logits", tuple(range(10))),),
+        targets: Union[str, Sequence[Any]] = "logits",
         every_n_epochs: int = 5,
         steps: int = 256,
         lr: float = 0.05,
@@ -107,10 +112,15 @@ class FeatureVisMonitor(StreamingCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
+        # "logits": the set is cut to the model's classes at the first run (until then: the most it can hold)
+        self._classes_to_read = isinstance(targets, str) and targets == "logits"
+        if self._classes_to_read:
+            targets = [("logits", tuple(range(DEFAULT_CLASSES)))]
         if isinstance(targets, tuple) and targets and isinstance(targets[0], str):
             targets = [targets]  # a single spec
         if not isinstance(targets, (list, tuple)) or not targets:
-            raise MisconfigurationException(expected("targets", "a non-empty list of target specs", repr(targets)))
+            raise MisconfigurationException(expected("targets", "'logits' or a non-empty list of target specs",
+                                                     repr(targets)))
         self.target_sets: List[Tuple[str, List[Objective]]] = []
         with refuse_bad_options():
             for spec in targets:
@@ -179,8 +189,12 @@ class FeatureVisMonitor(StreamingCallback):
     def estimated_passes(self, trainer: Optional["pl.Trainer"] = None) -> Optional[Passes]:
         """Per image (one per target of every set) a forward+backward at each of the ``steps`` optimiser steps and a
         forward of the final image; the same over all ranks (each set renders on one of them); and on every rank the
-        folding check's passes (every run) and the channels-last check's forwards (once per fit)."""
+        folding check's passes (every run) and the channels-last check's forwards (once per fit). Before the first
+        run, ``targets="logits"`` counts :data:`DEFAULT_CLASSES` images and, on every rank, the forward of one input
+        that reads the model's classes."""
         passes = sum(len(objs) for _, objs in self.target_sets) * Passes(forward=1, gradient=self.steps)
+        if self._classes_to_read:  # the set may then be smaller
+            passes = passes + Passes(forward=1 if trainer is None else trainer.world_size)
         if trainer is None or self.input_shape is None:
             return passes
         checks = [layout.CHECK_ROWS] * trainer.world_size
@@ -256,6 +270,15 @@ class FeatureVisMonitor(StreamingCallback):
         merged = {label: res for part in everyone for label, res in part.items()}
         return {label: merged[label] for label, _ in self.target_sets}
 
+    def _read_classes(self, pl_module: "pl.LightningModule") -> None:
+        """Cut the default target set to the classes of the model's output (one forward of one input)."""
+        with self.explain_context(pl_module), torch.no_grad():
+            one = torch.rand(1, *self.input_shape, generator=torch.Generator().manual_seed(0))
+            classes = int(self.logits_fn(pl_module)(one.to(pl_module.device)).shape[1])
+        self.target_sets = [(label, [class_logit(c) for c in range(min(classes, DEFAULT_CLASSES))])
+                            if label == "logits" else (label, objs) for label, objs in self.target_sets]
+        self._classes_to_read = False
+
     def _render_all(self, pl_module: "pl.LightningModule", labels: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         results = {}
         with self.explain_context(pl_module):
@@ -313,6 +336,9 @@ class FeatureVisMonitor(StreamingCallback):
             warn_once("noshape", "FeatureVisMonitor: no validation batch was seen, so the input shape and "
                                  "range are unknown; pass `input_shape=` and `value_range=`. Skipping.", owner=self)
             return None
+        if self._classes_to_read:  # on every rank: the same model, the same classes
+            if not self.guarded(lambda: self._read_classes(pl_module) or True, "reading the model's classes", epoch):
+                return None
         owners = self._owners(world)
         mine = [label for label, owner in owners.items() if owner == rank]
         results = self.guarded(lambda: self._render_all(pl_module, mine), "rendering feature visualisations", epoch)

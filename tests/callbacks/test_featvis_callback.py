@@ -165,6 +165,57 @@ def test_error_policy_warns_and_training_continues(tmp_path, digits_data):
     assert_unchanged(before, model)  # the forced exception left no hook, flag, grad or buffer change behind
 
 
+class FewClasses(DigitsModule):
+    """The digits CNN with ``classes`` outputs (labels folded onto them); one output: a binary logit (BCE)."""
+
+    def __init__(self, x, y, classes):
+        super().__init__(x, y % max(classes, 2))
+        self.net = small_cnn(num_classes=classes)
+        self.classes = classes
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        if self.classes == 1:
+            return F.binary_cross_entropy_with_logits(out.squeeze(1), y.float())
+        return F.cross_entropy(out, y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+@pytest.mark.parametrize("classes, drawn", [(3, 3), (1, 2), (12, 10)], ids=["three", "binary_logit", "twelve"])
+def test_default_targets_follow_the_model_classes(tmp_path, digits_data, classes, drawn, monkeypatch):
+    """Default options on a model without 10 classes: one image per class (two for one binary logit, at most 10),
+    at every scheduled run, and no error. The passes declared before the first run are an upper bound."""
+    monkeypatch.chdir(tmp_path)  # logger=False: the grids go to ./xai/
+    monitor = FeatureVisMonitor(every_n_epochs=1, steps=4)
+    before = monitor.estimated_passes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed run warns
+        warnings.filterwarnings("ignore", message=".*PNG")  # the one saying where the PNGs go
+        _trainer(tmp_path, [monitor], logger=False).fit(FewClasses(*digits_data, classes))
+    assert monitor.errors == 0 and monitor.last_explained_epoch == 1
+    assert monitor.last_activations["logits"].shape == (drawn,)
+    assert [o.name for o in dict(monitor.target_sets)["logits"]] == [f"class:{c}" for c in range(drawn)]
+    assert before.gradient == 10 * 4 and before.forward == 10 + 1
+    assert monitor.estimated_passes() == drawn * monitor_passes(4)
+    assert len(glob.glob(str(tmp_path / "xai" / "*featvis_logits*.png"))) == 2  # both epochs
+
+
+def monitor_passes(steps):
+    from lightning_xai._utils import Passes
+
+    return Passes(forward=1, gradient=steps)
+
+
+def test_explicit_classes_the_model_lacks_are_an_error(tmp_path, digits_data):
+    monitor = FeatureVisMonitor(targets=[("logits", range(10))], every_n_epochs=1, steps=4)
+    with pytest.warns(RuntimeWarning, match=r"class index"):
+        _trainer(tmp_path, [monitor], logger=False, max_epochs=1).fit(FewClasses(*digits_data, 3))
+    assert monitor.errors == 1
+
+
 def test_unknown_layer_lists_valid_names(tmp_path, digits_data):
     monitor = FeatureVisMonitor(targets=[("net.features.3", "channels", range(2))])
     with pytest.raises(MisconfigurationException, match=r"one of the model's layers: net, net\.0, net\.0\.0"):
@@ -175,6 +226,7 @@ def test_unknown_layer_lists_valid_names(tmp_path, digits_data):
     "kwargs, match",
     [
         pytest.param(dict(targets=[]), "Expected `targets`", id="empty"),
+        pytest.param(dict(targets="classes"), "Expected `targets` to be 'logits' or", id="string"),
         pytest.param(dict(targets=[("net.0", "filters", [1])]), "Expected `targets`", id="kind"),
         pytest.param(dict(targets=[("logits", [0]), ("logits", [1])]), "distinct labels", id="duplicate"),
         pytest.param(dict(steps=0), "Expected `steps`", id="steps"),
