@@ -37,6 +37,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_xai import AttributionMonitor, FeatureVisMonitor, LinearProbeMonitor, ShortcutMonitor
+from lightning_xai._fold import fold
 from lightning_xai.callbacks import _cost as cost
 
 SIDE, CLASSES, TRAIN, VAL, BATCH = 32, 10, 50_000, 10_000, 128
@@ -191,12 +192,13 @@ def timed_stack() -> Tuple[list, List[PassTimer]]:
     return [timers[0]] + [c for cb, t in zip(stack, timers[1:]) for c in (cb, t)], timers
 
 
-def declared_runs(name: str, before: PassTimer, after: PassTimer) -> Dict[str, Any]:
+def declared_runs(name: str, before: PassTimer, after: PassTimer, folds: bool = False) -> Dict[str, Any]:
     """A callback's runs as the timers around it saw them at each validation epoch's end: the passes it declared
     just before its run (``estimated_passes`` at that moment: LinearProbeMonitor's differ between runs), the run's
     seconds (cost book), and the floor of each run: its forwards priced at the forward and its forward+backward
-    passes at the forward+backward the two timers measured then, in wall time and in CPU time."""
-    declared, seconds, floors, cpu_floors, cl_floors = [], [], [], [], []
+    passes at the forward+backward the two timers measured then, in wall time and in CPU time; and at the price
+    its passes run at here: channels-last, on the folded model when it ``folds`` (its ``folds_model()``)."""
+    declared, seconds, floors, cpu_floors, cl_floors, fast_floors = [], [], [], [], [], []
     runs = 0
     for b, a, cb, ca in zip(before.books, after.books, before.costs, after.costs):
         work, _, _ = b[name]
@@ -210,9 +212,10 @@ def declared_runs(name: str, before: PassTimer, after: PassTimer) -> Dict[str, A
                 floors.append(work.gradient * price[0] + work.forward * price[1])
                 cpu_floors.append(work.gradient * price[2] + work.forward * price[3])
                 cl_floors.append(work.gradient * price[4] + work.forward * price[5])
+                fast_floors.append(work.gradient * price[6] + work.forward * price[7] if folds else cl_floors[-1])
         runs = now
     return {"declared": declared, "run_seconds": seconds, "floors": floors, "cpu_floors": cpu_floors,
-            "cl_floors": cl_floors}
+            "cl_floors": cl_floors, "fast_floors": fast_floors}
 
 
 class TrainClock(pl.Callback):
@@ -252,7 +255,8 @@ def fit(callbacks: list, epochs: int, data, limit_train_batches: Any = None) -> 
     for i, cb in enumerate(callbacks):  # with timers around it: the passes it declared at each run, and the runs
         if id(cb) in book.names and 0 < i < len(callbacks) - 1 and isinstance(callbacks[i - 1], PassTimer) \
                 and isinstance(callbacks[i + 1], PassTimer):
-            spent[type(cb).__name__].update(declared_runs(type(cb).__name__, callbacks[i - 1], callbacks[i + 1]))
+            spent[type(cb).__name__].update(declared_runs(type(cb).__name__, callbacks[i - 1], callbacks[i + 1],
+                                                          folds=cb.folds_model()))
     return {"seconds": seconds, "cpu": cpu, "model": model, "spent": spent, "callbacks": callbacks[1:],
             "train_seconds": clock.seconds,
             "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan"))),
@@ -263,30 +267,36 @@ def pass_seconds(model: nn.Module, rows: int = BATCH, repeats: int = 7,
                  images: Optional[Tensor] = None) -> Tuple[float, ...]:
     """Seconds per sample of one forward+backward (the input gradient, as saliency takes it) and of one forward under
     ``no_grad``, eval mode, ``rows`` per pass, in wall time and in process CPU time; then the same two in wall time
-    with the input in channels-last layout (what the callbacks' passes may run in, see lightning_xai._layout):
-    medians over ``repeats``.
+    with the input in channels-last layout (what the callbacks' passes may run in, see lightning_xai._layout); then
+    the same two on the model with its BatchNorms folded into its convolutions, in channels-last layout (what the
+    image callbacks' passes run on, see lightning_xai._fold; the model's own passes where nothing folds): medians
+    over ``repeats``.
 
     ``images``: the inputs (their first ``rows``), else uniform noise. The cost depends on the values: max-pooling
     compares and branches, and on this CPU pools uniform noise about a fifth slower than the model's own images, so
     the floors are priced on validation images, what the callbacks pass."""
     model.eval()
     x = images[:rows].float() / 255 if images is not None else torch.rand(rows, 3, SIDE, SIDE)
-    times: List[List[float]] = [[] for _ in range(6)]  # fb, fw, fb CPU, fw CPU, fb channels-last, fw channels-last
+    folded = fold(model)
+    folded = model if folded is None else folded.module
+    # fb, fw, fb CPU, fw CPU, fb channels-last, fw channels-last, fb folded channels-last, fw folded channels-last
+    times: List[List[float]] = [[] for _ in range(8)]
     for _ in range(repeats + 1):
-        for layout, (fb, fw, fb_cpu, fw_cpu) in ((torch.contiguous_format, (0, 1, 2, 3)),
-                                                 (torch.channels_last, (4, 5, None, None))):
+        for net, layout, (fb, fw, fb_cpu, fw_cpu) in ((model, torch.contiguous_format, (0, 1, 2, 3)),
+                                                      (model, torch.channels_last, (4, 5, None, None)),
+                                                      (folded, torch.channels_last, (6, 7, None, None))):
             inputs = x.contiguous(memory_format=layout)
             t, c = time.perf_counter(), time.process_time()
             with torch.enable_grad():
                 xi = inputs.clone(memory_format=layout).requires_grad_(True)
-                out = model(xi)
+                out = net(xi)
                 torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xi)
             times[fb].append(time.perf_counter() - t)
             if fb_cpu is not None:
                 times[fb_cpu].append(time.process_time() - c)
             t, c = time.perf_counter(), time.process_time()
             with torch.no_grad():
-                model(inputs)
+                net(inputs)
             times[fw].append(time.perf_counter() - t)
             if fw_cpu is not None:
                 times[fw_cpu].append(time.process_time() - c)
@@ -422,11 +432,14 @@ def report_time(res: Dict[str, Any]) -> None:
           "taken out of the stack's fit time).\n")
     print("The floor is priced in the model's own layout (NCHW, as the fit runs it). The callbacks may run their "
           "passes in channels-last layout (lightning_xai._layout), which is faster on this CNN; the last two columns "
-          "price the same passes in channels-last, the stricter floor.\n")
+          "price the same passes in channels-last, the stricter floor; the two after them at the price the passes "
+          "run at here: channels-last, on the model with its BatchNorms folded for the callbacks that fold "
+          "(lightning_xai._fold; LinearProbeMonitor reads layers and does not).\n")
     print("| callback | runs | seconds per run | of which report | median run | share of the plain fit "
           "| declared passes per run (forwards + forward+backward) | floor per run (s) | run / floor "
-          "| (run - report) / floor | channels-last floor per run (s) | run / channels-last floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| (run - report) / floor | channels-last floor per run (s) | run / channels-last floor "
+          "| floor at the price run (s) | run / that floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     steady = 0.0
     for name in names:
         got = [s["spent"][name] for s in stack]
@@ -437,8 +450,13 @@ def report_time(res: Dict[str, Any]) -> None:
         share = "–" if not plain else "{:.1f} %".format(100 * statistics.median(
             g["seconds"] / p["seconds"] for g, p in zip(got, plain)))
         reports = [(g["report"] or 0.0) / max(g["runs"], 1) for g in got]
-        floor_ratio = floor = rest_ratio = work_txt = cl_floor = cl_ratio = "–"
+        floor_ratio = floor = rest_ratio = work_txt = cl_floor = cl_ratio = fast_floor = fast_ratio = "–"
         if all(g.get("declared") and None not in g["declared"] for g in got):
+            fast = [sum(g["fast_floors"]) / max(g["runs"], 1) for g in got]
+            fast_floor = f"{statistics.median(fast):.2f}"
+            if min(fast) > 0:
+                fast_ratio = "{:.2f}".format(statistics.median(
+                    g["seconds"] / max(g["runs"], 1) / f for g, f in zip(got, fast)))
             cl_floors = [sum(g["cl_floors"]) / max(g["runs"], 1) for g in got]
             cl_floor = f"{statistics.median(cl_floors):.2f}"
             if min(cl_floors) > 0:
@@ -455,9 +473,25 @@ def report_time(res: Dict[str, Any]) -> None:
                 rest_ratio = "{:.2f}".format(statistics.median(
                     (g["seconds"] / max(g["runs"], 1) - r) / f for g, r, f in zip(got, reports, floors)))
         print(f"| {name} | {runs} | {per_run:.2f} | {statistics.median(reports):.2f} | {median_run:.2f} | {share} | "
-              f"{work_txt} | {floor} | {floor_ratio} | {rest_ratio} | {cl_floor} | {cl_ratio} |")
+              f"{work_txt} | {floor} | {floor_ratio} | {rest_ratio} | {cl_floor} | {cl_ratio} | {fast_floor} | "
+              f"{fast_ratio} |")
         every = 5 if name == "FeatureVisMonitor" else 1
         steady += median_run / every
+    if all(g.get("fast_floors") is not None and None not in g.get("declared", [None]) for s in stack
+           for g in s["spent"].values()):
+        parts = {"passes": [sum(sum(g["fast_floors"]) for g in s["spent"].values()) for s in stack],
+                 "reports": [sum(g["report"] or 0.0 for g in s["spent"].values()) for s in stack],
+                 "all": [sum(g["seconds"] for g in s["spent"].values()) for s in stack]}
+        base = [p["seconds"] for p in plain] if plain else \
+            [s["seconds"] - a for s, a in zip(stack, parts["all"])]
+        share = {k: statistics.median(100 * v / b for v, b in zip(vals, base)) for k, vals in parts.items()}
+        print("\nWhere the whole fit's explaining goes (median over the stack fits, as a share of "
+              + ("the same round's fit without callbacks" if plain else "the stack fit without its explaining")
+              + f"): every callback's declared passes at the price they run at (the last floor above) "
+              f"{statistics.median(parts['passes']):.1f} s = **{share['passes']:.1f} %**; the reports "
+              f"{statistics.median(parts['reports']):.1f} s = {share['reports']:.1f} %; everything else (plans, "
+              f"checks, copies, capturing, small batches) {share['all'] - share['passes'] - share['reports']:.1f} %; "
+              f"in all {statistics.median(parts['all']):.1f} s = {share['all']:.1f} %.")
     print("\nIn CPU time: each callback's epoch-end work (between the timers around it; LinearProbeMonitor's capture "
           "and untrained forward during the validation batches are not in it) against its floor in CPU time.\n")
     print("| callback | CPU seconds per run | share of the plain fit's CPU | floor (CPU s) | run / floor |")
