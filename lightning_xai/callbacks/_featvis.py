@@ -21,6 +21,7 @@ from lightning_xai._lightning import MisconfigurationException, refuse_bad_optio
 from typing_extensions import override
 
 from lightning_xai._utils import Passes, check_int, check_positive_int, check_real, expected, resolve_layer
+from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._batches import BatchToXY, extract_xy
 from lightning_xai.callbacks._streaming import StreamingCallback
 from lightning_xai.featvis import Objective, make_param, render
@@ -298,6 +299,8 @@ class FeatureVisMonitor(StreamingCallback):
     def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", results: Dict[str, Any],
                epoch: int) -> Dict[str, float]:
         """The mean activation reached per target set; the grids logged on rank zero."""
+        for res in results.values():
+            shared.warn_not_finite(self, pl_module, res.activations, "objectives reached (feature visualisation)")
         metrics = {self.tag(label, "activation"): float(res.activations.mean()) for label, res in results.items()}
         self.last_activations = {label: res.activations.detach().cpu() for label, res in results.items()}
         if trainer.is_global_zero:

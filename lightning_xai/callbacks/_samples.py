@@ -27,6 +27,7 @@ from lightning_xai._lightning import MisconfigurationException, refuse_bad_optio
 from typing_extensions import override
 
 from lightning_xai._utils import check_choice, check_positive_int, expected, forked_rng
+from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._checks import SampleCheckedCallback
 from lightning_xai.callbacks._batches import class_labels, extract_xy
 from lightning_xai._logging import log_image, log_text, markdown_table, warn_once
@@ -255,6 +256,7 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
             self._bank = bank
             feats, logits = capture_features(pl_module, layer, x, forward=forward, capture=capture,
                                              batch_size=self.batch_size)
+            shared.warn_not_finite(self, pl_module, logits, "outputs (logits)")
             probs = logits.float().softmax(1)
             conf, pred = probs.max(1)
             n_train = bank["features"].shape[0]

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor
 
+from lightning_xai._logging import warn_once
+
 Result = Union[Tensor, Tuple[Tensor, ...]]
 RowKey = Tuple[bytes, Optional[int]]
 
@@ -229,9 +231,25 @@ def attribute(owner: Any, pl_module: Any, method: Tuple[str, Callable, Mapping[s
 
 
 def logits(owner: Any, pl_module: Any, forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``forward(x)`` without gradients, each row computed once per model state among the trainer's callbacks."""
+    """``forward(x)`` without gradients, each row computed once per model state among the trainer's callbacks (a
+    warning, once per callback, when some are not finite: :func:`warn_not_finite`)."""
     def run(rows: Tensor, _: Any) -> Tensor:
         with torch.no_grad():
             return forward(rows)
 
-    return reuse(owner, pl_module, ("logits",), x, None, run)
+    out = reuse(owner, pl_module, ("logits",), x, None, run)
+    warn_not_finite(owner, pl_module, out, "outputs (logits)")
+    return out
+
+
+def warn_not_finite(owner: Any, pl_module: Any, values: Tensor, what: str) -> None:
+    """Warn once per ``owner`` (a callback) when ``values`` ``(N, ...)``, one row per sample, hold NaN or inf: the
+    predictions, maps and tests made from them mean nothing, and a model whose outputs are not finite has usually
+    diverged."""
+    if not isinstance(values, Tensor) or values.ndim == 0 or values.shape[0] == 0 or bool(torch.isfinite(values).all()):
+        return
+    bad = int((~torch.isfinite(values.reshape(values.shape[0], -1))).any(1).sum())
+    epoch = getattr(pl_module, "current_epoch", None)
+    warn_once("not-finite", f"{type(owner).__name__}: the model's {what} are NaN or infinite for {bad} of "
+                            f"{values.shape[0]} samples" + (f" at epoch {epoch}" if epoch is not None else "")
+              + "; what it shows for them means nothing (has training diverged?). Warned once.", owner=owner)

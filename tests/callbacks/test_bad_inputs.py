@@ -21,6 +21,31 @@ def test_nan_inputs_give_a_warning_and_training_goes_on(tmp_path):
     assert "xai/attribution/saliency" in read_events(trainer.logger.log_dir).Tags()["images"]
 
 
+class DivergedModule(DigitsModule):
+    """Outputs NaN outside training, as a model whose weights diverged would."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if self.training else out * float("nan")
+
+
+def test_a_model_whose_outputs_are_nan_gets_one_warning_per_callback(tmp_path):
+    from lightning_xai import FeatureVisMonitor, SampleInfluenceMonitor, ShortcutMonitor
+
+    monitors = [AttributionMonitor(methods=("saliency",), probe_samples=4),
+                ShortcutMonitor(regions={"corner": (0, 0, 2, 2)}, probe_samples=8),
+                FeatureVisMonitor(targets=[("logits", [0, 1])], every_n_epochs=1, steps=2),
+                SampleInfluenceMonitor(probe_samples=4)]
+    train, val = digits_loaders()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_trainer(tmp_path, callbacks=monitors, max_epochs=2).fit(DivergedModule(), train, val)
+    said = [str(w.message) for w in caught if "NaN or infinite" in str(w.message)]
+    for monitor in monitors:  # each says it once, with how many samples
+        mine = [m for m in said if m.startswith(type(monitor).__name__ + ":")]
+        assert len(mine) == 1 and " at epoch 0" in mine[0] and "diverged" in mine[0], said
+
+
 def test_empty_validation_set_is_quiet_and_harmless(tmp_path):
     train, _ = digits_data()
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=8)
