@@ -493,7 +493,10 @@ class ShortcutDiscovery(_ShortcutCallback):
         fired = {name: verdicts[name] for name in ranked if verdicts[name].alarm}
         metrics[self.tag("discovery", "alarm")] = float(bool(fired))
         if trainer.is_global_zero:
-            for name in ranked[:SHOWN_CANDIDATES]:
+            # the top of the ranking, and every candidate that alarms (shown-only ones that would have alarmed may
+            # rank beside them)
+            shown = ranked[:SHOWN_CANDIDATES] + [n for n in ranked[SHOWN_CANDIDATES:] if verdicts[n].alarm]
+            for name in shown:
                 self._log_evidence(trainer, name, x, results, verdicts[name], epoch, f"shortcut discovery (rank "
                                    f"{ranked.index(name) + 1})")
             self._log_class_maps(trainer, results["maps"], y if y is not None else results["pred"], epoch)

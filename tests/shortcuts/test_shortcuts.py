@@ -771,7 +771,9 @@ def test_discovery_callback_finds_the_mark_and_not_on_the_object_reader(tmp_path
         assert acc.Scalars("xai/shortcut/corners/found")[-1].value == 1.0
         ranked = sorted((acc.Scalars(f"xai/shortcut/{c}/rank")[-1].value, c) for c in ShortcutDiscovery.CANDIDATES
                         if f"xai/shortcut/{c}/rank" in scalars)
-        assert sum(f"xai/shortcut/{c}/evidence" in images for c in ShortcutDiscovery.CANDIDATES) == 3
+        shown = {c for c in ShortcutDiscovery.CANDIDATES if f"xai/shortcut/{c}/evidence" in images}
+        alarmed = {c for _, c in ranked if acc.Scalars(f"xai/shortcut/{c}/alarm")[-1].value == 1.0}
+        assert {c for _, c in ranked[:3]} | alarmed == shown  # the top 3, and every candidate that alarms
         alarm = acc.Scalars("xai/shortcut/discovery/alarm")[-1].value
         if corner:
             top = [name for _, name in ranked[:3]]  # the mark's corner, and each sample's attribution peak on it
@@ -790,3 +792,24 @@ def test_rolled_masks_are_torch_roll_of_each_mask():
     offsets = torch.stack([torch.randint(-5, 10, (40,), generator=g), torch.randint(-7, 14, (40,), generator=g)], 1)
     want = torch.stack([torch.roll(m, (int(o[0]), int(o[1])), (0, 1)) for m, o in zip(masks, offsets)])
     assert torch.equal(_rolled(masks, offsets), want)
+
+
+def test_discovery_shows_the_evidence_of_every_candidate_that_alarms(monkeypatch):
+    """Three shown-only candidates that would have alarmed can fill the top of the ranking, as on a 40-class model;
+    a candidate that does alarm below them still gets its evidence picture (the ranking itself is unchanged)."""
+    from lightning_xai.shortcuts import Verdict
+
+    discovery = ShortcutDiscovery(action="log")
+    strong = {"hotspot": 30.0, "attribution_peak": 20.0, "corners": 10.0, "border": 5.0}
+    discovery._found = {name: None for name in strong}
+    monkeypatch.setattr(discovery, "_verdict", lambda name, results, level: Verdict(
+        True, {"excess_z": strong[name], "pull_z": strong[name], "alarm": 1.0}, "pulls"))
+    shown = []
+    monkeypatch.setattr(discovery, "_log_evidence", lambda trainer, name, *args: shown.append(name))
+    monkeypatch.setattr(discovery, "_log_class_maps", lambda *args: None)
+    monkeypatch.setattr("lightning_xai.callbacks._shortcuts.SHOWN_CANDIDATES", 2)
+    trainer = SimpleNamespace(is_global_zero=True, should_stop=False)
+    metrics = discovery.report(trainer, None, torch.zeros(1, 1, 8, 8), None, {"maps": None, "pred": None}, epoch=0)
+    assert shown[:2] == ["hotspot", "attribution_peak"] and sorted(shown[2:]) == ["border", "corners"]
+    assert metrics["xai/shortcut/hotspot/rank"] == 1.0 and metrics["xai/shortcut/border/rank"] == 4.0
+    assert metrics["xai/shortcut/discovery/alarm"] == 1.0
