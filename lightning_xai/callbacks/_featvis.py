@@ -81,8 +81,9 @@ class FeatureVisMonitor(StreamingCallback):
         ``logits`` or the layer name.
 
     Raises:
-        MisconfigurationException: for bad arguments, or (in ``setup``) layer names the model does not
-            have; the message lists the valid names.
+        MisconfigurationException: for bad arguments, (in ``setup``) layer names the model does not have (the
+            message lists the valid names), or (at the first validation batch, the sanity check's by default)
+            inputs that are not float images ``(N, C, H, W)`` when ``input_shape`` is not given.
 
     Example::
 
@@ -219,8 +220,10 @@ class FeatureVisMonitor(StreamingCallback):
         if dataloader_idx != 0 or (self.input_shape is not None and self.value_range is not None):
             return
         x, _ = extract_xy(batch, self.batch_to_xy)
-        if x.ndim < 2:
-            return
+        if self.input_shape is None and (x.ndim != 4 or not x.is_floating_point()):
+            raise MisconfigurationException(expected(
+                "FeatureVisMonitor's inputs", "float images of shape (N, C, H, W): it renders images (for a model that "
+                "takes images in another form, pass `input_shape=(C, H, W)` and a `forward`)", x))
         if self.input_shape is None:
             self.input_shape = tuple(int(s) for s in x.shape[1:])
         if self.value_range is None:

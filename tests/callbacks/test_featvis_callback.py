@@ -216,6 +216,21 @@ def test_explicit_classes_the_model_lacks_are_an_error(tmp_path, digits_data):
     assert monitor.errors == 1
 
 
+@pytest.mark.parametrize("shape", [(1, 64), (64,)], ids=["signal", "tabular"])
+def test_inputs_that_are_not_images_are_refused_at_the_sanity_check(tmp_path, shape):
+    """A 1-D signal or tabular rows: a clear error before training starts, as the other image callbacks give."""
+    x = torch.rand(64, *shape)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+
+    class Rows(DigitsModule):
+        def __init__(self):
+            super().__init__(x, torch.arange(64) % 3)
+            self.net = net
+
+    with pytest.raises(MisconfigurationException, match=r"float images of shape \(N, C, H, W\)"):
+        _trainer(tmp_path, [FeatureVisMonitor(steps=2)], logger=False).fit(Rows())
+
+
 def test_unknown_layer_lists_valid_names(tmp_path, digits_data):
     monitor = FeatureVisMonitor(targets=[("net.features.3", "channels", range(2))])
     with pytest.raises(MisconfigurationException, match=r"one of the model's layers: net, net\.0, net\.0\.0"):
