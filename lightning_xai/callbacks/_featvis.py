@@ -48,7 +48,8 @@ class FeatureVisMonitor(StreamingCallback):
             model output, for its first :data:`DEFAULT_CLASSES` classes (a model with one binary logit has two:
             class 1 raises it, class 0 lowers it), read off the model at the first run. Forms of a list of sets:
             ``("logits", [0, ..., 9])`` (these class logits of the model output; a class the output does not have
-            is an error at each run), ``(layer, "channels", indices)``, ``(layer, "neurons", indices)``
+            is an error at each run), ``"logits"`` (as above), ``(layer, "channels", indices)``,
+            ``(layer, "neurons", indices)``
             (centre unit of each channel), ``(layer, "layer")`` (DeepDream), or ``(label, [Objective, ...])``.
             Layer names are dotted names of the LightningModule's submodules.
         every_n_epochs: render every n-th validation epoch (default 5: rendering is slow on CPU), and
@@ -114,10 +115,12 @@ class FeatureVisMonitor(StreamingCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
+        if isinstance(targets, str) and targets == "logits":
+            targets = [targets]
         # "logits": the set is cut to the model's classes at the first run (until then: the most it can hold)
-        self._classes_to_read = isinstance(targets, str) and targets == "logits"
+        self._classes_to_read = isinstance(targets, list) and any(_is_logits(t) for t in targets)
         if self._classes_to_read:
-            targets = [("logits", tuple(range(DEFAULT_CLASSES)))]
+            targets = [("logits", tuple(range(DEFAULT_CLASSES))) if _is_logits(t) else t for t in targets]
         if isinstance(targets, tuple) and targets and isinstance(targets[0], str):
             targets = [targets]  # a single spec
         if not isinstance(targets, (list, tuple)) or not targets:
@@ -351,6 +354,11 @@ class FeatureVisMonitor(StreamingCallback):
         if world > 1:  # every rank joins the gather, also one that failed, so none waits
             results = self._gather(trainer, results)
         return results
+
+
+def _is_logits(spec: Any) -> bool:
+    """Whether a target spec is ``"logits"``: every class of the output (up to :data:`DEFAULT_CLASSES`)."""
+    return isinstance(spec, str) and spec == "logits"
 
 
 def _cell_name(objective_name: str) -> str:

@@ -190,6 +190,8 @@ def test_default_targets_follow_the_model_classes(tmp_path, digits_data, classes
     at every scheduled run, and no error. The passes declared before the first run are an upper bound."""
     monkeypatch.chdir(tmp_path)  # logger=False: the grids go to ./xai/
     monitor = FeatureVisMonitor(every_n_epochs=1, steps=4)
+    listed = FeatureVisMonitor(targets=["logits", ("net.0.0", "channels", [0])])  # "logits" as one set of several
+    assert listed._classes_to_read and [label for label, _ in listed.target_sets] == ["logits", "net.0.0"]
     before = monitor.estimated_passes()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed run warns
