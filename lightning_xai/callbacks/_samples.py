@@ -346,8 +346,9 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
         x_cpu = x.detach().cpu()
 
         # neighbours
+        cos = cosine_format(results["nn_sim"].cpu())
         rows = [[i, ylab[i], int(pred[i]), f"{float(results['conf'][i]):.2f}", f"{float(sup[i]):.3f}",
-                 ", ".join(f"#{int(j)}:{lab} ({float(s):.2f})" for j, lab, s in
+                 ", ".join(f"#{int(j)}:{lab} ({cos.format(float(s))})" for j, lab, s in
                            zip(nn_idx[i], self._label_of(nn_idx[i]), results["nn_sim"][i].cpu()))]
                 for i in range(x.shape[0])]
         log_text(trainer, self.tag("neighbours", "table"), markdown_table(
@@ -357,7 +358,7 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
                       for i in range(x.shape[0])]
         if images:
             log_image(trainer, self.tag("neighbours"), self._rows_figure(
-                x_cpu, probe_caps, pred, [("most similar training samples", nn_idx, results["nn_sim"].cpu(), "{:.2f}")],
+                x_cpu, probe_caps, pred, [("most similar training samples", nn_idx, results["nn_sim"].cpu(), cos)],
                 f"nearest training samples · epoch {epoch}",
                 f"by cosine similarity of the features ({self._feature_name()}; value under each)"), step)
 
@@ -409,7 +410,22 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
             caps = [probe_caps[int(i)] + [f"support {float(sup[i]):.2f}"] for i in low]
             log_image(trainer, self.tag("sparse"), self._rows_figure(
                 x_cpu[low], caps, pred[low], [("nearest training samples", nn_idx[low], results["nn_sim"].cpu()[low],
-                                               "{:.2f}")],
+                                               cos)],
                 f"least covered probe samples · epoch {epoch}",
                 "lowest support (mean cosine to the nearest training features) first"), step)
         return metrics
+
+
+def cosine_format(sims: Tensor) -> str:
+    """The format of the cosines ``(N, k)`` shown under each probe's neighbours: two decimals, or three or four where
+    two would show a row's different values as equal (post-ReLU features of few dimensions put every neighbour at
+    0.99-something).
+
+    Example:
+        >>> cosine_format(torch.tensor([[0.9, 0.8]])), cosine_format(torch.tensor([[0.9991, 0.9962]]))
+        ('{:.2f}', '{:.3f}')
+    """
+    for decimals in (2, 3):
+        if all(len({round(v, decimals) for v in row}) == len(set(row)) for row in sims.double().tolist()):
+            return f"{{:.{decimals}f}}"
+    return "{:.4f}"
