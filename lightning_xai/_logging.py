@@ -86,9 +86,13 @@ def fallback_dir(trainer: Any) -> str:
     return os.path.join(trainer.default_root_dir, "xai")
 
 
-def _file_name(tag: str, step: int, ext: str) -> str:
+def _file_name(trainer: Any, tag: str, step: int, ext: str) -> str:
+    """``<tag>_step<step>.<ext>``, with the stage before the step outside ``fit`` (``validate()`` and then ``test()``
+    at the same step would otherwise write the same file)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag.strip("/"))
-    return f"{safe}_step{step:07d}.{ext}"
+    stage = getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", None)
+    middle = f"_{stage}" if isinstance(stage, str) and stage != "fit" else ""
+    return f"{safe}{middle}_step{step:07d}.{ext}"
 
 
 def _to_uint8_hwc(image: Tensor) -> Any:
@@ -182,7 +186,7 @@ def log_image(trainer: Any, tag: str, image: Any, step: Optional[int] = None) ->
         return []
     folder = fallback_dir(trainer)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, _file_name(tag, step, "png"))
+    path = os.path.join(folder, _file_name(trainer, tag, step, "png"))
     with open(path, "wb") as fh:
         fh.write(encode_png(pixels))
     warn_once(
@@ -206,7 +210,7 @@ def log_text(trainer: Any, tag: str, text: str, step: Optional[int] = None) -> N
     if not loggers:
         folder = fallback_dir(trainer)
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, _file_name(tag, step, "md")), "w", encoding="utf-8") as fh:
+        with open(os.path.join(folder, _file_name(trainer, tag, step, "md")), "w", encoding="utf-8") as fh:
             fh.write(text)
 
 

@@ -219,6 +219,22 @@ def test_validate_without_a_logger_returns_the_scalars_without_a_warning_each(tm
     assert not [w for w in caught if "no logger configured" in str(w.message)]
 
 
+def test_validate_then_test_without_a_logger_keep_both_files(tmp_path):
+    """The PNG fallback names a file by tag and step, and by stage outside fit: validate() and then test() at the
+    same step write two files, not one over the other."""
+    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[AttributionMonitor(methods=("saliency",), probe_samples=4)])
+    model, val = DigitsModule(), digits_loaders()[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.validate(model, val, verbose=False)
+        trainer.test(model, val, verbose=False)
+    names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "xai" / "*saliency_*step*.png")))
+    want = ["xai_attribution_saliency_test_step0000000.png", "xai_attribution_saliency_validate_step0000000.png"]
+    assert [n for n in names if "evolution" not in n] == want
+
+
 def test_no_logger_writes_png_and_warns_once(tmp_path):
     monitor = AttributionMonitor(methods=("saliency",), probe_samples=4)
     with pytest.warns(RuntimeWarning, match="PNG") as record:
