@@ -306,7 +306,8 @@ class FeatureVisMonitor(StreamingCallback):
                epoch: int) -> Dict[str, float]:
         """The mean activation reached per target set; the grids logged on rank zero."""
         for res in results.values():
-            shared.warn_not_finite(self, pl_module, res.activations, "objectives reached (feature visualisation)")
+            shared.warn_not_finite(self, pl_module, res.activations, "objectives reached (feature visualisation)",
+                                   rows="images")
         metrics = {self.tag(label, "activation"): float(res.activations.mean()) for label, res in results.items()}
         self.last_activations = {label: res.activations.detach().cpu() for label, res in results.items()}
         if trainer.is_global_zero:
@@ -346,7 +347,8 @@ class FeatureVisMonitor(StreamingCallback):
                                  "range are unknown; pass `input_shape=` and `value_range=`. Skipping.", owner=self)
             return None
         if self._classes_to_read:  # on every rank: the same model, the same classes
-            if not self.guarded(lambda: self._read_classes(pl_module) or True, "reading the model's classes", epoch):
+            if not self.guarded(lambda: self._read_classes(pl_module) or True, "reading the model's classes", epoch,
+                                "The model must take images of `input_shape` (or pass a `forward` that does)"):
                 return None
         owners = self._owners(world)
         mine = [label for label, owner in owners.items() if owner == rank]

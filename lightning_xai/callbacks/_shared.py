@@ -242,14 +242,14 @@ def logits(owner: Any, pl_module: Any, forward: Callable[[Tensor], Tensor], x: T
     return out
 
 
-def warn_not_finite(owner: Any, pl_module: Any, values: Tensor, what: str) -> None:
+def warn_not_finite(owner: Any, pl_module: Any, values: Tensor, what: str, rows: str = "samples") -> None:
     """Warn once per ``owner`` (a callback) when ``values`` ``(N, ...)``, one row per sample, hold NaN or inf: the
     predictions, maps and tests made from them mean nothing, and a model whose outputs are not finite has usually
-    diverged."""
+    diverged. ``rows``: what a row is, in the message."""
     if not isinstance(values, Tensor) or values.ndim == 0 or values.shape[0] == 0 or bool(torch.isfinite(values).all()):
         return
     bad = int((~torch.isfinite(values.reshape(values.shape[0], -1))).any(1).sum())
     epoch = getattr(pl_module, "current_epoch", None)
     warn_once("not-finite", f"{type(owner).__name__}: the model's {what} are NaN or infinite for {bad} of "
-                            f"{values.shape[0]} samples" + (f" at epoch {epoch}" if epoch is not None else "")
+                            f"{values.shape[0]} {rows}" + (f" at epoch {epoch}" if epoch is not None else "")
               + "; what it shows for them means nothing (has training diverged?). Warned once.", owner=owner)
