@@ -103,12 +103,9 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
                                          type(output_key).__name__))
             if forward is not None and not callable(forward):
                 raise TypeError(expected("forward", "a callable (pl_module, inputs) -> logits", forward))
-            if not (channels_last is True or channels_last is False
-                    or (isinstance(channels_last, str) and channels_last == "auto")):
-                raise ValueError(expected("channels_last", "'auto', True or False", channels_last))
-            if not (fold_batchnorm is True or fold_batchnorm is False
-                    or (isinstance(fold_batchnorm, str) and fold_batchnorm == "auto")):
-                raise ValueError(expected("fold_batchnorm", "'auto', True or False", fold_batchnorm))
+            for name, value in (("channels_last", channels_last), ("fold_batchnorm", fold_batchnorm)):
+                if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+                    raise ValueError(expected(name, "'auto', True or False", value))
         self.every_n_epochs = every_n_epochs
         self.run_on_fit_end = run_on_fit_end
         self.on_error = on_error

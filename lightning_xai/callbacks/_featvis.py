@@ -115,7 +115,7 @@ class FeatureVisMonitor(StreamingCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
-        if isinstance(targets, str) and targets == "logits":
+        if _is_logits(targets):
             targets = [targets]
         # "logits": the set is cut to the model's classes at the first run (until then: the most it can hold)
         self._classes_to_read = isinstance(targets, list) and any(_is_logits(t) for t in targets)
