@@ -61,8 +61,8 @@ _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always
           "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _hooked(m: nn.Module) -> bool:
-    return any(bool(getattr(m, name, None)) for name in _HOOKS)
+def _hooked(m: nn.Module, kinds: Tuple[str, ...] = _HOOKS) -> bool:
+    return any(bool(getattr(m, name, None)) for name in kinds)
 
 
 def _foldable_norm(m: Any) -> bool:
@@ -167,8 +167,8 @@ def _recomputing(m: nn.Module) -> bool:
     """Whether ``m`` has hooks that change what its forward computes where a traced copy would not run them: forward
     pre-hooks (the old ``weight_norm``, ``spectral_norm`` and pruning recompute the weight in one) and backward hooks
     (they change input gradients, which the outputs alone would not show)."""
-    return any(bool(getattr(m, name, None)) for name in (
-        "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"))
+    return _hooked(m, ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                       "_backward_pre_hooks"))
 
 
 def _copy_data(value: Any, memo: Dict[int, Any]) -> Any:
