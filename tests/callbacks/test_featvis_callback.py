@@ -125,8 +125,8 @@ def _fit_weights(tmp_path, digits_data, callbacks):
 
 def test_do_no_harm_bit_identical_weights(tmp_path, digits_data):
     plain = _fit_weights(tmp_path / "a", digits_data, [])
-    monitor = FeatureVisMonitor(targets=[("logits", range(10)), ("net.0.1", "channels", [0, 1])], every_n_epochs=1,
-                                steps=8, param="pixel")
+    monitor = FeatureVisMonitor(targets=["logits", ("net.0.1", "channels", [0, 1])], every_n_epochs=1,
+                                steps=8, param="pixel")  # "logits": the classes read by a forward at the first run
     watched = _fit_weights(tmp_path / "b", digits_data, [monitor])
     assert monitor.last_explained_epoch == 1
     for (k, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
@@ -139,11 +139,12 @@ def test_explain_leaves_module_unchanged(tmp_path, digits_data):
     model.train()
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    monitor = FeatureVisMonitor(targets=[("logits", [0, 1]), ("net.0.4", "neurons", [2])], steps=4,
-                                input_shape=(1, 8, 8), value_range=(0.0, 1.0))
+    monitor = FeatureVisMonitor(targets=["logits", ("net.0.4", "neurons", [2])], steps=4,
+                                input_shape=(1, 8, 8), value_range=(0.0, 1.0))  # the class-reading forward too
     trainer = _trainer(tmp_path, [monitor], logger=False)
     before = snapshot(model)
     monitor.explain(trainer, model, via_module=False)
+    assert not monitor._classes_to_read and len(monitor.last_activations["logits"]) == 10  # the classes were read
     assert_unchanged(before, model)
 
 
