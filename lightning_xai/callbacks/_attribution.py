@@ -24,6 +24,7 @@ from lightning_xai._utils import Passes, check_choice, check_int, check_real, ea
 from lightning_xai.attribution import is_signed, method_pass_counts
 from lightning_xai.attribution._registry import PinnedOptions, output_only
 from lightning_xai.callbacks import _shared as shared
+from lightning_xai.callbacks._base import RunKey, as_run_key, run_key, run_labels
 from lightning_xai.callbacks._checks import (SampleCheckedCallback, check_method_layers, check_method_options,
                                              resolve_method)
 from lightning_xai._logging import log_image, log_text, markdown_table, warn_once
@@ -143,8 +144,9 @@ class AttributionMonitor(SampleCheckedCallback):
         self.evolution_samples = evolution_samples
         # figure state, kept in the checkpoint so a resumed run draws what an uninterrupted one would:
         self.scales: Dict[str, Tuple[float, int]] = {}  # method -> (fixed scale, the epoch it was set at)
-        self.evolution: Dict[str, Dict[int, Tensor]] = {}  # method -> epoch -> maps of the evolution rows (k, h, w)
-        self.evolution_preds: Dict[int, Tensor] = {}  # epoch -> (prediction, confidence) of those rows (k, 2)
+        # method -> run (epoch, global step) -> maps of the evolution rows (k, h, w)
+        self.evolution: Dict[str, Dict[RunKey, Tensor]] = {}
+        self.evolution_preds: Dict[RunKey, Tensor] = {}  # run -> (prediction, confidence) of those rows (k, 2)
 
     @property
     @override
@@ -163,9 +165,9 @@ class AttributionMonitor(SampleCheckedCallback):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.scales = {str(n): (float(s), int(e)) for n, (s, e) in state_dict.get("scales", {}).items()}
-        self.evolution = {str(n): {int(e): t for e, t in per.items()}
+        self.evolution = {str(n): {as_run_key(e): t for e, t in per.items()}
                           for n, per in state_dict.get("evolution", {}).items()}
-        self.evolution_preds = {int(e): t for e, t in state_dict.get("evolution_preds", {}).items()}
+        self.evolution_preds = {as_run_key(e): t for e, t in state_dict.get("evolution_preds", {}).items()}
 
     @override
     def folds_model(self) -> bool:
@@ -280,8 +282,9 @@ class AttributionMonitor(SampleCheckedCallback):
         x_cpu = x.detach().cpu()
         pred, conf, target = (results[k].detach().cpu() for k in ("pred", "conf", "target"))
         rows = self._evolution_rows(x.shape[0])
+        key = run_key(trainer, epoch)
         if rows.numel():
-            self.evolution_preds[epoch] = torch.stack([pred[rows].float(), conf[rows].float()], 1)
+            self.evolution_preds[key] = torch.stack([pred[rows].float(), conf[rows].float()], 1)
         labels = ["–"] * x.shape[0] if y is None else [str(int(v)) for v in y.cpu().tolist()]
         captions = [[f"label {label} · pred {p}", f"conf {c:.2f} · expl. {t}"]  # Python numbers: no per-item tensor op
                     for label, p, c, t in zip(labels, pred.tolist(), conf.tolist(), target.tolist())]
@@ -296,7 +299,7 @@ class AttributionMonitor(SampleCheckedCallback):
                 scale, since = self.scales[name]
                 note = f"; scale fixed at epoch {since}"
             if rows.numel():
-                self.evolution.setdefault(name, {})[epoch] = pool_to(values[rows], EVOLUTION_SIDE).half()
+                self.evolution.setdefault(name, {})[key] = pool_to(values[rows], EVOLUTION_SIDE).half()
             if not trainer.is_global_zero:
                 continue
             fig = attribution_figure(x_cpu, values, signed, title=f"{name} · epoch {epoch}",
@@ -310,17 +313,23 @@ class AttributionMonitor(SampleCheckedCallback):
     def _evolution_figure(self, name: str, inputs: Tensor, rows: Tensor, y: Optional[Tensor], signed: bool,
                           scale: Optional[float], note: str) -> Any:
         epochs = sorted(self.evolution[name])
+        labels = dict(zip(epochs, run_labels(epochs)))
         shown = spread(epochs, MAX_COLUMNS)
-        columns = [(str(e), self.evolution[name][e].float()) for e in shown]
+        columns = [(labels[e], self.evolution[name][e].float()) for e in shown]
         preds = [self.evolution_preds.get(e) for e in shown]
         preds = [None if p is None else p.tolist() for p in preds]  # (k, 2) each
         cell_captions = [[[]] + [[] if p is None or i >= len(p) else [f"{int(p[i][0])}", f"{p[i][1]:.2f}"]
                                  for p in preds] for i in range(rows.numel())]
         row_labels = [[f"#{r}", "label " + ("–" if y is None else str(int(y[r])))] for r in rows.tolist()]
-        more = f" ({len(shown)} of {len(epochs)} explained epochs, evenly spread)" if len(shown) < len(epochs) else ""
+        what = "runs" if len(labels) > len({e for e, _ in epochs}) else "epochs"
+        more = f" ({len(shown)} of {len(epochs)} explained {what}, evenly spread)" if len(shown) < len(epochs) \
+            else ""
+        subtitle = ("each cell: the heatmap over the input at that epoch; below it the predicted class and its "
+                    "probability")
+        if what == "runs":
+            subtitle += "; columns: epoch@step where an epoch was explained more than once"
         return evolution_figure(inputs, columns, signed, title=f"{name} over the epochs{more}",
-                                subtitle="each cell: the heatmap over the input at that epoch; below it the predicted "
-                                         "class and its probability", scale=scale, outlier_perc=self.outlier_perc,
+                                subtitle=subtitle, scale=scale, outlier_perc=self.outlier_perc,
                                 row_labels=row_labels, cell_captions=cell_captions, denormalize=self.denormalize,
                                 scale_note=note)
 

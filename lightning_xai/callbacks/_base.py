@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -35,6 +36,33 @@ from lightning_xai._logging import log_scalars, logging_step
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+RunKey = Tuple[int, int]  # (epoch, global step) of a run: sorted, the runs in the order they happened
+
+
+def run_key(trainer: "pl.Trainer", epoch: int) -> RunKey:
+    """The key of the run explaining ``epoch`` now: ``(epoch, global step)``. An epoch validated more than once
+    (``val_check_interval`` below 1, or validation by steps) gives one key per validation."""
+    return int(epoch), int(trainer.global_step)
+
+
+def as_run_key(key: Any) -> RunKey:
+    """A stored key as a :data:`RunKey`; a bare epoch (a checkpoint from before runs were told apart) gets step -1."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), -1
+
+
+def run_labels(keys: Sequence[RunKey]) -> List[str]:
+    """Column names for runs: ``"e"`` for the only run of epoch ``e``, ``"e@s"`` (epoch @ global step) for each run
+    of an epoch validated more than once.
+
+    Example:
+        >>> run_labels([(0, 8), (0, 16), (1, 32)])
+        ['0@8', '0@16', '1']
+    """
+    runs = Counter(e for e, _ in keys)
+    return [str(e) if runs[e] == 1 or s < 0 else f"{e}@{s}" for e, s in keys]
 
 
 class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning packages' Callback

@@ -29,6 +29,7 @@ from typing_extensions import override
 from lightning_xai._utils import (Passes, check_bool, check_choice, check_int, check_positive_int, check_real,
                                   eager_compiled, expected, is_compiled, preserve_modes)
 from lightning_xai.callbacks import _cost as cost
+from lightning_xai.callbacks._base import RunKey, as_run_key, run_key, run_labels
 from lightning_xai.callbacks._batches import BATCH_FIX, BatchToXY, class_labels, extract_xy, first_loader
 from lightning_xai.callbacks._ranks import gather_rows
 from lightning_xai.callbacks._streaming import StreamingCallback
@@ -158,7 +159,7 @@ class LinearProbeMonitor(StreamingCallback):
         self.memorization_threshold = memorization_threshold
         self.max_dim, self.seed = max_dim, seed
         # results kept in the state_dict: {source: {epoch: {metric: value}}} and {source: {metric: value}}
-        self.history: Dict[str, Dict[int, Dict[str, float]]] = {}
+        self.history: Dict[str, Dict[RunKey, Dict[str, float]]] = {}  # layer -> (epoch, step) -> metrics
         self.baselines: Dict[str, Dict[str, float]] = {}
         self.layers: List[str] = []
         self._capture: Optional[ActivationCapture] = None
@@ -181,14 +182,15 @@ class LinearProbeMonitor(StreamingCallback):
     @override
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        state["history"] = {k: {int(e): dict(m) for e, m in v.items()} for k, v in self.history.items()}
+        state["history"] = {k: {as_run_key(e): dict(m) for e, m in v.items()} for k, v in self.history.items()}
         state["baselines"] = {k: dict(v) for k, v in self.baselines.items()}
         return state
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.history = {k: {int(e): dict(m) for e, m in v.items()} for k, v in state_dict.get("history", {}).items()}
+        self.history = {k: {as_run_key(e): dict(m) for e, m in v.items()}
+                        for k, v in state_dict.get("history", {}).items()}
         self.baselines = {k: dict(v) for k, v in state_dict.get("baselines", {}).items()}
 
     # ------------------------------------------------------------------ setup and teardown
@@ -501,6 +503,7 @@ class LinearProbeMonitor(StreamingCallback):
     @override
     def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                results: Dict[str, Dict[str, Dict[str, float]]], epoch: int) -> Dict[str, float]:
+        run = run_key(trainer, epoch)
         for key, per_target in results.items():
             flat = {}
             for target, m in per_target.items():
@@ -524,7 +527,7 @@ class LinearProbeMonitor(StreamingCallback):
             if key == INPUT or key.startswith(UNTRAINED):
                 self.baselines[key] = flat
             else:
-                self.history.setdefault(key, {})[epoch] = flat
+                self.history.setdefault(key, {})[run] = flat
         metrics: Dict[str, float] = {}
         targets = [LABEL] + sorted(self.concepts)
         shown = ("accuracy", "selectivity", "control_accuracy", "control_train_accuracy")
@@ -535,10 +538,10 @@ class LinearProbeMonitor(StreamingCallback):
                     for m in shown:
                         if p + m in self.baselines[key]:
                             metrics[self._metric_tag(key, target, m)] = self.baselines[key][p + m]
-                elif epoch in self.history.get(key, {}):
+                elif run in self.history.get(key, {}):
                     for m in shown:
-                        if p + m in self.history[key][epoch]:
-                            metrics[self._metric_tag(key, target, m)] = self.history[key][epoch][p + m]
+                        if p + m in self.history[key][run]:
+                            metrics[self._metric_tag(key, target, m)] = self.history[key][run][p + m]
                 base = self.baselines.get(UNTRAINED + key)
                 if base and p + "accuracy" in base:
                     metrics[self._metric_tag(key, target, "untrained_accuracy")] = base[p + "accuracy"]
@@ -563,21 +566,23 @@ class LinearProbeMonitor(StreamingCallback):
     def heatmap_values(self, metric: str = "accuracy") -> Tuple[Tensor, List[str], List[str]]:
         """The Alain-Bengio figure as numbers: ``(rows, cols)`` values, row names (input, layers), column names.
 
-        Columns are ``"untrained"`` (when available) and then the probed epochs; missing cells are NaN.
+        Columns are ``"untrained"`` (when available) and then the probed epochs (``"epoch@step"`` for the runs of an
+        epoch probed more than once, see :func:`~lightning_xai.callbacks._base.run_labels`); missing cells are NaN.
         """
-        epochs = sorted({e for v in self.history.values() for e in v})
+        probed = sorted({e for v in self.history.values() for e in v})
         has_untrained = any(k.startswith(UNTRAINED) for k in self.baselines)
-        cols = (["untrained"] if has_untrained else []) + [str(e) for e in epochs]
+        runs = (["untrained"] if has_untrained else []) + probed
+        cols = (["untrained"] if has_untrained else []) + run_labels(probed)
         rows = ([INPUT] if INPUT in self.baselines else []) + self.layers
         values = torch.full((len(rows), len(cols)), float("nan"))
         for i, row in enumerate(rows):
-            for j, col in enumerate(cols):
+            for j, run in enumerate(runs):
                 if row == INPUT:
                     values[i, j] = self.baselines[INPUT].get(metric, float("nan"))
-                elif col == "untrained":
+                elif run == "untrained":
                     values[i, j] = self.baselines.get(UNTRAINED + row, {}).get(metric, float("nan"))
                 else:
-                    values[i, j] = self.history.get(row, {}).get(int(col), {}).get(metric, float("nan"))
+                    values[i, j] = self.history.get(row, {}).get(run, {}).get(metric, float("nan"))
         return values, rows, cols
 
     def _log_figures(self, trainer: "pl.Trainer", epoch: int) -> None:
@@ -598,6 +603,8 @@ class LinearProbeMonitor(StreamingCallback):
                                 title=f"{what} · epoch {epoch}",
                                 subtitle="rows: the raw input, then each probed layer; columns: init (the model before "
                                          "training), then each probed epoch" +
+                                         (" (epoch@step where an epoch was probed more than once)"
+                                          if any("@" in c for c in shown) else "") +
                                          (f" ({more} epochs left out, evenly spread)" if more else ""),
                                 cmap=cmap, lo=lo, hi=100.0, fmt=fmt, label=label, corner="layer \\ epoch")
             log_image(trainer, tag, fig)

@@ -132,7 +132,8 @@ def test_evolution_grows_one_column_per_explained_epoch(tmp_path, monkeypatch):
     # the rows shown are spread over the probe set (grouped by class): different classes
     rows = [fig for fig in figures[-1].layout.text("row") if fig.startswith("label ")]
     assert len(set(rows)) == 3
-    assert set(monitor.evolution["saliency"]) == {0, 1, 2} and monitor.evolution["saliency"][2].dtype == torch.float16
+    runs = sorted(monitor.evolution["saliency"])  # (epoch, global step): one run per epoch here
+    assert [e for e, _ in runs] == [0, 1, 2] and monitor.evolution["saliency"][runs[2]].dtype == torch.float16
 
 
 def test_top_share_bounds():
@@ -380,3 +381,28 @@ def test_event_files_open_in_a_real_tensorboard(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_an_epoch_validated_twice_keeps_both_runs_as_columns(tmp_path, monkeypatch):
+    # val_check_interval=0.5: two validations per epoch, each explained; the second must not replace the first
+    figures = _spy(monkeypatch)["evolution_figure"]
+    monitor = AttributionMonitor(methods=("saliency",), probe_samples=6, evolution_samples=2)
+    trainer, _ = _fit(tmp_path, [monitor], epochs=2, val_check_interval=0.5)
+    runs = sorted(monitor.evolution["saliency"])
+    assert [e for e, _ in runs] == [0, 0, 1, 1] and len({s for _, s in runs}) == 4
+    assert runs[-1][1] == trainer.global_step
+    header = figures[-1].layout.text("header")
+    assert header == ["input"] + [f"{e}@{s}" for e, s in runs]
+    assert "epoch@step" in " ".join(figures[-1].layout.text("subtitle"))
+    assert len(read_events(trainer.logger.log_dir).Images("xai/attribution/saliency/evolution")) == 4
+
+
+def test_state_from_before_runs_were_told_apart_loads(tmp_path):
+    # a checkpoint whose evolution is keyed by the epoch alone: read as (epoch, -1), labelled by the epoch
+    monitor = AttributionMonitor(methods=("saliency",))
+    maps = torch.zeros(2, 4, 4, dtype=torch.float16)
+    monitor.load_state_dict({"evolution": {"saliency": {0: maps, 1: maps}}, "evolution_preds": {1: torch.zeros(2, 2)}})
+    assert sorted(monitor.evolution["saliency"]) == [(0, -1), (1, -1)] and list(monitor.evolution_preds) == [(1, -1)]
+    restored = AttributionMonitor(methods=("saliency",))
+    restored.load_state_dict(monitor.state_dict())
+    assert sorted(restored.evolution["saliency"]) == [(0, -1), (1, -1)]

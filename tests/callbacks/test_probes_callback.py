@@ -99,7 +99,7 @@ def test_untrained_baseline_is_the_model_at_fit_start(fitted):
         base = monitor.baselines["untrained/" + layer]
         assert 0.0 <= base["control_accuracy"] < 0.3 and 0.1 < base["accuracy"] <= 1.0
     # layers are probed each epoch and every epoch is in the history
-    assert sorted(monitor.history["net.0.4"]) == [0, 1]
+    assert [e for e, _ in sorted(monitor.history["net.0.4"])] == [0, 1]
 
 
 def test_declared_passes_are_the_untrained_forward_only(tmp_path):
@@ -141,8 +141,9 @@ def test_memorisation_warning_on_flattened_maps(tmp_path):
     monitor = LinearProbeMonitor(layers=["net.0.4", "net.1.3"], reduce={"net.0.4": "flatten"}, untrained_baseline=False)
     with pytest.warns(RuntimeWarning, match=r"'net\.0\.4' memorises shuffled labels"):
         _fit(tmp_path, [monitor], n_val=320, max_epochs=1, logger=False)
-    assert monitor.history["net.0.4"][0]["control_train_accuracy"] >= 0.9
-    assert monitor.history["net.1.3"][0]["control_train_accuracy"] < 0.9
+    (first,) = monitor.history["net.0.4"]  # the one epoch's run: (epoch, global step)
+    assert monitor.history["net.0.4"][first]["control_train_accuracy"] >= 0.9
+    assert monitor.history["net.1.3"][first]["control_train_accuracy"] < 0.9
 
 
 def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
@@ -272,3 +273,19 @@ def test_untrained_forward_stops_after_the_deepest_probed_layer(tmp_path, monkey
     whole = baselines(True)
     assert ran  # it does in a whole forward
     assert stopped == whole
+
+
+def test_an_epoch_probed_twice_keeps_both_runs(tmp_path):
+    # val_check_interval=0.5: two probe fits per epoch, each a column of its own (epoch@step), scalars at each
+    monitor = LinearProbeMonitor(layers=["net.0.4"], untrained_baseline=False, on_error="raise")
+    trainer, _ = _fit(tmp_path, [monitor], n_val=320, max_epochs=2, val_check_interval=0.5)
+    runs = sorted(monitor.history["net.0.4"])
+    assert [e for e, _ in runs] == [0, 0, 1, 1] and len({s for _, s in runs}) == 4
+    values, rows, cols = monitor.heatmap_values()
+    assert cols == [f"{e}@{s}" for e, s in runs] and rows == ["input", "net.0.4"]
+    assert torch.equal(values[1], torch.tensor([monitor.history["net.0.4"][r]["accuracy"] for r in runs]))
+    events = read_events(trainer.logger.log_dir)
+    assert [e.step for e in events.Scalars("xai/probe/net.0.4/accuracy")] == [s for _, s in runs]
+    old = LinearProbeMonitor(layers=["net.0.4"])  # a checkpoint keyed by the epoch alone still loads
+    old.load_state_dict({"history": {"net.0.4": {0: {"accuracy": 0.5}}}, "baselines": {}})
+    assert old.history == {"net.0.4": {(0, -1): {"accuracy": 0.5}}} and old.heatmap_values()[2] == ["0"]
