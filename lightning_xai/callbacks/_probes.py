@@ -239,12 +239,13 @@ class LinearProbeMonitor(StreamingCallback):
         layer); else none: the features come from the validation forward Lightning runs anyway, and capturing,
         reducing and fitting them is no model pass; the channels-last check of the copy adds at most
         :data:`~lightning_xai._layout.CHECK_PASSES` x :data:`~lightning_xai._layout.CHECK_ROWS` forwards on each rank.
-        None when the validation set has no length."""
+        None when the validation set is not known (no trainer) or has no length."""
         if not self._wants_untrained():
             return Passes()
-        loader = None if trainer is None else first_loader(trainer.val_dataloaders)
+        if trainer is None:  # the validation set is not known
+            return None
         try:
-            rows = len(loader.dataset)  # type: ignore[union-attr]
+            rows = len(first_loader(trainer.val_dataloaders).dataset)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - no loader, an iterable dataset: not known
             return None
         return Passes(forward=rows) + self.layout_check_passes(self._untrained, None,

@@ -118,6 +118,9 @@ def test_declared_passes_are_the_untrained_forward_only(tmp_path):
     _fit(tmp_path, [with_copy, without] + spies, logger=False, max_epochs=3)
     assert spies[0].seen == [pytest.approx(400 / 3), 0.0, 0.0]
     assert spies[1].seen == [0.0, 0.0, 0.0]
+    waiting = LinearProbeMonitor(layers=LAYERS[:1])
+    waiting._untrained = torch.nn.Linear(1, 1)  # a copy still to be probed, and no trainer to say how many samples
+    assert waiting.estimated_passes() is None
 
 
 def test_hooks_removed_after_validation(fitted):
