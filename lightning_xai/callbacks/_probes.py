@@ -51,6 +51,11 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
+def _layer_of(source: str) -> str:
+    """The layer a probe's source reads: ``"untrained/net.1"`` and ``"net.1"`` read ``"net.1"``."""
+    return source[len(UNTRAINED):] if source.startswith(UNTRAINED) else source
+
+
 class LinearProbeMonitor(StreamingCallback):
     """Per-layer linear probes with controls and baselines, logged every validation epoch.
 
@@ -60,13 +65,16 @@ class LinearProbeMonitor(StreamingCallback):
 
     Args:
         layers: dotted layer names or glob patterns (``"net.0.*"``) of the LightningModule; an
-            unknown name fails at ``setup`` and lists the valid names.
+            unknown name fails at ``setup`` and lists the valid names. A layer that does not run in
+            ``validation_step`` is left out of that epoch's probes (one warning).
         reduce: feature reducer for every layer, or ``{layer: spec}``: ``"auto"`` (conv maps -> global
             average pool, sequences -> token mean, vectors wider than ``max_dim`` -> random projection),
             ``"gap"``, ``"gap+max"``, ``"pool2"``/``("pool", s)``, ``("rproj", k, seed)``, ``"tokens_mean"``,
             ``"flatten"``.
-        concepts: extra per-sample properties to probe, ``{name: batch -> LongTensor (N,)}`` (e.g.
-            "has a watermark"); each gets the same metrics under ``<layer>/<name>/...``.
+        concepts: extra per-sample properties to probe, ``{name: batch -> (N,) class indices >= 0}`` (integer,
+            bool, or floats with whole values; e.g. "has a watermark"); each gets the same metrics under
+            ``<layer>/<name>/...``. A concept that raises or returns anything else is dropped for the rest of the fit
+            (one warning); the other probes go on.
         batch_to_xy: ``batch -> (inputs, labels)`` for batch formats
             :func:`~lightning_xai.callbacks.extract_xy` does not know.
         solver: ``"ridge"`` (streamed closed form, default) or ``"logistic"`` (a few L-BFGS steps).
@@ -168,6 +176,8 @@ class LinearProbeMonitor(StreamingCallback):
         self._input_reducer: Optional[Reducer] = None
         self._probes: Dict[str, EpochProbe] = {}
         self._seen = 0
+        self._absent: set = set()  # layers that did not run in a validation batch of this epoch: not probed
+        self._dropped: set = set()  # concepts that failed in this fit: not probed any more
         self._collecting = False
         self._running = False  # a run started this validation epoch (finished on every rank, even after a failure)
         self._layout_done = False
@@ -200,6 +210,7 @@ class LinearProbeMonitor(StreamingCallback):
         with refuse_bad_options():
             self._capture = ActivationCapture(pl_module, self.layer_patterns,
                                               self.reduce, max_dim=self.max_dim, seed=self.seed)
+        self._dropped = set()
         self._capture.raise_errors = self.on_error == "raise"
         self.layers = list(self._capture.names)
         if INPUT in self.layers:
@@ -288,6 +299,7 @@ class LinearProbeMonitor(StreamingCallback):
         self._running = True  # on every rank alike (the cadence is deterministic): all of them finish the run
         self._probes = {}
         self._seen = 0
+        self._absent = set()
         if is_compiled(trainer.lightning_module):
             # a compiled validation_step ignores hooks added after it was built: run this epoch's steps eagerly
             self._eager.enter_context(eager_compiled())
@@ -329,21 +341,37 @@ class LinearProbeMonitor(StreamingCallback):
         n = x.shape[0]
         y = class_labels(y, n, self)
         feats = self._capture.pop(rows=n)
-        missing = [name for name in self.layers if name not in feats]
+        self._absent.update(name for name in self.layers if name not in feats)
+        for name in self._absent:  # a layer probed only where it ran would be scored on other samples than the rest
+            feats.pop(name, None)
+            self._probes.pop(name, None)
+            self._probes.pop(UNTRAINED + name, None)
         labels: Dict[str, Tensor] = {} if y is None else {LABEL: y}
         for name, fn in self.concepts.items():
-            labels[name] = self._concept(fn, batch, name, n)
+            if name in self._dropped:
+                continue
+            try:
+                labels[name] = self._concept(fn, batch, name, n)
+            except Exception as err:  # noqa: BLE001 - the concept's own failure: drop it, keep the other probes
+                self._drop_concept(name, err, trainer.current_epoch)
         # global index, as a DistributedSampler(shuffle=False) interleaves samples over ranks
         world, rank = max(trainer.world_size, 1), trainer.global_rank
         index = (torch.arange(self._seen, self._seen + n, device=x.device) * world + rank).long()
         self._seen += n
-        if missing or not labels:
-            why = (f"the layers {missing} did not run (or ran with another batch size) in validation_step"
-                   if missing else "the batches carry no labels and no `concepts` were given")
-            warn_once("skip", f"LinearProbeMonitor skipped validation batches: {why}.", owner=self)
+        if self._absent:
+            ran = [name for name in self.layers if name not in self._absent]
+            warn_once(f"absent-{sorted(self._absent)}", f"LinearProbeMonitor: the layers {sorted(self._absent)} did "
+                      f"not run in validation_step (or ran with another batch size) at epoch {trainer.current_epoch}; "
+                      f"they are not probed this epoch" + (f" (the layers {ran} are)." if ran else "."), owner=self)
+        if not labels:
+            warn_once("skip", "LinearProbeMonitor skipped validation batches: the batches carry no labels and no "
+                      "`concepts` were given.", owner=self)
+            return
+        if len(self._absent) == len(self.layers):
             return
         if self._wants_untrained():
-            feats.update(self._run_untrained(pl_module, x))
+            feats.update({k: v for k, v in self._run_untrained(pl_module, x).items()
+                          if k[len(UNTRAINED):] not in self._absent})
         if self._wants_input():
             if x.is_floating_point():
                 if self._input_reducer is None:
@@ -360,11 +388,30 @@ class LinearProbeMonitor(StreamingCallback):
             probe.add(f, labels, index)
 
     def _concept(self, fn: Callable[[Any], Tensor], batch: Any, name: str, n: int) -> Tensor:
+        """The concept's classes for this batch: ``(n,)`` indices >= 0 (integer or bool, or floats with whole
+        values, such as 0./1.)."""
         out = fn(batch)
-        if not isinstance(out, Tensor) or out.shape != (n,) or out.is_floating_point():
-            raise ValueError(expected(f"concepts[{name!r}](batch)", f"an integer tensor of shape ({n},)",
+        want = f"class indices >= 0: a tensor of shape ({n},), integer or bool, or floats with whole values"
+        if not isinstance(out, Tensor) or out.shape != (n,):
+            raise ValueError(expected(f"concepts[{name!r}](batch)", want,
                                       out if isinstance(out, Tensor) else type(out).__name__))
+        if out.is_floating_point() or out.is_complex():
+            if out.is_complex() or not bool((torch.isfinite(out) & (out == out.round())).all()):
+                bad = out[~(torch.isfinite(out) & (out == out.round()))] if not out.is_complex() else out
+                raise ValueError(expected(f"concepts[{name!r}](batch)", want, f"values such as {bad[0].item()}"))
+        out = out.long()
+        if out.numel() and int(out.min()) < 0:
+            raise ValueError(expected(f"concepts[{name!r}](batch)", want, f"values down to {int(out.min())}"))
         return out
+
+    def _drop_concept(self, name: str, err: BaseException, epoch: int) -> None:
+        """Stop probing concept ``name`` for the rest of the fit (its probes of this epoch too), with one
+        warning; the labels and the other concepts go on."""
+        self._dropped.add(name)
+        for probe in self._probes.values():
+            probe.drop_target(name)
+        warn_once(f"concept-{name}", f"LinearProbeMonitor: the concept {name!r} failed at epoch {epoch} and is not "
+                  f"probed from now on ({type(err).__name__}: {err}); the other probes go on.", owner=self)
 
     def _run_untrained(self, pl_module: "pl.LightningModule", x: Tensor) -> Dict[str, Tensor]:
         model = self._untrained.to(x.device)
@@ -419,15 +466,24 @@ class LinearProbeMonitor(StreamingCallback):
         return trainer.strategy.reduce(tensor.to(trainer.strategy.root_device), reduce_op="sum").to(tensor.device)
 
     def _agree_sources(self, trainer: "pl.Trainer", probes: Dict[str, EpochProbe]) -> None:
-        """Under DDP, give a rank that saw no validation batch empty probes of the widths and targets the other
-        ranks saw (in place), so every rank joins the same gathers and all-reduces below."""
+        """Under DDP, make every rank probe the same sources and targets (in place), so every rank joins the same
+        gathers and all-reduces below: a layer that did not run or a concept that failed on any rank is left out on
+        all of them, and a rank that saw no validation batch gets empty probes of the widths the others saw."""
         local = {key: (p.ridge.dim, sorted(p.labels()[1])) for key, p in probes.items() if p.ridge.dim is not None}
         everyone: List[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(everyone, local)
+        torch.distributed.all_gather_object(everyone, (local, sorted(self._absent), sorted(self._dropped)))
+        self._absent.update(name for _, absent, _ in everyone for name in absent)
+        self._dropped.update(name for _, _, dropped in everyone for name in dropped)
+        for key in [k for k in probes if _layer_of(k) in self._absent]:
+            del probes[key]
+        for probe in probes.values():
+            for name in self._dropped:
+                probe.drop_target(name)
         device = trainer.strategy.root_device
-        for seen in everyone:
+        for seen, _, _ in everyone:
             for key, (dim, names) in seen.items():
-                if key not in probes:
+                names = [name for name in names if name not in self._dropped]
+                if key not in probes and _layer_of(key) not in self._absent:
                     empty = torch.zeros(0, dtype=torch.long, device=device)
                     probes[key] = self._new_probe()
                     probes[key].add(torch.zeros(0, dim, device=device), {name: empty for name in names}, empty)
@@ -442,7 +498,7 @@ class LinearProbeMonitor(StreamingCallback):
                 warn_once(f"nonfinite-{key}", f"LinearProbeMonitor: {probe.nonfinite_rows} validation samples gave "
                           f"NaN/inf features at {key!r} (NaN/inf inputs or an unstable layer); they enter the probe as "
                           "zeros, so its accuracy there is not meaningful.", owner=self)
-        reference = probes.get(self.layers[0]) if self.layers else None
+        reference = next((probes[k] for k in self.layers if k in probes), None)
         if reference is None or (world == 1 and reference.n_train < 2):
             warn_once("empty", "LinearProbeMonitor: too few labelled validation samples to fit probes.", owner=self)
             return {}

@@ -150,6 +150,17 @@ class EpochProbe:
             self._train_y.setdefault(k, []).append(v[train])
             self._hold_y.setdefault(k, []).append(v[hold])
 
+    def drop_target(self, name: str) -> None:
+        """Forget target ``name`` and its control task: its labels and statistics (the features are kept)."""
+        for _, _, labels in self._pending:
+            labels.pop(name, None)
+        for key in (name, CONTROL + name):
+            self._train_y.pop(key, None)
+            self._hold_y.pop(key, None)
+            self.num_classes.pop(key, None)
+            self.control.pop(key, None)
+            self.ridge.drop_target(key)
+
     @property
     def nonfinite_rows(self) -> int:
         """Rows added so far whose features held NaN/inf (added as zeros)."""

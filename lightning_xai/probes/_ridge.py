@@ -169,6 +169,11 @@ class StreamingRidge:
         for f in self._folds:
             f.ensure(name, width)
 
+    def drop_target(self, name: str) -> None:
+        """Forget target ``name`` (its statistics; the features' are kept)."""
+        for f in self._folds:
+            f.targets.pop(name, None)
+
     def init(self, dim: int, device: Union[str, torch.device] = "cpu") -> None:
         """Allocate the statistics for ``dim`` features (done by the first :meth:`update` otherwise)."""
         if self.dim is None:

@@ -258,10 +258,10 @@ def _rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def concept_failing_on_rank_1(batch):
+def batch_to_xy_failing_on_rank_1(batch):
     if _rank() == 1:
-        raise RuntimeError("this concept function fails on rank 1 only")
-    return (batch[1] % 2).long()
+        raise RuntimeError("this batch_to_xy fails on rank 1 only")
+    return batch[0], batch[1]
 
 
 def forward_failing_on_rank_1(module, x):
@@ -273,8 +273,8 @@ def forward_failing_on_rank_1(module, x):
 @needs_gloo
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [
-    pytest.param(lambda: LinearProbeMonitor(layers=["net.1.3"], concepts={
-                 "odd": concept_failing_on_rank_1}), id="probes"),
+    pytest.param(lambda: LinearProbeMonitor(layers=["net.1.3"], batch_to_xy=batch_to_xy_failing_on_rank_1),
+                 id="probes"),  # a failing concept is dropped instead: test_probes_ddp.py
     pytest.param(lambda: AttributionMonitor(methods="saliency", probe_samples=6, forward=forward_failing_on_rank_1),
                  id="attribution"),
 ])

@@ -292,3 +292,53 @@ def test_an_epoch_probed_twice_keeps_both_runs(tmp_path):
     old = LinearProbeMonitor(layers=["net.0.4"])  # a checkpoint keyed by the epoch alone still loads
     old.load_state_dict({"history": {"net.0.4": {0: {"accuracy": 0.5}}}, "baselines": {}})
     assert old.history == {"net.0.4": {(0, -1): {"accuracy": 0.5}}} and old.heatmap_values()[2] == ["0"]
+
+
+def _probe_scalars(trainer, part):
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("xai/probe/") and part in k}
+
+
+def test_a_float_concept_with_whole_values_is_probed_as_its_integer_twin(tmp_path):
+    runs = {}
+    for kind, fn in (("int", lambda b: (b[1] % 2).long()), ("float", lambda b: (b[1] % 2).float())):
+        monitor = LinearProbeMonitor(layers=["net.0.4"], concepts={"odd": fn}, untrained_baseline=False,
+                                     on_error="raise")
+        trainer, _ = _fit(tmp_path / kind, [monitor], n_val=320, max_epochs=1, logger=False)
+        runs[kind] = _probe_scalars(trainer, "/odd/")
+    assert runs["float"] and runs["float"] == runs["int"]
+
+
+@pytest.mark.parametrize("values, says", [
+    (lambda y: (y % 2) - 1, "values down to -1"),  # classes {-1, 0}: not class indices
+    (lambda y: (y % 2).float() / 2, "values such as 0.5"),
+    (lambda y: (y % 2)[:-1], "a tensor of shape"),
+])
+def test_a_bad_concept_is_dropped_with_one_warning_and_the_label_probes_go_on(tmp_path, values, says):
+    monitor = LinearProbeMonitor(layers=["net.0.4"], concepts={"c": lambda b: values(b[1])}, untrained_baseline=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = _fit(tmp_path, [monitor], n_val=320, max_epochs=2, logger=False)
+    dropped = [str(w.message) for w in caught if "concept 'c'" in str(w.message)]
+    assert len(dropped) == 1 and says in dropped[0] and "class indices >= 0" in dropped[0]
+    assert "batch_to_xy" not in dropped[0]  # the concept's fault, not the batch format's
+    assert not _probe_scalars(trainer, "/c/")
+    assert [e for e, _ in sorted(monitor.history["net.0.4"])] == [0, 1]  # the label probe at both epochs
+    assert "xai/probe/net.0.4/accuracy" in trainer.callback_metrics
+
+
+class _WithUnusedHead(DigitsModule):
+    def __init__(self):
+        super().__init__()
+        self.aux = torch.nn.Linear(4, 4)  # defined, never called in forward
+
+
+def test_a_layer_that_does_not_run_is_left_out_and_the_others_are_probed(tmp_path):
+    monitor = LinearProbeMonitor(layers=["net.0.4", "aux"], on_error="raise")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = _fit(tmp_path, [monitor], n_val=320, max_epochs=1, logger=False, module=_WithUnusedHead())
+    said = [str(w.message) for w in caught if "did not run" in str(w.message)]
+    assert len(said) == 1 and "['aux']" in said[0] and "['net.0.4'] are" in said[0]
+    assert "too few" not in " ".join(str(w.message) for w in caught)
+    assert set(monitor.history) == {"net.0.4"} and "untrained/net.0.4" in monitor.baselines
+    assert "xai/probe/net.0.4/accuracy" in trainer.callback_metrics

@@ -7,6 +7,7 @@ from torch import nn
 
 from helpers import assert_unchanged, small_cnn, snapshot
 from lightning_xai.probes import ActivationCapture, Reducer, StreamingRidge, fit_logistic, make_reducer
+from lightning_xai.probes._epoch import EpochProbe, control_table
 from lightning_xai.probes._ridge import one_hot
 
 sklearn = pytest.importorskip("sklearn")
@@ -267,3 +268,23 @@ def test_capture_stopping_ends_the_forward_once_every_layer_is_captured():
             raise ValueError("not ours")
     assert [len(m._forward_hooks) for m in model] == [1, 0, 1, 0]
     cap.detach()
+
+
+def test_dropping_a_target_leaves_the_others_as_if_it_had_never_been_added():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=gen)
+    y, c = (x[:, 0] > 0).long(), (x[:, 1] > 0).long()
+    index = torch.arange(300)
+    both, alone = EpochProbe(holdout_every=5), EpochProbe(holdout_every=5)
+    for rows in (slice(0, 100), slice(100, 300)):
+        both.add(x[rows], {"label": y[rows], "c": c[rows]}, index[rows])
+        alone.add(x[rows], {"label": y[rows]}, index[rows])
+        if rows.start == 0:
+            both._flush()  # statistics of the first batch already streamed in, the second still pending
+    both.drop_target("c")
+    for probe in (both, alone):
+        probe.prepare({"label": 2}, {"label": control_table(y)})
+    got, want = both.predict(), alone.predict()
+    assert set(got) == {"label"} and set(both.labels()[1]) == {"label"}
+    for split in want["label"]:
+        assert torch.equal(got["label"][split][0], want["label"][split][0]), split
