@@ -26,6 +26,7 @@ from lightning_xai.attribution._registry import PinnedOptions
 from lightning_xai.callbacks._checks import SampleCheckedCallback, check_method_options, resolve_method
 from lightning_xai._logging import log_image, warn_once
 from lightning_xai.render import barh_image
+from lightning_xai.render._plots import barh_rows
 
 ROW_METHODS = ("integrated_gradients", "saliency", "input_x_gradient", "smoothgrad", "occlusion")  # built-ins for rows
 
@@ -76,9 +77,12 @@ class TabularAttributionMonitor(SampleCheckedCallback):
         target: the class explained per row: ``"label"`` (default), ``"prediction"`` or a class index.
         per_class: also draw a bar per class (explained with the same ``target``; classes are the
             labels, or the predictions when the probe set has none); at most ``max_classes`` of them.
-        max_classes: above this many classes only the overall bars are drawn.
+        max_classes: above this many classes only the overall bars are drawn (the chart says so and a warning is
+            given once).
         max_features: the chart shows the features with the largest overall bars, at most this many
-            (every feature still gets its scalar).
+            (every feature still gets its scalar). ``None`` (default): as many as keep the chart about one
+            TensorBoard card tall: 30 with the overall bars alone, fewer with per-class bars (13 with 10 classes;
+            see docs/tabular.md).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback`.
@@ -103,7 +107,7 @@ class TabularAttributionMonitor(SampleCheckedCallback):
         target: Union[str, int] = "label",
         per_class: bool = True,
         max_classes: int = 10,
-        max_features: int = 30,
+        max_features: Optional[int] = None,
         probe_samples: int = 128,
         **kwargs: Any,
     ) -> None:
@@ -133,7 +137,8 @@ class TabularAttributionMonitor(SampleCheckedCallback):
         with refuse_bad_options():
             check_bool("per_class", per_class)
             check_positive_int("max_classes", max_classes)
-            check_positive_int("max_features", max_features)
+            if max_features is not None:
+                check_positive_int("max_features", max_features)
         self._fresh_options = PinnedOptions(self.method_options)  # a generator restarts every epoch
         self.feature_names = list(feature_names)
         self.target = target
@@ -197,14 +202,42 @@ class TabularAttributionMonitor(SampleCheckedCallback):
         metrics = {self.tag(self.method_name, self._scalar_name(f)): float(v)
                    for f, v in zip(self.feature_names, overall.tolist())}
         if trainer.is_global_zero:
-            order = overall.argsort(descending=True)[: self.max_features]
-            names = [self.feature_names[i] for i in order.tolist()]
-            rows, series = overall[order].unsqueeze(0), ["all"]
-            if per_class is not None and len(values) <= self.max_classes:
-                rows = torch.cat([rows, per_class[:, order]])
-                series += [f"class {c}" for c in values]
-            what = "label" if y is not None else "prediction"
-            image = barh_image(rows, names, title=f"{self.method_name}, epoch {epoch}: mean |attribution| per feature",
-                               xlabel=f"mean |attribution| (classes by {what})", series=series)
-            log_image(trainer, self.tag(self.method_name), image)
+            log_image(trainer, self.tag(self.method_name), self._chart(overall, per_class, values, y is not None,
+                                                                       int(classes.numel()), epoch))
         return metrics
+
+    def _chart(self, overall: Tensor, per_class: Optional[Tensor], values: List[int], labelled: bool,
+               rows: int, epoch: int) -> Any:
+        """The bar chart: the top features by overall bar, the overall bar in grey and one per class when there
+        are at most ``max_classes`` classes; the title says how many features are shown, the subtitle what the
+        bars average over."""
+        drawn = per_class is not None and len(values) <= self.max_classes
+        series = 1 + len(values) if drawn else 1
+        limit = self.max_features if self.max_features is not None else barh_rows(series, overall_first=True)
+        order = overall.argsort(descending=True)[:limit]
+        total, shown = len(self.feature_names), int(order.numel())
+        bars = overall[order].unsqueeze(0)  # (1, shown)
+        names = ["all"]
+        if drawn:
+            bars = torch.cat([bars, per_class[:, order]])  # (1 + C, shown)
+            names += [f"class {c}" for c in values]
+        which = (f"top {shown} of {total} features by mean |attribution|" if shown < total
+                 else f"mean |attribution| of all {total} features")
+        target = {"label": "each row's label" if labelled else "each row's predicted class (no labels)",
+                  "prediction": "each row's predicted class"}.get(self.target, f"class {self.target}")  # type: ignore
+        grouped = "label" if labelled else "prediction"
+        notes = [f"Explained: {target}.", f"Bars: all {rows} probe rows"]
+        if drawn:
+            notes[-1] = f"Bars: all {rows} probe rows (grey), the rows of each class by {grouped} (colours)."
+        elif per_class is not None:
+            notes[-1] += f" only: {len(values)} classes > max_classes={self.max_classes}, so no per-class bars."
+            warn_once("too-many-classes", f"TabularAttributionMonitor: the probe rows hold {len(values)} classes, "
+                                          f"more than max_classes={self.max_classes}; the bar chart shows only the "
+                                          "bars over all rows. Raise `max_classes` to draw one bar per class.",
+                      owner=self)
+        else:
+            notes[-1] += "."
+        return barh_image(bars, [self.feature_names[i] for i in order.tolist()],
+                          title=f"{self.method_name}, epoch {epoch}: {which}",
+                          xlabel="mean |attribution|", series=names, subtitle=" ".join(notes), overall_first=True,
+                          card=True)

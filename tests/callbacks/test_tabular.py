@@ -9,8 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from helpers import DigitsModule, assert_unchanged, read_events, snapshot, tiny_trainer
+from helpers import DigitsModule, FigureSpy, assert_unchanged, read_events, snapshot, tiny_trainer
 from lightning_xai.callbacks._tabular import TabularAttributionMonitor, feature_importance
+from lightning_xai.render import Figure, barh_image
 
 FEATURES = ["age", "height", "decisive", "noise/a", "noise b", "weight"]
 
@@ -78,3 +79,101 @@ def test_bad_config():
         TabularAttributionMonitor(["a"], method="grad_cam")
     with pytest.raises(MisconfigurationException, match=r"\(N, 2\)"):
         TabularAttributionMonitor(["a", "b"]).check_rows(torch.randn(4, 3))
+
+
+# --------------------------------------------------------------------------- the bar chart
+DIGIT_PIXELS = [f"pixel_r{i // 8}_c{i % 8}" for i in range(64)]
+
+
+def _chart(monitor, classes=10, rows=100, labelled=True):
+    """The monitor's chart of 64 features over ``rows`` rows in ``classes`` classes (seeded), without a Trainer."""
+    gen = torch.Generator().manual_seed(0)
+    attr = torch.rand(rows, len(monitor.feature_names), generator=gen)
+    overall, per_class, values = feature_importance(attr, torch.arange(rows) % classes if monitor.per_class else None)
+    return monitor._chart(overall, per_class, values, labelled, rows, 4)
+
+
+def _colour(fig, cell):
+    x0, y0, x1, y1 = fig.layout.cells[cell]
+    return fig.pixels[(y0 + y1) // 2, x0 + 1].astype(int)
+
+
+def test_chart_says_how_many_features_it_shows_and_what_its_bars_are():
+    fig = _chart(TabularAttributionMonitor(DIGIT_PIXELS))
+    assert isinstance(fig, Figure)
+    title, subtitle = " ".join(fig.layout.text("title")), " ".join(fig.layout.text("subtitle"))
+    assert title == "integrated_gradients, epoch 4: top 13 of 64 features by mean |attribution|"
+    assert "each class by label" in subtitle and "each row's label" in subtitle
+    assert fig.layout.text("legend") == ["all"] + [f"class {c}" for c in range(10)]
+    assert fig.layout.text("caption") == ["mean |attribution|"]
+    assert len(fig.layout.text("row")) == 13
+
+    few = _chart(TabularAttributionMonitor(DIGIT_PIXELS[:6]), classes=2)
+    assert " ".join(few.layout.text("title")).endswith("mean |attribution| of all 6 features")
+
+    plain = _chart(TabularAttributionMonitor(DIGIT_PIXELS, per_class=False, target="prediction", max_features=5),
+                   labelled=False)
+    assert " ".join(plain.layout.text("title")).endswith("top 5 of 64 features by mean |attribution|")
+    subtitle = " ".join(plain.layout.text("subtitle"))
+    assert "predicted class" in subtitle and "class by" not in subtitle and "colours" not in subtitle
+    assert plain.layout.text("legend") == [] and plain.layout.text("caption") == ["mean |attribution|"]
+
+    unlabelled = _chart(TabularAttributionMonitor(DIGIT_PIXELS), labelled=False)  # target="label" falls back
+    assert "each row's predicted class (no labels)" in " ".join(unlabelled.layout.text("subtitle"))
+    assert "each class by prediction" in " ".join(unlabelled.layout.text("subtitle"))
+
+
+def test_chart_says_when_there_are_too_many_classes_for_per_class_bars():
+    monitor = TabularAttributionMonitor(DIGIT_PIXELS, max_classes=3)
+    with pytest.warns(RuntimeWarning, match="10 classes, more than max_classes=3"):
+        fig = _chart(monitor)
+    assert "10 classes > max_classes=3, so no per-class bars" in " ".join(fig.layout.text("subtitle"))
+    assert fig.layout.text("legend") == [] and {s for _, s in fig.layout.cells} == {0}
+    assert len(fig.layout.text("row")) == 30  # one bar per row: the rows of a chart without per-class bars
+
+
+def test_chart_tells_all_from_the_classes_by_colour():
+    fig = _chart(TabularAttributionMonitor(DIGIT_PIXELS))
+    grey = _colour(fig, (0, 0))
+    assert grey.max() - grey.min() <= 4 and grey.max() < 100  # "all": a neutral dark grey
+    hues = [_colour(fig, (0, c)) for c in range(1, 11)]
+    for i, a in enumerate(hues):
+        assert a.max() - a.min() > 60, f"class {i - 1} is greyish: {a}"  # a colour, told apart from the grey
+        for j in range(i):
+            assert abs(a - hues[j]).sum() > 60, f"classes {j} and {i} look alike: {a}, {hues[j]}"
+
+
+@pytest.mark.parametrize("per_class", [pytest.param(True, id="10-classes"), pytest.param(False, id="overall-only")])
+def test_chart_fits_a_card_with_tight_margins(per_class):
+    fig = _chart(TabularAttributionMonitor(DIGIT_PIXELS, per_class=per_class))
+    layout = fig.layout
+    assert fig.pixels.shape == (layout.height, layout.width, 3)
+    assert layout.width == 400 and layout.height <= 760  # in TensorBoard's 350 px card: at most 665 px tall
+    bars = list(layout.cells.values())
+    top, bottom = min(b[1] for b in bars), max(b[3] for b in bars)
+    region = layout.regions["bars"]
+    assert top - region[1] <= 4 and region[3] - bottom <= 4  # no empty row above or below the bars
+    assert layout.regions["title"][1] <= 8 and layout.height - region[3] <= 50  # title at the top, axis below
+    thick = {s: b[3] - b[1] for (r, s), b in layout.cells.items() if r == 0}
+    assert thick[0] >= 8 and all(t >= 3 for t in thick.values())
+
+
+def test_chart_takes_the_features_asked_for():
+    fig = _chart(TabularAttributionMonitor(DIGIT_PIXELS, max_features=40, per_class=False))
+    assert len(fig.layout.text("row")) == 40 and fig.layout.height > 760  # asked for: taller than a card
+
+
+def test_chart_in_a_fit_names_the_label_classes(tmp_path, monkeypatch):
+    import lightning_xai.callbacks._tabular as module
+
+    drawn = FigureSpy(monkeypatch, module, "barh_image")["barh_image"]
+    _fit(tmp_path, [TabularAttributionMonitor(FEATURES, method="saliency", probe_samples=16)], epochs=1)
+    (fig,) = drawn
+    assert " ".join(fig.layout.text("title")) == "saliency, epoch 0: mean |attribution| of all 6 features"
+    assert fig.layout.text("legend") == ["all", "class 0", "class 1"]
+    assert "Bars: all 16 probe rows (grey), the rows of each class by label" in " ".join(fig.layout.text("subtitle"))
+
+
+def test_barh_image_default_is_unchanged():
+    image = barh_image(torch.rand(8), [f"feature {i}" for i in range(8)], title="t")
+    assert isinstance(image, torch.Tensor) and image.shape == (3, 300, 550)
