@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
+from lightning_xai._lightning import MisconfigurationException, MisconfigurationTypeError, refuse_bad_options
 from typing_extensions import override
 
 from lightning_xai._utils import check_bool, check_positive_int, expected
 from lightning_xai.callbacks._checks import SampleCheckedCallback, check_layer_names
 from lightning_xai._logging import log_embedding, log_image, tensorboard_writers, warn_once
-from lightning_xai.probes import make_reducer
+from lightning_xai.probes import Reducer, make_reducer
 from lightning_xai.projections import SEPARATION_METHODS, capture_activations, class_separation, pca
 from lightning_xai.render import scatter_image
 
@@ -49,7 +49,8 @@ class ProjectionMonitor(SampleCheckedCallback):
         scatter: log a PCA scatter image per layer.
         thumbnails: attach the inputs as projector sprites when they are images ``(N, C, H, W)``.
         thumbnail_size: short side, in pixels, of each sprite.
-        class_names: names for the class indices in the scatter legend and the projector metadata.
+        class_names: names for the class indices in the scatter legend and the projector metadata, one per class
+            of the model's output (checked on the first sample, before training).
         probe, probe_samples, batch_to_xy: the probe set (see :class:`~lightning_xai.callbacks.ProbeSetCallback`).
         every_n_epochs, run_on_fit_end, on_error, prefix, output_key, forward, channels_last, fold_batchnorm: see
             :class:`~lightning_xai.callbacks.XAICallback`.
@@ -59,9 +60,14 @@ class ProjectionMonitor(SampleCheckedCallback):
         ``xai/projection/<layer>/pca_variance`` (share of variance on the first two components) as
         scalars, and projector embeddings named ``xai/projection/<layer>``.
 
+    Probe samples whose activations at a layer hold NaN/inf (NaN/inf inputs, an unstable layer) are left out of
+    that layer's scatter, separation score and projector embedding, with one warning saying how many and when; the
+    scatter's title says how many it leaves out.
+
     Raises:
-        MisconfigurationException: for bad arguments, or (in ``setup``) layer names the model does not
-            have; the message lists the valid names.
+        MisconfigurationException: for bad arguments (also a ``TypeError`` for a wrong type, else a ``ValueError``),
+            layer names the model does not have (in ``setup``; the message lists the valid names), or
+            ``class_names`` not one per class of the model's output (on the first sample, before training).
 
     Example::
 
@@ -88,21 +94,28 @@ class ProjectionMonitor(SampleCheckedCallback):
         super().__init__(probe_samples=probe_samples, **kwargs)
         if isinstance(layers, str):
             layers = [layers]
-        if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers):
-            raise MisconfigurationException(
-                expected("layers", "a non-empty list of layer names or glob patterns", layers))
-        with refuse_bad_options():
+        what = "a non-empty list of layer names or glob patterns"
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(n, str) for n in layers):
+            raise MisconfigurationTypeError(expected("layers", what, layers))
+        if not layers or not all(layers):
+            raise MisconfigurationException(expected("layers", what, layers))
+        try:
             make_reducer(reduce)
+        except (TypeError, ValueError) as err:  # a spec that is not a str, tuple or Reducer is of the wrong type
+            wrong_type = isinstance(err, TypeError) or not isinstance(reduce, (str, tuple, list, Reducer))
+            raise (MisconfigurationTypeError if wrong_type else MisconfigurationException)(*err.args) from err
+        choices = "one of " + ", ".join(repr(s) for s in SEPARATION_METHODS)
+        if not isinstance(separation, str):
+            raise MisconfigurationTypeError(expected("separation", choices, separation))
         if separation not in SEPARATION_METHODS:
-            raise MisconfigurationException(
-                expected("separation", "one of " + ", ".join(repr(s) for s in SEPARATION_METHODS), separation))
+            raise MisconfigurationException(expected("separation", choices, separation))
         with refuse_bad_options():
             for name, value in (("projector", projector), ("scatter", scatter), ("thumbnails", thumbnails)):
                 check_bool(name, value)
             check_positive_int("thumbnail_size", thumbnail_size)
         if class_names is not None and (not isinstance(class_names, (list, tuple))
                                         or not all(isinstance(c, str) for c in class_names)):
-            raise MisconfigurationException(expected("class_names", "a list of str", class_names))
+            raise MisconfigurationTypeError(expected("class_names", "a list of str, one per class", class_names))
         self.layer_patterns = list(layers)
         self.layers: List[str] = []
         self.reduce = reduce
@@ -125,6 +138,18 @@ class ProjectionMonitor(SampleCheckedCallback):
         super().setup(trainer, pl_module, stage)
         self.layers = check_layer_names(pl_module, "layers", self.layer_patterns)
 
+    @override
+    def check_sample(self, pl_module: "pl.LightningModule", x: Tensor) -> None:
+        """The model's output, and ``class_names`` against its number of classes."""
+        super().check_sample(pl_module, x)
+        if self.class_names is None:
+            return
+        classes = self.num_classes(pl_module, x)
+        if classes is not None and len(self.class_names) != classes:
+            raise MisconfigurationException(  # expected() would quote the list
+                f"Expected `class_names` to be a list of {classes} names, one per class of the model's output, but got "
+                f"{self.class_names} ({len(self.class_names)} names).")
+
     # ------------------------------------------------------------------ compute / report
     @override
     def compute(self, pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor]) -> Dict[str, Tensor]:
@@ -143,11 +168,14 @@ class ProjectionMonitor(SampleCheckedCallback):
     def report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", x: Tensor, y: Optional[Tensor],
                results: Dict[str, Tensor], epoch: int) -> Dict[str, float]:
         labels = (y if y is not None else results["pred"]).cpu()
+        finite = {name: torch.isfinite(results[f"act/{name}"].cpu()).all(1) for name in self.layers}  # (N,) each
+        self._warn_left_out(x, finite, epoch)
         metrics: Dict[str, float] = {}
         projections = {}
         for name in self.layers:
-            feats = results[f"act/{name}"].cpu()
-            score = float(class_separation(feats, labels, self.separation))
+            keep = finite[name]  # rows with NaN/inf activations are left out of every view
+            feats = results[f"act/{name}"].cpu()[keep]
+            score = float(class_separation(feats, labels[keep], self.separation))
             if torch.isfinite(torch.tensor(score)):
                 metrics[self.tag(name, "separation")] = score
             if feats.shape[0] >= 2:
@@ -160,16 +188,44 @@ class ProjectionMonitor(SampleCheckedCallback):
             what = "label" if y is not None else "prediction"
             for name, res in projections.items():
                 ev = res.explained_variance_ratio.tolist()
-                image = scatter_image(res.projected, labels, title=f"{name}, epoch {epoch} (colour: {what})",
+                title = f"{name}, epoch {epoch} (colour: {what})"
+                left_out = int((~finite[name]).sum())
+                if left_out:
+                    title += f"\n{left_out} of {len(labels)} samples left out: NaN/inf activations"
+                image = scatter_image(res.projected, labels[finite[name]], title=title,
                                       xlabel=f"PC 1 ({ev[0]:.0%})", ylabel=f"PC 2 ({ev[1]:.0%})",
                                       class_names=self.class_names)
                 log_image(trainer, self.tag(name, "pca"), image, step=step)
         if self.projector:
-            self._write_projector(trainer, x, y, results, step)
+            self._write_projector(trainer, x, y, results, finite, step)
         return metrics
 
+    def _warn_left_out(self, x: Tensor, finite: Dict[str, Tensor], epoch: int) -> None:
+        """Warn once when some probe samples have NaN/inf activations: how many, at which layers, at which epoch,
+        and how many of their inputs hold NaN/inf (NaN/inf inputs or an unstable layer)."""
+        bad = {name: int((~keep).sum()) for name, keep in finite.items() if not bool(keep.all())}
+        if not bad:
+            return
+        n = x.shape[0]
+        by_count: Dict[int, List[str]] = {}
+        for name, count in bad.items():
+            by_count.setdefault(count, []).append(repr(name))
+        (count, names), *others = by_count.items()  # "3 of the 16 ... at 'a' and 'b', 5 at 'c'"
+        where = f"{count} of the {n} probe samples have NaN/inf activations at {' and '.join(names)}" + "".join(
+            f", {c} at {' and '.join(more)}" for c, more in others)
+        inputs = int((~torch.isfinite(x.reshape(n, -1).cpu())).any(1).sum()) if x.is_floating_point() else 0
+        if inputs and max(bad.values()) <= inputs:
+            cause = f"{inputs} of the {n} probe inputs hold NaN/inf"
+        else:
+            cause = (f"only {inputs} of the {n} probe inputs hold NaN/inf" if inputs else "the probe inputs are finite"
+                     ) + ": an unstable layer, or has training diverged?"
+        warn_once("nonfinite", f"ProjectionMonitor: {where} at epoch {epoch} ({cause}); they are left out of that "
+                               "layer's PCA scatter (its title says how many), separation score and projector "
+                               "embedding, which show the other samples; a layer without any finite sample logs none "
+                               "of them. Warned once.", owner=self)
+
     def _write_projector(self, trainer: "pl.Trainer", x: Tensor, y: Optional[Tensor], results: Dict[str, Tensor],
-                         step: int) -> None:
+                         finite: Dict[str, Tensor], step: int) -> None:
         if not tensorboard_writers(trainer):
             warn_once("noprojector", "ProjectionMonitor: no TensorBoardLogger is attached, so the projector "
                                      "embeddings are skipped (the PCA images and scalars are still logged).",
@@ -183,8 +239,13 @@ class ProjectionMonitor(SampleCheckedCallback):
             header, metadata = None, [self._name(int(p)) for p in preds]
         sprites = self._sprites(x)
         for name in self.layers:
-            log_embedding(trainer, self.tag(name), results[f"act/{name}"], step, metadata=metadata, header=header,
-                          thumbnails=sprites)
+            keep = finite[name]  # (N,): rows with NaN/inf activations left out, with their metadata and sprites
+            if not bool(keep.any()):
+                continue
+            rows = keep.nonzero().view(-1).tolist()
+            log_embedding(trainer, self.tag(name), results[f"act/{name}"].cpu()[keep], step,
+                          metadata=[metadata[i] for i in rows], header=header,
+                          thumbnails=None if sprites is None else sprites[keep])
 
     def _sprites(self, x: Tensor) -> Optional[Tensor]:
         if not self.thumbnails or x.ndim != 4 or not x.is_floating_point():

@@ -36,6 +36,9 @@ def _pca_validate_args(features: Tensor, n_components: int) -> None:
         raise ValueError(expected("features", "a tensor of shape (N, D)", features))
     if features.shape[0] < 2:
         raise ValueError(expected("features", "at least 2 rows", features))
+    finite = torch.isfinite(features.detach()).all(1)  # (N,)
+    if not bool(finite.all()):
+        raise ValueError(f"Expected `features` to be finite, but got {int((~finite).sum())} rows holding NaN/inf.")
     check_positive_int("n_components", n_components)
 
 
@@ -75,14 +78,15 @@ def pca(features: Tensor, n_components: int = 2) -> PCAResult:
     Pearson, 1901, https://doi.org/10.1080/14786440109462720.
 
     Args:
-        features: ``(N, D)`` with ``N >= 2``.
+        features: ``(N, D)`` with ``N >= 2``, finite (leave rows with NaN/inf out first).
         n_components: ``k``; when ``min(N, D) < k`` the missing components are zero.
 
     Returns:
         A :class:`PCAResult`.
 
     Raises:
-        ValueError: if ``features`` is not ``(N, D)`` with two or more rows, or ``n_components`` is not positive.
+        ValueError: if ``features`` is not ``(N, D)`` with two or more rows, holds NaN/inf, or ``n_components`` is
+            not positive.
 
     Example:
         >>> x = torch.tensor([[0.0, 0.0], [-2.0, 0.0], [-4.0, 0.0]])

@@ -1,4 +1,5 @@
 """Layer projections: PCA and separation oracles (scikit-learn), capture hygiene, ProjectionMonitor end to end."""
+import math
 import os
 
 import pytest
@@ -46,6 +47,13 @@ def test_pca_pads_missing_components_and_validates():
         pca(torch.randn(1, 5))
     with pytest.raises(ValueError, match="n_components"):
         pca(torch.randn(4, 5), n_components=0)
+
+
+def test_pca_refuses_non_finite_features_by_name():
+    x = torch.randn(6, 3)
+    x[1, 0], x[4, 2] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="Expected `features` to be finite, but got 2 rows holding NaN/inf"):
+        pca(x)  # not linalg.svd's "failed to converge"
 
 
 @pytest.mark.parametrize("classes", [pytest.param(2, id="two-classes"), pytest.param(5, id="five-classes")])
@@ -199,3 +207,200 @@ def test_projection_monitor_compute_hygiene_and_bad_layer(tmp_path):
         trainer.fit(DigitsModule(), train, val)
     with pytest.raises(MisconfigurationException, match="reduce"):
         ProjectionMonitor(layers=["net.0"], reduce="max")
+
+
+# --------------------------------------------------------------------------- bad inputs and bad options
+def _nan_probe(n=16, bad=(0, 5, 9)):
+    """``n`` validation digits as a probe set, the rows ``bad`` with one NaN pixel each."""
+    _, val = digits_loaders(n_train=32, n_val=n)
+    x, y = (t.clone() for t in val.dataset.tensors)
+    x[list(bad), 0, 2, 2] = float("nan")
+    return x, y
+
+
+def _tsv(log_dir, step_dir, layer, name):
+    folder = os.path.join(log_dir, step_dir, f"xai_projection_{layer}")
+    return open(os.path.join(folder, name)).read().strip().split("\n")
+
+
+def test_nan_inputs_are_left_out_of_every_view_with_one_warning(tmp_path):
+    """NaN pixels in 3 of 16 probe samples: one warning saying how many and when; the scatter, the scalars and the
+    projector show the 13 others, exactly as a probe set without the 3 would (not linalg.svd's "non-finite")."""
+    import warnings
+
+    from lightning_xai import ProjectionMonitor
+
+    x, y = _nan_probe()
+    keep = torch.isfinite(x.flatten(1)).all(1)
+    runs = {}
+    for name, probe in (("nan", (x, y)), ("clean", (x[keep], y[keep]))):
+        monitor = ProjectionMonitor(layers=["net.0.3", "net.1.3"], probe=probe, on_error="raise")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, trainer = _fit(tmp_path / name, [monitor])
+        said = [str(w.message) for w in caught if "NaN/inf" in str(w.message)]
+        runs[name] = (monitor, trainer.logger.log_dir, said)
+    monitor, log_dir, said = runs["nan"]
+    assert monitor.errors == 0 and monitor.last_explained_epoch == 1
+    assert len(said) == 1, said
+    assert said[0].startswith("ProjectionMonitor: 3 of the 16 probe samples have NaN/inf activations at "
+                              "'net.0.3' and 'net.1.3' at epoch 0"), said[0]
+    assert "left out" in said[0] and "3 of the 16 probe inputs hold NaN/inf" in said[0], said[0]
+    assert runs["clean"][2] == []
+    acc, clean = read_events(log_dir), read_events(runs["clean"][1])
+    for layer in ("net.0.3", "net.1.3"):
+        for tag in (f"xai/projection/{layer}/separation", f"xai/projection/{layer}/pca_variance"):
+            values = [e.value for e in acc.Scalars(tag)]
+            assert len(values) == 2 and all(math.isfinite(v) for v in values), tag
+            assert values == [e.value for e in clean.Scalars(tag)], tag
+        assert len(acc.Images(f"xai/projection/{layer}/pca")) == 2
+        steps = sorted(d for d in os.listdir(log_dir) if d.isdigit())
+        assert len(steps) == 2
+        for step in steps:
+            rows = _tsv(log_dir, step, layer, "tensors.tsv")
+            assert rows == _tsv(runs["clean"][1], step, layer, "tensors.tsv")  # the 13 finite rows, no NaN
+            assert len(rows) == 13 and "nan" not in "".join(rows).lower()
+            meta = _tsv(log_dir, step, layer, "metadata.tsv")
+            assert meta == _tsv(runs["clean"][1], step, layer, "metadata.tsv") and len(meta) == 14
+
+
+def test_pca_scatter_says_how_many_samples_it_leaves_out(tmp_path):
+    from lightning_xai import ProjectionMonitor
+
+    x, y = _nan_probe()
+    monitor = ProjectionMonitor(layers=["net.1.3"], probe=(x, y), projector=False, on_error="raise")
+    titles = []
+    import lightning_xai.callbacks._projections as module
+
+    real = module.scatter_image
+
+    def spy(points, labels, **kwargs):
+        titles.append((points.shape[0], labels.shape[0], kwargs["title"]))
+        return real(points, labels, **kwargs)
+
+    module.scatter_image = spy
+    try:
+        with pytest.warns(RuntimeWarning, match="NaN/inf"):
+            _fit(tmp_path, [monitor], epochs=1)
+    finally:
+        module.scatter_image = real
+    assert titles == [(13, 13, "net.1.3, epoch 0 (colour: label)\n3 of 16 samples left out: NaN/inf activations")]
+
+
+def test_all_non_finite_rows_log_nothing_for_that_layer_and_do_not_fail(tmp_path):
+    from lightning_xai import ProjectionMonitor
+
+    x, y = _nan_probe(n=4, bad=(0, 1, 2, 3))
+    monitor = ProjectionMonitor(layers=["net.1.3"], probe=(x, y), on_error="raise")
+    with pytest.warns(RuntimeWarning, match="4 of the 4 probe samples have NaN/inf"):
+        _, trainer = _fit(tmp_path, [monitor], epochs=1)
+    assert monitor.errors == 0 and monitor.last_explained_epoch == 0
+    log_dir = trainer.logger.log_dir
+    assert not any(d.isdigit() for d in os.listdir(log_dir))  # no projector embedding of zero rows
+    assert not [t for t in read_events(log_dir).Tags()["scalars"] if "projection/net.1.3" in t]
+
+
+class _UnstableInEval(DigitsModule):
+    """Finite inputs, NaN/inf activations outside training (as an unstable layer would give)."""
+
+    def forward(self, x):
+        return super().forward(x if self.training else x * float("inf"))
+
+
+def test_nan_activations_from_finite_inputs_blame_the_layer_not_the_inputs(tmp_path):
+    from lightning_xai import ProjectionMonitor
+
+    train, val = digits_loaders(n_train=32, n_val=32)
+    monitor = ProjectionMonitor(layers=["net.1.3"], probe_samples=8, on_error="raise")
+    with pytest.warns(RuntimeWarning, match=r"8 of the 8 probe samples have NaN/inf activations at 'net.1.3' at epoch "
+                                            r"0 \(the probe inputs are finite: an unstable layer, or has training "
+                                            r"diverged\?\)"):
+        tiny_trainer(tmp_path, callbacks=[monitor], max_epochs=1).fit(_UnstableInEval(), train, val)
+    assert monitor.errors == 0 and monitor.last_explained_epoch == 0
+
+
+class _NoTraining:
+    """Counts training batches: a refused option must stop the fit before the first."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class Counter(pl.Callback):
+            steps = 0
+
+            def on_train_batch_start(self, *args, **kwargs):
+                self.steps += 1
+
+        return Counter()
+
+
+@pytest.mark.parametrize("probe", [pytest.param(None, id="sanity-check-batch"),
+                                   pytest.param("tensors", id="probe-tensors")])
+@pytest.mark.parametrize("names", [pytest.param(["zero", "one"], id="short"),
+                                   pytest.param([str(c) for c in range(11)], id="long")])
+def test_class_names_not_one_per_class_are_refused_before_training(tmp_path, names, probe):
+    from lightning_xai import ProjectionMonitor
+    from lightning_xai._lightning import MisconfigurationException
+
+    train, val = digits_loaders(n_train=32, n_val=32)
+    given = None if probe is None else tuple(t[:8] for t in val.dataset.tensors)
+    counter = _NoTraining()
+    monitor = ProjectionMonitor(layers=["net.1.3"], class_names=names, probe=given)
+    trainer = tiny_trainer(tmp_path, callbacks=[monitor, counter], logger=False, max_epochs=1, num_sanity_val_steps=1)
+    with pytest.raises(MisconfigurationException) as info:
+        trainer.fit(DigitsModule(), train, val)
+    assert str(info.value) == (f"Expected `class_names` to be a list of 10 names, one per class of the model's output, "
+                               f"but got {names} ({len(names)} names)."), str(info.value)
+    assert counter.steps == 0
+
+
+def test_class_names_one_per_class_name_the_projector_metadata(tmp_path):
+    from lightning_xai import ProjectionMonitor
+
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    monitor = ProjectionMonitor(layers=["net.1.3"], class_names=names, probe_samples=10)
+    _, trainer = _fit(tmp_path, [monitor], epochs=1)
+    log_dir = trainer.logger.log_dir
+    (step,) = [d for d in os.listdir(log_dir) if d.isdigit()]
+    meta = _tsv(log_dir, step, "net.1.3", "metadata.tsv")
+    assert {row.split("\t")[0] for row in meta[1:]} <= set(names) and len(meta) == 11
+
+
+@pytest.mark.parametrize("option, value", [
+    pytest.param("separation", 3, id="separation-int"),
+    pytest.param("separation", None, id="separation-none"),
+    pytest.param("layers", 3, id="layers-int"),
+    pytest.param("layers", [3], id="layers-of-int"),
+    pytest.param("reduce", 3, id="reduce-int"),
+    pytest.param("reduce", {"net.1.3": "gap"}, id="reduce-dict"),
+    pytest.param("class_names", "abc", id="class-names-str"),
+    pytest.param("class_names", [1, 2], id="class-names-of-int"),
+    pytest.param("projector", "yes", id="projector-str"),
+    pytest.param("thumbnail_size", 2.0, id="thumbnail-size-float"),
+])
+def test_a_wrong_type_is_a_type_error(option, value):
+    from lightning_xai import ProjectionMonitor
+    from lightning_xai._lightning import MisconfigurationException, MisconfigurationTypeError
+
+    kwargs = {"layers": ["net.1.3"], option: value}
+    with pytest.raises(MisconfigurationTypeError) as info:
+        ProjectionMonitor(**kwargs)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, MisconfigurationException)
+    assert str(info.value).startswith(f"Expected `{option}` to be "), str(info.value)
+
+
+@pytest.mark.parametrize("option, value", [
+    pytest.param("separation", "x", id="separation-unknown"),
+    pytest.param("layers", [], id="layers-empty"),
+    pytest.param("layers", [""], id="layers-empty-name"),
+    pytest.param("reduce", "median", id="reduce-unknown"),
+    pytest.param("thumbnail_size", 0, id="thumbnail-size-zero"),
+])
+def test_a_wrong_value_of_the_right_type_is_a_value_error(option, value):
+    from lightning_xai import ProjectionMonitor
+    from lightning_xai._lightning import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException) as info:
+        ProjectionMonitor(**{"layers": ["net.1.3"], option: value})
+    assert isinstance(info.value, ValueError) and not isinstance(info.value, TypeError), type(info.value).__mro__
+    assert str(info.value).startswith(f"Expected `{option}` to be "), str(info.value)
