@@ -289,14 +289,14 @@ def as_logits(output: Any) -> Tensor:
             raise ValueError(
                 expected("model output", "logits of shape (N, classes), or (N,) / (N, 1) for one binary logit", output))
         return output
-    raise TypeError(
-        expected(
-            "model output",
-            "a tensor of logits (N, classes); for tuple or dict outputs pass a callable such as "
-            "`lambda x: model(x)[0]` (or `output_key` in the callbacks)",
-            type(output).__name__,
-        )
-    )
+    if isinstance(output, Mapping):
+        keys = ", ".join(repr(k) for k in list(output)[:8]) + (", ..." if len(output) > 8 else "")
+        how = (f"for a dict output pass the key of its logits, one of {keys or 'its keys (it has none)'}, as "
+               "`output_key` in the callbacks, or a callable such as `lambda x: model(x)[key]`")
+    else:
+        how = ("for a tuple or list output pass a callable such as `lambda x: model(x)[0]` (or `output_key=0` in the "
+               "callbacks)")
+    raise TypeError(expected("model output", f"a tensor of logits (N, classes); {how}", type(output).__name__))
 
 
 def select_output(output: Any, key: Union[None, int, str]) -> Any:

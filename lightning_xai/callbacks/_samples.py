@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 from lightning_xai._lightning import MisconfigurationException, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import check_choice, check_positive_int, expected, forked_rng
+from lightning_xai._utils import check_choice, check_positive_int, check_real, expected, forked_rng
 from lightning_xai.callbacks import _shared as shared
 from lightning_xai.callbacks._checks import SampleCheckedCallback
 from lightning_xai.callbacks._batches import class_labels, extract_xy
@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 
 _LEGEND = ((_GREEN, "labelled as the probe's prediction", "frame"), (_RED, "labelled otherwise", "frame"))
+
+
+SHOWN_GAP = 5e-4  # representer values are shown to 3 decimals: a decomposition gap this large can change one
 
 
 def _train_dataset(trainer: "pl.Trainer") -> Optional[Any]:
@@ -143,11 +146,10 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
             check_choice("suspect_mode", suspect_mode, SUSPECT_MODES)
             if capture is not None:
                 check_choice("capture", capture, ("input", "output"))
+            check_real("lam", lam, low=0, low_open=True)
         if layer is not None and not isinstance(layer, str):
             raise MisconfigurationException(expected("layer", "a dotted layer name (str) or None",
                                                      type(layer).__name__))
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
-            raise MisconfigurationException(expected("lam", "a positive float", lam))
         if denormalize is not None and not callable(denormalize):
             raise MisconfigurationException(expected("denormalize", "a callable inputs -> display values", denormalize))
         if isinstance(train_data, (tuple, list)):
@@ -230,6 +232,19 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
                                                  forward=forward, capture=capture,
                                                  batch_size=self.batch_size, device=pl_module.device)
         labels = class_labels(labels, feats.shape[0], self)
+        finite = torch.isfinite(feats).all(1) & torch.isfinite(logits.float()).all(1)
+        if not bool(finite.all()):  # NaN/inf inputs (or a diverged model): no neighbour, representer or rank for them
+            bad = [indices[i] for i in (~finite).nonzero().view(-1).tolist()]
+            if len(bad) == len(indices):
+                raise ValueError(f"every one of the {len(bad)} training samples compared with gave NaN/inf features "
+                                 "or outputs (NaN/inf inputs, or a diverged model)")
+            warn_once("nonfinite-train", f"SampleInfluenceMonitor: {len(bad)} of {len(indices)} training samples gave "
+                      f"NaN/inf features or outputs (dataset indices {bad[:10]}{' ...' if len(bad) > 10 else ''}: "
+                      "NaN/inf inputs?); they are left out of the neighbours, representers and rankings.", owner=self)
+            keep = finite.nonzero().view(-1)
+            indices = [indices[i] for i in keep.tolist()]
+            feats, logits = feats[keep], logits[keep]
+            labels = None if labels is None else labels[keep]
         probs = logits.float().softmax(1)
         # the paper's refit: the model's probabilities as targets, so the decomposition explains the model
         fit = representer_points(feats, probs, lam=self.lam)
@@ -252,11 +267,11 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
         layer, capture = self._layer or resolve_feature_layer(pl_module, self.layer, self.capture)
         with torch.no_grad():
             forward = self.logits_fn(pl_module, x)
-            bank = self._train_bank(pl_module, forward)
-            self._bank = bank
             feats, logits = capture_features(pl_module, layer, x, forward=forward, capture=capture,
                                              batch_size=self.batch_size)
-            shared.warn_not_finite(self, pl_module, logits, "outputs (logits)")
+            shared.warn_not_finite(self, pl_module, logits, "outputs (logits)")  # before the bank, which needs some
+            bank = self._train_bank(pl_module, forward)
+            self._bank = bank
             probs = logits.float().softmax(1)
             conf, pred = probs.max(1)
             n_train = bank["features"].shape[0]
@@ -275,8 +290,9 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
 
     # ------------------------------------------------------------------ report
     def _train_images(self, rows: Tensor) -> Tensor:
-        """Training inputs for subset rows (dataset indices; the subset is the first n), read under a forked RNG."""
-        flat = rows.reshape(-1).tolist()
+        """Training inputs for bank rows (the bank's ``indices`` give their dataset indices), read under a forked
+        RNG."""
+        flat = self._bank["indices"][rows.reshape(-1).cpu()].tolist()  # bank rows -> dataset indices
         with forked_rng():
             x, _ = read_samples(self._dataset, flat, self._to_xy, batch_size=self.batch_size)
         return x.reshape(tuple(rows.shape) + tuple(x.shape[1:]))
@@ -330,14 +346,26 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
         nn_labels = torch.tensor([[-1 if v is None else v for v in self._label_of(row)] for row in nn_idx])
         self.suspects = bank["indices"][bank["suspects"].cpu()].clone()
         self.suspect_values = bank["suspect_scores"].detach().float().cpu().clone()
+        finite = torch.isfinite(sup) & torch.isfinite(results["gap"].cpu())
+        if not bool(finite.all()):
+            warn_once("nonfinite-probe", f"SampleInfluenceMonitor: {int((~finite).sum())} probe samples gave NaN/inf "
+                      f"features or outputs at epoch {epoch} (NaN/inf inputs?); they are left out of the scalars.",
+                      owner=self)
         metrics = {
-            self.tag("mean_support"): float(sup.mean()),
-            self.tag("min_support"): float(sup.min()),
+            self.tag("mean_support"): float(sup[finite].mean()) if bool(finite.any()) else float("nan"),
+            self.tag("min_support"): float(sup[finite].min()) if bool(finite.any()) else float("nan"),
             self.tag("refit_agreement"): bank["refit_agreement"],
-            self.tag("decomposition_gap"): float(results["gap"].max()),
+            self.tag("decomposition_gap"): float(results["gap"].cpu()[finite].max()) if bool(finite.any())
+            else float("nan"),
         }
+        gap = metrics[self.tag("decomposition_gap")]
+        if gap >= SHOWN_GAP:
+            warn_once("gap", f"SampleInfluenceMonitor: the representer values of a probe sample add up to its refit "
+                      f"logit only within {gap:.2g} at epoch {epoch} (the refit did not converge: more than "
+                      "4096 weights use L-BFGS); the values shown are approximate. A narrower `layer`, fewer "
+                      "`max_train_samples` or a larger `lam` make it exact.", owner=self)
         if bank["labels"] is not None:
-            metrics[self.tag("neighbour_agreement")] = float((nn_labels == pred.view(-1, 1)).double().mean())
+            metrics[self.tag("neighbour_agreement")] = float((nn_labels == pred.view(-1, 1))[finite].double().mean())
         if not trainer.is_global_zero:
             return metrics
         step = self.step(trainer)
@@ -348,7 +376,7 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
         # neighbours
         cos = cosine_format(results["nn_sim"].cpu())
         rows = [[i, ylab[i], int(pred[i]), f"{float(results['conf'][i]):.2f}", f"{float(sup[i]):.3f}",
-                 ", ".join(f"#{int(j)}:{lab} ({cos.format(float(s))})" for j, lab, s in
+                 ", ".join(f"#{int(bank['indices'][j])}:{lab} ({cos.format(float(s))})" for j, lab, s in
                            zip(nn_idx[i], self._label_of(nn_idx[i]), results["nn_sim"][i].cpu()))]
                 for i in range(x.shape[0])]
         log_text(trainer, self.tag("neighbours", "table"), markdown_table(
@@ -364,9 +392,9 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
 
         # representers
         rows = [[i, ylab[i], int(pred[i]), f"{float(results['refit_logit'][i]):.3f}",
-                 ", ".join(f"#{int(j)}:{lab} ({float(v):+.3f})" for j, lab, v in
+                 ", ".join(f"#{int(bank['indices'][j])}:{lab} ({float(v):+.3f})" for j, lab, v in
                            zip(pos_idx[i], self._label_of(pos_idx[i]), results["pos_val"][i].cpu())),
-                 ", ".join(f"#{int(j)}:{lab} ({float(v):+.3f})" for j, lab, v in
+                 ", ".join(f"#{int(bank['indices'][j])}:{lab} ({float(v):+.3f})" for j, lab, v in
                            zip(neg_idx[i], self._label_of(neg_idx[i]), results["neg_val"][i].cpu()))]
                 for i in range(x.shape[0])]
         log_text(trainer, self.tag("representers", "table"), markdown_table(

@@ -143,7 +143,8 @@ class StreamingRidge:
                 raise ValueError(expected("alphas", "a non-empty sequence of positive floats or None", shown))
             alphas = [float(a) for a in values]
         if cv != "gcv" and (isinstance(cv, bool) or not isinstance(cv, int) or cv < 2):
-            raise ValueError(expected("cv", "'gcv' or an int >= 2 (k-fold)", cv))
+            error = ValueError if isinstance(cv, (str, int)) and not isinstance(cv, bool) else TypeError
+            raise error(expected("cv", "'gcv' or an int >= 2 (k-fold)", cv))
         self.alphas = alphas
         self.cv = cv
         self.dim: Optional[int] = None

@@ -323,3 +323,16 @@ def _loaded_after(code: str):
 
 def test_import_does_not_load_lightning_or_plotting():
     assert _loaded_after("import lightning_xai.attribution") == "[]"
+
+
+@pytest.mark.parametrize("output, says", [
+    pytest.param({"loss": torch.zeros(()), "logits": torch.zeros(2, 3)}, "one of 'loss', 'logits', as `output_key`",
+                 id="dict"),
+    pytest.param((torch.zeros(2, 3), torch.zeros(2)), r"model\(x\)\[0\]` \(or `output_key=0`", id="tuple"),
+])
+def test_a_tuple_or_dict_output_is_refused_with_the_fix_for_its_kind(output, says):
+    from lightning_xai._utils import as_logits
+
+    with pytest.raises(TypeError, match=says) as info:
+        as_logits(output)
+    assert ("[0]" in str(info.value)) == isinstance(output, tuple)  # a dict is not indexed by position

@@ -197,6 +197,13 @@ def test_refusals_keep_their_kind():
         AttributionMonitor(every_n_epochs="1")
     with pytest.raises(TypeError, match="`methods`"):
         AttributionMonitor(methods=42)
+    with pytest.raises(MisconfigurationTypeError, match="`lam`"):  # numbers given as something else
+        SampleInfluenceMonitor(lam="a")
+    with pytest.raises(MisconfigurationTypeError, match="`cv`"):
+        LinearProbeMonitor(layers=["net.0"], cv=2.0)
+    with pytest.raises(MisconfigurationException, match="`cv`") as info:  # a number out of range: a value error
+        LinearProbeMonitor(layers=["net.0"], cv=1)
+    assert not isinstance(info.value, TypeError)
     with pytest.raises(ValueError, match="`steps` to be a positive int, but got 0"):
         AttributionMonitor(methods=[("integrated_gradients", {"steps": 0})])
     for package in (pl, lightning.pytorch):

@@ -1,12 +1,15 @@
 """SampleInfluenceMonitor in a real Trainer: TensorBoard output, do no harm, hygiene, errors, resume, validate()."""
 
+import math
+import warnings
+
 import pytest
 import torch
 from pytorch_lightning import Callback, Trainer, seed_everything
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from helpers import DigitsModule, FigureSpy, assert_unchanged, digits_data, digits_loaders, hook_count, png_equals, \
-    read_events, snapshot, tiny_trainer, trained_weights
+    read_events, read_text, snapshot, tiny_trainer, trained_weights
 from lightning_xai.callbacks._samples import SampleInfluenceMonitor
 
 _TAGS = ("neighbours", "representers", "suspects", "sparse")
@@ -179,3 +182,53 @@ def test_configuration_errors():
                       enable_model_summary=False, enable_checkpointing=False)
     with pytest.raises(MisconfigurationException, match=r"`layer` to be one of the model's layers: net, net\.0,"):
         SampleInfluenceMonitor(layer="head").setup(trainer, DigitsModule(), "fit")
+
+
+def test_nan_training_and_probe_samples_are_left_out_with_a_warning_each(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    train_ds, val_ds = digits_data(96, 32)
+    x, y = (t.clone() for t in train_ds.tensors)
+    bad = [3, 40, 77]
+    x[bad, 0, 0, 0] = float("nan")  # the samples compared with hold NaN; the model itself is fine
+    vx, vy = (t.clone() for t in val_ds.tensors)
+    vx[[1, 5], 0, 2, 2] = float("inf")
+    monitor = _monitor(train_data=(x, y), max_train_samples=None, probe_samples=8, num_suspects=96)
+    import lightning_xai.callbacks._samples as samples_module
+
+    with pytest.MonkeyPatch.context() as mp, pytest.warns(RuntimeWarning) as caught:
+        drawn = FigureSpy(mp, samples_module, "grid_figure")["grid_figure"]
+        trainer = tiny_trainer(tmp_path, callbacks=[monitor])
+        metrics = trainer.validate(DigitsModule(), DataLoader(TensorDataset(vx, vy), batch_size=16), verbose=False)[0]
+    said = " ".join(str(w.message) for w in caught)
+    assert "3 of 96 training samples gave NaN/inf" in said and "dataset indices [3, 40, 77]" in said
+    assert "2 probe samples gave NaN/inf" in said
+    assert set(monitor.suspects.tolist()).isdisjoint(bad) and len(monitor.suspects) == 93
+    for key in ("mean_support", "min_support", "decomposition_gap", "neighbour_agreement"):
+        assert math.isfinite(metrics[f"xai/samples/{key}"]), key
+    assert drawn  # the figures are still drawn
+    shown = read_text(read_events(tmp_path / "tb" / "version_0"), "xai/samples/neighbours/table")
+    assert not any(f"#{i}:" in shown for i in bad)
+
+
+def test_an_unconverged_refit_is_said_to_be_approximate(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    import lightning_xai.callbacks._samples as samples_module
+    import lightning_xai.samples._representer as representer
+
+    train_ds, val_ds = digits_data(96, 32)
+    val = DataLoader(val_ds, batch_size=16)
+    exact = _monitor(train_data=train_ds.tensors, max_train_samples=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the Newton refit is exact: no warning
+        metrics = tiny_trainer(tmp_path / "exact", callbacks=[exact]).validate(DigitsModule(), val, verbose=False)[0]
+    assert metrics["xai/samples/decomposition_gap"] < 1e-9
+    # as for a layer too wide for the exact Hessian, stopped early: L-BFGS that has not converged
+    monkeypatch.setattr(representer, "_NEWTON_MAX_PARAMS", 0)
+    fit = samples_module.representer_points
+    monkeypatch.setattr(samples_module, "representer_points", lambda *a, **k: fit(*a, **k, max_iter=2))
+    rough = _monitor(train_data=train_ds.tensors, max_train_samples=None)
+    with pytest.warns(RuntimeWarning, match="the values shown are approximate"):
+        metrics = tiny_trainer(tmp_path / "rough", callbacks=[rough]).validate(DigitsModule(), val, verbose=False)[0]
+    assert metrics["xai/samples/decomposition_gap"] >= samples_module.SHOWN_GAP
