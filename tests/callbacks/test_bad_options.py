@@ -261,6 +261,8 @@ BEFORE_TRAINING = [
     (lambda: LinearProbeMonitor(layers=["net.0.0"], reduce={"nope": "gap"}), _images, "reduce", "`reduce`"),
     (lambda: ProjectionMonitor(layers=["nope"]), _images, "layers", "`layers`"),
     (lambda: ProjectionMonitor(layers=["net.0.0"], probe=[10_000]), _images, "probe", "`probe`"),
+    (lambda: ProjectionMonitor(layers=["net.0.0"], class_names=["zero", "one"]), _images, "class_names",
+     "`class_names` to be a list of 10 names"),
     (lambda: FeatureVisMonitor(targets=[("nope", "channels", [0])], steps=2), _images, "targets", "`targets`"),
     (lambda: SampleInfluenceMonitor(layer="nope"), _images, "layer", "`layer` to be one of the model's layers"),
     (lambda: SampleInfluenceMonitor(probe=[-10_000]), _images, "probe", "`probe`"),
