@@ -75,9 +75,11 @@ def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``; ``TypeError`` when it is not even of a type one of
+    them has (``3`` among names)."""
     if value not in choices:
-        raise ValueError(expected(name, "one of " + ", ".join(repr(c) for c in choices), value))
+        error = ValueError if any(type(value) is type(c) for c in choices) else TypeError
+        raise error(expected(name, "one of " + ", ".join(repr(c) for c in choices), value))
 
 
 def check_int(name: str, value: Any, minimum: Optional[int] = None) -> None:

@@ -125,7 +125,8 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
             check_bool("run_on_fit_end", run_on_fit_end)
             check_choice("on_error", on_error, ("warn", "raise"))
             if not isinstance(prefix, str) or not prefix.strip("/"):
-                raise MisconfigurationException(expected("prefix", "a non-empty str", prefix))
+                raise (ValueError if isinstance(prefix, str) else TypeError)(expected("prefix", "a non-empty str",
+                                                                                      prefix))
             if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, (int, str))):
                 raise TypeError(expected("output_key", "None, an int (tuple/list outputs) or a str (dict outputs)",
                                          type(output_key).__name__))
@@ -133,7 +134,8 @@ class XAICallback(*CALLBACK_BASES):  # type: ignore[misc]  # both Lightning pack
                 raise TypeError(expected("forward", "a callable (pl_module, inputs) -> logits", forward))
             for name, value in (("channels_last", channels_last), ("fold_batchnorm", fold_batchnorm)):
                 if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
-                    raise ValueError(expected(name, "'auto', True or False", value))
+                    raise (ValueError if isinstance(value, str) else TypeError)(
+                        expected(name, "'auto', True or False", value))
         self.every_n_epochs = every_n_epochs
         self.run_on_fit_end = run_on_fit_end
         self.on_error = on_error

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_xai._lightning import FITTING, TESTING, MisconfigurationException, refuse_bad_options
+from lightning_xai._lightning import (FITTING, TESTING, MisconfigurationException, MisconfigurationTypeError,
+                                      refuse_bad_options)
 from lightning_xai._utils import Passes, check_positive_int, expected, forked_rng
 from lightning_xai.callbacks._base import XAICallback
 from lightning_xai.callbacks._batches import (BATCH_FIX, BatchToXY, Buckets, choose_stratified, class_labels,
@@ -55,7 +56,7 @@ class ProbeSetCallback(XAICallback):
         with refuse_bad_options():
             check_positive_int("probe_samples", probe_samples)
         if batch_to_xy is not None and not callable(batch_to_xy):
-            raise MisconfigurationException(
+            raise MisconfigurationTypeError(
                 expected("batch_to_xy", "a callable batch -> (inputs, labels)", batch_to_xy))
         self.probe_samples = probe_samples
         self.batch_to_xy = batch_to_xy
@@ -79,7 +80,7 @@ class ProbeSetCallback(XAICallback):
             self._probe_indices = list(probe)
             return
         else:
-            raise MisconfigurationException(
+            raise MisconfigurationTypeError(
                 expected("probe", "None, a tensor of inputs, a pair (inputs, labels) or a list of dataset indices",
                          type(probe).__name__))
         if x.ndim < 2 or x.shape[0] == 0:
@@ -99,7 +100,8 @@ class ProbeSetCallback(XAICallback):
     def check_target(target: Any) -> None:
         """``target`` must be ``"label"``, ``"prediction"`` or a class index."""
         if not (target in TARGETS or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
-            raise MisconfigurationException(
+            wrong_type = isinstance(target, bool) or not isinstance(target, (str, int))
+            raise (MisconfigurationTypeError if wrong_type else MisconfigurationException)(
                 expected("target", "'label', 'prediction' or a class index (int >= 0)", target))
 
     def targets_for(self, target: Union[str, int], preds: Tensor, y: Optional[Tensor]) -> Tensor:

@@ -204,6 +204,17 @@ def test_refusals_keep_their_kind():
     with pytest.raises(MisconfigurationException, match="`cv`") as info:  # a number out of range: a value error
         LinearProbeMonitor(layers=["net.0"], cv=1)
     assert not isinstance(info.value, TypeError)
+    for make in (lambda: AttributionMonitor(on_error=3), lambda: AttributionMonitor(prefix=3),
+                 lambda: AttributionMonitor(channels_last=1), lambda: AttributionMonitor(fold_batchnorm=None),
+                 lambda: AttributionMonitor(scale=object()), lambda: AttributionMonitor(target=1.5),
+                 lambda: AttributionMonitor(probe=1.5), lambda: AttributionMonitor(batch_to_xy=3)):
+        with pytest.raises(MisconfigurationTypeError):  # shared options and choices given as another type
+            make()
+    for make in (lambda: AttributionMonitor(on_error="ignore"), lambda: AttributionMonitor(prefix="/"),
+                 lambda: AttributionMonitor(channels_last="yes"), lambda: AttributionMonitor(target=-1)):
+        with pytest.raises(MisconfigurationException) as info:  # the right type, a wrong value
+            make()
+        assert not isinstance(info.value, TypeError), str(info.value)
     with pytest.raises(ValueError, match="`steps` to be a positive int, but got 0"):
         AttributionMonitor(methods=[("integrated_gradients", {"steps": 0})])
     for package in (pl, lightning.pytorch):
