@@ -155,8 +155,9 @@ def make_reducer(spec: ReduceSpec = "auto", seed: int = 0, max_dim: int = DEFAUL
             return Reducer("pool", size=args[0], seed=seed, max_dim=max_dim)
         if kind == "rproj" and len(args) in (1, 2):
             return Reducer("rproj", k=args[0], seed=args[1] if len(args) == 2 else seed, max_dim=max_dim)
-    raise ValueError(expected("reduce", "'auto', 'identity', 'flatten', 'gap', 'gap+max', 'pool<s>', ('pool', s), "
-                              "'rproj', ('rproj', k[, seed]), 'tokens_mean' or a Reducer", spec))
+    error = ValueError if isinstance(spec, (tuple, list)) else TypeError  # a malformed tuple, or not a spec at all
+    raise error(expected("reduce", "'auto', 'identity', 'flatten', 'gap', 'gap+max', 'pool<s>', ('pool', s), "
+                         "'rproj', ('rproj', k[, seed]), 'tokens_mean' or a Reducer", spec))
 
 
 def input_reducer(shape: Tuple[int, ...], max_dim: int = DEFAULT_MAX_DIM, seed: int = 0) -> Reducer:

@@ -207,7 +207,8 @@ def test_refusals_keep_their_kind():
     for make in (lambda: AttributionMonitor(on_error=3), lambda: AttributionMonitor(prefix=3),
                  lambda: AttributionMonitor(channels_last=1), lambda: AttributionMonitor(fold_batchnorm=None),
                  lambda: AttributionMonitor(scale=object()), lambda: AttributionMonitor(target=1.5),
-                 lambda: AttributionMonitor(probe=1.5), lambda: AttributionMonitor(batch_to_xy=3)):
+                 lambda: AttributionMonitor(probe=1.5), lambda: AttributionMonitor(batch_to_xy=3),
+                 lambda: LinearProbeMonitor(layers=["net.0"], reduce=3)):
         with pytest.raises(MisconfigurationTypeError):  # shared options and choices given as another type
             make()
     for make in (lambda: AttributionMonitor(on_error="ignore"), lambda: AttributionMonitor(prefix="/"),
