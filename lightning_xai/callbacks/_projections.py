@@ -18,10 +18,10 @@ from torch import Tensor
 from lightning_xai._lightning import MisconfigurationException, MisconfigurationTypeError, refuse_bad_options
 from typing_extensions import override
 
-from lightning_xai._utils import check_bool, check_positive_int, expected
+from lightning_xai._utils import check_bool, check_choice, check_positive_int, expected
 from lightning_xai.callbacks._checks import SampleCheckedCallback, check_layer_names
 from lightning_xai._logging import log_embedding, log_image, tensorboard_writers, warn_once
-from lightning_xai.probes import Reducer, make_reducer
+from lightning_xai.probes import make_reducer
 from lightning_xai.projections import SEPARATION_METHODS, capture_activations, class_separation, pca
 from lightning_xai.render import scatter_image
 
@@ -99,17 +99,9 @@ class ProjectionMonitor(SampleCheckedCallback):
             raise MisconfigurationTypeError(expected("layers", what, layers))
         if not layers or not all(layers):
             raise MisconfigurationException(expected("layers", what, layers))
-        try:
-            make_reducer(reduce)
-        except (TypeError, ValueError) as err:  # a spec that is not a str, tuple or Reducer is of the wrong type
-            wrong_type = isinstance(err, TypeError) or not isinstance(reduce, (str, tuple, list, Reducer))
-            raise (MisconfigurationTypeError if wrong_type else MisconfigurationException)(*err.args) from err
-        choices = "one of " + ", ".join(repr(s) for s in SEPARATION_METHODS)
-        if not isinstance(separation, str):
-            raise MisconfigurationTypeError(expected("separation", choices, separation))
-        if separation not in SEPARATION_METHODS:
-            raise MisconfigurationException(expected("separation", choices, separation))
         with refuse_bad_options():
+            make_reducer(reduce)  # a spec that is not a str, tuple or Reducer: a TypeError
+            check_choice("separation", separation, SEPARATION_METHODS)
             for name, value in (("projector", projector), ("scatter", scatter), ("thumbnails", thumbnails)):
                 check_bool(name, value)
             check_positive_int("thumbnail_size", thumbnail_size)
