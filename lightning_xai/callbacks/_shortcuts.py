@@ -283,6 +283,7 @@ class _ShortcutCallback(SampleCheckedCallback):
         notes = [verdict.reason, f"tests at level {self.config.alpha:g} (pooled, Student's t: z >= "
                  f"{self.config.z(len(x)):.2f}) and effect >= {self.config.min_pull:.3f} nats; samples shown: the "
                  f"{len(order)} the region's content pulled most"]
+        notes = [n[:1].upper() + n[1:] + ("" if n.endswith(".") else ".") for n in notes if n]  # one sentence each
         fig = evidence_figure(x.cpu()[order], plan.masks(index_t), ctl_masks, edited,
                               title=f"{what} · {name} · epoch {epoch} · {'ALARM' if verdict.alarm else 'no alarm'}",
                               subtitle="another class' content pasted into the region (and, for comparison, at control "

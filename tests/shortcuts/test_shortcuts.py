@@ -564,6 +564,9 @@ def test_monitor_tags_alarm_and_evidence(tmp_path, corner, monkeypatch):
     lay = fig.layout
     assert lay.text("title") == [f"shortcut check · corner · epoch 0 · {'ALARM' if corner else 'no alarm'}"]
     assert lay.text("legend") == ["region", "control regions"]
+    notes = " ".join(lay.text("note"))
+    assert notes.startswith(monitor.alarms[0]["reason"][:1].upper() if corner else "") and ". Tests at level" in notes
+    assert notes.endswith("pulled most.")  # the verdict and the test's terms read as two sentences
     assert lay.text("value")[0] == f"{pull:.3f}"  # the bars are the logged figures
     x0, y0, x1, y1 = lay.cells[(0, 0)]
     cell = fig.image[:, y0:y1, x0:x1]
