@@ -177,7 +177,7 @@ class LinearProbeMonitor(StreamingCallback):
         self._probes: Dict[str, EpochProbe] = {}
         self._seen = 0
         self._absent: set = set()  # layers that did not run in a validation batch of this epoch: not probed
-        self._dropped: set = set()  # concepts that failed in this fit: not probed any more
+        self._dropped: Dict[str, str] = {}  # concepts that failed in this fit (name -> why): not probed any more
         self._collecting = False
         self._running = False  # a run started this validation epoch (finished on every rank, even after a failure)
         self._layout_done = False
@@ -194,6 +194,7 @@ class LinearProbeMonitor(StreamingCallback):
         state = super().state_dict()
         state["history"] = {k: {as_run_key(e): dict(m) for e, m in v.items()} for k, v in self.history.items()}
         state["baselines"] = {k: dict(v) for k, v in self.baselines.items()}
+        state["dropped_concepts"] = dict(self._dropped)
         return state
 
     @override
@@ -202,6 +203,7 @@ class LinearProbeMonitor(StreamingCallback):
         self.history = {k: {as_run_key(e): dict(m) for e, m in v.items()}
                         for k, v in state_dict.get("history", {}).items()}
         self.baselines = {k: dict(v) for k, v in state_dict.get("baselines", {}).items()}
+        self._dropped = {str(k): str(v) for k, v in state_dict.get("dropped_concepts", {}).items()}
 
     # ------------------------------------------------------------------ setup and teardown
     @override
@@ -210,7 +212,7 @@ class LinearProbeMonitor(StreamingCallback):
         with refuse_bad_options():
             self._capture = ActivationCapture(pl_module, self.layer_patterns,
                                               self.reduce, max_dim=self.max_dim, seed=self.seed)
-        self._dropped = set()
+        self._dropped = {}
         self._capture.raise_errors = self.on_error == "raise"
         self.layers = list(self._capture.names)
         if INPUT in self.layers:
@@ -367,9 +369,7 @@ class LinearProbeMonitor(StreamingCallback):
             warn_once("skip", "LinearProbeMonitor skipped validation batches: the batches carry no labels and no "
                       "`concepts` were given.", owner=self)
             return
-        if len(self._absent) == len(self.layers):
-            return
-        if self._wants_untrained():
+        if self._wants_untrained() and len(self._absent) < len(self.layers):
             feats.update({k: v for k, v in self._run_untrained(pl_module, x).items()
                           if k[len(UNTRAINED):] not in self._absent})
         if self._wants_input():
@@ -407,11 +407,14 @@ class LinearProbeMonitor(StreamingCallback):
     def _drop_concept(self, name: str, err: BaseException, epoch: int) -> None:
         """Stop probing concept ``name`` for the rest of the fit (its probes of this epoch too), with one
         warning; the labels and the other concepts go on."""
-        self._dropped.add(name)
+        self._dropped[name] = (f"the concept {name!r} failed at epoch {epoch}{self._rank_note} and is not probed "
+                               f"from now on ({type(err).__name__}: {err})")
         for probe in self._probes.values():
             probe.drop_target(name)
-        warn_once(f"concept-{name}", f"LinearProbeMonitor: the concept {name!r} failed at epoch {epoch} and is not "
-                  f"probed from now on ({type(err).__name__}: {err}); the other probes go on.", owner=self)
+        self._warn_dropped(name)
+
+    def _warn_dropped(self, name: str) -> None:
+        warn_once(f"concept-{name}", f"LinearProbeMonitor: {self._dropped[name]}; the other probes go on.", owner=self)
 
     def _run_untrained(self, pl_module: "pl.LightningModule", x: Tensor) -> Dict[str, Tensor]:
         model = self._untrained.to(x.device)
@@ -471,9 +474,17 @@ class LinearProbeMonitor(StreamingCallback):
         all of them, and a rank that saw no validation batch gets empty probes of the widths the others saw."""
         local = {key: (p.ridge.dim, sorted(p.labels()[1])) for key, p in probes.items() if p.ridge.dim is not None}
         everyone: List[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(everyone, (local, sorted(self._absent), sorted(self._dropped)))
-        self._absent.update(name for _, absent, _ in everyone for name in absent)
-        self._dropped.update(name for _, _, dropped in everyone for name in dropped)
+        torch.distributed.all_gather_object(everyone, (local, sorted(self._absent), dict(self._dropped)))
+        for rank, (_, absent, dropped) in enumerate(everyone):  # rank zero warns for what another rank found
+            for name in sorted(set(absent) - self._absent):
+                self._absent.add(name)
+                warn_once(f"absent-{name}-rank", f"LinearProbeMonitor: the layer {name!r} did not run in "
+                          f"validation_step on rank {rank} at epoch {trainer.current_epoch}; it is not probed this "
+                          "epoch, on any rank.", owner=self)
+            for name, why in dropped.items():
+                if name not in self._dropped:
+                    self._dropped[name] = why
+                    self._warn_dropped(name)
         for key in [k for k in probes if _layer_of(k) in self._absent]:
             del probes[key]
         for probe in probes.values():
@@ -498,9 +509,11 @@ class LinearProbeMonitor(StreamingCallback):
                 warn_once(f"nonfinite-{key}", f"LinearProbeMonitor: {probe.nonfinite_rows} validation samples gave "
                           f"NaN/inf features at {key!r} (NaN/inf inputs or an unstable layer); they enter the probe as "
                           "zeros, so its accuracy there is not meaningful.", owner=self)
-        reference = next((probes[k] for k in self.layers if k in probes), None)
+        reference = next((probes[k] for k in self.layers + [INPUT] if k in probes), None)
         if reference is None or (world == 1 and reference.n_train < 2):
-            warn_once("empty", "LinearProbeMonitor: too few labelled validation samples to fit probes.", owner=self)
+            if len(self._absent) < len(self.layers):  # else the layers' absence was the warning
+                warn_once("empty", "LinearProbeMonitor: too few labelled validation samples to fit probes.",
+                          owner=self)
             return {}
         # every source saw the same rows: take labels once, gather them over ranks, build the control task
         index, labels = reference.labels()
@@ -586,7 +599,7 @@ class LinearProbeMonitor(StreamingCallback):
             else:
                 self.history.setdefault(key, {})[run] = flat
         metrics: Dict[str, float] = {}
-        targets = [LABEL] + sorted(self.concepts)
+        targets = [LABEL] + sorted(c for c in self.concepts if c not in self._dropped)
         shown = ("accuracy", "selectivity", "control_accuracy", "control_train_accuracy")
         for key in [INPUT] + self.layers:
             for target in targets:
@@ -662,7 +675,8 @@ class LinearProbeMonitor(StreamingCallback):
                                          "training), then each probed epoch" +
                                          (" (epoch@step where an epoch was probed more than once)"
                                           if any("@" in c for c in shown) else "") +
-                                         (f" ({more} epochs left out, evenly spread)" if more else ""),
+                                         (f" ({more} {'runs' if any('@' in c for c in cols) else 'epochs'} left "
+                                          "out, evenly spread)" if more else ""),
                                 cmap=cmap, lo=lo, hi=100.0, fmt=fmt, label=label, corner="layer \\ epoch")
             log_image(trainer, tag, fig)
         values, rows, cols = self.heatmap_values("accuracy")

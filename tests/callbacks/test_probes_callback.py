@@ -321,9 +321,12 @@ def test_a_bad_concept_is_dropped_with_one_warning_and_the_label_probes_go_on(tm
     dropped = [str(w.message) for w in caught if "concept 'c'" in str(w.message)]
     assert len(dropped) == 1 and says in dropped[0] and "class indices >= 0" in dropped[0]
     assert "batch_to_xy" not in dropped[0]  # the concept's fault, not the batch format's
-    assert not _probe_scalars(trainer, "/c/")
+    assert not _probe_scalars(trainer, "/c/")  # the input baseline's neither
     assert [e for e, _ in sorted(monitor.history["net.0.4"])] == [0, 1]  # the label probe at both epochs
     assert "xai/probe/net.0.4/accuracy" in trainer.callback_metrics
+    resumed = LinearProbeMonitor(layers=["net.0.4"], concepts={"c": lambda b: values(b[1])})
+    resumed.load_state_dict(monitor.state_dict())  # a resumed fit does not try the concept again
+    assert list(resumed._dropped) == ["c"]
 
 
 class _WithUnusedHead(DigitsModule):
@@ -342,3 +345,13 @@ def test_a_layer_that_does_not_run_is_left_out_and_the_others_are_probed(tmp_pat
     assert "too few" not in " ".join(str(w.message) for w in caught)
     assert set(monitor.history) == {"net.0.4"} and "untrained/net.0.4" in monitor.baselines
     assert "xai/probe/net.0.4/accuracy" in trainer.callback_metrics
+
+
+def test_when_no_listed_layer_runs_the_input_is_still_probed_and_only_that_is_said(tmp_path):
+    monitor = LinearProbeMonitor(layers=["aux"], on_error="raise")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = _fit(tmp_path, [monitor], n_val=320, max_epochs=1, logger=False, module=_WithUnusedHead())
+    said = [str(w.message) for w in caught if "LinearProbeMonitor" in str(w.message)]
+    assert any("['aux'] did not run" in m for m in said) and not any("too few" in m for m in said), said
+    assert "xai/probe/input/accuracy" in trainer.callback_metrics and not monitor.history

@@ -66,10 +66,13 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
-def test_ddp_a_concept_failing_on_one_rank_is_dropped_on_every_rank(tmp_path):
-    # rank 1 drops the concept; rank 0 must drop it too, or their all-reduces would not match
+def test_ddp_a_concept_failing_on_one_rank_is_dropped_on_every_rank(tmp_path, capfd):
+    # rank 1 drops the concept; rank 0 must drop it too, or their all-reduces would not match, and say why
     single = _run(tmp_path, "single")
+    capfd.readouterr()
     ddp = _run(tmp_path, "ddp", concepts={"odd": _fails_on_rank_one}, devices=2, strategy="ddp_spawn")
+    err = capfd.readouterr().err
+    assert "the concept 'odd' failed at epoch 0 on rank 1" in err and "this concept fails on rank 1" in err
     assert not any("/odd/" in key for key in ddp)
     for key in single:
         if not is_timing(key) and key.startswith("xai/probe/"):
