@@ -130,6 +130,7 @@ def barh_image(values: Tensor, names: Sequence[str], title: str = "", xlabel: st
 # wide: 400 px keeps 8 pt text (11 px) at about TEXT_AT_CARD (10) px there and leaves room for names.
 BARH_CARD_WIDTH = 400
 BARH_CARD_BARS_PX = 600  # the bars' height that :func:`barh_rows` fits: with the header, ~1.7 card widths in the card
+BARH_CARD_NAMES = 0.4  # the widest share of the width the row names take (a 50-letter name keeps ~230 px of bars)
 _ALONE_PX, _OVERALL_PX, _GAP_PX = 14, 8, 6  # a lone series' bar; the overall bar among others; between rows
 _MARGIN_PX = 6
 _ALL_GREY = (0.25, 0.25, 0.25)
@@ -194,10 +195,23 @@ def _barh_card(vals: Tensor, names: List[str], title: str, xlabel: str, series: 
             out.append(line)
         return out
 
+    def fit(text: str, room: float) -> str:
+        """``text``, or its start and end around an ellipsis, at most ``room`` px wide."""
+        if size(text, pt["text"])[0] <= room:
+            return text
+        head, tail = text[: (len(text) + 1) // 2], text[(len(text) + 1) // 2:]
+        while (head or tail) and size(head + "…" + tail, pt["text"])[0] > room:
+            head, tail = (head[:-1], tail) if len(head) > len(tail) else (head, tail[1:])
+        return head + "…" + tail
+
     lh = {k: size("Ag|", p)[1] * 1.3 for k, p in pt.items()}  # px per line
     title_lines, sub_lines = lines(title, pt["title"], True), lines(subtitle, pt["text"])
     legend = series is not None and s > 1
     first_px, other_px, group_px = barh_group_px(s, overall_first)
+    # names take at most BARH_CARD_NAMES of the width (the rest is the bars'), shortened in the middle beyond it;
+    # a '$' is shown as itself, not as the start of matplotlib's mathtext
+    names = [fit(n, BARH_CARD_NAMES * width).replace("$", r"\$") for n in names]
+    series = None if series is None else [str(n).replace("$", r"\$") for n in series]
     name_w = max(size(n, pt["text"])[0] for n in names)
     tick_px = 3.5 * 100 / 72  # matplotlib's default major tick length and pad (3.5 pt)
     left = m + name_w + 2 * tick_px
@@ -269,10 +283,10 @@ def _barh_card(vals: Tensor, names: List[str], title: str, xlabel: str, series: 
         boxes = [box_of(t) for t in fig.texts]
         layout.regions["title"] = (m, min(b[1] for b in boxes), width - m, max(b[3] for b in boxes))
     if legend:
-        entries = [TextBox(t.get_text(), box_of(t), "legend") for t in leg.get_texts()]
+        entries = [TextBox(t.get_text().replace(r"\$", "$"), box_of(t), "legend") for t in leg.get_texts()]
         layout.texts += sorted(entries, key=lambda t: (t.box[1], t.box[0]))  # as read: row by row
         layout.regions["legend"] = box_of(leg)
-    layout.texts += [TextBox(t.get_text(), box_of(t), "row") for t in ax.get_yticklabels()]
+    layout.texts += [TextBox(t.get_text().replace(r"\$", "$"), box_of(t), "row") for t in ax.get_yticklabels()]
     layout.texts += [TextBox(t.get_text(), box_of(t), "tick") for t in ax.get_xticklabels()
                      if t.get_visible() and t.get_text()]
     if xlabel:

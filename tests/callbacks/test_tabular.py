@@ -177,3 +177,16 @@ def test_chart_in_a_fit_names_the_label_classes(tmp_path, monkeypatch):
 def test_barh_image_default_is_unchanged():
     image = barh_image(torch.rand(8), [f"feature {i}" for i in range(8)], title="t")
     assert isinstance(image, torch.Tensor) and image.shape == (3, 300, 550)
+
+
+def test_card_chart_keeps_room_for_bars_with_long_names_and_shows_dollars_as_such():
+    long = "onehotencoder__native-country_Outlying-US(Guam-USVI-etc)"
+    names = [long, "W" * 60, "a$_b_c$", "age"]  # '$_b_c$' is a double subscript to matplotlib's mathtext
+    fig = barh_image(torch.rand(2, 4), names, title="t", xlabel="mean |attribution|", series=["all", "class $0$"],
+                     card=True, overall_first=True)
+    x0, _, x1, _ = fig.layout.regions["bars"]
+    assert x1 - x0 >= 0.5 * fig.layout.width  # the names take at most 40 % of the width
+    rows = fig.layout.text("row")
+    assert rows[2:] == ["a$_b_c$", "age"] and fig.layout.text("legend") == ["all", "class $0$"]
+    assert rows[0].startswith("onehotencode") and rows[0].endswith("-etc)") and "…" in rows[0]
+    assert "…" in rows[1] and len(rows[1]) < 60
