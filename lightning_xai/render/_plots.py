@@ -111,11 +111,11 @@ def barh_image(values: Tensor, names: Sequence[str], title: str = "", xlabel: st
     colours = _class_colours(s)
     rows = torch.arange(f, dtype=torch.float32)
     for i in range(s):
-        label = series[i] if series is not None else None
+        label = str(series[i]).replace("$", r"\$") if series is not None else None  # not mathtext
         ax.barh((rows - 0.4 + height * (i + 0.5)).numpy(),
                 vals[i].numpy(), height=height, color=colours[i], label=label)
     ax.set_yticks(rows.numpy())
-    ax.set_yticklabels(list(names), fontsize=7)
+    ax.set_yticklabels([n.replace("$", r"\$") for n in names], fontsize=7)
     ax.invert_yaxis()
     ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel(xlabel, fontsize=8)

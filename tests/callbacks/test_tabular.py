@@ -190,3 +190,8 @@ def test_card_chart_keeps_room_for_bars_with_long_names_and_shows_dollars_as_suc
     assert rows[2:] == ["a$_b_c$", "age"] and fig.layout.text("legend") == ["all", "class $0$"]
     assert rows[0].startswith("onehotencode") and rows[0].endswith("-etc)") and "…" in rows[0]
     assert "…" in rows[1] and len(rows[1]) < 60
+
+
+def test_the_plain_chart_draws_names_with_dollars_too():
+    image = barh_image(torch.rand(2, 3), ["a$_b_c$", "x", "y"], series=["s$_1_2$", "t"])  # mathtext would fail
+    assert image.ndim == 3 and image.shape[0] == 3
