@@ -231,20 +231,24 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
         feats, logits, labels = dataset_features(pl_module, layer, self._dataset, indices, self._to_xy,
                                                  forward=forward, capture=capture,
                                                  batch_size=self.batch_size, device=pl_module.device)
-        labels = class_labels(labels, feats.shape[0], self)
         finite = torch.isfinite(feats).all(1) & torch.isfinite(logits.float()).all(1)
-        if not bool(finite.all()):  # NaN/inf inputs (or a diverged model): no neighbour, representer or rank for them
+        if labels is not None and labels.is_floating_point() and labels.shape == finite.shape:
+            finite &= torch.isfinite(labels)  # a NaN label is no class to rank the sample by
+        if not bool(finite.all()):  # NaN/inf inputs or labels (or a diverged model): no neighbour, representer or rank
             bad = [indices[i] for i in (~finite).nonzero().view(-1).tolist()]
             if len(bad) == len(indices):
-                raise ValueError(f"every one of the {len(bad)} training samples compared with gave NaN/inf features "
-                                 "or outputs (NaN/inf inputs, or a diverged model)")
+                raise ValueError(f"every one of the {len(bad)} training samples compared with gave NaN/inf features, "
+                                 "outputs or labels (NaN/inf data, or a diverged model)")
             warn_once("nonfinite-train", f"SampleInfluenceMonitor: {len(bad)} of {len(indices)} training samples gave "
-                      f"NaN/inf features or outputs (dataset indices {bad[:10]}{' ...' if len(bad) > 10 else ''}: "
-                      "NaN/inf inputs?); they are left out of the neighbours, representers and rankings.", owner=self)
+                      f"NaN/inf features, outputs or labels (dataset indices {bad[:10]}"
+                      f"{' ...' if len(bad) > 10 else ''}: NaN/inf data?); they are left out of the neighbours, "
+                      "representers and rankings.", owner=self)
             keep = finite.nonzero().view(-1)
             indices = [indices[i] for i in keep.tolist()]
             feats, logits = feats[keep], logits[keep]
             labels = None if labels is None else labels[keep]
+        labels = class_labels(labels, feats.shape[0], self)
+        labels = None if labels is None else labels.long()
         probs = logits.float().softmax(1)
         # the paper's refit: the model's probabilities as targets, so the decomposition explains the model
         fit = representer_points(feats, probs, lam=self.lam)

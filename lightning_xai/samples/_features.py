@@ -128,8 +128,8 @@ def read_samples(dataset: Any, indices: Sequence[int], to_xy: Callable[[Any], Tu
     for start, stop in chunks(len(indices), batch_size):
         x, y = to_xy(default_collate([dataset[i] for i in indices[start:stop]]))
         xs.append(x)
-        if y is not None:
-            ys.append(y.reshape(-1).long())
+        if y is not None:  # float labels stay floats: a NaN must not become a class index
+            ys.append(y.reshape(-1) if y.is_floating_point() else y.reshape(-1).long())
     if not xs:
         raise ValueError(expected("indices", "at least one sample index", list(indices)))
     labels: Optional[Tensor] = torch.cat(ys) if len(ys) == len(xs) else None

@@ -232,3 +232,18 @@ def test_an_unconverged_refit_is_said_to_be_approximate(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="the values shown are approximate"):
         metrics = tiny_trainer(tmp_path / "rough", callbacks=[rough]).validate(DigitsModule(), val, verbose=False)[0]
     assert metrics["xai/samples/decomposition_gap"] >= samples_module.SHOWN_GAP
+
+
+def test_nan_training_labels_leave_their_samples_out(tmp_path):
+    from torch.utils.data import DataLoader
+
+    train_ds, val_ds = digits_data(96, 32)
+    x, y = train_ds.tensors
+    y = y.float()
+    y[[7, 50]] = float("nan")  # float labels with two missing
+    monitor = _monitor(train_data=(x, y), max_train_samples=None, num_suspects=96)
+    with pytest.warns(RuntimeWarning, match=r"2 of 96 training samples gave NaN/inf features, outputs or labels "
+                                            r"\(dataset indices \[7, 50\]"):
+        trainer = tiny_trainer(tmp_path, callbacks=[monitor])
+        trainer.validate(DigitsModule(), DataLoader(val_ds, batch_size=16), verbose=False)
+    assert len(monitor.suspects) == 94 and set(monitor.suspects.tolist()).isdisjoint({7, 50})
