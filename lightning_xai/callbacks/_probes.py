@@ -74,7 +74,7 @@ class LinearProbeMonitor(StreamingCallback):
         concepts: extra per-sample properties to probe, ``{name: batch -> (N,) class indices >= 0}`` (integer,
             bool, or floats with whole values; e.g. "has a watermark"); each gets the same metrics under
             ``<layer>/<name>/...``. A concept that raises or returns anything else is dropped for the rest of the fit
-            (one warning); the other probes go on.
+            (one warning; ``on_error="raise"`` raises instead); the other probes go on.
         batch_to_xy: ``batch -> (inputs, labels)`` for batch formats
             :func:`~lightning_xai.callbacks.extract_xy` does not know.
         solver: ``"ridge"`` (streamed closed form, default) or ``"logistic"`` (a few L-BFGS steps).
@@ -355,6 +355,8 @@ class LinearProbeMonitor(StreamingCallback):
             try:
                 labels[name] = self._concept(fn, batch, name, n)
             except Exception as err:  # noqa: BLE001 - the concept's own failure: drop it, keep the other probes
+                if self.on_error == "raise":
+                    raise
                 self._drop_concept(name, err, trainer.current_epoch)
         # global index, as a DistributedSampler(shuffle=False) interleaves samples over ranks
         world, rank = max(trainer.world_size, 1), trainer.global_rank

@@ -355,3 +355,10 @@ def test_when_no_listed_layer_runs_the_input_is_still_probed_and_only_that_is_sa
     said = [str(w.message) for w in caught if "LinearProbeMonitor" in str(w.message)]
     assert any("['aux'] did not run" in m for m in said) and not any("too few" in m for m in said), said
     assert "xai/probe/input/accuracy" in trainer.callback_metrics and not monitor.history
+
+
+def test_a_bad_concept_raises_under_on_error_raise(tmp_path):
+    monitor = LinearProbeMonitor(layers=["net.0.4"], concepts={"c": lambda b: b[1] - 1}, on_error="raise",
+                                 untrained_baseline=False)
+    with pytest.raises(ValueError, match=r"concepts\['c'\]\(batch\)"):
+        _fit(tmp_path, [monitor], n_val=320, max_epochs=1, logger=False)
