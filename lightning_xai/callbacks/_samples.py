@@ -231,8 +231,10 @@ class SampleInfluenceMonitor(SampleCheckedCallback):
         feats, logits, labels = dataset_features(pl_module, layer, self._dataset, indices, self._to_xy,
                                                  forward=forward, capture=capture,
                                                  batch_size=self.batch_size, device=pl_module.device)
+        if labels is not None and labels.shape != (feats.shape[0],):  # not one class per sample: warned, ignored
+            labels = class_labels(labels, feats.shape[0], self)
         finite = torch.isfinite(feats).all(1) & torch.isfinite(logits.float()).all(1)
-        if labels is not None and labels.is_floating_point() and labels.shape == finite.shape:
+        if labels is not None and labels.is_floating_point():
             finite &= torch.isfinite(labels)  # a NaN label is no class to rank the sample by
         if not bool(finite.all()):  # NaN/inf inputs or labels (or a diverged model): no neighbour, representer or rank
             bad = [indices[i] for i in (~finite).nonzero().view(-1).tolist()]
