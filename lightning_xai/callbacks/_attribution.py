@@ -321,7 +321,7 @@ class AttributionMonitor(SampleCheckedCallback):
         cell_captions = [[[]] + [[] if p is None or i >= len(p) else [f"{int(p[i][0])}", f"{p[i][1]:.2f}"]
                                  for p in preds] for i in range(rows.numel())]
         row_labels = [[f"#{r}", "label " + ("–" if y is None else str(int(y[r])))] for r in rows.tolist()]
-        what = "runs" if len(labels) > len({e for e, _ in epochs}) else "epochs"
+        what = "runs" if any("@" in label for label in labels.values()) else "epochs"  # as LinearProbeMonitor's
         more = f" ({len(shown)} of {len(epochs)} explained {what}, evenly spread)" if len(shown) < len(epochs) \
             else ""
         subtitle = ("each cell: the heatmap over the input at that epoch; below it the predicted class and its "

@@ -373,7 +373,7 @@ class LinearProbeMonitor(StreamingCallback):
             return
         if self._wants_untrained() and len(self._absent) < len(self.layers):
             feats.update({k: v for k, v in self._run_untrained(pl_module, x).items()
-                          if k[len(UNTRAINED):] not in self._absent})
+                          if _layer_of(k) not in self._absent})
         if self._wants_input():
             if x.is_floating_point():
                 if self._input_reducer is None:
@@ -587,7 +587,7 @@ class LinearProbeMonitor(StreamingCallback):
                 flat[prefix + "control_train_accuracy"] = m["control_train"]
                 flat[prefix + "alpha"] = m["alpha"]
                 if m["control_train"] >= self.memorization_threshold:
-                    src = key[len(UNTRAINED):] + " (untrained)" if key.startswith(UNTRAINED) else key
+                    src = _layer_of(key) + " (untrained)" if key.startswith(UNTRAINED) else key
                     warn_once(
                         f"memorize-{key}-{target}",
                         f"LinearProbeMonitor: the probe on {src!r} memorises shuffled labels of {target!r} "
