@@ -397,10 +397,13 @@ class LinearProbeMonitor(StreamingCallback):
         if not isinstance(out, Tensor) or out.shape != (n,):
             raise ValueError(expected(f"concepts[{name!r}](batch)", want,
                                       out if isinstance(out, Tensor) else type(out).__name__))
-        if out.is_floating_point() or out.is_complex():
-            if out.is_complex() or not bool((torch.isfinite(out) & (out == out.round())).all()):
-                bad = out[~(torch.isfinite(out) & (out == out.round()))] if not out.is_complex() else out
-                raise ValueError(expected(f"concepts[{name!r}](batch)", want, f"values such as {bad[0].item()}"))
+        if out.is_complex():
+            raise ValueError(expected(f"concepts[{name!r}](batch)", want, f"values such as {out[0].item()}"))
+        if out.is_floating_point():
+            whole = torch.isfinite(out) & (out == out.round())
+            if not bool(whole.all()):
+                raise ValueError(expected(f"concepts[{name!r}](batch)", want,
+                                          f"values such as {out[~whole][0].item()}"))
         out = out.long()
         if out.numel() and int(out.min()) < 0:
             raise ValueError(expected(f"concepts[{name!r}](batch)", want, f"values down to {int(out.min())}"))
